@@ -1,0 +1,54 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``e2e-llm`` command line: one subcommand per stage, each a thin layer over the library.
+
+Usage:
+    e2e-llm data   --profile local          # fetch + validate + write clean splits
+    e2e-llm model  --profile local          # prepare the local base model
+    e2e-llm <stage> --help
+
+Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``; heavy
+dependencies (Ray, vLLM, LLaMA-Factory) are imported inside ``run``, so ``--help`` works in
+either environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from e2e_llm.config import ConfigError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("e2e_llm.commands.data", "fetch, validate and write the task's dataset splits"),
+    "model": ("e2e_llm.commands.model", "prepare the profile's base model (local GGUF -> safetensors)"),
+}
+
+
+def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="local", help="profile name under configs/profiles or a path")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e2e-llm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

