@@ -23,6 +23,7 @@ from e2e_llm.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("e2e_llm.commands.data", "fetch, validate and write the task's dataset splits"),
     "model": ("e2e_llm.commands.model", "prepare the profile's base model (local GGUF -> safetensors)"),
+    "evaluate": ("e2e_llm.commands.evaluate", "score a results file: exact match, slot F1, report and chart"),
 }
 
 
