@@ -119,6 +119,10 @@ class StorageConfig(Strict):
     # S3-compatible endpoint (MinIO, moto); None means the provider's default.
     endpoint_url: str | None = None
     region: str = "us-east-1"
+    # Adapter store (published LoRA adapters, versions index, aliases). Ray Serve LLM loads
+    # adapters only from object storage, so this must be s3:// or gs:// wherever serving
+    # reads it. None: <root>/adapters.
+    adapters: str | None = None
 
     @field_validator("root")
     @classmethod
@@ -185,6 +189,8 @@ class ServeConfig(Strict):
     num_gpus_per_replica: int = Field(0, ge=0)
     accelerator_type: str | None = None
     auth: AuthConfig = AuthConfig()
+    # How often every ingress replica re-reads the alias records (canary weights) from the store.
+    alias_refresh_s: float = Field(2.0, gt=0)
     engine_kwargs: dict[str, Any] = {}
 
 
@@ -220,6 +226,10 @@ class PipelineConfig(Strict):
             return "/".join([root.rstrip("/"), *parts])
         base = self.path(root.removeprefix("file://"))
         return str(base.joinpath(*parts))
+
+    def adapters_uri(self) -> str:
+        """The adapter store: ``storage.adapters`` or ``<storage root>/adapters``."""
+        return self.storage.adapters.rstrip("/") if self.storage.adapters else self.storage_uri("adapters")
 
     def task_schema(self):
         from e2e_llm.task import load_task

@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The serving application: one builder for `e2e-llm serve`, the Anyscale service and the
+KubeRay RayService.
+
+``app_args(config)`` turns a profile into JSON-serialisable builder arguments (the
+``ray.serve.llm.LLMConfig`` fields plus our auth and adapter-store settings); the rendered
+service YAMLs carry exactly this dict as ``args`` next to ``import_path:
+e2e_llm.serve:build_app``. ``build_app(args)`` returns the Ray Serve application: Ray's
+``LLMServer`` deployment behind our OpenAI ingress (``e2e_llm.ingress``), which adds API-key
+auth, alias routing with canary weights from the adapter store, per-version metrics and
+clear 404s for unknown adapters. Nothing runs at import; Ray and vLLM are imported inside
+the functions.
+
+Usage:
+    from e2e_llm.serve import app_args, build_app
+    serve.run(build_app(app_args(load_profile("local"))), name="llm")
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from e2e_llm.config import PipelineConfig
+
+# vLLM accepts only these LoRA ranks for max_lora_rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Environment passed to the engine replicas on a CPU-only profile (see ENVIRONMENT-NOTES.md).
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+def recipe_lora_rank(config: PipelineConfig) -> int:
+    """The LoRA rank the training recipe produces (LLaMA-Factory ``lora_rank``, default 8)."""
+    import yaml
+
+    recipe = yaml.safe_load(config.path(config.train.recipe).read_text(encoding="utf-8")) or {}
+    return int(recipe.get("lora_rank", 8))
+
+
+def max_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts for ``max_lora_rank`` that fits ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ServeError(f"LoRA rank {rank} is larger than vLLM's maximum {VLLM_LORA_RANKS[-1]}")
+
+
+def model_source(config: PipelineConfig) -> str:
+    """Where replicas load the base model from: a hub id, an object-store URI or a local dir."""
+    source = config.model.source
+    if source.startswith("pypi:"):
+        from e2e_llm.model import default_cache_dir
+
+        return str(default_cache_dir() / "models" / config.model.id)
+    if source.startswith("hf:"):
+        return source.removeprefix("hf:")
+    if "://" in source:
+        return source
+    return str(config.path(source))
+
+
+def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
+    """vLLM engine arguments: model length and dtype from ``model``, LoRA limits derived from
+    the training recipe's rank and the replica's adapter budget, then ``serve.engine_kwargs``."""
+    serve = config.serve
+    kwargs: dict[str, Any] = {
+        "max_model_len": config.model.max_model_len,
+        "dtype": config.model.dtype,
+        "enable_lora": True,
+        "max_loras": serve.max_num_adapters_per_replica,
+        "max_lora_rank": max_lora_rank(recipe_lora_rank(config)),
+    }
+    if serve.num_gpus_per_replica > 1:
+        kwargs["tensor_parallel_size"] = serve.num_gpus_per_replica
+    kwargs.update(serve.engine_kwargs)
+    return kwargs
+
+
+def app_args(config: PipelineConfig) -> dict[str, Any]:
+    """JSON-serialisable arguments for :func:`build_app` (the Serve application ``args``)."""
+    serve = config.serve
+    store_uri = config.adapters_uri()
+    cpu = serve.num_gpus_per_replica == 0
+
+    env: dict[str, str] = {}
+    if config.storage.endpoint_url:
+        env.update({name: config.storage.endpoint_url for name in ENDPOINT_ENV})
+    if "://" in store_uri:
+        env["AWS_DEFAULT_REGION"] = config.storage.region
+    if cpu:
+        env.update(CPU_ENGINE_ENV)
+
+    llm_config: dict[str, Any] = {
+        "model_loading_config": {"model_id": config.model.id, "model_source": model_source(config)},
+        "engine_kwargs": engine_kwargs(config),
+        "lora_config": {
+            "dynamic_lora_loading_path": store_uri,
+            "max_num_adapters_per_replica": serve.max_num_adapters_per_replica,
+        },
+        "deployment_config": {
+            "autoscaling_config": {
+                "min_replicas": serve.min_replicas,
+                "max_replicas": serve.max_replicas,
+                "target_ongoing_requests": serve.target_ongoing_requests,
+            },
+            "max_ongoing_requests": serve.max_ongoing_requests,
+        },
+        "log_engine_metrics": True,
+    }
+    if cpu:
+        llm_config["accelerator_config"] = {"kind": "cpu"}
+    elif serve.accelerator_type:
+        llm_config["accelerator_type"] = serve.accelerator_type
+    if env:
+        llm_config["runtime_env"] = {"env_vars": env}
+
+    ingress: dict[str, Any] = {}
+    if cpu:
+        # On a small CPU box the ingress must not hold a core, or it is never scheduled.
+        ingress["ray_actor_options"] = {"num_cpus": 0}
+
+    return {
+        "llm_configs": [llm_config],
+        "ingress_deployment_config": ingress,
+        "auth": {"enabled": serve.auth.enabled, "api_key_env": serve.auth.api_key_env},
+        "adapter_store": {
+            "uri": store_uri,
+            "endpoint_url": config.storage.endpoint_url,
+            "region": config.storage.region,
+            "alias_refresh_s": serve.alias_refresh_s,
+        },
+    }
+
+
+def _with_runtime_endpoint(args: dict[str, Any]) -> dict[str, Any]:
+    """Let AWS_ENDPOINT_URL(_S3) of the process building the app (tests, a moto port chosen at
+    run time) win over the profile's endpoint, for the replicas and the store alike."""
+    endpoint = next((os.environ[n] for n in ENDPOINT_ENV if os.environ.get(n)), None)
+    if not endpoint:
+        return args
+    args = copy.deepcopy(args)
+    args["adapter_store"]["endpoint_url"] = endpoint
+    for llm_config in args["llm_configs"]:
+        env = llm_config.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env.update({name: endpoint for name in ENDPOINT_ENV})
+    return args
+
+
+def build_app(args: dict[str, Any]):
+    """The Ray Serve application for ``args`` (from :func:`app_args`): Ray Serve LLM's
+    ``LLMServer`` deployments behind the e2e-llm OpenAI ingress."""
+    from ray import serve
+    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+    from ray.serve.llm import LLMConfig
+
+    from e2e_llm.ingress import E2EIngress, make_ingress
+
+    args = _with_runtime_endpoint(args)
+    llm_configs = [LLMConfig.model_validate(c) for c in args["llm_configs"]]
+    for c in llm_configs:
+        source = c.model_loading_config.model_source
+        if isinstance(source, str) and source.startswith("/") and not Path(source).is_dir():
+            raise ServeError(f"model {c.model_id!r}: {source} does not exist (run `e2e-llm model`)")
+    store = args["adapter_store"]
+    auth = args["auth"]
+
+    deployments = {c.model_id: build_llm_deployment(c) for c in llm_configs}
+    model_cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
+    lora_paths = {c.model_id: c.lora_config.dynamic_lora_loading_path for c in llm_configs if c.lora_config}
+    options = maybe_apply_llm_deployment_config_defaults(
+        E2EIngress.get_deployment_options(llm_configs), args.get("ingress_deployment_config") or {}
+    )
+    ingress_cls = make_ingress(auth_enabled=auth["enabled"], api_key_env=auth["api_key_env"])
+    return serve.deployment(ingress_cls, **options).bind(
+        llm_deployments=deployments,
+        model_cards=model_cards,
+        lora_paths=lora_paths,
+        store_uri=store["uri"],
+        store_endpoint_url=store.get("endpoint_url"),
+        store_region=store.get("region"),
+        alias_refresh_s=store.get("alias_refresh_s", 2.0),
+        auth_enabled=auth["enabled"],
+        api_key_env=auth["api_key_env"],
+    )
