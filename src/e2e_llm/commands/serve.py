@@ -1,0 +1,109 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Run the OpenAI-compatible serving app (Ray Serve LLM + the e2e-llm ingress) for a profile
+and block until Ctrl-C (or SIGTERM), then shut Serve and Ray down cleanly.
+
+On the local profile the adapter store is an S3 server on loopback: it is started here when
+nothing answers on the profile's endpoint, and `--publish` puts a trained adapter in it first.
+
+Examples:
+    e2e-llm serve --profile local --publish latest
+    e2e-llm serve --profile local --publish latest --then "python examples/openai_client.py"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+
+from e2e_llm.cli import add_profile_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_profile_argument(parser)
+    parser.add_argument("--publish", metavar="ADAPTER",
+                        help="publish this adapter (folder, run id or 'latest') first, alias = data.dataset")
+    parser.add_argument("--host", help="HTTP host (default: serve.host)")
+    parser.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
+    parser.add_argument("--then", metavar="COMMAND",
+                        help="once ready, run COMMAND (env: E2E_LLM_BASE_URL, E2E_LLM_MODEL), then shut down "
+                             "and exit with its status")
+    parser.add_argument("--ray-temp-dir", default=os.environ.get("RAY_TMPDIR"),
+                        help="temp dir for a local Ray instance (short path; default $RAY_TMPDIR)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from e2e_llm.config import load_profile
+    from e2e_llm.serve import ServeError, app_args, build_app, max_lora_rank, recipe_lora_rank
+    from e2e_llm.storage import is_remote
+    from e2e_llm.store import (
+        AdapterStore,
+        StoreError,
+        find_training_adapter,
+        is_loopback,
+        runtime_endpoint,
+        start_local_server,
+    )
+
+    config = load_profile(args.profile)
+    host, port = args.host or config.serve.host, args.port or config.serve.port
+    store = AdapterStore.from_config(config)
+    endpoint = runtime_endpoint(config.storage.endpoint_url)
+    moto = None
+    try:
+        if endpoint and is_loopback(endpoint) and is_remote(store.uri):
+            moto = start_local_server(endpoint)
+            if moto:
+                print(f"started a local S3 server (moto) at {endpoint} for {store.uri}", flush=True)
+        model = config.model.id
+        if args.publish:
+            adapter_dir, manifest = find_training_adapter(config, args.publish)
+            name = config.data.dataset
+            done = [v["id"] for v in store.versions(name) if manifest.get("run_id") and v.get("run_id") == manifest["run_id"]]
+            adapter_id = done[-1] if done else store.publish(
+                adapter_dir, name=name, manifest=manifest, max_rank=max_lora_rank(recipe_lora_rank(config)))
+            if name not in store.aliases() or store.aliases()[name].stable != adapter_id:
+                store.set_alias(name, stable=adapter_id)
+            print(f"adapter {adapter_dir} -> {store.adapter_uri(adapter_id)} (alias {name})", flush=True)
+            model = f"{config.model.id}:{name}"
+    except (StoreError, ServeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if moto:
+            moto.terminate()
+        return 1
+
+    if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
+        print(f"error: serve.auth.enabled but ${config.serve.auth.api_key_env} is not set", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    code = 0
+    ray.init(_temp_dir=args.ray_temp_dir, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
+        base_url = f"http://{host}:{port}{config.serve.route_prefix.rstrip('/')}/v1"
+        print(f"serving {config.model.id} at {base_url} (model=\"{model}\"); Ctrl-C to stop", flush=True)
+        if args.then:
+            env = {**os.environ, "E2E_LLM_BASE_URL": base_url, "E2E_LLM_MODEL": model}
+            code = subprocess.run(shlex.split(args.then), env=env, check=False).returncode
+        else:
+            while not stop.wait(0.5):
+                pass
+    finally:
+        print("shutting down Serve and Ray", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+        if moto:
+            moto.terminate()
+            moto.wait(timeout=10)
+    return code
