@@ -23,6 +23,8 @@ from e2e_llm.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("e2e_llm.commands.data", "fetch, validate and write the task's dataset splits"),
     "model": ("e2e_llm.commands.model", "prepare the profile's base model (local GGUF -> safetensors)"),
+    "publish": ("e2e_llm.commands.publish", "publish a trained adapter to the adapter store, set an alias"),
+    "serve": ("e2e_llm.commands.serve", "run the OpenAI-compatible Ray Serve LLM app (multi-LoRA, auth, aliases)"),
     "evaluate": ("e2e_llm.commands.evaluate", "score a results file: exact match, slot F1, report and chart"),
 }
 

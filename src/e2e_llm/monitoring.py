@@ -89,16 +89,16 @@ def grafana_dashboard() -> dict[str, Any]:
              "serve {{route}} {{error_code}}"),
         ], 12, 0),
         _panel(3, "Request latency p50 / p95 by version", "s", [
-            (f"histogram_quantile(0.5, sum by (le, {per_version}) "
-             f"(rate(ray_e2e_llm_request_latency_seconds_bucket{rate})))", "p50 {{model}} {{alias}} {{version}}"),
-            (f"histogram_quantile(0.95, sum by (le, {per_version}) "
-             f"(rate(ray_e2e_llm_request_latency_seconds_bucket{rate})))", "p95 {{model}} {{alias}} {{version}}"),
+            ((f"histogram_quantile(0.5, sum by (le, {per_version}) "
+             f"(rate(ray_e2e_llm_request_latency_seconds_bucket{rate})))"), "p50 {{model}} {{alias}} {{version}}"),
+            ((f"histogram_quantile(0.95, sum by (le, {per_version}) "
+             f"(rate(ray_e2e_llm_request_latency_seconds_bucket{rate})))"), "p95 {{model}} {{alias}} {{version}}"),
         ], 0, 8),
         _panel(4, "Time to first token p50 / p95 (engine)", "s", [
-            (f"histogram_quantile(0.5, sum by (le, model_name) "
-             f"(rate(ray_vllm_time_to_first_token_seconds_bucket{rate})))", "p50 {{model_name}}"),
-            (f"histogram_quantile(0.95, sum by (le, model_name) "
-             f"(rate(ray_vllm_time_to_first_token_seconds_bucket{rate})))", "p95 {{model_name}}"),
+            ((f"histogram_quantile(0.5, sum by (le, model_name) "
+             f"(rate(ray_vllm_time_to_first_token_seconds_bucket{rate})))"), "p50 {{model_name}}"),
+            ((f"histogram_quantile(0.95, sum by (le, model_name) "
+             f"(rate(ray_vllm_time_to_first_token_seconds_bucket{rate})))"), "p95 {{model_name}}"),
         ], 12, 8),
         _panel(5, "Tokens/s (generation and prompt)", "short", [
             (f"sum by (model_name) (rate(ray_vllm_generation_tokens_total{rate}))", "generated {{model_name}}"),
