@@ -1,0 +1,203 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The canary controller's connections to the world (the interfaces of :mod:`e2e_llm.canary`):
+
+- :class:`StoreRouter`: the alias records in the adapter store (:mod:`e2e_llm.store`), which
+  every ingress replica re-reads; weights are fractions there, percentages in the controller.
+- :class:`OpenAIProber`: the canary set sent to one adapter version through the app's OpenAI
+  API (``model="<base>:<version>"``), greedy, with the task's structured output if asked.
+- :class:`ScrapeMetrics`: Ray's Prometheus endpoint(s) scraped directly (local Ray, a head
+  node); :class:`PrometheusQueryMetrics`: a Prometheus server's query API (a cluster, where
+  every pod is scraped by the PodMonitor). Both return cumulative per-version counters of the
+  ingress metrics (``ray_e2e_llm_requests_total``, ``ray_e2e_llm_request_latency_seconds``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from e2e_llm.canary import AliasState, Answer, QualityPolicy, VersionStats
+
+REQUESTS = "ray_e2e_llm_requests_total"
+LATENCY_BUCKET = "ray_e2e_llm_request_latency_seconds_bucket"
+# Answers that say nothing about the version's health.
+NOT_ERRORS = {401, 403, 429}
+
+
+def is_error(status: str | int, count_client_errors: bool = True) -> bool:
+    try:
+        code = int(status)
+    except (TypeError, ValueError):
+        return True
+    if code >= 500:
+        return True
+    return count_client_errors and code >= 400 and code not in NOT_ERRORS
+
+
+# ---------------------------------------------------------------------------------------
+# Alias records
+
+
+class StoreRouter:
+    def __init__(self, store):
+        self.store = store
+
+    def get(self, alias: str) -> AliasState | None:
+        record = self.store.aliases().get(alias)
+        if record is None:
+            return None
+        return AliasState(record.stable, record.candidate, round(record.candidate_weight * 100, 6))
+
+    def set(self, alias: str, state: AliasState) -> None:
+        if state.stable is None:
+            raise ValueError(f"alias {alias!r} needs a stable version")
+        self.store.set_alias(alias, stable=state.stable, candidate=state.candidate,
+                             candidate_weight=state.candidate_weight / 100.0 if state.candidate else 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Quality probes
+
+
+class OpenAIProber:
+    """Sends canary rows to ``<base>:<version>`` over the OpenAI API (no client retries: an
+    error is an answer the gate must see)."""
+
+    def __init__(self, base_url: str, base_model: str, *, api_key: str | None = None, output_regex: str | None = None,
+                 client_factory: Callable[..., Any] | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.base_model = base_model
+        self.api_key = api_key or "not-needed"
+        self.output_regex = output_regex
+        self._factory = client_factory
+
+    def _client(self, timeout: float):
+        if self._factory:
+            return self._factory(timeout=timeout)
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=0)
+
+    def probe(self, version: str, rows: Sequence[dict[str, str]], policy: QualityPolicy) -> list[Answer]:
+        client = self._client(policy.timeout_s)
+        model = f"{self.base_model}:{version}"
+        extra = {"structured_outputs": {"regex": self.output_regex}} if policy.structured_output and self.output_regex \
+            else None
+
+        def one(row: dict[str, str]) -> Answer:
+            start = time.monotonic()
+            try:
+                response = client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "system", "content": row["instruction"]},
+                              {"role": "user", "content": row["input"]}],
+                    max_tokens=policy.max_tokens, temperature=0.0, extra_body=extra)
+                text = response.choices[0].message.content or ""
+                return Answer(text.strip(), None, time.monotonic() - start)
+            except Exception as exc:  # noqa: BLE001  every failure is a failed answer
+                return Answer(None, f"{type(exc).__name__}: {str(exc)[:300]}", time.monotonic() - start)
+
+        with ThreadPoolExecutor(min(policy.concurrency, len(rows)) or 1) as pool:
+            return list(pool.map(one, rows))
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+
+
+def _le(value: str) -> float:
+    return math.inf if value in ("+Inf", "Inf", "inf") else float(value)
+
+
+def stats_from_samples(samples: Sequence[tuple[str, dict[str, str], float]], alias: str | None,
+                       count_client_errors: bool = True) -> dict[str, VersionStats]:
+    """Per-version cumulative counters from Prometheus samples ``(name, labels, value)``.
+
+    ``alias``: count only requests routed through that alias (None: every request labelled
+    with a version, explicit ones included). Other labels (model, stream, node, pod) are summed.
+    """
+    out: dict[str, VersionStats] = {}
+    for name, labels, value in samples:
+        version = labels.get("version", "")
+        if not version or (alias is not None and labels.get("alias") != alias):
+            continue
+        stats = out.setdefault(version, VersionStats())
+        if name == REQUESTS:
+            stats.requests += value
+            if is_error(labels.get("status", ""), count_client_errors):
+                stats.errors += value
+        elif name == LATENCY_BUCKET:
+            le = _le(labels["le"])
+            stats.buckets[le] = stats.buckets.get(le, 0.0) + value
+    return out
+
+
+def parse_exposition(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Samples of the two ingress metric families from Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = (REQUESTS, LATENCY_BUCKET)
+    samples = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                samples.append((sample.name, dict(sample.labels), float(sample.value)))
+    return samples
+
+
+def _get(url: str, timeout: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode("utf-8")
+
+
+class ScrapeMetrics:
+    """Scrapes one or more Prometheus endpoints (Ray's metrics export port) and sums them."""
+
+    def __init__(self, urls: Sequence[str], alias: str | None, *, count_client_errors: bool = True,
+                 timeout: float = 10.0, fetch: Callable[[str, float], str] = _get):
+        if not urls:
+            raise ValueError("no metrics URL to scrape")
+        self.urls = list(urls)
+        self.alias = alias
+        self.count_client_errors = count_client_errors
+        self.timeout = timeout
+        self.fetch = fetch
+
+    def snapshot(self) -> dict[str, VersionStats]:
+        samples = []
+        for url in self.urls:
+            samples.extend(parse_exposition(self.fetch(url, self.timeout)))
+        return stats_from_samples(samples, self.alias, self.count_client_errors)
+
+
+class PrometheusQueryMetrics:
+    """Reads the same counters through a Prometheus server's HTTP API (``/api/v1/query``)."""
+
+    def __init__(self, url: str, alias: str | None, *, count_client_errors: bool = True, timeout: float = 10.0,
+                 fetch: Callable[[str, float], str] = _get):
+        self.url = url.rstrip("/")
+        self.alias = alias
+        self.count_client_errors = count_client_errors
+        self.timeout = timeout
+        self.fetch = fetch
+
+    def _query(self, expr: str) -> list[dict[str, Any]]:
+        body = json.loads(self.fetch(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}),
+                                     self.timeout))
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus query failed: {body.get('error', body)}")
+        return body["data"]["result"]
+
+    def snapshot(self) -> dict[str, VersionStats]:
+        selector = f'{{alias="{self.alias}"}}' if self.alias is not None else '{version!=""}'
+        samples = []
+        for name, by in ((REQUESTS, "version, alias, status"), (LATENCY_BUCKET, "version, alias, le")):
+            for item in self._query(f"sum by ({by}) ({name}{selector})"):
+                samples.append((name, item["metric"], float(item["value"][1])))
+        return stats_from_samples(samples, self.alias, self.count_client_errors)
