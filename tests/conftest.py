@@ -143,3 +143,40 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# -- the shared trained adapter -----------------------------------------------------------
+
+TEST_STORAGE = CACHE / "test-storage"
+# Small but real: 128 VIGGO rows, 2 Ray Train CPU workers, LLaMA-Factory LoRA r8.
+SHARED_TRAIN_OVERRIDES = ("max_samples=128",)
+
+
+def storage_env(root: str | Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "E2E_LLM_STORAGE_ROOT": str(root), **extra}
+
+
+def _shared_run_id() -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in (ROOT / "configs/recipes/smollm2_lora_sft_local.yaml", ROOT / "src/e2e_llm/train.py",
+                 ROOT / "configs/profiles/local.yaml"):
+        digest.update(path.read_bytes())
+    digest.update(repr(SHARED_TRAIN_OVERRIDES).encode())
+    return "shared-" + digest.hexdigest()[:10]
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(local_model) -> Path:
+    """One real adapter from the training stage, built once per pytest run (reused while the
+    recipe, profile and training code are unchanged). Its run dir holds manifest.json."""
+    run_id = _shared_run_id()
+    run_dir = TEST_STORAGE / "runs" / run_id
+    if not (run_dir / "manifest.json").is_file():
+        env = storage_env(TEST_STORAGE)
+        run_in_env("train", "data", "--profile", "local", env=env)
+        sets = [a for o in SHARED_TRAIN_OVERRIDES for a in ("--set", o)]
+        run_in_env("train", "train", "--profile", "local", "--run-id", run_id, *sets,
+                   "--ray-temp-dir", f"/tmp/r-shared-{os.getpid()}", env=env, timeout=2400)
+    return run_dir / "adapter"

@@ -23,9 +23,15 @@ from e2e_llm.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("e2e_llm.commands.data", "fetch, validate and write the task's dataset splits"),
     "model": ("e2e_llm.commands.model", "prepare the profile's base model (local GGUF -> safetensors)"),
+    "canary-set": ("e2e_llm.commands.canary_set", "make the versioned canary set from held-out rows"),
+    "train": ("e2e_llm.commands.train", "LoRA SFT with LLaMA-Factory on Ray Train"),
+    "evaluate": ("e2e_llm.commands.evaluate", "score a results file: exact match, slot F1, report and chart"),
+    "render": ("e2e_llm.commands.render", "render Anyscale YAMLs and KubeRay manifests from configs/ (--check: drift)"),
+    "validate": ("e2e_llm.commands.validate", "offline validation ladder for every rendered and hand-written manifest"),
+    "preflight": ("e2e_llm.commands.preflight", "check credentials and cluster access for a deploy target"),
+    "image": ("e2e_llm.commands.image", "build a container image with whichever engine answers (docker/podman)"),
     "publish": ("e2e_llm.commands.publish", "publish a trained adapter to the adapter store, set an alias"),
     "serve": ("e2e_llm.commands.serve", "run the OpenAI-compatible Ray Serve LLM app (multi-LoRA, auth, aliases)"),
-    "evaluate": ("e2e_llm.commands.evaluate", "score a results file: exact match, slot F1, report and chart"),
 }
 
 

@@ -20,6 +20,8 @@ T = TypeVar("T", bound=BaseModel)
 
 SUPPORTED_STORAGE_SCHEMES = ("", "file", "s3", "gs")
 PROJECT_ROOT_ENV = "E2E_LLM_ROOT"
+# Overrides storage.root of any profile: isolates test and CI runs from a user's artifacts.
+STORAGE_ROOT_ENV = "E2E_LLM_STORAGE_ROOT"
 
 
 class ConfigError(ValueError):
@@ -260,6 +262,13 @@ def load_profile(profile: str, root: Path | None = None) -> PipelineConfig:
         available = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         raise ConfigError(f"{path}: no such profile (available: {', '.join(available) or 'none'})")
     config = load_yaml_model(PipelineConfig, path)
+    if override := os.environ.get(STORAGE_ROOT_ENV):
+        try:
+            config.storage = StorageConfig(root=override, endpoint_url=config.storage.endpoint_url,
+                                           region=config.storage.region)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, f"${STORAGE_ROOT_ENV}").replace(
+                "root:", "storage.root:")) from None
     config._root = root or (path.parent.parent.parent if path.parent.name == "profiles" else project_root())
     config._source = path
     return config

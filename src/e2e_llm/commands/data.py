@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from e2e_llm import storage
     from e2e_llm.config import load_profile
     from e2e_llm.data import IngestError, ingest
 
@@ -27,7 +30,10 @@ def run(args: argparse.Namespace) -> int:
     source = args.source or config.data.source
     if not source.startswith(("http://", "https://")):
         source = str(config.path(source))
-    output = Path(args.output) if args.output else Path(config.storage_uri("data", config.data.dataset))
+    output_uri = args.output or config.storage_uri("data", config.data.dataset)
+    remote = storage.is_remote(output_uri)
+    # Object storage: build locally, then upload the finished folder.
+    output = Path(tempfile.mkdtemp(prefix="e2e-data-")) if remote else Path(output_uri)
     try:
         report = ingest(
             source=source,
@@ -41,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if remote:
+        storage.upload_dir(output, output_uri, endpoint_url=config.storage.endpoint_url, region=config.storage.region)
     print(report.table())
     print(f"rows in {report.rows_in} = clean {report.rows_in - report.rows_rejected} + rejected "
-          f"{report.rows_rejected}; written to {output}")
+          f"{report.rows_rejected}; written to {output_uri}")
     return 0

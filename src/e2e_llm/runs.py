@@ -1,0 +1,83 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Training runs and their manifests: list them, find "latest", resolve an adapter reference.
+
+"Latest" is the completed run with the newest ``finished_at`` in its manifest, never a
+directory mtime. An adapter reference is a local path, a run id, ``latest``, or (when the
+adapter store has one) a published name/alias.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from e2e_llm import storage
+from e2e_llm.config import PipelineConfig
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class AdapterNotFound(LookupError):
+    pass
+
+
+def _fs_kw(config: PipelineConfig) -> dict[str, Any]:
+    if storage.is_remote(config.storage.root):
+        return {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
+    return {}
+
+
+def list_manifests(config: PipelineConfig) -> list[dict[str, Any]]:
+    runs_uri = config.storage_uri("runs")
+    manifests = []
+    for run_id in storage.list_dir(runs_uri, **_fs_kw(config)):
+        uri = storage.join(runs_uri, run_id, "manifest.json")
+        if storage.exists(uri, **_fs_kw(config)):
+            manifests.append(json.loads(storage.read_text(uri, **_fs_kw(config))))
+    return manifests
+
+
+def latest_manifest(config: PipelineConfig) -> dict[str, Any]:
+    done = [m for m in list_manifests(config) if m.get("status") == "completed"
+            and m.get("base_model", {}).get("id") == config.model.id]
+    if not done:
+        raise AdapterNotFound(f"no completed training run for model {config.model.id!r} under "
+                              f"{config.storage_uri('runs')}: run `e2e-llm train --profile {config.profile}`")
+    return max(done, key=lambda m: m["finished_at"])
+
+
+def check_adapter_dir(path: Path) -> Path:
+    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
+    if missing:
+        raise AdapterNotFound(f"{path}: not an adapter directory (missing {', '.join(missing)})")
+    return path
+
+
+def _local_copy(config: PipelineConfig, uri: str, key: str) -> Path:
+    if not storage.is_remote(uri):
+        return check_adapter_dir(Path(uri))
+    from e2e_llm.model import default_cache_dir
+
+    local = default_cache_dir() / "adapters" / key
+    if not all((local / f).is_file() for f in ADAPTER_FILES):
+        storage.download_dir(uri, local, **_fs_kw(config))
+    return check_adapter_dir(local)
+
+
+def resolve_adapter(config: PipelineConfig, ref: str) -> tuple[Path, dict[str, Any] | None]:
+    """(local adapter dir, its manifest or None) for a path, run id or ``latest``."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        manifest_path = path.parent / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        return check_adapter_dir(path.resolve()), manifest
+    if ref == "latest":
+        manifest = latest_manifest(config)
+    else:
+        uri = storage.join(config.storage_uri("runs"), ref, "manifest.json")
+        if not storage.exists(uri, **_fs_kw(config)):
+            raise AdapterNotFound(f"adapter {ref!r}: not a path, not 'latest', and no run {ref!r} under "
+                                  f"{config.storage_uri('runs')}")
+        manifest = json.loads(storage.read_text(uri, **_fs_kw(config)))
+    return _local_copy(config, manifest["adapter_uri"], manifest["run_id"]), manifest

@@ -1,0 +1,483 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LoRA SFT with LLaMA-Factory, run by Ray Train.
+
+LLaMA-Factory 0.9.5's own ``USE_RAY=1`` path starts plain ``ray.remote`` workers, which
+loses Ray Train's checkpoint storage and retries. Here a Ray Train ``TorchTrainer`` forms the
+torch process group (gloo on CPU, NCCL on GPU) and each worker runs LLaMA-Factory's
+training function inside it; a Trainer callback reports every HF checkpoint to Ray Train
+with ``ray.train.report``. Ray Train therefore persists checkpoints to the profile's
+storage, restarts a failed worker group from the latest one (``FailureConfig``), and a rerun
+with the same run id resumes from it.
+
+Run layout under ``<storage>/runs/<run_id>/``: Ray Train's ``checkpoint_*`` dirs and state,
+``adapter/`` (vLLM-loadable: adapter_config.json + adapter_model.safetensors),
+``manifest.json``, ``loss.png``, ``trainer_log.jsonl``, ``tensorboard/``, ``events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2e_llm import storage
+from e2e_llm.config import PipelineConfig
+
+# Keys our layer owns: they depend on where the job runs, not on the recipe.
+DEPLOYMENT_KEYS = (
+    "model_name_or_path",
+    "dataset_dir",
+    "dataset",
+    "eval_dataset",
+    "output_dir",
+    "logging_dir",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+)
+# LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
+RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
+            "ray_storage_path", "resources_per_worker", "placement_strategy")
+EVENTS_FILE = "events.jsonl"
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or did not finish; raised before workers start when possible."""
+
+
+# ---------------------------------------------------------------------------------------
+# Recipe handling (driver side, before any worker starts)
+
+
+def llamafactory_keys() -> set[str]:
+    from llamafactory.hparams.parser import _TRAIN_ARGS
+
+    return {f.name for cls in _TRAIN_ARGS for f in dataclasses.fields(cls)}
+
+
+def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a native LLaMA-Factory recipe and check every key exists in LLaMA-Factory."""
+    if not path.is_file():
+        raise TrainError(f"{path}: training recipe not found")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise TrainError(f"{path}: a recipe is a mapping of LLaMA-Factory keys")
+    recipe.update(overrides or {})
+    known = llamafactory_keys()
+    for key in recipe:
+        if key in RAY_KEYS:
+            raise TrainError(f"{path}: {key!r} is a Ray setting; set train.num_workers/resources_per_worker "
+                             "in the profile instead (Ray Train runs the workers)")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TrainError(f"{path}: unknown LLaMA-Factory key {key!r}{hint}")
+    return recipe
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs with YAML-typed values (for smoke runs: max_samples=32)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TrainError(f"override {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def _git_sha(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """Everything a run needs, resolved and checked on the driver."""
+
+    run_id: str
+    run_uri: str
+    work_dir: str
+    dataset_uri: str
+    args: dict[str, Any]
+    recipe_path: str
+    dataset_files: dict[str, str]
+
+
+def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None,
+             work_root: Path | None = None) -> TrainPlan:
+    from e2e_llm.model import ModelError, resolve_model_path
+
+    tc = config.train
+    if tc.use_gpu and tc.resources_per_worker.get("GPU", 1) <= 0:
+        raise TrainError(f"{config.source_file}: train.use_gpu is true but resources_per_worker.GPU is 0")
+    if not tc.use_gpu and tc.resources_per_worker.get("GPU", 0) > 0:
+        raise TrainError(f"{config.source_file}: resources_per_worker.GPU > 0 needs train.use_gpu: true")
+    storage.split_uri(config.storage.root)  # unsupported schemes fail here
+    try:
+        model_path = resolve_model_path(config.model)
+    except ModelError as exc:
+        raise TrainError(str(exc)) from None
+
+    recipe_path = config.path(tc.recipe)
+    recipe = load_recipe(recipe_path, overrides)
+    run_id = run_id or new_run_id()
+    dataset_uri = config.storage_uri("data", config.data.dataset)
+    info_uri = storage.join(dataset_uri, "dataset_info.json")
+    if not storage.exists(info_uri, **_fs_kw(config)):
+        raise TrainError(f"dataset not found at {dataset_uri}: run `e2e-llm data --profile {config.profile}` first")
+    info = json.loads(storage.read_text(info_uri, **_fs_kw(config)))
+    splits = [tc.train_split] + ([tc.eval_split] if tc.eval_split else [])
+    dataset_files = {}
+    for split in splits:
+        name = f"{config.data.dataset}-{split}"
+        if name not in info:
+            raise TrainError(f"{info_uri}: split {split!r} missing (have {', '.join(info)})")
+        dataset_files[split] = storage.join(dataset_uri, info[name]["file_name"])
+
+    run_uri = config.storage_uri("runs", run_id)
+    if storage.is_remote(run_uri):
+        work_dir = str((work_root or Path("/tmp/e2e-llm-work")) / run_id)
+    else:
+        work_dir = str(Path(run_uri) / "work")
+
+    args = dict(recipe)
+    args.update(
+        model_name_or_path=model_path,
+        dataset=f"{config.data.dataset}-{tc.train_split}",
+        output_dir=str(Path(work_dir) / "output"),
+        overwrite_output_dir=False,
+    )
+    if tc.eval_split:
+        args["eval_dataset"] = f"{config.data.dataset}-{tc.eval_split}"
+    else:
+        args.pop("eval_strategy", None)
+    # Observability: effective (non-padding) tokens for tokens/s; LLaMA-Factory then logs them.
+    args.setdefault("include_num_input_tokens_seen", "non_padding")
+    if not tc.use_gpu:
+        args.pop("bf16", None)  # CPU keeps the checkpoint's bf16 weights with fp32 LoRA (faster here)
+        args.pop("fp16", None)
+    return TrainPlan(run_id, run_uri, work_dir, dataset_uri, args, str(recipe_path), dataset_files)
+
+
+def _fs_kw(config: PipelineConfig) -> dict[str, Any]:
+    if storage.is_remote(config.storage.root):
+        return {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------
+# Worker side
+
+
+def _append_event(work_dir: Path, **event: Any) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    event.setdefault("time", time.time())
+    with open(work_dir / EVENTS_FILE, "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def _make_report_callback(work_dir: Path, rank: int, world_size: int):
+    """A transformers TrainerCallback reporting each saved checkpoint to Ray Train."""
+    import ray.train
+    from transformers import TrainerCallback
+
+    class RayTrainReport(TrainerCallback):
+        def __init__(self) -> None:
+            self.last_logs: dict[str, float] = {}
+            self.start = time.monotonic()
+            self.start_step: int | None = None
+            self.start_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step
+            self.start_tokens = state.num_input_tokens_seen or 0
+            self.start = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            self.last_logs.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if rank == 0 and "loss" in logs:
+                elapsed = time.monotonic() - self.start
+                done = state.global_step - (self.start_step or 0)
+                tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
+                eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+                print(f"[train] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                      f"tok/s {tokens / max(elapsed, 1e-9):.0f} eta {eta:.0f}s", flush=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            metrics = {"global_step": state.global_step, "epoch": state.epoch or 0.0, **self.last_logs}
+            checkpoint = None
+            if rank == 0 and ckpt_dir.is_dir():
+                checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+            # Every rank reports (it is a barrier); only rank 0 carries the checkpoint files.
+            ray.train.report(metrics, checkpoint=checkpoint)
+            if rank == 0:
+                _append_event(work_dir, event="checkpoint", step=state.global_step, world_size=world_size)
+
+    return RayTrainReport()
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker: resume from Ray's checkpoint, train, publish the adapter."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    work_dir = Path(cfg["work_dir"])
+    args = dict(cfg["args"])
+    fs_kw = cfg["fs_kw"]
+
+    # Dataset: workers read a local copy (object storage is downloaded per node).
+    dataset_uri = cfg["dataset_uri"]
+    if storage.is_remote(dataset_uri):
+        local_data = work_dir / "data"
+        storage.download_dir(dataset_uri, local_data, **fs_kw)
+        args["dataset_dir"] = str(local_data)
+    else:
+        args["dataset_dir"] = dataset_uri
+
+    resume_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+            resume_step = int(state["global_step"])
+            target = Path(args["output_dir"]) / f"checkpoint-{resume_step}"
+            if rank == 0 or not target.exists():
+                shutil.copytree(ckpt, target, dirs_exist_ok=True)
+        args["resume_from_checkpoint"] = str(target)
+    _append_event(work_dir, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
+                  resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
+
+    from llamafactory.train.tuner import _training_function
+
+    _training_function({"args": args, "callbacks": [_make_report_callback(work_dir, rank, world_size)]})
+
+    if rank == 0:
+        output = Path(args["output_dir"])
+        run_uri = cfg["run_uri"]
+        adapter_files = ["adapter_config.json", "adapter_model.safetensors"]
+        missing = [f for f in adapter_files if not (output / f).is_file()]
+        if missing:
+            raise TrainError(f"training finished without {missing} in {output}")
+        staging = work_dir / "publish"
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "adapter").mkdir(parents=True)
+        for name in os.listdir(output):
+            src = output / name
+            if src.is_file() and (name.startswith(("adapter_", "tokenizer", "special_tokens", "chat_template"))
+                                  or name in ("README.md",)):
+                shutil.copy2(src, staging / "adapter" / name)
+        for name in ("trainer_log.jsonl", "trainer_state.json", "all_results.json"):
+            if (output / name).is_file():
+                shutil.copy2(output / name, staging / name)
+        if (output / "runs").is_dir():  # transformers' default TensorBoard logging dir
+            shutil.copytree(output / "runs", staging / "tensorboard")
+        if storage.is_remote(run_uri):
+            storage.upload_dir(staging, run_uri, **fs_kw)
+        else:
+            for item in staging.iterdir():
+                dest = Path(run_uri) / item.name
+                if dest.is_dir():
+                    shutil.rmtree(dest)
+                shutil.move(str(item), dest)
+        _append_event(work_dir, event="finished", rank=rank, world_size=world_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
+
+
+def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
+    """Connect to $RAY_ADDRESS (clusters) or start a local instance; returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": worker_env(config)}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env)
+        return True
+    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": runtime_env,
+                              "num_cpus": max(os.cpu_count() or 1, config.train.num_workers)}
+    if ray_temp_dir:
+        kwargs["_temp_dir"] = ray_temp_dir
+    ray.init(**kwargs)
+    return True
+
+
+def worker_env(config: PipelineConfig) -> dict[str, str]:
+    env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "DISABLE_VERSION_CHECK",
+                                      "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_TOKEN")
+           if k in os.environ}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("DISABLE_VERSION_CHECK", "1")  # LLaMA-Factory pins; our lock file is the source of truth
+    if not config.train.use_gpu:
+        # One OpenMP pool per worker sized to its CPU share; more threads only fight each other.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, int(config.train.resources_per_worker.get("CPU", 1)))))
+    return env
+
+
+def run_training(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None,
+                 ray_temp_dir: str | None = None) -> dict[str, Any]:
+    """Train, publish the adapter and write the manifest; returns the manifest."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    plan = plan_run(config, run_id, overrides)
+    fs_kw = _fs_kw(config)
+    if storage.exists(storage.join(plan.run_uri, "manifest.json"), **fs_kw):
+        raise TrainError(f"run {plan.run_id} already finished at {plan.run_uri}; pick a new --run-id")
+    started_ray = _ensure_ray(config, ray_temp_dir)
+    print(f"[train] run {plan.run_id}: {config.train.num_workers} Ray Train workers, outputs in {plan.run_uri}",
+          flush=True)
+    start = time.time()
+    try:
+        tc = config.train
+        scaling = ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=dict(tc.resources_per_worker) or None,
+            accelerator_type=tc.accelerator_type,
+        )
+        if storage.is_remote(config.storage.root):
+            fs, root_path = storage.filesystem(config.storage_uri("runs"), **fs_kw)
+            run_config = RunConfig(name=plan.run_id, storage_path=root_path, storage_filesystem=fs,
+                                   failure_config=FailureConfig(max_failures=tc.max_failures),
+                                   checkpoint_config=CheckpointConfig(num_to_keep=2))
+        else:
+            run_config = RunConfig(name=plan.run_id, storage_path=config.storage_uri("runs"),
+                                   failure_config=FailureConfig(max_failures=tc.max_failures),
+                                   checkpoint_config=CheckpointConfig(num_to_keep=2))
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"args": plan.args, "work_dir": plan.work_dir, "run_uri": plan.run_uri,
+                               "dataset_uri": plan.dataset_uri, "fs_kw": fs_kw},
+            scaling_config=scaling,
+            torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+            run_config=run_config,
+        )
+        result = trainer.fit()
+        if result.error:
+            raise TrainError(f"training failed: {result.error}")
+    finally:
+        if started_ray:
+            ray.shutdown()
+    manifest = write_manifest(config, plan, wall_time=time.time() - start, fs_kw=fs_kw)
+    return manifest
+
+
+def _read_log(run_uri: str, fs_kw: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    state_uri = storage.join(run_uri, "trainer_state.json")
+    history = json.loads(storage.read_text(state_uri, **fs_kw)).get("log_history", [])
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    return train, evals
+
+
+def plot_loss(train: list[dict], evals: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("llamafactory", "ray", "transformers", "torch", "peft", "e2e-llm"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs_kw: dict[str, Any]) -> dict:
+    import tempfile
+
+    train_log, eval_log = _read_log(plan.run_uri, fs_kw)
+    state = json.loads(storage.read_text(storage.join(plan.run_uri, "trainer_state.json"), **fs_kw))
+    tokens = state.get("num_input_tokens_seen") or 0
+    events = []
+    events_path = Path(plan.work_dir) / EVENTS_FILE
+    if events_path.is_file():
+        events = [json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
+    starts = [e for e in events if e["event"] == "start" and e["rank"] == 0]
+    runtimes = [h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h]
+    train_seconds = runtimes[-1] if runtimes else 0.0  # the final entry covers the whole (resumed) run
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_loss(train_log, eval_log, Path(tmp) / "loss.png")
+        storage.write_bytes(storage.join(plan.run_uri, "loss.png"), png.read_bytes(), **fs_kw)
+    dataset_files = {}
+    for split, uri in plan.dataset_files.items():
+        data = storage.read_bytes(uri, **fs_kw)
+        import hashlib
+
+        dataset_files[split] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(),
+                                "rows": data.count(b"\n")}
+    manifest = {
+        "kind": "e2e-llm/train-run",
+        "run_id": plan.run_id,
+        "status": "completed",
+        "profile": config.profile,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "base_model": {"id": config.model.id, "source": config.model.source,
+                       "path": plan.args["model_name_or_path"]},
+        "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files},
+        "recipe": plan.recipe_path,
+        "training_args": plan.args,
+        "ray": {"num_workers": config.train.num_workers, "use_gpu": config.train.use_gpu,
+                "resources_per_worker": config.train.resources_per_worker,
+                "accelerator_type": config.train.accelerator_type, "max_failures": config.train.max_failures},
+        "versions": _versions(),
+        "git_sha": _git_sha(config.root),
+        "metrics": {
+            "train_loss": train_log[-1]["loss"] if train_log else None,
+            "eval_loss": eval_log[-1]["eval_loss"] if eval_log else None,
+            "global_step": state.get("global_step"),
+            "max_steps": state.get("max_steps"),
+            "tokens_seen": tokens,
+            "tokens_per_second": tokens / train_seconds if train_seconds else None,
+            "wall_time_s": round(wall_time, 1),
+        },
+        "attempts": len(starts),
+        "adapter_uri": storage.join(plan.run_uri, "adapter"),
+        "loss_curve": storage.join(plan.run_uri, "loss.png"),
+        "tensorboard": storage.join(plan.run_uri, "tensorboard"),
+    }
+    storage.write_text(storage.join(plan.run_uri, "manifest.json"), json.dumps(manifest, indent=2) + "\n", **fs_kw)
+    return manifest

@@ -1,0 +1,150 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Training stage for real: LLaMA-Factory inside a Ray Train TorchTrainer (2 gloo CPU workers)
+on the real SmolLM2 model, with checkpoints on local and S3 storage, worker-failure recovery
+and resume of an interrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
+
+pytestmark = [pytest.mark.train, pytest.mark.slow]
+SMOKE = ["--set", "max_samples=32", "--set", "save_steps=1"]  # 4 steps of 2 workers x 4 rows
+
+
+def _events(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _start_training(run_id: str, env: dict, log: Path) -> subprocess.Popen:
+    cmd = [str(VENV / "train/bin/e2e-llm"), "train", "--profile", "local", "--run-id", run_id, *SMOKE,
+           "--ray-temp-dir", f"/tmp/r-{run_id[:8]}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 900):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    proc.kill()
+    pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
+
+
+def _no_ray_processes_left(temp_dir: str) -> bool:
+    out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+    return out.stdout.strip() == ""
+
+
+def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapter, local_config):
+    assert (trained_adapter / "adapter_config.json").is_file()
+    assert (trained_adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((trained_adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "LORA"
+    manifest = json.loads((trained_adapter.parent / "manifest.json").read_text())
+    for key in ("run_id", "base_model", "dataset", "training_args", "versions", "git_sha", "metrics", "adapter_uri"):
+        assert manifest[key] is not None, key
+    assert manifest["base_model"]["id"] == local_config.model.id
+    assert len(manifest["dataset"]["files"]["train"]["sha256"]) == 64
+    assert {"llamafactory", "ray", "transformers"} <= set(manifest["versions"])
+    metrics = manifest["metrics"]
+    assert metrics["global_step"] == metrics["max_steps"] > 0
+    assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["tokens_per_second"] > 0
+    assert manifest["ray"]["num_workers"] == 2
+    assert (trained_adapter.parent / "loss.png").stat().st_size > 1000
+    assert list((trained_adapter.parent / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_training_reduced_the_loss(trained_adapter):
+    log = [json.loads(l) for l in (trained_adapter.parent / "trainer_log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in log if "loss" in row]
+    assert losses[-1] < losses[0]
+
+
+def test_latest_is_resolved_from_manifests_not_mtimes(trained_adapter, tmp_path):
+    from e2e_llm.config import load_profile
+    from e2e_llm.runs import resolve_adapter
+
+    os.environ["E2E_LLM_STORAGE_ROOT"] = str(TEST_STORAGE)
+    try:
+        config = load_profile("local", root=ROOT)
+        # A newer directory without a completed manifest must not win.
+        decoy = TEST_STORAGE / "runs" / "zzzz-unfinished"
+        (decoy / "adapter").mkdir(parents=True, exist_ok=True)
+        path, manifest = resolve_adapter(config, "latest")
+        assert manifest["status"] == "completed" and path.name == "adapter"
+        assert path != decoy / "adapter"
+    finally:
+        os.environ.pop("E2E_LLM_STORAGE_ROOT")
+
+
+def test_killed_worker_is_restarted_and_resumes_from_s3_checkpoint(s3_server, local_model, tmp_path):
+    """SIGKILL a Ray Train worker after the first checkpoint: Ray Train restarts the group with
+    world size 2, training resumes past the checkpoint (not from step 0), and the run finishes,
+    with checkpoints, data and the adapter all in S3 (loopback server)."""
+    from pyarrow import fs
+
+    s3 = fs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
+                         region="us-east-1", allow_bucket_creation=True)
+    s3.create_dir("e2e-ft")
+    run_id = "ft-" + uuid.uuid4().hex[:8]
+    env = storage_env(f"s3://e2e-ft/{run_id}-store")
+    run_in_env("train", "data", "--profile", "local", env=env)
+    log = tmp_path / "train.log"
+    proc = _start_training(run_id, env, log)
+    events_path = Path("/tmp/e2e-llm-work") / run_id / "events.jsonl"
+    _wait_for(lambda: any(e["event"] == "checkpoint" for e in _events(events_path)), proc, log)
+    victim = next(e for e in _events(events_path) if e["event"] == "start" and e["rank"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+
+    events = _events(events_path)
+    starts = [e for e in events if e["event"] == "start" and e["rank"] == 0]
+    first_ckpt = next(e["step"] for e in events if e["event"] == "checkpoint")
+    assert len(starts) == 2, events
+    assert starts[1]["world_size"] == 2
+    assert starts[1]["resume_step"] >= first_ckpt >= 1  # resumed past the checkpoint, not from zero
+    manifest = json.loads(s3.open_input_stream(f"e2e-ft/{run_id}-store/runs/{run_id}/manifest.json").read())
+    assert manifest["attempts"] == 2
+    assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
+    info = s3.get_file_info(f"e2e-ft/{run_id}-store/runs/{run_id}/adapter/adapter_model.safetensors")
+    assert info.size > 0
+    assert _no_ray_processes_left(f"/tmp/r-{run_id[:8]}")
+
+
+def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
+    store = tmp_path / "store"
+    env = storage_env(store)
+    run_in_env("train", "data", "--profile", "local", env=env)
+    run_id = "ir-" + uuid.uuid4().hex[:8]
+    log = tmp_path / "first.log"
+    proc = _start_training(run_id, env, log)
+    events_path = store / "runs" / run_id / "work" / "events.jsonl"
+    _wait_for(lambda: any(e["event"] == "checkpoint" for e in _events(events_path)), proc, log)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C / preemption
+    proc.wait(timeout=120)
+    assert not (store / "runs" / run_id / "manifest.json").exists()
+    checkpoint_step = max(e["step"] for e in _events(events_path) if e["event"] == "checkpoint")
+
+    second = _start_training(run_id, env, tmp_path / "second.log")
+    assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    resumed = [e for e in _events(events_path) if e["event"] == "start" and e["rank"] == 0][-1]
+    assert resumed["resume_step"] >= checkpoint_step >= 1
+    manifest = json.loads((store / "runs" / run_id / "manifest.json").read_text())
+    assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]

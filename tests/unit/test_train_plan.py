@@ -1,0 +1,90 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Bad training input fails before any worker starts, with a clear message."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e_llm.config import load_profile
+
+pytestmark = pytest.mark.train
+
+
+@pytest.fixture()
+def profile(tmp_path, project_root, monkeypatch, local_model):
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path / "store"))
+
+    def make(**changes):
+        data = yaml.safe_load((project_root / "configs/profiles/local.yaml").read_text())
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            data[section][key] = value
+        path = tmp_path / "profile.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return load_profile(str(path), root=project_root)
+
+    return make
+
+
+def _ingested(config):
+    from e2e_llm.data import ingest
+
+    ingest(source=str(config.path(config.data.source)), splits={"train": "train.jsonl", "val": "val.jsonl"},
+           output_dir=Path(config.storage_uri("data", "viggo")), task=config.task_schema(), dataset="viggo")
+    return config
+
+
+def test_missing_dataset(profile):
+    from e2e_llm.train import TrainError, plan_run
+
+    with pytest.raises(TrainError, match="dataset not found .* run `e2e-llm data"):
+        plan_run(profile())
+
+
+def test_model_path_that_does_not_exist(profile):
+    from e2e_llm.train import TrainError, plan_run
+
+    with pytest.raises(TrainError, match="model path /nope/model does not exist"):
+        plan_run(_ingested(profile(model__source="/nope/model")))
+
+
+def test_unknown_llamafactory_key_suggests_the_right_one(profile):
+    from e2e_llm.train import TrainError, plan_run
+
+    with pytest.raises(TrainError, match="unknown LLaMA-Factory key 'lora_rnak' \\(did you mean 'lora_rank'\\?\\)"):
+        plan_run(_ingested(profile()), overrides={"lora_rnak": 8})
+
+
+def test_ray_keys_belong_in_the_profile(profile):
+    from e2e_llm.train import TrainError, plan_run
+
+    with pytest.raises(TrainError, match="'ray_num_workers' is a Ray setting"):
+        plan_run(_ingested(profile()), overrides={"ray_num_workers": 4})
+
+
+def test_zero_gpus_on_a_gpu_profile(profile):
+    from e2e_llm.train import TrainError, plan_run
+
+    with pytest.raises(TrainError, match="use_gpu is true but resources_per_worker.GPU is 0"):
+        plan_run(profile(train__use_gpu=True, train__resources_per_worker={"CPU": 1, "GPU": 0}))
+
+
+def test_unsupported_storage_scheme(project_root, monkeypatch):
+    from e2e_llm.config import ConfigError
+
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", "ftp://host/x")
+    with pytest.raises(ConfigError, match="unsupported storage scheme 'ftp'"):
+        load_profile("local", root=project_root)
+
+
+def test_plan_overrides_only_deployment_keys(profile):
+    from e2e_llm.train import plan_run
+
+    config = _ingested(profile())
+    plan = plan_run(config)
+    recipe = yaml.safe_load(config.path(config.train.recipe).read_text())
+    for key, value in recipe.items():
+        assert plan.args[key] == value, key
+    assert plan.args["dataset"] == "viggo-train" and plan.args["eval_dataset"] == "viggo-val"
+    assert plan.args["model_name_or_path"].endswith("smollm2-135m")
