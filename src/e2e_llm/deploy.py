@@ -1,0 +1,236 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Typed deployment settings (``configs/deploy.yaml``) for the Anyscale and KubeRay targets.
+
+The file names the pipeline profile it deploys and adds only what rendering needs beyond the
+profile: image repositories and tags, node selectors per accelerator, pod sizes the profile
+does not state, shared storage, secret *names*, job retry/TTL policy and the canary upgrade
+options. Everything is strict (``extra="forbid"``); derived values (the Ray version from the
+image tag, worker counts and GPUs from the profile) are computed here, never typed twice.
+
+Usage:
+    deploy = load_deploy(root=project_root())
+    config = deploy.pipeline()          # the PipelineConfig of deploy.profile
+    deploy.images.serve.ray_version     # "2.60.0", from the tag
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from e2e_llm.config import ConfigError, PipelineConfig, Strict, load_profile, load_yaml_model, project_root
+
+DEPLOY_FILE = Path("configs/deploy.yaml")
+# <ray X.Y.Z>-py<NNN>-<platform>[-<release>]: rayproject's {version}-{python}-{platform} tag
+# scheme with our release appended.
+IMAGE_TAG = re.compile(r"^(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d{2,3})-(?P<platform>cpu|cu\d{3}|gpu)(?:-(?P<release>[\w.]+))?$")
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+
+
+class ImageRef(Strict):
+    repository: str
+    tag: str
+
+    @field_validator("repository")
+    @classmethod
+    def _no_tag_in_repository(cls, value: str) -> str:
+        if "@" in value or ":" in value.rsplit("/", 1)[-1]:
+            raise ValueError("repository must not carry a tag or digest; put the tag in `tag`")
+        return value
+
+    @field_validator("tag")
+    @classmethod
+    def _pinned_tag(cls, value: str) -> str:
+        if not IMAGE_TAG.match(value):
+            raise ValueError(
+                f"tag {value!r} must look like <ray X.Y.Z>-py<NNN>-<cpu|cuNNN|gpu>[-<release>] "
+                "(e.g. 2.60.0-py311-cu128-0.1.0); `latest` and bare versions are not pinned")
+        return value
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+    @property
+    def ray_version(self) -> str:
+        """The Ray version the image carries, read from its tag (KubeRay ``rayVersion``)."""
+        return IMAGE_TAG.match(self.tag)["ray"]
+
+    @property
+    def python_tag(self) -> str:
+        return "py" + IMAGE_TAG.match(self.tag)["py"]
+
+
+class Images(Strict):
+    train: ImageRef
+    serve: ImageRef
+    pull_policy: Literal["IfNotPresent", "Always"] = "IfNotPresent"
+
+
+class Accelerator(Strict):
+    node_selector: dict[str, str] = Field(min_length=1)
+    anyscale: str  # accelerator resource name in Anyscale compute configs
+
+
+class PodSize(Strict):
+    cpu: int | None = Field(None, ge=1)  # None: taken from the profile
+    memory: str
+    shm: str | None = None  # size of the /dev/shm memory volume (NCCL, vLLM)
+
+    @field_validator("memory", "shm")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None and not QUANTITY.match(value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 32Gi)")
+        return value
+
+
+class Compute(Strict):
+    head: PodSize
+    train_worker: PodSize
+    batch_worker: PodSize
+    serve_worker: PodSize
+
+    @model_validator(mode="after")
+    def _cpus_known(self) -> Compute:
+        for name in ("head", "batch_worker", "serve_worker"):
+            if getattr(self, name).cpu is None:
+                raise ValueError(f"{name}.cpu is required (only train_worker takes CPUs from the profile)")
+        return self
+
+
+class Volume(Strict):
+    claim_name: str
+    size: str
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany", "ReadWriteOncePod"] = "ReadWriteMany"
+    storage_class: str | None = None  # None: the cluster's default class
+
+    @field_validator("size")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if not QUANTITY.match(value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500Gi)")
+        return value
+
+
+class Storage(Strict):
+    volume: Volume
+    mount_path: str = "/mnt/cluster_storage"
+
+
+class SecretKeyRef(Strict):
+    name: str
+    key: str
+
+
+class SecretRef(Strict):
+    name: str
+
+
+class Secrets(Strict):
+    hf_token: SecretKeyRef
+    aws: SecretRef
+    api_key: SecretKeyRef
+
+
+class JobStage(Strict):
+    args: list[str] = []
+
+
+class Jobs(Strict):
+    max_retries: int = Field(2, ge=0)
+    timeout_s: int = Field(86400, gt=0)
+    ttl_seconds_after_finished: int = Field(3600, ge=0)
+    submission_mode: Literal[SUBMISSION_MODES] = "K8sJobMode"  # type: ignore[valid-type]
+    train: JobStage = JobStage()
+    batch: JobStage = JobStage()
+
+
+class Canary(Strict):
+    step_size_percent: int = Field(ge=1, le=100)
+    interval_seconds: int = Field(gt=0)
+    max_surge_percent: int = Field(100, ge=0, le=100)
+    gateway_class_name: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _step_within_surge(self) -> Canary:
+        if self.step_size_percent > self.max_surge_percent:
+            raise ValueError(f"step_size_percent ({self.step_size_percent}) must be <= max_surge_percent "
+                             f"({self.max_surge_percent}): a step cannot shift more traffic than the surge capacity")
+        return self
+
+
+class Service(Strict):
+    query_auth_token_enabled: bool = False
+    canary: Canary
+
+
+class AnyscaleSettings(Strict):
+    cloud: str | None = None
+    project: str | None = None
+
+
+class DeployConfig(Strict):
+    profile: str
+    name: str
+    images: Images
+    accelerators: dict[str, Accelerator] = {}
+    compute: Compute
+    storage: Storage
+    secrets: Secrets
+    jobs: Jobs = Jobs()
+    service: Service
+    anyscale: AnyscaleSettings = AnyscaleSettings()
+
+    _root: Path = PrivateAttr(default=Path("."))
+    _source: Path | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not DNS1035.match(value) or len(value) > 40:
+            raise ValueError("name must be a DNS-1035 label of at most 40 characters (it prefixes object names)")
+        return value
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source
+
+    def pipeline(self) -> PipelineConfig:
+        """The deployed profile, checked against this file (every accelerator it uses is mapped)."""
+        config = load_profile(self.profile, root=self._root)
+        used = {
+            "train.accelerator_type": config.train.accelerator_type,
+            "batch.accelerator_type": config.batch.accelerator_type,
+            "serve.accelerator_type": config.serve.accelerator_type,
+        }
+        if self.service.query_auth_token_enabled and config.serve.auth.enabled:
+            raise ConfigError(
+                f"{self._source}: service.query_auth_token_enabled: Anyscale's query token and the app's API key "
+                f"(profile {self.profile} serve.auth.enabled) both use the `Authorization: Bearer` header; "
+                "enable one of them")
+        for field, accelerator in used.items():
+            if accelerator and accelerator not in self.accelerators:
+                raise ConfigError(
+                    f"{self._source}: accelerators: no entry for {accelerator!r} (profile {self.profile} "
+                    f"{field}); known: {', '.join(sorted(self.accelerators)) or 'none'}")
+        return config
+
+
+def load_deploy(path: str | Path | None = None, root: Path | None = None) -> DeployConfig:
+    """Load ``configs/deploy.yaml`` (or ``path``); relative paths resolve against the root."""
+    root = (root or project_root()).resolve()
+    path = Path(path) if path else root / DEPLOY_FILE
+    deploy = load_yaml_model(DeployConfig, path)
+    deploy._root = root
+    deploy._source = path
+    return deploy
