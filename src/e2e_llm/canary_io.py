@@ -201,3 +201,101 @@ class PrometheusQueryMetrics:
             for item in self._query(f"sum by ({by}) ({name}{selector})"):
                 samples.append((name, item["metric"], float(item["value"][1])))
         return stats_from_samples(samples, self.alias, self.count_client_errors)
+
+
+# ---------------------------------------------------------------------------------------
+# Wiring for the CLI (e2e-llm canary / promote / rollback)
+
+
+def rollout_log_uri(store, alias: str) -> str:
+    """``<adapter store>/rollouts-<alias>.jsonl``: beside the adapters, not a sub-folder (Ray
+    Serve LLM would list a folder as an adapter)."""
+    from e2e_llm import storage
+
+    return storage.join(store.uri, f"rollouts-{alias}.jsonl")
+
+
+def default_base_url(config) -> str:
+    serve = config.serve
+    return config.canary.base_url or f"http://{serve.host}:{serve.port}{serve.route_prefix.rstrip('/')}/v1"
+
+
+def metrics_source(config, policy, *, metrics_urls: Sequence[str] = (), prometheus_url: str | None = None):
+    """The SLO gate's metrics: CLI flags, else the profile's ``canary`` section, else Ray's
+    metrics port on the serving host (``serve.metrics_export_port``)."""
+    from e2e_llm.config import ConfigError
+
+    alias = policy.alias if policy.slo.traffic == "alias" else None
+    kw = {"count_client_errors": policy.slo.count_client_errors}
+    prometheus_url = prometheus_url or (None if metrics_urls else config.canary.prometheus_url)
+    if prometheus_url:
+        return PrometheusQueryMetrics(prometheus_url, alias, **kw)
+    urls = list(metrics_urls) or list(config.canary.metrics_urls)
+    if not urls and config.serve.metrics_export_port:
+        urls = [f"http://{config.serve.host}:{config.serve.metrics_export_port}/metrics"]
+    if not urls:
+        raise ConfigError(f"{config.source_file}: no metrics source for the SLO gate: set canary.prometheus_url, "
+                          "canary.metrics_urls or serve.metrics_export_port (or pass --metrics-url)")
+    return ScrapeMetrics(urls, alias, **kw)
+
+
+def open_controller(config, *, policy_path: str | None = None, alias: str | None = None,
+                    base_url: str | None = None, metrics_urls: Sequence[str] = (), prometheus_url: str | None = None,
+                    on_resume: str | None = None, for_gates: bool = True, out=print):
+    """A :class:`~e2e_llm.canary.Controller` on the profile's adapter store and serving app.
+    ``for_gates=False`` (promote, rollback) needs neither the app nor its metrics."""
+    import os
+
+    from e2e_llm.canary import Controller, RolloutLog, load_canary_set, load_policy
+    from e2e_llm.store import AdapterStore, require_reachable
+
+    policy = load_policy(config.path(policy_path or config.canary.policy))
+    updates = {k: v for k, v in (("alias", alias), ("on_resume", on_resume)) if v}
+    if updates:
+        policy = policy.model_copy(update=updates)
+    store = AdapterStore.from_config(config)
+    require_reachable(store)
+    task = config.task_schema()
+    rows = load_canary_set(policy, config.root)
+    prober = metrics = None
+    if for_gates:
+        api_key = os.environ.get(config.serve.auth.api_key_env) if config.serve.auth.enabled else None
+        prober = OpenAIProber(base_url or default_base_url(config), config.model.id, api_key=api_key,
+                              output_regex=task.output_regex())
+        metrics = metrics_source(config, policy, metrics_urls=metrics_urls, prometheus_url=prometheus_url)
+    controller = Controller(policy=policy, task=task, canary_rows=rows, log=RolloutLog(rollout_log_uri(store, policy.alias)),
+                            router=StoreRouter(store), prober=prober, metrics=metrics, out=out)
+    return controller, store
+
+
+def resolve_candidate(config, store, ref: str) -> tuple[str, bool]:
+    """(adapter id, newly published) for ``--adapter``: a published id or ``<name>:latest``; or a
+    trained adapter (folder, run id, ``latest``) published on first use (a rerun with the same
+    folder or run finds the version published before); bare ``latest`` with no training runs is
+    the newest published version."""
+    from pathlib import Path
+
+    from e2e_llm.serve import max_lora_rank, recipe_lora_rank
+    from e2e_llm.store import StoreError, find_training_adapter
+
+    name = config.data.dataset
+    index = store.index()
+    if ref in index:
+        return ref, False
+    if ref.endswith(":latest"):
+        return store.latest(ref.removesuffix(":latest")), False
+    if ref in store.aliases():
+        raise StoreError(f"{ref!r} is an alias; name the version to roll out (published: {sorted(index)})")
+    try:
+        adapter_dir, manifest = find_training_adapter(config, ref)
+    except StoreError:
+        if ref == "latest":
+            return store.latest(name), False
+        raise
+    source = str(adapter_dir) if "://" in str(adapter_dir) else str(Path(adapter_dir).resolve())
+    for row in reversed(store.versions(name)):
+        if (manifest.get("run_id") and row.get("run_id") == manifest["run_id"]) or row.get("source") == source:
+            return row["id"], False
+    adapter_id = store.publish(adapter_dir, name=name, manifest=manifest,
+                               max_rank=max_lora_rank(recipe_lora_rank(config)))
+    return adapter_id, True

@@ -23,7 +23,6 @@ from e2e_llm.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("e2e_llm.commands.data", "fetch, validate and write the task's dataset splits"),
     "model": ("e2e_llm.commands.model", "prepare the profile's base model (local GGUF -> safetensors)"),
-    "canary-set": ("e2e_llm.commands.canary_set", "make the versioned canary set from held-out rows"),
     "train": ("e2e_llm.commands.train", "LoRA SFT with LLaMA-Factory on Ray Train"),
     "evaluate": ("e2e_llm.commands.evaluate", "score a results file: exact match, slot F1, report and chart"),
     "render": ("e2e_llm.commands.render", "render Anyscale YAMLs and KubeRay manifests from configs/ (--check: drift)"),
@@ -32,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "image": ("e2e_llm.commands.image", "build a container image with whichever engine answers (docker/podman)"),
     "publish": ("e2e_llm.commands.publish", "publish a trained adapter to the adapter store, set an alias"),
     "serve": ("e2e_llm.commands.serve", "run the OpenAI-compatible Ray Serve LLM app (multi-LoRA, auth, aliases)"),
+    "canary": ("e2e_llm.commands.canary", "roll an adapter version out behind an alias, gated on quality and SLOs"),
+    "promote": ("e2e_llm.commands.promote", "promote the unfinished canary's candidate to stable now"),
+    "rollback": ("e2e_llm.commands.rollback", "adapter rollback: abort the canary or revert the last promotion"),
+    "canary-set": ("e2e_llm.commands.canary_set", "make the versioned canary set from held-out rows"),
 }
 
 

@@ -194,6 +194,20 @@ class ServeConfig(Strict):
     # How often every ingress replica re-reads the alias records (canary weights) from the store.
     alias_refresh_s: float = Field(2.0, gt=0)
     engine_kwargs: dict[str, Any] = {}
+    # Ray's Prometheus metrics port on the serving node. Fixed locally so the canary's SLO gate
+    # can scrape it; None lets Ray pick (clusters are scraped through the PodMonitor).
+    metrics_export_port: int | None = Field(None, ge=1, le=65535)
+
+
+class CanaryConfig(Strict):
+    # Steps, margins, windows and canary set (e2e_llm.canary.CanaryPolicy).
+    policy: str = "configs/canary.yaml"
+    # The app's OpenAI base URL; None: http://<serve.host>:<serve.port><serve.route_prefix>v1.
+    base_url: str | None = None
+    # Where the SLO gate reads per-version metrics: a Prometheus server's query API, or else
+    # Ray's metrics endpoints scraped directly (default: serve.metrics_export_port on serve.host).
+    prometheus_url: str | None = None
+    metrics_urls: list[str] = []
 
 
 class PipelineConfig(Strict):
@@ -204,6 +218,7 @@ class PipelineConfig(Strict):
     train: TrainConfig
     batch: BatchConfig = BatchConfig()
     serve: ServeConfig = ServeConfig()
+    canary: CanaryConfig = CanaryConfig()
 
     _root: Path = PrivateAttr(default=Path("."))
     _source: Path | None = PrivateAttr(default=None)

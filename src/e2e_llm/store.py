@@ -130,7 +130,8 @@ class AdapterStore:
 
     def adapter_ids(self) -> list[str]:
         """Adapter folders actually present in the store (what Ray Serve LLM can load)."""
-        return [n for n in storage.list_dir(self.uri, **self._kw) if not n.endswith(".json")]
+        # .jsonl: the canary controller's rollout logs (rollouts-<alias>.jsonl) live here too.
+        return [n for n in storage.list_dir(self.uri, **self._kw) if not n.endswith((".json", ".jsonl"))]
 
     def versions(self, name: str | None = None) -> list[dict[str, Any]]:
         """Published versions, oldest first (by publish sequence number)."""

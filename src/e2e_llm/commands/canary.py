@@ -1,0 +1,85 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Roll a new adapter version out behind a serving alias, gated on quality and SLOs.
+
+Publishes the candidate (a folder, training run id or `latest` is published on first use; a
+published version id is used as is), then steps the alias's candidate weight through the
+policy (configs/canary.yaml). At each step the canary set goes to stable and candidate by
+version (quality gate) and the app's per-version metrics over the step window are compared
+(SLO gate); every decision is appended to <adapter store>/rollouts-<alias>.jsonl and printed.
+A failed gate rolls back; passing every step promotes. Rerun after an interruption to continue
+(or roll back, per the policy's on_resume). Exit: 0 promoted, 3 rolled back, 1 error.
+
+Examples:
+    e2e-llm canary --profile local --adapter latest
+    e2e-llm canary --profile local --adapter viggo-v3
+    e2e-llm canary --profile local                 # resume an interrupted rollout
+    e2e-llm canary --profile local --status
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from e2e_llm.cli import add_profile_argument
+
+ROLLED_BACK = 3
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    add_profile_argument(parser)
+    parser.add_argument("--alias", help="alias to roll out behind (default: the policy's alias)")
+    parser.add_argument("--policy", help="canary policy YAML (default: the profile's canary.policy)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--adapter", help="candidate: published version id, <name>:latest, a trained adapter "
+                                          "folder, a run id or 'latest'; omit to resume an unfinished rollout")
+    parser.add_argument("--base-url", help="the app's OpenAI base URL (default: canary.base_url or serve host/port)")
+    parser.add_argument("--metrics-url", action="append", default=[],
+                        help="Prometheus endpoint to scrape (repeatable; default: Ray's metrics port)")
+    parser.add_argument("--prometheus-url", help="Prometheus server to query instead of scraping")
+    parser.add_argument("--on-resume", choices=("continue", "rollback"), help="override the policy's on_resume")
+    parser.add_argument("--status", action="store_true", help="print the latest rollout and exit")
+
+
+def print_outcome(outcome, alias: str) -> None:
+    if outcome.result == "promoted":
+        print(f"PROMOTED: {outcome.candidate} is now the stable version of alias {alias!r} ({outcome.reason})")
+    elif outcome.result == "reverted":
+        print(f"REVERTED: alias {alias!r} is back on {outcome.stable} ({outcome.reason})")
+    else:
+        print(f"ROLLED BACK: alias {alias!r} stays on {outcome.stable}; {outcome.candidate} gets no traffic "
+              f"({outcome.reason})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from e2e_llm.canary import CanaryError, format_rollout
+    from e2e_llm.canary_io import open_controller, resolve_candidate
+    from e2e_llm.config import load_profile
+    from e2e_llm.store import StoreError
+
+    config = load_profile(args.profile)
+    try:
+        controller, store = open_controller(
+            config, policy_path=args.policy, alias=args.alias, base_url=args.base_url,
+            metrics_urls=args.metrics_url, prometheus_url=args.prometheus_url, on_resume=args.on_resume,
+            for_gates=not args.status)
+        if args.status:
+            rollout = controller.current()
+            print(format_rollout(rollout) if rollout else f"no rollouts recorded for alias {controller.policy.alias!r}")
+            return 0
+        candidate = None
+        if args.adapter:
+            candidate, published = resolve_candidate(config, store, args.adapter)
+            if published:
+                print(f"published {args.adapter} as {candidate} at {store.adapter_uri(candidate)}", flush=True)
+        outcome = controller.run(candidate)
+    except (CanaryError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rollout = controller.current()
+    print(format_rollout(rollout))
+    print_outcome(outcome, controller.policy.alias)
+    return 0 if outcome.result == "promoted" else ROLLED_BACK

@@ -1,0 +1,216 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The canary controller's real connections, offline: alias records in a local adapter store,
+OpenAI probes through a fake client, Prometheus text and query API parsing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from e2e_llm.canary import AliasState, load_canary_set, load_policy
+from e2e_llm.canary_io import (
+    OpenAIProber,
+    PrometheusQueryMetrics,
+    ScrapeMetrics,
+    StoreRouter,
+    is_error,
+    metrics_source,
+    resolve_candidate,
+    rollout_log_uri,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# What Ray's metrics port serves for the ingress counters (labels as Ray 2.60 exports them).
+EXPOSITION = """\
+# HELP ray_e2e_llm_requests_total Requests by model, alias, adapter version and HTTP status.
+# TYPE ray_e2e_llm_requests_total counter
+ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="viggo",model="smollm2-135m",status="200",version="viggo-v1"} 90.0
+ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="b",alias="viggo",model="smollm2-135m",status="200",version="viggo-v1"} 10.0
+ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="viggo",model="smollm2-135m",status="500",version="viggo-v2"} 3.0
+ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="viggo",model="smollm2-135m",status="200",version="viggo-v2"} 7.0
+ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="",model="smollm2-135m",status="404",version="viggo-v2"} 8.0
+ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="",model="smollm2-135m",status="200",version=""} 5.0
+# HELP ray_e2e_llm_request_latency_seconds End-to-end request latency.
+# TYPE ray_e2e_llm_request_latency_seconds histogram
+ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="0.5",model="smollm2-135m",stream="false",version="viggo-v1"} 40.0
+ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="1.0",model="smollm2-135m",stream="false",version="viggo-v1"} 90.0
+ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="+Inf",model="smollm2-135m",stream="false",version="viggo-v1"} 100.0
+ray_e2e_llm_request_latency_seconds_count{WorkerId="a",alias="viggo",model="smollm2-135m",stream="false",version="viggo-v1"} 100.0
+ray_e2e_llm_request_latency_seconds_sum{WorkerId="a",alias="viggo",model="smollm2-135m",stream="false",version="viggo-v1"} 60.0
+ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="0.5",model="smollm2-135m",stream="true",version="viggo-v2"} 1.0
+ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="1.0",model="smollm2-135m",stream="true",version="viggo-v2"} 10.0
+ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="+Inf",model="smollm2-135m",stream="true",version="viggo-v2"} 10.0
+"""
+
+
+def test_scraped_exposition_is_summed_per_version_over_workers_and_filtered_by_alias():
+    stats = ScrapeMetrics(["http://x/metrics"], "viggo", fetch=lambda url, timeout: EXPOSITION).snapshot()
+    assert set(stats) == {"viggo-v1", "viggo-v2"}
+    assert (stats["viggo-v1"].requests, stats["viggo-v1"].errors) == (100.0, 0.0)
+    assert (stats["viggo-v2"].requests, stats["viggo-v2"].errors) == (10.0, 3.0)  # the explicit 404 is not alias traffic
+    assert stats["viggo-v1"].buckets == {0.5: 40.0, 1.0: 90.0, math.inf: 100.0}
+    assert stats["viggo-v1"].quantile(0.95) == 1.0
+
+
+def test_all_traffic_counts_explicit_version_calls_and_client_errors_are_configurable():
+    everything = ScrapeMetrics(["u"], None, fetch=lambda url, timeout: EXPOSITION).snapshot()
+    assert (everything["viggo-v2"].requests, everything["viggo-v2"].errors) == (18.0, 11.0)
+    server_only = ScrapeMetrics(["u"], None, count_client_errors=False, fetch=lambda u, t: EXPOSITION).snapshot()
+    assert server_only["viggo-v2"].errors == 3.0
+    assert "" not in everything  # base-model requests have no version
+
+
+def test_several_endpoints_are_added_up():
+    stats = ScrapeMetrics(["a", "b"], "viggo", fetch=lambda url, timeout: EXPOSITION).snapshot()
+    assert stats["viggo-v1"].requests == 200.0
+
+
+@pytest.mark.parametrize("status,counted", [("200", False), ("500", True), ("503", True), ("404", True),
+                                            ("400", True), ("401", False), ("429", False), ("", True)])
+def test_which_statuses_are_errors(status, counted):
+    assert is_error(status) is counted
+
+
+def test_prometheus_query_api_gives_the_same_counters():
+    seen = []
+
+    def fetch(url, timeout):
+        seen.append(url)
+        if "requests_total" in url:
+            result = [{"metric": {"version": "viggo-v1", "alias": "viggo", "status": "200"}, "value": [0, "40"]},
+                      {"metric": {"version": "viggo-v1", "alias": "viggo", "status": "502"}, "value": [0, "2"]}]
+        else:
+            result = [{"metric": {"version": "viggo-v1", "alias": "viggo", "le": "1"}, "value": [0, "30"]},
+                      {"metric": {"version": "viggo-v1", "alias": "viggo", "le": "+Inf"}, "value": [0, "42"]}]
+        return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    stats = PrometheusQueryMetrics("http://prom:9090/", "viggo", fetch=fetch).snapshot()
+    assert (stats["viggo-v1"].requests, stats["viggo-v1"].errors) == (42.0, 2.0)
+    assert stats["viggo-v1"].buckets == {1.0: 30.0, math.inf: 42.0}
+    assert seen[0].startswith("http://prom:9090/api/v1/query?query=sum+by")
+    assert "alias%3D%22viggo%22" in seen[0]
+
+
+def test_prometheus_errors_surface():
+    fetch = lambda url, timeout: json.dumps({"status": "error", "error": "bad query"})  # noqa: E731
+    with pytest.raises(RuntimeError, match="bad query"):
+        PrometheusQueryMetrics("http://prom", "viggo", fetch=fetch).snapshot()
+
+
+class FakeCompletions:
+    def __init__(self):
+        self.calls = []
+
+    def create(self, **kw):
+        self.calls.append(kw)
+        if "fail" in kw["messages"][1]["content"]:
+            raise RuntimeError("Error code: 500 - adapter failed to load")
+
+        class Msg:
+            content = f" inform(name[{kw['messages'][1]['content']}]) \n"
+
+        class Choice:
+            message = Msg()
+
+        class Response:
+            choices = [Choice()]
+
+        return Response()
+
+
+def test_openai_prober_sends_each_row_to_the_version_and_keeps_failures():
+    completions = FakeCompletions()
+
+    class Client:
+        class chat:  # noqa: N801
+            pass
+
+    Client.chat.completions = completions
+    prober = OpenAIProber("http://app/v1", "smollm2-135m", output_regex="inform\\(.*\\)",
+                          client_factory=lambda timeout: Client)
+    policy = load_policy(ROOT / "configs/canary.yaml")
+    rows = [{"instruction": "sys", "input": "Halo", "output": "x"}, {"instruction": "sys", "input": "fail", "output": "y"}]
+    answers = prober.probe("viggo-v2", rows, policy.quality.model_copy(update={"structured_output": True}))
+    assert answers[0].text == "inform(name[Halo])" and answers[0].error is None
+    assert answers[1].text is None and "adapter failed to load" in answers[1].error
+    call = completions.calls[0]
+    assert call["model"] == "smollm2-135m:viggo-v2"
+    assert call["temperature"] == 0.0 and call["max_tokens"] == policy.quality.max_tokens
+    assert call["messages"][0] == {"role": "system", "content": "sys"}
+    assert call["extra_body"] == {"structured_outputs": {"regex": "inform\\(.*\\)"}}
+    prober.probe("viggo-v2", rows[:1], policy.quality)
+    assert completions.calls[-1]["extra_body"] is None
+
+
+def _fake_adapter(path: Path, rank: int = 8) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": "base"}))
+    (path / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path):
+    from e2e_llm.store import AdapterStore
+
+    store = AdapterStore(str(tmp_path / "store"))
+    store.publish(_fake_adapter(tmp_path / "a1"), name="viggo", alias="viggo")
+    store.publish(_fake_adapter(tmp_path / "a2"), name="viggo")
+    return store
+
+
+def test_store_router_writes_weights_as_fractions_and_reads_percent(store):
+    router = StoreRouter(store)
+    assert router.get("viggo") == AliasState("viggo-v1", None, 0.0)
+    assert router.get("nope") is None
+    router.set("viggo", AliasState("viggo-v1", "viggo-v2", 10.0))
+    record = store.aliases()["viggo"]
+    assert (record.candidate, record.candidate_weight) == ("viggo-v2", 0.1)
+    assert router.get("viggo") == AliasState("viggo-v1", "viggo-v2", 10.0)
+    router.set("viggo", AliasState("viggo-v2", None, 0.0))
+    assert store.aliases()["viggo"].stable == "viggo-v2"
+
+
+def test_rollout_log_sits_beside_the_adapters_and_is_not_listed_as_one(store):
+    from e2e_llm import storage
+
+    uri = rollout_log_uri(store, "viggo")
+    storage.write_text(uri, "{}\n")
+    assert uri.endswith("/rollouts-viggo.jsonl")
+    assert sorted(store.adapter_ids()) == ["viggo-v1", "viggo-v2"]
+
+
+def test_candidate_resolution_publishes_a_folder_once(store, tmp_path, local_config):
+    folder = _fake_adapter(tmp_path / "trained")
+    assert resolve_candidate(local_config, store, "viggo-v2") == ("viggo-v2", False)
+    assert resolve_candidate(local_config, store, "viggo:latest") == ("viggo-v2", False)
+    first = resolve_candidate(local_config, store, str(folder))
+    assert first == ("viggo-v3", True)
+    assert resolve_candidate(local_config, store, str(folder)) == ("viggo-v3", False)  # a rerun resumes, no v4
+    with pytest.raises(Exception, match="is an alias"):
+        resolve_candidate(local_config, store, "viggo")
+
+
+def test_metrics_source_follows_flags_then_profile(local_config):
+    policy = load_policy(ROOT / "configs/canary.yaml")
+    default = metrics_source(local_config, policy)
+    assert isinstance(default, ScrapeMetrics)
+    assert default.urls == [f"http://127.0.0.1:{local_config.serve.metrics_export_port}/metrics"]
+    assert default.alias == "viggo"
+    assert metrics_source(local_config, policy, metrics_urls=["http://h:1/metrics"]).urls == ["http://h:1/metrics"]
+    assert isinstance(metrics_source(local_config, policy, prometheus_url="http://p:9090"), PrometheusQueryMetrics)
+    everything = policy.model_copy(update={"slo": policy.slo.model_copy(update={"traffic": "all"})})
+    assert metrics_source(local_config, everything).alias is None
+
+
+def test_cluster_profile_queries_prometheus(project_root):
+    from e2e_llm.config import load_profile
+
+    config = load_profile("cluster", root=project_root)
+    policy = load_policy(ROOT / "configs/canary.yaml")
+    assert isinstance(metrics_source(config, policy), PrometheusQueryMetrics)
+    assert len(load_canary_set(policy, project_root)) == policy.canary_set.rows
