@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     code = 0
-    ray.init(_temp_dir=args.ray_temp_dir, include_dashboard=False)
+    # A fixed metrics port (serve.metrics_export_port) lets the canary's SLO gate scrape it.
+    ray.init(_temp_dir=args.ray_temp_dir, include_dashboard=False,
+             _metrics_export_port=config.serve.metrics_export_port)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
