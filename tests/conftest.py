@@ -125,12 +125,16 @@ def s3_server():
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    deadline = time.monotonic() + 120
+    while True:
         try:
-            urllib.request.urlopen(endpoint, timeout=1)
+            urllib.request.urlopen(endpoint, timeout=2)
             break
         except Exception:
-            time.sleep(0.2)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGTERM)
+                pytest.fail(f"moto_server on port {port} did not come up")
+            time.sleep(0.3)
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
