@@ -26,6 +26,7 @@ the real implementations live in :mod:`e2e_llm.canary_io`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -126,7 +127,7 @@ class CanaryPolicy(Strict):
     def _steps_increase(cls, steps: list[int]) -> list[int]:
         if any(not 0 < s <= 100 for s in steps):
             raise ValueError("every step must be a percentage in 1..100")
-        if any(b <= a for a, b in zip(steps, steps[1:])):
+        if any(b <= a for a, b in itertools.pairwise(steps)):
             raise ValueError("steps must increase strictly")
         return steps
 
@@ -751,15 +752,11 @@ class Controller:
             before = self.metrics.snapshot()
         except Exception as exc:  # noqa: BLE001 (any failure to observe is a failed gate)
             return [GateResult("slo", "error", f"metrics unavailable: {exc}")]
-        try:
-            with ThreadPoolExecutor(2) as pool:
-                futures = [pool.submit(self.prober.probe, v, self.rows, self.policy.quality)
-                           for v in (rollout.stable, rollout.candidate)]
-                stable_answers, candidate_answers = (f.result() for f in futures)
-            quality = quality_gate(self.task, self.rows, stable_answers, candidate_answers, self.policy.quality)
-        except Exception as exc:  # noqa: BLE001
-            quality = GateResult("quality", "error", f"probing failed: {type(exc).__name__}: {exc}")
-        if quality.status != "fail":
+        if self.prober is None:  # an engine canary: versions cannot be addressed, SLO gate only
+            quality = None
+        else:
+            quality = self._quality(rollout)
+        if quality is None or quality.status != "fail":
             probes_done = self.clock.now()
             wait = max(started + self.policy.step_window_s, probes_done + self.policy.slo.metrics_lag_s) - probes_done
             self.clock.sleep(wait)
@@ -769,7 +766,17 @@ class Controller:
             slo = slo_gate(window, rollout.stable, rollout.candidate, self.policy.slo, rollout.baseline())
         except Exception as exc:  # noqa: BLE001
             slo = GateResult("slo", "error", f"metrics unavailable: {type(exc).__name__}: {exc}")
-        return [quality, slo]
+        return [slo] if quality is None else [quality, slo]
+
+    def _quality(self, rollout: Rollout) -> GateResult:
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                futures = [pool.submit(self.prober.probe, v, self.rows, self.policy.quality)
+                           for v in (rollout.stable, rollout.candidate)]
+                stable_answers, candidate_answers = (f.result() for f in futures)
+            return quality_gate(self.task, self.rows, stable_answers, candidate_answers, self.policy.quality)
+        except Exception as exc:  # noqa: BLE001
+            return GateResult("quality", "error", f"probing failed: {type(exc).__name__}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from e2e_llm.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKETS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
+STABLE = AliasState("viggo-v1")
 
 
 # -- fakes ---------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def rows(policy):
 
 class World:
     def __init__(self, tmp_path: Path, policy, rows, task, *, kinds, errors=None, latency=None,
-                 kill_at=None, state=AliasState("viggo-v1"), rate=2.0):
+                 kill_at=None, state=STABLE, rate=2.0):
         self.tmp_path, self.policy, self.rows, self.task = tmp_path, policy, rows, task
         self.effects = Effects(kill_at)
         self.clock = FakeClock()

@@ -96,7 +96,7 @@ def test_prometheus_query_api_gives_the_same_counters():
 
 
 def test_prometheus_errors_surface():
-    fetch = lambda url, timeout: json.dumps({"status": "error", "error": "bad query"})  # noqa: E731
+    fetch = lambda url, timeout: json.dumps({"status": "error", "error": "bad query"})
     with pytest.raises(RuntimeError, match="bad query"):
         PrometheusQueryMetrics("http://prom", "viggo", fetch=fetch).snapshot()
 
@@ -117,7 +117,8 @@ class FakeCompletions:
             message = Msg()
 
         class Response:
-            choices = [Choice()]
+            def __init__(self):
+                self.choices = [Choice()]
 
         return Response()
 
@@ -126,7 +127,7 @@ def test_openai_prober_sends_each_row_to_the_version_and_keeps_failures():
     completions = FakeCompletions()
 
     class Client:
-        class chat:  # noqa: N801
+        class chat:
             pass
 
     Client.chat.completions = completions

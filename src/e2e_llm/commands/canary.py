@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prometheus-url", help="Prometheus server to query instead of scraping")
     parser.add_argument("--on-resume", choices=("continue", "rollback"), help="override the policy's on_resume")
     parser.add_argument("--status", action="store_true", help="print the latest rollout and exit")
+    engine = parser.add_argument_group("engine/infrastructure canary (new base model, vLLM or Ray version)")
+    engine.add_argument("--platform", choices=("anyscale", "k8s"),
+                        help="roll the rendered service out through the platform (Anyscale --canary-percent / "
+                             "KubeRay incremental upgrade), SLO gate only, platform rollback on failure")
+    engine.add_argument("--env", default="prod", choices=("dev", "prod"), help="deployment environment (default prod)")
+    engine.add_argument("--rev", default="HEAD~1", help="k8s: git revision `make rollback` re-applies (default HEAD~1)")
 
 
 def print_outcome(outcome, alias: str) -> None:
@@ -61,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from e2e_llm.store import StoreError
 
     config = load_profile(args.profile)
+    if args.platform:
+        return run_engine(config, args)
     try:
         controller, store = open_controller(
             config, policy_path=args.policy, alias=args.alias, base_url=args.base_url,
@@ -81,5 +89,25 @@ def run(args: argparse.Namespace) -> int:
         return 1
     rollout = controller.current()
     print(format_rollout(rollout))
+    print_outcome(outcome, controller.policy.alias)
+    return 0 if outcome.result == "promoted" else ROLLED_BACK
+
+
+def run_engine(config, args: argparse.Namespace) -> int:
+    from e2e_llm.canary import CanaryError, format_rollout
+    from e2e_llm.engine_canary import CANARY, open_engine_controller
+
+    try:
+        controller = open_engine_controller(config, platform=args.platform, env=args.env, rev=args.rev,
+                                            policy_path=args.policy, prometheus_url=args.prometheus_url)
+        if args.status:
+            rollout = controller.current()
+            print(format_rollout(rollout) if rollout else f"no rollouts recorded for {controller.policy.alias!r}")
+            return 0
+        outcome = controller.run(None if controller.current() and not controller.current().finished else CANARY)
+    except CanaryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_rollout(controller.current()))
     print_outcome(outcome, controller.policy.alias)
     return 0 if outcome.result == "promoted" else ROLLED_BACK

@@ -1,0 +1,247 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Engine/infrastructure canary: a new base model, vLLM or Ray version rolls out through the
+platform's own mechanism while our SLO gate watches it and rolls back on failure.
+
+- Anyscale: ``service deploy --canary-percent N`` (the same call with a larger N shifts
+  traffic; 100 completes it) and ``service rollback``, through the ``anyscale`` SDK.
+- KubeRay: the RayService's ``NewClusterWithIncrementalUpgrade`` strategy moves traffic on
+  the operator's own timer (``stepSizePercent`` every ``intervalSeconds``), so applying the new
+  spec starts it and nothing can set the percentage; the gate watches each window and a failure
+  runs ``make rollback TARGET=k8s`` (re-apply the previous revision's manifests).
+
+The state machine, rollout log, resume and decision table are the adapter canary's
+(:class:`e2e_llm.canary.Controller`): the platform stands behind its :class:`Router` with the
+two fixed version names ``primary`` and ``canary``, the quality gate is skipped (a platform
+canary cannot be addressed by version), and the SLO gate compares the ingress metrics grouped
+by the label that tells the two clusters apart (KubeRay: ``ray_io_cluster``, set by the
+rendered PodMonitor; the active and pending RayCluster names come from the RayService status).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from e2e_llm.canary import AliasState, VersionStats
+from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, is_error
+
+PRIMARY, CANARY = "primary", "canary"
+
+
+@dataclass(frozen=True)
+class PlatformStatus:
+    primary: str | None  # value of the metrics group label for the version serving before the rollout
+    canary: str | None  # ... and for the new version (None: no rollout in progress)
+    canary_percent: float = 0.0
+
+
+class Platform(Protocol):
+    group_label: str
+
+    def status(self) -> PlatformStatus: ...
+
+    def deploy(self, percent: int) -> None: ...
+
+    def rollback(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class PlatformRouter:
+    """:class:`e2e_llm.canary.Router` over a platform rollout (versions ``primary``/``canary``)."""
+
+    def __init__(self, platform: Platform):
+        self.platform = platform
+
+    def get(self, alias: str) -> AliasState:
+        status = self.platform.status()
+        return AliasState(PRIMARY, CANARY if status.canary else None, float(status.canary_percent))
+
+    def set(self, alias: str, state: AliasState) -> None:
+        if state.stable == CANARY:
+            self.platform.finish()
+        elif state.candidate is None:
+            self.platform.rollback()
+        else:
+            self.platform.deploy(round(state.candidate_weight))
+
+
+class GroupedMetrics:
+    """The ingress counters summed per cluster (``group_label``), named primary/canary by the
+    platform's current status. ``samples`` returns Prometheus samples (name, labels, value)."""
+
+    def __init__(self, platform: Platform, samples: Callable[[], Sequence[tuple[str, dict[str, str], float]]],
+                 count_client_errors: bool = True):
+        self.platform = platform
+        self.samples = samples
+        self.count_client_errors = count_client_errors
+
+    def snapshot(self) -> dict[str, VersionStats]:
+        status = self.platform.status()
+        names = {status.primary: PRIMARY, status.canary: CANARY}
+        out: dict[str, VersionStats] = {}
+        for name, labels, value in self.samples():
+            group = names.get(labels.get(self.platform.group_label))
+            if group is None:
+                continue
+            stats = out.setdefault(group, VersionStats())
+            if name == REQUESTS:
+                stats.requests += value
+                if is_error(labels.get("status", ""), self.count_client_errors):
+                    stats.errors += value
+            elif name == LATENCY_BUCKET:
+                le = float("inf") if labels["le"] in ("+Inf", "Inf") else float(labels["le"])
+                stats.buckets[le] = stats.buckets.get(le, 0.0) + value
+        return out
+
+
+def prometheus_samples(url: str, label: str, fetch=None) -> Callable[[], list[tuple[str, dict[str, str], float]]]:
+    """Samples of the ingress metrics per ``label`` from a Prometheus server's query API."""
+    import urllib.parse
+
+    from e2e_llm.canary_io import _get
+
+    fetch = fetch or _get
+
+    def samples() -> list[tuple[str, dict[str, str], float]]:
+        out = []
+        for name, by in ((REQUESTS, f"{label}, status"), (LATENCY_BUCKET, f"{label}, le")):
+            query = urllib.parse.urlencode({"query": f"sum by ({by}) ({name})"})
+            body = json.loads(fetch(f"{url.rstrip('/')}/api/v1/query?{query}", 10.0))
+            if body.get("status") != "success":
+                raise RuntimeError(f"prometheus query failed: {body.get('error', body)}")
+            out.extend((name, item["metric"], float(item["value"][1])) for item in body["data"]["result"])
+        return out
+
+    return samples
+
+
+# ---------------------------------------------------------------------------------------
+# Anyscale
+
+
+class AnyscalePlatform:
+    """A service rollout on Anyscale through the SDK (``sdk``: ``anyscale.service`` or a
+    ``ServiceSDK`` on the SDK's fake client in tests). Versions are told apart in the metrics by
+    ``group_label``, whose values are the service version names."""
+
+    def __init__(self, service_yaml: str | Path, name: str, *, sdk: Any = None, max_surge_percent: int | None = None,
+                 group_label: str = "service_version"):
+        from anyscale.service.models import ServiceConfig
+
+        self.config = ServiceConfig.from_yaml(str(service_yaml)).options(name=name)
+        self.name = name
+        if sdk is None:
+            import anyscale
+
+            sdk = anyscale.service
+        self.sdk = sdk
+        self.max_surge_percent = max_surge_percent
+        self.group_label = group_label
+
+    def status(self) -> PlatformStatus:
+        status = self.sdk.status(name=self.name)
+        primary, canary = status.primary_version, status.canary_version
+        return PlatformStatus(primary.name if primary else None, canary.name if canary else None,
+                              float(canary.weight) if canary else 0.0)
+
+    def deploy(self, percent: int) -> None:
+        self.sdk.deploy(self.config, canary_percent=percent, max_surge_percent=self.max_surge_percent)
+
+    def rollback(self) -> None:
+        self.sdk.rollback(name=self.name, max_surge_percent=self.max_surge_percent)
+
+    def finish(self) -> None:
+        self.deploy(100)
+
+
+# ---------------------------------------------------------------------------------------
+# KubeRay
+
+
+class KubeRayPlatform:
+    """A RayService incremental upgrade. ``run`` executes a command list (subprocess.run in
+    real use; a recorder in tests)."""
+
+    group_label = "ray_io_cluster"
+
+    def __init__(self, *, name: str, namespace: str, env: str = "prod", rev: str = "HEAD~1",
+                 kubectl: str = "kubectl", make: str = "make",
+                 run: Callable[[list[str]], subprocess.CompletedProcess] | None = None):
+        self.name, self.namespace, self.env, self.rev = name, namespace, env, rev
+        self.kubectl, self.make = kubectl, make
+        self.run = run or (lambda cmd: subprocess.run(cmd, check=True, capture_output=True, text=True))
+
+    def commands(self) -> dict[str, list[str]]:
+        return {
+            "status": [self.kubectl, "get", "rayservice", self.name, "-n", self.namespace, "-o", "json"],
+            "deploy": [self.make, "deploy-service", "TARGET=k8s", f"ENV={self.env}"],
+            "rollback": [self.make, "rollback", "TARGET=k8s", f"ENV={self.env}", f"REV={self.rev}"],
+        }
+
+    def status(self) -> PlatformStatus:
+        data = json.loads(self.run(self.commands()["status"]).stdout)
+        status = data.get("status") or {}
+        active = status.get("activeServiceStatus") or {}
+        pending = status.get("pendingServiceStatus") or {}
+        return PlatformStatus(active.get("rayClusterName") or None, pending.get("rayClusterName") or None,
+                              float(pending.get("trafficRoutedPercent") or 0))
+
+    def deploy(self, percent: int) -> None:
+        # The operator moves traffic itself; the new spec is applied once, when no upgrade runs.
+        if self.status().canary is None:
+            self.run(self.commands()["deploy"])
+
+    def rollback(self) -> None:
+        self.run(self.commands()["rollback"])
+
+    def finish(self) -> None:
+        """Nothing to do: the operator completes the upgrade at 100%."""
+
+
+# ---------------------------------------------------------------------------------------
+# Wiring for `e2e-llm canary --platform anyscale|k8s`
+
+
+def platform_steps(steps: list[int], platform: str) -> list[int]:
+    """Anyscale completes a rollout (and drops the old version) at 100%, after which it cannot
+    roll back: the gated steps stop below 100 and promotion is the deploy at 100."""
+    if platform == "anyscale":
+        return [s for s in steps if s < 100] or [50]
+    return steps
+
+
+def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~1", policy_path: str | None = None,
+                           prometheus_url: str | None = None, platform_impl: Platform | None = None, out=print):
+    """The canary :class:`~e2e_llm.canary.Controller` driving a platform rollout of the rendered
+    service (``services/llm.yaml`` / the RayService of ``configs/deploy.yaml``), SLO gate only.
+    Its log is ``<adapter store>/rollouts-<service>-<env>-<platform>.jsonl``."""
+    from e2e_llm.canary import Controller, RolloutLog, load_policy
+    from e2e_llm.canary_io import rollout_log_uri
+    from e2e_llm.config import ConfigError
+    from e2e_llm.deploy import load_deploy
+    from e2e_llm.store import AdapterStore
+
+    deploy = load_deploy(root=config.root)
+    name = f"{deploy.name}-{env}"
+    policy = load_policy(config.path(policy_path or config.canary.policy))
+    policy = policy.model_copy(update={"alias": f"{name}-{platform}", "steps": platform_steps(policy.steps, platform)})
+    if platform_impl is None:
+        if platform == "anyscale":
+            platform_impl = AnyscalePlatform(config.root / "services" / "llm.yaml", name)
+        elif platform == "k8s":
+            platform_impl = KubeRayPlatform(name=deploy.name, namespace=name, env=env, rev=rev)
+        else:
+            raise ConfigError(f"unknown platform {platform!r} (anyscale or k8s)")
+    url = prometheus_url or config.canary.prometheus_url
+    if not url:
+        raise ConfigError(f"{config.source_file}: canary.prometheus_url is needed to watch a platform canary")
+    metrics = GroupedMetrics(platform_impl, prometheus_samples(url, platform_impl.group_label),
+                             policy.slo.count_client_errors)
+    store = AdapterStore.from_config(config)
+    return Controller(policy=policy, task=None, canary_rows=[], log=RolloutLog(rollout_log_uri(store, policy.alias)),
+                      router=PlatformRouter(platform_impl), prober=None, metrics=metrics, out=out)

@@ -1,0 +1,285 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Engine/infrastructure canary, offline: the Anyscale rollout through the SDK on its fake
+client, the KubeRay incremental upgrade through recorded kubectl/make commands, the SLO gate
+over per-cluster metrics, and the rendered RayService/PodMonitor fields the gate relies on."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e_llm.canary import Controller, RolloutLog, load_policy
+from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS
+from e2e_llm.engine_canary import (
+    CANARY,
+    AnyscalePlatform,
+    GroupedMetrics,
+    KubeRayPlatform,
+    PlatformRouter,
+    PlatformStatus,
+    open_engine_controller,
+    platform_steps,
+    prometheus_samples,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE = "e2e-llm-prod"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 5_000.0
+
+    def now(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += max(s, 0)
+
+
+class Traffic:
+    """Cumulative per-cluster samples: ``rate`` req/s split by the platform's canary percent."""
+
+    def __init__(self, platform, clock, *, canary_errors=0.0, rate=4.0):
+        self.platform, self.clock, self.rate, self.canary_errors = platform, clock, rate, canary_errors
+        self.counts: dict[tuple[str, str], float] = {}
+        self.last = clock.now()
+
+    def samples(self):
+        elapsed, self.last = self.clock.now() - self.last, self.clock.now()
+        status = self.platform.status()
+        share = status.canary_percent / 100 if status.canary else 0.0
+        for group, n, err in ((status.primary, elapsed * self.rate * (1 - share), 0.0),
+                              (status.canary, elapsed * self.rate * share, self.canary_errors)):
+            if group:
+                self.counts[(group, "200")] = self.counts.get((group, "200"), 0) + n * (1 - err)
+                self.counts[(group, "500")] = self.counts.get((group, "500"), 0) + n * err
+        label = self.platform.group_label
+        out = [(REQUESTS, {label: g, "status": s}, v) for (g, s), v in self.counts.items()]
+        for group in {g for g, _ in self.counts}:
+            total = sum(v for (g, _), v in self.counts.items() if g == group)
+            out += [(LATENCY_BUCKET, {label: group, "le": "1.0"}, total), (LATENCY_BUCKET, {label: group, "le": "+Inf"},
+                                                                           total)]
+        return out
+
+
+@pytest.fixture
+def policy():
+    base = load_policy(ROOT / "configs/canary.yaml")
+    return base.model_copy(update={"alias": f"{SERVICE}-test", "steps": [10, 50, 100], "step_window_s": 60.0,
+                                   "slo": base.slo.model_copy(update={"min_requests": 5})})
+
+
+def controller(tmp_path, policy, platform, traffic, clock) -> Controller:
+    return Controller(policy=policy, task=None, canary_rows=[], log=RolloutLog(str(tmp_path / "log.jsonl")),
+                      router=PlatformRouter(platform), prober=None, metrics=GroupedMetrics(platform, traffic.samples),
+                      clock=clock, out=lambda s: None)
+
+
+# -- Anyscale through the SDK's fake client -------------------------------------------------
+
+
+@pytest.fixture
+def anyscale_fake():
+    """The SDK's FakeAnyscaleClient, taught what the real backend does with canary_percent:
+    a rollout of a new version onto a running service keeps the old one as primary until 100."""
+    from anyscale._private.anyscale_client.fake_anyscale_client import FakeAnyscaleClient
+    from anyscale.service import ServiceSDK
+
+    class CanaryFake(FakeAnyscaleClient):
+        def __init__(self):
+            super().__init__()
+            self.rollouts: list[int | None] = []
+            self.rollbacks: list[str] = []
+
+        def rollout_service(self, model):
+            existing = self.get_service(model.name)
+            self.rollouts.append(model.canary_percent)
+            if existing is None or existing.primary_version is None:
+                return super().rollout_service(model)
+            old_primary = existing.primary_version
+            service = super().rollout_service(model)
+            new = service.primary_version
+            if model.canary_percent is not None and model.canary_percent < 100:
+                if existing.canary_version is not None and existing.canary_version.version == model.version:
+                    new = existing.canary_version
+                new.weight = model.canary_percent
+                old_primary.weight = 100 - model.canary_percent
+                service.primary_version, service.canary_version = old_primary, new
+                service.versions = [old_primary, new]
+            else:
+                service.canary_version = None
+            self.update_service(service)
+            return service
+
+        def rollback_service(self, service_id, *, max_surge_percent=None):
+            super().rollback_service(service_id, max_surge_percent=max_surge_percent)
+            self.rollbacks.append(service_id)
+            service = self._services[service_id]
+            service.primary_version.weight = 100
+            service.canary_version = None
+            service.versions = [service.primary_version]
+
+    fake = CanaryFake()
+    sdk = ServiceSDK(client=fake)
+    from anyscale.service.models import ServiceConfig
+
+    running = ServiceConfig.from_yaml(str(ROOT / "services/llm.yaml")).options(name=SERVICE, env_vars={"REV": "old"})
+    sdk.deploy(running)  # the service as it runs today
+    fake.rollouts.clear()
+    return fake, sdk
+
+
+def test_anyscale_engine_canary_steps_canary_percent_and_completes(tmp_path, policy, anyscale_fake):
+    fake, sdk = anyscale_fake
+    platform = AnyscalePlatform(ROOT / "services/llm.yaml", SERVICE, sdk=sdk)
+    before = platform.status()
+    clock = Clock()
+    traffic = Traffic(platform, clock)
+    # Anyscale finishes (and drops the old version) at 100%: the gated steps stop below it.
+    policy = policy.model_copy(update={"steps": platform_steps(policy.steps, "anyscale")})
+    assert policy.steps == [10, 50]
+    outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
+    assert outcome.result == "promoted"
+    assert fake.rollouts == [10, 50, 100]
+    assert fake.rollbacks == []
+    after = platform.status()
+    assert after.canary is None and after.primary != before.primary
+    # the rollout went through the rendered service config
+    assert fake.rolled_out_model.name == SERVICE
+
+
+def test_anyscale_engine_canary_with_errors_is_rolled_back_through_the_sdk(tmp_path, policy, anyscale_fake):
+    fake, sdk = anyscale_fake
+    platform = AnyscalePlatform(ROOT / "services/llm.yaml", SERVICE, sdk=sdk)
+    primary = platform.status().primary
+    clock = Clock()
+    traffic = Traffic(platform, clock, canary_errors=0.2)
+    ctl = controller(tmp_path, policy, platform, traffic, clock)
+    outcome = ctl.run(CANARY)
+    assert outcome.result == "rolled_back"
+    assert fake.rollouts == [10]
+    assert fake.rollbacks == [sdk.status(name=SERVICE).id]
+    assert fake.rolled_back_service == (sdk.status(name=SERVICE).id, None)
+    assert platform.status() == PlatformStatus(primary, None, 0.0)
+    gate = next(r for r in RolloutLog(str(tmp_path / "log.jsonl")).read() if r["event"] == "gate")
+    assert [g["gate"] for g in gate["results"]] == ["slo"]  # no quality gate for a platform canary
+    assert "error rate 20.0% vs stable 0.0%" in gate["reason"]
+
+
+# -- KubeRay incremental upgrade --------------------------------------------------------------
+
+
+class FakeKube:
+    """Records commands; the RayService status follows them (the operator steps 10%/window)."""
+
+    def __init__(self):
+        self.commands: list[list[str]] = []
+        self.pending: str | None = None
+        self.percent = 0
+
+    def run(self, cmd):
+        self.commands.append(cmd)
+        if cmd[:2] == ["kubectl", "get"]:
+            status = {"activeServiceStatus": {"rayClusterName": "e2e-llm-aaaaa", "trafficRoutedPercent": 100 - self.percent}}
+            if self.pending:
+                status["pendingServiceStatus"] = {"rayClusterName": self.pending, "trafficRoutedPercent": self.percent}
+            return subprocess.CompletedProcess(cmd, 0, json.dumps({"status": status}), "")
+        if cmd[1] == "deploy-service":
+            self.pending, self.percent = "e2e-llm-bbbbb", 10
+        elif cmd[1] == "rollback":
+            self.pending, self.percent = None, 0
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_kuberay_canary_applies_once_and_rolls_back_with_make_rollback(tmp_path, policy):
+    kube = FakeKube()
+    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, env="prod", rev="abc123", run=kube.run)
+    clock = Clock()
+    traffic = Traffic(platform, clock, canary_errors=0.5)
+    outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
+    assert outcome.result == "rolled_back"
+    changes = [c for c in kube.commands if c[0] == "make"]
+    assert changes == [["make", "deploy-service", "TARGET=k8s", "ENV=prod"],
+                       ["make", "rollback", "TARGET=k8s", "ENV=prod", "REV=abc123"]]
+    assert ["kubectl", "get", "rayservice", "e2e-llm", "-n", SERVICE, "-o", "json"] in kube.commands
+
+
+def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
+    kube = FakeKube()
+    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, run=kube.run)
+    clock = Clock()
+
+    def operator_steps():  # the operator moves 10% -> 50% -> 100% on its own timer
+        kube.percent = min(100, kube.percent + 40) if kube.pending else 0
+        return traffic_samples()
+
+    traffic = Traffic(platform, clock)
+    traffic_samples = traffic.samples
+    traffic.samples = operator_steps
+    outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
+    assert outcome.result == "promoted"
+    assert [c for c in kube.commands if c[0] == "make"] == [["make", "deploy-service", "TARGET=k8s", "ENV=prod"]]
+
+
+def test_make_rollback_for_k8s_reapplies_the_previous_revision():
+    """The command the gate runs on failure: what `make rollback TARGET=k8s` executes."""
+    result = subprocess.run(["make", "-n", "rollback", "TARGET=k8s", "ENV=prod", "REV=abc123"], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "git archive abc123 k8s" in result.stdout
+    assert "apply --server-side -k .cache/rollback/k8s/overlays/prod" in result.stdout
+    anyscale = subprocess.run(["make", "-n", "rollback", "TARGET=anyscale", "ENV=prod"], cwd=ROOT,
+                              capture_output=True, text=True, check=False)
+    assert f"service rollback -n {SERVICE}" in anyscale.stdout
+
+
+def test_rendered_rayservice_upgrades_incrementally_and_pods_carry_the_gate_label():
+    docs = {}
+    for rel in ("k8s/components/canary/upgrade-strategy.yaml", "k8s/components/monitoring/podmonitor.yaml"):
+        docs[rel] = yaml.safe_load((ROOT / rel).read_text())
+    spec = docs["k8s/components/canary/upgrade-strategy.yaml"]["spec"]
+    assert spec["upgradeStrategy"]["type"] == "NewClusterWithIncrementalUpgrade"
+    options = spec["upgradeStrategy"]["clusterUpgradeOptions"]
+    assert 0 < options["stepSizePercent"] <= options["maxSurgePercent"]
+    assert options["intervalSeconds"] > 0 and options["gatewayClassName"]
+    assert spec["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    relabel = docs["k8s/components/monitoring/podmonitor.yaml"]["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+            "targetLabel": KubeRayPlatform.group_label} in relabel
+    prod = (ROOT / "k8s/overlays/prod/kustomization.yaml").read_text()
+    assert "../../components/canary" in prod
+
+
+def test_per_cluster_metrics_come_from_the_prometheus_query_api():
+    def fetch(url, timeout):
+        assert "sum+by+%28ray_io_cluster" in url
+        metric = {"ray_io_cluster": "c1", "status": "200"} if "requests" in url else {"ray_io_cluster": "c1", "le": "+Inf"}
+        return json.dumps({"status": "success", "data": {"result": [{"metric": metric, "value": [0, "7"]}]}})
+
+    class P:
+        group_label = "ray_io_cluster"
+
+        def status(self):
+            return PlatformStatus("c1", None, 0.0)
+
+    stats = GroupedMetrics(P(), prometheus_samples("http://prom:9090", "ray_io_cluster", fetch)).snapshot()
+    assert stats["primary"].requests == 7 and stats["primary"].buckets == {math.inf: 7.0}
+
+
+def test_engine_controller_from_the_cluster_profile(tmp_path, project_root):
+    from e2e_llm.config import load_profile
+
+    config = load_profile("cluster", root=project_root)
+    config.storage.adapters = str(tmp_path / "store")
+    kube = FakeKube()
+    ctl = open_engine_controller(config, platform="k8s", env="prod",
+                                 platform_impl=KubeRayPlatform(name="e2e-llm", namespace=SERVICE, run=kube.run))
+    assert ctl.policy.alias == "e2e-llm-prod-k8s"
+    assert ctl.log.uri.endswith("rollouts-e2e-llm-prod-k8s.jsonl")
+    assert ctl.prober is None
