@@ -85,8 +85,13 @@ CANARY_PERCENT ?=
 # make logs: which stage's logs; make rollback TARGET=k8s: the git revision to roll back to.
 STAGE ?= train
 REV ?= HEAD~1
-ifeq ($(filter $(TARGET),anyscale k8s),)
-$(error TARGET must be anyscale or k8s (got '$(TARGET)'))
+ifeq ($(filter $(TARGET),anyscale k8s adapter),)
+$(error TARGET must be anyscale or k8s (or adapter for make rollback) (got '$(TARGET)'))
+endif
+ifeq ($(TARGET),adapter)
+ifneq ($(filter-out rollback,$(MAKECMDGOALS)),)
+$(error TARGET=adapter applies to make rollback only)
+endif
 endif
 ifeq ($(filter $(ENV),dev prod),)
 $(error ENV must be dev or prod (got '$(ENV)'))
@@ -153,13 +158,17 @@ else
 	$(KUBECTL) apply --server-side -k $(OVERLAY) -l '$(COMPONENT) in (shared,serve,monitoring)'
 endif
 
-rollback: env-serve ## Roll the service back (Anyscale: cancel the rollout; k8s: re-apply REV's manifests).
+rollback: env-serve ## Roll back (adapter: the alias's canary/last promotion; anyscale: the rollout; k8s: re-apply REV).
+ifeq ($(TARGET),adapter)
+	$(SERVE_CLI) rollback --profile $(PROFILE) $(if $(ALIAS),--alias $(ALIAS))
+else
 	$(PREFLIGHT) service
 ifeq ($(TARGET),anyscale)
 	$(ANYSCALE) service rollback -n $(DEPLOY_NAME)-$(ENV)
 else
 	rm -rf .cache/rollback && mkdir -p .cache/rollback && git archive $(REV) k8s | tar -x -C .cache/rollback
 	$(KUBECTL) apply --server-side -k .cache/rollback/$(OVERLAY) -l '$(COMPONENT) in (serve)'
+endif
 endif
 
 status: env-serve ## Show the service and job states on TARGET.
@@ -189,6 +198,26 @@ ifeq ($(TARGET),anyscale)
 else
 	$(KUBECTL) delete -k $(OVERLAY) -l '$(COMPONENT) in (train,batch,serve,monitoring)' --ignore-not-found
 endif
+
+##@ Canary (quality-gated adapter rollouts; policy: configs/canary.yaml)
+
+# make canary ADAPTER=<published version | trained adapter folder | run id | latest>: publish if
+# needed, step the alias weight, gate every step on quality + SLOs, roll back or promote. Rerun
+# with the same ADAPTER after an interruption to continue. Exit 3 means rolled back.
+.PHONY: canary canary-status promote canary-engine
+canary: env-serve ## Roll ADAPTER out behind the alias with quality/SLO gates (auto-rollback).
+	$(if $(filter command line environment,$(origin ADAPTER)),,$(error ADAPTER is required: make canary ADAPTER=<version|path|latest>))
+	$(SERVE_CLI) canary --profile $(PROFILE) --adapter $(ADAPTER) $(if $(ALIAS),--alias $(ALIAS))
+
+canary-status: env-serve ## Print the alias's latest rollout and its decision table.
+	$(SERVE_CLI) canary --profile $(PROFILE) --status $(if $(ALIAS),--alias $(ALIAS))
+
+promote: env-serve ## Promote the unfinished canary's candidate to stable now (skips the remaining gates).
+	$(SERVE_CLI) promote --profile $(PROFILE) $(if $(ALIAS),--alias $(ALIAS))
+
+canary-engine: env-serve ## Engine canary on TARGET/ENV: platform rollout of the rendered service, SLO-gated.
+	$(PREFLIGHT) service
+	$(SERVE_CLI) canary --profile $(shell sed -n 's/^profile: *//p' configs/deploy.yaml) --platform $(TARGET) --env $(ENV) --rev $(REV)
 
 ##@ Development
 
