@@ -4,7 +4,7 @@
 Every stage reads and writes artifacts through these helpers, so the same code runs against
 a local folder on a laptop, an S3-compatible server on loopback in tests, and a bucket on a
 cluster. S3 endpoint and region come from the profile (``storage.endpoint_url``) or the
-standard ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` variables.
+standard ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` variables, which take precedence.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def filesystem(uri: str, endpoint_url: str | None = None, region: str | None = N
     if scheme == "file":
         return fs.LocalFileSystem(), path
     if scheme == "s3":
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # The environment wins over the profile: tests and local servers pick their own port.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or endpoint_url
         kwargs: dict[str, Any] = {"region": region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
         if endpoint:
             scheme_part, _, host = endpoint.partition("://")
