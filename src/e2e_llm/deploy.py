@@ -139,7 +139,7 @@ class Secrets(Strict):
 
 
 class JobStage(Strict):
-    args: list[str] = []
+    args: list[str] = Field(default_factory=list)
 
 
 class Jobs(Strict):
@@ -179,7 +179,7 @@ class DeployConfig(Strict):
     profile: str
     name: str
     images: Images
-    accelerators: dict[str, Accelerator] = {}
+    accelerators: dict[str, Accelerator] = Field(default_factory=dict)
     compute: Compute
     storage: Storage
     secrets: Secrets

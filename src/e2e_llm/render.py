@@ -43,7 +43,7 @@ RENDERED_DIRS = ("jobs", "services", "k8s/base", "k8s/components")
 
 
 class _Dumper(yaml.SafeDumper):
-    def increase_indent(self, flow: bool = False, indentless: bool = False):  # noqa: D401
+    def increase_indent(self, flow: bool = False, indentless: bool = False):
         # Indent sequences under their key (yamllint `indent-sequences: consistent`).
         return super().increase_indent(flow, False)
 
@@ -398,8 +398,8 @@ def render_files(deploy: DeployConfig) -> dict[str, str]:
         "rayjob-batch.yaml": (rayjob(deploy, config, "batch"),
                               "RayJob: batch evaluation. Usage: make batch TARGET=k8s"),
         "rayservice-llm.yaml": (rayservice(deploy, config),
-                                "RayService: OpenAI-compatible LLM + LoRA adapters. "
-                                "Usage: make deploy-service TARGET=k8s"),
+                                ("RayService: OpenAI-compatible LLM + LoRA adapters. "
+                                "Usage: make deploy-service TARGET=k8s")),
     }
     for name, (doc, purpose) in base.items():
         files[f"k8s/base/{name}"] = document(doc, purpose)

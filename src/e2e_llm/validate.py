@@ -29,8 +29,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -94,7 +95,7 @@ def lint_yaml(paths: Iterable[Path], config_file: Path) -> list[str]:
 
 
 def kustomize_build(overlay: Path) -> list[dict[str, Any]]:
-    result = subprocess.run([_bin("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True)
+    result = subprocess.run([_bin("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ValueError(f"{overlay}: kubectl kustomize failed: {result.stderr.strip()}")
     return [d for d in yaml.safe_load_all(result.stdout) if d]
@@ -129,7 +130,7 @@ def strict_schema(node: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schema(crd_dir: Path, kind: str, version: str = "v1") -> dict[str, Any]:
     crd = yaml.safe_load((crd_dir / CRD_FILES[kind]).read_text(encoding="utf-8"))
     for v in crd["spec"]["versions"]:
@@ -176,7 +177,7 @@ def check_cel(doc: dict[str, Any], crd_dir: Path) -> list[str]:
             try:
                 result = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)})
                 ok = bool(result) if not isinstance(result, Exception) else False
-            except Exception as exc:  # an evaluation error rejects the object, as in the API server
+            except Exception as exc:  # noqa: BLE001  an evaluation error rejects the object, as the API server does
                 ok, rule = False, {**rule, "message": f"{rule.get('message', rule['rule'])} ({exc})"}
             if not ok:
                 problems.append(f"{_name(doc)}: {_fmt(path)}: {rule.get('message', rule['rule'])}")
@@ -203,6 +204,11 @@ def _version_tuple(text: str) -> tuple[int, ...] | None:
     return tuple(int(x) for x in m.groups()) if m else None
 
 
+def _int(value: Any, default: int | None = None) -> int | None:
+    """An integer field's value for rule checks; wrong types are the schema check's to report."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 def _cluster_rules(name: str, spec: dict[str, Any], where: str) -> list[str]:
     problems = []
     head = spec.get("headGroupSpec") or {}
@@ -218,7 +224,8 @@ def _cluster_rules(name: str, spec: dict[str, Any], where: str) -> list[str]:
         if not ((group.get("template") or {}).get("spec") or {}).get("containers"):
             problems.append(f"{name}: {where}.workerGroupSpecs[{i}].template.spec.containers: "
                             "at least one container is required")
-        lo, hi, n = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1), group.get("replicas")
+        lo, hi = _int(group.get("minReplicas"), 0), _int(group.get("maxReplicas"), 2**31 - 1)
+        n = _int(group.get("replicas"))
         if lo > hi:
             problems.append(f"{name}: {where}.workerGroupSpecs[{i}].minReplicas: {lo} > maxReplicas {hi}")
         if n is not None and not lo <= n <= hi:
@@ -252,19 +259,21 @@ def check_operator_rules(doc: dict[str, Any]) -> list[str]:
         if mode not in SUBMISSION_MODES:
             problems.append(f"{name}: spec.submissionMode: {mode!r} is not one of {', '.join(SUBMISSION_MODES)}")
         shutdown = spec.get("shutdownAfterJobFinishes", False)
-        if spec.get("ttlSecondsAfterFinished", 0) > 0 and not shutdown:
+        ttl = _int(spec.get("ttlSecondsAfterFinished"), 0)
+        backoff = _int(spec.get("backoffLimit"), 0)
+        if ttl > 0 and not shutdown:
             problems.append(f"{name}: spec.ttlSecondsAfterFinished: only valid with shutdownAfterJobFinishes: true")
-        if spec.get("ttlSecondsAfterFinished", 0) < 0:
+        if ttl < 0:
             problems.append(f"{name}: spec.ttlSecondsAfterFinished: must be non-negative")
         if spec.get("suspend") and not shutdown:
             problems.append(f"{name}: spec.suspend: a RayJob with shutdownAfterJobFinishes false cannot be suspended")
         if not spec.get("rayClusterSpec") and not spec.get("clusterSelector"):
             problems.append(f"{name}: spec.rayClusterSpec: one of rayClusterSpec or clusterSelector must be set")
-        if mode == "InteractiveMode" and spec.get("backoffLimit", 0) > 0:
+        if mode == "InteractiveMode" and backoff > 0:
             problems.append(f"{name}: spec.backoffLimit: incompatible with InteractiveMode")
-        if spec.get("backoffLimit", 0) < 0:
+        if backoff < 0:
             problems.append(f"{name}: spec.backoffLimit: must be non-negative")
-        if "activeDeadlineSeconds" in spec and spec["activeDeadlineSeconds"] <= 0:
+        if _int(spec.get("activeDeadlineSeconds"), 1) <= 0:
             problems.append(f"{name}: spec.activeDeadlineSeconds: must be a positive integer")
         if mode == "SidecarMode" and (spec.get("submitterPodTemplate") or spec.get("submitterConfig")):
             problems.append(f"{name}: spec.submissionMode: SidecarMode supports no submitterPodTemplate/Config")
@@ -287,7 +296,7 @@ def check_operator_rules(doc: dict[str, Any]) -> list[str]:
         utype = strategy.get("type")
         if utype is not None and utype not in UPGRADE_TYPES:
             problems.append(f"{name}: spec.upgradeStrategy.type: {utype!r} is not one of {', '.join(UPGRADE_TYPES)}")
-        if spec.get("rayClusterDeletionDelaySeconds", 0) < 0:
+        if _int(spec.get("rayClusterDeletionDelaySeconds"), 0) < 0:
             problems.append(f"{name}: spec.rayClusterDeletionDelaySeconds: must be non-negative")
         if utype == "NewClusterWithIncrementalUpgrade":
             problems += _incremental_upgrade_rules(name, cluster, strategy.get("clusterUpgradeOptions"))
@@ -304,8 +313,8 @@ def _incremental_upgrade_rules(name: str, cluster: dict[str, Any], options: dict
                         "NewClusterWithIncrementalUpgrade (the Ray autoscaler is required)")
     if not options:
         return [*problems, f"{name}: {where}: required for NewClusterWithIncrementalUpgrade"]
-    surge = options.get("maxSurgePercent", 100)
-    step = options.get("stepSizePercent")
+    surge = _int(options.get("maxSurgePercent"), 100)
+    step = _int(options.get("stepSizePercent"))
     if not 0 <= surge <= 100:
         problems.append(f"{name}: {where}.maxSurgePercent: must be between 0 and 100")
     if step is None or not 0 <= step <= 100:
@@ -313,7 +322,7 @@ def _incremental_upgrade_rules(name: str, cluster: dict[str, Any], options: dict
     elif step > surge:
         problems.append(f"{name}: {where}.stepSizePercent: {step} exceeds maxSurgePercent {surge} (a step cannot "
                         "move more traffic than the surge capacity)")
-    if not options.get("intervalSeconds") or options["intervalSeconds"] <= 0:
+    if _int(options.get("intervalSeconds"), 0) <= 0:
         problems.append(f"{name}: {where}.intervalSeconds: required, greater than 0")
     if not options.get("gatewayClassName"):
         problems.append(f"{name}: {where}.gatewayClassName: required for NewClusterWithIncrementalUpgrade")
@@ -345,7 +354,7 @@ def check_applications(applications: list[dict[str, Any]], where: str) -> list[s
                 from ray.serve.llm import LLMConfig
 
                 LLMConfig.model_validate(llm)
-            except Exception as exc:  # pydantic ValidationError names the field
+            except Exception as exc:  # noqa: BLE001  pydantic ValidationError (or ImportError) names the field
                 problems.append(f"{at}.args.llm_configs[{j}]: {exc}")
     return problems
 
@@ -431,19 +440,37 @@ def check_anyscale(path: Path) -> list[str]:
     model = ServiceConfig if "applications" in data else JobConfig
     try:
         config = model.from_dict(data)
-    except Exception as exc:  # the SDK raises TypeError/ValueError naming the field
-        return [f"{path}: {model.__name__}: {exc}"]
+    except Exception as exc:  # noqa: BLE001  TypeError/ValueError; not every message names its field
+        return [f"{path}: {model.__name__}.{_anyscale_field(model, data, exc)}: {exc}"]
     if model is ServiceConfig:
         return check_applications([dict(a) for a in config.applications], str(path))
     return []
+
+
+def _anyscale_field(model: Any, data: dict[str, Any], exc: Exception) -> str:
+    """The key of ``data`` the SDK rejected: named in the message, or the first key that
+    fails on its own next to a minimal valid config."""
+    unknown = [k for k in data if k not in getattr(model, "__dataclass_fields__", {})]
+    if unknown:
+        return unknown[0]
+    named = [k for k in data if f"'{k}'" in str(exc)]
+    if named:
+        return named[0]
+    minimal = {"applications": [{"import_path": "m:f"}]} if "applications" in data else {"entrypoint": "true"}
+    for key, value in data.items():
+        try:
+            model.from_dict({**minimal, key: value})
+        except Exception:  # noqa: BLE001  any rejection points at this key
+            return key
+    return "<config>"
 
 
 # ---------------------------------------------------------------------------------------
 # 7. secrets, placeholders, pins
 
 
-SECRET_VALUE_KEYS = re.compile(r"(token|password|secret|api[_-]?key|access[_-]?key)", re.I)
-PLACEHOLDER = re.compile(r"(CHANGE[_ -]?ME|REPLACE[_ -]?(ME|WITH)|<your[^>]*>|xxxx+|\bTODO\b|\bFIXME\b|\bdummy\b)", re.I)
+SECRET_VALUE_KEYS = re.compile(r"(token|password|secret|api[_-]?key|access[_-]?key)", re.IGNORECASE)
+PLACEHOLDER = re.compile(r"(CHANGE[_ -]?ME|REPLACE[_ -]?(ME|WITH)|<your[^>]*>|xxxx+|\bTODO\b|\bFIXME\b|\bdummy\b)", re.IGNORECASE)
 TOKEN_SHAPES = re.compile(r"(hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,})")
 LATEST = re.compile(r":latest\b")
 URL = re.compile(r"(?:git\+)?https?://[^\s'\"]+")
@@ -530,12 +557,12 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) 
 
     text = path.read_text(encoding="utf-8")
     problems = []
-    result = subprocess.run([_bin("hadolint"), "--no-color", "-"], input=text, capture_output=True, text=True)
+    result = subprocess.run([_bin("hadolint"), "--no-color", "-"], input=text, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         problems += [f"{path}: hadolint: {line.removeprefix('-:')}" for line in result.stdout.splitlines() if line]
     parser = DockerfileParser(fileobj=io.BytesIO(text.encode()))
     base = parser.baseimage or ""
-    repo, _, tag = base.partition(":")
+    tag = base.rsplit("/", 1)[-1].partition(":")[2]
     pins = _lock_pins(lock)
     if not tag or tag == "latest":
         problems.append(f"{path}: FROM {base}: base image tag must be pinned")

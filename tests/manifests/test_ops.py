@@ -1,0 +1,164 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Deploy operations without a cluster: Makefile guards, the image builder's engine
+detection, preflight messages for missing credentials/cluster, and the GitOps workflows."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from e2e_llm import cli
+
+BIN = Path(sys.executable).parent
+
+
+def _make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True, check=False,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "TARGET=gke"], "TARGET must be anyscale or k8s"),
+    (["status", "ENV=staging"], "ENV must be dev or prod (got 'staging')"),
+    (["deploy-service", "TARGET=k8s", "CANARY_PERCENT=10"], "CANARY_PERCENT is for TARGET=anyscale"),
+    (["deploy-service", "CANARY_PERCENT=150"], "CANARY_PERCENT must be an integer from 0 to 100 (got '150')"),
+    (["logs", "STAGE=eval"], "STAGE must be train, batch or serve (got 'eval')"),
+    (["image"], "IMAGE must be train, serve or serve-cpu (got '')"),
+])
+def test_makefile_guards_stop_before_running_anything(args, message):
+    result = _make(*args)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "TARGET=k8s", "ENV=prod"],
+     "kubectl apply --server-side -k k8s/overlays/prod -l 'app.kubernetes.io/component in (shared,train)'"),
+    (["deploy-service", "TARGET=anyscale", "ENV=prod", "CANARY_PERCENT=10"],
+     "anyscale service deploy -f services/llm.yaml --name e2e-llm-prod"),
+    (["rollback", "TARGET=anyscale", "ENV=prod"], "anyscale service rollback -n e2e-llm-prod"),
+    (["batch", "TARGET=anyscale"], "anyscale job submit -f jobs/batch.yaml --name e2e-llm-batch-dev"),
+    (["status", "TARGET=k8s"], "kubectl get rayjob,rayservice,raycluster -n e2e-llm-dev"),
+    (["down", "TARGET=k8s", "ENV=prod"], "kubectl delete -k k8s/overlays/prod"),
+])
+def test_deploy_targets_run_preflight_then_the_documented_command(args, expected):
+    result = _make("-n", *args)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "e2e-llm preflight" in line or expected in line]
+    assert "preflight --target" in lines[0] and any(expected in line for line in lines[1:]), result.stdout
+    assert "--canary-percent 10" in result.stdout or "CANARY_PERCENT" not in " ".join(args)
+
+
+def _fake_engine(tmp_path: Path, name: str, info_exit: int) -> Path:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    script = bindir / name
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/{name}.calls\n"
+                      f"[ \"$1\" = info ] && exit {info_exit}\nexit 0\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return bindir
+
+
+def test_image_without_any_engine_says_so_and_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither docker nor podman
+    monkeypatch.setenv("E2E_LLM_ROOT", str(ROOT))
+    assert cli.main(["image", "--name", "serve-cpu"]) == 3
+    err = capsys.readouterr().err
+    assert "no container engine answers" in err and "docker: not installed" in err and "podman: not installed" in err
+
+
+def test_image_skips_a_client_whose_daemon_does_not_answer(tmp_path, monkeypatch, capsys):
+    bindir = _fake_engine(tmp_path, "docker", info_exit=1)
+    _fake_engine(tmp_path, "podman", info_exit=0)
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setenv("E2E_LLM_ROOT", str(ROOT))
+    assert cli.main(["image", "--name", "serve-cpu", "--push"]) == 0
+    assert "build" not in (tmp_path / "docker.calls").read_text()
+    calls = (tmp_path / "podman.calls").read_text().splitlines()
+    assert calls == ["info",
+                     "build -f images/serve/Containerfile.cpu -t ghcr.io/e2e-llm/e2e-llm-serve:2.60.0-py311-cpu-0.1.0 .",
+                     "push ghcr.io/e2e-llm/e2e-llm-serve:2.60.0-py311-cpu-0.1.0"]
+
+
+def test_preflight_anyscale_names_the_missing_credentials(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("E2E_LLM_ROOT", str(ROOT))
+    monkeypatch.delenv("ANYSCALE_CLI_TOKEN", raising=False)
+    monkeypatch.delenv("E2E_LLM_API_KEY", raising=False)
+    assert cli.main(["preflight", "--target", "anyscale", "--stage", "service"]) == 3
+    err = capsys.readouterr().err
+    assert "Anyscale credentials missing: set ANYSCALE_CLI_TOKEN" in err
+    assert "E2E_LLM_API_KEY is not set" in err
+    monkeypatch.setenv("ANYSCALE_CLI_TOKEN", "from-ci-secret")
+    monkeypatch.setenv("E2E_LLM_API_KEY", "from-ci-secret")
+    assert cli.main(["preflight", "--target", "anyscale", "--stage", "service"]) == 0
+
+
+def test_preflight_k8s_without_a_context_fails_clearly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    assert cli.main(["preflight", "--target", "k8s", "--env", "dev"]) == 3
+    assert "no Kubernetes context: set KUBECONFIG" in capsys.readouterr().err
+
+
+def test_preflight_k8s_with_an_unreachable_cluster_fails_clearly(tmp_path, monkeypatch, capsys):
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "nowhere",
+        "clusters": [{"name": "nowhere", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "contexts": [{"name": "nowhere", "context": {"cluster": "nowhere", "user": "u"}}],
+        "users": [{"name": "u", "user": {}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    assert cli.main(["preflight", "--target", "k8s", "--env", "prod"]) == 3
+    assert "Kubernetes API of context nowhere unreachable or unauthorized" in capsys.readouterr().err
+
+
+# -- GitOps workflows ----------------------------------------------------------------------
+
+WORKFLOWS = sorted((ROOT / ".github/workflows").glob("*.yaml"))
+
+
+def test_workflows_validate_against_the_github_schema():
+    assert [w.name for w in WORKFLOWS] == ["deploy.yaml", "pr.yaml"]
+    result = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.github-workflows",
+                             *map(str, WORKFLOWS)], capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_actions_are_pinned_by_sha_and_permissions_minimal(path):
+    text = path.read_text()
+    uses = re.findall(r"uses: (\S+)(.*)", text)
+    assert uses
+    for ref, comment in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", ref), f"{ref}: pin a full commit SHA"
+        assert re.search(r"# v\d+\.\d+\.\d+", comment), f"{ref}: add the version as a comment"
+    workflow = yaml.safe_load(text)
+    assert workflow["permissions"] == {"contents": "read"}
+    for name, job in workflow["jobs"].items():
+        extra = {k: v for k, v in job.get("permissions", {}).items() if k != "contents"}
+        assert set(extra) <= {"packages", "id-token"}, f"{name}: {extra}"
+        assert job.get("permissions", {}).get("contents", "read") == "read"
+
+
+def test_workflow_secrets_are_references_only():
+    for path in WORKFLOWS:
+        for value in re.findall(r"secrets\.(\w+)", path.read_text()):
+            assert value.isupper() or value == "GITHUB_TOKEN"
+        assert not re.search(r"(token|key|password):\s*['\"]?[A-Za-z0-9_\-]{16,}", path.read_text(), re.IGNORECASE)
+
+
+def test_readme_deploy_commands_are_real_make_targets():
+    targets = set(re.findall(r"^([a-z-]+):.*##", (ROOT / "Makefile").read_text(), re.MULTILINE))
+    section = (ROOT / "README.md").read_text().split("## Deploy", 1)
+    assert len(section) == 2, "README has no Deploy section"
+    used = set(re.findall(r"make ([a-z-]+)", section[1].split("\n## ", 1)[0]))
+    assert used and used <= targets, used - targets

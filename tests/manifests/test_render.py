@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`e2e-llm render`: one config, two targets, committed and drift-checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from conftest import ROOT
+from manifest_cache import cluster_config, deploy, rendered
+
+from e2e_llm import cli
+from e2e_llm.config import ConfigError
+from e2e_llm.deploy import load_deploy
+from e2e_llm.render import HEADER, RENDERED_DIRS, check, write
+from e2e_llm.validate import _lock_pins
+
+
+def _yaml(rel: str):
+    return yaml.safe_load(rendered()[rel])
+
+
+def test_committed_files_match_a_fresh_render(tmp_path):
+    write(rendered(), tmp_path)
+    for rel in rendered():
+        committed = ROOT / rel
+        assert committed.is_file(), f"{rel} is not committed: run `make render`"
+        assert committed.read_text(encoding="utf-8") == (tmp_path / rel).read_text(encoding="utf-8"), (
+            f"{rel} drifted from configs/: run `make render` and commit")
+    assert check(rendered(), ROOT) == []
+
+
+def test_render_check_lists_drifted_and_stale_files_and_fails(tmp_path, monkeypatch, capsys):
+    for folder in RENDERED_DIRS:
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    (tmp_path / "services/llm.yaml").write_text("# edited by hand\n")
+    (tmp_path / "k8s/base/leftover.yaml").write_text("kind: ConfigMap\n")
+    monkeypatch.setenv("E2E_LLM_ROOT", str(ROOT))
+    assert cli.main(["render", "--check", "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "services/llm.yaml" in err and "k8s/base/leftover.yaml" in err
+    assert "jobs/train.yaml" not in err
+    # A render fixes both, and the check passes again.
+    assert cli.main(["render", "--output", str(tmp_path)]) == 0
+    assert cli.main(["render", "--check", "--output", str(tmp_path)]) == 0
+
+
+def test_every_rendered_file_starts_with_the_generated_header():
+    for rel, text in rendered().items():
+        assert text.splitlines()[0] == HEADER, rel
+        assert text.splitlines()[1].startswith("# "), f"{rel}: second line should say what the file is"
+
+
+@pytest.mark.parametrize("stage, expected", [
+    ("train", "e2e-llm train --profile cluster"),
+    ("batch", "e2e-llm batch --profile cluster --adapter latest"),
+])
+def test_job_entrypoint_is_identical_for_anyscale_and_kuberay(stage, expected):
+    anyscale = _yaml(f"jobs/{stage}.yaml")
+    rayjob = _yaml(f"k8s/base/rayjob-{stage}.yaml")
+    assert anyscale["entrypoint"] == rayjob["spec"]["entrypoint"] == expected
+
+
+def test_serve_application_is_identical_in_anyscale_service_and_serve_config_v2():
+    from e2e_llm.serve import app_args
+
+    service = _yaml("services/llm.yaml")
+    serve_config = yaml.safe_load(_yaml("k8s/base/rayservice-llm.yaml")["spec"]["serveConfigV2"])
+    assert service["applications"] == serve_config["applications"]
+    (app,) = service["applications"]
+    assert app["import_path"] == "e2e_llm.serve:build_app"
+    assert app["args"] == app_args(cluster_config())
+
+
+def test_ray_version_is_derived_from_the_image_tag_and_matches_locks_and_containerfiles():
+    images = deploy().images
+    assert images.train.ray_version == images.serve.ray_version == "2.60.0"
+    for env in ("train", "serve"):
+        assert _lock_pins(ROOT / f"images/{env}/requirements.lock")["ray"] == images.train.ray_version
+    for rel in ("k8s/base/rayjob-train.yaml", "k8s/base/rayjob-batch.yaml"):
+        assert _yaml(rel)["spec"]["rayClusterSpec"]["rayVersion"] == images.train.ray_version
+    assert _yaml("k8s/base/rayservice-llm.yaml")["spec"]["rayClusterConfig"]["rayVersion"] == images.serve.ray_version
+    for containerfile in ROOT.glob("images/*/Containerfile*"):
+        base = next(line for line in containerfile.read_text().splitlines() if line.startswith("FROM "))
+        assert base.split(":", 1)[1].startswith(images.train.ray_version + "-"), containerfile
+
+
+def test_worker_groups_follow_the_profile():
+    config, dep = cluster_config(), deploy()
+    train = _yaml("k8s/base/rayjob-train.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert train["replicas"] == train["minReplicas"] == train["maxReplicas"] == config.train.num_workers
+    limits = train["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == str(int(config.train.resources_per_worker["GPU"]))
+    assert limits["cpu"] == str(int(config.train.resources_per_worker["CPU"]))
+    assert train["template"]["spec"]["nodeSelector"] == dep.accelerators[config.train.accelerator_type].node_selector
+
+    serve = _yaml("k8s/base/rayservice-llm.yaml")["spec"]["rayClusterConfig"]
+    group = serve["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["maxReplicas"]) == (config.serve.min_replicas, config.serve.max_replicas)
+    assert serve["enableInTreeAutoscaling"] is True  # replicas vary, so Ray must add pods
+    anyscale = _yaml("services/llm.yaml")["compute_config"]["worker_nodes"][0]
+    assert (anyscale["min_nodes"], anyscale["max_nodes"]) == (config.serve.min_replicas, config.serve.max_replicas)
+    assert anyscale["required_resources"]["accelerator"] == config.serve.accelerator_type
+
+
+def test_secrets_are_referenced_by_name_only():
+    config, dep = cluster_config(), deploy()
+    rayservice = _yaml("k8s/base/rayservice-llm.yaml")
+    container = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == dep.secrets.hf_token.name
+    assert env[config.serve.auth.api_key_env]["valueFrom"]["secretKeyRef"] == {
+        "name": dep.secrets.api_key.name, "key": dep.secrets.api_key.key}
+    assert container["envFrom"] == [{"secretRef": {"name": dep.secrets.aws.name, "optional": True}}]
+    assert all("value" not in e for e in container["env"] if e["name"] in ("HF_TOKEN", config.serve.auth.api_key_env))
+    for rel, text in rendered().items():
+        assert "kind: Secret" not in text, rel
+
+
+def test_anyscale_service_leaves_auth_to_the_app_key():
+    # One bearer check on the Authorization header: the app's API key, on both targets.
+    assert _yaml("services/llm.yaml")["query_auth_token_enabled"] is False
+    assert cluster_config().serve.auth.enabled
+
+
+def test_canary_component_is_rendered_from_deploy_config():
+    canary = deploy().service.canary
+    patch = _yaml("k8s/components/canary/upgrade-strategy.yaml")
+    options = patch["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]
+    assert patch["spec"]["upgradeStrategy"]["type"] == "NewClusterWithIncrementalUpgrade"
+    assert options == {"stepSizePercent": canary.step_size_percent, "intervalSeconds": canary.interval_seconds,
+                       "maxSurgePercent": canary.max_surge_percent, "gatewayClassName": canary.gateway_class_name}
+    assert patch["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert _yaml("k8s/components/canary/kustomization.yaml")["kind"] == "Component"
+
+
+def test_monitoring_component_carries_the_dashboard_and_pod_monitor():
+    from e2e_llm.monitoring import grafana_dashboard
+
+    configmap = _yaml("k8s/components/monitoring/grafana-dashboard.yaml")
+    (data,) = configmap["data"].values()
+    assert json.loads(data) == grafana_dashboard()
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert _yaml("k8s/components/monitoring/podmonitor.yaml")["kind"] == "PodMonitor"
+
+
+# -- deploy config errors name the file, key and reason ------------------------------------
+
+
+def _deploy_with(tmp_path, mutate):
+    data = yaml.safe_load((ROOT / "configs/deploy.yaml").read_text())
+    mutate(data)
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["images"]["train"].update(tag="latest"), r"images\.train\.tag: .*not pinned"),
+    (lambda d: d["images"]["serve"].update(repository="ghcr.io/x/serve:1.0"), r"images\.serve\.repository: .*tag"),
+    (lambda d: d["service"]["canary"].update(step_size_percent=50, max_surge_percent=20),
+     r"service\.canary: .*step_size_percent \(50\) must be <= max_surge_percent \(20\)"),
+    (lambda d: d["jobs"].update(submission_mode="K8sMode"), r"jobs\.submission_mode: Input should be"),
+    (lambda d: d["compute"]["head"].update(memory="32 gigs"), r"compute\.head\.memory: .*quantity"),
+    (lambda d: d["secrets"]["hf_token"].update(value="hf_abc"), r"secrets\.hf_token\.value: unknown key"),
+])
+def test_deploy_config_errors_name_the_field(tmp_path, mutate, message):
+    with pytest.raises(ConfigError, match=message):
+        load_deploy(_deploy_with(tmp_path, mutate), root=ROOT)
+
+
+def test_accelerator_used_by_the_profile_must_be_mapped(tmp_path):
+    deploy_cfg = load_deploy(_deploy_with(tmp_path, lambda d: d["accelerators"].pop("L4")), root=ROOT)
+    with pytest.raises(ConfigError, match=r"accelerators: no entry for 'L4' \(profile cluster batch.accelerator_type\)"):
+        deploy_cfg.pipeline()
+
+
+def test_query_token_and_app_key_together_are_rejected(tmp_path):
+    deploy_cfg = load_deploy(_deploy_with(tmp_path, lambda d: d["service"].update(query_auth_token_enabled=True)),
+                             root=ROOT)
+    with pytest.raises(ConfigError, match="service.query_auth_token_enabled"):
+        deploy_cfg.pipeline()
