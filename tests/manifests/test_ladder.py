@@ -245,3 +245,22 @@ def test_anyscale_service_import_path_is_checked(tmp_path):
     path = tmp_path / "llm.yaml"
     path.write_text(yaml.safe_dump(data))
     assert any("import_path 'e2e_llm.serve:no_such_builder' does not import" in p for p in check_anyscale(path))
+
+
+def test_strict_schema_handles_the_kubernetes_extensions():
+    from jsonschema import Draft7Validator
+
+    from e2e_llm.validate import strict_schema
+
+    validator = Draft7Validator(strict_schema({"type": "object", "properties": {
+        "port": {"x-kubernetes-int-or-string": True},
+        "name": {"type": "string", "nullable": True},
+        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
+        "n": {"type": "integer", "format": "int32"},
+    }}))
+    assert not list(validator.iter_errors({"port": "http", "name": None, "free": {"anything": 1}, "n": 5}))
+    assert not list(validator.iter_errors({"port": 8080}))
+    messages = [e.message for e in validator.iter_errors({"port": 1.5, "n": -(2**31) - 1, "typo": 1})]
+    assert any("'typo' was unexpected" in m for m in messages)
+    assert any("is less than the minimum" in m for m in messages)
+    assert any("1.5 is not valid under any of the given schemas" in m for m in messages)
