@@ -231,8 +231,8 @@ status: env-serve ## Show the service and job states on TARGET.
 	$(PREFLIGHT) any
 ifeq ($(TARGET),anyscale)
 	$(ANYSCALE) service status -n $(DEPLOY_NAME)-$(ENV) -v
-	$(ANYSCALE) job list -n $(DEPLOY_NAME)-train-$(ENV) --max-items 3
-	$(ANYSCALE) job list -n $(DEPLOY_NAME)-batch-$(ENV) --max-items 3
+	-$(ANYSCALE) job status -n $(DEPLOY_NAME)-train-$(ENV)
+	-$(ANYSCALE) job status -n $(DEPLOY_NAME)-batch-$(ENV)
 else
 	$(KUBECTL) get rayjob,rayservice,raycluster -n $(NAMESPACE) -o wide
 endif
