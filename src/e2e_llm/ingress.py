@@ -55,6 +55,10 @@ LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 OPEN_PATHS = ("/-/",)
 
 
+class UnknownModel(LookupError):
+    """A model, adapter or alias the service does not have (answered with 404)."""
+
+
 class ApiKeyMiddleware:
     """ASGI middleware: 401 unless ``Authorization: Bearer <key>`` matches ``$<env var>``."""
 
@@ -151,13 +155,11 @@ class E2EIngress(OpenAiIngress):
                                               f"adapter store {self._store.uri} unreadable: {exc}",
                                               type="ServiceUnavailable")
 
-    def _not_found(self, model: str, why: str) -> OpenAIHTTPException:
-        return OpenAIHTTPException(
-            status_code=status.HTTP_404_NOT_FOUND,
-            message=(f'Unknown model "{model}": {why}. Base models: {sorted(self._model_cards)}; '
-                     f"adapters: {sorted(self._adapters)}; aliases: {sorted(self._aliases)}. "
-                     "Call an adapter as \"<base>:<adapter>\" or an alias by name."),
-            type="NotFoundError",
+    def _not_found(self, model: str, why: str) -> UnknownModel:
+        return UnknownModel(
+            f'Unknown model "{model}": {why}. Base models: {sorted(self._model_cards)}; '
+            f"adapters: {sorted(self._adapters)}; aliases: {sorted(self._aliases)}. "
+            'Call an adapter as "<base>:<adapter>" or an alias by name.'
         )
 
     async def _route(self, model: str | None) -> tuple[str | None, str, str, str]:
@@ -205,6 +207,10 @@ class E2EIngress(OpenAiIngress):
             if target != body.model:
                 body = body.model_copy(update={"model": target})
             response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
+        except UnknownModel as exc:
+            self._record(labels, status.HTTP_404_NOT_FOUND, start, stream)
+            return JSONResponse(status_code=status.HTTP_404_NOT_FOUND, content={"error": {
+                "message": str(exc), "type": "NotFoundError", "param": "model", "code": 404}})
         except Exception as exc:
             self._record(labels, int(getattr(exc, "status_code", 500)), start, stream)
             raise

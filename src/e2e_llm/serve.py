@@ -113,6 +113,8 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
             "max_ongoing_requests": serve.max_ongoing_requests,
         },
         "log_engine_metrics": True,
+        # LLMServer + per-adapter load lock (concurrent first requests for a new adapter).
+        "server_cls": "e2e_llm.server:E2ELLMServer",
     }
     if cpu:
         llm_config["accelerator_config"] = {"kind": "cpu"}

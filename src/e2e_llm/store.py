@@ -270,67 +270,16 @@ class AdapterStore:
 # -- training runs -----------------------------------------------------------------------------
 
 
-def _manifest_time(manifest: dict[str, Any]) -> float:
-    for key in ("finished_at", "ended_at", "created_at", "started_at"):
-        value = manifest.get(key)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            from datetime import datetime
+def find_training_adapter(config: PipelineConfig, ref: str) -> tuple[Path, dict[str, Any]]:
+    """A trained adapter folder and its run manifest for a folder, a run id or ``latest``
+    (the training stage's rule: newest completed ``finished_at``, never mtimes)."""
+    from e2e_llm.runs import AdapterNotFound, resolve_adapter
 
-            try:
-                return datetime.fromisoformat(value).timestamp()
-            except ValueError:
-                continue
-    return 0.0
-
-
-def _adapter_uri_of(run_uri: str, manifest: dict[str, Any]) -> str:
-    for key in ("adapter_uri", "adapter_path", "adapter_dir", "adapter"):
-        value = manifest.get(key)
-        if isinstance(value, str) and value:
-            return value if "://" in value or Path(value).is_absolute() else storage.join(run_uri, value)
-    return storage.join(run_uri, "adapter")
-
-
-def find_training_adapter(config: PipelineConfig, ref: str) -> tuple[str, dict[str, Any]]:
-    """A trained adapter (folder path or storage URI) and its run manifest, for a folder, a run
-    id or ``latest``.
-
-    Runs live under ``<storage>/runs/<run id>/`` (local or object storage) with
-    ``manifest.json``; ``latest`` is the completed run with the newest ``finished_at`` (never
-    directory mtimes).
-    """
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        for candidate in (path / MANIFEST, path.parent / MANIFEST):
-            if candidate.is_file():
-                return str(path), json.loads(candidate.read_text())
-        return str(path), {}
-    kw: dict[str, Any] = {}
-    runs_uri = config.storage_uri("runs")
-    if storage.is_remote(runs_uri):
-        kw = {"endpoint_url": runtime_endpoint(config.storage.endpoint_url), "region": config.storage.region}
-    manifests = []
-    for run_id in storage.list_dir(runs_uri, **kw):
-        run_uri = storage.join(runs_uri, run_id)
-        try:
-            manifest = json.loads(storage.read_text(storage.join(run_uri, MANIFEST), **kw))
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-        manifests.append((run_uri, run_id, manifest))
-    if ref == "latest":
-        done = [m for m in manifests if m[2].get("status", "completed") == "completed"
-                and storage.exists(storage.join(_adapter_uri_of(m[0], m[2]), ADAPTER_FILES[0]), **kw)]
-        if not done:
-            raise StoreError(f"no completed training run with an adapter under {runs_uri} (run `e2e-llm train`)")
-        run_uri, _, manifest = max(done, key=lambda m: _manifest_time(m[2]))
-    else:
-        match = [m for m in manifests if m[2].get("run_id") == ref or m[1] == ref]
-        if not match:
-            raise StoreError(f"adapter {ref!r}: not a folder, and no training run with that id under {runs_uri}")
-        run_uri, _, manifest = match[0]
-    return _adapter_uri_of(run_uri, manifest), manifest
+    try:
+        path, manifest = resolve_adapter(config, ref)
+    except AdapterNotFound as exc:
+        raise StoreError(str(exc)) from None
+    return path, manifest or {}
 
 
 def fetch_adapter(config: PipelineConfig, ref: str, local_dir: str | Path) -> tuple[Path, dict[str, Any]]:

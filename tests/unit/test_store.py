@@ -4,14 +4,13 @@ loads from, versions index, aliases, and the resolution rule batch and serve sha
 
 import json
 import os
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from e2e_llm import storage
-from e2e_llm.store import AdapterStore, Alias, StoreError, find_training_adapter
+from e2e_llm.store import AdapterStore, Alias, StoreError
 
 
 def fake_adapter(path: Path, rank: int = 8) -> Path:
@@ -93,20 +92,3 @@ def test_bad_publishes_are_rejected_with_the_reason(store, tmp_path):
     with pytest.raises(StoreError, match="no ':' or '/'"):
         store.publish(tmp_path / "ok", name="base:viggo")
     assert store.adapter_ids() == ["viggo-v1"]
-
-
-def test_latest_training_run_comes_from_manifests_not_mtimes(local_config, tmp_path):
-    config = local_config.model_copy(deep=True)
-    config.storage.root = str(tmp_path)
-    runs = tmp_path / "runs"
-    for run_id, finished in (("b-newer", "2026-01-02T00:00:00+00:00"), ("a-older", "2026-01-01T00:00:00+00:00")):
-        fake_adapter(runs / run_id / "adapter")
-        (runs / run_id / "manifest.json").write_text(json.dumps(
-            {"run_id": run_id, "status": "completed", "finished_at": finished,
-             "adapter_uri": str(runs / run_id / "adapter")}))
-        time.sleep(0.01)  # the older run is written last: newest mtime
-    path, manifest = find_training_adapter(config, "latest")
-    assert manifest["run_id"] == "b-newer" and path == str(runs / "b-newer" / "adapter")
-    assert find_training_adapter(config, "a-older")[1]["run_id"] == "a-older"
-    with pytest.raises(StoreError, match="no training run with that id"):
-        find_training_adapter(config, "missing")

