@@ -101,6 +101,9 @@ class SLOPolicy(Strict):
     max_error_rate_delta: float = Field(ge=0.0, le=1.0)
     # Fail when candidate p95 / stable p95 exceeds this.
     max_p95_latency_ratio: float = Field(ge=1.0)
+    # ... and only when the candidate's p95 is also this much slower in absolute terms (a few
+    # requests on a busy machine make a p95 ratio alone noisy).
+    p95_latency_slack_s: float = Field(0.0, ge=0.0)
     # Fewer requests than this for the candidate in a window: the gate is inconclusive.
     min_requests: int = Field(1, ge=1)
     # How long the metrics endpoint takes to show a finished request (Ray exports on a timer).
@@ -427,6 +430,9 @@ def quality_gate(task, rows: Sequence[dict[str, str]], stable: Sequence[Answer],
             failures.append(f"{metric} {c:.3f} < stable {s:.3f} - margin {margin:.3f}")
     details["scores"] = {name: {k: v for k, v in m.items() if k not in ("per_function", "worst")}
                          for name, m in scores.items()}
+    # A few rows side by side, so a decision can be checked by eye from the log.
+    details["examples"] = [{"input": r["input"], "reference": r["output"], "stable": s.text, "candidate": c.text}
+                           for r, s, c in list(zip(rows, stable, candidate))[:3]]
     if failures:
         return GateResult("quality", "fail", "; ".join(failures), checks, details)
     return GateResult("quality", "pass", f"candidate within margins on {n} rows", checks, details)
@@ -464,11 +470,12 @@ def slo_gate(window: dict[str, VersionStats], stable: str, candidate: str, polic
         checks.append(Check("slo", "p95_latency_s", s_p95, c_p95, "no latency histogram", None))
         failures.append("no latency histogram for " + ("stable" if s_p95 is None else "candidate"))
     else:
-        limit = max(s_p95, 1e-3) * policy.max_p95_latency_ratio
+        limit = max(max(s_p95, 1e-3) * policy.max_p95_latency_ratio, s_p95 + policy.p95_latency_slack_s)
         ok = c_p95 <= limit
         checks.append(Check("slo", "p95_latency_s", s_p95, c_p95, f"<= {limit:.3f}", ok))
         if not ok:
-            failures.append(f"p95 latency {c_p95:.3f}s > {policy.max_p95_latency_ratio:g} x stable {s_p95:.3f}s")
+            slack = f" + {policy.p95_latency_slack_s:g}s" if policy.p95_latency_slack_s else ""
+            failures.append(f"p95 latency {c_p95:.3f}s > {policy.max_p95_latency_ratio:g} x stable {s_p95:.3f}s{slack}")
     if failures:
         return GateResult("slo", "fail", "; ".join(failures), checks, details)
     return GateResult("slo", "pass", f"candidate {cand.requests:g} req, stable {stab.requests:g} req within SLO",
@@ -745,26 +752,21 @@ class Controller:
         return Outcome(rollout.id, event, reason, rollout.candidate, rollout.stable)
 
     def _observe(self, rollout: Rollout, step: int) -> list[GateResult]:
-        """One step window: probe both versions (quality), then wait out the window and compare the
-        per-version metrics (SLO). A failed quality gate ends the window early."""
-        started = self.clock.now()
+        """One step: probe both versions (quality gate) first; a failed quality gate ends the step
+        at once. Otherwise wait ``metrics_lag_s`` (so the probes' load and requests from before
+        the weight change are out of the window), scrape, wait ``step_window_s``, scrape again
+        and compare what each version served in between (SLO gate)."""
+        quality = None if self.prober is None else self._quality(rollout)  # engine canary: SLO only
+        if quality is not None and quality.status == "fail":
+            return [quality]
         try:
+            self.clock.sleep(self.policy.slo.metrics_lag_s)
             before = self.metrics.snapshot()
-        except Exception as exc:  # noqa: BLE001 (any failure to observe is a failed gate)
-            return [GateResult("slo", "error", f"metrics unavailable: {exc}")]
-        if self.prober is None:  # an engine canary: versions cannot be addressed, SLO gate only
-            quality = None
-        else:
-            quality = self._quality(rollout)
-        if quality is None or quality.status != "fail":
-            probes_done = self.clock.now()
-            wait = max(started + self.policy.step_window_s, probes_done + self.policy.slo.metrics_lag_s) - probes_done
-            self.clock.sleep(wait)
-        try:
+            self.clock.sleep(self.policy.step_window_s)
             after = self.metrics.snapshot()
             window = {v: after[v].minus(before.get(v)) for v in after}
             slo = slo_gate(window, rollout.stable, rollout.candidate, self.policy.slo, rollout.baseline())
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001  (any failure to observe is a failed gate)
             slo = GateResult("slo", "error", f"metrics unavailable: {type(exc).__name__}: {exc}")
         return [slo] if quality is None else [quality, slo]
 

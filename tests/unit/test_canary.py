@@ -220,8 +220,8 @@ def test_good_candidate_is_promoted_through_every_step(world):
     gates = [r for r in w.records() if r["event"] == "gate"]
     assert all(g["passed"] for g in gates)
     assert [g["weight"] for g in gates] == [10, 50, 100]
-    # every step waited out its window (60 s, of which the two probes took 2 x 5 s)
-    assert w.clock.slept == pytest.approx(3 * 50.0)
+    # every step: probes (2 x 5 s), the metrics lag (10 s), then the whole window (60 s)
+    assert w.clock.slept == pytest.approx(3 * 70.0)
     slo = gates[0]["results"][1]
     assert slo["gate"] == "slo" and slo["status"] == "pass"
     # 10% of 2 req/s over 60 s reached the candidate
@@ -238,6 +238,7 @@ def test_worse_candidate_is_rolled_back_by_the_quality_gate_without_waiting_the_
     gate = next(r for r in w.records() if r["event"] == "gate")
     quality = gate["results"][0]
     assert quality["status"] == "fail" and not gate["passed"]
+    assert [r["gate"] for r in gate["results"]] == ["quality"]  # no SLO window after a quality failure
     assert "slot_f1" in gate["reason"] and "exact_match" in gate["reason"]
     scores = quality["details"]["scores"]
     assert scores["stable"]["exact_match"] == 1.0 and scores["candidate"]["exact_match"] == 0.0
@@ -537,6 +538,12 @@ def test_slo_gate_thresholds():
     assert "p95 latency" in slo_gate(window, "s", "c", slo).reason
     window["c"] = VersionStats(20, 0, {0.5: 10, 1.0: 20, math.inf: 20})
     assert slo_gate(window, "s", "c", slo).status == "pass"
+    # 2 x slower but within an absolute slack of 1.5 s: passes; beyond it: fails
+    window["c"] = VersionStats(20, 0, {0.5: 0, 1.0: 2, 2.0: 20, math.inf: 20})
+    slack = slo.model_copy(update={"p95_latency_slack_s": 1.5})
+    assert slo_gate(window, "s", "c", slack).status == "pass"
+    window["c"] = VersionStats(20, 0, {1.0: 0, 4.0: 20, math.inf: 20})
+    assert "+ 1.5s" in slo_gate(window, "s", "c", slack).reason
     window["c"] = VersionStats(5, 0, {0.5: 5, math.inf: 5})
     assert slo_gate(window, "s", "c", slo).status == "inconclusive"
 

@@ -143,7 +143,7 @@ def test_openai_prober_sends_each_row_to_the_version_and_keeps_failures():
     assert call["temperature"] == 0.0 and call["max_tokens"] == policy.quality.max_tokens
     assert call["messages"][0] == {"role": "system", "content": "sys"}
     assert call["extra_body"] == {"structured_outputs": {"regex": "inform\\(.*\\)"}}
-    prober.probe("viggo-v2", rows[:1], policy.quality)
+    prober.probe("viggo-v2", rows[:1], policy.quality.model_copy(update={"structured_output": False}))
     assert completions.calls[-1]["extra_body"] is None
 
 
