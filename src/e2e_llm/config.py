@@ -244,6 +244,12 @@ class PipelineConfig(Strict):
         base = self.path(root.removeprefix("file://"))
         return str(base.joinpath(*parts))
 
+    def storage_kw(self) -> dict[str, Any]:
+        """Keyword arguments for e2e_llm.storage calls on this profile's storage."""
+        if "://" in self.storage.root and not self.storage.root.startswith("file://"):
+            return {"endpoint_url": self.storage.endpoint_url, "region": self.storage.region}
+        return {}
+
     def adapters_uri(self) -> str:
         """The adapter store: ``storage.adapters`` or ``<storage root>/adapters``."""
         return self.storage.adapters.rstrip("/") if self.storage.adapters else self.storage_uri("adapters")

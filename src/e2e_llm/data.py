@@ -20,9 +20,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from e2e_llm.task import MRError, TaskSchema
 
@@ -110,7 +111,7 @@ def download(url: str, dest: Path, *, retries: int = 4, timeout: float = 30.0, b
                     shutil.copyfileobj(response, out)
             size = part.stat().st_size
             if expected_total is not None and size != expected_total:
-                raise IOError(f"short read: {size} of {expected_total} bytes")
+                raise OSError(f"short read: {size} of {expected_total} bytes")
             os.replace(part, dest)
             return dest
         except urllib.error.HTTPError as exc:

@@ -22,19 +22,14 @@ class AdapterNotFound(LookupError):
     pass
 
 
-def _fs_kw(config: PipelineConfig) -> dict[str, Any]:
-    if storage.is_remote(config.storage.root):
-        return {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
-    return {}
-
 
 def list_manifests(config: PipelineConfig) -> list[dict[str, Any]]:
     runs_uri = config.storage_uri("runs")
     manifests = []
-    for run_id in storage.list_dir(runs_uri, **_fs_kw(config)):
+    for run_id in storage.list_dir(runs_uri, **config.storage_kw()):
         uri = storage.join(runs_uri, run_id, "manifest.json")
-        if storage.exists(uri, **_fs_kw(config)):
-            manifests.append(json.loads(storage.read_text(uri, **_fs_kw(config))))
+        if storage.exists(uri, **config.storage_kw()):
+            manifests.append(json.loads(storage.read_text(uri, **config.storage_kw())))
     return manifests
 
 
@@ -61,7 +56,7 @@ def _local_copy(config: PipelineConfig, uri: str, key: str) -> Path:
 
     local = default_cache_dir() / "adapters" / key
     if not all((local / f).is_file() for f in ADAPTER_FILES):
-        storage.download_dir(uri, local, **_fs_kw(config))
+        storage.download_dir(uri, local, **config.storage_kw())
     return check_adapter_dir(local)
 
 
@@ -76,8 +71,8 @@ def resolve_adapter(config: PipelineConfig, ref: str) -> tuple[Path, dict[str, A
         manifest = latest_manifest(config)
     else:
         uri = storage.join(config.storage_uri("runs"), ref, "manifest.json")
-        if not storage.exists(uri, **_fs_kw(config)):
+        if not storage.exists(uri, **config.storage_kw()):
             raise AdapterNotFound(f"adapter {ref!r}: not a path, not 'latest', and no run {ref!r} under "
                                   f"{config.storage_uri('runs')}")
-        manifest = json.loads(storage.read_text(uri, **_fs_kw(config)))
+        manifest = json.loads(storage.read_text(uri, **config.storage_kw()))
     return _local_copy(config, manifest["adapter_uri"], manifest["run_id"]), manifest

@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 def _git_sha(root: Path) -> str | None:
@@ -139,9 +139,9 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
     run_id = run_id or new_run_id()
     dataset_uri = config.storage_uri("data", config.data.dataset)
     info_uri = storage.join(dataset_uri, "dataset_info.json")
-    if not storage.exists(info_uri, **_fs_kw(config)):
+    if not storage.exists(info_uri, **config.storage_kw()):
         raise TrainError(f"dataset not found at {dataset_uri}: run `e2e-llm data --profile {config.profile}` first")
-    info = json.loads(storage.read_text(info_uri, **_fs_kw(config)))
+    info = json.loads(storage.read_text(info_uri, **config.storage_kw()))
     splits = [tc.train_split] + ([tc.eval_split] if tc.eval_split else [])
     dataset_files = {}
     for split in splits:
@@ -174,11 +174,6 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
         args.pop("fp16", None)
     return TrainPlan(run_id, run_uri, work_dir, dataset_uri, args, str(recipe_path), dataset_files)
 
-
-def _fs_kw(config: PipelineConfig) -> dict[str, Any]:
-    if storage.is_remote(config.storage.root):
-        return {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
-    return {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,7 +339,7 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     from ray.train.torch import TorchConfig, TorchTrainer
 
     plan = plan_run(config, run_id, overrides)
-    fs_kw = _fs_kw(config)
+    fs_kw = config.storage_kw()
     if storage.exists(storage.join(plan.run_uri, "manifest.json"), **fs_kw):
         raise TrainError(f"run {plan.run_id} already finished at {plan.run_uri}; pick a new --run-id")
     started_ray = _ensure_ray(config, ray_temp_dir)
@@ -454,7 +449,7 @@ def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs
         "run_id": plan.run_id,
         "status": "completed",
         "profile": config.profile,
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
         "base_model": {"id": config.model.id, "source": config.model.source,
                        "path": plan.args["model_name_or_path"]},
         "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files},

@@ -156,7 +156,7 @@ class _FlakyServer(BaseHTTPRequestHandler):
     fail_first = 0  # drop the connection half-way this many times
     requests: list[str] = []
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         type(self).requests.append(self.headers.get("Range") or "")
         if self.path.endswith("missing.jsonl"):
             self.send_error(404)

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
