@@ -348,6 +348,7 @@ def write_reports(
     title: str = "Evaluation report",
     context: dict[str, Any] | None = None,
     previous: dict[str, Any] | None = None,
+    storage_kw: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write metrics.json, report.md and the chart into ``out_dir`` (local path or URI)."""
     import tempfile
@@ -361,9 +362,10 @@ def write_reports(
     report = render_report(metrics, title=title, context=context, comparison=comparison)
     out = str(out_dir)
     paths = {name: storage.join(out, name) for name in (METRICS_FILE, REPORT_FILE, CHART_FILE)}
-    storage.write_text(paths[METRICS_FILE], json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    storage.write_text(paths[REPORT_FILE], report)
+    kw = storage_kw or {}
+    storage.write_text(paths[METRICS_FILE], json.dumps(payload, indent=2, ensure_ascii=False) + "\n", **kw)
+    storage.write_text(paths[REPORT_FILE], report, **kw)
     with tempfile.TemporaryDirectory() as tmp:
         chart = draw_chart(metrics, Path(tmp) / CHART_FILE, previous)
-        storage.write_bytes(paths[CHART_FILE], chart.read_bytes())
+        storage.write_bytes(paths[CHART_FILE], chart.read_bytes(), **kw)
     return paths

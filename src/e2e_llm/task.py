@@ -56,6 +56,10 @@ class TaskSchema(_Strict):
     attributes: dict[str, AttributeSpec] = Field(min_length=1)
     # Canonical system prompt; used when a row carries no instruction of its own.
     instruction: str | None = None
+    # The references always list attributes in the order of `attributes` below: structured
+    # decoding then enforces that order, which also rules out a repeated attribute (a regex
+    # cannot forbid repeats in free order). Parsing and scoring stay order-insensitive.
+    ordered_attributes: bool = False
 
     @model_validator(mode="after")
     def _names_are_identifiers(self) -> TaskSchema:
@@ -109,19 +113,44 @@ class TaskSchema(_Strict):
     # -- structured decoding -------------------------------------------------------------
 
     def output_regex(self) -> str:
-        """A regex accepting exactly the well-formed MRs of this schema (slot order free)."""
-        slot_alternatives = []
-        for name, attr in self.attributes.items():
-            if attr.values is not None:
-                one = "(?:" + "|".join(re.escape(v) for v in attr.values) + ")"
+        """A regex for vLLM structured outputs accepting the well-formed MRs of this schema:
+        known functions and attributes, closed vocabularies, empty values only where the
+        function allows them, and (with ``ordered_attributes``) attributes in schema order,
+        each at most once; otherwise any order, at most as many slots as attributes."""
+        alternatives = []
+        for empty_ok in (False, True):
+            functions = [name for name, spec in self.functions.items() if spec.empty_values == empty_ok]
+            if not functions:
+                continue
+            slots = [self._slot_regex(name, attr, empty_ok) for name, attr in self.attributes.items()]
+            if self.ordered_attributes:
+                # An ordered subset: a first slot, then any of the later ones, in order.
+                body = "(?:" + "|".join(
+                    slots[i] + "".join(f"(?:, {later})?" for later in slots[i + 1:]) for i in range(len(slots))
+                ) + ")"
             else:
-                # Free text: no brackets, no leading space; inner ", " is allowed.
-                one = r"[^\[\]\n ][^\[\]\n]{0,200}"
-            value = f"{one}(?:, {one})*" if attr.list else one
-            slot_alternatives.append(f"{re.escape(name)}\\[(?:{value})?\\]")
-        slot = "(?:" + "|".join(slot_alternatives) + ")"
-        functions = "(?:" + "|".join(re.escape(f) for f in self.functions) + ")"
-        return f"{functions}\\({slot}(?:, {slot}){{0,{len(self.attributes) - 1}}}\\)"
+                slot = "(?:" + "|".join(slots) + ")"
+                body = f"{slot}(?:, {slot}){{0,{len(slots) - 1}}}"
+            names = "(?:" + "|".join(_regex_escape(f) for f in functions) + ")"
+            alternatives.append(f"{names}\\({body}\\)")
+        return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
+
+    @staticmethod
+    def _slot_regex(name: str, attr: AttributeSpec, empty_ok: bool) -> str:
+        if attr.values is not None:
+            one = "(?:" + "|".join(_regex_escape(v) for v in attr.values) + ")"
+        else:
+            # Free text: no brackets, no leading space; inner ", " is allowed.
+            one = r"[^\[\]\n ][^\[\]\n]{0,200}"
+        value = f"{one}(?:, {one})*" if attr.list else one
+        if empty_ok:
+            value = f"(?:{value})?"
+        return f"{_regex_escape(name)}\\[{value}\\]"
+
+
+def _regex_escape(text: str) -> str:
+    """Escape regex metacharacters only (re.escape also escapes spaces, which xgrammar warns about)."""
+    return re.sub(r"([\\.^$*+?{}\[\]|()])", r"\\\1", text)
 
 
 class MRError(ValueError):

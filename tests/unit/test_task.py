@@ -66,11 +66,22 @@ def test_syntax_only_parse_keeps_scalar_commas():
 
 def test_output_regex_accepts_valid_and_rejects_invalid(viggo_task):
     pattern = re.compile(viggo_task.output_regex())
-    assert pattern.fullmatch("inform(name[Diablo II], genres[shooter, puzzle], rating[good])")
+    assert pattern.fullmatch("inform(name[Diablo II], rating[good], genres[shooter, puzzle])")
     assert pattern.fullmatch("request_attribute(esrb[])")
     assert not pattern.fullmatch("inform(name[Diablo II], rating[superb])")
     assert not pattern.fullmatch("dance(name[X])")
     assert not pattern.fullmatch("inform(colour[red])")
+    # Empty values only where the function allows them; VIGGO's attribute order; no repeats.
+    assert not pattern.fullmatch("suggest(rating[])")
+    assert not pattern.fullmatch("inform(name[Diablo II], genres[shooter], rating[good])")
+    assert not pattern.fullmatch("inform(has_mac_release[yes], has_mac_release[yes])")
+
+
+def test_unordered_schema_regex_takes_any_order_but_bounded_slots():
+    pattern = re.compile(TOY.output_regex())
+    assert pattern.fullmatch("forecast(hazards[snow, wind], city[Oslo])")
+    assert not pattern.fullmatch("forecast(city[])")
+    assert not pattern.fullmatch("forecast(city[A], city[B], city[C], city[D])")
 
 
 def test_regex_matches_every_reference_in_val(viggo_task, viggo_dir):
