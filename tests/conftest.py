@@ -163,10 +163,14 @@ def storage_env(root: str | Path, **extra: str) -> dict[str, str]:
 def _shared_run_id() -> str:
     import hashlib
 
+    import yaml
+
     digest = hashlib.sha256()
-    for path in (ROOT / "configs/recipes/smollm2_lora_sft_local.yaml", ROOT / "src/e2e_llm/train.py",
-                 ROOT / "configs/profiles/local.yaml"):
+    for path in (ROOT / "configs/recipes/smollm2_lora_sft_local.yaml", ROOT / "src/e2e_llm/train.py"):
         digest.update(path.read_bytes())
+    # Only the profile sections training reads: editing batch/serve settings keeps the adapter.
+    profile = yaml.safe_load((ROOT / "configs/profiles/local.yaml").read_text())
+    digest.update(json.dumps({k: profile.get(k) for k in ("model", "data", "train")}, sort_keys=True).encode())
     digest.update(repr(SHARED_TRAIN_OVERRIDES).encode())
     return "shared-" + digest.hexdigest()[:10]
 

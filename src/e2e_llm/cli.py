@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("e2e_llm.commands.model", "prepare the profile's base model (local GGUF -> safetensors)"),
     "train": ("e2e_llm.commands.train", "LoRA SFT with LLaMA-Factory on Ray Train"),
     "evaluate": ("e2e_llm.commands.evaluate", "score a results file: exact match, slot F1, report and chart"),
+    "batch": ("e2e_llm.commands.batch", "batch inference with ray.data.llm (vLLM) over a split, then evaluate"),
     "render": ("e2e_llm.commands.render", "render Anyscale YAMLs and KubeRay manifests from configs/ (--check: drift)"),
     "validate": ("e2e_llm.commands.validate", "offline validation ladder for every rendered and hand-written manifest"),
     "preflight": ("e2e_llm.commands.preflight", "check credentials and cluster access for a deploy target"),

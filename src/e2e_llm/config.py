@@ -169,6 +169,9 @@ class BatchConfig(Strict):
     accelerator_type: str | None = None
     enable_prefix_caching: bool = True
     limit: int | None = Field(None, ge=1)
+    # Engine dtype for batch runs (both adapter modes; the merged checkpoint is saved in it).
+    # None: model.dtype. A small LoRA update rounds away in a bf16 merge (see README).
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
     engine_kwargs: dict[str, Any] = {}
 
 

@@ -1,0 +1,194 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Batch stage inputs, checked before any engine starts: splits, rows, adapters, settings."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from e2e_llm.batch import (
+    BatchError,
+    check_adapter,
+    engine_kwargs,
+    load_rows,
+    lora_rank_for_vllm,
+    previous_batch_metrics,
+    resolve_split,
+    sampling_params,
+)
+
+SMOL = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "num_hidden_layers": 30, "model_type": "llama"}
+
+
+@pytest.fixture
+def config(local_config, tmp_path):
+    config = local_config.model_copy(deep=True)
+    config._root = local_config.root
+    config.storage.root = str(tmp_path / "storage")
+    return config
+
+
+def write_safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+
+
+def fake_model(tmp_path: Path, name: str = "smollm2-135m", **overrides) -> Path:
+    model = tmp_path / name
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps(SMOL | overrides))
+    return model
+
+
+def fake_adapter(tmp_path: Path, base: str, in_features: int = 576, layer: int = 0, rank: int = 8) -> Path:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": base,
+                                                             "peft_type": "LORA"}))
+    write_safetensors(adapter / "adapter_model.safetensors", {
+        f"base_model.model.model.layers.{layer}.self_attn.q_proj.lora_A.weight": [rank, in_features],
+        f"base_model.model.model.layers.{layer}.self_attn.q_proj.lora_B.weight": [576, rank],
+    })
+    return adapter
+
+
+def test_split_names_resolve_to_clean_files_and_unknown_names_fail(config):
+    with pytest.raises(BatchError, match=r"split 'val': .*val.jsonl not found \(run `e2e-llm data"):
+        resolve_split(config, "val")
+    with pytest.raises(BatchError, match=r"unknown split 'dev' \(known: train, val, test"):
+        resolve_split(config, "dev")
+    with pytest.raises(BatchError, match="missing.jsonl: file not found"):
+        resolve_split(config, "/nowhere/missing.jsonl")
+    val = Path(config.storage_uri("data", "viggo", "val.jsonl"))
+    val.parent.mkdir(parents=True)
+    val.write_text('{"input": "x"}\n')
+    assert resolve_split(config, "val") == str(val)
+
+
+def test_empty_dataset_is_a_clear_error(config, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(BatchError, match=r"empty.jsonl: no rows \(empty dataset\)"):
+        load_rows(config, str(empty))
+
+
+def test_rows_without_input_are_kept_and_flagged_with_file_and_line(config, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    lines = [
+        {"instruction": "s", "input": "good row", "output": "inform(name[A])", "id": 7},
+        {"instruction": "s", "output": "inform(name[B])"},
+        {"input": "   "},
+        "not json",
+        [1, 2],
+        {"input": "ok", "instruction": 3},
+    ]
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    data = load_rows(config, str(path))
+    assert len(data.rows) == 6  # nothing dropped
+    assert [r["_line"] for r in data.rows] == [1, 2, 3, 4, 5, 6]
+    assert data.rows[0]["id"] == 7 and 1 not in data.invalid
+    assert data.invalid[2].endswith("rows.jsonl:2: field 'input' missing or empty")
+    assert "rows.jsonl:3: field 'input'" in data.invalid[3]
+    assert "rows.jsonl:4: invalid JSON" in data.invalid[4]
+    assert "rows.jsonl:5: row must be a JSON object" in data.invalid[5]
+    assert "field 'instruction' must be a string" in data.invalid[6]
+    assert load_rows(config, str(path), limit=2).rows[-1]["_line"] == 2
+
+
+def test_adapter_checks_name_files_and_shapes(config, tmp_path):
+    model = fake_model(tmp_path / "models")
+    good = fake_adapter(tmp_path / "a", base=str(model))
+    adapter = check_adapter(config, good, str(model))
+    assert adapter.rank == 8 and len(adapter.sha256) == 64
+
+    with pytest.raises(BatchError, match="directory not found"):
+        check_adapter(config, tmp_path / "nope", str(model))
+    broken = fake_adapter(tmp_path / "b", base=str(model))
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(BatchError, match="adapter_model.safetensors missing"):
+        check_adapter(config, broken, str(model))
+
+
+def test_adapter_for_another_base_model_is_rejected(config, tmp_path):
+    model = fake_model(tmp_path / "models")
+    qwen = fake_adapter(tmp_path / "q", base="Qwen/Qwen2.5-7B-Instruct", in_features=3584)
+    with pytest.raises(BatchError, match=r"trained for another base model: adapter_config.json "
+                                         r"base_model_name_or_path is 'Qwen/Qwen2.5-7B-Instruct'"):
+        check_adapter(config, qwen, str(model))
+    # Same name but the tensors do not fit (a renamed or mislabelled base).
+    renamed = fake_adapter(tmp_path / "r", base="smollm2-135m", in_features=3584)
+    with pytest.raises(BatchError, match=r"does not fit base model 'smollm2-135m'.*input size 3584"):
+        check_adapter(config, renamed, str(model))
+    deep = fake_adapter(tmp_path / "d", base="smollm2-135m", layer=31)
+    with pytest.raises(BatchError, match="targets layer 31, the model has 30"):
+        check_adapter(config, deep, str(model))
+    manifest = {"base_model": {"id": "qwen2.5-7b-instruct"}}
+    with pytest.raises(BatchError, match="run manifest base_model.id is 'qwen2.5-7b-instruct'"):
+        check_adapter(config, fake_adapter(tmp_path / "m", base=str(model)), str(model), manifest)
+
+
+def test_lora_rank_rounds_up_to_what_vllm_accepts():
+    assert [lora_rank_for_vllm(r) for r in (1, 4, 8, 12, 64, 300)] == [1, 8, 8, 16, 64, 320]
+    with pytest.raises(BatchError, match="above vLLM's maximum"):
+        lora_rank_for_vllm(1024)
+
+
+def test_sampling_params_are_greedy_and_structured_from_the_task(config, viggo_task):
+    params = sampling_params(config, viggo_task)
+    assert params["temperature"] == 0.0 and params["max_tokens"] >= 128
+    assert params["structured_outputs"] == {"regex": viggo_task.output_regex()}
+    assert "structured_outputs" not in sampling_params(config, viggo_task, structured=False)
+
+
+def test_engine_kwargs_enable_lora_only_in_lora_mode(config, tmp_path):
+    from e2e_llm.batch import Adapter
+
+    adapter = Adapter(path=tmp_path, sha256="0" * 64, rank=12, base_model=None)
+    merged = engine_kwargs(config, adapter, "merged")
+    assert "enable_lora" not in merged and merged["max_model_len"] == config.model.max_model_len
+    lora = engine_kwargs(config, adapter, "lora")
+    assert lora["enable_lora"] is True and lora["max_lora_rank"] == 16
+
+
+def test_processor_config_schedules_on_cpu_without_a_gpu(config):
+    pytest.importorskip("ray.data.llm")
+    from e2e_llm.batch import processor_config
+
+    cfg = processor_config(config, "/models/x", None, "merged")
+    assert [b.get("GPU", 0) for b in cfg.placement_group_config["bundles"]] == [0]
+    assert cfg.accelerator_type is None and cfg.should_continue_on_error is True
+
+
+def test_previous_run_is_the_newest_over_the_same_data(config):
+    root = Path(config.storage_uri("batch"))
+    for run_id, finished, uri in [("a", "2026-01-01", "/d/val.jsonl"), ("b", "2026-01-03", "/d/val.jsonl"),
+                                  ("c", "2026-01-05", "/d/test.jsonl"), ("now", "2026-01-09", "/d/val.jsonl")]:
+        (root / run_id).mkdir(parents=True)
+        (root / run_id / "manifest.json").write_text(json.dumps(
+            {"finished_at": finished, "data": {"uri": uri}, "metrics": {"exact_match": len(run_id)}}))
+    assert previous_batch_metrics(config, "/d/val.jsonl", exclude="now") == ("b", {"exact_match": 1})
+    assert previous_batch_metrics(config, "/d/other.jsonl", exclude="now") is None
+
+
+def test_batch_cli_reports_bad_input_without_starting_an_engine(project_root, monkeypatch, capsys, tmp_path):
+    from e2e_llm.cli import main
+
+    monkeypatch.chdir(project_root)
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path))
+    assert main(["batch", "--profile", "local", "--adapter", "none", "--split", "nosuch"]) == 1
+    assert "unknown split 'nosuch'" in capsys.readouterr().err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"input": "x"}\n')
+    assert main(["batch", "--profile", "local", "--adapter", str(tmp_path / "gone"), "--split", str(rows)]) == 1
+    assert "gone" in capsys.readouterr().err
