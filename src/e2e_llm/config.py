@@ -196,6 +196,9 @@ class ServeConfig(Strict):
     auth: AuthConfig = AuthConfig()
     # How often every ingress replica re-reads the alias records (canary weights) from the store.
     alias_refresh_s: float = Field(2.0, gt=0)
+    # Ray Serve LLM groups streamed tokens for this long before passing them on (None: Ray's 50 ms).
+    # Fewer, larger messages through replica -> ingress -> proxy; see bench/RESULTS.md.
+    stream_batching_interval_ms: float | None = Field(None, gt=0)
     engine_kwargs: dict[str, Any] = {}
     # Ray's Prometheus metrics port on the serving node. Fixed locally so the canary's SLO gate
     # can scrape it; None lets Ray pick (clusters are scraped through the PodMonitor).

@@ -116,6 +116,8 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
         # LLMServer + per-adapter load lock (concurrent first requests for a new adapter).
         "server_cls": "e2e_llm.server:E2ELLMServer",
     }
+    if serve.stream_batching_interval_ms is not None:
+        llm_config["experimental_configs"] = {"stream_batching_interval_ms": serve.stream_batching_interval_ms}
     if cpu:
         llm_config["accelerator_config"] = {"kind": "cpu"}
     elif serve.accelerator_type:
