@@ -205,14 +205,27 @@ def check_adapter(config: PipelineConfig, path: Path, model_path: str,
     return Adapter(path=path, sha256=adapter_sha256(path), rank=rank, base_model=base, manifest=manifest)
 
 
+STORE_PREFIX = "store:"
+
+
 def resolve_adapter(config: PipelineConfig, ref: str | None, model_path: str) -> Adapter | None:
-    """``none`` -> no adapter; otherwise a path, run id, ``latest`` or store alias, through
-    :func:`e2e_llm.runs.resolve_adapter` when the training stage provides it."""
+    """``none`` -> no adapter; a folder, training run id or ``latest`` (newest completed run,
+    :func:`e2e_llm.runs.resolve_adapter`); or ``store:<alias|id|name:latest>``, a published
+    adapter from the adapter store (what serving calls that name)."""
     if ref is None or ref.lower() == "none":
         return None
     manifest = None
     path = Path(ref).expanduser()
-    if not path.exists():
+    if ref.startswith(STORE_PREFIX):
+        from e2e_llm.model import default_cache_dir
+        from e2e_llm.store import StoreError, fetch_adapter
+
+        try:
+            path, manifest = fetch_adapter(config, ref.removeprefix(STORE_PREFIX),
+                                           default_cache_dir() / "store-adapters")
+        except (StoreError, OSError) as exc:
+            raise BatchError(f"adapter {ref!r}: {exc}") from None
+    elif not path.exists():
         try:
             from e2e_llm.runs import resolve_adapter as resolve_run_adapter
         except ImportError:

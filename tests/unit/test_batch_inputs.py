@@ -192,3 +192,23 @@ def test_batch_cli_reports_bad_input_without_starting_an_engine(project_root, mo
     rows.write_text('{"input": "x"}\n')
     assert main(["batch", "--profile", "local", "--adapter", str(tmp_path / "gone"), "--split", str(rows)]) == 1
     assert "gone" in capsys.readouterr().err
+
+
+def test_store_alias_resolves_to_the_published_adapter(config, s3_server, tmp_path, monkeypatch):
+    import uuid
+
+    from e2e_llm.batch import resolve_adapter
+    from e2e_llm.store import AdapterStore
+
+    monkeypatch.setenv("E2E_LLM_CACHE", str(tmp_path / "cache"))
+    config.storage.adapters = f"s3://batch-{uuid.uuid4().hex[:8]}/adapters"
+    config.storage.endpoint_url = s3_server
+    model = fake_model(tmp_path / "models")
+    store = AdapterStore.from_config(config)
+    store.publish(fake_adapter(tmp_path / "a", base=str(model)), name="viggo", alias="prod",
+                  manifest={"run_id": "r1", "base_model": {"id": "smollm2-135m"}})
+    adapter = resolve_adapter(config, "store:prod", str(model))
+    assert adapter.path.name == "viggo-v1" and adapter.manifest["run_id"] == "r1"
+    assert adapter.path.is_relative_to(tmp_path / "cache")
+    with pytest.raises(BatchError, match="unknown adapter 'nope'"):
+        resolve_adapter(config, "store:nope", str(model))

@@ -22,7 +22,8 @@ from e2e_llm.cli import add_profile_argument
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_argument(parser)
     parser.add_argument("--adapter", default="latest",
-                        help="run id, adapter path, 'latest' (newest completed training run), store alias, or 'none'")
+                        help="run id, adapter path, 'latest' (newest completed training run), "
+                             "store:<alias|id> (published adapter), or 'none'")
     parser.add_argument("--split", help="split name (val, test) or a .jsonl path/URI (default: batch.split)")
     parser.add_argument("--limit", type=int, help="only the first N rows")
     parser.add_argument("--mode", choices=("merged", "lora"),
