@@ -1,0 +1,110 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared plumbing for the GPU benches (train_throughput.py, train_quality.py).
+
+A bench runs in three steps: ``prepare`` (here: wheels, dataset, tokenizer into the
+git-ignored ``.device/`` folder, which travels to the GPU machine as carried paths),
+``run`` (on the GPU machine: install the wheels with ``--no-deps``, train through
+LLaMA-Factory, write JSON under ``$OUT``) and ``record`` (here: append the figures to
+bench/results.jsonl). The GPU machine has torch/transformers/peft but no LLaMA-Factory and
+no network, so everything it needs travels in ``.device/``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_DIR = ROOT / ".device"
+WHEELS_DIR = DEVICE_DIR / "wheels"
+DATA_DIR = DEVICE_DIR / "viggo"
+RESULTS = ROOT / "bench" / "results.jsonl"
+SITE = Path("/tmp/e2e-site")
+
+# LLaMA-Factory 0.9.5 and what the GPU image lacks (it has torch, transformers, peft,
+# accelerate, pyarrow, pandas...). Versions match images/train/requirements.lock where the
+# lock has them; liger-kernel is for the fused-kernel variant, gguf for the SmolLM2 model.
+WHEELS = (
+    "llamafactory==0.9.5",
+    "datasets==4.0.0",
+    "dill==0.3.8",
+    "multiprocess==0.70.16",
+    "trl==0.24.0",
+    "omegaconf==2.4.0",
+    "antlr4-python3-runtime==4.13.2",
+    "fire==0.7.1",
+    "tyro==0.8.14",
+    "docstring-parser==0.18.0",
+    "shtab==1.13.0",
+    "termcolor==3.3.0",
+    "liger-kernel==0.8.5",
+    "gguf==0.19.0",
+)
+
+
+def download_wheels() -> None:
+    WHEELS_DIR.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+           "--platform", "manylinux_2_17_x86_64", "--platform", "any", "-d", str(WHEELS_DIR), *WHEELS]
+    subprocess.run(cmd, check=True)
+
+
+def write_dataset() -> None:
+    """The VIGGO splits as the training stage sees them (e2e-llm data: alpaca rows plus
+    dataset_info.json with system=instruction, prompt=input, response=output)."""
+    cli = Path(sys.executable).with_name("e2e-llm")
+    if not cli.exists():
+        cli = Path(shutil.which("e2e-llm") or "e2e-llm")
+    tmp = DEVICE_DIR / "viggo.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run([str(cli), "data", "--profile", "local", "--output", str(tmp)], check=True, cwd=ROOT)
+    shutil.rmtree(tmp / "raw", ignore_errors=True)  # the untouched source copies are not needed there
+    shutil.rmtree(DATA_DIR, ignore_errors=True)
+    tmp.rename(DATA_DIR)
+
+
+def install_wheels() -> dict[str, str]:
+    """Install the carried wheels (no deps, no index) and return the env children need."""
+    env = dict(os.environ)
+    if importlib.util.find_spec("llamafactory") is None:
+        wheels = sorted(str(p) for p in WHEELS_DIR.glob("*.whl"))
+        if not wheels:
+            raise SystemExit(f"no wheels under {WHEELS_DIR}: run `prepare` first and carry .device/wheels")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(SITE), *wheels], check=True)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), env.get("PYTHONPATH", "")) if p)
+    env.update(DISABLE_VERSION_CHECK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true", PYTHONUNBUFFERED="1",
+               HF_HOME=env.get("HF_HOME", "/tmp/e2e-hf"))
+    return env
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        if names:
+            return names[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "cpu"
+
+
+def today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+def append_results(lines: list[dict]) -> None:
+    """Append (never rewrite: the file is shared by every bench) one JSON object a line."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as fh:
+        for line in lines:
+            fh.write(json.dumps(line) + "\n")

@@ -1,0 +1,392 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Training throughput: the project's cluster recipes vs the tutorial's, through LLaMA-Factory.
+
+Effective (non-padding) tokens/s per GPU and MFU of configs/recipes/qwen2.5_7b_lora_sft_80gb.yaml
+(and the 24gb one) against configs/recipes/qwen2.5_7b_lora_sft_tutorial.yaml, one GPU, the same
+Qwen2.5-7B-shaped model with random weights (throughput does not depend on the values), the
+VIGGO train rows, side by side in one device run. Each variant is a fresh process running
+LLaMA-Factory 0.9.5's ``run_exp`` on the recipe with only deployment keys and ``max_steps``
+overridden; a callback times optimizer steps after warm-up with the GPU synchronised.
+
+    MFU = tokens/s x 4N / peak    (N = base parameters; 4N = forward + activation gradients,
+                                   LoRA has no base weight gradients; peak = dense bf16 spec)
+
+Counting: with ``neat_packing`` on sdpa, LLaMA-Factory hands the Trainer a 4-D float mask,
+and transformers' ``non_padding`` count sums that mask (a large negative number). The bench
+counts a token where the mask's diagonal is "attend" (4-D), or where the 2-D mask is non-zero.
+
+Steps (the model has no hub there: the tokenizer is SmolLM2's, template ``smollm2``):
+
+    # 1. here: wheels (LLaMA-Factory + deps, py3.12), VIGGO splits, tokenizer into .device/
+    .venv/train/bin/python bench/train_throughput.py prepare
+    # 2. on the GPU machine (device `run`, carry .device/wheels .device/viggo .device/tok):
+    python3 bench/train_throughput.py run --out $OUT          # ~8 min on one H100/H200
+    # 3. here: table + one JSON line per figure appended to bench/results.jsonl
+    python3 bench/train_throughput.py record /work/.device/<files_at>/train_throughput.json
+
+``run --dry-run`` does the same with a tiny model and 3 steps (CPU is fine) to check the plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _device  # noqa: E402
+
+TOK_DIR = _device.DEVICE_DIR / "tok"
+TOKENIZER_SOURCE = _device.ROOT / ".cache" / "models" / "smollm2-135m"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+RECIPES = _device.ROOT / "configs" / "recipes"
+TUTORIAL = "qwen2.5_7b_lora_sft_tutorial.yaml"
+R80 = "qwen2.5_7b_lora_sft_80gb.yaml"
+R24 = "qwen2.5_7b_lora_sft_24gb.yaml"
+
+# Qwen2.5-7B-Instruct's shape (its config.json), random weights.
+QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False, hidden_act="silu",
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+TINY = dict(QWEN25_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=49152)
+
+# name, recipe, overrides, optimizer steps, warm-up steps left out of the timing.
+VARIANTS = (
+    dict(name="tutorial", recipe=TUTORIAL, overrides={}, steps=9, skip=3),
+    dict(name="cluster-80gb", recipe=R80, overrides={}, steps=20, skip=5),
+    dict(name="cluster-24gb", recipe=R24, overrides={}, steps=14, skip=4),
+    dict(name="80gb+liger", recipe=R80, overrides={"enable_liger_kernel": True}, steps=20, skip=5),
+    dict(name="80gb+liger@2048x4", recipe=R80,
+         overrides={"enable_liger_kernel": True, "cutoff_len": 2048, "per_device_train_batch_size": 4},
+         steps=20, skip=5),
+    dict(name="80gb+liger@1024x8", recipe=R80,
+         overrides={"enable_liger_kernel": True, "cutoff_len": 1024, "per_device_train_batch_size": 8},
+         steps=20, skip=5),
+)
+PROJECT = ("cluster-80gb", "cluster-24gb")  # the recipes as committed
+BASELINE = "tutorial"
+OVERHEAD_S = 70  # process start, dataset packing, 15 GB model load, adapter save
+
+
+def peak_flops(gpu: str) -> float | None:
+    """Dense bf16 spec of the card (None: unknown card, no MFU)."""
+    name = gpu.upper()
+    if "H100" in name and "PCIE" in name:
+        return 756e12
+    if "H100" in name and "NVL" in name:
+        return 835e12
+    if "H100" in name or "H200" in name or "GH200" in name:
+        return 989e12
+    if "A100" in name:
+        return 312e12
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# prepare (here)
+
+
+def prepare(_: argparse.Namespace) -> int:
+    _device.download_wheels()
+    _device.write_dataset()
+    TOK_DIR.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy2(TOKENIZER_SOURCE / name, TOK_DIR / name)
+    size = sum(p.stat().st_size for d in (_device.WHEELS_DIR, _device.DATA_DIR, TOK_DIR) for p in d.rglob("*"))
+    print(f"bundle ready: .device/wheels .device/viggo .device/tok ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# run (GPU machine)
+
+
+def build_model(model_dir: Path, tiny: bool) -> None:
+    """Child process: a random-weight Qwen2.5-7B-shaped checkpoint (bf16) + SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**(TINY if tiny else QWEN25_7B))
+    config.dtype = torch.bfloat16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(model_dir, max_shard_size="5GB")
+    for name in TOKENIZER_FILES:
+        shutil.copy2(TOK_DIR / name, model_dir / name)
+    rope = getattr(model.config, "rope_parameters", None)
+    (model_dir / "bench_model.json").write_text(json.dumps({"n_params": n_params, "rope": rope}) + "\n")
+
+
+def _install_token_counter():
+    """Count non-padding tokens for 2-D masks (0 = pad) and LLaMA-Factory's 4-D neat-packing masks."""
+    import torch
+    from transformers import Trainer
+
+    totals = {"all": 0}
+
+    def track(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no":
+            return
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            n = torch.tensor(ids.numel(), device=ids.device)
+        elif mask.dim() == 4:  # [b, 1, L, L] additive: 0 where attention is allowed
+            n = (torch.diagonal(mask[:, 0], dim1=-2, dim2=-1) == 0).sum()
+        else:
+            n = (mask != 0).sum()
+        n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(n).sum().item())
+        totals["all"] += ids.numel()
+
+    Trainer._track_num_input_tokens = track
+    return totals
+
+
+def run_variant(spec_file: Path) -> int:
+    """Child process: one recipe through LLaMA-Factory, timed with a Trainer callback."""
+    import torch
+    import yaml
+    from transformers import TrainerCallback
+
+    spec = json.loads(spec_file.read_text())
+    totals = _install_token_counter()
+    cuda = torch.cuda.is_available()
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[int, float, int, int]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen, totals["all"]))
+
+    recipe = yaml.safe_load((RECIPES / spec["recipe"]).read_text())
+    args = dict(recipe)
+    args.update(spec["overrides"])
+    for key in ("eval_steps", "per_device_eval_batch_size", "save_steps", "save_total_limit", "num_train_epochs"):
+        args.pop(key, None)
+    args.update(
+        model_name_or_path=spec["model_dir"], template="smollm2", dataset_dir=str(_device.DATA_DIR),
+        dataset="viggo-train", output_dir=spec["output_dir"], overwrite_output_dir=True,
+        max_steps=spec["steps"], save_strategy="no", eval_strategy="no", do_eval=False, report_to="none",
+        plot_loss=False, logging_steps=5, include_num_input_tokens_seen="non_padding",
+        preprocessing_num_workers=min(16, os.cpu_count() or 1),
+    )
+    if not cuda:
+        args.pop("bf16", None)
+        args.pop("enable_liger_kernel", None)
+    clock = Clock()
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args=args, callbacks=[clock])
+
+    marks = clock.marks
+    skip = min(spec["skip"], len(marks) - 2)
+    (s0, t0, n0, a0), (s1, t1, n1, a1) = marks[skip], marks[-1]
+    result = {
+        "steps_timed": s1 - s0, "seconds": t1 - t0, "tokens": n1 - n0, "tokens_all": a1 - a0,
+        "tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (s1 - s0),
+        "tokens_per_step": (n1 - n0) / (s1 - s0), "padding_fraction": 1 - (n1 - n0) / max(1, a1 - a0),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "args": {k: args[k] for k in sorted(args) if k not in ("model_name_or_path", "dataset_dir", "output_dir")},
+    }
+    Path(spec["result"]).write_text(json.dumps(result) + "\n")
+    return 0
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run(ns: argparse.Namespace) -> int:
+    start = time.monotonic()
+    out = Path(ns.out or os.environ.get("OUT") or "/tmp/e2e-bench-out")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(ns.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = _device.install_wheels()
+    gpu = _device.gpu_name()
+    log = out / "train_throughput.log"
+    me = [sys.executable, str(Path(__file__).resolve())]
+
+    model_dir = work / ("qwen2.5-7b-shape-tiny" if ns.dry_run else "qwen2.5-7b-shape")
+    if not (model_dir / "bench_model.json").is_file():
+        t = time.monotonic()
+        with log.open("a") as fh:
+            subprocess.run([*me, "_build", str(model_dir)] + (["--tiny"] if ns.dry_run else []),
+                           env=env, check=True, stdout=fh, stderr=subprocess.STDOUT)
+        print(f"built {model_dir} in {time.monotonic() - t:.0f} s", flush=True)
+    model_info = json.loads((model_dir / "bench_model.json").read_text())
+
+    names = [v["name"] for v in VARIANTS]
+    chosen = [v for v in VARIANTS if not ns.only or v["name"] in ns.only]
+    unknown = set(ns.only or ()) - set(names)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; have {names}")
+    results: dict[str, dict] = {}
+    liger_ok = True
+    for variant in chosen:
+        spec = dict(variant, overrides=dict(variant["overrides"]))
+        if spec["overrides"].get("enable_liger_kernel") and not liger_ok:
+            spec["overrides"].pop("enable_liger_kernel")
+            spec["name"] = spec["name"].replace("+liger", "")
+        if ns.dry_run:
+            spec.update(steps=3, skip=1)
+        left = ns.budget_s - (time.monotonic() - start)
+        if left < OVERHEAD_S + 30:
+            results[spec["name"]] = {"error": f"skipped: {left:.0f} s of budget left"}
+            print(f"{spec['name']}: skipped ({left:.0f} s left)", flush=True)
+            continue
+        spec.update(model_dir=str(model_dir), output_dir=str(work / "out" / spec["name"]),
+                    result=str(work / f"{spec['name']}.json"))
+        spec_file = work / f"{spec['name']}.spec.json"
+        spec_file.write_text(json.dumps(spec))
+        Path(spec["result"]).unlink(missing_ok=True)
+        vlog = work / f"{spec['name']}.log"
+        t = time.monotonic()
+        try:
+            with vlog.open("w") as fh:
+                rc = subprocess.run([*me, "_variant", str(spec_file)], env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT, timeout=left - 10).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        with log.open("a") as fh:
+            fh.write(f"\n===== {spec['name']} rc={rc} {time.monotonic() - t:.0f} s\n{_tail(vlog, 60)}\n")
+        if rc == 0 and Path(spec["result"]).is_file():
+            results[spec["name"]] = json.loads(Path(spec["result"]).read_text())
+        else:
+            results[spec["name"]] = {"error": f"rc={rc}: {_tail(vlog, 6)}"}
+            if spec["overrides"].get("enable_liger_kernel"):
+                liger_ok = False
+        r = results[spec["name"]]
+        shown = f"{r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else r["error"][-300:]
+        print(f"{spec['name']}: {shown} ({time.monotonic() - t:.0f} s)", flush=True)
+        shutil.rmtree(work / "out" / spec["name"], ignore_errors=True)
+
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    sys.path.insert(0, str(_device.SITE))
+    report = {
+        "machine": gpu, "date": _device.today(), "dry_run": ns.dry_run, "n_params": model_info["n_params"],
+        "peak_flops": peak_flops(gpu), "model_rope": model_info.get("rope"),
+        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "accelerate")},
+        "variants": results, "wall_s": time.monotonic() - start,
+    }
+    (out / "train_throughput.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(table(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# record (here)
+
+
+def table(report: dict) -> str:
+    base = report["variants"].get(BASELINE, {}).get("tokens_per_s")
+    peak = report["peak_flops"]
+    n = report["n_params"]
+    peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown"
+    rows = [f"{report['machine']}  {report['date']}  N={n / 1e9:.3f}B  peak={peak_text}",
+            f"{'variant':<22} {'tok/s':>8} {'x tut':>6} {'MFU':>6} {'tok/step':>9} {'s/step':>7} {'pad':>5} {'GiB':>6}"]
+    for name, r in report["variants"].items():
+        if "tokens_per_s" not in r:
+            rows.append(f"{name:<22} {r.get('error', '')[:120]}")
+            continue
+        tps = r["tokens_per_s"]
+        mfu = f"{tps * 4 * n / peak:6.1%}" if peak else "     -"
+        ratio = f"{tps / base:6.2f}" if base else "     -"
+        mem = f"{r['peak_mem_gib']:6.1f}" if r.get("peak_mem_gib") is not None else "     -"
+        rows.append(f"{name:<22} {tps:8.0f} {ratio} {mfu} {r['tokens_per_step']:9.0f} {r['s_per_step']:7.3f} "
+                    f"{r['padding_fraction']:5.1%} {mem}")
+    return "\n".join(rows)
+
+
+def record(ns: argparse.Namespace) -> int:
+    report = json.loads(Path(ns.report).read_text())
+    for item in ns.rename:  # e.g. a recipe measured before it changed: cluster-80gb=cluster-80gb-before
+        old, _, new = item.partition("=")
+        report["variants"] = {new if k == old else k: v for k, v in report["variants"].items()}
+    print(table(report))
+    if report.get("dry_run"):
+        print("dry run: nothing recorded")
+        return 0
+    variants = report["variants"]
+    base = variants.get(BASELINE, {})
+    if "tokens_per_s" not in base:
+        raise SystemExit(f"baseline {BASELINE!r} has no figure: {base.get('error')}")
+    peak, n = report["peak_flops"], report["n_params"]
+    lines = []
+    for name, r in variants.items():
+        if "tokens_per_s" not in r:
+            continue
+        settings = ", ".join(f"{k}={r['args'][k]}" for k in (
+            "cutoff_len", "packing", "neat_packing", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "disable_gradient_checkpointing", "enable_liger_kernel") if k in r["args"])
+        common = {"machine": report["machine"], "date": report["date"],
+                  "settings": f"{name}: {settings}; {r['steps_timed']} steps timed, peak {r['peak_mem_gib']:.1f} GiB"}
+        tps, btps = r["tokens_per_s"], base["tokens_per_s"]
+        lines.append({"bench": "train_throughput", "metric": f"tokens_per_s_per_gpu/{name}", "value": round(tps, 1),
+                      "baseline": round(btps, 1), "ratio": round(tps / btps, 3), **common})
+        if peak:
+            mfu, bmfu = tps * 4 * n / peak, btps * 4 * n / peak
+            lines.append({"bench": "train_throughput", "metric": f"mfu/{name}", "value": round(mfu, 4),
+                          "baseline": round(bmfu, 4), "ratio": round(mfu / bmfu, 3), **common})
+    _device.append_results(lines)
+    print(f"appended {len(lines)} lines to {_device.RESULTS}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prepare", help="wheels, dataset and tokenizer into .device/ (here)")
+    p = sub.add_parser("run", help="train every variant on this GPU and write train_throughput.json")
+    p.add_argument("--out", help="output folder (default $OUT)")
+    p.add_argument("--work", default="/tmp/e2e-bench", help="model and scratch folder (local disk)")
+    p.add_argument("--budget-s", type=float, default=560, help="skip variants that would not finish in time")
+    p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="tiny model, 3 steps: plumbing check")
+    p = sub.add_parser("record", help="append the figures of a run to bench/results.jsonl (here)")
+    p.add_argument("report", help="train_throughput.json from `run`")
+    p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="record a variant as NEW")
+    p = sub.add_parser("_build")
+    p.add_argument("model_dir")
+    p.add_argument("--tiny", action="store_true")
+    p = sub.add_parser("_variant")
+    p.add_argument("spec")
+    ns = parser.parse_args(argv)
+    if ns.cmd == "prepare":
+        return prepare(ns)
+    if ns.cmd == "run":
+        return run(ns)
+    if ns.cmd == "record":
+        return record(ns)
+    if ns.cmd == "_build":
+        build_model(Path(ns.model_dir), ns.tiny)
+        return 0
+    return run_variant(Path(ns.spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
