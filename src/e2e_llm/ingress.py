@@ -153,7 +153,7 @@ class E2EIngress(OpenAiIngress):
                 if self._loaded_at == float("-inf"):
                     raise OpenAIHTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                               f"adapter store {self._store.uri} unreadable: {exc}",
-                                              type="ServiceUnavailable")
+                                              type="ServiceUnavailable") from None
 
     def _not_found(self, model: str, why: str) -> UnknownModel:
         return UnknownModel(

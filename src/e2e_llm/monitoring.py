@@ -48,8 +48,8 @@ def pod_monitor(config: PipelineConfig, namespace: str | None = None) -> dict[st
                     "port": RAY_METRICS_PORT_NAME,
                     "interval": "15s",
                     "relabelings": [
-                        {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster"},
-                        {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_node_type"], "targetLabel": "ray_io_node_type"},
+                        {"sourceLabels": [f"__meta_kubernetes_pod_label_{label}"], "targetLabel": label}
+                        for label in ("ray_io_cluster", "ray_io_node_type")
                     ],
                 }
             ],

@@ -177,8 +177,9 @@ def test_per_version_metrics_reach_rays_prometheus_endpoint(serve_app, val_rows)
     deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
     while time.monotonic() < deadline:
         text = httpx.get(serve_app.metrics_url, timeout=10).text
-        lines = [l for l in text.splitlines() if l.startswith("ray_e2e_llm_requests_total{")]
-        if any(f'alias="{serve_app.alias}"' in l and f'version="{serve_app.adapters["trained"]}"' in l for l in lines):
+        wanted = (f'alias="{serve_app.alias}"', f'version="{serve_app.adapters["trained"]}"')
+        samples = [s for s in text.splitlines() if s.startswith("ray_e2e_llm_requests_total{")]
+        if any(all(w in s for w in wanted) for s in samples):
             break
         time.sleep(2)
     else:

@@ -69,7 +69,8 @@ def test_alias_weights_pick_and_revisions(store, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"stable": "viggo-v9"}, "stable 'viggo-v9' is not a published adapter"),
-    ({"stable": "viggo-v1", "candidate": "viggo-v1", "candidate_weight": 1.5}, r"candidate_weight 1.5 is not in \[0, 1\]"),
+    ({"stable": "viggo-v1", "candidate": "viggo-v1", "candidate_weight": 1.5},
+     r"candidate_weight 1.5 is not in \[0, 1\]"),
     ({"stable": "viggo-v1", "candidate_weight": 0.5}, "without a candidate"),
 ])
 def test_bad_alias_updates_are_rejected(store, tmp_path, kwargs, message):

@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         if args.publish:
             adapter_dir, manifest = find_training_adapter(config, args.publish)
             name = config.data.dataset
-            done = [v["id"] for v in store.versions(name) if manifest.get("run_id") and v.get("run_id") == manifest["run_id"]]
+            run_id = manifest.get("run_id")
+            done = [v["id"] for v in store.versions(name) if run_id and v.get("run_id") == run_id]
             adapter_id = done[-1] if done else store.publish(
                 adapter_dir, name=name, manifest=manifest, max_rank=max_lora_rank(recipe_lora_rank(config)))
             if name not in store.aliases() or store.aliases()[name].stable != adapter_id:
