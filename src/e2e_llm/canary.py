@@ -213,7 +213,8 @@ def load_canary_set(policy: CanaryPolicy, root: Path) -> list[dict[str, str]]:
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         row = json.loads(line)
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "input", "output")):
+        fields = ("instruction", "input", "output")
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
             raise ConfigError(f"{path}:{number}: canary row needs string instruction, input and output")
         rows.append(row)
     if len(rows) != spec.rows:
@@ -408,9 +409,10 @@ def quality_gate(task, rows: Sequence[dict[str, str]], stable: Sequence[Answer],
     references = [r["output"] for r in rows]
     inputs = [r["input"] for r in rows]
     n = len(rows)
-    answered = {"stable": sum(a.text is not None for a in stable), "candidate": sum(a.text is not None for a in candidate)}
+    answered = {"stable": sum(a.text is not None for a in stable),
+                "candidate": sum(a.text is not None for a in candidate)}
     details: dict[str, Any] = {"rows": n, "answered": answered}
-    first_error = {name: next((a.error for a in answers if a.text is None), None)
+    first_error = {name: next(((a.error or "")[:120] for a in answers if a.text is None), None)
                    for name, answers in (("stable", stable), ("candidate", candidate))}
     for name in ("stable", "candidate"):
         if answered[name] < policy.min_answered * n:
@@ -460,7 +462,8 @@ def slo_gate(window: dict[str, VersionStats], stable: str, candidate: str, polic
                           details)
     s_err, c_err = stab.errors / stab.requests, cand.errors / cand.requests
     s_p95, c_p95 = stab.quantile(0.95), cand.quantile(0.95)
-    checks = [Check("slo", "requests", stab.requests, cand.requests, f">= {policy.min_requests}", True)]
+    from_baseline = " (stable: last full window)" if details.get("stable_from_baseline") else ""
+    checks = [Check("slo", "requests", stab.requests, cand.requests, f">= {policy.min_requests}{from_baseline}", True)]
     failures = []
     ok = c_err - s_err <= policy.max_error_rate_delta + 1e-9
     checks.append(Check("slo", "error_rate", s_err, c_err, f"<= {s_err + policy.max_error_rate_delta:.3f}", ok))
@@ -630,8 +633,8 @@ class Controller:
             if candidate is not None and candidate != rollout.candidate:
                 raise CanaryError(
                     f"rollout {rollout.id} of {rollout.candidate} on alias {rollout.alias!r} is unfinished "
-                    f"({rollout.effective_last['event']}); rerun without --adapter (or with {rollout.candidate}) to resume "
-                    "it, or `e2e-llm rollback` first")
+                    f"({rollout.effective_last['event']}); rerun without --adapter (or with {rollout.candidate}) "
+                    "to resume it, or `e2e-llm rollback` first")
             self._check_not_running(rollout)
             self._record(rollout, "resume", after=rollout.last["event"])
             self.out(f"resuming rollout {rollout.id}: {rollout.stable} -> {rollout.candidate} "
@@ -651,7 +654,8 @@ class Controller:
                               f"{state.candidate} without an unfinished rollout in the log; fix the alias first")
         if candidate == state.stable:
             raise CanaryError(f"{candidate} is already the stable version of alias {self.policy.alias!r}")
-        rollout = Rollout(uuid.uuid4().hex[:12], self.policy.alias, state.stable, candidate, list(self.policy.steps), [])
+        rollout = Rollout(uuid.uuid4().hex[:12], self.policy.alias, state.stable, candidate,
+                          list(self.policy.steps), [])
         self._record(rollout, "start", stable=state.stable, candidate=candidate, steps=rollout.steps,
                      policy=self.policy.digest(), canary_set={"version": self.policy.canary_set.version,
                                                               "sha256": self.policy.canary_set.sha256,
@@ -672,8 +676,8 @@ class Controller:
         if rollout.promoted:
             self._record(rollout, "revert", reason=reason, to=rollout.stable)
             return self._drive(rollout)
-        raise CanaryError(f"last rollout {rollout.id} on alias {self.policy.alias!r} ended {rollout.effective_last['event']}; "
-                          "nothing to roll back")
+        raise CanaryError(f"last rollout {rollout.id} on alias {self.policy.alias!r} ended "
+                          f"{rollout.effective_last['event']}; nothing to roll back")
 
     def promote(self, reason: str = "manual promotion") -> Outcome:
         """Promote the unfinished rollout's candidate now, skipping the remaining gates."""
@@ -703,9 +707,10 @@ class Controller:
 
     def _apply(self, rollout: Rollout, state: AliasState) -> None:
         current = self.router.get(rollout.alias)
-        allowed_stable = {rollout.stable, rollout.candidate} if rollout.effective_last["event"] in ("promote", "revert") \
-            else {rollout.stable}
-        if current is None or current.stable not in allowed_stable or current.candidate not in (None, rollout.candidate):
+        moving_stable = rollout.effective_last["event"] in ("promote", "revert")
+        allowed_stable = {rollout.stable, rollout.candidate} if moving_stable else {rollout.stable}
+        if (current is None or current.stable not in allowed_stable
+                or current.candidate not in (None, rollout.candidate)):
             self._record(rollout, "conflict", found=asdict(current) if current else None)
             raise CanaryError(f"alias {rollout.alias!r} was changed outside this rollout (found {current}); "
                               "not touching it: inspect and `e2e-llm rollback`")
@@ -725,7 +730,10 @@ class Controller:
             elif action == "observe":
                 results = self._observe(rollout, step)
                 passed = all(r.status == "pass" for r in results)
-                reason = "; ".join(f"{r.gate}: {r.reason}" for r in results if r.status != "pass") or \
+                # what failed first, then what was inconclusive; all reasons when everything passed
+                order = {"fail": 0, "error": 0, "inconclusive": 1}
+                failing = sorted((r for r in results if r.status != "pass"), key=lambda r: order[r.status])
+                reason = "; ".join(f"{r.gate} {r.status}: {r.reason}" for r in failing) or \
                     "; ".join(f"{r.gate}: {r.reason}" for r in results)
                 record = self._record(rollout, "gate", step=step, weight=rollout.steps[step], passed=passed,
                                       reason=reason, results=[r.to_dict() for r in results])
@@ -785,11 +793,11 @@ class Controller:
 # Tables
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, count: bool = False) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if not value.is_integer() or abs(value) < 1 else f"{value:g}"
+    if isinstance(value, (int, float)):
+        return f"{value:g}" if count else f"{value:.3f}"
     return str(value)
 
 
@@ -803,8 +811,9 @@ def format_gate_table(gate_records: Sequence[dict[str, Any]]) -> str:
                                                "ok": None}]
             for check in checks:
                 ok = check["ok"]
+                count = check["metric"] in ("requests", "answered")
                 lines.append((str(record["step"] + 1), f"{record['weight']}%", result["gate"], check["metric"],
-                              _fmt(check["stable"]), _fmt(check["candidate"]), check["limit"],
+                              _fmt(check["stable"], count), _fmt(check["candidate"], count), check["limit"],
                               "pass" if ok else ("-" if ok is None else "FAIL")))
         verdict = "PASS" if record["passed"] else "FAIL"
         lines.append((str(record["step"] + 1), f"{record['weight']}%", "decision", verdict, "", "", "",

@@ -263,8 +263,9 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
         prober = OpenAIProber(base_url or default_base_url(config), config.model.id, api_key=api_key,
                               output_regex=task.output_regex())
         metrics = metrics_source(config, policy, metrics_urls=metrics_urls, prometheus_url=prometheus_url)
-    controller = Controller(policy=policy, task=task, canary_rows=rows, log=RolloutLog(rollout_log_uri(store, policy.alias)),
-                            router=StoreRouter(store), prober=prober, metrics=metrics, out=out)
+    log = RolloutLog(rollout_log_uri(store, policy.alias))
+    controller = Controller(policy=policy, task=task, canary_rows=rows, log=log, router=StoreRouter(store),
+                            prober=prober, metrics=metrics, out=out)
     return controller, store
 
 

@@ -25,33 +25,43 @@ from e2e_llm.canary_io import (
 ROOT = Path(__file__).resolve().parents[2]
 
 # What Ray's metrics port serves for the ingress counters (labels as Ray 2.60 exports them).
-EXPOSITION = """\
-# HELP ray_e2e_llm_requests_total Requests by model, alias, adapter version and HTTP status.
-# TYPE ray_e2e_llm_requests_total counter
-ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="viggo",model="smollm2-135m",status="200",version="viggo-v1"} 90.0
-ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="b",alias="viggo",model="smollm2-135m",status="200",version="viggo-v1"} 10.0
-ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="viggo",model="smollm2-135m",status="500",version="viggo-v2"} 3.0
-ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="viggo",model="smollm2-135m",status="200",version="viggo-v2"} 7.0
-ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="",model="smollm2-135m",status="404",version="viggo-v2"} 8.0
-ray_e2e_llm_requests_total{Component="core_worker",SessionName="s1",Version="2.60.0",WorkerId="a",alias="",model="smollm2-135m",status="200",version=""} 5.0
-# HELP ray_e2e_llm_request_latency_seconds End-to-end request latency.
-# TYPE ray_e2e_llm_request_latency_seconds histogram
-ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="0.5",model="smollm2-135m",stream="false",version="viggo-v1"} 40.0
-ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="1.0",model="smollm2-135m",stream="false",version="viggo-v1"} 90.0
-ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="+Inf",model="smollm2-135m",stream="false",version="viggo-v1"} 100.0
-ray_e2e_llm_request_latency_seconds_count{WorkerId="a",alias="viggo",model="smollm2-135m",stream="false",version="viggo-v1"} 100.0
-ray_e2e_llm_request_latency_seconds_sum{WorkerId="a",alias="viggo",model="smollm2-135m",stream="false",version="viggo-v1"} 60.0
-ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="0.5",model="smollm2-135m",stream="true",version="viggo-v2"} 1.0
-ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="1.0",model="smollm2-135m",stream="true",version="viggo-v2"} 10.0
-ray_e2e_llm_request_latency_seconds_bucket{WorkerId="a",alias="viggo",le="+Inf",model="smollm2-135m",stream="true",version="viggo-v2"} 10.0
-"""
+RAY = 'Component="core_worker",SessionName="s1",Version="2.60.0"'
+REQ = "ray_e2e_llm_requests_total"
+LAT = "ray_e2e_llm_request_latency_seconds"
+
+
+def _line(name: str, value: float, **labels: str) -> str:
+    return name + "{" + ",".join([RAY, *(f'{k}="{v}"' for k, v in labels.items())]) + "}" + f" {value}"
+
+
+EXPOSITION = "\n".join([
+    f"# HELP {REQ} Requests by model, alias, adapter version and HTTP status.",
+    f"# TYPE {REQ} counter",
+    _line(REQ, 90.0, WorkerId="a", alias="viggo", model="m", status="200", version="viggo-v1"),
+    _line(REQ, 10.0, WorkerId="b", alias="viggo", model="m", status="200", version="viggo-v1"),
+    _line(REQ, 3.0, WorkerId="a", alias="viggo", model="m", status="500", version="viggo-v2"),
+    _line(REQ, 7.0, WorkerId="a", alias="viggo", model="m", status="200", version="viggo-v2"),
+    _line(REQ, 8.0, WorkerId="a", alias="", model="m", status="404", version="viggo-v2"),
+    _line(REQ, 5.0, WorkerId="a", alias="", model="m", status="200", version=""),
+    f"# HELP {LAT} End-to-end request latency.",
+    f"# TYPE {LAT} histogram",
+    _line(f"{LAT}_bucket", 40.0, WorkerId="a", alias="viggo", le="0.5", stream="false", version="viggo-v1"),
+    _line(f"{LAT}_bucket", 90.0, WorkerId="a", alias="viggo", le="1.0", stream="false", version="viggo-v1"),
+    _line(f"{LAT}_bucket", 100.0, WorkerId="a", alias="viggo", le="+Inf", stream="false", version="viggo-v1"),
+    _line(f"{LAT}_count", 100.0, WorkerId="a", alias="viggo", stream="false", version="viggo-v1"),
+    _line(f"{LAT}_sum", 60.0, WorkerId="a", alias="viggo", stream="false", version="viggo-v1"),
+    _line(f"{LAT}_bucket", 1.0, WorkerId="a", alias="viggo", le="0.5", stream="true", version="viggo-v2"),
+    _line(f"{LAT}_bucket", 10.0, WorkerId="a", alias="viggo", le="1.0", stream="true", version="viggo-v2"),
+    _line(f"{LAT}_bucket", 10.0, WorkerId="a", alias="viggo", le="+Inf", stream="true", version="viggo-v2"),
+]) + "\n"
 
 
 def test_scraped_exposition_is_summed_per_version_over_workers_and_filtered_by_alias():
     stats = ScrapeMetrics(["http://x/metrics"], "viggo", fetch=lambda url, timeout: EXPOSITION).snapshot()
     assert set(stats) == {"viggo-v1", "viggo-v2"}
     assert (stats["viggo-v1"].requests, stats["viggo-v1"].errors) == (100.0, 0.0)
-    assert (stats["viggo-v2"].requests, stats["viggo-v2"].errors) == (10.0, 3.0)  # the explicit 404 is not alias traffic
+    # the explicit 404 is not alias traffic
+    assert (stats["viggo-v2"].requests, stats["viggo-v2"].errors) == (10.0, 3.0)
     assert stats["viggo-v1"].buckets == {0.5: 40.0, 1.0: 90.0, math.inf: 100.0}
     assert stats["viggo-v1"].quantile(0.95) == 1.0
 
@@ -96,7 +106,9 @@ def test_prometheus_query_api_gives_the_same_counters():
 
 
 def test_prometheus_errors_surface():
-    fetch = lambda url, timeout: json.dumps({"status": "error", "error": "bad query"})
+    def fetch(url, timeout):
+        return json.dumps({"status": "error", "error": "bad query"})
+
     with pytest.raises(RuntimeError, match="bad query"):
         PrometheusQueryMetrics("http://prom", "viggo", fetch=fetch).snapshot()
 
@@ -134,7 +146,8 @@ def test_openai_prober_sends_each_row_to_the_version_and_keeps_failures():
     prober = OpenAIProber("http://app/v1", "smollm2-135m", output_regex="inform\\(.*\\)",
                           client_factory=lambda timeout: Client)
     policy = load_policy(ROOT / "configs/canary.yaml")
-    rows = [{"instruction": "sys", "input": "Halo", "output": "x"}, {"instruction": "sys", "input": "fail", "output": "y"}]
+    rows = [{"instruction": "sys", "input": "Halo", "output": "x"},
+            {"instruction": "sys", "input": "fail", "output": "y"}]
     answers = prober.probe("viggo-v2", rows, policy.quality.model_copy(update={"structured_output": True}))
     assert answers[0].text == "inform(name[Halo])" and answers[0].error is None
     assert answers[1].text is None and "adapter failed to load" in answers[1].error

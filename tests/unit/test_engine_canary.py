@@ -186,7 +186,8 @@ class FakeKube:
     def run(self, cmd):
         self.commands.append(cmd)
         if cmd[:2] == ["kubectl", "get"]:
-            status = {"activeServiceStatus": {"rayClusterName": "e2e-llm-aaaaa", "trafficRoutedPercent": 100 - self.percent}}
+            active = {"rayClusterName": "e2e-llm-aaaaa", "trafficRoutedPercent": 100 - self.percent}
+            status = {"activeServiceStatus": active}
             if self.pending:
                 status["pendingServiceStatus"] = {"rayClusterName": self.pending, "trafficRoutedPercent": self.percent}
             return subprocess.CompletedProcess(cmd, 0, json.dumps({"status": status}), "")
@@ -259,7 +260,7 @@ def test_rendered_rayservice_upgrades_incrementally_and_pods_carry_the_gate_labe
 def test_per_cluster_metrics_come_from_the_prometheus_query_api():
     def fetch(url, timeout):
         assert "sum+by+%28ray_io_cluster" in url
-        metric = {"ray_io_cluster": "c1", "status": "200"} if "requests" in url else {"ray_io_cluster": "c1", "le": "+Inf"}
+        metric = {"ray_io_cluster": "c1", **({"status": "200"} if "requests" in url else {"le": "+Inf"})}
         return json.dumps({"status": "success", "data": {"result": [{"metric": metric, "value": [0, "7"]}]}})
 
     class P:

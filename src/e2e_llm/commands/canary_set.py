@@ -41,9 +41,7 @@ def run(args: argparse.Namespace) -> int:
         f"{config.data.dataset}-{args.version}.jsonl"
     spec = write_canary_set(read_jsonl(split), config.task_schema(), args.rows, output, args.version,
                             lambda text: len(tokenizer(text + tokenizer.eos_token)["input_ids"]))
-    try:
+    if output.resolve().is_relative_to(config.root.resolve()):
         spec["path"] = str(output.resolve().relative_to(config.root.resolve()))
-    except ValueError:
-        pass
     print(yaml.safe_dump({"canary_set": spec}, sort_keys=False), end="")
     return 0
