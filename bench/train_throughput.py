@@ -21,9 +21,10 @@ Steps (the model has no hub there: the tokenizer is SmolLM2's, template ``smollm
     # 1. here: wheels (LLaMA-Factory + deps, py3.12), VIGGO splits, tokenizer into .device/
     .venv/train/bin/python bench/train_throughput.py prepare
     # 2. on the GPU machine (device `run`, carry .device/wheels .device/viggo .device/tok):
-    python3 bench/train_throughput.py run --out $OUT          # ~8 min on one H100/H200
+    python3 bench/train_throughput.py run --out $OUT          # ~7 min on one H200
     # 3. here: table + one JSON line per figure appended to bench/results.jsonl
     python3 bench/train_throughput.py record /work/.device/<files_at>/train_throughput.json
+    #    (--rename cluster-80gb=cluster-80gb-before records a recipe measured before it changed)
 
 ``run --dry-run`` does the same with a tiny model and 3 steps (CPU is fine) to check the plumbing.
 """
