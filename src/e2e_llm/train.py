@@ -466,7 +466,9 @@ def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs
             "global_step": state.get("global_step"),
             "max_steps": state.get("max_steps"),
             "tokens_seen": tokens,
-            "tokens_per_second": tokens / train_seconds if train_seconds else None,
+            # transformers' non-padding count sums a 4-D neat-packing mask into nonsense (negative):
+            # record no figure rather than a wrong one.
+            "tokens_per_second": tokens / train_seconds if tokens > 0 and train_seconds else None,
             "wall_time_s": round(wall_time, 1),
         },
         "attempts": len(starts),
