@@ -335,14 +335,15 @@ class RolloutLog:
     saw, another controller is active and the append fails without writing.
     """
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, storage_kw: dict[str, Any] | None = None):
         self.uri = uri
+        self.kw = dict(storage_kw or {})  # endpoint_url/region of an S3-compatible store
         self._seen: str | None = None
 
     def _load(self) -> str:
         from e2e_llm import storage
 
-        return storage.read_text(self.uri) if storage.exists(self.uri) else ""
+        return storage.read_text(self.uri, **self.kw) if storage.exists(self.uri, **self.kw) else ""
 
     def read(self) -> list[dict[str, Any]]:
         text = self._load()
@@ -366,7 +367,7 @@ class RolloutLog:
                 f"{self.uri} changed under this controller (another `e2e-llm canary/rollback/promote` ran); stopping"
             )
         text = current + json.dumps(record, sort_keys=True) + "\n"
-        storage.write_text(self.uri, text)
+        storage.write_text(self.uri, text, **self.kw)
         self._seen = text
 
 

@@ -215,6 +215,11 @@ def rollout_log_uri(store, alias: str) -> str:
     return storage.join(store.uri, f"rollouts-{alias}.jsonl")
 
 
+def store_kw(store) -> dict[str, Any]:
+    """The storage keyword arguments (endpoint, region) the adapter store itself uses."""
+    return dict(getattr(store, "_kw", {}))
+
+
 def default_base_url(config) -> str:
     serve = config.serve
     return config.canary.base_url or f"http://{serve.host}:{serve.port}{serve.route_prefix.rstrip('/')}/v1"
@@ -263,7 +268,7 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
         prober = OpenAIProber(base_url or default_base_url(config), config.model.id, api_key=api_key,
                               output_regex=task.output_regex())
         metrics = metrics_source(config, policy, metrics_urls=metrics_urls, prometheus_url=prometheus_url)
-    log = RolloutLog(rollout_log_uri(store, policy.alias))
+    log = RolloutLog(rollout_log_uri(store, policy.alias), store_kw(store))
     controller = Controller(policy=policy, task=task, canary_rows=rows, log=log, router=StoreRouter(store),
                             prober=prober, metrics=metrics, out=out)
     return controller, store
