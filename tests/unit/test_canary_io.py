@@ -245,3 +245,21 @@ def test_cluster_profile_queries_prometheus(project_root):
     policy = load_policy(ROOT / "configs/canary.yaml")
     assert isinstance(metrics_source(config, policy), PrometheusQueryMetrics)
     assert len(load_canary_set(policy, project_root)) == policy.canary_set.rows
+
+
+def _make(*args: str):
+    import subprocess
+
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def test_make_canary_needs_adapter_and_rollback_target_adapter_is_adapter_level():
+    missing = _make("canary")
+    assert missing.returncode != 0 and "ADAPTER is required" in missing.stderr
+    assert "e2e-llm canary --profile local --adapter viggo-v2" in _make("canary", "ADAPTER=viggo-v2").stdout
+    rollback = _make("rollback", "TARGET=adapter")
+    assert rollback.returncode == 0 and "e2e-llm rollback --profile local" in rollback.stdout
+    assert "preflight" not in rollback.stdout  # no cloud credentials needed to move an alias back
+    wrong = _make("train", "TARGET=adapter")
+    assert wrong.returncode != 0 and "TARGET=adapter applies to make rollback only" in wrong.stderr
+    assert "e2e-llm promote --profile local" in _make("promote").stdout
