@@ -16,8 +16,8 @@ Each figure prints a table row and appends one JSON line to bench/results.jsonl:
 {"bench", "metric", "value", "baseline", "ratio", "machine", "date", ...details}.
 
 Usage (the CPU is shared: always under the heavy-job lock):
-    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/batch.py pipeline --rows 1000
-    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/batch.py engines --rows 200
+    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/batch.py pipeline --rows 800
+    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/batch.py engines --rows 100
 """
 
 from __future__ import annotations
