@@ -87,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
     except (CanaryError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        rollout = controller.current()
+        where = f"rollout {rollout.id} stopped after '{rollout.effective_last['event']}'" if rollout else "stopped"
+        print(f"interrupted: {where}; rerun `e2e-llm canary` to continue, or `e2e-llm rollback`", file=sys.stderr)
+        return 130
     rollout = controller.current()
     print(format_rollout(rollout))
     print_outcome(outcome, controller.policy.alias)
