@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_profile(args.profile)
     if args.platform:
         return run_engine(config, args)
+    controller = None
     try:
         controller, store = open_controller(
             config, policy_path=args.policy, alias=args.alias, base_url=args.base_url,
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        rollout = controller.current()
+        rollout = controller.current() if controller is not None else None
         where = f"rollout {rollout.id} stopped after '{rollout.effective_last['event']}'" if rollout else "stopped"
         print(f"interrupted: {where}; rerun `e2e-llm canary` to continue, or `e2e-llm rollback`", file=sys.stderr)
         return 130
