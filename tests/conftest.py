@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -82,7 +81,8 @@ def run_in_env(env_name: str, *args: str, timeout: float = 1800, **kwargs) -> su
         pytest.fail(f"{exe} missing: run `make env`")
     result = subprocess.run([str(exe), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
     if result.returncode != 0:
-        pytest.fail(f"e2e-llm {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        pytest.fail(f"e2e-llm {' '.join(args)} failed ({result.returncode}):\n"
+                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
@@ -95,6 +95,7 @@ def local_model(local_config) -> Path:
     if not (path / READY_MARKER).is_file():
         try:
             import gguf  # noqa: F401  (train env)
+
             from e2e_llm.model import prepare_model
 
             prepare_model(local_config.model)

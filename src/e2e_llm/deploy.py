@@ -26,7 +26,9 @@ from e2e_llm.config import ConfigError, PipelineConfig, Strict, load_profile, lo
 DEPLOY_FILE = Path("configs/deploy.yaml")
 # <ray X.Y.Z>-py<NNN>-<platform>[-<release>]: rayproject's {version}-{python}-{platform} tag
 # scheme with our release appended.
-IMAGE_TAG = re.compile(r"^(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d{2,3})-(?P<platform>cpu|cu\d{3}|gpu)(?:-(?P<release>[\w.]+))?$")
+IMAGE_TAG = re.compile(
+    r"^(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d{2,3})-(?P<platform>cpu|cu\d{3}|gpu)(?:-(?P<release>[\w.]+))?$"
+)
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")

@@ -16,6 +16,7 @@ Run layout under ``<storage>/runs/<run_id>/``: Ray Train's ``checkpoint_*`` dirs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -414,10 +415,8 @@ def _versions() -> dict[str, str]:
 
     out = {}
     for dist in ("llamafactory", "ray", "transformers", "torch", "peft", "e2e-llm"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
     return out
 
 

@@ -470,7 +470,9 @@ def _anyscale_field(model: Any, data: dict[str, Any], exc: Exception) -> str:
 
 
 SECRET_VALUE_KEYS = re.compile(r"(token|password|secret|api[_-]?key|access[_-]?key)", re.IGNORECASE)
-PLACEHOLDER = re.compile(r"(CHANGE[_ -]?ME|REPLACE[_ -]?(ME|WITH)|<your[^>]*>|xxxx+|\bTODO\b|\bFIXME\b|\bdummy\b)", re.IGNORECASE)
+PLACEHOLDER = re.compile(
+    r"(CHANGE[_ -]?ME|REPLACE[_ -]?(ME|WITH)|<your[^>]*>|xxxx+|\bTODO\b|\bFIXME\b|\bdummy\b)", re.IGNORECASE
+)
 TOKEN_SHAPES = re.compile(r"(hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,})")
 LATEST = re.compile(r":latest\b")
 URL = re.compile(r"(?:git\+)?https?://[^\s'\"]+")
@@ -557,7 +559,8 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) 
 
     text = path.read_text(encoding="utf-8")
     problems = []
-    result = subprocess.run([_bin("hadolint"), "--no-color", "-"], input=text, capture_output=True, text=True, check=False)
+    result = subprocess.run([_bin("hadolint"), "--no-color", "-"], input=text, capture_output=True, text=True,
+                            check=False)
     if result.returncode != 0:
         problems += [f"{path}: hadolint: {line.removeprefix('-:')}" for line in result.stdout.splitlines() if line]
     parser = DockerfileParser(fileobj=io.BytesIO(text.encode()))
@@ -571,7 +574,8 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) 
         if pins.get("ray") and base_ray != pins["ray"]:
             problems.append(f"{path}: FROM {base}: Ray {base_ray} in the base tag != ray=={pins['ray']} in {lock.name}")
         if ray_version and base_ray != ray_version:
-            problems.append(f"{path}: FROM {base}: Ray {base_ray} != rayVersion {ray_version} of the rendered image tag")
+            problems.append(
+                f"{path}: FROM {base}: Ray {base_ray} != rayVersion {ray_version} of the rendered image tag")
     lock_rel = f"{lock.parent.name}/{lock.name}"
     copies = [i["value"] for i in parser.structure if i["instruction"] == "COPY"]
     if not any(lock_rel in c for c in copies):

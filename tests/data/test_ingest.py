@@ -142,7 +142,8 @@ def test_full_viggo_splits_validate(tmp_path, viggo_task, viggo_dir):
 def test_toy_non_viggo_task_ingests(tmp_path):
     toy = TaskSchema.model_validate({"name": "toy", "functions": {"forecast": {}},
                                      "attributes": {"city": {}, "hazards": {"list": True}}})
-    rows = [{"instruction": "i", "input": "Rain and wind in Oslo", "output": "forecast(city[Oslo], hazards[rain, wind])"},
+    rows = [{"instruction": "i", "input": "Rain and wind in Oslo",
+             "output": "forecast(city[Oslo], hazards[rain, wind])"},
             {"instruction": "i", "input": "x", "output": "inform(name[X])"}]
     report = _ingest(tmp_path, toy, {"train.jsonl": "\n".join(map(json.dumps, rows)).encode()})
     assert (report.rows_in, report.rows_rejected) == (2, 1)

@@ -81,7 +81,7 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
 
 
 def test_training_reduced_the_loss(trained_adapter):
-    log = [json.loads(l) for l in (trained_adapter.parent / "trainer_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (trained_adapter.parent / "trainer_log.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in log if "loss" in row]
     assert losses[-1] < losses[0]
 

@@ -136,9 +136,11 @@ BROKEN = {
                      "Additional properties are not allowed ('valueFromm' was unexpected)")),
     # 7. secrets and pins
     "literal secret value": (_rayjob, [*WORKER0, "template", "spec", "containers", 0, "env", 0],
-                             {"name": "HF_TOKEN", "value": "hf_abcdefghijklmnopqrstuvwxyz"}, "HF_TOKEN carries a literal value"),
+                             {"name": "HF_TOKEN", "value": "hf_abcdefghijklmnopqrstuvwxyz"},
+                             "HF_TOKEN carries a literal value"),
     "latest image": (_rayjob, [*WORKER0, "template", "spec", "containers", 0, "image"],
-                     "ghcr.io/e2e-llm/e2e-llm-train:latest", "image 'ghcr.io/e2e-llm/e2e-llm-train:latest' has no pinned tag"),
+                     "ghcr.io/e2e-llm/e2e-llm-train:latest",
+                     "image 'ghcr.io/e2e-llm/e2e-llm-train:latest' has no pinned tag"),
 }
 
 
@@ -148,7 +150,8 @@ def _special(doc, path, value):
         groups.append(dict(groups[0]))
         return doc
     if value == "IMPORT":
-        return _set(doc, path, doc["spec"]["serveConfigV2"].replace("e2e_llm.serve:build_app", "e2e_llm.nope:build_app"))
+        broken = doc["spec"]["serveConfigV2"].replace("e2e_llm.serve:build_app", "e2e_llm.nope:build_app")
+        return _set(doc, path, broken)
     if value == "LLMCONFIG":
         config = yaml.safe_load(doc["spec"]["serveConfigV2"])
         config["applications"][0]["args"]["llm_configs"][0]["model_loading_confg"] = {}
@@ -255,7 +258,8 @@ def test_strict_schema_handles_the_kubernetes_extensions():
     validator = Draft7Validator(strict_schema({"type": "object", "properties": {
         "port": {"x-kubernetes-int-or-string": True},
         "name": {"type": "string", "nullable": True},
-        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
+        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                 "properties": {"a": {"type": "string"}}},
         "n": {"type": "integer", "format": "int32"},
     }}))
     assert not list(validator.iter_errors({"port": "http", "name": None, "free": {"anything": 1}, "n": 5}))

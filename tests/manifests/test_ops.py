@@ -21,8 +21,8 @@ BIN = Path(sys.executable).parent
 
 
 def _make(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-s", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True, check=False,
-                          timeout=60)
+    return subprocess.run(["make", "-s", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=60)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -82,9 +82,8 @@ def test_image_skips_a_client_whose_daemon_does_not_answer(tmp_path, monkeypatch
     assert cli.main(["image", "--name", "serve-cpu", "--push"]) == 0
     assert "build" not in (tmp_path / "docker.calls").read_text()
     calls = (tmp_path / "podman.calls").read_text().splitlines()
-    assert calls == ["info",
-                     "build -f images/serve/Containerfile.cpu -t ghcr.io/e2e-llm/e2e-llm-serve:2.60.0-py311-cpu-0.1.0 .",
-                     "push ghcr.io/e2e-llm/e2e-llm-serve:2.60.0-py311-cpu-0.1.0"]
+    image = "ghcr.io/e2e-llm/e2e-llm-serve:2.60.0-py311-cpu-0.1.0"
+    assert calls == ["info", f"build -f images/serve/Containerfile.cpu -t {image} .", f"push {image}"]
 
 
 def test_preflight_anyscale_names_the_missing_credentials(tmp_path, monkeypatch, capsys):

@@ -173,7 +173,8 @@ def test_deploy_config_errors_name_the_field(tmp_path, mutate, message):
 
 def test_accelerator_used_by_the_profile_must_be_mapped(tmp_path):
     deploy_cfg = load_deploy(_deploy_with(tmp_path, lambda d: d["accelerators"].pop("L4")), root=ROOT)
-    with pytest.raises(ConfigError, match=r"accelerators: no entry for 'L4' \(profile cluster batch.accelerator_type\)"):
+    expected = r"accelerators: no entry for 'L4' \(profile cluster batch.accelerator_type\)"
+    with pytest.raises(ConfigError, match=expected):
         deploy_cfg.pipeline()
 
 

@@ -31,7 +31,7 @@ def test_typo_names_file_line_and_key(tmp_path):
         load_profile(str(path))
     message = str(err.value)
     assert str(path) in message and "train.num_wrokers: unknown key" in message
-    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "num_wrokers" in l)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "num_wrokers" in text)
     assert f"{path}:{line}:" in message
 
 
