@@ -168,6 +168,7 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
         args["eval_dataset"] = f"{config.data.dataset}-{tc.eval_split}"
     else:
         args.pop("eval_strategy", None)
+        args.pop("do_eval", None)
     # Observability: effective (non-padding) tokens for tokens/s; LLaMA-Factory then logs them.
     args.setdefault("include_num_input_tokens_seen", "non_padding")
     if not tc.use_gpu:
@@ -384,9 +385,18 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
 
 def _read_log(run_uri: str, fs_kw: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     state_uri = storage.join(run_uri, "trainer_state.json")
-    history = json.loads(storage.read_text(state_uri, **fs_kw)).get("log_history", [])
+    state = json.loads(storage.read_text(state_uri, **fs_kw))
+    history = state.get("log_history", [])
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
+    # LLaMA-Factory's closing evaluate() (do_eval) runs after trainer_state.json is saved: its
+    # figures are only in all_results.json. Recipes that evaluate once, at the end, rely on it.
+    results_uri = storage.join(run_uri, "all_results.json")
+    if storage.exists(results_uri, **fs_kw):
+        final = json.loads(storage.read_text(results_uri, **fs_kw))
+        step = state.get("global_step")
+        if "eval_loss" in final and not any(h.get("step") == step for h in evals):
+            evals.append({"step": step, "eval_loss": final["eval_loss"]})
     return train, evals
 
 

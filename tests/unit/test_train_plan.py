@@ -88,3 +88,24 @@ def test_plan_overrides_only_deployment_keys(profile):
         assert plan.args[key] == value, key
     assert plan.args["dataset"] == "viggo-train" and plan.args["eval_dataset"] == "viggo-val"
     assert plan.args["model_name_or_path"].endswith("smollm2-135m")
+
+
+def test_closing_evaluation_is_read_from_all_results(tmp_path):
+    """The local recipe evaluates once, after training: that eval_loss is only in all_results.json."""
+    import json
+
+    from e2e_llm.train import _read_log
+
+    history = [{"step": 2, "loss": 2.5}, {"step": 4, "loss": 1.5}, {"step": 4, "train_runtime": 9.0}]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": history}))
+    train, evals = _read_log(str(tmp_path), {})
+    assert [h["loss"] for h in train] == [2.5, 1.5] and evals == []
+
+    (tmp_path / "all_results.json").write_text(json.dumps({"eval_loss": 1.25, "train_loss": 2.0}))
+    train, evals = _read_log(str(tmp_path), {})
+    assert evals == [{"step": 4, "eval_loss": 1.25}]
+
+    # an in-training evaluation at the last step is not counted twice
+    history.append({"step": 4, "eval_loss": 1.25})
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": history}))
+    assert len(_read_log(str(tmp_path), {})[1]) == 1
