@@ -32,6 +32,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RootedFile(Strict):
+    """A top-level config file: knows the project root its paths resolve against and its source."""
+
+    _root: Path = PrivateAttr(default=Path("."))
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source
+
+
 # ---------------------------------------------------------------------------------------
 # Loading with precise errors
 
@@ -216,7 +231,7 @@ class CanaryConfig(Strict):
     metrics_urls: list[str] = []
 
 
-class PipelineConfig(Strict):
+class PipelineConfig(RootedFile):
     profile: str
     model: ModelConfig
     storage: StorageConfig
@@ -225,17 +240,6 @@ class PipelineConfig(Strict):
     batch: BatchConfig = BatchConfig()
     serve: ServeConfig = ServeConfig()
     canary: CanaryConfig = CanaryConfig()
-
-    _root: Path = PrivateAttr(default=Path("."))
-    _source: Path | None = PrivateAttr(default=None)
-
-    @property
-    def root(self) -> Path:
-        return self._root
-
-    @property
-    def source_file(self) -> Path | None:
-        return self._source
 
     def path(self, value: str) -> Path:
         """Resolve a config path against the project root."""

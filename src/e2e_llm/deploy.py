@@ -19,9 +19,17 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from e2e_llm.config import ConfigError, PipelineConfig, Strict, load_profile, load_yaml_model, project_root
+from e2e_llm.config import (
+    ConfigError,
+    PipelineConfig,
+    RootedFile,
+    Strict,
+    load_profile,
+    load_yaml_model,
+    project_root,
+)
 
 DEPLOY_FILE = Path("configs/deploy.yaml")
 # <ray X.Y.Z>-py<NNN>-<platform>[-<release>]: rayproject's {version}-{python}-{platform} tag
@@ -177,7 +185,7 @@ class AnyscaleSettings(Strict):
     project: str | None = None
 
 
-class DeployConfig(Strict):
+class DeployConfig(RootedFile):
     profile: str
     name: str
     images: Images
@@ -189,23 +197,12 @@ class DeployConfig(Strict):
     service: Service
     anyscale: AnyscaleSettings = AnyscaleSettings()
 
-    _root: Path = PrivateAttr(default=Path("."))
-    _source: Path | None = PrivateAttr(default=None)
-
     @field_validator("name")
     @classmethod
     def _dns_label(cls, value: str) -> str:
         if not DNS1035.match(value) or len(value) > 40:
             raise ValueError("name must be a DNS-1035 label of at most 40 characters (it prefixes object names)")
         return value
-
-    @property
-    def root(self) -> Path:
-        return self._root
-
-    @property
-    def source_file(self) -> Path | None:
-        return self._source
 
     def pipeline(self) -> PipelineConfig:
         """The deployed profile, checked against this file (every accelerator it uses is mapped)."""

@@ -60,6 +60,24 @@ def print_outcome(outcome, alias: str) -> None:
               f"({outcome.reason})")
 
 
+def run_manual(args: argparse.Namespace, action: str) -> int:
+    """`e2e-llm promote` / `e2e-llm rollback`: a human decision on the alias's rollout, logged."""
+    from e2e_llm.canary import CanaryError
+    from e2e_llm.canary_io import open_controller
+    from e2e_llm.config import load_profile
+    from e2e_llm.store import StoreError
+
+    config = load_profile(args.profile)
+    try:
+        controller, _ = open_controller(config, policy_path=args.policy, alias=args.alias, for_gates=False)
+        outcome = getattr(controller, action)(args.reason)
+    except (CanaryError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_outcome(outcome, controller.policy.alias)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.canary import CanaryError, format_rollout
     from e2e_llm.canary_io import open_controller, resolve_candidate

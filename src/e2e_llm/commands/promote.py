@@ -9,9 +9,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 
-from e2e_llm.commands.canary import add_common, print_outcome
+from e2e_llm.commands.canary import add_common, run_manual
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,17 +19,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from e2e_llm.canary import CanaryError
-    from e2e_llm.canary_io import open_controller
-    from e2e_llm.config import load_profile
-    from e2e_llm.store import StoreError
-
-    config = load_profile(args.profile)
-    try:
-        controller, _ = open_controller(config, policy_path=args.policy, alias=args.alias, for_gates=False)
-        outcome = controller.promote(args.reason)
-    except (CanaryError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print_outcome(outcome, controller.policy.alias)
-    return 0
+    return run_manual(args, "promote")
