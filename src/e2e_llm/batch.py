@@ -17,7 +17,8 @@ An adapter is applied in one of two ways (``batch.adapter_mode``):
 
 - ``merged`` (default): peft ``merge_and_unload`` in fp32 once, saved in the engine dtype in a
   cache keyed by the adapter's sha256; vLLM then runs a plain model (no LoRA kernels, ~5x
-  faster on CPU).
+  faster on CPU). On remote storage the merged folder is uploaded once to
+  ``<storage>/merged/<model>-<adapter sha>-<dtype>/`` and the engine reads it from there.
 - ``lora``: vLLM LoRA, the adapter named per row in preprocess (``model=<adapter>``), as the
   tutorial does; needed when rows use different adapters on one base.
 
@@ -249,13 +250,18 @@ def lora_rank_for_vllm(rank: int) -> int:
     raise BatchError(f"LoRA rank {rank} is above vLLM's maximum {VLLM_LORA_RANKS[-1]}")
 
 
+def merged_model_name(config: PipelineConfig, adapter: Adapter, dtype: str | None = None) -> str:
+    """``<model>-<adapter sha256[:16]>-<dtype>``: the merged checkpoint's cache folder and storage key."""
+    return f"{config.model.id}-{adapter.sha256[:16]}-{dtype or config.batch.dtype or config.model.dtype}"
+
+
 def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, cache_dir: Path | None = None,
                      dtype: str | None = None) -> Path:
     """Fold the adapter into the base weights once (fp32 merge, saved in the engine dtype)."""
     from e2e_llm.model import default_cache_dir
 
     dtype_name = dtype or config.batch.dtype or config.model.dtype
-    out = (cache_dir or default_cache_dir()) / "merged" / f"{config.model.id}-{adapter.sha256[:16]}-{dtype_name}"
+    out = (cache_dir or default_cache_dir()) / "merged" / merged_model_name(config, adapter, dtype_name)
     if (out / MERGED_MARKER).is_file():
         return out
     import shutil
@@ -280,6 +286,47 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
+
+
+@dataclass
+class MergedModel:
+    """Where the engine reads the merged checkpoint from (``source``: the local folder, or
+    ``<storage>/merged/<name>`` on remote storage) and what this run did to put it there."""
+
+    source: str
+    local_dir: Path | None  # the local merge; None when remote storage already held it (no merge)
+    uploaded: bool = False
+
+
+def upload_merged(local_dir: Path, uri: str, **kw: Any) -> None:
+    """Copy a merged checkpoint folder to ``uri``, the completion marker last: a folder
+    without the marker (an interrupted upload) is uploaded again by the next run."""
+    from pyarrow import fs as pafs
+
+    dest_fs, dest = storage.filesystem(uri, **kw)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MERGED_MARKER)
+    for path in [*files, local_dir / MERGED_MARKER]:
+        # One object per file (pyarrow streams a large shard as a multipart upload).
+        pafs.copy_files(str(path), f"{dest}/{path.relative_to(local_dir).as_posix()}",
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest_fs)
+
+
+def merged_model_source(config: PipelineConfig, adapter: Adapter, model_path: str,
+                        cache_dir: Path | None = None) -> MergedModel:
+    """The merged checkpoint for the engine. Local storage: the cached folder. Remote storage
+    (s3://, gs://): GPU worker nodes cannot see the driver's disk, so the folder is uploaded
+    once to ``<storage>/merged/<model>-<adapter sha>-<dtype>/`` (content-addressed; when that
+    key already holds the completion marker, neither merge nor upload runs) and the engine is
+    given that URI, which ray.data.llm downloads on each node (see :func:`engine_env`)."""
+    if not storage.is_remote(config.storage.root):
+        local = merged_model_dir(config, adapter, model_path, cache_dir)
+        return MergedModel(source=str(local), local_dir=local)
+    uri = config.storage_uri("merged", merged_model_name(config, adapter))
+    if storage.exists(storage.join(uri, MERGED_MARKER), **_fs_kw(config)):
+        return MergedModel(source=uri, local_dir=None)
+    local = merged_model_dir(config, adapter, model_path, cache_dir)
+    upload_merged(local, uri, **_fs_kw(config))
+    return MergedModel(source=uri, local_dir=local, uploaded=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,6 +354,44 @@ def engine_kwargs(config: PipelineConfig, adapter: Adapter | None, mode: str) ->
     return kwargs
 
 
+def engine_env(config: PipelineConfig, model_source: str) -> dict[str, str]:
+    """Environment variables the nodes need to read a remote ``model_source``.
+
+    Ray 2.60's ray.data.llm takes an object-store URI as ``model_source`` and fetches it itself:
+    every stage that needs the model calls ``download_model_files``
+    (ray/llm/_internal/common/utils/download_utils.py), which makes a ``CloudMirrorConfig`` of an
+    s3:// or gs:// path, downloads it on that node (boto3 for S3, pyarrow for GCS) into the HF hub
+    cache (``models--<uri, / as -->/snapshots/<the folder's "hash" file or 0...0>``) and passes
+    the local folder on: the engine stage the weights and tokenizer
+    (batch/stages/vllm_engine_stage.py, ``vLLMEngineStageUDF.__init__``), the chat-template stage
+    (batch/stages/chat_template_stage.py, ``ChatTemplateUDF.__init__``) and
+    ``build_vllm_engine_processor`` on the driver (batch/processor/vllm_engine_proc.py) the
+    tokenizer and config files only. Credentials come from each node's own environment (IAM role,
+    mounted secret); only a non-default S3 endpoint (MinIO, moto) and the region travel here.
+    """
+    if not model_source.startswith("s3://"):
+        return {}
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or config.storage.endpoint_url)
+    env = {"AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION") or config.storage.region}
+    if endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = endpoint
+    return env
+
+
+@contextlib.contextmanager
+def _driver_env(env: dict[str, str]):
+    """``env`` in this process for the duration (keys already set are kept): build_processor
+    reads the tokenizer files of a remote model_source on the driver."""
+    added = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter | None, mode: str):
     from ray.data.llm import vLLMEngineProcessorConfig
 
@@ -322,13 +407,17 @@ def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter
         tokenize_stage=False,
         detokenize_stage=False,
     )
+    if env := engine_env(config, model_source):
+        # Every stage's actors (engine, chat template) get it: they download model_source themselves.
+        kwargs["runtime_env"] = {"env_vars": env}
     if cpu_only:
         # No accelerator: without a CPU placement group Ray waits forever for {"GPU": 1}.
         kwargs["placement_group_config"] = {"bundles": [{"CPU": 1}]}
         kwargs["chat_template_stage"] = {"enabled": True, "num_cpus": 0.25}
     else:
-        if config.batch.num_gpus_per_engine > 1:
-            kwargs["engine_kwargs"]["tensor_parallel_size"] = config.batch.num_gpus_per_engine
+        # Ray reserves tensor_parallel_size x pipeline_parallel_size GPUs per engine
+        # (batch/stages/vllm_engine_stage.py, vLLMEngineStage.post_init).
+        kwargs["engine_kwargs"]["tensor_parallel_size"] = config.batch.num_gpus_per_engine
         if config.batch.accelerator_type:
             kwargs["accelerator_type"] = config.batch.accelerator_type
     return vLLMEngineProcessorConfig(**kwargs)
@@ -398,12 +487,13 @@ def generate(config: PipelineConfig, rows: list[dict[str, Any]], *, model_source
     start_ray(config)
     input_columns = sorted(set().union(*(r.keys() for r in rows)))
     lora_model = str(adapter.path) if adapter is not None and mode == "lora" else None
-    processor = build_processor(
-        processor_config(config, model_source, adapter, mode),
-        preprocess=_preprocess_fn(task, sampling_params(config, task, structured), lora_model),
-        preprocess_map_kwargs={"num_cpus": 0.25},
-        postprocess_map_kwargs={"num_cpus": 0.25},
-    )
+    with _driver_env(engine_env(config, model_source)):
+        processor = build_processor(
+            processor_config(config, model_source, adapter, mode),
+            preprocess=_preprocess_fn(task, sampling_params(config, task, structured), lora_model),
+            preprocess_map_kwargs={"num_cpus": 0.25},
+            postprocess_map_kwargs={"num_cpus": 0.25},
+        )
     # Nested values (lists, dicts) would force Arrow schemas onto columns we only carry.
     ds = ray.data.from_items([{k: r.get(k) for k in input_columns} for r in rows])
     ds = processor(ds).map(_finalize_fn(input_columns, config.batch.max_tokens), num_cpus=0.25)
@@ -483,9 +573,13 @@ def run_batch(
     adapter = resolve_adapter(config, adapter_ref, model_path)
     data = load_rows(config, split_uri, limit)
 
-    model_source = model_path
+    model_source, merged = model_path, None
     if adapter is not None and mode == "merged":
-        model_source = str(merged_model_dir(config, adapter, model_path))
+        merged = merged_model_source(config, adapter, model_path)
+        model_source = merged.source
+        if merged.source != str(merged.local_dir):
+            state = f"uploaded from {merged.local_dir}" if merged.uploaded else "already in storage, not uploaded"
+            print(f"[batch] merged model: {merged.source} ({state})", flush=True)
     now = datetime.now(UTC)
     name = Path(split_uri).stem if split not in config.data.splits else split
     run_id = run_id or f"{now:%Y%m%d-%H%M%S}-{name}-{adapter.sha256[:8] if adapter else 'base'}-{mode}"
@@ -538,6 +632,8 @@ def run_batch(
         "adapter": None if adapter is None else {
             "path": str(adapter.path), "sha256": adapter.sha256, "rank": adapter.rank, "mode": mode,
             "base_model_name_or_path": adapter.base_model, "engine_model": model_source,
+            "merged": None if merged is None else {"source": merged.source, "uploaded": merged.uploaded,
+                                                   "local_dir": str(merged.local_dir) if merged.local_dir else None},
             "training_run": (adapter.manifest or {}).get("run_id"),
         },
         "data": {"split": split, "uri": split_uri, "sha256": data.sha256},

@@ -168,6 +168,29 @@ def test_processor_config_schedules_on_cpu_without_a_gpu(config):
     cfg = processor_config(config, "/models/x", None, "merged")
     assert [b.get("GPU", 0) for b in cfg.placement_group_config["bundles"]] == [0]
     assert cfg.accelerator_type is None and cfg.should_continue_on_error is True
+    assert "tensor_parallel_size" not in cfg.engine_kwargs
+
+
+def test_processor_config_from_the_cluster_profile_uses_its_gpu_settings(project_root, monkeypatch):
+    pytest.importorskip("ray.data.llm")
+    from e2e_llm.batch import processor_config
+    from e2e_llm.config import load_profile
+
+    monkeypatch.delenv("E2E_LLM_STORAGE_ROOT", raising=False)
+    config = load_profile("cluster", root=project_root)
+    source = config.storage_uri("merged", "qwen2.5-7b-instruct-0123456789abcdef-bfloat16")
+    cfg = processor_config(config, source, None, "merged")
+    assert cfg.model_source == "s3://e2e-llm-artifacts/viggo/merged/qwen2.5-7b-instruct-0123456789abcdef-bfloat16"
+    assert (cfg.accelerator_type, cfg.concurrency, cfg.batch_size) == ("L4", 4, 64) == (
+        config.batch.accelerator_type, config.batch.concurrency, config.batch.batch_size)
+    # No CPU placement group: Ray's default reserves one {"GPU": 1, "CPU": 1} bundle per
+    # tensor-parallel worker, i.e. num_gpus_per_engine GPUs per engine.
+    assert cfg.placement_group_config is None
+    assert cfg.engine_kwargs["tensor_parallel_size"] == config.batch.num_gpus_per_engine == 1
+    assert cfg.engine_kwargs["dtype"] == "bfloat16" and cfg.engine_kwargs["max_model_len"] == 4096
+
+    config.batch.num_gpus_per_engine = 2
+    assert processor_config(config, source, None, "merged").engine_kwargs["tensor_parallel_size"] == 2
 
 
 def test_previous_run_is_the_newest_over_the_same_data(config):

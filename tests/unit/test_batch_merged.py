@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Where the merged checkpoint lives: the local cache on local storage, uploaded once to a
+content-addressed key on object storage (a loopback S3 server here), and what the engine's
+nodes need to read it. Fake checkpoints: no model is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from e2e_llm import batch, storage
+from e2e_llm.batch import MERGED_MARKER, Adapter, engine_env, merged_model_name, merged_model_source
+
+SHA = "ab" * 32
+
+
+@pytest.fixture
+def config(local_config, tmp_path):
+    config = local_config.model_copy(deep=True)
+    config._root = local_config.root
+    config.storage.root = str(tmp_path / "storage")
+    return config
+
+
+@pytest.fixture
+def adapter(tmp_path) -> Adapter:
+    return Adapter(path=tmp_path / "adapter", sha256=SHA, rank=8, base_model="smollm2-135m")
+
+
+@pytest.fixture
+def cache(config, adapter, tmp_path) -> Path:
+    """A finished local merge (what merged_model_dir leaves), so nothing is merged here."""
+    cache = tmp_path / "cache"
+    folder = cache / "merged" / merged_model_name(config, adapter)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / MERGED_MARKER).write_text(json.dumps({"adapter_sha256": SHA}))
+    return cache
+
+
+@pytest.fixture
+def s3_config(config, s3_server):
+    import boto3
+
+    bucket = f"merged-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    config.storage.root = f"s3://{bucket}/viggo"
+    return config
+
+
+def _no_merge(*args, **kwargs):
+    raise AssertionError("merged again although storage holds the merged model")
+
+
+def test_key_names_model_adapter_sha_and_engine_dtype(config, adapter):
+    assert merged_model_name(config, adapter) == f"smollm2-135m-{SHA[:16]}-float32"
+    assert merged_model_name(config, adapter, "bfloat16") == f"smollm2-135m-{SHA[:16]}-bfloat16"
+    other = Adapter(path=adapter.path, sha256="cd" * 32, rank=8, base_model=None)
+    assert merged_model_name(config, other) != merged_model_name(config, adapter)
+
+
+def test_local_storage_gives_the_engine_the_cached_folder_and_uploads_nothing(config, adapter, cache):
+    merged = merged_model_source(config, adapter, "/models/base", cache_dir=cache)
+    assert merged.source == str(cache / "merged" / merged_model_name(config, adapter))
+    assert merged.uploaded is False
+    assert not Path(config.storage_uri("merged")).exists()
+    assert engine_env(config, merged.source) == {}
+
+
+def test_remote_storage_uploads_the_merged_folder_once_marker_last(s3_config, adapter, cache, monkeypatch):
+    merged = merged_model_source(s3_config, adapter, "/models/base", cache_dir=cache)
+    key = s3_config.storage_uri("merged", f"smollm2-135m-{SHA[:16]}-float32")
+    assert (merged.source, merged.uploaded) == (key, True)
+    assert storage.list_dir(key) == sorted(["config.json", "model.safetensors", "tokenizer.json", MERGED_MARKER])
+    assert storage.read_bytes(storage.join(key, "model.safetensors")) == b"\0" * 1024
+
+    # Second run (any driver): the marker is there, so neither merge nor upload happens.
+    monkeypatch.setattr(batch, "merged_model_dir", _no_merge)
+    uploads = []
+    monkeypatch.setattr(batch, "upload_merged", lambda *a, **k: uploads.append(a))
+    again = merged_model_source(s3_config, adapter, "/models/base", cache_dir=cache)
+    assert (again.source, again.uploaded, again.local_dir) == (key, False, None)
+    assert uploads == []
+
+
+def test_an_upload_without_its_marker_is_done_again(s3_config, adapter, cache):
+    key = s3_config.storage_uri("merged", merged_model_name(s3_config, adapter))
+    storage.write_text(storage.join(key, "config.json"), "partial")  # interrupted before the marker
+    merged = merged_model_source(s3_config, adapter, "/models/base", cache_dir=cache)
+    assert merged.uploaded is True
+    assert storage.read_text(storage.join(key, "config.json")) == '{"model_type": "llama"}'
+    assert storage.exists(storage.join(key, MERGED_MARKER))
+
+
+def test_another_adapter_or_dtype_gets_its_own_key(s3_config, adapter, cache, tmp_path):
+    first = merged_model_source(s3_config, adapter, "/models/base", cache_dir=cache)
+    s3_config.batch.dtype = "bfloat16"
+    (cache / "merged" / merged_model_name(s3_config, adapter)).mkdir()
+    for f in (cache / "merged" / merged_model_name(s3_config, adapter, "float32")).iterdir():
+        (cache / "merged" / merged_model_name(s3_config, adapter) / f.name).write_bytes(f.read_bytes())
+    second = merged_model_source(s3_config, adapter, "/models/base", cache_dir=cache)
+    assert second.uploaded is True and second.source != first.source
+    assert second.source.endswith("-bfloat16")
+
+
+def test_engine_nodes_get_the_s3_endpoint_and_region_not_credentials(config, monkeypatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    config.storage.endpoint_url, config.storage.region = "http://minio:9000", "eu-west-1"
+    env = engine_env(config, "s3://b/viggo/merged/m")
+    assert env == {"AWS_ENDPOINT_URL_S3": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+    # The environment wins over the profile (as in e2e_llm.storage).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1234")
+    assert engine_env(config, "s3://b/m")["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:1234"
+    assert engine_env(config, "/local/model") == {}
+    assert engine_env(config, "gs://b/m") == {}
+
+
+def test_processor_config_passes_the_endpoint_to_every_stage_for_a_remote_model(config, monkeypatch):
+    pytest.importorskip("ray.data.llm")
+    from e2e_llm.batch import processor_config
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1234")
+    remote = processor_config(config, "s3://b/viggo/merged/m", None, "merged")
+    assert remote.model_source == "s3://b/viggo/merged/m"
+    assert remote.runtime_env["env_vars"]["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:1234"
+    assert not processor_config(config, "/models/m", None, "merged").runtime_env
+
+
+def test_driver_env_is_restored_after_building_the_processor(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with batch._driver_env({"AWS_ENDPOINT_URL_S3": "http://x", "AWS_DEFAULT_REGION": "eu-west-1"}):
+        assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://x"
+        assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"  # already set: kept
+    assert "AWS_ENDPOINT_URL_S3" not in os.environ and os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
