@@ -170,8 +170,6 @@ KUBECTL := $(SERVE_ENV)/bin/kubectl
 OVERLAY := k8s/overlays/$(ENV)
 COMPONENT := app.kubernetes.io/component
 , := ,
-# The profile's serve.auth.api_key_env: passed to the Anyscale service at deploy time.
-API_KEY_ENV ?= E2E_LLM_API_KEY
 PREFLIGHT = $(SERVE_CLI) preflight --target $(TARGET) --env $(ENV) --stage
 
 .PHONY: render check-render validate image train batch deploy-service rollback status wait logs down
@@ -209,7 +207,7 @@ deploy-service: env-serve ## Deploy or upgrade the LLM service (Anyscale: CANARY
 	$(PREFLIGHT) service
 ifeq ($(TARGET),anyscale)
 	$(ANYSCALE) service deploy -f services/llm.yaml --name $(DEPLOY_NAME)-$(ENV) \
-	  $(if $(CANARY_PERCENT),--canary-percent $(CANARY_PERCENT)) $${$(API_KEY_ENV):+--env $(API_KEY_ENV)=$$$(API_KEY_ENV)}
+	  $(if $(CANARY_PERCENT),--canary-percent $(CANARY_PERCENT))
 else
 	$(KUBECTL) apply --server-side -k $(OVERLAY) -l '$(COMPONENT) in (shared,serve,monitoring)'
 endif

@@ -191,8 +191,10 @@ class BatchConfig(Strict):
 
 
 class AuthConfig(Strict):
+    # The app checks `Authorization: Bearer <key>` against $api_key_env when that variable is in
+    # the replica's environment (KubeRay: from the Secret; locally: the shell). Without it the check
+    # is off with a warning: on Anyscale the service's query auth token guards the same header.
     enabled: bool = False
-    # Name of the environment variable (fed from a Kubernetes/Anyscale secret) holding the key.
     api_key_env: str = "E2E_LLM_API_KEY"
 
 

@@ -176,7 +176,8 @@ class Canary(Strict):
 
 
 class Service(Strict):
-    query_auth_token_enabled: bool = False
+    # Anyscale's own bearer token in front of the service (the SDK's default is True too).
+    query_auth_token_enabled: bool = True
     canary: Canary
 
 
@@ -212,11 +213,12 @@ class DeployConfig(RootedFile):
             "batch.accelerator_type": config.batch.accelerator_type,
             "serve.accelerator_type": config.serve.accelerator_type,
         }
-        if self.service.query_auth_token_enabled and config.serve.auth.enabled:
+        if config.serve.auth.enabled and not self.service.query_auth_token_enabled:
             raise ConfigError(
-                f"{self._source}: service.query_auth_token_enabled: Anyscale's query token and the app's API key "
-                f"(profile {self.profile} serve.auth.enabled) both use the `Authorization: Bearer` header; "
-                "enable one of them")
+                f"{self._source}: service.query_auth_token_enabled: false would leave the Anyscale service "
+                f"open: profile {self.profile} serve.auth.enabled, but ${config.serve.auth.api_key_env} is not "
+                "passed to Anyscale (the query token and the app key would both read `Authorization: Bearer`), "
+                "so there the query token is the one auth layer; set it to true")
         for field, accelerator in used.items():
             if accelerator and accelerator not in self.accelerators:
                 raise ConfigError(

@@ -3,8 +3,11 @@
 fine-tuned model needs in production.
 
 - API-key auth (``Authorization: Bearer <key>``, key from the environment variable named in
-  the profile) on every application route; Serve's own ``/-/healthz`` and ``/-/routes``
-  (liveness/readiness probes) are answered by the proxy and stay open.
+  the profile) on every application route, when that variable is in the replica's environment
+  (KubeRay: from the Secret; locally: the shell). Without it the app's check is off and a
+  warning at startup says so: on Anyscale the service's query auth token guards the same header
+  in front of the app. Serve's own ``/-/healthz`` and ``/-/routes`` (liveness/readiness probes)
+  are answered by the proxy and stay open.
 - Alias routing: ``model="viggo"`` or ``model="<base>:viggo"`` goes to the alias's stable or
   candidate adapter version, drawn per request with the candidate weight from the store's
   ``aliases.json``. Every replica re-reads the record at most ``alias_refresh_s`` old, so
@@ -59,8 +62,30 @@ class UnknownModel(LookupError):
     """A model, adapter or alias the service does not have (answered with 404)."""
 
 
+def app_key_check(api_key_env: str, environ=None) -> bool:
+    """Whether the app checks its own API key: ``$api_key_env`` is in the environment.
+
+    Absent: the check is off and a warning names who must authenticate instead (on Anyscale,
+    the service's query auth token on the same ``Authorization: Bearer`` header). Present but
+    empty: a misconfigured secret, refused rather than read as "no auth"."""
+    environ = os.environ if environ is None else environ
+    if api_key_env not in environ:
+        logger.warning(
+            "app API-key check is OFF: $%s is not in this replica's environment, so requests reach the "
+            "app unauthenticated unless something in front checks them (on Anyscale: the service's "
+            "query auth token, query_auth_token_enabled: true; on KubeRay the key comes from the Secret)",
+            api_key_env)
+        return False
+    if not environ[api_key_env]:
+        raise RuntimeError(f"${api_key_env} is set but empty in the ingress replica; fix the secret it comes "
+                           "from (Kubernetes Secret / local shell) or unset it")
+    return True
+
+
 class ApiKeyMiddleware:
-    """ASGI middleware: 401 unless ``Authorization: Bearer <key>`` matches ``$<env var>``."""
+    """ASGI middleware: while ``$<env var>`` is in the environment, 401 unless
+    ``Authorization: Bearer <key>`` matches it; without the variable, requests pass
+    (:func:`app_key_check` logs that at replica startup)."""
 
     def __init__(self, app, api_key_env: str):
         self.app = app
@@ -69,7 +94,9 @@ class ApiKeyMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("path", "").startswith(OPEN_PATHS):
             return await self.app(scope, receive, send)
-        expected = os.environ.get(self.api_key_env, "")
+        expected = os.environ.get(self.api_key_env)
+        if expected is None:
+            return await self.app(scope, receive, send)
         given = ""
         for name, value in scope.get("headers", []):
             if name.lower() == b"authorization":
@@ -102,9 +129,8 @@ class E2EIngress(OpenAiIngress):
         api_key_env: str = "E2E_LLM_API_KEY",
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
-        if auth_enabled and not os.environ.get(api_key_env):
-            raise RuntimeError(f"auth is enabled but ${api_key_env} is empty in the ingress replica; "
-                               "set it from a secret (Kubernetes Secret / runtime env)")
+        if auth_enabled:
+            app_key_check(api_key_env)
         self._store = AdapterStore(store_uri, store_endpoint_url, store_region)
         self._refresh_s = alias_refresh_s
         self._aliases: dict[str, Alias] = {}

@@ -119,10 +119,17 @@ def test_secrets_are_referenced_by_name_only():
         assert "kind: Secret" not in text, rel
 
 
-def test_anyscale_service_leaves_auth_to_the_app_key():
-    # One bearer check on the Authorization header: the app's API key, on both targets.
-    assert _yaml("services/llm.yaml")["query_auth_token_enabled"] is False
-    assert cluster_config().serve.auth.enabled
+def test_anyscale_service_uses_the_query_token_and_never_gets_the_app_key():
+    # One bearer check per target: Anyscale's query token there (the app key is not in the
+    # service's environment, so the app's check is off); the Secret-fed app key on KubeRay.
+    config = cluster_config()
+    service = _yaml("services/llm.yaml")
+    assert service["query_auth_token_enabled"] is True and config.serve.auth.enabled
+    key_env = config.serve.auth.api_key_env
+    assert key_env not in service["env_vars"]
+    for app in service["applications"]:
+        for llm in app["args"]["llm_configs"]:
+            assert key_env not in llm.get("runtime_env", {}).get("env_vars", {})
 
 
 def test_canary_component_is_rendered_from_deploy_config():
@@ -178,8 +185,9 @@ def test_accelerator_used_by_the_profile_must_be_mapped(tmp_path):
         deploy_cfg.pipeline()
 
 
-def test_query_token_and_app_key_together_are_rejected(tmp_path):
-    deploy_cfg = load_deploy(_deploy_with(tmp_path, lambda d: d["service"].update(query_auth_token_enabled=True)),
+def test_anyscale_service_without_query_token_is_rejected_while_auth_is_on(tmp_path):
+    deploy_cfg = load_deploy(_deploy_with(tmp_path, lambda d: d["service"].update(query_auth_token_enabled=False)),
                              root=ROOT)
-    with pytest.raises(ConfigError, match="service.query_auth_token_enabled"):
+    expected = "service.query_auth_token_enabled: false would leave the Anyscale service open"
+    with pytest.raises(ConfigError, match=expected):
         deploy_cfg.pipeline()
