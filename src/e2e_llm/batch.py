@@ -347,6 +347,9 @@ def engine_kwargs(config: PipelineConfig, adapter: Adapter | None, mode: str) ->
         "max_model_len": config.model.max_model_len,
         "dtype": config.batch.dtype or config.model.dtype,
         "enable_prefix_caching": config.batch.enable_prefix_caching,
+        # vLLM's scheduler default depends on how the engine is built (LLM class on CPU: 256;
+        # the async engine ray.data.llm runs: 128): size it to the rows in flight instead.
+        "max_num_seqs": config.batch.batch_size * config.batch.max_concurrent_batches,
     }
     if adapter is not None and mode == "lora":
         kwargs.update(enable_lora=True, max_lora_rank=lora_rank_for_vllm(adapter.rank), max_loras=1)
@@ -400,6 +403,7 @@ def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter
         model_source=model_source,
         engine_kwargs=engine_kwargs(config, adapter, mode),
         batch_size=config.batch.batch_size,
+        max_concurrent_batches=config.batch.max_concurrent_batches,
         concurrency=config.batch.concurrency,
         should_continue_on_error=True,
         log_engine_metrics=False,

@@ -88,13 +88,28 @@ def format_validation_error(error: ValidationError, source: str, text: str | Non
     return "\n".join(out)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} on line {line} repeats the one on line {seen[key]}", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> tuple[Any, str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     text = path.read_text(encoding="utf-8")
     try:
-        return yaml.safe_load(text), text
+        return yaml.load(text, Loader=_UniqueKeyLoader), text  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
 
@@ -179,6 +194,9 @@ class BatchConfig(Strict):
     max_tokens: int = Field(192, ge=128)
     temperature: float = Field(0.0, ge=0.0)
     batch_size: int = Field(16, ge=1)
+    # Batches Ray Data keeps in flight per engine; the engine's max_num_seqs is set to
+    # batch_size x this, so vLLM can schedule every row it has been sent.
+    max_concurrent_batches: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1)
     num_gpus_per_engine: int = Field(0, ge=0)
     accelerator_type: str | None = None

@@ -188,6 +188,9 @@ def test_processor_config_from_the_cluster_profile_uses_its_gpu_settings(project
     assert cfg.placement_group_config is None
     assert cfg.engine_kwargs["tensor_parallel_size"] == config.batch.num_gpus_per_engine == 1
     assert cfg.engine_kwargs["dtype"] == "bfloat16" and cfg.engine_kwargs["max_model_len"] == 4096
+    # the engine can schedule every row Ray Data keeps in flight
+    assert cfg.max_concurrent_batches == config.batch.max_concurrent_batches
+    assert cfg.engine_kwargs["max_num_seqs"] == cfg.batch_size * cfg.max_concurrent_batches
 
     config.batch.num_gpus_per_engine = 2
     assert processor_config(config, source, None, "merged").engine_kwargs["tensor_parallel_size"] == 2

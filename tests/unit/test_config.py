@@ -35,6 +35,16 @@ def test_typo_names_file_line_and_key(tmp_path):
     assert f"{path}:{line}:" in message
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_wins(tmp_path):
+    path = _write_profile(tmp_path, lambda d: None)
+    text = path.read_text().replace("batch:\n", "batch:\n  batch_size: 4\n  batch_size: 8\n", 1)
+    path.write_text(text)
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if "batch_size: 4" in line)
+    with pytest.raises(ConfigError, match=rf"{path}: not valid YAML: key 'batch_size' on line {first + 1} "
+                                          rf"repeats the one on line {first}"):
+        load_profile(str(path))
+
+
 def test_wrong_type_says_what_was_expected(tmp_path):
     path = _write_profile(tmp_path, lambda d: d["train"].update(num_workers="two"))
     with pytest.raises(ConfigError, match=r"train\.num_workers: Input should be a valid integer.*'two'"):
