@@ -298,17 +298,24 @@ class MergedModel:
     uploaded: bool = False
 
 
-def upload_merged(local_dir: Path, uri: str, **kw: Any) -> None:
+def upload_merged(local_dir: Path, uri: str, revision: str, **kw: Any) -> None:
     """Copy a merged checkpoint folder to ``uri``, the completion marker last: a folder
-    without the marker (an interrupted upload) is uploaded again by the next run."""
+    without the marker (an interrupted upload) is uploaded again by the next run.
+
+    ``revision`` goes to the optional ``hash`` object Ray's downloader reads
+    (``CloudFileSystem.download_model`` in ray/llm/_internal/common/utils/cloud_utils.py): it
+    names the snapshot folder on each node, and without it Ray logs an error before using zeros.
+    """
     from pyarrow import fs as pafs
 
     dest_fs, dest = storage.filesystem(uri, **kw)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MERGED_MARKER)
-    for path in [*files, local_dir / MERGED_MARKER]:
+    for path in files:
         # One object per file (pyarrow streams a large shard as a multipart upload).
         pafs.copy_files(str(path), f"{dest}/{path.relative_to(local_dir).as_posix()}",
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest_fs)
+    storage.write_text(storage.join(uri, "hash"), revision + "\n", **kw)
+    storage.write_bytes(storage.join(uri, MERGED_MARKER), (local_dir / MERGED_MARKER).read_bytes(), **kw)
 
 
 def merged_model_source(config: PipelineConfig, adapter: Adapter, model_path: str,
@@ -325,7 +332,7 @@ def merged_model_source(config: PipelineConfig, adapter: Adapter, model_path: st
     if storage.exists(storage.join(uri, MERGED_MARKER), **_fs_kw(config)):
         return MergedModel(source=uri, local_dir=None)
     local = merged_model_dir(config, adapter, model_path, cache_dir)
-    upload_merged(local, uri, **_fs_kw(config))
+    upload_merged(local, uri, revision=adapter.sha256, **_fs_kw(config))
     return MergedModel(source=uri, local_dir=local, uploaded=True)
 
 

@@ -77,7 +77,10 @@ def test_remote_storage_uploads_the_merged_folder_once_marker_last(s3_config, ad
     merged = merged_model_source(s3_config, adapter, "/models/base", cache_dir=cache)
     key = s3_config.storage_uri("merged", f"smollm2-135m-{SHA[:16]}-float32")
     assert (merged.source, merged.uploaded) == (key, True)
-    assert storage.list_dir(key) == sorted(["config.json", "model.safetensors", "tokenizer.json", MERGED_MARKER])
+    assert storage.list_dir(key) == sorted(["config.json", "hash", "model.safetensors", "tokenizer.json",
+                                            MERGED_MARKER])
+    # Ray's downloader names the node's snapshot folder after the "hash" object.
+    assert storage.read_text(storage.join(key, "hash")).strip() == SHA
     assert storage.read_bytes(storage.join(key, "model.safetensors")) == b"\0" * 1024
 
     # Second run (any driver): the marker is there, so neither merge nor upload happens.
