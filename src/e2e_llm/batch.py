@@ -20,7 +20,9 @@ An adapter is applied in one of two ways (``batch.adapter_mode``):
   faster on CPU). On remote storage the merged folder is uploaded once to
   ``<storage>/merged/<model>-<adapter sha>-<dtype>/`` and the engine reads it from there.
 - ``lora``: vLLM LoRA, the adapter named per row in preprocess (``model=<adapter>``), as the
-  tutorial does; needed when rows use different adapters on one base.
+  tutorial does; needed when rows use different adapters on one base. On remote storage the
+  adapter is uploaded once to ``<storage>/lora/<model>-lora-<adapter sha>/``, rows name it by that
+  folder name and the engine downloads it from ``dynamic_lora_loading_path`` (``<storage>/lora``).
 
 Structured decoding (``batch.structured_output``) constrains generation to the task's
 grammar through vLLM structured outputs (the regex from :meth:`TaskSchema.output_regex`).
@@ -47,6 +49,9 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PREDICTIONS_FILE = "predictions.jsonl"
 MANIFEST_FILE = "manifest.json"
 MERGED_MARKER = "e2e_llm_merged.json"
+LORA_MARKER = "e2e_llm_lora.json"
+# The files adapter_sha256 covers: what LoRA mode uploads.
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Columns the pipeline adds to every output row.
 OUTPUT_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "truncated", "error")
 
@@ -148,7 +153,7 @@ def _model_names(config: PipelineConfig, model_path: str) -> set[str]:
 
 def adapter_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in LORA_FILES:
         digest.update(name.encode())
         digest.update((path / name).read_bytes())
     return digest.hexdigest()
@@ -298,8 +303,9 @@ class MergedModel:
     uploaded: bool = False
 
 
-def upload_merged(local_dir: Path, uri: str, revision: str, **kw: Any) -> None:
-    """Copy a merged checkpoint folder to ``uri``, the completion marker last: a folder
+def upload_once(local_dir: Path, uri: str, revision: str, *, files: list[Path], marker: str, marker_data: bytes,
+                **kw: Any) -> None:
+    """Copy ``files`` (under ``local_dir``) to ``uri``, the completion marker last: a folder
     without the marker (an interrupted upload) is uploaded again by the next run.
 
     ``revision`` goes to the optional ``hash`` object Ray's downloader reads
@@ -309,13 +315,19 @@ def upload_merged(local_dir: Path, uri: str, revision: str, **kw: Any) -> None:
     from pyarrow import fs as pafs
 
     dest_fs, dest = storage.filesystem(uri, **kw)
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MERGED_MARKER)
-    for path in files:
+    for path in sorted(files):
         # One object per file (pyarrow streams a large shard as a multipart upload).
         pafs.copy_files(str(path), f"{dest}/{path.relative_to(local_dir).as_posix()}",
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest_fs)
     storage.write_text(storage.join(uri, "hash"), revision + "\n", **kw)
-    storage.write_bytes(storage.join(uri, MERGED_MARKER), (local_dir / MERGED_MARKER).read_bytes(), **kw)
+    storage.write_bytes(storage.join(uri, marker), marker_data, **kw)
+
+
+def upload_merged(local_dir: Path, uri: str, revision: str, **kw: Any) -> None:
+    """Upload a merged checkpoint folder (:func:`upload_once`, its cache marker last)."""
+    files = [p for p in local_dir.rglob("*") if p.is_file() and p.name != MERGED_MARKER]
+    upload_once(local_dir, uri, revision, files=files, marker=MERGED_MARKER,
+                marker_data=(local_dir / MERGED_MARKER).read_bytes(), **kw)
 
 
 def merged_model_source(config: PipelineConfig, adapter: Adapter, model_path: str,
@@ -334,6 +346,48 @@ def merged_model_source(config: PipelineConfig, adapter: Adapter, model_path: st
     local = merged_model_dir(config, adapter, model_path, cache_dir)
     upload_merged(local, uri, revision=adapter.sha256, **_fs_kw(config))
     return MergedModel(source=uri, local_dir=local, uploaded=True)
+
+
+def lora_adapter_name(config: PipelineConfig, adapter: Adapter) -> str:
+    """``<model>-lora-<adapter sha256[:16]>``: the adapter's storage key and its name in rows."""
+    return f"{config.model.id}-lora-{adapter.sha256[:16]}"
+
+
+@dataclass
+class LoraSource:
+    """How LoRA mode names the adapter: ``name`` goes into each row's ``model``; with
+    ``loading_path`` (``dynamic_lora_loading_path``) the engine downloads ``<loading_path>/<name>``,
+    without it ``name`` is the local folder. ``source``: where the engine loads it from."""
+
+    name: str
+    source: str
+    loading_path: str | None = None
+    uploaded: bool = False
+
+
+def lora_source(config: PipelineConfig, adapter: Adapter) -> LoraSource:
+    """The adapter for LoRA mode. Local storage: its folder, named by path (today's behaviour).
+    Remote storage: GPU worker nodes cannot read the driver's disk, so the adapter files are
+    uploaded once to ``<storage>/lora/<model>-lora-<adapter sha>/`` (content-addressed, marker
+    last, skipped when the marker is there) and rows name it by that folder name.
+
+    Ray 2.60 resolves a row's ``model`` that differs from ``model_source`` as a LoRA
+    (batch/stages/vllm_engine_stage.py, ``vLLMEngineStageUDF._maybe_get_lora_request``): with
+    ``dynamic_lora_loading_path`` set, ``download_lora_adapter`` (common/utils/lora_utils.py)
+    downloads ``<dynamic_lora_loading_path>/<name>`` with ``CloudModelDownloader``
+    (common/utils/download_utils.py) into the node's HF cache, snapshot named by the ``hash``
+    object; a remote URI as the row's ``model`` is refused."""
+    if not storage.is_remote(config.storage.root):
+        return LoraSource(name=str(adapter.path), source=str(adapter.path))
+    parent = config.storage_uri("lora")
+    name = lora_adapter_name(config, adapter)
+    uri = storage.join(parent, name)
+    if storage.exists(storage.join(uri, LORA_MARKER), **_fs_kw(config)):
+        return LoraSource(name=name, source=uri, loading_path=parent)
+    marker = json.dumps({"adapter": str(adapter.path), "adapter_sha256": adapter.sha256}) + "\n"
+    upload_once(adapter.path, uri, adapter.sha256, files=[adapter.path / f for f in LORA_FILES], marker=LORA_MARKER,
+                marker_data=marker.encode(), **_fs_kw(config))
+    return LoraSource(name=name, source=uri, loading_path=parent, uploaded=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,8 +418,9 @@ def engine_kwargs(config: PipelineConfig, adapter: Adapter | None, mode: str) ->
     return kwargs
 
 
-def engine_env(config: PipelineConfig, model_source: str) -> dict[str, str]:
-    """Environment variables the nodes need to read a remote ``model_source``.
+def engine_env(config: PipelineConfig, model_source: str, lora_path: str | None = None) -> dict[str, str]:
+    """Environment variables the nodes need to read a remote ``model_source`` or LoRA
+    ``dynamic_lora_loading_path`` (the same downloader, see :func:`lora_source`).
 
     Ray 2.60's ray.data.llm takes an object-store URI as ``model_source`` and fetches it itself:
     every stage that needs the model calls ``download_model_files``
@@ -379,7 +434,7 @@ def engine_env(config: PipelineConfig, model_source: str) -> dict[str, str]:
     tokenizer and config files only. Credentials come from each node's own environment (IAM role,
     mounted secret); only a non-default S3 endpoint (MinIO, moto) and the region travel here.
     """
-    if not model_source.startswith("s3://"):
+    if not any(uri and uri.startswith("s3://") for uri in (model_source, lora_path)):
         return {}
     endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 or config.storage.endpoint_url)
@@ -402,7 +457,8 @@ def _driver_env(env: dict[str, str]):
             os.environ.pop(key, None)
 
 
-def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter | None, mode: str):
+def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter | None, mode: str,
+                     lora_path: str | None = None):
     from ray.data.llm import vLLMEngineProcessorConfig
 
     cpu_only = config.batch.num_gpus_per_engine == 0
@@ -418,7 +474,9 @@ def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter
         tokenize_stage=False,
         detokenize_stage=False,
     )
-    if env := engine_env(config, model_source):
+    if lora_path:
+        kwargs["dynamic_lora_loading_path"] = lora_path
+    if env := engine_env(config, model_source, lora_path):
         # Every stage's actors (engine, chat template) get it: they download model_source themselves.
         kwargs["runtime_env"] = {"env_vars": env}
     if cpu_only:
@@ -489,18 +547,22 @@ def start_ray(config: PipelineConfig, temp_dir: str | None = None) -> None:
 
 def generate(config: PipelineConfig, rows: list[dict[str, Any]], *, model_source: str, task,
              adapter: Adapter | None = None, mode: str = "merged", structured: bool | None = None,
-             tokenizer_source: str | None = None) -> list[dict[str, Any]]:
+             tokenizer_source: str | None = None, lora: LoraSource | None = None) -> list[dict[str, Any]]:
     """Run ``rows`` (all with an ``input``) through ray.data.llm; one output row per input
-    row, in input order (by ``_line``)."""
+    row, in input order (by ``_line``). LoRA mode names ``lora`` in each row (default: the
+    adapter's local folder)."""
     import ray
     from ray.data.llm import build_processor
 
     start_ray(config)
     input_columns = sorted(set().union(*(r.keys() for r in rows)))
-    lora_model = str(adapter.path) if adapter is not None and mode == "lora" else None
-    with _driver_env(engine_env(config, model_source)):
+    if adapter is not None and mode == "lora" and lora is None:
+        lora = LoraSource(name=str(adapter.path), source=str(adapter.path))
+    lora_model = lora.name if adapter is not None and mode == "lora" else None
+    lora_path = lora.loading_path if lora_model else None
+    with _driver_env(engine_env(config, model_source, lora_path)):
         processor = build_processor(
-            processor_config(config, model_source, adapter, mode),
+            processor_config(config, model_source, adapter, mode, lora_path),
             preprocess=_preprocess_fn(task, sampling_params(config, task, structured), lora_model),
             preprocess_map_kwargs={"num_cpus": 0.25},
             postprocess_map_kwargs={"num_cpus": 0.25},
@@ -591,6 +653,10 @@ def run_batch(
         if merged.source != str(merged.local_dir):
             state = f"uploaded from {merged.local_dir}" if merged.uploaded else "already in storage, not uploaded"
             print(f"[batch] merged model: {merged.source} ({state})", flush=True)
+    lora = lora_source(config, adapter) if adapter is not None and mode == "lora" else None
+    if lora is not None and lora.loading_path:
+        state = f"uploaded from {adapter.path}" if lora.uploaded else "already in storage, not uploaded"
+        print(f"[batch] LoRA adapter: {lora.source} ({state})", flush=True)
     now = datetime.now(UTC)
     name = Path(split_uri).stem if split not in config.data.splits else split
     run_id = run_id or f"{now:%Y%m%d-%H%M%S}-{name}-{adapter.sha256[:8] if adapter else 'base'}-{mode}"
@@ -599,7 +665,7 @@ def run_batch(
     engine_rows = [r for r in data.rows if r["_line"] not in data.invalid]
     gen_started = time.time()
     generated = (generate(config, engine_rows, model_source=model_source, task=task, adapter=adapter, mode=mode,
-                          structured=structured) if engine_rows else [])
+                          structured=structured, lora=lora) if engine_rows else [])
     gen_seconds = time.time() - gen_started
     by_line = {r["_line"]: r for r in generated}
     rows = []
@@ -645,6 +711,10 @@ def run_batch(
             "base_model_name_or_path": adapter.base_model, "engine_model": model_source,
             "merged": None if merged is None else {"source": merged.source, "uploaded": merged.uploaded,
                                                    "local_dir": str(merged.local_dir) if merged.local_dir else None},
+            # Where the engine loaded the LoRA from: the local folder, or <loading_path>/<name>.
+            "lora": None if lora is None else {"name": lora.name, "source": lora.source,
+                                               "dynamic_lora_loading_path": lora.loading_path,
+                                               "uploaded": lora.uploaded},
             "training_run": (adapter.manifest or {}).get("run_id"),
         },
         "data": {"split": split, "uri": split_uri, "sha256": data.sha256},
