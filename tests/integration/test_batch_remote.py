@@ -4,7 +4,8 @@ adapter and the profile's storage on a loopback S3 server (moto).
 
 The same 6 val rows run three times in one Ray instance: with local storage (the engine reads
 the local merged folder), then twice with storage on S3 (the first run uploads the merged model,
-the second finds it there). Ray downloads a remote model source into the HF hub cache of each
+the second finds it there). A fourth run uses LoRA mode on S3: the adapter is uploaded and the
+engine loads it through ``dynamic_lora_loading_path``. Ray downloads a remote model source into the HF hub cache of each
 node; the module points that cache at a temp folder so the test can see what the engine read.
 """
 
@@ -123,3 +124,40 @@ def test_remote_and_local_merged_paths_give_the_same_outputs(runs):
     assert [(r["id"], r["generated_text"]) for r in first.rows] == expected
     assert [(r["id"], r["generated_text"]) for r in second.rows] == expected
     assert first.out_uri == f"s3://{BUCKET}/e2e/batch/remote-1"
+
+
+@pytest.fixture(scope="module")
+def lora_run(runs, tmp_path_factory):
+    from e2e_llm.batch import run_batch
+
+    config, local, _, _ = runs
+    path = local.manifest["data"]["uri"]
+    return run_batch(config, split=path, adapter_ref=local.manifest["adapter"]["path"], mode="lora",
+                     run_id="remote-lora")
+
+
+def test_lora_mode_on_remote_storage_uploads_the_adapter_and_rows_name_it(lora_run, hf_cache):
+    from pathlib import Path
+
+    from e2e_llm import storage
+    from e2e_llm.batch import LORA_MARKER
+
+    adapter = lora_run.manifest["adapter"]
+    name = f"smollm2-135m-lora-{adapter['sha256'][:16]}"
+    parent = f"s3://{BUCKET}/e2e/lora"
+    assert adapter["lora"] == {"name": name, "source": f"{parent}/{name}", "dynamic_lora_loading_path": parent,
+                               "uploaded": True}
+    assert storage.exists(f"{parent}/{name}/{LORA_MARKER}")
+    # What the engine loaded (lora_utils.download_lora_adapter): <HF cache>/models--<name>/snapshots/<adapter sha>/.
+    fetched = hf_cache / f"models--{name}" / "snapshots" / adapter["sha256"]
+    local = Path(adapter["path"])
+    assert (fetched / "adapter_model.safetensors").read_bytes() == (local / "adapter_model.safetensors").read_bytes()
+    assert adapter["engine_model"] != adapter["path"] and not adapter["lora"]["name"].startswith("/")
+
+
+def test_remote_lora_mode_gives_the_merged_outputs(runs, lora_run):
+    # Under fp32 (the local profile's batch dtype) the merged checkpoint and LoRA agree (README: 50 of 50).
+    _, local, _, _ = runs
+    assert all(r["error"] is None for r in lora_run.rows)
+    assert [(r["id"], r["generated_text"]) for r in lora_run.rows] == [(r["id"], r["generated_text"])
+                                                                      for r in local.rows]
