@@ -24,14 +24,6 @@ SMOL = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
         "num_hidden_layers": 30, "model_type": "llama"}
 
 
-@pytest.fixture
-def config(local_config, tmp_path):
-    config = local_config.model_copy(deep=True)
-    config._root = local_config.root
-    config.storage.root = str(tmp_path / "storage")
-    return config
-
-
 def write_safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
     header, offset = {}, 0
     for name, shape in shapes.items():

@@ -15,14 +15,6 @@ from e2e_llm.batch import LORA_MARKER, Adapter, adapter_sha256, lora_adapter_nam
 
 
 @pytest.fixture
-def config(local_config, tmp_path):
-    config = local_config.model_copy(deep=True)
-    config._root = local_config.root
-    config.storage.root = str(tmp_path / "storage")
-    return config
-
-
-@pytest.fixture
 def adapter(tmp_path) -> Adapter:
     path = tmp_path / "adapter"
     path.mkdir()

@@ -19,14 +19,6 @@ SHA = "ab" * 32
 
 
 @pytest.fixture
-def config(local_config, tmp_path):
-    config = local_config.model_copy(deep=True)
-    config._root = local_config.root
-    config.storage.root = str(tmp_path / "storage")
-    return config
-
-
-@pytest.fixture
 def adapter(tmp_path) -> Adapter:
     return Adapter(path=tmp_path / "adapter", sha256=SHA, rank=8, base_model="smollm2-135m")
 
