@@ -96,7 +96,7 @@ evaluate: env-serve ## Score a results file alone: make evaluate RESULTS=<predic
 	$(SERVE_CLI) evaluate --profile $(PROFILE) --results $(RESULTS)
 
 bench-batch: env-serve ## Batch benchmarks (pipeline vs raw vLLM, merged vs LoRA, structured, prefix cache).
-	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/batch.py pipeline --rows 800 --adapter $(or $(ADAPTER),latest)
+	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/batch.py pipeline --rows 2000 --dtype bfloat16 --adapter $(or $(ADAPTER),latest)
 	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/batch.py engines --rows 100 --adapter $(or $(ADAPTER),latest)
 
 ##@ Serving (local)
