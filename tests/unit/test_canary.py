@@ -621,13 +621,14 @@ def test_canary_selection_is_deterministic_and_covers_every_function(viggo_task)
     assert functions == {viggo_task.parse(r["output"]).function for r in val}
 
 
-def test_committed_canary_set_regenerates_from_the_clean_val_split(tmp_path, local_config, viggo_task):
+def test_committed_canary_set_regenerates_from_the_clean_val_split(tmp_path, local_config, viggo_task, viggo_dir):
     from e2e_llm.canary import write_canary_set
-    from e2e_llm.data import read_jsonl
+    from e2e_llm.data import ingest, read_jsonl
 
-    val = Path(local_config.storage_uri("data", "viggo", "val.jsonl"))
-    if not val.is_file():
-        pytest.skip(f"{val} missing: run `e2e-llm data --profile local`")
+    # The clean val split, as `e2e-llm data --profile local` writes it (val only: train is not needed).
+    ingest(source=str(viggo_dir), splits={"val": local_config.data.splits["val"]}, output_dir=tmp_path / "data",
+           task=viggo_task, dataset=local_config.data.dataset, fmt=local_config.data.format, required=["val"])
+    val = tmp_path / "data" / "val.jsonl"
     policy = load_policy(ROOT / "configs/canary.yaml")
     spec = write_canary_set(read_jsonl(val), viggo_task, policy.canary_set.rows, tmp_path / "set.jsonl", "v1",
                             lambda text: 1)
