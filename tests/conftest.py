@@ -69,6 +69,15 @@ def local_config():
     return load_profile("local", root=ROOT)
 
 
+@pytest.fixture
+def config(local_config, tmp_path):
+    """The local profile with its storage in this test's tmp dir."""
+    config = local_config.model_copy(deep=True)
+    config._root = local_config.root
+    config.storage.root = str(tmp_path / "storage")
+    return config
+
+
 @pytest.fixture(scope="session")
 def viggo_task(local_config):
     return local_config.task_schema()
