@@ -78,6 +78,19 @@ def config(local_config, tmp_path):
     return config
 
 
+@pytest.fixture
+def s3_config(config, s3_server):
+    """:func:`config` with its storage in a fresh bucket of the loopback S3 server."""
+    import uuid
+
+    import boto3
+
+    bucket = f"store-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    config.storage.root = f"s3://{bucket}/viggo"
+    return config
+
+
 @pytest.fixture(scope="session")
 def viggo_task(local_config):
     return local_config.task_schema()

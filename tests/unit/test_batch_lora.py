@@ -6,7 +6,6 @@ engine resolves against ``dynamic_lora_loading_path``. Fake adapter files: no mo
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -22,16 +21,6 @@ def adapter(tmp_path) -> Adapter:
     (path / "adapter_model.safetensors").write_bytes(b"\1" * 512)
     (path / "tokenizer.json").write_text("{}")  # not part of the adapter's identity: not uploaded
     return Adapter(path=path, sha256=adapter_sha256(path), rank=8, base_model="smollm2-135m")
-
-
-@pytest.fixture
-def s3_config(config, s3_server):
-    import boto3
-
-    bucket = f"lora-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    config.storage.root = f"s3://{bucket}/viggo"
-    return config
 
 
 def test_local_storage_names_the_adapter_by_its_folder_and_uploads_nothing(config, adapter):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,6 @@ def cache(config, adapter, tmp_path) -> Path:
     (folder / "tokenizer.json").write_text("{}")
     (folder / MERGED_MARKER).write_text(json.dumps({"adapter_sha256": SHA}))
     return cache
-
-
-@pytest.fixture
-def s3_config(config, s3_server):
-    import boto3
-
-    bucket = f"merged-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    config.storage.root = f"s3://{bucket}/viggo"
-    return config
 
 
 def _no_merge(*args, **kwargs):
