@@ -123,19 +123,29 @@ e2e-serve: env-serve ## Start the local service, ask the fine-tuned adapter via 
 	$(SERVE_CLI) serve --profile local --publish latest --ray-temp-dir /tmp/ray-e2e-serve \
 	  --then "$(SERVE_ENV)/bin/python examples/openai_client.py"
 
-##@ Deploy (TARGET=anyscale|k8s, ENV=dev|prod)
+##@ Deploy (TARGET=anyscale|k8s, DEPLOY_ENV=dev|prod)
 
 # Rendered from configs/ by `make render`; submitted with the Anyscale CLI or kubectl (both
 # pinned in the serve environment). Credentials and cluster are checked first (preflight).
 TARGET ?= anyscale
-ENV ?= dev
+# Not ENV: POSIX shells read $ENV as a startup file, so it is often set in the environment.
+# ENV=dev|prod on the command line still works, with a deprecation warning.
+ifeq ($(origin ENV),command line)
+$(warning ENV=$(ENV) is deprecated (POSIX shells use $$ENV): use DEPLOY_ENV=$(ENV))
+DEPLOY_ENV := $(ENV)
+endif
+DEPLOY_ENV ?= dev
 # deploy-service on Anyscale: traffic percentage for the new version (empty: Anyscale steps it).
 CANARY_PERCENT ?=
-# make logs: which stage's logs; make rollback TARGET=k8s: the git revision to roll back to.
+# make logs: which stage's logs; make rollback: the git revision to roll back to (k8s: its
+# manifests; anyscale: its services/llm.yaml when REV is given, else the unfinished rollout).
 STAGE ?= train
 REV ?= HEAD~1
 # make wait: seconds before giving up.
 WAIT_TIMEOUT ?= 7200
+# Argument checks run only for the targets that read these variables.
+DEPLOY_GOALS := train batch deploy-service rollback status wait logs down canary-engine
+ifneq ($(filter $(DEPLOY_GOALS),$(MAKECMDGOALS)),)
 ifeq ($(filter $(TARGET),anyscale k8s adapter),)
 $(error TARGET must be anyscale or k8s (or adapter for make rollback) (got '$(TARGET)'))
 endif
@@ -144,19 +154,22 @@ ifneq ($(filter-out rollback,$(MAKECMDGOALS)),)
 $(error TARGET=adapter applies to make rollback only)
 endif
 endif
-ifeq ($(filter $(ENV),dev prod),)
-$(error ENV must be dev or prod (got '$(ENV)'))
+ifeq ($(filter $(DEPLOY_ENV),dev prod),)
+$(error DEPLOY_ENV must be dev or prod (got '$(DEPLOY_ENV)'))
 endif
 ifneq ($(CANARY_PERCENT),)
 ifeq ($(TARGET),k8s)
-$(error CANARY_PERCENT is for TARGET=anyscale; on k8s ENV=prod steps traffic itself (k8s/components/canary))
+$(error CANARY_PERCENT is for TARGET=anyscale; on k8s DEPLOY_ENV=prod steps traffic itself (k8s/components/canary))
 endif
 ifeq ($(filter $(CANARY_PERCENT),$(shell seq 0 100)),)
 $(error CANARY_PERCENT must be an integer from 0 to 100 (got '$(CANARY_PERCENT)'))
 endif
 endif
+ifneq ($(filter wait logs,$(MAKECMDGOALS)),)
 ifeq ($(filter $(STAGE),train batch serve),)
 $(error STAGE must be train, batch or serve (got '$(STAGE)'))
+endif
+endif
 endif
 ifneq ($(filter image,$(MAKECMDGOALS)),)
 ifeq ($(filter $(IMAGE),train serve serve-cpu),)
@@ -164,13 +177,13 @@ $(error IMAGE must be train, serve or serve-cpu (got '$(IMAGE)'))
 endif
 endif
 DEPLOY_NAME := $(shell sed -n 's/^name: *//p' configs/deploy.yaml)
-NAMESPACE := $(DEPLOY_NAME)-$(ENV)
+NAMESPACE := $(DEPLOY_NAME)-$(DEPLOY_ENV)
 ANYSCALE := $(SERVE_ENV)/bin/anyscale
 KUBECTL := $(SERVE_ENV)/bin/kubectl
-OVERLAY := k8s/overlays/$(ENV)
+OVERLAY := k8s/overlays/$(DEPLOY_ENV)
 COMPONENT := app.kubernetes.io/component
 , := ,
-PREFLIGHT = $(SERVE_CLI) preflight --target $(TARGET) --env $(ENV) --stage
+PREFLIGHT = $(SERVE_CLI) preflight --target $(TARGET) --env $(DEPLOY_ENV) --stage
 
 .PHONY: render check-render validate image train batch deploy-service rollback status wait logs down
 render: env-serve ## Render jobs/, services/, k8s/base, k8s/components from configs/.
@@ -182,13 +195,13 @@ check-render: env-serve ## Fail when committed rendered files differ from config
 validate: env-serve ## Offline validation ladder over every manifest (CRDs, CEL, operator rules, Serve, Anyscale).
 	$(SERVE_CLI) validate
 
-image: env-serve ## Build IMAGE=train|serve|serve-cpu with docker or podman (PUSH=1 to push).
-	$(SERVE_CLI) image --name $(IMAGE) $(if $(PUSH),--push)
+image: env-serve ## Build IMAGE=train|serve|serve-cpu, content-addressed tag (PUSH=1 to push, DIGEST_FILE=).
+	$(SERVE_CLI) image --name $(IMAGE) $(if $(PUSH),--push) $(if $(DIGEST_FILE),--digest-file $(DIGEST_FILE))
 
 train: env-serve ## Submit the LoRA SFT job to TARGET (Anyscale job or RayJob in ENV).
 	$(PREFLIGHT) train
 ifeq ($(TARGET),anyscale)
-	$(ANYSCALE) job submit -f jobs/train.yaml --name $(DEPLOY_NAME)-train-$(ENV)
+	$(ANYSCALE) job submit -f jobs/train.yaml --name $(DEPLOY_NAME)-train-$(DEPLOY_ENV)
 else
 	$(KUBECTL) delete rayjob $(DEPLOY_NAME)-train -n $(NAMESPACE) --ignore-not-found
 	$(KUBECTL) apply --server-side -k $(OVERLAY) -l '$(COMPONENT) in (shared,train)'
@@ -197,7 +210,7 @@ endif
 batch: env-serve ## Submit the batch evaluation job (latest adapter) to TARGET.
 	$(PREFLIGHT) batch
 ifeq ($(TARGET),anyscale)
-	$(ANYSCALE) job submit -f jobs/batch.yaml --name $(DEPLOY_NAME)-batch-$(ENV)
+	$(ANYSCALE) job submit -f jobs/batch.yaml --name $(DEPLOY_NAME)-batch-$(DEPLOY_ENV)
 else
 	$(KUBECTL) delete rayjob $(DEPLOY_NAME)-batch -n $(NAMESPACE) --ignore-not-found
 	$(KUBECTL) apply --server-side -k $(OVERLAY) -l '$(COMPONENT) in (shared,batch)'
@@ -206,7 +219,7 @@ endif
 deploy-service: env-serve ## Deploy or upgrade the LLM service (Anyscale: CANARY_PERCENT=N; k8s prod: incremental).
 	$(PREFLIGHT) service
 ifeq ($(TARGET),anyscale)
-	$(ANYSCALE) service deploy -f services/llm.yaml --name $(DEPLOY_NAME)-$(ENV) \
+	$(ANYSCALE) service deploy -f services/llm.yaml --name $(DEPLOY_NAME)-$(DEPLOY_ENV) \
 	  $(if $(CANARY_PERCENT),--canary-percent $(CANARY_PERCENT))
 else
 	$(KUBECTL) apply --server-side -k $(OVERLAY) -l '$(COMPONENT) in (shared,serve,monitoring)'
@@ -218,7 +231,12 @@ ifeq ($(TARGET),adapter)
 else
 	$(PREFLIGHT) service
 ifeq ($(TARGET),anyscale)
-	$(ANYSCALE) service rollback -n $(DEPLOY_NAME)-$(ENV)
+ifeq ($(origin REV),command line)
+	rm -rf .cache/rollback && mkdir -p .cache/rollback && git show $(REV):services/llm.yaml > .cache/rollback/llm.yaml
+	$(ANYSCALE) service deploy -f .cache/rollback/llm.yaml --name $(DEPLOY_NAME)-$(DEPLOY_ENV)
+else
+	$(ANYSCALE) service rollback -n $(DEPLOY_NAME)-$(DEPLOY_ENV)
+endif
 else
 	rm -rf .cache/rollback && mkdir -p .cache/rollback && git archive $(REV) k8s | tar -x -C .cache/rollback
 	$(KUBECTL) apply --server-side -k .cache/rollback/$(OVERLAY) -l '$(COMPONENT) in (serve)'
@@ -228,9 +246,9 @@ endif
 status: env-serve ## Show the service and job states on TARGET.
 	$(PREFLIGHT) any
 ifeq ($(TARGET),anyscale)
-	$(ANYSCALE) service status -n $(DEPLOY_NAME)-$(ENV) -v
-	-$(ANYSCALE) job status -n $(DEPLOY_NAME)-train-$(ENV)
-	-$(ANYSCALE) job status -n $(DEPLOY_NAME)-batch-$(ENV)
+	$(ANYSCALE) service status -n $(DEPLOY_NAME)-$(DEPLOY_ENV) -v
+	-$(ANYSCALE) job status -n $(DEPLOY_NAME)-train-$(DEPLOY_ENV)
+	-$(ANYSCALE) job status -n $(DEPLOY_NAME)-batch-$(DEPLOY_ENV)
 else
 	$(KUBECTL) get rayjob,rayservice,raycluster -n $(NAMESPACE) -o wide
 endif
@@ -238,7 +256,7 @@ endif
 wait: env-serve ## Wait for STAGE=train|batch to succeed or the service to be ready (WAIT_TIMEOUT seconds).
 	$(PREFLIGHT) any
 ifeq ($(TARGET),anyscale)
-	$(if $(filter serve,$(STAGE)),$(ANYSCALE) service wait -n $(DEPLOY_NAME)-$(ENV) -t $(WAIT_TIMEOUT),$(ANYSCALE) job wait -n $(DEPLOY_NAME)-$(STAGE)-$(ENV) -s SUCCEEDED -t $(WAIT_TIMEOUT))
+	$(if $(filter serve,$(STAGE)),$(ANYSCALE) service wait -n $(DEPLOY_NAME)-$(DEPLOY_ENV) -t $(WAIT_TIMEOUT),$(ANYSCALE) job wait -n $(DEPLOY_NAME)-$(STAGE)-$(DEPLOY_ENV) -s SUCCEEDED -t $(WAIT_TIMEOUT))
 else
 	$(if $(filter serve,$(STAGE)),$(KUBECTL) wait rayservice/$(DEPLOY_NAME) -n $(NAMESPACE) --for=condition=Ready --timeout=$(WAIT_TIMEOUT)s,$(KUBECTL) wait rayjob/$(DEPLOY_NAME)-$(STAGE) -n $(NAMESPACE) --for=jsonpath='{.status.jobStatus}'=SUCCEEDED --timeout=$(WAIT_TIMEOUT)s)
 endif
@@ -246,7 +264,7 @@ endif
 logs: env-serve ## Print (follow) the logs of STAGE=train|batch|serve on TARGET.
 	$(PREFLIGHT) any
 ifeq ($(TARGET),anyscale)
-	$(if $(filter serve,$(STAGE)),$(ANYSCALE) service status -n $(DEPLOY_NAME)-$(ENV) -v,$(ANYSCALE) job logs -n $(DEPLOY_NAME)-$(STAGE)-$(ENV) -f)
+	$(if $(filter serve,$(STAGE)),$(ANYSCALE) service status -n $(DEPLOY_NAME)-$(DEPLOY_ENV) -v,$(ANYSCALE) job logs -n $(DEPLOY_NAME)-$(STAGE)-$(DEPLOY_ENV) -f)
 else
 	$(if $(filter serve,$(STAGE)),$(KUBECTL) logs -n $(NAMESPACE) -l ray.io/node-type=head$(,)ray.io/originated-from-crd=RayService --tail=200,$(KUBECTL) logs -n $(NAMESPACE) -f job/$(DEPLOY_NAME)-$(STAGE))
 endif
@@ -254,9 +272,9 @@ endif
 down: env-serve ## Tear down the service and jobs on TARGET (keeps the namespace and shared volume).
 	$(PREFLIGHT) any
 ifeq ($(TARGET),anyscale)
-	$(ANYSCALE) service terminate -n $(DEPLOY_NAME)-$(ENV)
-	-$(ANYSCALE) job terminate -n $(DEPLOY_NAME)-train-$(ENV)
-	-$(ANYSCALE) job terminate -n $(DEPLOY_NAME)-batch-$(ENV)
+	$(ANYSCALE) service terminate -n $(DEPLOY_NAME)-$(DEPLOY_ENV)
+	-$(ANYSCALE) job terminate -n $(DEPLOY_NAME)-train-$(DEPLOY_ENV)
+	-$(ANYSCALE) job terminate -n $(DEPLOY_NAME)-batch-$(DEPLOY_ENV)
 else
 	$(KUBECTL) delete -k $(OVERLAY) -l '$(COMPONENT) in (train,batch,serve,monitoring)' --ignore-not-found
 endif
@@ -279,7 +297,7 @@ promote: env-serve ## Promote the unfinished canary's candidate to stable now (s
 
 canary-engine: env-serve ## Engine canary on TARGET/ENV: platform rollout of the rendered service, SLO-gated.
 	$(PREFLIGHT) service
-	$(SERVE_CLI) canary --profile $(shell sed -n 's/^profile: *//p' configs/deploy.yaml) --platform $(TARGET) --env $(ENV) --rev $(REV)
+	$(SERVE_CLI) canary --profile $(shell sed -n 's/^profile: *//p' configs/deploy.yaml) --platform $(TARGET) --env $(DEPLOY_ENV) --rev $(REV)
 
 ##@ Development
 

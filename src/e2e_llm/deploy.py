@@ -32,8 +32,8 @@ from e2e_llm.config import (
 )
 
 DEPLOY_FILE = Path("configs/deploy.yaml")
-# <ray X.Y.Z>-py<NNN>-<platform>[-<release>]: rayproject's {version}-{python}-{platform} tag
-# scheme with our release appended.
+# <ray X.Y.Z>-py<NNN>-<platform>[-<content id>]: rayproject's {version}-{python}-{platform} tag
+# scheme; deploy.yaml names the base part, the content id is appended at render time.
 IMAGE_TAG = re.compile(
     r"^(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d{2,3})-(?P<platform>cpu|cu\d{3}|gpu)(?:-(?P<release>[\w.]+))?$"
 )
@@ -55,16 +55,25 @@ class ImageRef(Strict):
 
     @field_validator("tag")
     @classmethod
-    def _pinned_tag(cls, value: str) -> str:
-        if not IMAGE_TAG.match(value):
+    def _base_tag(cls, value: str) -> str:
+        m = IMAGE_TAG.match(value)
+        if not m or m["release"]:
             raise ValueError(
-                f"tag {value!r} must look like <ray X.Y.Z>-py<NNN>-<cpu|cuNNN|gpu>[-<release>] "
-                "(e.g. 2.60.0-py311-cu128-0.1.0); `latest` and bare versions are not pinned")
+                f"tag {value!r} must look like <ray X.Y.Z>-py<NNN>-<cpu|cuNNN|gpu> (e.g. 2.60.0-py311-cu128): "
+                "the content id of the image is appended at render time (e2e_llm.images), never typed; "
+                "`latest` and bare versions are not pinned")
         return value
 
-    @property
-    def ref(self) -> str:
-        return f"{self.repository}:{self.tag}"
+    def content_tag(self, root: Path, containerfile: str, platform: str | None = None) -> str:
+        """``<tag>-<content id>`` for the image built from ``containerfile`` (platform: replace
+        the tag's platform part, e.g. ``cpu`` for the CPU variant of the serve image)."""
+        from e2e_llm.images import image_identity
+
+        base = self.tag
+        if platform:
+            m = IMAGE_TAG.match(base)
+            base = f"{m['ray']}-py{m['py']}-{platform}"
+        return image_identity(root, containerfile).tag(base)
 
     @property
     def ray_version(self) -> str:
@@ -204,6 +213,15 @@ class DeployConfig(RootedFile):
         if not DNS1035.match(value) or len(value) > 40:
             raise ValueError("name must be a DNS-1035 label of at most 40 characters (it prefixes object names)")
         return value
+
+    def image_ref(self, name: str) -> str:
+        """The content-addressed reference of image ``name`` (train, serve or serve-cpu), as
+        every rendered manifest names it: ``<repository>:<base tag>-<content id>``."""
+        from e2e_llm.images import CONTAINERFILES
+
+        image = self.images.train if name == "train" else self.images.serve
+        tag = image.content_tag(self._root, CONTAINERFILES[name], "cpu" if name == "serve-cpu" else None)
+        return f"{image.repository}:{tag}"
 
     def pipeline(self) -> PipelineConfig:
         """The deployed profile, checked against this file (every accelerator it uses is mapped)."""

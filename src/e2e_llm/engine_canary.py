@@ -179,8 +179,8 @@ class KubeRayPlatform:
     def commands(self) -> dict[str, list[str]]:
         return {
             "status": [self.kubectl, "get", "rayservice", self.name, "-n", self.namespace, "-o", "json"],
-            "deploy": [self.make, "deploy-service", "TARGET=k8s", f"ENV={self.env}"],
-            "rollback": [self.make, "rollback", "TARGET=k8s", f"ENV={self.env}", f"REV={self.rev}"],
+            "deploy": [self.make, "deploy-service", "TARGET=k8s", f"DEPLOY_ENV={self.env}"],
+            "rollback": [self.make, "rollback", "TARGET=k8s", f"DEPLOY_ENV={self.env}", f"REV={self.rev}"],
         }
 
     def status(self) -> PlatformStatus:

@@ -173,11 +173,11 @@ def _anyscale_common(deploy: DeployConfig, config: PipelineConfig, image: str, g
 
 
 def anyscale_job(deploy: DeployConfig, config: PipelineConfig, stage: str) -> dict[str, Any]:
-    image = deploy.images.train if stage == "train" else deploy.images.serve
+    image = deploy.image_ref("train" if stage == "train" else "serve")
     return {
         "name": f"{deploy.name}-{stage}",
         "entrypoint": entrypoint(deploy, stage),
-        **_anyscale_common(deploy, config, image.ref, worker_group(deploy, config, stage)),
+        **_anyscale_common(deploy, config, image, worker_group(deploy, config, stage)),
         "max_retries": deploy.jobs.max_retries,
         "timeout_s": deploy.jobs.timeout_s,
     }
@@ -186,7 +186,7 @@ def anyscale_job(deploy: DeployConfig, config: PipelineConfig, stage: str) -> di
 def anyscale_service(deploy: DeployConfig, config: PipelineConfig) -> dict[str, Any]:
     return {
         "name": deploy.name,
-        **_anyscale_common(deploy, config, deploy.images.serve.ref, worker_group(deploy, config, "serve")),
+        **_anyscale_common(deploy, config, deploy.image_ref("serve"), worker_group(deploy, config, "serve")),
         "query_auth_token_enabled": deploy.service.query_auth_token_enabled,
         "applications": [serve_application(config)],
     }
@@ -254,6 +254,7 @@ def _pod(deploy: DeployConfig, config: PipelineConfig, container: str, image: st
 
 def ray_cluster_spec(deploy: DeployConfig, config: PipelineConfig, stage: str) -> dict[str, Any]:
     image = deploy.images.train if stage == "train" else deploy.images.serve
+    ref = deploy.image_ref("train" if stage == "train" else "serve")
     group = worker_group(deploy, config, stage)
     api_key = stage == "serve" and config.serve.auth.enabled
     head = deploy.compute.head
@@ -263,7 +264,7 @@ def ray_cluster_spec(deploy: DeployConfig, config: PipelineConfig, stage: str) -
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": {},
-        "template": _pod(deploy, config, "ray-worker", image.ref,
+        "template": _pod(deploy, config, "ray-worker", ref,
                          _resources(group.cpu, group.size.memory, group.gpu), api_key,
                          shm=group.size.shm, accelerator=group.accelerator if group.gpu else None,
                          gpu=bool(group.gpu)),
@@ -278,7 +279,7 @@ def ray_cluster_spec(deploy: DeployConfig, config: PipelineConfig, stage: str) -
     spec["headGroupSpec"] = {
         # The head schedules no work: drivers, the Serve controller and proxies only.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": _pod(deploy, config, "ray-head", image.ref, _resources(head.cpu, head.memory), api_key,
+        "template": _pod(deploy, config, "ray-head", ref, _resources(head.cpu, head.memory), api_key,
                          shm=head.shm),
     }
     spec["workerGroupSpecs"] = [worker]

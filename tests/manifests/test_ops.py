@@ -4,8 +4,10 @@ detection, preflight messages for missing credentials/cluster, and the GitOps wo
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import yaml
 from conftest import ROOT
 
 from e2e_llm import cli
+from e2e_llm.deploy import load_deploy
 
 BIN = Path(sys.executable).parent
 
@@ -27,7 +30,8 @@ def _make(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["train", "TARGET=gke"], "TARGET must be anyscale or k8s"),
-    (["status", "ENV=staging"], "ENV must be dev or prod (got 'staging')"),
+    (["status", "DEPLOY_ENV=staging"], "DEPLOY_ENV must be dev or prod (got 'staging')"),
+    (["status", "ENV=staging"], "DEPLOY_ENV must be dev or prod (got 'staging')"),
     (["deploy-service", "TARGET=k8s", "CANARY_PERCENT=10"], "CANARY_PERCENT is for TARGET=anyscale"),
     (["deploy-service", "CANARY_PERCENT=150"], "CANARY_PERCENT must be an integer from 0 to 100 (got '150')"),
     (["logs", "STAGE=eval"], "STAGE must be train, batch or serve (got 'eval')"),
@@ -39,14 +43,16 @@ def test_makefile_guards_stop_before_running_anything(args, message):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["train", "TARGET=k8s", "ENV=prod"],
+    (["train", "TARGET=k8s", "DEPLOY_ENV=prod"],
      "kubectl apply --server-side -k k8s/overlays/prod -l 'app.kubernetes.io/component in (shared,train)'"),
-    (["deploy-service", "TARGET=anyscale", "ENV=prod", "CANARY_PERCENT=10"],
+    (["deploy-service", "TARGET=anyscale", "DEPLOY_ENV=prod", "CANARY_PERCENT=10"],
      "anyscale service deploy -f services/llm.yaml --name e2e-llm-prod"),
-    (["rollback", "TARGET=anyscale", "ENV=prod"], "anyscale service rollback -n e2e-llm-prod"),
+    (["rollback", "TARGET=anyscale", "DEPLOY_ENV=prod"], "anyscale service rollback -n e2e-llm-prod"),
+    (["rollback", "TARGET=anyscale", "DEPLOY_ENV=prod", "REV=abc123"],
+     "anyscale service deploy -f .cache/rollback/llm.yaml --name e2e-llm-prod"),
     (["batch", "TARGET=anyscale"], "anyscale job submit -f jobs/batch.yaml --name e2e-llm-batch-dev"),
     (["status", "TARGET=k8s"], "kubectl get rayjob,rayservice,raycluster -n e2e-llm-dev"),
-    (["down", "TARGET=k8s", "ENV=prod"], "kubectl delete -k k8s/overlays/prod"),
+    (["down", "TARGET=k8s", "DEPLOY_ENV=prod"], "kubectl delete -k k8s/overlays/prod"),
 ])
 def test_deploy_targets_run_preflight_then_the_documented_command(args, expected):
     result = _make("-n", *args)
@@ -56,18 +62,49 @@ def test_deploy_targets_run_preflight_then_the_documented_command(args, expected
     assert "--canary-percent 10" in result.stdout or "CANARY_PERCENT" not in " ".join(args)
 
 
+def test_posix_env_in_the_environment_is_not_the_deploy_environment():
+    """ENV is the POSIX shell's startup file: set in the environment it must not break make."""
+    env = {**os.environ, "ENV": "/root/.shrc"}
+    for args in (["-n", "help"], ["-n", "status", "TARGET=k8s"]):
+        result = subprocess.run(["make", "-s", *args], cwd=ROOT, capture_output=True, text=True, check=False,
+                                env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "deprecated" not in result.stderr
+    assert "-n e2e-llm-dev" in result.stdout  # the default DEPLOY_ENV, not /root/.shrc
+
+
+def test_env_on_the_command_line_still_works_with_a_deprecation_warning():
+    result = _make("-n", "status", "TARGET=k8s", "ENV=prod")
+    assert result.returncode == 0, result.stderr
+    assert "ENV=prod is deprecated" in result.stderr and "use DEPLOY_ENV=prod" in result.stderr
+    assert "-n e2e-llm-prod" in result.stdout
+
+
+def test_argument_checks_run_only_for_the_targets_that_need_them():
+    assert _make("-n", "help", "TARGET=gke", "STAGE=eval", "DEPLOY_ENV=x").returncode == 0
+    assert _make("-n", "render", "TARGET=gke").returncode == 0
+    assert "TARGET must be" in _make("-n", "status", "TARGET=gke").stderr
+
+
 def _fake_engine(tmp_path: Path, name: str, info_exit: int) -> Path:
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     script = bindir / name
+    # `manifest inspect` answers "not in the registry" until a push happened, then a digest.
     script.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/{name}.calls\n"
-                      f"[ \"$1\" = info ] && exit {info_exit}\nexit 0\n")
+                      f"[ \"$1\" = info ] && exit {info_exit}\n"
+                      f"[ \"$1\" = push ] && touch {tmp_path}/{name}.pushed\n"
+                      f"if [ \"$1\" = manifest ]; then [ -f {tmp_path}/{name}.pushed ] || exit 1; "
+                      "echo '{\"Descriptor\": {\"digest\": \"sha256:abc\"}}'; fi\nexit 0\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return bindir
 
 
 def test_image_without_any_engine_says_so_and_fails(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PATH", str(tmp_path))  # neither docker nor podman
+    git = tmp_path / "git-only"
+    git.mkdir()
+    (git / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(git))  # neither docker nor podman (git: the image identity)
     monkeypatch.setenv("E2E_LLM_ROOT", str(ROOT))
     assert cli.main(["image", "--name", "serve-cpu"]) == 3
     err = capsys.readouterr().err
@@ -77,13 +114,23 @@ def test_image_without_any_engine_says_so_and_fails(tmp_path, monkeypatch, capsy
 def test_image_skips_a_client_whose_daemon_does_not_answer(tmp_path, monkeypatch, capsys):
     bindir = _fake_engine(tmp_path, "docker", info_exit=1)
     _fake_engine(tmp_path, "podman", info_exit=0)
-    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setenv("PATH", f"{bindir}:{Path(shutil.which('git')).parent}")  # git: the image identity
     monkeypatch.setenv("E2E_LLM_ROOT", str(ROOT))
-    assert cli.main(["image", "--name", "serve-cpu", "--push"]) == 0
+    digest_file = tmp_path / "digest.json"
+    assert cli.main(["image", "--name", "serve-cpu", "--push", "--digest-file", str(digest_file)]) == 0
     assert "build" not in (tmp_path / "docker.calls").read_text()
     calls = (tmp_path / "podman.calls").read_text().splitlines()
-    image = "ghcr.io/e2e-llm/e2e-llm-serve:2.60.0-py311-cpu-0.1.0"
-    assert calls == ["info", f"build -f images/serve/Containerfile.cpu -t {image} .", f"push {image}"]
+    image = load_deploy(root=ROOT).image_ref("serve-cpu")
+    assert re.fullmatch(r"ghcr\.io/e2e-llm/e2e-llm-serve:2\.60\.0-py311-cpu-[0-9a-f]{12}", image)
+    assert calls == ["info", f"manifest inspect {image}", f"build -f images/serve/Containerfile.cpu -t {image} .",
+                     f"push {image}", f"manifest inspect --verbose {image}"]
+    recorded = json.loads(digest_file.read_text())
+    assert recorded == {"image": "serve-cpu", "ref": image, "digest": "ghcr.io/e2e-llm/e2e-llm-serve@sha256:abc"}
+    # The same content again: the tag is in the registry, nothing is built or pushed over it.
+    assert cli.main(["image", "--name", "serve-cpu", "--push"]) == 0
+    again = (tmp_path / "podman.calls").read_text().splitlines()[len(calls):]
+    assert not [c for c in again if c.startswith(("build", "push"))], again
+    assert "never overwritten" in capsys.readouterr().out
 
 
 def test_preflight_anyscale_names_the_missing_credentials(tmp_path, monkeypatch, capsys):

@@ -206,8 +206,8 @@ def test_kuberay_canary_applies_once_and_rolls_back_with_make_rollback(tmp_path,
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
     assert outcome.result == "rolled_back"
     changes = [c for c in kube.commands if c[0] == "make"]
-    assert changes == [["make", "deploy-service", "TARGET=k8s", "ENV=prod"],
-                       ["make", "rollback", "TARGET=k8s", "ENV=prod", "REV=abc123"]]
+    assert changes == [["make", "deploy-service", "TARGET=k8s", "DEPLOY_ENV=prod"],
+                       ["make", "rollback", "TARGET=k8s", "DEPLOY_ENV=prod", "REV=abc123"]]
     assert ["kubectl", "get", "rayservice", "e2e-llm", "-n", SERVICE, "-o", "json"] in kube.commands
 
 
@@ -225,17 +225,17 @@ def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
     traffic.samples = operator_steps
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
     assert outcome.result == "promoted"
-    assert [c for c in kube.commands if c[0] == "make"] == [["make", "deploy-service", "TARGET=k8s", "ENV=prod"]]
+    assert [c for c in kube.commands if c[0] == "make"] == [["make", "deploy-service", "TARGET=k8s", "DEPLOY_ENV=prod"]]
 
 
 def test_make_rollback_for_k8s_reapplies_the_previous_revision():
     """The command the gate runs on failure: what `make rollback TARGET=k8s` executes."""
-    result = subprocess.run(["make", "-n", "rollback", "TARGET=k8s", "ENV=prod", "REV=abc123"], cwd=ROOT,
+    result = subprocess.run(["make", "-n", "rollback", "TARGET=k8s", "DEPLOY_ENV=prod", "REV=abc123"], cwd=ROOT,
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "git archive abc123 k8s" in result.stdout
     assert "apply --server-side -k .cache/rollback/k8s/overlays/prod" in result.stdout
-    anyscale = subprocess.run(["make", "-n", "rollback", "TARGET=anyscale", "ENV=prod"], cwd=ROOT,
+    anyscale = subprocess.run(["make", "-n", "rollback", "TARGET=anyscale", "DEPLOY_ENV=prod"], cwd=ROOT,
                               capture_output=True, text=True, check=False)
     assert f"service rollback -n {SERVICE}" in anyscale.stdout
 

@@ -1,34 +1,36 @@
 # SPDX-License-Identifier: Apache-2.0
 """Build (and optionally push) a project image with whichever container engine answers:
 docker, then podman, each asked with `<engine> info` (a client on PATH without a running
-daemon does not count). The tag comes from configs/deploy.yaml (images.train / images.serve;
-serve-cpu gets the serve tag with the platform part replaced by `cpu`).
+daemon does not count). The reference is content-addressed (`DeployConfig.image_ref`: the base
+tag of configs/deploy.yaml + the id of what the Containerfile copies and its lock; serve-cpu
+gets the serve base tag with the platform part replaced by `cpu`): the one the rendered
+manifests name. With --push, a tag that is already in the registry is never built or pushed
+again (same tag = same content); after a push the registry digest is printed and, with
+--digest-file, recorded as JSON {image, ref, digest}.
 Exits 3 with a clear message when no engine answers.
 
-Usage: e2e-llm image --name train|serve|serve-cpu [--push] [--dry-run]
+Usage: e2e-llm image --name train|serve|serve-cpu [--push] [--digest-file F] [--dry-run] [--print-ref]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 
 ENGINES = ("docker", "podman")
 EXIT_NO_ENGINE = 3
-# image name -> (Containerfile, deploy.yaml image entry)
-IMAGES = {
-    "train": ("images/train/Containerfile", "train"),
-    "serve": ("images/serve/Containerfile", "serve"),
-    "serve-cpu": ("images/serve/Containerfile.cpu", "serve"),
-}
+IMAGES = ("train", "serve", "serve-cpu")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", choices=sorted(IMAGES), required=True)
-    parser.add_argument("--push", action="store_true", help="push after building")
+    parser.add_argument("--push", action="store_true", help="push after building (skipped if the tag exists)")
+    parser.add_argument("--digest-file", help="with --push: write {image, ref, digest} JSON here")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--print-ref", action="store_true", help="print the content-addressed reference and exit")
 
 
 def find_engine() -> tuple[str | None, list[str]]:
@@ -52,22 +54,24 @@ def find_engine() -> tuple[str | None, list[str]]:
 
 
 def image_ref(name: str) -> str:
-    from e2e_llm.deploy import IMAGE_TAG, load_deploy
+    from e2e_llm.deploy import load_deploy
 
-    deploy = load_deploy()
-    image = getattr(deploy.images, IMAGES[name][1])
-    if name == "serve-cpu":
-        m = IMAGE_TAG.match(image.tag)
-        tag = f"{m['ray']}-py{m['py']}-cpu" + (f"-{m['release']}" if m["release"] else "")
-        return f"{image.repository}:{tag}"
-    return image.ref
+    return load_deploy().image_ref(name)
+
+
+def _out(engine: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([engine, *args], capture_output=True, text=True, check=False, timeout=300)
 
 
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.config import project_root
+    from e2e_llm.images import CONTAINERFILES
 
-    containerfile, _ = IMAGES[args.name]
+    containerfile = CONTAINERFILES[args.name]
     ref = image_ref(args.name)
+    if args.print_ref:
+        print(ref)
+        return 0
     engine, notes = (ENGINES[0], []) if args.dry_run else find_engine()
     if engine is None:
         print(f"no container engine answers, cannot build {ref}:", file=sys.stderr)
@@ -76,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         print("start a docker daemon or install podman, or let CI build it (.github/workflows/deploy.yaml)",
               file=sys.stderr)
         return EXIT_NO_ENGINE
+    if args.push and not args.dry_run and _out(engine, "manifest", "inspect", ref).returncode == 0:
+        print(f"{ref} is already in the registry: content-addressed tags are never overwritten, nothing to build")
+        return _record_digest(engine, ref, args)
     commands = [[engine, "build", "-f", containerfile, "-t", ref, "."]]
     if args.push:
         commands.append([engine, "push", ref])
@@ -83,4 +90,28 @@ def run(args: argparse.Namespace) -> int:
         print("+ " + " ".join(command), flush=True)
         if not args.dry_run and (code := subprocess.run(command, cwd=project_root(), check=False).returncode):
             return code
+    return _record_digest(engine, ref, args) if args.push and not args.dry_run else 0
+
+
+def _record_digest(engine: str, ref: str, args: argparse.Namespace) -> int:
+    """Print (and write to --digest-file) the registry digest the pushed tag resolves to."""
+    result = _out(engine, "manifest", "inspect", "--verbose", ref)
+    digest = None
+    if result.returncode == 0:
+        try:
+            data = json.loads(result.stdout)
+            data = data[0] if isinstance(data, list) else data
+            digest = (data.get("Descriptor") or {}).get("digest") or data.get("digest")
+        except (ValueError, AttributeError):
+            digest = None
+    if not digest:
+        print(f"error: no registry digest for {ref} ({result.stderr.strip() or 'manifest inspect gave none'})",
+              file=sys.stderr)
+        return 1
+    repository = ref.rsplit(":", 1)[0]
+    print(f"{ref} = {repository}@{digest}")
+    if args.digest_file:
+        with open(args.digest_file, "w", encoding="utf-8") as f:
+            json.dump({"image": args.name, "ref": ref, "digest": f"{repository}@{digest}"}, f)
+            f.write("\n")
     return 0
