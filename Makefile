@@ -253,12 +253,12 @@ else
 	$(KUBECTL) get rayjob,rayservice,raycluster -n $(NAMESPACE) -o wide
 endif
 
-wait: env-serve ## Wait for STAGE=train|batch to succeed or the service to be ready (WAIT_TIMEOUT seconds).
+wait: env-serve ## Wait for STAGE=train|batch to succeed or the service rollout's real end (WAIT_TIMEOUT s).
 	$(PREFLIGHT) any
 ifeq ($(TARGET),anyscale)
-	$(if $(filter serve,$(STAGE)),$(ANYSCALE) service wait -n $(DEPLOY_NAME)-$(DEPLOY_ENV) -t $(WAIT_TIMEOUT),$(ANYSCALE) job wait -n $(DEPLOY_NAME)-$(STAGE)-$(DEPLOY_ENV) -s SUCCEEDED -t $(WAIT_TIMEOUT))
+	$(if $(filter serve,$(STAGE)),$(SERVE_CLI) wait-service --target anyscale --env $(DEPLOY_ENV) --timeout $(WAIT_TIMEOUT),$(ANYSCALE) job wait -n $(DEPLOY_NAME)-$(STAGE)-$(DEPLOY_ENV) -s SUCCEEDED -t $(WAIT_TIMEOUT))
 else
-	$(if $(filter serve,$(STAGE)),$(KUBECTL) wait rayservice/$(DEPLOY_NAME) -n $(NAMESPACE) --for=condition=Ready --timeout=$(WAIT_TIMEOUT)s,$(KUBECTL) wait rayjob/$(DEPLOY_NAME)-$(STAGE) -n $(NAMESPACE) --for=jsonpath='{.status.jobStatus}'=SUCCEEDED --timeout=$(WAIT_TIMEOUT)s)
+	$(if $(filter serve,$(STAGE)),$(SERVE_CLI) wait-service --target k8s --env $(DEPLOY_ENV) --timeout $(WAIT_TIMEOUT),$(KUBECTL) wait rayjob/$(DEPLOY_NAME)-$(STAGE) -n $(NAMESPACE) --for=jsonpath='{.status.jobStatus}'=SUCCEEDED --timeout=$(WAIT_TIMEOUT)s)
 endif
 
 logs: env-serve ## Print (follow) the logs of STAGE=train|batch|serve on TARGET.
@@ -295,9 +295,9 @@ canary-status: env-serve ## Print the alias's latest rollout and its decision ta
 promote: env-serve ## Promote the unfinished canary's candidate to stable now (skips the remaining gates).
 	$(SERVE_CLI) promote --profile $(PROFILE) $(if $(ALIAS),--alias $(ALIAS))
 
-canary-engine: env-serve ## Engine canary on TARGET/ENV: platform rollout of the rendered service, SLO-gated.
+canary-engine: env-serve ## Deploy the rendered service on TARGET/DEPLOY_ENV: canary, SLO gates, promote or roll back (exit 3).
 	$(PREFLIGHT) service
-	$(SERVE_CLI) canary --profile $(shell sed -n 's/^profile: *//p' configs/deploy.yaml) --platform $(TARGET) --env $(DEPLOY_ENV) --rev $(REV)
+	$(SERVE_CLI) canary --profile $(shell sed -n 's/^profile: *//p' configs/deploy.yaml) --platform $(TARGET) --env $(DEPLOY_ENV) --rev $(REV) $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
 
 ##@ Development
 

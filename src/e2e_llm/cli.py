@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("e2e_llm.commands.render", "render Anyscale YAMLs and KubeRay manifests from configs/ (--check: drift)"),
     "validate": ("e2e_llm.commands.validate", "offline validation ladder for every rendered and hand-written manifest"),
     "preflight": ("e2e_llm.commands.preflight", "check credentials and cluster access for a deploy target"),
+    "wait-service": ("e2e_llm.commands.wait_service", "wait for a service rollout's real end (or fail with why)"),
     "image": ("e2e_llm.commands.image", "build a container image with whichever engine answers (docker/podman)"),
     "publish": ("e2e_llm.commands.publish", "publish a trained adapter to the adapter store, set an alias"),
     "serve": ("e2e_llm.commands.serve", "run the OpenAI-compatible Ray Serve LLM app (multi-LoRA, auth, aliases)"),

@@ -28,8 +28,11 @@ from typing import Any, Protocol
 
 from e2e_llm.canary import AliasState, VersionStats
 from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, is_error
+from e2e_llm.rollout_wait import Check, anyscale_rollout, rayservice_upgrade, wait_until
 
 PRIMARY, CANARY = "primary", "canary"
+# How long one platform step (a deploy, the end of an upgrade) may take before RolloutStuck.
+DEFAULT_WAIT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class AnyscalePlatform:
     ``group_label``, whose values are the service version names."""
 
     def __init__(self, service_yaml: str | Path, name: str, *, sdk: Any = None, max_surge_percent: int | None = None,
-                 group_label: str = "service_version"):
+                 group_label: str = "service_version", wait: Callable[[Callable[[], Check]], Check] | None = None):
         from anyscale.service.models import ServiceConfig
 
         self.config = ServiceConfig.from_yaml(str(service_yaml)).options(name=name)
@@ -142,6 +145,9 @@ class AnyscalePlatform:
         self.sdk = sdk
         self.max_surge_percent = max_surge_percent
         self.group_label = group_label
+        # Each deploy is waited on until the platform runs it (RolloutStuck on failure/timeout).
+        self.wait = wait or (lambda check: wait_until(check, timeout_s=DEFAULT_WAIT_S, poll_s=15.0))
+        self._previous: str | None = None
 
     def status(self) -> PlatformStatus:
         status = self.sdk.status(name=self.name)
@@ -150,7 +156,11 @@ class AnyscalePlatform:
                               float(canary.weight) if canary else 0.0)
 
     def deploy(self, percent: int) -> None:
+        current = self.sdk.status(name=self.name)
+        if current.canary_version is None and current.primary_version is not None:
+            self._previous = current.primary_version.name  # the version serving before this rollout
         self.sdk.deploy(self.config, canary_percent=percent, max_surge_percent=self.max_surge_percent)
+        self.wait(lambda: anyscale_rollout(self.sdk.status(name=self.name), percent, self._previous))
 
     def rollback(self) -> None:
         self.sdk.rollback(name=self.name, max_surge_percent=self.max_surge_percent)
@@ -171,10 +181,13 @@ class KubeRayPlatform:
 
     def __init__(self, *, name: str, namespace: str, env: str = "prod", rev: str = "HEAD~1",
                  kubectl: str = "kubectl", make: str = "make",
-                 run: Callable[[list[str]], subprocess.CompletedProcess] | None = None):
+                 run: Callable[[list[str]], subprocess.CompletedProcess] | None = None,
+                 image: str | None = None, wait: Callable[[Callable[[], Check]], Check] | None = None):
         self.name, self.namespace, self.env, self.rev = name, namespace, env, rev
         self.kubectl, self.make = kubectl, make
         self.run = run or (lambda cmd: subprocess.run(cmd, check=True, capture_output=True, text=True))
+        self.image = image  # the image the applied spec names: the upgrade ends on it
+        self.wait = wait or (lambda check: wait_until(check, timeout_s=DEFAULT_WAIT_S, poll_s=15.0))
 
     def commands(self) -> dict[str, list[str]]:
         return {
@@ -182,6 +195,16 @@ class KubeRayPlatform:
             "deploy": [self.make, "deploy-service", "TARGET=k8s", f"DEPLOY_ENV={self.env}"],
             "rollback": [self.make, "rollback", "TARGET=k8s", f"DEPLOY_ENV={self.env}", f"REV={self.rev}"],
         }
+
+    def cluster_image(self, cluster: str) -> str | None:
+        result = self.run([self.kubectl, "get", "raycluster", cluster, "-n", self.namespace, "-o", "json"])
+        containers = json.loads(result.stdout)["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+        return containers[0].get("image") if containers else None
+
+    def upgrade(self) -> Check:
+        """Where the upgrade stands (see :func:`e2e_llm.rollout_wait.rayservice_upgrade`)."""
+        data = json.loads(self.run(self.commands()["status"]).stdout)
+        return rayservice_upgrade(data, self.cluster_image, self.image)
 
     def status(self) -> PlatformStatus:
         data = json.loads(self.run(self.commands()["status"]).stdout)
@@ -200,7 +223,8 @@ class KubeRayPlatform:
         self.run(self.commands()["rollback"])
 
     def finish(self) -> None:
-        """Nothing to do: the operator completes the upgrade at 100%."""
+        """The operator completes the upgrade at 100%: wait for its real end on the new spec."""
+        self.wait(self.upgrade)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,11 +232,11 @@ class KubeRayPlatform:
 
 
 def platform_steps(steps: list[int], platform: str) -> list[int]:
-    """Anyscale completes a rollout (and drops the old version) at 100%, after which it cannot
-    roll back: the gated steps stop below 100 and promotion is the deploy at 100."""
-    if platform == "anyscale":
-        return [s for s in steps if s < 100] or [50]
-    return steps
+    """The gated steps stop below 100 on both platforms; promotion is the step to 100 that
+    ``finish`` runs and waits on. Anyscale completes a rollout (and drops the old version) at
+    100%, after which it cannot roll back; KubeRay's operator turns the pending cluster into the
+    active one at 100%, after which the metrics cannot tell the versions apart."""
+    return [s for s in steps if s < 100] or [50]
 
 
 def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~1", policy_path: str | None = None,
@@ -234,7 +258,8 @@ def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~
         if platform == "anyscale":
             platform_impl = AnyscalePlatform(config.root / "services" / "llm.yaml", name)
         elif platform == "k8s":
-            platform_impl = KubeRayPlatform(name=deploy.name, namespace=name, env=env, rev=rev)
+            platform_impl = KubeRayPlatform(name=deploy.name, namespace=name, env=env, rev=rev,
+                                            image=deploy.image_ref("serve"))
         else:
             raise ConfigError(f"unknown platform {platform!r} (anyscale or k8s)")
     url = prometheus_url or config.canary.prometheus_url

@@ -52,6 +52,9 @@ def test_makefile_guards_stop_before_running_anything(args, message):
      "anyscale service deploy -f .cache/rollback/llm.yaml --name e2e-llm-prod"),
     (["batch", "TARGET=anyscale"], "anyscale job submit -f jobs/batch.yaml --name e2e-llm-batch-dev"),
     (["status", "TARGET=k8s"], "kubectl get rayjob,rayservice,raycluster -n e2e-llm-dev"),
+    (["wait", "STAGE=serve", "TARGET=k8s", "DEPLOY_ENV=prod"], "e2e-llm wait-service --target k8s --env prod"),
+    (["canary-engine", "TARGET=anyscale", "DEPLOY_ENV=prod", "PROMETHEUS_URL=http://p:9090"],
+     "canary --profile cluster --platform anyscale --env prod --rev HEAD~1 --prometheus-url http://p:9090"),
     (["down", "TARGET=k8s", "DEPLOY_ENV=prod"], "kubectl delete -k k8s/overlays/prod"),
 ])
 def test_deploy_targets_run_preflight_then_the_documented_command(args, expected):

@@ -26,6 +26,7 @@ from e2e_llm.engine_canary import (
     platform_steps,
     prometheus_samples,
 )
+from e2e_llm.rollout_wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "e2e-llm-prod"
@@ -75,6 +76,11 @@ def policy():
                                    "slo": base.slo.model_copy(update={"min_requests": 5})})
 
 
+def _fast_wait(clock):
+    return lambda check: wait_until(check, timeout_s=600, poll_s=30, clock=clock.now, sleep=clock.sleep,
+                                    out=lambda s: None)
+
+
 def controller(tmp_path, policy, platform, traffic, clock) -> Controller:
     return Controller(policy=policy, task=None, canary_rows=[], log=RolloutLog(str(tmp_path / "log.jsonl")),
                       router=PlatformRouter(platform), prober=None, metrics=GroupedMetrics(platform, traffic.samples),
@@ -114,6 +120,7 @@ def anyscale_fake():
                 service.versions = [old_primary, new]
             else:
                 service.canary_version = None
+                service.current_state = "RUNNING"
             self.update_service(service)
             return service
 
@@ -137,9 +144,9 @@ def anyscale_fake():
 
 def test_anyscale_engine_canary_steps_canary_percent_and_completes(tmp_path, policy, anyscale_fake):
     fake, sdk = anyscale_fake
-    platform = AnyscalePlatform(ROOT / "services/llm.yaml", SERVICE, sdk=sdk)
-    before = platform.status()
     clock = Clock()
+    platform = AnyscalePlatform(ROOT / "services/llm.yaml", SERVICE, sdk=sdk, wait=_fast_wait(clock))
+    before = platform.status()
     traffic = Traffic(platform, clock)
     # Anyscale finishes (and drops the old version) at 100%: the gated steps stop below it.
     policy = policy.model_copy(update={"steps": platform_steps(policy.steps, "anyscale")})
@@ -156,9 +163,9 @@ def test_anyscale_engine_canary_steps_canary_percent_and_completes(tmp_path, pol
 
 def test_anyscale_engine_canary_with_errors_is_rolled_back_through_the_sdk(tmp_path, policy, anyscale_fake):
     fake, sdk = anyscale_fake
-    platform = AnyscalePlatform(ROOT / "services/llm.yaml", SERVICE, sdk=sdk)
-    primary = platform.status().primary
     clock = Clock()
+    platform = AnyscalePlatform(ROOT / "services/llm.yaml", SERVICE, sdk=sdk, wait=_fast_wait(clock))
+    primary = platform.status().primary
     traffic = Traffic(platform, clock, canary_errors=0.2)
     ctl = controller(tmp_path, policy, platform, traffic, clock)
     outcome = ctl.run(CANARY)
@@ -181,13 +188,20 @@ class FakeKube:
     def __init__(self):
         self.commands: list[list[str]] = []
         self.pending: str | None = None
+        self.active = "e2e-llm-aaaaa"
         self.percent = 0
 
     def run(self, cmd):
         self.commands.append(cmd)
         if cmd[:2] == ["kubectl", "get"]:
-            active = {"rayClusterName": "e2e-llm-aaaaa", "trafficRoutedPercent": 100 - self.percent}
-            status = {"activeServiceStatus": active}
+            if self.pending and self.percent >= 100:  # the operator promotes the pending cluster
+                self.active, self.pending = self.pending, None
+            active = {"rayClusterName": self.active, "trafficRoutedPercent": 100 - self.percent,
+                      "applicationStatuses": {"llm": {"status": "RUNNING"}}}
+            upgrading = "True" if self.pending else "False"
+            status = {"activeServiceStatus": active, "conditions": [
+                {"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints"},
+                {"type": "UpgradeInProgress", "status": upgrading}]}
             if self.pending:
                 status["pendingServiceStatus"] = {"rayClusterName": self.pending, "trafficRoutedPercent": self.percent}
             return subprocess.CompletedProcess(cmd, 0, json.dumps({"status": status}), "")
@@ -213,11 +227,19 @@ def test_kuberay_canary_applies_once_and_rolls_back_with_make_rollback(tmp_path,
 
 def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
     kube = FakeKube()
-    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, run=kube.run)
     clock = Clock()
 
-    def operator_steps():  # the operator moves 10% -> 50% -> 100% on its own timer
-        kube.percent = min(100, kube.percent + 40) if kube.pending else 0
+    def operator_timer(s):  # while the promotion is waited on, the operator keeps stepping
+        clock.sleep(s)
+        kube.percent = min(100, kube.percent + 40)
+
+    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, run=kube.run,
+                               wait=lambda check: wait_until(check, timeout_s=600, poll_s=60, clock=clock.now,
+                                                             sleep=operator_timer, out=lambda s: None))
+    policy = policy.model_copy(update={"steps": platform_steps(policy.steps, "k8s")})
+
+    def operator_steps():  # the operator moves 10% -> 50% -> 90% on its own timer during the gates
+        kube.percent = min(90, kube.percent + 40) if kube.pending else 0
         return traffic_samples()
 
     traffic = Traffic(platform, clock)
@@ -226,6 +248,7 @@ def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
     assert outcome.result == "promoted"
     assert [c for c in kube.commands if c[0] == "make"] == [["make", "deploy-service", "TARGET=k8s", "DEPLOY_ENV=prod"]]
+    assert kube.active == "e2e-llm-bbbbb" and kube.pending is None  # promotion waited for the operator's end
 
 
 def test_make_rollback_for_k8s_reapplies_the_previous_revision():

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
 def run_engine(config, args: argparse.Namespace) -> int:
     from e2e_llm.canary import CanaryError, format_rollout
     from e2e_llm.engine_canary import CANARY, open_engine_controller
+    from e2e_llm.rollout_wait import RolloutStuck
 
     try:
         controller = open_engine_controller(config, platform=args.platform, env=args.env, rev=args.rev,
@@ -128,7 +129,15 @@ def run_engine(config, args: argparse.Namespace) -> int:
             rollout = controller.current()
             print(format_rollout(rollout) if rollout else f"no rollouts recorded for {controller.policy.alias!r}")
             return 0
-        outcome = controller.run(None if controller.current() and not controller.current().finished else CANARY)
+        try:
+            outcome = controller.run(None if controller.current() and not controller.current().finished else CANARY)
+        except RolloutStuck as exc:
+            # The platform did not run a step (failed, or no end before the timeout): undo it.
+            print(f"error: {exc}; rolling back", file=sys.stderr, flush=True)
+            outcome = controller.rollback(f"rollout stuck: {exc}")
+            print(format_rollout(controller.current()))
+            print_outcome(outcome, controller.policy.alias)
+            return ROLLED_BACK
     except CanaryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,46 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Wait for the service rollout's real end on TARGET/ENV: KubeRay, the RayService upgrade has
+finished on the applied spec (not just Ready on the old cluster: UpgradeInProgress false, no
+pending cluster, every application RUNNING, the active cluster on the rendered image);
+Anyscale, the service RUNNING on a new primary version with no canary left. Exits 0 when done,
+3 with the reason when the rollout failed or did not end within --timeout seconds.
+
+Usage: e2e-llm wait-service --target anyscale|k8s [--env dev|prod] [--timeout 1800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_STUCK = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", choices=("anyscale", "k8s"), required=True)
+    parser.add_argument("--env", choices=("dev", "prod"), default="dev")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up (default 1800)")
+    parser.add_argument("--poll", type=float, default=15.0, help="seconds between status reads")
+
+
+def run(args: argparse.Namespace) -> int:
+    from e2e_llm.deploy import load_deploy
+    from e2e_llm.engine_canary import KubeRayPlatform
+    from e2e_llm.rollout_wait import RolloutStuck, anyscale_rollout, wait_until
+
+    deploy = load_deploy()
+    name = f"{deploy.name}-{args.env}"
+    if args.target == "k8s":
+        platform = KubeRayPlatform(name=deploy.name, namespace=name, env=args.env, image=deploy.image_ref("serve"))
+        check = platform.upgrade
+    else:
+        import anyscale
+
+        def check():
+            return anyscale_rollout(anyscale.service.status(name=name))
+    try:
+        wait_until(check, timeout_s=args.timeout, poll_s=args.poll)
+    except RolloutStuck as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STUCK
+    return 0
