@@ -151,10 +151,17 @@ class SecretRef(Strict):
     name: str
 
 
+class RegistrySecret(Strict):
+    """Credentials for the private registry the images are pushed to, by name on each target."""
+    kubernetes: str | None = None  # a kubernetes.io/dockerconfigjson Secret: imagePullSecrets of every Ray pod
+    anyscale: str | None = None    # Anyscale registry_login_secret: the cloud secret manager entry
+
+
 class Secrets(Strict):
     hf_token: SecretKeyRef
     aws: SecretRef
     api_key: SecretKeyRef
+    registry: RegistrySecret = RegistrySecret()
 
 
 class JobStage(Strict):
@@ -213,6 +220,13 @@ class DeployConfig(RootedFile):
         if not DNS1035.match(value) or len(value) > 40:
             raise ValueError("name must be a DNS-1035 label of at most 40 characters (it prefixes object names)")
         return value
+
+    def external_objects(self) -> set[tuple[str, str]]:
+        """(kind, name) of the objects the manifests reference but this repository never
+        creates: the Secrets named in ``secrets`` (the one list of external objects)."""
+        names = [self.secrets.hf_token.name, self.secrets.aws.name, self.secrets.api_key.name,
+                 self.secrets.registry.kubernetes]
+        return {("Secret", name) for name in names if name}
 
     def image_ref(self, name: str) -> str:
         """The content-addressed reference of image ``name`` (train, serve or serve-cpu), as

@@ -169,6 +169,8 @@ def _anyscale_common(deploy: DeployConfig, config: PipelineConfig, image: str, g
     for key in ("cloud", "project"):
         if value := getattr(deploy.anyscale, key):
             doc[key] = value
+    if deploy.secrets.registry.anyscale:
+        doc["registry_login_secret"] = deploy.secrets.registry.anyscale
     return doc
 
 
@@ -232,8 +234,10 @@ def _pod(deploy: DeployConfig, config: PipelineConfig, container: str, image: st
     if shm:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
-    spec: dict[str, Any] = {
-        "serviceAccountName": deploy.name,
+    spec: dict[str, Any] = {"serviceAccountName": deploy.name}
+    if deploy.secrets.registry.kubernetes:
+        spec["imagePullSecrets"] = [{"name": deploy.secrets.registry.kubernetes}]
+    spec |= {
         "containers": [{
             "name": container,
             "image": image,

