@@ -46,10 +46,11 @@ $(TRAIN_ENV)/.stamp: images/train/requirements.lock pyproject.toml
 	$(TRAIN_ENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-$(SERVE_ENV)/.stamp: images/serve/requirements.lock pyproject.toml
+# The serve environment = the serve image's runtime pins + the dev/test/deploy tools' pins.
+$(SERVE_ENV)/.stamp: images/serve/requirements.lock images/serve/requirements-dev.lock pyproject.toml
 	rm -rf $(SERVE_ENV) && $(PYTHON) -m venv $(SERVE_ENV)
 	$(SERVE_ENV)/bin/pip install -q --upgrade pip
-	$(SERVE_ENV)/bin/pip install -q -r images/serve/requirements.lock
+	$(SERVE_ENV)/bin/pip install -q -r images/serve/requirements.lock -r images/serve/requirements-dev.lock
 	$(SERVE_ENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(SERVE_ENV)/bin/pip install -q --no-deps -e .
 	touch $@

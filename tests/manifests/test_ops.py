@@ -169,6 +169,61 @@ def test_preflight_k8s_with_an_unreachable_cluster_fails_clearly(tmp_path, monke
     assert "Kubernetes API of context nowhere unreachable or unauthorized" in capsys.readouterr().err
 
 
+class FakeCluster:
+    """Answers preflight's kubectl calls: CRDs present, the given Secrets, StorageClasses, PVC."""
+
+    def __init__(self, secrets=(), classes=(), pvc_phase=None):
+        self.secrets, self.classes, self.pvc_phase = set(secrets), list(classes), pvc_phase
+
+    def __call__(self, kubectl, *args):
+        ok = lambda out="": subprocess.CompletedProcess(args, 0, out, "")  # noqa: E731
+        missing = subprocess.CompletedProcess(args, 1, "", 'Error from server (NotFound): "x" not found')
+        if args[:2] == ("config", "current-context"):
+            return ok("prod-cluster\n")
+        if args[:2] == ("get", "crd"):
+            return ok()
+        if args[:2] == ("get", "secret"):
+            return ok() if args[2] in self.secrets else missing
+        if args[:2] == ("get", "pvc"):
+            return ok(json.dumps({"status": {"phase": self.pvc_phase}})) if self.pvc_phase else missing
+        if args[:2] == ("get", "storageclass"):
+            return ok(json.dumps({"items": self.classes}))
+        raise AssertionError(args)
+
+
+def _class(name, provisioner, default=False):
+    annotations = {"storageclass.kubernetes.io/is-default-class": "true"} if default else {}
+    return {"metadata": {"name": name, "annotations": annotations}, "provisioner": provisioner}
+
+
+@pytest.mark.parametrize("cluster, stage, lines", [
+    (FakeCluster({"ghcr-pull", "e2e-llm-api-key"}, [_class("efs", "efs.csi.aws.com", default=True)]), "service", []),
+    (FakeCluster({"ghcr-pull"}, [_class("efs", "efs.csi.aws.com", default=True)]), "service",
+     ["Secret e2e-llm-api-key missing in namespace e2e-llm-prod: the service's API key"]),
+    (FakeCluster({"ghcr-pull"}, [_class("efs", "efs.csi.aws.com", default=True)]), "train", []),
+    (FakeCluster(set(), [_class("efs", "efs.csi.aws.com", default=True)]), "batch",
+     ["Secret ghcr-pull missing in namespace e2e-llm-prod: image pull secret"]),
+    (FakeCluster({"ghcr-pull"}, [_class("gp3", "ebs.csi.aws.com", default=True)]), "train",
+     ["StorageClass gp3 (ebs.csi.aws.com) provides only ReadWriteOnce; the shared volume needs ReadWriteMany"]),
+    (FakeCluster({"ghcr-pull"}, [_class("efs", "efs.csi.aws.com")]), "train",
+     ["no default StorageClass and storage.volume.storage_class is null"]),
+    (FakeCluster({"ghcr-pull"}, [_class("gp3", "ebs.csi.aws.com", default=True)], pvc_phase="Bound"), "train", []),
+])
+def test_preflight_k8s_checks_needed_secrets_and_a_storage_class_for_the_shared_volume(
+        monkeypatch, capsys, cluster, stage, lines):
+    from e2e_llm.commands import preflight
+
+    monkeypatch.setenv("E2E_LLM_ROOT", str(ROOT))
+    monkeypatch.setattr(preflight, "_kubectl", cluster)
+    monkeypatch.setattr(preflight, "_tool", lambda name: f"/usr/bin/{name}")
+    code = cli.main(["preflight", "--target", "k8s", "--env", "prod", "--stage", stage])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("preflight (k8s, prod): ")]
+    assert code == (3 if lines else 0)
+    assert len(err) == len(lines), err  # one clear line per problem
+    for line, expected in zip(err, lines, strict=True):
+        assert expected in line, (line, expected)
+
+
 # -- GitOps workflows ----------------------------------------------------------------------
 
 WORKFLOWS = sorted((ROOT / ".github/workflows").glob("*.yaml"))

@@ -2,7 +2,10 @@
 """Check, before a deploy command runs, that the target can be reached: for Anyscale, the CLI
 and its credentials (ANYSCALE_CLI_TOKEN or ~/.anyscale/credentials.json) and, for the service,
 the API key variable; for KubeRay, kubectl, a current context, a reachable API server, the
-KubeRay CRDs (and for prod the Gateway API and Prometheus Operator CRDs the prod overlay uses).
+KubeRay CRDs (and for prod the Gateway API and Prometheus Operator CRDs the prod overlay uses),
+the Secrets the manifests need (configs/deploy.yaml secrets: the API key for the service, the
+registry pull secret; optional ones are not required), and a StorageClass that can provide the
+shared volume's access mode (unless its PVC is already Bound).
 Exits 3 with one clear line per problem; prints nothing else on success but a summary.
 
 Usage: e2e-llm preflight --target anyscale|k8s --env dev|prod [--stage train|batch|service]
@@ -11,6 +14,7 @@ Usage: e2e-llm preflight --target anyscale|k8s --env dev|prod [--stage train|bat
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -61,6 +65,71 @@ def _kubectl(kubectl: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([kubectl, *args], capture_output=True, text=True, check=False, timeout=60)
 
 
+# CSI provisioners known to provide only single-node (ReadWriteOnce) volumes, and some known to
+# provide ReadWriteMany; another provisioner gets a note, not a failure.
+RWO_ONLY = ("ebs.csi.aws.com", "kubernetes.io/aws-ebs", "pd.csi.storage.gke.io", "kubernetes.io/gce-pd",
+            "disk.csi.azure.com", "kubernetes.io/azure-disk", "rancher.io/local-path", "kubernetes.io/no-provisioner",
+            "csi.vsphere.vmware.com")
+RWX_CAPABLE = ("efs.csi.aws.com", "fsx.csi.aws.com", "filestore.csi.storage.gke.io", "file.csi.azure.com",
+               "kubernetes.io/azure-file", "nfs.csi.k8s.io", "cephfs.csi.ceph.com", "driver.longhorn.io",
+               "csi.trident.netapp.io", "k8s-sigs.io/nfs-subdir-external-provisioner")
+SHARED_MODES = ("ReadWriteMany", "ReadOnlyMany")
+DEFAULT_CLASS = "storageclass.kubernetes.io/is-default-class"
+
+
+def needed_secrets(deploy, stage: str) -> dict[str, str]:
+    """Secret name -> what needs it, for the stage's manifests (optional references left out)."""
+    needed = {}
+    if deploy.secrets.registry.kubernetes:
+        needed[deploy.secrets.registry.kubernetes] = "image pull secret (secrets.registry.kubernetes)"
+    if stage in ("service", "any") and deploy.pipeline().serve.auth.enabled:
+        key = deploy.secrets.api_key
+        needed[key.name] = f"the service's API key (secrets.api_key, key {key.key})"
+    return needed
+
+
+def secret_problems(kubectl: str, namespace: str, needed: dict[str, str]) -> list[str]:
+    problems = []
+    for name, what in needed.items():
+        result = _kubectl(kubectl, "get", "secret", name, "-n", namespace, "-o", "name", "--request-timeout=15s")
+        if result.returncode != 0:
+            problems.append(f"Secret {name} missing in namespace {namespace}: {what}; create it out of band "
+                            f"(kubectl -n {namespace} create secret ...)")
+    return problems
+
+
+def storage_problems(kubectl: str, namespace: str, volume) -> list[str]:
+    """One line if no StorageClass can provide the shared volume's access mode."""
+    pvc = _kubectl(kubectl, "get", "pvc", volume.claim_name, "-n", namespace, "-o", "json", "--request-timeout=15s")
+    if pvc.returncode == 0 and json.loads(pvc.stdout or "{}").get("status", {}).get("phase") == "Bound":
+        return []
+    result = _kubectl(kubectl, "get", "storageclass", "-o", "json", "--request-timeout=15s")
+    if result.returncode != 0:
+        return [f"StorageClasses unreadable ({result.stderr.strip()}): cannot check the shared volume's "
+                f"{volume.access_mode} class"]
+    classes = json.loads(result.stdout or "{}").get("items") or []
+    if volume.storage_class:
+        chosen = next((c for c in classes if c["metadata"]["name"] == volume.storage_class), None)
+        if chosen is None:
+            return [f"StorageClass {volume.storage_class} (storage.volume.storage_class) not found: the shared "
+                    f"volume {volume.claim_name} cannot be provisioned"]
+    else:
+        chosen = next((c for c in classes if (c["metadata"].get("annotations") or {}).get(DEFAULT_CLASS) == "true"),
+                      None)
+        if chosen is None:
+            return [f"no default StorageClass and storage.volume.storage_class is null: the shared volume "
+                    f"{volume.claim_name} ({volume.access_mode}) cannot be provisioned"]
+    provisioner = chosen.get("provisioner", "")
+    if volume.access_mode in SHARED_MODES and provisioner in RWO_ONLY:
+        return [f"StorageClass {chosen['metadata']['name']} ({provisioner}) provides only ReadWriteOnce; the shared "
+                f"volume needs {volume.access_mode}: set storage.volume.storage_class to an RWX class (e.g. EFS, "
+                "Filestore, Azure Files, NFS, CephFS)"]
+    if volume.access_mode in SHARED_MODES and provisioner not in RWX_CAPABLE:
+        print(f"preflight: note: StorageClass {chosen['metadata']['name']} ({provisioner}) is not known to provide "
+              f"{volume.access_mode}; check it does", file=sys.stderr)
+    return []
+
+
 def k8s_problems(env: str, stage: str) -> list[str]:
     kubectl = _tool("kubectl")
     if not kubectl:
@@ -82,6 +151,12 @@ def k8s_problems(env: str, stage: str) -> list[str]:
             problems.append(f"CRD {crd} missing on context {context.stdout.strip()}: install {what}")
         else:
             return [f"Kubernetes API of context {context.stdout.strip()} unreachable or unauthorized: {err}"]
+    from e2e_llm.deploy import load_deploy
+
+    deploy = load_deploy()
+    namespace = f"{deploy.name}-{env}"
+    problems += secret_problems(kubectl, namespace, needed_secrets(deploy, stage))
+    problems += storage_problems(kubectl, namespace, deploy.storage.volume)
     return problems
 
 
