@@ -132,10 +132,13 @@ class AdapterStore:
         return storage.join(self.uri, *parts)
 
     def _read_json(self, name: str, default: Any) -> Any:
-        try:
-            return json.loads(storage.read_text(self._uri(name), **self._kw))
-        except FileNotFoundError:
+        # One GET of one version (pyarrow reads a size first, then a range: a concurrent
+        # update in between would hand it a torn object).
+        data = cas.read(self._uri(name), **self._kw).data
+        if data is None:
             return default
+        try:
+            return json.loads(data)
         except json.JSONDecodeError as exc:
             raise StoreError(f"{self._uri(name)}: not valid JSON ({exc})") from None
 
@@ -303,11 +306,9 @@ class AdapterStore:
 
     def alias_history(self, alias: str) -> list[dict[str, Any]]:
         """Every change of ``alias`` (``alias-history-<alias>.jsonl``), by revision."""
-        try:
-            text = storage.read_text(self._uri(f"alias-history-{alias}.jsonl"), **self._kw)
-        except FileNotFoundError:
-            return []
-        return sorted((json.loads(line) for line in text.splitlines() if line.strip()), key=lambda r: r["revision"])
+        data = cas.read(self._uri(f"alias-history-{alias}.jsonl"), **self._kw).data or b""
+        return sorted((json.loads(line) for line in data.decode().splitlines() if line.strip()),
+                      key=lambda r: r["revision"])
 
     def set_alias(self, alias: str, *, stable: str, candidate: str | None = None,
                   candidate_weight: float = 0.0, expected_revision: int | None = None) -> Alias:
