@@ -187,7 +187,7 @@ def _s3(kw: dict[str, Any]):
                 import boto3
             except ImportError:
                 raise StorageError("s3:// conditional writes need boto3 (it is in the serve environment)") from None
-            region = region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+            # region None: boto3's own chain (AWS_REGION, AWS_DEFAULT_REGION, config; S3 redirects)
             _clients[key] = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region)
         return _clients[key]
 
