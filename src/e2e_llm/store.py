@@ -151,7 +151,11 @@ class AdapterStore:
         from pyarrow.fs import FileType
 
         if fs.get_file_info(bucket).type == FileType.NotFound:
-            fs.create_dir(bucket)
+            try:
+                fs.create_dir(bucket)
+            except OSError:  # another publisher may have created it a moment ago
+                if fs.get_file_info(bucket).type == FileType.NotFound:
+                    raise
         self._bucket_ok = True
 
     def _update(self, name: str, change: Callable[[bytes | None], bytes]) -> bytes:

@@ -92,7 +92,6 @@ def publish_one(uri: str, adapter_dir: str, barrier) -> tuple[str, str]:
 @pytest.mark.parametrize("mode", ["threads", "processes"])
 def test_six_publishers_at_once_get_six_versions_each_with_its_own_files(store_uri, tmp_path, mode):
     dirs = [str(make_adapter(tmp_path / f"adapter-{i}", f"publisher-{i}")) for i in range(N)]
-    AdapterStore(store_uri)._ensure_bucket()
     results = run_together(publish_one, [(store_uri, d) for d in dirs], mode)
     assert all(status == "ok" for status, _ in results), results
     ids = [adapter_id for _, adapter_id in results]
@@ -125,7 +124,6 @@ def test_six_publishers_at_once_get_six_versions_each_with_its_own_files(store_u
 
 def test_an_explicit_version_is_claimed_by_one_publisher_only(store_uri, tmp_path):
     dirs = [str(make_adapter(tmp_path / f"adapter-{i}", f"publisher-{i}")) for i in range(3)]
-    AdapterStore(store_uri)._ensure_bucket()
 
     def publish_v1(uri, adapter_dir, barrier):
         barrier.wait()
