@@ -189,6 +189,20 @@ def test_store_router_writes_weights_as_fractions_and_reads_percent(store):
     assert store.aliases()["viggo"].stable == "viggo-v2"
 
 
+def test_store_router_sets_only_on_top_of_the_record_it_read(store):
+    from e2e_llm.canary import RouterConflict
+
+    router = StoreRouter(store)
+    assert router.get("viggo") == AliasState("viggo-v1", None, 0.0)
+    store.set_alias("viggo", stable="viggo-v2")  # someone else moves the alias in between
+    with pytest.raises(RouterConflict, match="at revision 2, not 1"):
+        router.set("viggo", AliasState("viggo-v1", "viggo-v2", 10.0))
+    assert store.aliases()["viggo"].stable == "viggo-v2" and store.aliases()["viggo"].candidate is None
+    router.get("viggo")
+    router.set("viggo", AliasState("viggo-v2", "viggo-v1", 10.0))  # re-read: now it applies
+    assert store.aliases()["viggo"].revision == 3
+
+
 def test_rollout_log_sits_beside_the_adapters_and_is_not_listed_as_one(store):
     from e2e_llm import storage
 
