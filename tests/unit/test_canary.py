@@ -457,6 +457,24 @@ def test_a_second_controller_of_this_process_is_refused_while_the_first_drives(w
     assert len({r["owner"]["id"] for r in w.records()}) == 2
 
 
+def test_an_alias_write_that_loses_a_race_is_reread_and_checked_again(world):
+    from e2e_llm.canary import RouterConflict
+
+    w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"})
+    apply, refused = w.router.set, []
+
+    def set_losing_once(alias, state):
+        if not refused:
+            refused.append(state)
+            raise RouterConflict("alias 'viggo' is at revision 2, not 1")
+        apply(alias, state)
+
+    w.router.set = set_losing_once
+    assert w.controller().run("viggo-v2").result == "promoted"
+    assert refused == [AliasState("viggo-v1", "viggo-v2", 10.0)]
+    assert [s.candidate_weight for s in w.router.writes] == [10.0, 50.0, 100.0, 0.0]
+
+
 def test_another_hosts_controller_holds_a_lease_until_it_expires(world):
     w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"}, kill_at=4)
     with pytest.raises(Crash):
