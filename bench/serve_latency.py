@@ -213,14 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from e2e_llm.config import load_profile
+    from e2e_llm.local_s3 import start
     from e2e_llm.serve import app_args
-    from e2e_llm.store import AdapterStore, find_training_adapter, start_local_server
+    from e2e_llm.store import AdapterStore, find_training_adapter
 
     config = load_profile(args.profile, root=ROOT)
     config.serve.auth.enabled = False
     endpoint = f"http://127.0.0.1:{free_port()}"
     os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-    moto = start_local_server(endpoint)
+    moto = start(endpoint)
     try:
         adapter_dir, _ = find_training_adapter(config, args.adapter)
         adapter_id = AdapterStore.from_config(config).publish(adapter_dir, name="bench")

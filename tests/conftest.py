@@ -136,35 +136,29 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (moto) on loopback for the whole session; yields its
-    endpoint URL with AWS_* variables set so boto3, pyarrow and Ray Serve LLM all use it."""
+    """A real S3-compatible server (moto, through e2e_llm.local_s3 as `e2e-llm serve` runs it)
+    on loopback for the whole session; yields its endpoint URL with AWS_* variables set so
+    boto3, pyarrow and Ray Serve LLM all use it."""
     import signal
-    import urllib.request
 
-    exe = VENV / "serve" / "bin" / "moto_server"
-    if not exe.exists():
-        pytest.fail(f"{exe} missing: run `make env-serve`")
-    port = _free_port()
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGTERM)
-                pytest.fail(f"moto_server on port {port} did not come up")
-            time.sleep(0.3)
+    from e2e_llm.local_s3 import LocalS3Error, start
+
+    python = VENV / "serve" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} missing: run `make env-serve`")
+    endpoint = f"http://127.0.0.1:{_free_port()}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
+    try:
+        proc = start(endpoint, python=str(python), timeout=120)
+    except LocalS3Error as exc:
+        pytest.fail(str(exc))
     os.environ.update(env)
     yield endpoint
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=10)
+    if proc is not None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from e2e_llm.canary import AliasState, Answer, QualityPolicy, VersionStats
+from e2e_llm.canary_gates import AliasState, Answer, RouterConflict, VersionStats
+from e2e_llm.canary_policy import QualityPolicy
 
 REQUESTS = "ray_e2e_llm_requests_total"
 LATENCY_BUCKET = "ray_e2e_llm_request_latency_seconds_bucket"
@@ -45,20 +46,33 @@ def is_error(status: str | int, count_client_errors: bool = True) -> bool:
 
 
 class StoreRouter:
+    """Alias records in the adapter store. ``set`` is conditional on the revision this router's
+    last ``get`` of the alias saw (:class:`RouterConflict` if another writer got in between)."""
+
     def __init__(self, store):
         self.store = store
+        self._revisions: dict[str, int] = {}
 
     def get(self, alias: str) -> AliasState | None:
         record = self.store.aliases().get(alias)
+        self._revisions[alias] = record.revision if record else 0
         if record is None:
             return None
         return AliasState(record.stable, record.candidate, round(record.candidate_weight * 100, 6))
 
     def set(self, alias: str, state: AliasState) -> None:
+        from e2e_llm.store import AliasConflict
+
         if state.stable is None:
             raise ValueError(f"alias {alias!r} needs a stable version")
-        self.store.set_alias(alias, stable=state.stable, candidate=state.candidate,
-                             candidate_weight=state.candidate_weight / 100.0 if state.candidate else 0.0)
+        try:
+            record = self.store.set_alias(alias, stable=state.stable, candidate=state.candidate,
+                                          candidate_weight=state.candidate_weight / 100.0 if state.candidate else 0.0,
+                                          expected_revision=self._revisions.get(alias))
+        except AliasConflict as exc:
+            self._revisions.pop(alias, None)
+            raise RouterConflict(str(exc)) from None
+        self._revisions[alias] = record.revision
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,7 +165,8 @@ def parse_exposition(text: str) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
-def _get(url: str, timeout: float) -> str:
+def fetch_text(url: str, timeout: float) -> str:
+    """GET ``url`` as text (a metrics endpoint, a Prometheus query)."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read().decode("utf-8")
 
@@ -160,7 +175,7 @@ class ScrapeMetrics:
     """Scrapes one or more Prometheus endpoints (Ray's metrics export port) and sums them."""
 
     def __init__(self, urls: Sequence[str], alias: str | None, *, count_client_errors: bool = True,
-                 timeout: float = 10.0, fetch: Callable[[str, float], str] = _get):
+                 timeout: float = 10.0, fetch: Callable[[str, float], str] = fetch_text):
         if not urls:
             raise ValueError("no metrics URL to scrape")
         self.urls = list(urls)
@@ -180,7 +195,7 @@ class PrometheusQueryMetrics:
     """Reads the same counters through a Prometheus server's HTTP API (``/api/v1/query``)."""
 
     def __init__(self, url: str, alias: str | None, *, count_client_errors: bool = True, timeout: float = 10.0,
-                 fetch: Callable[[str, float], str] = _get):
+                 fetch: Callable[[str, float], str] = fetch_text):
         self.url = url.rstrip("/")
         self.alias = alias
         self.count_client_errors = count_client_errors
@@ -215,11 +230,6 @@ def rollout_log_uri(store, alias: str) -> str:
     return storage.join(store.uri, f"rollouts-{alias}.jsonl")
 
 
-def store_kw(store) -> dict[str, Any]:
-    """The storage keyword arguments (endpoint, region) the adapter store itself uses."""
-    return dict(getattr(store, "_kw", {}))
-
-
 def default_base_url(config) -> str:
     serve = config.serve
     return config.canary.base_url or f"http://{serve.host}:{serve.port}{serve.route_prefix.rstrip('/')}/v1"
@@ -252,14 +262,14 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
     import os
 
     from e2e_llm.canary import Controller, RolloutLog, load_canary_set, load_policy
-    from e2e_llm.store import AdapterStore, require_reachable
+    from e2e_llm.store import AdapterStore
 
     policy = load_policy(config.path(policy_path or config.canary.policy))
     updates = {k: v for k, v in (("alias", alias), ("on_resume", on_resume)) if v}
     if updates:
         policy = policy.model_copy(update=updates)
     store = AdapterStore.from_config(config)
-    require_reachable(store)
+    store.require_reachable()
     task = config.task_schema()
     rows = load_canary_set(policy, config.root)
     prober = metrics = None
@@ -268,7 +278,7 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
         prober = OpenAIProber(base_url or default_base_url(config), config.model.id, api_key=api_key,
                               output_regex=task.output_regex())
         metrics = metrics_source(config, policy, metrics_urls=metrics_urls, prometheus_url=prometheus_url)
-    log = RolloutLog(rollout_log_uri(store, policy.alias), store_kw(store))
+    log = RolloutLog(rollout_log_uri(store, policy.alias), store.storage_kw)
     controller = Controller(policy=policy, task=task, canary_rows=rows, log=log, router=StoreRouter(store),
                             prober=prober, metrics=metrics, out=out)
     return controller, store

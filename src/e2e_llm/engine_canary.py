@@ -106,9 +106,9 @@ def prometheus_samples(url: str, label: str, fetch=None) -> Callable[[], list[tu
     """Samples of the ingress metrics per ``label`` from a Prometheus server's query API."""
     import urllib.parse
 
-    from e2e_llm.canary_io import _get
+    from e2e_llm.canary_io import fetch_text
 
-    fetch = fetch or _get
+    fetch = fetch or fetch_text
 
     def samples() -> list[tuple[str, dict[str, str], float]]:
         out = []
@@ -245,7 +245,7 @@ def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~
     service (``services/llm.yaml`` / the RayService of ``configs/deploy.yaml``), SLO gate only.
     Its log is ``<adapter store>/rollouts-<service>-<env>-<platform>.jsonl``."""
     from e2e_llm.canary import Controller, RolloutLog, load_policy
-    from e2e_llm.canary_io import rollout_log_uri, store_kw
+    from e2e_llm.canary_io import rollout_log_uri
     from e2e_llm.config import ConfigError
     from e2e_llm.deploy import load_deploy
     from e2e_llm.store import AdapterStore
@@ -268,6 +268,6 @@ def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~
     metrics = GroupedMetrics(platform_impl, prometheus_samples(url, platform_impl.group_label),
                              policy.slo.count_client_errors)
     store = AdapterStore.from_config(config)
-    log = RolloutLog(rollout_log_uri(store, policy.alias), store_kw(store))
+    log = RolloutLog(rollout_log_uri(store, policy.alias), store.storage_kw)
     return Controller(policy=policy, task=None, canary_rows=[], log=log, router=PlatformRouter(platform_impl),
                       prober=None, metrics=metrics, out=out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def write_bytes(uri: str, data: bytes, **kw: Any) -> None:
     fs, path = filesystem(uri, **kw)
     if split_uri(uri)[0] == "file":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
+        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"  # unique per writer thread
         Path(tmp).write_bytes(data)
         os.replace(tmp, path)
         return

@@ -10,11 +10,19 @@ adapter id that clients call as ``<base model id>:<adapter id>``)::
     <store>/index.json     {"adapters": {"viggo-v1": {name, version, run_id, rank, ...}}}
     <store>/aliases.json   {"viggo": {"stable": "viggo-v1", "candidate": "viggo-v2",
                                       "candidate_weight": 0.1, "revision": 3, ...}}
+    <store>/alias-history-viggo.jsonl   every alias change: revision, new and previous record
 
 The JSON files sit beside the adapter folders (Ray lists only sub-folders as adapters).
 Batch and serve resolve a reference the same way everywhere (:meth:`AdapterStore.resolve`):
 an adapter id, ``latest`` / ``<name>:latest`` (newest published version) or an alias (its
-stable version). Writers are the publish command and the canary controller, one at a time.
+stable version).
+
+Any number of writers may run at once (publishers, canary controllers, an operator): every
+update is a compare-and-swap (:mod:`e2e_llm.cas`). Publishing first claims the version id by
+creating ``<id>/manifest.json`` only if absent (a publisher that loses the claim takes the next
+number, or fails for an explicit ``version``), then uploads the files under it, then adds it to
+the index; an alias update either applies to the revision it was computed from or is retried
+(``expected_revision``: fails instead). No update is lost and no folder mixes two publishers.
 """
 
 from __future__ import annotations
@@ -22,13 +30,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from e2e_llm import storage
+from e2e_llm import cas, storage
 from e2e_llm.config import PipelineConfig
 
 INDEX = "index.json"
@@ -37,12 +47,15 @@ MANIFEST = "manifest.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+MAX_CLAIMS = 100  # version numbers tried by one publish before giving up
 
 
 class StoreError(RuntimeError):
     pass
 
 
+class AliasConflict(StoreError):
+    """The alias is no longer at the revision an update was computed from."""
 @dataclass
 class Alias:
     """Traffic split of one alias: ``candidate_weight`` of requests go to the candidate."""
@@ -80,6 +93,14 @@ def runtime_endpoint(config_endpoint: str | None = None) -> str | None:
     return next((os.environ[n] for n in ENDPOINT_ENV if os.environ.get(n)), None) or config_endpoint
 
 
+def _dumps(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def _writer() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 class AdapterStore:
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
         self.uri = uri.rstrip("/")
@@ -91,16 +112,33 @@ class AdapterStore:
     def from_config(cls, config: PipelineConfig) -> AdapterStore:
         return cls(config.adapters_uri(), config.storage.endpoint_url, config.storage.region)
 
+    @property
+    def storage_kw(self) -> dict[str, Any]:
+        """The storage keyword arguments (S3 endpoint, region) for objects beside the adapters."""
+        return dict(self._kw)
+
+    def require_reachable(self) -> None:
+        """A clear error when the store lives on a loopback S3 server that is not running."""
+        from e2e_llm.local_s3 import LocalS3Error, require_reachable
+
+        try:
+            require_reachable(self._kw.get("endpoint_url"), f"the adapter store {self.uri}")
+        except LocalS3Error as exc:
+            raise StoreError(str(exc)) from None
+
     # -- low level ---------------------------------------------------------------------------
 
     def _uri(self, *parts: str) -> str:
         return storage.join(self.uri, *parts)
 
     def _read_json(self, name: str, default: Any) -> Any:
-        try:
-            return json.loads(storage.read_text(self._uri(name), **self._kw))
-        except FileNotFoundError:
+        # One GET of one version (pyarrow reads a size first, then a range: a concurrent
+        # update in between would hand it a torn object).
+        data = cas.read(self._uri(name), **self._kw).data
+        if data is None:
             return default
+        try:
+            return json.loads(data)
         except json.JSONDecodeError as exc:
             raise StoreError(f"{self._uri(name)}: not valid JSON ({exc})") from None
 
@@ -113,12 +151,34 @@ class AdapterStore:
         from pyarrow.fs import FileType
 
         if fs.get_file_info(bucket).type == FileType.NotFound:
-            fs.create_dir(bucket)
+            try:
+                fs.create_dir(bucket)
+            except OSError:  # another publisher may have created it a moment ago
+                if fs.get_file_info(bucket).type == FileType.NotFound:
+                    raise
         self._bucket_ok = True
 
-    def _write_json(self, name: str, value: Any) -> None:
+    def _update(self, name: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        """Compare-and-swap update of one object beside the adapters (retried on conflict)."""
         self._ensure_bucket()
-        storage.write_text(self._uri(name), json.dumps(value, indent=2, sort_keys=True) + "\n", **self._kw)
+        try:
+            return cas.update(self._uri(name), change, **self._kw).data
+        except cas.TooManyConflicts as exc:
+            raise StoreError(str(exc)) from None
+
+    def _update_json(self, name: str, default: Any, change: Callable[[Any], Any]) -> Any:
+        def apply(data: bytes | None) -> bytes:
+            try:
+                value = json.loads(data) if data is not None else json.loads(json.dumps(default))
+            except json.JSONDecodeError as exc:
+                raise StoreError(f"{self._uri(name)}: not valid JSON ({exc})") from None
+            return _dumps(change(value))
+
+        return json.loads(self._update(name, apply))
+
+    def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True, default=str).encode() + b"\n"
+        self._update(name, lambda data: (data or b"") + line)
 
     def adapter_uri(self, adapter_id: str) -> str:
         return self._uri(adapter_id)
@@ -130,8 +190,9 @@ class AdapterStore:
 
     def adapter_ids(self) -> list[str]:
         """Adapter folders actually present in the store (what Ray Serve LLM can load)."""
-        # .jsonl: the canary controller's rollout logs (rollouts-<alias>.jsonl) live here too.
-        return [n for n in storage.list_dir(self.uri, **self._kw) if not n.endswith((".json", ".jsonl"))]
+        # .json/.jsonl: index, aliases, alias histories and rollout logs; dot files: local locks.
+        return [n for n in storage.list_dir(self.uri, **self._kw)
+                if not n.endswith((".json", ".jsonl")) and not n.startswith(".")]
 
     def versions(self, name: str | None = None) -> list[dict[str, Any]]:
         """Published versions, oldest first (by publish sequence number)."""
@@ -149,8 +210,9 @@ class AdapterStore:
                 max_rank: int | None = None) -> str:
         """Copy an adapter folder (+ manifest) to ``<store>/<name>-<version>/`` and index it.
 
-        ``version`` defaults to the next ``vN`` for ``name``. With ``alias``, a new alias is
+        ``version`` defaults to the next free ``vN`` for ``name``. With ``alias``, a new alias is
         created pointing at it, or an existing alias's stable version is moved to it.
+        Safe to call from many processes at once: each call gets its own version.
         Returns the adapter id.
         """
         if "://" in str(adapter_dir):  # a run in object storage: stage it locally first
@@ -168,51 +230,70 @@ class AdapterStore:
             raise StoreError(f"{adapter_dir}: LoRA rank {rank} exceeds the serving max_lora_rank {max_rank} "
                              "(derived from the training recipe's lora_rank)")
         _check_name("adapter name", name)
-        index = self._read_json(INDEX, {"adapters": {}})
-        own = [v for v in index["adapters"].values() if v.get("name") == name]
-        if version is None:
-            numbers = [int(m.group(1)) for v in own if (m := re.fullmatch(r"v(\d+)", str(v.get("version"))))]
-            version = f"v{max(numbers, default=0) + 1}"
-        _check_name("version", version)
-        adapter_id = f"{name}-{version}"
-        if adapter_id in index["adapters"]:
-            raise StoreError(f"{adapter_id} is already published in {self.uri}; choose another --version")
-        if adapter_id in self.aliases():
-            raise StoreError(f"{adapter_id} is an alias name in {self.uri}")
-
+        if version is not None:
+            _check_name("version", version)
         manifest = dict(manifest or {})
+        self._ensure_bucket()
+        adapter_id, published = self._claim(name, version, manifest, str(adapter_dir.resolve()))
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / adapter_id
             staged.mkdir()
             for f in adapter_dir.iterdir():
                 if f.is_file() and f.name != MANIFEST:
                     (staged / f.name).write_bytes(f.read_bytes())
-            published = {"adapter_id": adapter_id, "name": name, "version": version,
-                         "published_at": time.time(), "source": str(adapter_dir.resolve())}
-            (staged / MANIFEST).write_text(json.dumps({**manifest, "published": published}, indent=2,
-                                                      sort_keys=True, default=str) + "\n")
-            self._ensure_bucket()
             storage.upload_dir(staged, self.adapter_uri(adapter_id), **self._kw)
 
-        index["adapters"][adapter_id] = {
+        entry = {
             "name": name,
-            "version": version,
-            "seq": max((v.get("seq", 0) for v in index["adapters"].values()), default=0) + 1,
+            "version": published["version"],
             "rank": rank,
             "base_model": _base_model_id(manifest) or adapter_config.get("base_model_name_or_path"),
             "run_id": manifest.get("run_id"),
             "published_at": published["published_at"],
             "source": manifest.get("adapter_uri") or published["source"],
         }
-        self._write_json(INDEX, index)
+
+        def add(index: dict[str, Any]) -> dict[str, Any]:
+            adapters = index.setdefault("adapters", {})
+            if adapter_id in adapters:  # only a store written before version claims can get here
+                raise StoreError(f"{adapter_id} is already in {self._uri(INDEX)}")
+            seq = max((v.get("seq", 0) for v in adapters.values()), default=0) + 1
+            adapters[adapter_id] = {**entry, "seq": seq}
+            return index
+
+        self._update_json(INDEX, {"adapters": {}}, add)
         if alias:
-            current = self.aliases().get(alias)
-            if current is None:
-                self.set_alias(alias, stable=adapter_id)
-            else:
-                self.set_alias(alias, stable=adapter_id, candidate=current.candidate,
-                               candidate_weight=current.candidate_weight)
+            self._write_alias(alias, lambda current: (adapter_id, current.candidate, current.candidate_weight)
+                              if current else (adapter_id, None, 0.0), reason=f"published {adapter_id}")
         return adapter_id
+
+    def _claim(self, name: str, version: str | None, manifest: dict[str, Any],
+               source: str) -> tuple[str, dict[str, Any]]:
+        """Claim ``<name>-<version>`` by creating its manifest only if absent; the next free
+        ``vN`` when ``version`` is None. Returns the adapter id and the manifest's ``published``."""
+        index, aliases = self.index(), self.aliases()
+        if version is not None:
+            versions = [version]
+        else:
+            numbers = [int(m.group(1)) for v in index.values()
+                       if v.get("name") == name and (m := re.fullmatch(r"v(\d+)", str(v.get("version"))))]
+            first = max(numbers, default=0) + 1
+            versions = [f"v{n}" for n in range(first, first + MAX_CLAIMS)]
+        for candidate in versions:
+            adapter_id = f"{name}-{candidate}"
+            if adapter_id in aliases:
+                raise StoreError(f"{adapter_id} is an alias name in {self.uri}")
+            if adapter_id in index and version is not None:
+                raise StoreError(f"{adapter_id} is already published in {self.uri}; choose another --version")
+            published = {"adapter_id": adapter_id, "name": name, "version": candidate,
+                         "published_at": time.time(), "source": source, "by": _writer()}
+            if adapter_id not in index and cas.create(self._uri(adapter_id, MANIFEST),
+                                                      _dumps({**manifest, "published": published}), **self._kw):
+                return adapter_id, published
+            if version is not None:
+                raise StoreError(f"{adapter_id} is already published (or being published) in {self.uri}; "
+                                 "choose another --version")
+        raise StoreError(f"no free version for {name!r} in {self.uri} after {MAX_CLAIMS} tries")
 
     def manifest(self, adapter_id: str) -> dict[str, Any]:
         return json.loads(storage.read_text(self._uri(adapter_id, MANIFEST), **self._kw))
@@ -227,26 +308,58 @@ class AdapterStore:
     def aliases(self) -> dict[str, Alias]:
         return {k: Alias(**v) for k, v in self._read_json(ALIASES, {}).items()}
 
+    def alias_history(self, alias: str) -> list[dict[str, Any]]:
+        """Every change of ``alias`` (``alias-history-<alias>.jsonl``), by revision."""
+        data = cas.read(self._uri(f"alias-history-{alias}.jsonl"), **self._kw).data or b""
+        return sorted((json.loads(line) for line in data.decode().splitlines() if line.strip()),
+                      key=lambda r: r["revision"])
+
     def set_alias(self, alias: str, *, stable: str, candidate: str | None = None,
-                  candidate_weight: float = 0.0) -> Alias:
-        """Create or update an alias (one atomic object write; the revision increases by one)."""
+                  candidate_weight: float = 0.0, expected_revision: int | None = None) -> Alias:
+        """Create or update an alias (compare-and-swap; the revision increases by one). With
+        ``expected_revision``, raise :class:`AliasConflict` unless the alias is still at it (0: absent)."""
         _check_name("alias", alias)
         if not 0.0 <= candidate_weight <= 1.0:
             raise StoreError(f"alias {alias!r}: candidate_weight {candidate_weight} is not in [0, 1]")
         if candidate is None and candidate_weight:
             raise StoreError(f"alias {alias!r}: candidate_weight {candidate_weight} without a candidate")
+        return self._write_alias(alias, lambda _: (stable, candidate, float(candidate_weight)),
+                                 expected_revision=expected_revision)
+
+    def _write_alias(self, alias: str, decide: Callable[[Alias | None], tuple[str, str | None, float]], *,
+                     expected_revision: int | None = None, reason: str | None = None) -> Alias:
+        """One alias change: ``decide(current record)`` gives (stable, candidate, weight); it is
+        re-run on the fresh record whenever another writer got in first."""
+        _check_name("alias", alias)
         index = self.index()
-        for role, target in (("stable", stable), ("candidate", candidate)):
-            if target is not None and target not in index:
-                raise StoreError(f"alias {alias!r}: {role} {target!r} is not a published adapter in {self.uri}")
         if alias in index:
             raise StoreError(f"alias {alias!r} collides with a published adapter id")
-        records = self._read_json(ALIASES, {})
-        revision = records.get(alias, {}).get("revision", 0) + 1
-        record = Alias(stable=stable, candidate=candidate, candidate_weight=float(candidate_weight),
-                       revision=revision)
-        records[alias] = record.to_dict()
-        self._write_json(ALIASES, records)
+        done: dict[str, Any] = {}
+
+        def change(records: dict[str, Any]) -> dict[str, Any]:
+            current = Alias(**records[alias]) if alias in records else None
+            revision = current.revision if current else 0
+            if expected_revision is not None and revision != expected_revision:
+                raise AliasConflict(f"alias {alias!r} is at revision {revision}, not {expected_revision}: "
+                                    "changed by another writer")
+            stable, candidate, weight = decide(current)
+            for role, target in (("stable", stable), ("candidate", candidate)):
+                if target is not None and target not in index:
+                    raise StoreError(f"alias {alias!r}: {role} {target!r} is not a published adapter in {self.uri}")
+            record = Alias(stable=stable, candidate=candidate, candidate_weight=weight, revision=revision + 1)
+            records[alias] = record.to_dict()
+            done.update(record=record, previous=current)
+            return records
+
+        self._update_json(ALIASES, {}, change)
+        record, previous = done["record"], done["previous"]
+        entry = {"alias": alias, "revision": record.revision, "record": record.to_dict(),
+                 "previous": previous.to_dict() if previous else None, "by": _writer(), "reason": reason}
+        try:
+            self._append_jsonl(f"alias-history-{alias}.jsonl", entry)
+        except StoreError as exc:
+            raise StoreError(f"alias {alias!r} is now at revision {record.revision} but its history was not "
+                             f"recorded: {exc}") from None
         return record
 
     # -- resolution ----------------------------------------------------------------------------
@@ -290,73 +403,3 @@ def fetch_adapter(config: PipelineConfig, ref: str, local_dir: str | Path) -> tu
     path = store.download(adapter_id, Path(local_dir) / adapter_id)
     manifest_file = path / MANIFEST
     return path, json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-
-
-# -- a local S3-compatible server for the local profile --------------------------------------
-
-
-def is_loopback(endpoint: str) -> bool:
-    from urllib.parse import urlparse
-
-    return urlparse(endpoint).hostname in ("127.0.0.1", "localhost", "::1")
-
-
-def endpoint_reachable(endpoint: str, timeout: float = 1.0) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(endpoint, timeout=timeout)
-    except urllib.error.HTTPError:
-        return True  # it answered
-    except OSError:
-        return False
-    return True
-
-
-def local_credentials() -> None:
-    """Dummy credentials for a loopback S3 server (boto3/pyarrow refuse to sign without any)."""
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ.setdefault(name, value)
-
-
-def start_local_server(endpoint: str):
-    """Start ``moto_server`` (from this environment) on the loopback endpoint's port and wait
-    until it answers. Returns the process (the caller stops it), or None if one already runs.
-    Its contents live in memory: they last as long as the process."""
-    import shutil
-    import subprocess
-    import sys
-    from urllib.parse import urlparse
-
-    if not is_loopback(endpoint):
-        raise StoreError(f"{endpoint}: only a loopback endpoint can be started locally")
-    local_credentials()
-    if endpoint_reachable(endpoint):
-        return None
-    exe = Path(sys.executable).parent / "moto_server"
-    exe_path = str(exe) if exe.exists() else shutil.which("moto_server")
-    if not exe_path:
-        raise StoreError("moto_server not found: the serve environment provides it (make env-serve)")
-    url = urlparse(endpoint)
-    proc = subprocess.Popen([exe_path, "-H", url.hostname, "-p", str(url.port or 80)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    for _ in range(150):
-        if endpoint_reachable(endpoint, timeout=0.5):
-            return proc
-        if proc.poll() is not None:
-            raise StoreError(f"moto_server exited with {proc.returncode} (port {url.port} in use?)")
-        time.sleep(0.2)
-    proc.terminate()
-    raise StoreError(f"moto_server did not answer on {endpoint}")
-
-
-def require_reachable(store: AdapterStore) -> None:
-    """A clear error when the store's loopback S3 server is not running."""
-    endpoint = store._kw.get("endpoint_url")
-    if endpoint and is_loopback(endpoint):
-        local_credentials()
-        if not endpoint_reachable(endpoint):
-            raise StoreError(f"no S3 server at {endpoint} for the adapter store {store.uri}: start one with "
-                             "`make store` (or let `e2e-llm serve --publish ...` start it)")

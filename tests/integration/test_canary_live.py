@@ -80,9 +80,9 @@ def rollout(serve_app, alias: str) -> list[dict]:
     from e2e_llm.canary_io import rollout_log_uri
 
     uri = rollout_log_uri(serve_app.store, alias)
-    if not storage.exists(uri, **serve_app.store._kw):
+    if not storage.exists(uri, **serve_app.store.storage_kw):
         return []
-    return [json.loads(line) for line in storage.read_text(uri, **serve_app.store._kw).splitlines()]
+    return [json.loads(line) for line in storage.read_text(uri, **serve_app.store.storage_kw).splitlines()]
 
 
 class SteadyClient:

@@ -428,6 +428,53 @@ def test_live_controller_on_this_host_blocks_a_second_one(world):
         w.controller(effects=Effects()).run(None)
 
 
+def test_a_second_controller_of_this_process_is_refused_while_the_first_drives(world):
+    """Same host and pid: the owner id tells them apart (a live one refuses, a finished one resumes)."""
+    import threading
+
+    w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"}, kill_at=5)  # first weight applied
+    with pytest.raises(Crash):
+        w.controller().run("viggo-v2")
+    seen, lock = [], threading.Lock()
+    probe = w.prober.probe
+
+    def probe_and_interfere(version, rows, policy):
+        with lock:
+            first = not seen
+            seen.append(None)
+        if first:  # while the resumed controller drives, a second one of this process tries
+            try:
+                w.controller(effects=Effects()).run("viggo-v2")
+                seen[0] = "ran"
+            except CanaryError as exc:
+                seen[0] = str(exc)
+        return probe(version, rows, policy)
+
+    w.prober.probe = probe_and_interfere
+    assert w.controller(effects=Effects()).run("viggo-v2").result == "promoted"  # the crashed one is gone
+    assert "of this process is still running rollout" in seen[0]
+    # the crashed controller and the one that resumed; the refused one wrote nothing
+    assert len({r["owner"]["id"] for r in w.records()}) == 2
+
+
+def test_an_alias_write_that_loses_a_race_is_reread_and_checked_again(world):
+    from e2e_llm.canary import RouterConflict
+
+    w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"})
+    apply, refused = w.router.set, []
+
+    def set_losing_once(alias, state):
+        if not refused:
+            refused.append(state)
+            raise RouterConflict("alias 'viggo' is at revision 2, not 1")
+        apply(alias, state)
+
+    w.router.set = set_losing_once
+    assert w.controller().run("viggo-v2").result == "promoted"
+    assert refused == [AliasState("viggo-v1", "viggo-v2", 10.0)]
+    assert [s.candidate_weight for s in w.router.writes] == [10.0, 50.0, 100.0, 0.0]
+
+
 def test_another_hosts_controller_holds_a_lease_until_it_expires(world):
     w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"}, kill_at=4)
     with pytest.raises(Crash):

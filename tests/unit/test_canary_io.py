@@ -189,6 +189,20 @@ def test_store_router_writes_weights_as_fractions_and_reads_percent(store):
     assert store.aliases()["viggo"].stable == "viggo-v2"
 
 
+def test_store_router_sets_only_on_top_of_the_record_it_read(store):
+    from e2e_llm.canary import RouterConflict
+
+    router = StoreRouter(store)
+    assert router.get("viggo") == AliasState("viggo-v1", None, 0.0)
+    store.set_alias("viggo", stable="viggo-v2")  # someone else moves the alias in between
+    with pytest.raises(RouterConflict, match="at revision 2, not 1"):
+        router.set("viggo", AliasState("viggo-v1", "viggo-v2", 10.0))
+    assert store.aliases()["viggo"].stable == "viggo-v2" and store.aliases()["viggo"].candidate is None
+    router.get("viggo")
+    router.set("viggo", AliasState("viggo-v2", "viggo-v1", 10.0))  # re-read: now it applies
+    assert store.aliases()["viggo"].revision == 3
+
+
 def test_rollout_log_sits_beside_the_adapters_and_is_not_listed_as_one(store):
     from e2e_llm import storage
 
@@ -200,19 +214,19 @@ def test_rollout_log_sits_beside_the_adapters_and_is_not_listed_as_one(store):
 
 def test_rollout_log_reaches_the_store_with_its_endpoint(monkeypatch):
     """The log must use the store's endpoint (the profile's S3 server), not the AWS default."""
-    from e2e_llm import storage
+    from e2e_llm import cas
     from e2e_llm.canary import RolloutLog
-    from e2e_llm.canary_io import store_kw
     from e2e_llm.store import AdapterStore
 
     store = AdapterStore("s3://bucket/adapters", endpoint_url="http://127.0.0.1:1", region="us-east-1")
     seen = []
-    monkeypatch.setattr(storage, "exists", lambda uri, **kw: seen.append(("exists", kw)) or False)
-    monkeypatch.setattr(storage, "write_text", lambda uri, text, **kw: seen.append(("write", kw)))
-    log = RolloutLog(rollout_log_uri(store, "viggo"), store_kw(store))
+    monkeypatch.setattr(cas, "read", lambda uri, **kw: seen.append(("read", kw)) or cas.Versioned(None, None))
+    monkeypatch.setattr(cas, "write", lambda uri, data, expect, **kw: seen.append(("write", kw)) or "etag")
+    log = RolloutLog(rollout_log_uri(store, "viggo"), store.storage_kw)
     assert log.read() == []
     log.append({"event": "start"})
-    assert seen and all(kw.get("endpoint_url") for _, kw in seen), seen
+    assert [op for op, _ in seen] == ["read", "write"]
+    assert all(kw.get("endpoint_url") == store.storage_kw["endpoint_url"] for _, kw in seen), seen
 
 
 def test_candidate_resolution_publishes_a_folder_once(store, tmp_path, local_config):

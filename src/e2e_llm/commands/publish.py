@@ -29,12 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.config import load_profile
     from e2e_llm.serve import max_lora_rank, recipe_lora_rank
-    from e2e_llm.store import AdapterStore, StoreError, find_training_adapter, require_reachable
+    from e2e_llm.store import AdapterStore, StoreError, find_training_adapter
 
     config = load_profile(args.profile)
     store = AdapterStore.from_config(config)
     try:
-        require_reachable(store)
+        store.require_reachable()
         if args.list:
             print(json.dumps({"store": store.uri, "versions": store.versions(),
                               "aliases": {k: v.to_dict() for k, v in store.aliases().items()}}, indent=2))

@@ -38,16 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.config import load_profile
+    from e2e_llm.local_s3 import LocalS3Error, is_loopback, start
     from e2e_llm.serve import ServeError, app_args, build_app, max_lora_rank, recipe_lora_rank
     from e2e_llm.storage import is_remote
-    from e2e_llm.store import (
-        AdapterStore,
-        StoreError,
-        find_training_adapter,
-        is_loopback,
-        runtime_endpoint,
-        start_local_server,
-    )
+    from e2e_llm.store import AdapterStore, StoreError, find_training_adapter, runtime_endpoint
 
     config = load_profile(args.profile)
     host, port = args.host or config.serve.host, args.port or config.serve.port
@@ -56,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     moto = None
     try:
         if endpoint and is_loopback(endpoint) and is_remote(store.uri):
-            moto = start_local_server(endpoint)
+            moto = start(endpoint)
             if moto:
                 print(f"started a local S3 server (moto) at {endpoint} for {store.uri}", flush=True)
         model = config.model.id
@@ -71,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                 store.set_alias(name, stable=adapter_id)
             print(f"adapter {adapter_dir} -> {store.adapter_uri(adapter_id)} (alias {name})", flush=True)
             model = f"{config.model.id}:{name}"
-    except (StoreError, ServeError) as exc:
+    except (StoreError, ServeError, LocalS3Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if moto:
             moto.terminate()

@@ -1,0 +1,60 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The local S3 server launcher (e2e_llm.local_s3): writes one at a time, reads concurrent,
+clear errors for a stopped or non-loopback server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from e2e_llm.local_s3 import LocalS3Error, require_reachable, serialized_writes, start
+
+
+class SlowApp:
+    """A WSGI app that records how many requests of each method run at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = {"PUT": 0, "GET": 0}
+        self.peak = {"PUT": 0, "GET": 0}
+
+    def __call__(self, environ, start_response):
+        method = environ["REQUEST_METHOD"]
+        with self.lock:
+            self.running[method] += 1
+            self.peak[method] = max(self.peak[method], self.running[method])
+        time.sleep(0.05)
+        with self.lock:
+            self.running[method] -= 1
+        start_response("200 OK", [])
+        return [b"ok"]
+
+
+def test_mutating_requests_run_one_at_a_time_and_reads_do_not_wait():
+    app = SlowApp()
+    wrapped = serialized_writes(app)
+    barrier = threading.Barrier(8)
+
+    def call(method):
+        barrier.wait()
+        return wrapped({"REQUEST_METHOD": method}, lambda *a: None)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(r == [b"ok"] for r in pool.map(call, ["PUT", "GET"] * 4))
+    assert app.peak["PUT"] == 1
+    assert app.peak["GET"] > 1
+
+
+def test_a_stopped_loopback_server_is_named_with_what_to_do():
+    with pytest.raises(LocalS3Error, match=r"no S3 server at http://127.0.0.1:1 for the store s3://b/a: .*make store"):
+        require_reachable("http://127.0.0.1:1", "the store s3://b/a")
+    require_reachable("https://s3.example.com", "a remote store")  # not ours to check
+    require_reachable(None, "a local folder")
+
+
+def test_only_a_loopback_endpoint_is_started():
+    with pytest.raises(LocalS3Error, match="only a loopback endpoint"):
+        start("http://10.1.2.3:9000")
