@@ -161,11 +161,9 @@ def build_app(args: dict[str, Any]):
     """The Ray Serve application for ``args`` (from :func:`app_args`): Ray Serve LLM's
     ``LLMServer`` deployments behind the e2e-llm OpenAI ingress."""
     from ray import serve
-    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
-    from ray.serve.llm import LLMConfig
+    from ray.serve.llm import LLMConfig, build_llm_deployment
 
+    from e2e_llm.compat.ray_serve import apply_deployment_defaults, to_model_metadata
     from e2e_llm.ingress import E2EIngress, make_ingress
 
     args = _with_runtime_endpoint(args)
@@ -180,7 +178,7 @@ def build_app(args: dict[str, Any]):
     deployments = {c.model_id: build_llm_deployment(c) for c in llm_configs}
     model_cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
     lora_paths = {c.model_id: c.lora_config.dynamic_lora_loading_path for c in llm_configs if c.lora_config}
-    options = maybe_apply_llm_deployment_config_defaults(
+    options = apply_deployment_defaults(
         E2EIngress.get_deployment_options(llm_configs), args.get("ingress_deployment_config") or {}
     )
     ingress_cls = make_ingress(auth_enabled=auth["enabled"], api_key_env=auth["api_key_env"])
