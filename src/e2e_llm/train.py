@@ -31,19 +31,9 @@ from typing import Any
 import yaml
 
 from e2e_llm import storage
+from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 
-# Keys our layer owns: they depend on where the job runs, not on the recipe.
-DEPLOYMENT_KEYS = (
-    "model_name_or_path",
-    "dataset_dir",
-    "dataset",
-    "eval_dataset",
-    "output_dir",
-    "logging_dir",
-    "resume_from_checkpoint",
-    "overwrite_output_dir",
-)
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
             "ray_storage_path", "resources_per_worker", "placement_strategy")
@@ -59,9 +49,9 @@ class TrainError(RuntimeError):
 
 
 def llamafactory_keys() -> set[str]:
-    from llamafactory.hparams.parser import _TRAIN_ARGS
+    from e2e_llm.compat.llamafactory import recipe_keys
 
-    return {f.name for cls in _TRAIN_ARGS for f in dataclasses.fields(cls)}
+    return recipe_keys()
 
 
 def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -263,9 +253,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     _append_event(work_dir, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
                   resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
 
-    from llamafactory.train.tuner import _training_function
+    from e2e_llm.compat.llamafactory import run_training
 
-    _training_function({"args": args, "callbacks": [_make_report_callback(work_dir, rank, world_size)]})
+    run_training(args, [_make_report_callback(work_dir, rank, world_size)])
 
     if rank == 0:
         output = Path(args["output_dir"])
@@ -327,6 +317,7 @@ def worker_env(config: PipelineConfig) -> dict[str, str]:
            if k in os.environ}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("DISABLE_VERSION_CHECK", "1")  # LLaMA-Factory pins; our lock file is the source of truth
+    env[USE_RAY_ENV] = "0"  # Ray Train runs the workers; LLaMA-Factory's own Ray launcher stays off
     if not config.train.use_gpu:
         # One OpenMP pool per worker sized to its CPU share; more threads only fight each other.
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(config.train.resources_per_worker.get("CPU", 1)))))
