@@ -42,16 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from e2e_llm import storage
+from e2e_llm.adapters import ADAPTER_FILES, AdapterError, require_adapter_files, vllm_max_lora_rank
 from e2e_llm.config import PipelineConfig
 
-# Ranks vLLM accepts for max_lora_rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PREDICTIONS_FILE = "predictions.jsonl"
 MANIFEST_FILE = "manifest.json"
 MERGED_MARKER = "e2e_llm_merged.json"
 LORA_MARKER = "e2e_llm_lora.json"
-# The files adapter_sha256 covers: what LoRA mode uploads.
-LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Columns the pipeline adds to every output row.
 OUTPUT_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "truncated", "error")
 
@@ -64,25 +61,19 @@ class BatchError(RuntimeError):
 # Input data
 
 
-def _fs_kw(config: PipelineConfig) -> dict[str, Any]:
-    if storage.is_remote(config.storage.root):
-        return {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
-    return {}
-
-
 def resolve_split(config: PipelineConfig, split: str) -> str:
     """URI of a split name (``val``, ``test``: the clean files under ``<storage>/data``) or
     of a JSONL file given by path/URI."""
     if split in config.data.splits:
         uri = config.storage_uri("data", config.data.dataset, f"{split}.jsonl")
-        if not storage.exists(uri, **_fs_kw(config)):
+        if not storage.exists(uri, **config.storage_kw()):
             optional = "; the source may not ship this split" if split not in config.data.required_splits else ""
             raise BatchError(f"split {split!r}: {uri} not found (run `e2e-llm data --profile {config.profile}`"
                              f"{optional})")
         return uri
     if split.endswith((".jsonl", ".json")) or "/" in split or "://" in split:
         uri = split if "://" in split else str(Path(split).expanduser().resolve())
-        if not storage.exists(uri, **_fs_kw(config)):
+        if not storage.exists(uri, **config.storage_kw()):
             raise BatchError(f"{uri}: file not found")
         return uri
     raise BatchError(f"unknown split {split!r} (known: {', '.join(config.data.splits)}; or give a .jsonl path)")
@@ -98,7 +89,7 @@ class InputRows:
 
 def load_rows(config: PipelineConfig, uri: str, limit: int | None = None) -> InputRows:
     """Read a JSONL file; keep every row (with its line number), flag rows without input."""
-    data = storage.read_bytes(uri, **_fs_kw(config))
+    data = storage.read_bytes(uri, **config.storage_kw())
     digest = hashlib.sha256(data).hexdigest()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -153,7 +144,7 @@ def _model_names(config: PipelineConfig, model_path: str) -> set[str]:
 
 def adapter_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    for name in LORA_FILES:
+    for name in ADAPTER_FILES:  # what LoRA mode uploads
         digest.update(name.encode())
         digest.update((path / name).read_bytes())
     return digest.hexdigest()
@@ -172,9 +163,10 @@ def check_adapter(config: PipelineConfig, path: Path, model_path: str,
     is missing, malformed or made for another base (by name and by tensor shapes)."""
     if not path.is_dir():
         raise BatchError(f"adapter {path}: directory not found")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (path / name).is_file():
-            raise BatchError(f"adapter {path}: {name} missing (not a peft LoRA adapter)")
+    try:
+        require_adapter_files(path)
+    except AdapterError as exc:
+        raise BatchError(f"adapter {exc}") from None
     try:
         adapter_config = json.loads((path / "adapter_config.json").read_text())
     except json.JSONDecodeError as exc:
@@ -246,13 +238,6 @@ def resolve_adapter(config: PipelineConfig, ref: str | None, model_path: str) ->
         if parent_manifest.is_file():
             manifest = json.loads(parent_manifest.read_text())
     return check_adapter(config, Path(path).resolve(), model_path, manifest)
-
-
-def lora_rank_for_vllm(rank: int) -> int:
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise BatchError(f"LoRA rank {rank} is above vLLM's maximum {VLLM_LORA_RANKS[-1]}")
 
 
 def merged_model_name(config: PipelineConfig, adapter: Adapter, dtype: str | None = None) -> str:
@@ -341,10 +326,10 @@ def merged_model_source(config: PipelineConfig, adapter: Adapter, model_path: st
         local = merged_model_dir(config, adapter, model_path, cache_dir)
         return MergedModel(source=str(local), local_dir=local)
     uri = config.storage_uri("merged", merged_model_name(config, adapter))
-    if storage.exists(storage.join(uri, MERGED_MARKER), **_fs_kw(config)):
+    if storage.exists(storage.join(uri, MERGED_MARKER), **config.storage_kw()):
         return MergedModel(source=uri, local_dir=None)
     local = merged_model_dir(config, adapter, model_path, cache_dir)
-    upload_merged(local, uri, revision=adapter.sha256, **_fs_kw(config))
+    upload_merged(local, uri, revision=adapter.sha256, **config.storage_kw())
     return MergedModel(source=uri, local_dir=local, uploaded=True)
 
 
@@ -382,11 +367,11 @@ def lora_source(config: PipelineConfig, adapter: Adapter) -> LoraSource:
     parent = config.storage_uri("lora")
     name = lora_adapter_name(config, adapter)
     uri = storage.join(parent, name)
-    if storage.exists(storage.join(uri, LORA_MARKER), **_fs_kw(config)):
+    if storage.exists(storage.join(uri, LORA_MARKER), **config.storage_kw()):
         return LoraSource(name=name, source=uri, loading_path=parent)
     marker = json.dumps({"adapter": str(adapter.path), "adapter_sha256": adapter.sha256}) + "\n"
-    upload_once(adapter.path, uri, adapter.sha256, files=[adapter.path / f for f in LORA_FILES], marker=LORA_MARKER,
-                marker_data=marker.encode(), **_fs_kw(config))
+    upload_once(adapter.path, uri, adapter.sha256, files=[adapter.path / f for f in ADAPTER_FILES], marker=LORA_MARKER,
+                marker_data=marker.encode(), **config.storage_kw())
     return LoraSource(name=name, source=uri, loading_path=parent, uploaded=True)
 
 
@@ -413,7 +398,7 @@ def engine_kwargs(config: PipelineConfig, adapter: Adapter | None, mode: str) ->
         "max_num_seqs": config.batch.batch_size * config.batch.max_concurrent_batches,
     }
     if adapter is not None and mode == "lora":
-        kwargs.update(enable_lora=True, max_lora_rank=lora_rank_for_vllm(adapter.rank), max_loras=1)
+        kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(adapter.rank), max_loras=1)
     kwargs.update(config.batch.engine_kwargs)
     return kwargs
 
@@ -436,8 +421,7 @@ def engine_env(config: PipelineConfig, model_source: str, lora_path: str | None 
     """
     if not any(uri and uri.startswith("s3://") for uri in (model_source, lora_path)):
         return {}
-    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                or config.storage.endpoint_url)
+    endpoint = storage.s3_endpoint(config.storage.endpoint_url)
     env = {"AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION") or config.storage.region}
     if endpoint:
         env["AWS_ENDPOINT_URL_S3"] = endpoint
@@ -605,12 +589,12 @@ def previous_batch_metrics(config: PipelineConfig, split_uri: str, exclude: str)
     """The newest earlier batch run over the same data (by manifest ``finished_at``)."""
     root = config.storage_uri("batch")
     best = None
-    for run_id in storage.list_dir(root, **_fs_kw(config)):
+    for run_id in storage.list_dir(root, **config.storage_kw()):
         uri = storage.join(root, run_id, MANIFEST_FILE)
-        if run_id == exclude or not storage.exists(uri, **_fs_kw(config)):
+        if run_id == exclude or not storage.exists(uri, **config.storage_kw()):
             continue
         try:
-            manifest = json.loads(storage.read_text(uri, **_fs_kw(config)))
+            manifest = json.loads(storage.read_text(uri, **config.storage_kw()))
         except (json.JSONDecodeError, FileNotFoundError):
             continue
         if manifest.get("data", {}).get("uri") != split_uri or not manifest.get("metrics"):
@@ -642,7 +626,7 @@ def run_batch(
     limit = limit or config.batch.limit
     task = config.task_schema()
     split_uri = resolve_split(config, split)
-    model_path = resolve_model_path(config.model)
+    model_path = resolve_model_path(config.model, root=config.root)
     adapter = resolve_adapter(config, adapter_ref, model_path)
     data = load_rows(config, split_uri, limit)
 
@@ -680,7 +664,7 @@ def run_batch(
         rows.append(out)
     assert len(rows) == len(data.rows)
     storage.write_text(storage.join(out_uri, PREDICTIONS_FILE),
-                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), **_fs_kw(config))
+                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), **config.storage_kw())
 
     metrics = None
     previous = previous_batch_metrics(config, split_uri, exclude=run_id)
@@ -697,7 +681,7 @@ def run_batch(
         except EvaluationError as exc:
             raise BatchError(str(exc)) from None
         write_reports(metrics, out_uri, title=f"Batch evaluation: {name}", context=context,
-                      previous=previous[1] if previous else None, storage_kw=_fs_kw(config))
+                      previous=previous[1] if previous else None, storage_kw=config.storage_kw())
     errors = sum(1 for r in rows if r["error"])
     manifest = {
         "kind": "batch",
@@ -730,6 +714,7 @@ def run_batch(
         "previous_run": previous[0] if previous else None,
         "versions": _versions(),
     }
-    storage.write_text(storage.join(out_uri, MANIFEST_FILE), json.dumps(manifest, indent=2) + "\n", **_fs_kw(config))
+    storage.write_text(storage.join(out_uri, MANIFEST_FILE), json.dumps(manifest, indent=2) + "\n",
+                       **config.storage_kw())
     return BatchResult(run_id=run_id, out_uri=out_uri, manifest=manifest, metrics=metrics, rows=rows,
                        previous=previous[1] if previous else None)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from e2e_llm.canary import AliasState, VersionStats
-from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, is_error
+from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, add_sample
 
 PRIMARY, CANARY = "primary", "canary"
 
@@ -88,14 +88,7 @@ class GroupedMetrics:
             group = names.get(labels.get(self.platform.group_label))
             if group is None:
                 continue
-            stats = out.setdefault(group, VersionStats())
-            if name == REQUESTS:
-                stats.requests += value
-                if is_error(labels.get("status", ""), self.count_client_errors):
-                    stats.errors += value
-            elif name == LATENCY_BUCKET:
-                le = float("inf") if labels["le"] in ("+Inf", "Inf") else float(labels["le"])
-                stats.buckets[le] = stats.buckets.get(le, 0.0) + value
+            add_sample(out.setdefault(group, VersionStats()), name, labels, value, self.count_client_errors)
         return out
 
 

@@ -121,7 +121,7 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
         raise TrainError(f"{config.source_file}: resources_per_worker.GPU > 0 needs train.use_gpu: true")
     storage.split_uri(config.storage.root)  # unsupported schemes fail here
     try:
-        model_path = resolve_model_path(config.model)
+        model_path = resolve_model_path(config.model, root=config.root)
     except ModelError as exc:
         raise TrainError(str(exc)) from None
 

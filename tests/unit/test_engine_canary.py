@@ -284,3 +284,26 @@ def test_engine_controller_from_the_cluster_profile(tmp_path, project_root):
     assert ctl.policy.alias == "e2e-llm-prod-k8s"
     assert ctl.log.uri.endswith("rollouts-e2e-llm-prod-k8s.jsonl")
     assert ctl.prober is None
+
+
+@pytest.mark.parametrize("inf", ["+Inf", "Inf", "inf"])
+def test_both_slo_gates_aggregate_samples_the_same_way(inf):
+    """Per version (adapter canary) or per cluster (engine canary): the same sums, every spelling of +Inf."""
+    from e2e_llm.canary_io import stats_from_samples
+
+    class P:
+        group_label = "ray_io_cluster"
+
+        def status(self):
+            return PlatformStatus("c1", "c2", 10.0)
+
+    samples = [(REQUESTS, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "status": "200"}, 5.0),
+               (REQUESTS, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "status": "500"}, 2.0),
+               (REQUESTS, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "status": "401"}, 4.0),
+               (LATENCY_BUCKET, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "le": "0.5"}, 3.0),
+               (LATENCY_BUCKET, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "le": inf}, 11.0)]
+    by_version = stats_from_samples(samples, "a")["v2"]
+    by_cluster = GroupedMetrics(P(), lambda: samples).snapshot()["canary"]
+    for stats in (by_version, by_cluster):
+        assert (stats.requests, stats.errors) == (11.0, 2.0)  # 401 says nothing about the version
+        assert stats.buckets == {0.5: 3.0, math.inf: 11.0}
