@@ -275,8 +275,10 @@ class PipelineConfig(RootedFile):
         return str(base.joinpath(*parts))
 
     def storage_kw(self) -> dict[str, Any]:
-        """Keyword arguments for e2e_llm.storage calls on this profile's storage."""
-        if "://" in self.storage.root and not self.storage.root.startswith("file://"):
+        """Keyword arguments for e2e_llm.storage calls on this profile's storage (every stage's)."""
+        from e2e_llm.storage import is_remote
+
+        if is_remote(self.storage.root):
             return {"endpoint_url": self.storage.endpoint_url, "region": self.storage.region}
         return {}
 

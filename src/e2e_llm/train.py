@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from e2e_llm import storage
+from e2e_llm.adapters import missing_adapter_files
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 
@@ -260,8 +261,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if rank == 0:
         output = Path(args["output_dir"])
         run_uri = cfg["run_uri"]
-        adapter_files = ["adapter_config.json", "adapter_model.safetensors"]
-        missing = [f for f in adapter_files if not (output / f).is_file()]
+        missing = missing_adapter_files(output)
         if missing:
             raise TrainError(f"training finished without {missing} in {output}")
         staging = work_dir / "publish"
