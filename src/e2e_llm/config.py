@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from e2e_llm.task import TaskSchema
+
 T = TypeVar("T", bound=BaseModel)
 
 SUPPORTED_STORAGE_SCHEMES = ("", "file", "s3", "gs")
@@ -286,10 +288,9 @@ class PipelineConfig(RootedFile):
         """The adapter store: ``storage.adapters`` or ``<storage root>/adapters``."""
         return self.storage.adapters.rstrip("/") if self.storage.adapters else self.storage_uri("adapters")
 
-    def task_schema(self):
-        from e2e_llm.task import load_task
-
-        return load_task(self.path(self.data.task))
+    def task_schema(self) -> TaskSchema:
+        """The task schema ``data.task`` names (task.py is a leaf module: it imports nothing of ours)."""
+        return load_yaml_model(TaskSchema, self.path(self.data.task))
 
 
 def project_root() -> Path:
