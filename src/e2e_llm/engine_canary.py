@@ -7,7 +7,8 @@ platform's own mechanism while our SLO gate watches it and rolls back on failure
 - KubeRay: the RayService's ``NewClusterWithIncrementalUpgrade`` strategy moves traffic on
   the operator's own timer (``stepSizePercent`` every ``intervalSeconds``), so applying the new
   spec starts it and nothing can set the percentage; the gate watches each window and a failure
-  runs ``make rollback TARGET=k8s`` (re-apply the previous revision's manifests).
+  re-applies the previous revision's manifests (:func:`e2e_llm.kuberay.rollback_service`, what
+  ``make rollback TARGET=k8s`` does).
 
 The state machine, rollout log, resume and decision table are the adapter canary's
 (:class:`e2e_llm.canary.Controller`): the platform stands behind its :class:`Router` with the
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from e2e_llm import kuberay
 from e2e_llm.canary import AliasState, VersionStats
 from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, add_sample
 
@@ -157,27 +159,23 @@ class AnyscalePlatform:
 
 
 class KubeRayPlatform:
-    """A RayService incremental upgrade. ``run`` executes a command list (subprocess.run in
-    real use; a recorder in tests)."""
+    """A RayService incremental upgrade of the manifests under ``root`` (the project root).
+    ``run`` executes a command list (:func:`e2e_llm.kuberay.run_command` in real use; a recorder
+    in tests)."""
 
     group_label = "ray_io_cluster"
 
     def __init__(self, *, name: str, namespace: str, env: str = "prod", rev: str = "HEAD~1",
-                 kubectl: str = "kubectl", make: str = "make",
+                 kubectl: str = "kubectl", root: Path | None = None,
                  run: Callable[[list[str]], subprocess.CompletedProcess] | None = None):
         self.name, self.namespace, self.env, self.rev = name, namespace, env, rev
-        self.kubectl, self.make = kubectl, make
-        self.run = run or (lambda cmd: subprocess.run(cmd, check=True, capture_output=True, text=True))
-
-    def commands(self) -> dict[str, list[str]]:
-        return {
-            "status": [self.kubectl, "get", "rayservice", self.name, "-n", self.namespace, "-o", "json"],
-            "deploy": [self.make, "deploy-service", "TARGET=k8s", f"ENV={self.env}"],
-            "rollback": [self.make, "rollback", "TARGET=k8s", f"ENV={self.env}", f"REV={self.rev}"],
-        }
+        self.kubectl = kubectl
+        self.root = Path(root) if root else Path.cwd()
+        self.run = run or kuberay.run_command
 
     def status(self) -> PlatformStatus:
-        data = json.loads(self.run(self.commands()["status"]).stdout)
+        cmd = [self.kubectl, "get", "rayservice", self.name, "-n", self.namespace, "-o", "json"]
+        data = json.loads(self.run(cmd).stdout)
         status = data.get("status") or {}
         active = status.get("activeServiceStatus") or {}
         pending = status.get("pendingServiceStatus") or {}
@@ -187,10 +185,10 @@ class KubeRayPlatform:
     def deploy(self, percent: int) -> None:
         # The operator moves traffic itself; the new spec is applied once, when no upgrade runs.
         if self.status().canary is None:
-            self.run(self.commands()["deploy"])
+            kuberay.apply_service(self.root, self.env, kubectl=self.kubectl, run=self.run)
 
     def rollback(self) -> None:
-        self.run(self.commands()["rollback"])
+        kuberay.rollback_service(self.root, self.env, self.rev, kubectl=self.kubectl, run=self.run)
 
     def finish(self) -> None:
         """Nothing to do: the operator completes the upgrade at 100%."""
@@ -227,7 +225,7 @@ def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~
         if platform == "anyscale":
             platform_impl = AnyscalePlatform(config.root / "services" / "llm.yaml", name)
         elif platform == "k8s":
-            platform_impl = KubeRayPlatform(name=deploy.name, namespace=name, env=env, rev=rev)
+            platform_impl = KubeRayPlatform(name=deploy.name, namespace=name, env=env, rev=rev, root=config.root)
         else:
             raise ConfigError(f"unknown platform {platform!r} (anyscale or k8s)")
     url = prometheus_url or config.canary.prometheus_url

@@ -176,14 +176,18 @@ def test_anyscale_engine_canary_with_errors_is_rolled_back_through_the_sdk(tmp_p
 
 
 class FakeKube:
-    """Records commands; the RayService status follows them (the operator steps 10%/window)."""
+    """Records kubectl commands (git runs for real); the RayService status follows them (the
+    operator steps 10%/window). ``applied`` keeps each applied overlay's kustomization.yaml."""
 
     def __init__(self):
         self.commands: list[list[str]] = []
         self.pending: str | None = None
         self.percent = 0
+        self.applied: list[str] = []
 
     def run(self, cmd):
+        if cmd[0] == "git":
+            return subprocess.run(cmd, check=True, capture_output=True, text=True)
         self.commands.append(cmd)
         if cmd[:2] == ["kubectl", "get"]:
             active = {"rayClusterName": "e2e-llm-aaaaa", "trafficRoutedPercent": 100 - self.percent}
@@ -191,24 +195,46 @@ class FakeKube:
             if self.pending:
                 status["pendingServiceStatus"] = {"rayClusterName": self.pending, "trafficRoutedPercent": self.percent}
             return subprocess.CompletedProcess(cmd, 0, json.dumps({"status": status}), "")
-        if cmd[1] == "deploy-service":
-            self.pending, self.percent = "e2e-llm-bbbbb", 10
-        elif cmd[1] == "rollback":
-            self.pending, self.percent = None, 0
+        if cmd[1] == "apply":
+            overlay = Path(cmd[cmd.index("-k") + 1])
+            self.applied.append((overlay / "kustomization.yaml").read_text())
+            if "serve)" in cmd[-1] and "shared" not in cmd[-1]:  # the rollback applies only the serve component
+                self.pending, self.percent = None, 0
+            else:
+                self.pending, self.percent = "e2e-llm-bbbbb", 10
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
 
-def test_kuberay_canary_applies_once_and_rolls_back_with_make_rollback(tmp_path, policy):
+def applies(kube: FakeKube) -> list[list[str]]:
+    return [c for c in kube.commands if c[1] == "apply"]
+
+
+def test_kuberay_canary_applies_once_and_rolls_back_to_the_previous_revision(tmp_path, policy):
     kube = FakeKube()
-    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, env="prod", rev="abc123", run=kube.run)
+    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, env="prod", rev="HEAD", root=ROOT, run=kube.run)
     clock = Clock()
     traffic = Traffic(platform, clock, canary_errors=0.5)
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
     assert outcome.result == "rolled_back"
-    changes = [c for c in kube.commands if c[0] == "make"]
-    assert changes == [["make", "deploy-service", "TARGET=k8s", "ENV=prod"],
-                       ["make", "rollback", "TARGET=k8s", "ENV=prod", "REV=abc123"]]
+    deploy, rollback = applies(kube)
+    label = "app.kubernetes.io/component in"
+    assert deploy == ["kubectl", "apply", "--server-side", "-k", str(ROOT / "k8s/overlays/prod"), "-l",
+                      f"{label} (shared,serve,monitoring)"]
+    assert rollback[:4] == ["kubectl", "apply", "--server-side", "-k"] and rollback[-2:] == ["-l", f"{label} (serve)"]
+    # the rollback applied the manifests committed at REV, extracted from git (not the working tree)
+    committed = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:k8s/overlays/prod/kustomization.yaml"],
+                               capture_output=True, text=True, check=True).stdout
+    assert rollback[4].endswith("k8s/overlays/prod") and kube.applied[1] == committed
     assert ["kubectl", "get", "rayservice", "e2e-llm", "-n", SERVICE, "-o", "json"] in kube.commands
+
+
+def test_a_rollback_to_an_unknown_revision_fails_before_applying_anything(tmp_path):
+    from e2e_llm.kuberay import rollback_service
+
+    kube = FakeKube()
+    with pytest.raises(subprocess.CalledProcessError):
+        rollback_service(ROOT, "prod", "no-such-revision-xyz", run=kube.run)
+    assert applies(kube) == []
 
 
 def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
@@ -225,19 +251,7 @@ def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
     traffic.samples = operator_steps
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
     assert outcome.result == "promoted"
-    assert [c for c in kube.commands if c[0] == "make"] == [["make", "deploy-service", "TARGET=k8s", "ENV=prod"]]
-
-
-def test_make_rollback_for_k8s_reapplies_the_previous_revision():
-    """The command the gate runs on failure: what `make rollback TARGET=k8s` executes."""
-    result = subprocess.run(["make", "-n", "rollback", "TARGET=k8s", "ENV=prod", "REV=abc123"], cwd=ROOT,
-                            capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert "git archive abc123 k8s" in result.stdout
-    assert "apply --server-side -k .cache/rollback/k8s/overlays/prod" in result.stdout
-    anyscale = subprocess.run(["make", "-n", "rollback", "TARGET=anyscale", "ENV=prod"], cwd=ROOT,
-                              capture_output=True, text=True, check=False)
-    assert f"service rollback -n {SERVICE}" in anyscale.stdout
+    assert [c[-1] for c in applies(kube)] == ["app.kubernetes.io/component in (shared,serve,monitoring)"]
 
 
 def test_rendered_rayservice_upgrades_incrementally_and_pods_carry_the_gate_label():
