@@ -4,7 +4,7 @@
 LLaMA-Factory 0.9.5's own ``USE_RAY=1`` path starts plain ``ray.remote`` workers, which
 loses Ray Train's checkpoint storage and retries. Here a Ray Train ``TorchTrainer`` forms the
 torch process group (gloo on CPU, NCCL on GPU) and each worker runs LLaMA-Factory's
-training function inside it; a Trainer callback reports every HF checkpoint to Ray Train
+``run_exp`` inside it (``e2e_llm.compat.llamafactory``); a Trainer callback reports every HF checkpoint to Ray Train
 with ``ray.train.report``. Ray Train therefore persists checkpoints to the profile's
 storage, restarts a failed worker group from the latest one (``FailureConfig``), and a rerun
 with the same run id resumes from it.
