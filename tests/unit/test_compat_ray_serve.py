@@ -88,8 +88,9 @@ class FakeEngine:
 
 
 def fake_server(cls, interval_ms: float = 200.0):
-    """An LLMServer of ``cls`` without a vLLM engine: Ray's chat() path runs unchanged."""
-    server = object.__new__(cls)
+    """An LLMServer of ``cls`` without a vLLM engine: Ray's chat() path runs unchanged (only
+    LLMServer's async ``__del__``, which shuts an engine down, is left out)."""
+    server = object.__new__(type(cls.__name__, (cls,), {"__del__": lambda self: None}))
     server._llm_config = SimpleNamespace(lora_config=object(),
                                          experimental_configs={"stream_batching_interval_ms": interval_ms})
     server.engine = FakeEngine()
