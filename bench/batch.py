@@ -66,7 +66,7 @@ def load(args):
     if args.dtype:
         config.batch.dtype = args.dtype
     task = config.task_schema()
-    model_path = resolve_model_path(config.model)
+    model_path = resolve_model_path(config.model, root=config.root)
     adapter = resolve_adapter(config, args.adapter, model_path)
     rows = read_jsonl(config.storage_uri("data", config.data.dataset, f"{args.split}.jsonl"))
     if len(rows) < args.rows:
@@ -158,7 +158,8 @@ def timed_generate(llm, prompts, params, lora_request=None, warmup: int = 8):
 def bench_engines(args) -> list[dict]:
     from vllm.lora.request import LoRARequest
 
-    from e2e_llm.batch import lora_rank_for_vllm, merged_model_dir
+    from e2e_llm.adapters import vllm_max_lora_rank
+    from e2e_llm.batch import merged_model_dir
 
     config, task, model_path, adapter, rows = load(args)
     if adapter is None:
@@ -176,7 +177,7 @@ def bench_engines(args) -> list[dict]:
     nocache_texts, nocache_s, nocache_tok = timed_generate(llm, prompts, structured_p)
     free(llm)
     llm = make_llm(config, model_path, enable_prefix_caching=True, enable_lora=True,
-                   max_lora_rank=lora_rank_for_vllm(adapter.rank), max_loras=1)
+                   max_lora_rank=vllm_max_lora_rank(adapter.rank), max_loras=1)
     lora_texts, lora_s, lora_tok = timed_generate(llm, prompts, structured_p,
                                                   LoRARequest("adapter", 1, str(adapter.path)))
     free(llm)

@@ -19,6 +19,18 @@ from typing import Any
 
 import httpx
 
+# vLLM's scheduler gauges as Ray exports them (log_engine_metrics): requests in the engine.
+ENGINE_QUEUE_METRICS = ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting")
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5) -> None:
+    """Poll ``condition()`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} (waited {timeout:.0f} s)")
+        time.sleep(interval)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -53,6 +65,32 @@ class ServeApp:
         from openai import OpenAI
 
         return OpenAI(base_url=self.openai_base_url, api_key=self.api_key, max_retries=0, **kw)
+
+    def engine_queue(self) -> float | None:
+        """Requests in the engine (running + waiting) from Ray's metrics endpoint; None until
+        the engine's gauges are first exported."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.metrics_url, timeout=10).text
+        values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                  if sample.name in ENGINE_QUEUE_METRICS]
+        return sum(values) if values else None
+
+    def wait_engine_queue(self, at_most: float, timeout: float = 180.0, export_s: float = 11.0) -> None:
+        """Block until the engine holds at most ``at_most`` requests on two reads ``export_s``
+        apart (Ray exports gauges about every 10 s: one read may predate the last change)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            first = self.engine_queue()
+            if first is not None and first <= at_most:
+                time.sleep(export_s)
+                second = self.engine_queue()
+                if second is not None and second <= at_most:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine still holds {self.engine_queue()} requests (want <= {at_most}) "
+                                   f"after {timeout:.0f} s")
+            time.sleep(1.0)
 
     def wait_alias(self, alias: str, revision: int, timeout: float = 30.0) -> dict[str, Any]:
         """Block until the app routes ``alias`` by the record with ``revision`` (or newer)."""

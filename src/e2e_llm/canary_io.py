@@ -129,6 +129,19 @@ def _le(value: str) -> float:
     return math.inf if value in ("+Inf", "Inf", "inf") else float(value)
 
 
+def add_sample(stats: VersionStats, name: str, labels: dict[str, str], value: float,
+               count_client_errors: bool = True) -> None:
+    """Fold one sample of the ingress metrics into ``stats``: requests (and errors, by status),
+    or a latency bucket (``le``, ``+Inf`` included). Both SLO gates aggregate with it."""
+    if name == REQUESTS:
+        stats.requests += value
+        if is_error(labels.get("status", ""), count_client_errors):
+            stats.errors += value
+    elif name == LATENCY_BUCKET:
+        le = _le(labels["le"])
+        stats.buckets[le] = stats.buckets.get(le, 0.0) + value
+
+
 def stats_from_samples(samples: Sequence[tuple[str, dict[str, str], float]], alias: str | None,
                        count_client_errors: bool = True) -> dict[str, VersionStats]:
     """Per-version cumulative counters from Prometheus samples ``(name, labels, value)``.
@@ -141,14 +154,7 @@ def stats_from_samples(samples: Sequence[tuple[str, dict[str, str], float]], ali
         version = labels.get("version", "")
         if not version or (alias is not None and labels.get("alias") != alias):
             continue
-        stats = out.setdefault(version, VersionStats())
-        if name == REQUESTS:
-            stats.requests += value
-            if is_error(labels.get("status", ""), count_client_errors):
-                stats.errors += value
-        elif name == LATENCY_BUCKET:
-            le = _le(labels["le"])
-            stats.buckets[le] = stats.buckets.get(le, 0.0) + value
+        add_sample(out.setdefault(version, VersionStats()), name, labels, value, count_client_errors)
     return out
 
 
@@ -289,9 +295,7 @@ def resolve_candidate(config, store, ref: str) -> tuple[str, bool]:
     trained adapter (folder, run id, ``latest``) published on first use (a rerun with the same
     folder or run finds the version published before); bare ``latest`` with no training runs is
     the newest published version."""
-    from pathlib import Path
-
-    from e2e_llm.serve import max_lora_rank, recipe_lora_rank
+    from e2e_llm.publish import publish_once
     from e2e_llm.store import StoreError, find_training_adapter
 
     name = config.data.dataset
@@ -308,10 +312,4 @@ def resolve_candidate(config, store, ref: str) -> tuple[str, bool]:
         if ref == "latest":
             return store.latest(name), False
         raise
-    source = str(adapter_dir) if "://" in str(adapter_dir) else str(Path(adapter_dir).resolve())
-    for row in reversed(store.versions(name)):
-        if (manifest.get("run_id") and row.get("run_id") == manifest["run_id"]) or row.get("source") == source:
-            return row["id"], False
-    adapter_id = store.publish(adapter_dir, name=name, manifest=manifest,
-                               max_rank=max_lora_rank(recipe_lora_rank(config)))
-    return adapter_id, True
+    return publish_once(config, store, adapter_dir, manifest, name)

@@ -16,11 +16,14 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from e2e_llm.task import TaskSchema
+
 T = TypeVar("T", bound=BaseModel)
 
 SUPPORTED_STORAGE_SCHEMES = ("", "file", "s3", "gs")
 PROJECT_ROOT_ENV = "E2E_LLM_ROOT"
-# Overrides storage.root of any profile: isolates test and CI runs from a user's artifacts.
+# Replaces the storage of any profile, the adapter store included (see storage_root_override):
+# isolates test and CI runs from a user's artifacts.
 STORAGE_ROOT_ENV = "E2E_LLM_STORAGE_ROOT"
 
 
@@ -275,8 +278,10 @@ class PipelineConfig(RootedFile):
         return str(base.joinpath(*parts))
 
     def storage_kw(self) -> dict[str, Any]:
-        """Keyword arguments for e2e_llm.storage calls on this profile's storage."""
-        if "://" in self.storage.root and not self.storage.root.startswith("file://"):
+        """Keyword arguments for e2e_llm.storage calls on this profile's storage (every stage's)."""
+        from e2e_llm.storage import is_remote
+
+        if is_remote(self.storage.root):
             return {"endpoint_url": self.storage.endpoint_url, "region": self.storage.region}
         return {}
 
@@ -284,10 +289,9 @@ class PipelineConfig(RootedFile):
         """The adapter store: ``storage.adapters`` or ``<storage root>/adapters``."""
         return self.storage.adapters.rstrip("/") if self.storage.adapters else self.storage_uri("adapters")
 
-    def task_schema(self):
-        from e2e_llm.task import load_task
-
-        return load_task(self.path(self.data.task))
+    def task_schema(self) -> TaskSchema:
+        """The task schema ``data.task`` names (task.py is a leaf module: it imports nothing of ours)."""
+        return load_yaml_model(TaskSchema, self.path(self.data.task))
 
 
 def project_root() -> Path:
@@ -306,6 +310,24 @@ def profile_path(profile: str, root: Path | None = None) -> Path:
     return (root or project_root()) / "configs" / "profiles" / f"{profile}.yaml"
 
 
+def storage_root_override(storage: StorageConfig, root: str, source: Path | str = "") -> StorageConfig:
+    """``storage`` with ``root`` from ``$E2E_LLM_STORAGE_ROOT``. Everything the profile stores moves
+    there, the adapter store too (``storage.adapters`` is dropped: ``<root>/adapters``), so an
+    isolated run never publishes into the profile's real store; a warning names the store it
+    replaces. Endpoint and region stay the profile's."""
+    import warnings
+
+    try:
+        replaced = StorageConfig(root=root, endpoint_url=storage.endpoint_url, region=storage.region)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"${STORAGE_ROOT_ENV}").replace(
+            "root:", "storage.root:")) from None
+    if storage.adapters:
+        warnings.warn(f"${STORAGE_ROOT_ENV}={root} replaces storage.adapters ({storage.adapters}) of {source}: "
+                      f"the adapter store is {root.rstrip('/')}/adapters", UserWarning, stacklevel=3)
+    return replaced
+
+
 def load_profile(profile: str, root: Path | None = None) -> PipelineConfig:
     """Load a profile by name (``local``) or path; relative paths resolve against the root."""
     path = profile_path(profile, root)
@@ -314,12 +336,7 @@ def load_profile(profile: str, root: Path | None = None) -> PipelineConfig:
         raise ConfigError(f"{path}: no such profile (available: {', '.join(available) or 'none'})")
     config = load_yaml_model(PipelineConfig, path)
     if override := os.environ.get(STORAGE_ROOT_ENV):
-        try:
-            config.storage = StorageConfig(root=override, endpoint_url=config.storage.endpoint_url,
-                                           region=config.storage.region)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, f"${STORAGE_ROOT_ENV}").replace(
-                "root:", "storage.root:")) from None
+        config.storage = storage_root_override(config.storage, override, path)
     config._root = root or (path.parent.parent.parent if path.parent.name == "profiles" else project_root())
     config._source = path
     return config

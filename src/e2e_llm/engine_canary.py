@@ -7,7 +7,8 @@ platform's own mechanism while our SLO gate watches it and rolls back on failure
 - KubeRay: the RayService's ``NewClusterWithIncrementalUpgrade`` strategy moves traffic on
   the operator's own timer (``stepSizePercent`` every ``intervalSeconds``), so applying the new
   spec starts it and nothing can set the percentage; the gate watches each window and a failure
-  runs ``make rollback TARGET=k8s`` (re-apply the previous revision's manifests).
+  re-applies the previous revision's manifests (:func:`e2e_llm.kuberay.rollback_service`, what
+  ``make rollback TARGET=k8s`` does).
 
 The state machine, rollout log, resume and decision table are the adapter canary's
 (:class:`e2e_llm.canary.Controller`): the platform stands behind its :class:`Router` with the
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from e2e_llm import kuberay
 from e2e_llm.canary import AliasState, VersionStats
-from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, is_error
+from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, add_sample
 from e2e_llm.rollout_wait import Check, anyscale_rollout, rayservice_upgrade, wait_until
 
 PRIMARY, CANARY = "primary", "canary"
@@ -91,14 +93,7 @@ class GroupedMetrics:
             group = names.get(labels.get(self.platform.group_label))
             if group is None:
                 continue
-            stats = out.setdefault(group, VersionStats())
-            if name == REQUESTS:
-                stats.requests += value
-                if is_error(labels.get("status", ""), self.count_client_errors):
-                    stats.errors += value
-            elif name == LATENCY_BUCKET:
-                le = float("inf") if labels["le"] in ("+Inf", "Inf") else float(labels["le"])
-                stats.buckets[le] = stats.buckets.get(le, 0.0) + value
+            add_sample(out.setdefault(group, VersionStats()), name, labels, value, self.count_client_errors)
         return out
 
 
@@ -174,27 +169,26 @@ class AnyscalePlatform:
 
 
 class KubeRayPlatform:
-    """A RayService incremental upgrade. ``run`` executes a command list (subprocess.run in
-    real use; a recorder in tests)."""
+    """A RayService incremental upgrade of the manifests under ``root`` (the project root).
+    ``run`` executes a command list (:func:`e2e_llm.kuberay.run_command` in real use; a recorder
+    in tests)."""
 
     group_label = "ray_io_cluster"
 
     def __init__(self, *, name: str, namespace: str, env: str = "prod", rev: str = "HEAD~1",
-                 kubectl: str = "kubectl", make: str = "make",
+                 kubectl: str = "kubectl", root: Path | None = None,
                  run: Callable[[list[str]], subprocess.CompletedProcess] | None = None,
                  image: str | None = None, wait: Callable[[Callable[[], Check]], Check] | None = None):
         self.name, self.namespace, self.env, self.rev = name, namespace, env, rev
-        self.kubectl, self.make = kubectl, make
-        self.run = run or (lambda cmd: subprocess.run(cmd, check=True, capture_output=True, text=True))
+        self.kubectl = kubectl
+        self.root = Path(root) if root else Path.cwd()
+        self.run = run or kuberay.run_command
         self.image = image  # the image the applied spec names: the upgrade ends on it
         self.wait = wait or (lambda check: wait_until(check, timeout_s=DEFAULT_WAIT_S, poll_s=15.0))
 
-    def commands(self) -> dict[str, list[str]]:
-        return {
-            "status": [self.kubectl, "get", "rayservice", self.name, "-n", self.namespace, "-o", "json"],
-            "deploy": [self.make, "deploy-service", "TARGET=k8s", f"DEPLOY_ENV={self.env}"],
-            "rollback": [self.make, "rollback", "TARGET=k8s", f"DEPLOY_ENV={self.env}", f"REV={self.rev}"],
-        }
+    def _status_object(self) -> dict[str, Any]:
+        cmd = [self.kubectl, "get", "rayservice", self.name, "-n", self.namespace, "-o", "json"]
+        return json.loads(self.run(cmd).stdout)
 
     def cluster_image(self, cluster: str) -> str | None:
         result = self.run([self.kubectl, "get", "raycluster", cluster, "-n", self.namespace, "-o", "json"])
@@ -203,11 +197,12 @@ class KubeRayPlatform:
 
     def upgrade(self) -> Check:
         """Where the upgrade stands (see :func:`e2e_llm.rollout_wait.rayservice_upgrade`)."""
-        data = json.loads(self.run(self.commands()["status"]).stdout)
+        data = self._status_object()
         return rayservice_upgrade(data, self.cluster_image, self.image)
 
     def status(self) -> PlatformStatus:
-        data = json.loads(self.run(self.commands()["status"]).stdout)
+        cmd = [self.kubectl, "get", "rayservice", self.name, "-n", self.namespace, "-o", "json"]
+        data = json.loads(self.run(cmd).stdout)
         status = data.get("status") or {}
         active = status.get("activeServiceStatus") or {}
         pending = status.get("pendingServiceStatus") or {}
@@ -217,10 +212,10 @@ class KubeRayPlatform:
     def deploy(self, percent: int) -> None:
         # The operator moves traffic itself; the new spec is applied once, when no upgrade runs.
         if self.status().canary is None:
-            self.run(self.commands()["deploy"])
+            kuberay.apply_service(self.root, self.env, kubectl=self.kubectl, run=self.run)
 
     def rollback(self) -> None:
-        self.run(self.commands()["rollback"])
+        kuberay.rollback_service(self.root, self.env, self.rev, kubectl=self.kubectl, run=self.run)
 
     def finish(self) -> None:
         """The operator completes the upgrade at 100%: wait for its real end on the new spec."""
@@ -258,7 +253,7 @@ def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~
         if platform == "anyscale":
             platform_impl = AnyscalePlatform(config.root / "services" / "llm.yaml", name)
         elif platform == "k8s":
-            platform_impl = KubeRayPlatform(name=deploy.name, namespace=name, env=env, rev=rev,
+            platform_impl = KubeRayPlatform(name=deploy.name, namespace=name, env=env, rev=rev, root=config.root,
                                             image=deploy.image_ref("serve"))
         else:
             raise ConfigError(f"unknown platform {platform!r} (anyscale or k8s)")

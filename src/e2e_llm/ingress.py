@@ -33,22 +33,12 @@ import time
 from typing import Any
 
 from fastapi import Request, status
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    OpenAIHTTPException,
-)
-from ray.llm._internal.serve.core.ingress.ingress import (
-    DEFAULT_ENDPOINTS,
-    OpenAiIngress,
-    init,
-    make_fastapi_ingress,
-)
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from ray.util import metrics
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from e2e_llm.compat.ray_serve import DEFAULT_ENDPOINTS, ModelCard, ModelList, OpenAIHTTPException, fastapi_app
 from e2e_llm.store import AdapterStore, Alias
 
 logger = logging.getLogger("ray.serve")
@@ -291,7 +281,7 @@ class E2EIngress(OpenAiIngress):
 
 def make_ingress(*, auth_enabled: bool, api_key_env: str):
     """The ingress class with its FastAPI app (auth middleware outermost when enabled)."""
-    app = init()
+    app = fastapi_app()
     if auth_enabled:
         app.add_middleware(ApiKeyMiddleware, api_key_env=api_key_env)
     endpoints = {**DEFAULT_ENDPOINTS, "aliases": lambda a: a.get("/v1/aliases")}

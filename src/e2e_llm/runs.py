@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e_llm import storage
+from e2e_llm.adapters import AdapterError, missing_adapter_files, require_adapter_files
 from e2e_llm.config import PipelineConfig
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class AdapterNotFound(LookupError):
@@ -43,10 +42,10 @@ def latest_manifest(config: PipelineConfig) -> dict[str, Any]:
 
 
 def check_adapter_dir(path: Path) -> Path:
-    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
-    if missing:
-        raise AdapterNotFound(f"{path}: not an adapter directory (missing {', '.join(missing)})")
-    return path
+    try:
+        return require_adapter_files(path)
+    except AdapterError as exc:
+        raise AdapterNotFound(str(exc)) from None
 
 
 def _local_copy(config: PipelineConfig, uri: str, key: str) -> Path:
@@ -55,7 +54,7 @@ def _local_copy(config: PipelineConfig, uri: str, key: str) -> Path:
     from e2e_llm.model import default_cache_dir
 
     local = default_cache_dir() / "adapters" / key
-    if not all((local / f).is_file() for f in ADAPTER_FILES):
+    if missing_adapter_files(local):
         storage.download_dir(uri, local, **config.storage_kw())
     return check_adapter_dir(local)
 

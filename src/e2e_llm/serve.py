@@ -19,17 +19,16 @@ Usage:
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
+from e2e_llm.adapters import vllm_max_lora_rank
 from e2e_llm.config import PipelineConfig
+from e2e_llm.model import model_location
+from e2e_llm.storage import ENDPOINT_ENV, s3_endpoint
 
-# vLLM accepts only these LoRA ranks for max_lora_rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Environment passed to the engine replicas on a CPU-only profile (see ENVIRONMENT-NOTES.md).
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_WAIT_POLICY": "PASSIVE"}
-ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 class ServeError(RuntimeError):
@@ -44,26 +43,10 @@ def recipe_lora_rank(config: PipelineConfig) -> int:
     return int(recipe.get("lora_rank", 8))
 
 
-def max_lora_rank(rank: int) -> int:
-    """The smallest rank vLLM accepts for ``max_lora_rank`` that fits ``rank``."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise ServeError(f"LoRA rank {rank} is larger than vLLM's maximum {VLLM_LORA_RANKS[-1]}")
-
-
-def model_source(config: PipelineConfig) -> str:
-    """Where replicas load the base model from: a hub id, an object-store URI or a local dir."""
-    source = config.model.source
-    if source.startswith("pypi:"):
-        from e2e_llm.model import default_cache_dir
-
-        return str(default_cache_dir() / "models" / config.model.id)
-    if source.startswith("hf:"):
-        return source.removeprefix("hf:")
-    if "://" in source:
-        return source
-    return str(config.path(source))
+def serving_max_lora_rank(config: PipelineConfig) -> int:
+    """The replicas' ``max_lora_rank``: the training recipe's rank rounded up to one vLLM accepts.
+    Publishing refuses adapters above it."""
+    return vllm_max_lora_rank(recipe_lora_rank(config))
 
 
 def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
@@ -75,7 +58,7 @@ def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
         "dtype": config.model.dtype,
         "enable_lora": True,
         "max_loras": serve.max_num_adapters_per_replica,
-        "max_lora_rank": max_lora_rank(recipe_lora_rank(config)),
+        "max_lora_rank": serving_max_lora_rank(config),
     }
     if serve.num_gpus_per_replica > 1:
         kwargs["tensor_parallel_size"] = serve.num_gpus_per_replica
@@ -98,7 +81,8 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
         env.update(CPU_ENGINE_ENV)
 
     llm_config: dict[str, Any] = {
-        "model_loading_config": {"model_id": config.model.id, "model_source": model_source(config)},
+        "model_loading_config": {"model_id": config.model.id,
+                                 "model_source": model_location(config.model, root=config.root)},
         "engine_kwargs": engine_kwargs(config),
         "lora_config": {
             "dynamic_lora_loading_path": store_uri,
@@ -146,7 +130,7 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
 def _with_runtime_endpoint(args: dict[str, Any]) -> dict[str, Any]:
     """Let AWS_ENDPOINT_URL(_S3) of the process building the app (tests, a moto port chosen at
     run time) win over the profile's endpoint, for the replicas and the store alike."""
-    endpoint = next((os.environ[n] for n in ENDPOINT_ENV if os.environ.get(n)), None)
+    endpoint = s3_endpoint(None)
     if not endpoint:
         return args
     args = copy.deepcopy(args)
@@ -161,11 +145,9 @@ def build_app(args: dict[str, Any]):
     """The Ray Serve application for ``args`` (from :func:`app_args`): Ray Serve LLM's
     ``LLMServer`` deployments behind the e2e-llm OpenAI ingress."""
     from ray import serve
-    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
-    from ray.serve.llm import LLMConfig
+    from ray.serve.llm import LLMConfig, build_llm_deployment
 
+    from e2e_llm.compat.ray_serve import apply_deployment_defaults, to_model_metadata
     from e2e_llm.ingress import E2EIngress, make_ingress
 
     args = _with_runtime_endpoint(args)
@@ -180,7 +162,7 @@ def build_app(args: dict[str, Any]):
     deployments = {c.model_id: build_llm_deployment(c) for c in llm_configs}
     model_cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
     lora_paths = {c.model_id: c.lora_config.dynamic_lora_loading_path for c in llm_configs if c.lora_config}
-    options = maybe_apply_llm_deployment_config_defaults(
+    options = apply_deployment_defaults(
         E2EIngress.get_deployment_options(llm_configs), args.get("ingress_deployment_config") or {}
     )
     ingress_cls = make_ingress(auth_enabled=auth["enabled"], api_key_env=auth["api_key_env"])

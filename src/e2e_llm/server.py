@@ -10,45 +10,15 @@
   including the first, so a long interval (cheaper on a small CPU box, see bench/RESULTS.md)
   would delay the first token by up to that interval. The first chunks (role, first token)
   go out at once; grouping starts after them.
+
+Both override private ``LLMServer`` methods, so they live in :mod:`e2e_llm.compat.ray_serve`
+with their upstream references and the tests that catch a Ray upgrade changing them.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import defaultdict
-from collections.abc import AsyncGenerator
-
-from ray import serve
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
-from ray.llm._internal.serve.utils.batcher import Batcher
-
-# Chat streams open with a role-only chunk, then the first token.
-UNBATCHED_HEAD = 2
+from e2e_llm.compat.ray_serve import PatchedLLMServer
 
 
-class E2ELLMServer(LLMServer):
-    _lora_locks: defaultdict[str, asyncio.Lock] | None = None
-
-    async def _maybe_resolve_lora_from_multiplex(self) -> None:
-        model_id = serve.get_multiplexed_model_id()
-        if not model_id:
-            return await super()._maybe_resolve_lora_from_multiplex()
-        if self._lora_locks is None:
-            self._lora_locks = defaultdict(asyncio.Lock)
-        async with self._lora_locks[model_id]:
-            return await super()._maybe_resolve_lora_from_multiplex()
-
-    def _batch_output_stream(self, generator: AsyncGenerator) -> AsyncGenerator[list, None]:
-        interval_ms = self._get_batch_interval_ms()
-
-        async def stream():
-            iterator = generator.__aiter__()
-            for _ in range(UNBATCHED_HEAD):
-                try:
-                    yield [await iterator.__anext__()]
-                except StopAsyncIteration:
-                    return
-            async for batch in Batcher(iterator, interval_ms=interval_ms).stream():
-                yield batch
-
-        return stream()
+class E2ELLMServer(PatchedLLMServer):
+    """The ``server_cls`` the rendered service configs name (``e2e_llm.server:E2ELLMServer``)."""

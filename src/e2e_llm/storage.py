@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED = ("file", "s3", "gs")
+# Standard variables naming an S3-compatible endpoint, in the order boto3 reads them.
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 class StorageError(RuntimeError):
@@ -38,6 +40,14 @@ def is_remote(uri: str) -> bool:
     return split_uri(uri)[0] != "file"
 
 
+def s3_endpoint(profile_endpoint: str | None = None, environ: Any = None) -> str | None:
+    """The S3 endpoint to use: ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``, else the
+    profile's ``storage.endpoint_url``. The environment wins: tests and local servers pick their
+    own port at run time. None: the provider's default."""
+    environ = os.environ if environ is None else environ
+    return next((environ[name] for name in ENDPOINT_ENV if environ.get(name)), None) or profile_endpoint
+
+
 def filesystem(uri: str, endpoint_url: str | None = None, region: str | None = None) -> tuple[Any, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it."""
     from pyarrow import fs
@@ -46,8 +56,7 @@ def filesystem(uri: str, endpoint_url: str | None = None, region: str | None = N
     if scheme == "file":
         return fs.LocalFileSystem(), path
     if scheme == "s3":
-        # The environment wins over the profile: tests and local servers pick their own port.
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or endpoint_url
+        endpoint = s3_endpoint(endpoint_url)
         kwargs: dict[str, Any] = {"region": region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
         if endpoint:
             scheme_part, _, host = endpoint.partition("://")

@@ -39,14 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from e2e_llm import cas, storage
+from e2e_llm.adapters import AdapterError, require_adapter_files
 from e2e_llm.config import PipelineConfig
 
 INDEX = "index.json"
 ALIASES = "aliases.json"
 MANIFEST = "manifest.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 MAX_CLAIMS = 100  # version numbers tried by one publish before giving up
 
 
@@ -87,12 +86,6 @@ def _check_name(kind: str, value: str) -> str:
     return value
 
 
-def runtime_endpoint(config_endpoint: str | None = None) -> str | None:
-    """S3 endpoint: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL when set (tests, a local server on a
-    chosen port), else the profile's ``storage.endpoint_url``."""
-    return next((os.environ[n] for n in ENDPOINT_ENV if os.environ.get(n)), None) or config_endpoint
-
-
 def _dumps(value: Any) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode()
 
@@ -106,7 +99,7 @@ class AdapterStore:
         self.uri = uri.rstrip("/")
         self._kw: dict[str, Any] = {}
         if storage.is_remote(self.uri):
-            self._kw = {"endpoint_url": runtime_endpoint(endpoint_url), "region": region}
+            self._kw = {"endpoint_url": storage.s3_endpoint(endpoint_url), "region": region}
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> AdapterStore:
@@ -221,9 +214,10 @@ class AdapterStore:
                 return self.publish(local, name=name, version=version, alias=alias,
                                     manifest={**(manifest or {}), "adapter_uri": str(adapter_dir)}, max_rank=max_rank)
         adapter_dir = Path(adapter_dir)
-        missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
-        if missing:
-            raise StoreError(f"{adapter_dir}: not a LoRA adapter folder (missing {', '.join(missing)})")
+        try:
+            require_adapter_files(adapter_dir)
+        except AdapterError as exc:
+            raise StoreError(str(exc)) from None
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
         rank = int(adapter_config.get("r", 0))
         if max_rank is not None and rank > max_rank:

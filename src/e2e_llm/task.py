@@ -13,7 +13,6 @@ from __future__ import annotations
 import builtins
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -232,9 +231,3 @@ def parse_mr(text: str, list_attributes: set[str] | frozenset[str] = frozenset()
             if pos == len(body):
                 raise MRError("trailing ', ' after the last attribute")
     return MeaningRepresentation(function, slots)
-
-
-def load_task(path: str | Path) -> TaskSchema:
-    from e2e_llm.config import load_yaml_model
-
-    return load_yaml_model(TaskSchema, path)

@@ -4,7 +4,7 @@
 LLaMA-Factory 0.9.5's own ``USE_RAY=1`` path starts plain ``ray.remote`` workers, which
 loses Ray Train's checkpoint storage and retries. Here a Ray Train ``TorchTrainer`` forms the
 torch process group (gloo on CPU, NCCL on GPU) and each worker runs LLaMA-Factory's
-training function inside it; a Trainer callback reports every HF checkpoint to Ray Train
+``run_exp`` inside it (``e2e_llm.compat.llamafactory``); a Trainer callback reports every HF checkpoint to Ray Train
 with ``ray.train.report``. Ray Train therefore persists checkpoints to the profile's
 storage, restarts a failed worker group from the latest one (``FailureConfig``), and a rerun
 with the same run id resumes from it.
@@ -31,19 +31,10 @@ from typing import Any
 import yaml
 
 from e2e_llm import storage
+from e2e_llm.adapters import missing_adapter_files
+from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 
-# Keys our layer owns: they depend on where the job runs, not on the recipe.
-DEPLOYMENT_KEYS = (
-    "model_name_or_path",
-    "dataset_dir",
-    "dataset",
-    "eval_dataset",
-    "output_dir",
-    "logging_dir",
-    "resume_from_checkpoint",
-    "overwrite_output_dir",
-)
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
             "ray_storage_path", "resources_per_worker", "placement_strategy")
@@ -59,9 +50,9 @@ class TrainError(RuntimeError):
 
 
 def llamafactory_keys() -> set[str]:
-    from llamafactory.hparams.parser import _TRAIN_ARGS
+    from e2e_llm.compat.llamafactory import recipe_keys
 
-    return {f.name for cls in _TRAIN_ARGS for f in dataclasses.fields(cls)}
+    return recipe_keys()
 
 
 def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -131,7 +122,7 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
         raise TrainError(f"{config.source_file}: resources_per_worker.GPU > 0 needs train.use_gpu: true")
     storage.split_uri(config.storage.root)  # unsupported schemes fail here
     try:
-        model_path = resolve_model_path(config.model)
+        model_path = resolve_model_path(config.model, root=config.root)
     except ModelError as exc:
         raise TrainError(str(exc)) from None
 
@@ -263,15 +254,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     _append_event(work_dir, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
                   resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
 
-    from llamafactory.train.tuner import _training_function
+    from e2e_llm.compat.llamafactory import run_training
 
-    _training_function({"args": args, "callbacks": [_make_report_callback(work_dir, rank, world_size)]})
+    run_training(args, [_make_report_callback(work_dir, rank, world_size)])
 
     if rank == 0:
         output = Path(args["output_dir"])
         run_uri = cfg["run_uri"]
-        adapter_files = ["adapter_config.json", "adapter_model.safetensors"]
-        missing = [f for f in adapter_files if not (output / f).is_file()]
+        missing = missing_adapter_files(output)
         if missing:
             raise TrainError(f"training finished without {missing} in {output}")
         staging = work_dir / "publish"
@@ -327,6 +317,7 @@ def worker_env(config: PipelineConfig) -> dict[str, str]:
            if k in os.environ}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("DISABLE_VERSION_CHECK", "1")  # LLaMA-Factory pins; our lock file is the source of truth
+    env[USE_RAY_ENV] = "0"  # Ray Train runs the workers; LLaMA-Factory's own Ray launcher stays off
     if not config.train.use_gpu:
         # One OpenMP pool per worker sized to its CPU share; more threads only fight each other.
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(config.train.resources_per_worker.get("CPU", 1)))))

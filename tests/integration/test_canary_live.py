@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from serving import wait_until
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -148,7 +149,7 @@ def test_damaged_candidate_is_rolled_back_by_the_quality_gate_while_stable_keeps
     with SteadyClient(serve_app, alias, threads=1) as traffic:
         result = cli(canary_env, "canary", "--alias", alias, "--adapter", serve_app.adapters["damaged"])
         after = traffic.ok
-        time.sleep(3)
+        wait_until(lambda: traffic.ok > after, 60, "stable stopped answering the alias after the rollback")
     assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
     assert "ROLLED BACK" in result.stdout
     record = serve_app.store.aliases()[alias]
@@ -201,9 +202,9 @@ def test_controller_killed_mid_rollout_is_finished_by_a_rerun(serve_app, serve_a
         split = serve_app.store.aliases()[alias]
         assert (split.candidate, split.candidate_weight) == (candidate, 0.5)
         assert rollout(serve_app, alias)[-1]["event"] == "weight_set"
-        # The killed controller's probes are still queued in the engine; an operator reruns a bit
-        # later, once they drained (on 2 cores they would starve the next SLO window).
-        time.sleep(20)
+        # The killed controller's probes are still queued in the engine; an operator reruns once
+        # they drained (on 2 cores they would starve the next SLO window). Left: the steady traffic.
+        serve_app.wait_engine_queue(at_most=len(traffic.threads))
         result = cli(canary_env, "canary", "--alias", alias)  # no --adapter: resume from the log
     assert result.returncode == PROMOTED, result.stdout + result.stderr
     assert "resuming rollout" in result.stdout

@@ -169,6 +169,15 @@ def test_alias_traffic_follows_the_weights_in_the_store(serve_app, val_rows):
         serve_app.wait_alias(alias, restored.revision)
 
 
+def test_engine_queue_gauges_reach_rays_prometheus_endpoint(serve_app):
+    """What the canary tests wait on before a rerun (ServeApp.wait_engine_queue)."""
+    from serving import wait_until
+
+    wait_until(lambda: serve_app.engine_queue() is not None, 60,
+               f"no vLLM queue gauges at {serve_app.metrics_url}", interval=2)
+    assert serve_app.engine_queue() >= 0
+
+
 def test_per_version_metrics_reach_rays_prometheus_endpoint(serve_app, val_rows):
     import time
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from e2e_llm import batch, storage
-from e2e_llm.batch import LORA_MARKER, Adapter, adapter_sha256, lora_adapter_name, lora_source
+from e2e_llm import storage
+from e2e_llm.batch import LORA_MARKER, Adapter, adapter_sha256, lora_adapter_name, lora_source, upload
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_remote_storage_uploads_the_adapter_once_under_a_content_addressed_name(
     assert storage.read_bytes(storage.join(lora.source, "adapter_model.safetensors")) == b"\1" * 512
 
     # Second run (any driver): the marker is there, nothing is uploaded.
-    monkeypatch.setattr(batch, "upload_once", lambda *a, **k: pytest.fail("uploaded again"))
+    monkeypatch.setattr(upload, "upload_once", lambda *a, **k: pytest.fail("uploaded again"))
     again = lora_source(s3_config, adapter)
     assert (again.name, again.source, again.uploaded) == (name, lora.source, False)
 

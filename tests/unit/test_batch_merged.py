@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e_llm import batch, storage
-from e2e_llm.batch import MERGED_MARKER, Adapter, engine_env, merged_model_name, merged_model_source
+from e2e_llm import storage
+from e2e_llm.batch import MERGED_MARKER, Adapter, engine_env, merge, merged_model_name, merged_model_source, pipeline
 
 SHA = "ab" * 32
 
@@ -65,9 +65,9 @@ def test_remote_storage_uploads_the_merged_folder_once_marker_last(s3_config, ad
     assert storage.read_bytes(storage.join(key, "model.safetensors")) == b"\0" * 1024
 
     # Second run (any driver): the marker is there, so neither merge nor upload happens.
-    monkeypatch.setattr(batch, "merged_model_dir", _no_merge)
+    monkeypatch.setattr(merge, "merged_model_dir", _no_merge)
     uploads = []
-    monkeypatch.setattr(batch, "upload_merged", lambda *a, **k: uploads.append(a))
+    monkeypatch.setattr(merge, "upload_merged", lambda *a, **k: uploads.append(a))
     again = merged_model_source(s3_config, adapter, "/models/base", cache_dir=cache)
     assert (again.source, again.uploaded, again.local_dir) == (key, False, None)
     assert uploads == []
@@ -122,7 +122,7 @@ def test_processor_config_passes_the_endpoint_to_every_stage_for_a_remote_model(
 def test_driver_env_is_restored_after_building_the_processor(monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with batch._driver_env({"AWS_ENDPOINT_URL_S3": "http://x", "AWS_DEFAULT_REGION": "eu-west-1"}):
+    with pipeline._driver_env({"AWS_ENDPOINT_URL_S3": "http://x", "AWS_DEFAULT_REGION": "eu-west-1"}):
         assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://x"
         assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"  # already set: kept
     assert "AWS_ENDPOINT_URL_S3" not in os.environ and os.environ["AWS_DEFAULT_REGION"] == "us-east-1"

@@ -67,3 +67,38 @@ def test_relative_paths_resolve_against_project_root(project_root, tmp_path, mon
     config = load_profile("local", root=project_root)
     assert config.storage_uri("data") == str(project_root / ".e2e/local/data")
     assert config.path(config.data.task) == project_root / "configs/tasks/viggo.yaml"
+
+
+def test_storage_root_override_moves_the_adapter_store_too_and_says_so(project_root, tmp_path, monkeypatch):
+    """$E2E_LLM_STORAGE_ROOT isolates a run: nothing, published adapters included, lands in the
+    profile's own storage, and the replaced adapter store is named in a warning."""
+    import pytest
+
+    profile = load_profile("local", root=project_root)
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path / "isolated"))
+    with pytest.warns(UserWarning, match=r"replaces storage.adapters \(s3://e2e-llm-local/adapters\) of .*local.yaml: "
+                                         rf"the adapter store is {tmp_path}/isolated/adapters"):
+        config = load_profile("local", root=project_root)
+    assert config.storage.root == str(tmp_path / "isolated")
+    assert config.adapters_uri() == str(tmp_path / "isolated" / "adapters")
+    assert config.storage_uri("runs") == str(tmp_path / "isolated" / "runs")
+    assert config.storage.endpoint_url == profile.storage.endpoint_url  # endpoint and region stay
+
+
+def test_storage_root_override_without_an_adapter_store_is_silent(tmp_path, monkeypatch):
+    import warnings
+
+    from e2e_llm.config import StorageConfig, storage_root_override
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replaced = storage_root_override(StorageConfig(root="s3://b/root"), str(tmp_path))
+    assert replaced.root == str(tmp_path) and replaced.adapters is None
+
+
+def test_a_bad_storage_root_override_names_the_variable(project_root, monkeypatch):
+    from e2e_llm.config import ConfigError
+
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", "ftp://host/x")
+    with pytest.raises(ConfigError, match=r"\$E2E_LLM_STORAGE_ROOT: storage.root: .*unsupported storage scheme 'ftp'"):
+        load_profile("local", root=project_root)

@@ -183,15 +183,19 @@ def test_anyscale_engine_canary_with_errors_is_rolled_back_through_the_sdk(tmp_p
 
 
 class FakeKube:
-    """Records commands; the RayService status follows them (the operator steps 10%/window)."""
+    """Records kubectl commands (git runs for real); the RayService status follows them (the
+    operator steps 10%/window). ``applied`` keeps each applied overlay's kustomization.yaml."""
 
     def __init__(self):
         self.commands: list[list[str]] = []
         self.pending: str | None = None
         self.active = "e2e-llm-aaaaa"
         self.percent = 0
+        self.applied: list[str] = []
 
     def run(self, cmd):
+        if cmd[0] == "git":
+            return subprocess.run(cmd, check=True, capture_output=True, text=True)
         self.commands.append(cmd)
         if cmd[:2] == ["kubectl", "get"]:
             if self.pending and self.percent >= 100:  # the operator promotes the pending cluster
@@ -205,24 +209,46 @@ class FakeKube:
             if self.pending:
                 status["pendingServiceStatus"] = {"rayClusterName": self.pending, "trafficRoutedPercent": self.percent}
             return subprocess.CompletedProcess(cmd, 0, json.dumps({"status": status}), "")
-        if cmd[1] == "deploy-service":
-            self.pending, self.percent = "e2e-llm-bbbbb", 10
-        elif cmd[1] == "rollback":
-            self.pending, self.percent = None, 0
+        if cmd[1] == "apply":
+            overlay = Path(cmd[cmd.index("-k") + 1])
+            self.applied.append((overlay / "kustomization.yaml").read_text())
+            if "serve)" in cmd[-1] and "shared" not in cmd[-1]:  # the rollback applies only the serve component
+                self.pending, self.percent = None, 0
+            else:
+                self.pending, self.percent = "e2e-llm-bbbbb", 10
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
 
-def test_kuberay_canary_applies_once_and_rolls_back_with_make_rollback(tmp_path, policy):
+def applies(kube: FakeKube) -> list[list[str]]:
+    return [c for c in kube.commands if c[1] == "apply"]
+
+
+def test_kuberay_canary_applies_once_and_rolls_back_to_the_previous_revision(tmp_path, policy):
     kube = FakeKube()
-    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, env="prod", rev="abc123", run=kube.run)
+    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, env="prod", rev="HEAD", root=ROOT, run=kube.run)
     clock = Clock()
     traffic = Traffic(platform, clock, canary_errors=0.5)
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
     assert outcome.result == "rolled_back"
-    changes = [c for c in kube.commands if c[0] == "make"]
-    assert changes == [["make", "deploy-service", "TARGET=k8s", "DEPLOY_ENV=prod"],
-                       ["make", "rollback", "TARGET=k8s", "DEPLOY_ENV=prod", "REV=abc123"]]
+    deploy, rollback = applies(kube)
+    label = "app.kubernetes.io/component in"
+    assert deploy == ["kubectl", "apply", "--server-side", "-k", str(ROOT / "k8s/overlays/prod"), "-l",
+                      f"{label} (shared,serve,monitoring)"]
+    assert rollback[:4] == ["kubectl", "apply", "--server-side", "-k"] and rollback[-2:] == ["-l", f"{label} (serve)"]
+    # the rollback applied the manifests committed at REV, extracted from git (not the working tree)
+    committed = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:k8s/overlays/prod/kustomization.yaml"],
+                               capture_output=True, text=True, check=True).stdout
+    assert rollback[4].endswith("k8s/overlays/prod") and kube.applied[1] == committed
     assert ["kubectl", "get", "rayservice", "e2e-llm", "-n", SERVICE, "-o", "json"] in kube.commands
+
+
+def test_a_rollback_to_an_unknown_revision_fails_before_applying_anything(tmp_path):
+    from e2e_llm.kuberay import rollback_service
+
+    kube = FakeKube()
+    with pytest.raises(subprocess.CalledProcessError):
+        rollback_service(ROOT, "prod", "no-such-revision-xyz", run=kube.run)
+    assert applies(kube) == []
 
 
 def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
@@ -247,7 +273,7 @@ def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
     traffic.samples = operator_steps
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
     assert outcome.result == "promoted"
-    assert [c for c in kube.commands if c[0] == "make"] == [["make", "deploy-service", "TARGET=k8s", "DEPLOY_ENV=prod"]]
+    assert [c[-1] for c in applies(kube)] == ["app.kubernetes.io/component in (shared,serve,monitoring)"]
     assert kube.active == "e2e-llm-bbbbb" and kube.pending is None  # promotion waited for the operator's end
 
 
@@ -307,3 +333,26 @@ def test_engine_controller_from_the_cluster_profile(tmp_path, project_root):
     assert ctl.policy.alias == "e2e-llm-prod-k8s"
     assert ctl.log.uri.endswith("rollouts-e2e-llm-prod-k8s.jsonl")
     assert ctl.prober is None
+
+
+@pytest.mark.parametrize("inf", ["+Inf", "Inf", "inf"])
+def test_both_slo_gates_aggregate_samples_the_same_way(inf):
+    """Per version (adapter canary) or per cluster (engine canary): the same sums, every spelling of +Inf."""
+    from e2e_llm.canary_io import stats_from_samples
+
+    class P:
+        group_label = "ray_io_cluster"
+
+        def status(self):
+            return PlatformStatus("c1", "c2", 10.0)
+
+    samples = [(REQUESTS, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "status": "200"}, 5.0),
+               (REQUESTS, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "status": "500"}, 2.0),
+               (REQUESTS, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "status": "401"}, 4.0),
+               (LATENCY_BUCKET, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "le": "0.5"}, 3.0),
+               (LATENCY_BUCKET, {"version": "v2", "ray_io_cluster": "c2", "alias": "a", "le": inf}, 11.0)]
+    by_version = stats_from_samples(samples, "a")["v2"]
+    by_cluster = GroupedMetrics(P(), lambda: samples).snapshot()["canary"]
+    for stats in (by_version, by_cluster):
+        assert (stats.requests, stats.errors) == (11.0, 2.0)  # 401 says nothing about the version
+        assert stats.buckets == {0.5: 3.0, math.inf: 11.0}

@@ -121,7 +121,7 @@ def test_anyscale_rollout_state(status, percent, done, failed, detail):
 
 
 class StallingKube:
-    """kubectl/make recorder; after `make deploy-service` the operator steps traffic to
+    """kubectl recorder (git runs for real); after the overlay is applied the operator steps traffic to
     ``stall_at`` percent and, if that is 100, promotes the new cluster (recorded status shapes)."""
 
     def __init__(self, stall_at: int):
@@ -138,6 +138,8 @@ class StallingKube:
         return doc
 
     def run(self, cmd):
+        if cmd[0] == "git":
+            return subprocess.run(cmd, check=True, capture_output=True, text=True)
         self.commands.append(cmd)
         if cmd[:3] == ["kubectl", "get", "rayservice"]:
             # the operator's timer: 10%, then +40% per minute, up to stall_at
@@ -148,9 +150,9 @@ class StallingKube:
             image = IMAGES[cmd[3]]
             spec = {"headGroupSpec": {"template": {"spec": {"containers": [{"image": image}]}}}}
             return subprocess.CompletedProcess(cmd, 0, json.dumps({"spec": spec}), "")
-        if cmd[1] == "deploy-service":
+        if cmd[1] == "apply" and "shared" in cmd[-1]:  # the whole overlay: the new spec
             self.applied, self.applied_at = True, self.clock.now()
-        elif cmd[1] == "rollback":
+        elif cmd[1] == "apply":  # the rollback re-applies the serve component of REV
             self.applied, self.percent = False, 0
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
@@ -204,7 +206,7 @@ def _kuberay(kube):
 
     def factory(clock):
         kube.clock = clock
-        return KubeRayPlatform(name="e2e-llm", namespace="e2e-llm-prod", rev="abc123", run=kube.run, image=NEW,
+        return KubeRayPlatform(name="e2e-llm", namespace="e2e-llm-prod", rev="HEAD", run=kube.run, image=NEW,
                                wait=lambda check: wait_until(check, timeout_s=900, poll_s=60, clock=clock.now,
                                                              sleep=clock.sleep, out=print))
     return factory
@@ -219,8 +221,8 @@ def test_deploy_job_waits_for_the_upgrades_real_end_and_promotes(monkeypatch, tm
     out = capsys.readouterr().out
     assert code == 0, out
     assert "PROMOTED" in out and "Ready on cluster e2e-llm-bbbbb" in out
-    assert [c for c in kube.commands if c[0] == "make"] == [["make", "deploy-service", "TARGET=k8s",
-                                                             "DEPLOY_ENV=prod"]]
+    applies = [c for c in kube.commands if c[1] == "apply"]
+    assert len(applies) == 1 and applies[0][-1].endswith("(shared,serve,monitoring)")
     assert ["kubectl", "get", "raycluster", "e2e-llm-bbbbb", "-n", "e2e-llm-prod", "-o", "json"] in kube.commands
 
 
@@ -234,8 +236,8 @@ def test_deploy_job_with_a_stuck_upgrade_rolls_back_and_fails_with_the_reason(mo
     assert code == 3
     assert "rollout not finished after 900s" in captured.err and "at 50% traffic" in captured.err
     assert "rolling back" in captured.err and "ROLLED BACK" in captured.out
-    assert [c for c in kube.commands if c[0] == "make"][-1] == ["make", "rollback", "TARGET=k8s", "DEPLOY_ENV=prod",
-                                                                "REV=abc123"]
+    last_apply = [c for c in kube.commands if c[1] == "apply"][-1]
+    assert last_apply[-1].endswith("(serve)") and "e2e-llm-rollback-" in last_apply[4]
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="roll the rendered service out through the platform (Anyscale --canary-percent / "
                              "KubeRay incremental upgrade), SLO gate only, platform rollback on failure")
     engine.add_argument("--env", default="prod", choices=("dev", "prod"), help="deployment environment (default prod)")
-    engine.add_argument("--rev", default="HEAD~1", help="k8s: git revision `make rollback` re-applies (default HEAD~1)")
+    engine.add_argument("--rev", default="HEAD~1", help="k8s: git revision a rollback re-applies (default HEAD~1)")
 
 
 def print_outcome(outcome, alias: str) -> None:

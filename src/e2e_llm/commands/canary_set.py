@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if not split.is_file():
         print(f"error: {split} not found: run `e2e-llm data --profile {args.profile}` first")
         return 1
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model, root=config.root))
     output = Path(args.output) if args.output else config.root / "configs" / "canary" / \
         f"{config.data.dataset}-{args.version}.jsonl"
     spec = write_canary_set(read_jsonl(split), config.task_schema(), args.rows, output, args.version,

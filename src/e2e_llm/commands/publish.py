@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from e2e_llm.adapters import AdapterError
     from e2e_llm.config import load_profile
-    from e2e_llm.serve import max_lora_rank, recipe_lora_rank
+    from e2e_llm.serve import serving_max_lora_rank
     from e2e_llm.store import AdapterStore, StoreError, find_training_adapter
 
     config = load_profile(args.profile)
@@ -45,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
         adapter_dir, manifest = find_training_adapter(config, args.adapter)
         adapter_id = store.publish(adapter_dir, name=args.name or config.data.dataset, version=args.version,
                                    alias=args.alias, manifest=manifest,
-                                   max_rank=max_lora_rank(recipe_lora_rank(config)))
-    except StoreError as exc:
+                                   max_rank=serving_max_lora_rank(config))
+    except (StoreError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"published {adapter_dir} as {adapter_id} at {store.adapter_uri(adapter_id)}")

@@ -37,16 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from e2e_llm.adapters import AdapterError
     from e2e_llm.config import load_profile
     from e2e_llm.local_s3 import LocalS3Error, is_loopback, start
-    from e2e_llm.serve import ServeError, app_args, build_app, max_lora_rank, recipe_lora_rank
-    from e2e_llm.storage import is_remote
-    from e2e_llm.store import AdapterStore, StoreError, find_training_adapter, runtime_endpoint
+    from e2e_llm.publish import publish_once
+    from e2e_llm.serve import ServeError, app_args, build_app
+    from e2e_llm.storage import is_remote, s3_endpoint
+    from e2e_llm.store import AdapterStore, StoreError, find_training_adapter
 
     config = load_profile(args.profile)
     host, port = args.host or config.serve.host, args.port or config.serve.port
     store = AdapterStore.from_config(config)
-    endpoint = runtime_endpoint(config.storage.endpoint_url)
+    endpoint = s3_endpoint(config.storage.endpoint_url)
     moto = None
     try:
         if endpoint and is_loopback(endpoint) and is_remote(store.uri):
@@ -57,15 +59,12 @@ def run(args: argparse.Namespace) -> int:
         if args.publish:
             adapter_dir, manifest = find_training_adapter(config, args.publish)
             name = config.data.dataset
-            run_id = manifest.get("run_id")
-            done = [v["id"] for v in store.versions(name) if run_id and v.get("run_id") == run_id]
-            adapter_id = done[-1] if done else store.publish(
-                adapter_dir, name=name, manifest=manifest, max_rank=max_lora_rank(recipe_lora_rank(config)))
+            adapter_id, _ = publish_once(config, store, adapter_dir, manifest, name)
             if name not in store.aliases() or store.aliases()[name].stable != adapter_id:
                 store.set_alias(name, stable=adapter_id)
             print(f"adapter {adapter_dir} -> {store.adapter_uri(adapter_id)} (alias {name})", flush=True)
             model = f"{config.model.id}:{name}"
-    except (StoreError, ServeError, LocalS3Error) as exc:
+    except (StoreError, ServeError, AdapterError, LocalS3Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if moto:
             moto.terminate()

@@ -1,0 +1,91 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``merged`` adapter mode: the adapter folded into the base weights once (fp32 merge, saved in
+the engine dtype, cached by adapter sha256) and, on remote storage, uploaded once."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from e2e_llm import storage
+from e2e_llm.batch.adapter import Adapter
+from e2e_llm.batch.upload import upload_once
+from e2e_llm.config import PipelineConfig
+
+MERGED_MARKER = "e2e_llm_merged.json"
+
+
+def merged_model_name(config: PipelineConfig, adapter: Adapter, dtype: str | None = None) -> str:
+    """``<model>-<adapter sha256[:16]>-<dtype>``: the merged checkpoint's cache folder and storage key."""
+    return f"{config.model.id}-{adapter.sha256[:16]}-{dtype or config.batch.dtype or config.model.dtype}"
+
+
+def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, cache_dir: Path | None = None,
+                     dtype: str | None = None) -> Path:
+    """Fold the adapter into the base weights once (fp32 merge, saved in the engine dtype)."""
+    from e2e_llm.model import default_cache_dir
+
+    dtype_name = dtype or config.batch.dtype or config.model.dtype
+    out = (cache_dir or default_cache_dir()) / "merged" / merged_model_name(config, adapter, dtype_name)
+    if (out / MERGED_MARKER).is_file():
+        return out
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+        dtype_name, torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
+    merged = merged.to(dtype)
+    merged.config.dtype = dtype
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
+    (tmp / MERGED_MARKER).write_text(json.dumps({"base": model_path, "adapter": str(adapter.path),
+                                                 "adapter_sha256": adapter.sha256, "dtype": dtype_name}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class MergedModel:
+    """Where the engine reads the merged checkpoint from (``source``: the local folder, or
+    ``<storage>/merged/<name>`` on remote storage) and what this run did to put it there."""
+
+    source: str
+    local_dir: Path | None  # the local merge; None when remote storage already held it (no merge)
+    uploaded: bool = False
+
+
+def upload_merged(local_dir: Path, uri: str, revision: str, **kw: Any) -> None:
+    """Upload a merged checkpoint folder (:func:`upload_once`, its cache marker last)."""
+    files = [p for p in local_dir.rglob("*") if p.is_file() and p.name != MERGED_MARKER]
+    upload_once(local_dir, uri, revision, files=files, marker=MERGED_MARKER,
+                marker_data=(local_dir / MERGED_MARKER).read_bytes(), **kw)
+
+
+def merged_model_source(config: PipelineConfig, adapter: Adapter, model_path: str,
+                        cache_dir: Path | None = None) -> MergedModel:
+    """The merged checkpoint for the engine. Local storage: the cached folder. Remote storage
+    (s3://, gs://): GPU worker nodes cannot see the driver's disk, so the folder is uploaded
+    once to ``<storage>/merged/<model>-<adapter sha>-<dtype>/`` (content-addressed; when that
+    key already holds the completion marker, neither merge nor upload runs) and the engine is
+    given that URI, which ray.data.llm downloads on each node (see :func:`engine_env`)."""
+    if not storage.is_remote(config.storage.root):
+        local = merged_model_dir(config, adapter, model_path, cache_dir)
+        return MergedModel(source=str(local), local_dir=local)
+    uri = config.storage_uri("merged", merged_model_name(config, adapter))
+    if storage.exists(storage.join(uri, MERGED_MARKER), **config.storage_kw()):
+        return MergedModel(source=uri, local_dir=None)
+    local = merged_model_dir(config, adapter, model_path, cache_dir)
+    upload_merged(local, uri, revision=adapter.sha256, **config.storage_kw())
+    return MergedModel(source=uri, local_dir=local, uploaded=True)

@@ -1,0 +1,62 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LLaMA-Factory (0.9.5): every name the training stage relies on, in one place.
+
+All of them are public now (``llamafactory.train.tuner.run_exp`` and the argument dataclasses of
+``llamafactory.hparams``); they are still :class:`~e2e_llm.compat.Entry` items so an upgrade
+that moves or re-signs one fails with the entry's name (``tests/unit/test_compat_llamafactory.py``,
+``-m train``), and the one behaviour we depend on is tested there: with ``USE_RAY`` off,
+``run_exp`` trains in this process with our callbacks (inside a Ray Train worker). Importing this
+module does not import LLaMA-Factory (the serve environment does not have it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from e2e_llm.compat import Entry, problems, resolve
+
+# LLaMA-Factory's own Ray launcher (plain ray.remote workers, see README "Training"): must stay off
+# inside a Ray Train worker, or run_exp would start workers of its own.
+USE_RAY_ENV = "USE_RAY"
+_ENABLED = ("true", "y", "1")  # llamafactory.extras.misc.is_env_enabled
+
+RUN_EXP = Entry(
+    "llamafactory.train.tuner", "run_exp", params=("args", "callbacks"),
+    why="each Ray Train worker runs LLaMA-Factory's training with our checkpoint-reporting callback; "
+        "with USE_RAY off run_exp calls the in-process training function (formerly we called the "
+        "private _training_function directly; there is no measured difference, run_exp only parses "
+        "the Ray keys first)")
+ARGUMENT_CLASSES = [
+    Entry("llamafactory.hparams", name,
+          why="the recipe keys LLaMA-Factory accepts: an unknown key fails before any worker starts "
+              "(formerly read from the private llamafactory.hparams.parser._TRAIN_ARGS)")
+    for name in ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningArguments", "GeneratingArguments")
+]
+ENTRIES = [RUN_EXP, *ARGUMENT_CLASSES]
+
+
+def check() -> list[str]:
+    """Messages for every entry a LLaMA-Factory upgrade broke (empty: all fine)."""
+    return problems(ENTRIES, __name__)
+
+
+def recipe_keys() -> set[str]:
+    """Every key a LLaMA-Factory training recipe may set (fields of its argument dataclasses)."""
+    import dataclasses
+
+    return {f.name for entry in ARGUMENT_CLASSES for f in dataclasses.fields(resolve(entry, __name__))}
+
+
+def use_ray_enabled(environ: dict[str, str] | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return environ.get(USE_RAY_ENV, "0").lower() in _ENABLED
+
+
+def run_training(args: dict[str, Any], callbacks: list[Any]) -> None:
+    """Train in this process (a Ray Train worker) with ``args`` (a resolved recipe) and ``callbacks``."""
+    if use_ray_enabled():
+        raise RuntimeError(f"${USE_RAY_ENV} is set in a Ray Train worker: LLaMA-Factory would start its own Ray "
+                           f"workers; unset it (Ray Train already runs the workers)")
+    run_exp = resolve(RUN_EXP, __name__)
+    run_exp(args, callbacks)

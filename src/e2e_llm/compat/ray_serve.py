@@ -1,0 +1,124 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Ray Serve LLM (Ray 2.60) beyond its public API: the names ``ray.serve.llm`` does not export
+and the two ``LLMServer`` overrides that work around Ray 2.60 bugs.
+
+Public names (``ray.serve.llm.LLMServer``, ``LLMConfig``, ``build_llm_deployment``,
+``ray.serve.llm.ingress.OpenAiIngress`` / ``make_fastapi_ingress``,
+``ray.serve.llm.openai_api_models.ChatCompletionRequest`` / ``CompletionRequest``) are imported
+where they are used. Everything below is an :class:`~e2e_llm.compat.Entry`; after a Ray upgrade
+run ``pytest tests/unit/test_compat_ray_serve.py``: it names each entry that moved or changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncGenerator
+
+from ray import serve
+from ray.serve.llm import LLMServer
+
+from e2e_llm.compat import Entry, problems, resolve
+
+_OPENAI_MODELS = "ray.llm._internal.serve.core.configs.openai_api_models"
+_INGRESS = "ray.llm._internal.serve.core.ingress.ingress"
+
+BATCHER = Entry(
+    "ray.llm._internal.serve.utils.batcher", "Batcher",
+    why="the stream override groups chunks after the first ones with Ray's own batcher",
+    upstream="https://github.com/ray-project/ray/pull/64534", params=("generator", "interval_ms"))
+DEFAULT_ENDPOINTS_ENTRY = Entry(
+    _INGRESS, "DEFAULT_ENDPOINTS",
+    why="make_fastapi_ingress(endpoint_map=...) replaces Ray's route map; we extend it with /v1/aliases")
+INIT = Entry(
+    _INGRESS, "init", params=(),
+    why="the ingress FastAPI app with Ray's lifespan and error handlers, so our auth middleware can wrap it")
+MODEL_CARD = Entry(_OPENAI_MODELS, "ModelCard", why="/v1/models lists aliases as model cards")
+MODEL_LIST = Entry(_OPENAI_MODELS, "ModelList", why="the /v1/models response type")
+OPENAI_HTTP_EXCEPTION = Entry(
+    _OPENAI_MODELS, "OpenAIHTTPException",
+    why="raised for an unreadable adapter store; Ray's ingress turns it into an OpenAI error body (503)")
+TO_MODEL_METADATA = Entry(
+    _OPENAI_MODELS, "to_model_metadata", params=("model_id", "model_config", "overrides"),
+    why="the model cards our ingress is bound with (build_openai_app does it internally)")
+DEPLOYMENT_DEFAULTS = Entry(
+    "ray.llm._internal.common.dict_utils", "maybe_apply_llm_deployment_config_defaults",
+    params=("defaults", "user_deployment_config"),
+    why="merges ingress_deployment_config into Ray's ingress defaults, as build_openai_app does")
+# Private members of public classes that we override or call.
+RESOLVE_LORA = Entry(
+    "ray.serve.llm", "LLMServer._maybe_resolve_lora_from_multiplex", params=("self",),
+    why="overridden: two concurrent first requests for an unloaded adapter both load it in vLLM and "
+        "the second fails ('has already been loaded', HTTP 500); we serialise loads per adapter "
+        "(no upstream issue found for this race)")
+BATCH_OUTPUT_STREAM = Entry(
+    "ray.serve.llm", "LLMServer._batch_output_stream", params=("self", "generator"),
+    why="overridden: Ray batches the first streamed chunks too, delaying the first token by up to "
+        "stream_batching_interval_ms",
+    upstream="https://github.com/ray-project/ray/pull/64534 (issue #59681)")
+BATCH_INTERVAL = Entry(
+    "ray.serve.llm", "LLMServer._get_batch_interval_ms", params=("self", "stream"),
+    why="the stream override reads the configured interval the way Ray does")
+PROCESS_REQUEST = Entry(
+    "ray.serve.llm.ingress", "OpenAiIngress._process_llm_request", params=("self", "body", "call_method",
+                                                                          "raw_request"),
+    why="our chat/completions routes resolve aliases, then hand the request to Ray's routing")
+# Also read, an instance attribute (checked by instantiating OpenAiIngress in the test):
+# OpenAiIngress._model_cards, the base models the ingress serves (dict model id -> ModelCard).
+
+ENTRIES = [BATCHER, DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
+           TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
+           PROCESS_REQUEST]
+OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
+
+
+def check() -> list[str]:
+    """Messages for every entry a Ray upgrade broke (empty: all fine)."""
+    return problems(ENTRIES, __name__)
+
+
+for _entry in (RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL, PROCESS_REQUEST):
+    resolve(_entry, __name__)  # fail at import, not silently at the first request
+Batcher = resolve(BATCHER, __name__)
+DEFAULT_ENDPOINTS = resolve(DEFAULT_ENDPOINTS_ENTRY, __name__)
+fastapi_app = resolve(INIT, __name__)
+ModelCard = resolve(MODEL_CARD, __name__)
+ModelList = resolve(MODEL_LIST, __name__)
+OpenAIHTTPException = resolve(OPENAI_HTTP_EXCEPTION, __name__)
+to_model_metadata = resolve(TO_MODEL_METADATA, __name__)
+apply_deployment_defaults = resolve(DEPLOYMENT_DEFAULTS, __name__)
+
+# Chat streams open with a role-only chunk, then the first token.
+UNBATCHED_HEAD = 2
+
+
+class PatchedLLMServer(LLMServer):
+    """``ray.serve.llm.LLMServer`` with the two Ray 2.60 workarounds (``OVERRIDES``)."""
+
+    _lora_locks: defaultdict[str, asyncio.Lock] | None = None
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        # RESOLVE_LORA: one load per adapter at a time; later requests find it loaded.
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id:
+            return await super()._maybe_resolve_lora_from_multiplex()
+        if self._lora_locks is None:
+            self._lora_locks = defaultdict(asyncio.Lock)
+        async with self._lora_locks[model_id]:
+            return await super()._maybe_resolve_lora_from_multiplex()
+
+    def _batch_output_stream(self, generator: AsyncGenerator) -> AsyncGenerator[list, None]:
+        # BATCH_OUTPUT_STREAM: the first chunks (role, first token) go out at once, then batches.
+        interval_ms = self._get_batch_interval_ms()
+
+        async def stream():
+            iterator = generator.__aiter__()
+            for _ in range(UNBATCHED_HEAD):
+                try:
+                    yield [await iterator.__anext__()]
+                except StopAsyncIteration:
+                    return
+            async for batch in Batcher(iterator, interval_ms=interval_ms).stream():
+                yield batch
+
+        return stream()

@@ -1,0 +1,56 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The adapter rules (files of a LoRA folder, vLLM's LoRA ranks) and the stages that apply them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from e2e_llm.adapters import AdapterError, missing_adapter_files, require_adapter_files, vllm_max_lora_rank
+
+
+def adapter_dir(path: Path, rank: int = 8, files=("adapter_config.json", "adapter_model.safetensors")) -> Path:
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).write_text(json.dumps({"r": rank}) if name.endswith(".json") else "weights")
+    return path
+
+
+def test_lora_rank_rounds_up_to_what_vllm_accepts():
+    assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 12, 64, 300, 512)] == [1, 8, 8, 16, 64, 320, 512]
+    with pytest.raises(AdapterError, match="LoRA rank 1024 is above vLLM's maximum 512"):
+        vllm_max_lora_rank(1024)
+
+
+def test_an_adapter_folder_needs_both_files(tmp_path):
+    good = adapter_dir(tmp_path / "good")
+    assert missing_adapter_files(good) == [] and require_adapter_files(good) == good
+    half = adapter_dir(tmp_path / "half", files=("adapter_config.json",))
+    assert missing_adapter_files(half) == ["adapter_model.safetensors"]
+    with pytest.raises(AdapterError, match=r"half: not a LoRA adapter folder \(missing adapter_model.safetensors\)"):
+        require_adapter_files(half)
+    assert missing_adapter_files(tmp_path / "absent") == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_training_runs_and_the_store_refuse_the_same_incomplete_folder(tmp_path, config):
+    from e2e_llm.runs import AdapterNotFound, check_adapter_dir
+    from e2e_llm.store import AdapterStore, StoreError
+
+    half = adapter_dir(tmp_path / "half", files=("adapter_model.safetensors",))
+    reason = r"not a LoRA adapter folder \(missing adapter_config.json\)"
+    with pytest.raises(AdapterNotFound, match=reason):
+        check_adapter_dir(half)
+    with pytest.raises(StoreError, match=reason):
+        AdapterStore(str(tmp_path / "store")).publish(half, name="viggo")
+
+
+def test_serving_max_rank_follows_the_recipe_and_publishing_refuses_larger_adapters(tmp_path, config):
+    from e2e_llm.serve import engine_kwargs, serving_max_lora_rank
+    from e2e_llm.store import AdapterStore, StoreError
+
+    assert serving_max_lora_rank(config) == 8 == engine_kwargs(config)["max_lora_rank"]  # local recipe: r8
+    big = adapter_dir(tmp_path / "r16", rank=16)
+    with pytest.raises(StoreError, match="rank 16 exceeds the serving max_lora_rank 8"):
+        AdapterStore(str(tmp_path / "store")).publish(big, name="viggo", max_rank=serving_max_lora_rank(config))

@@ -1,0 +1,81 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The LLaMA-Factory names in e2e_llm.compat.llamafactory: each resolves in the pinned release,
+an upgrade that removes or re-signs one fails with the entry's name, and run_exp really trains
+in-process with our callbacks while USE_RAY is off (and we refuse to call it when it is on)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+
+pytestmark = pytest.mark.train
+pytest.importorskip("llamafactory")
+
+from e2e_llm.compat import CompatError, resolve  # noqa: E402
+from e2e_llm.compat import llamafactory as compat  # noqa: E402
+
+OWNER = "e2e_llm.compat.llamafactory"
+
+
+def test_every_llamafactory_name_resolves_in_the_pinned_release():
+    assert compat.check() == []
+
+
+def test_a_removed_run_exp_fails_naming_the_entry(monkeypatch):
+    tuner = importlib.import_module("llamafactory.train.tuner")
+    monkeypatch.delattr(tuner, "run_exp")
+    with pytest.raises(CompatError, match=r"llamafactory\.train\.tuner\.run_exp: 'run_exp' no longer exists; update "
+                                          r"the entry in e2e_llm\.compat\.llamafactory"):
+        compat.run_training({}, [])
+    assert any("run_exp" in m for m in compat.check())
+
+
+def test_a_changed_run_exp_signature_fails_with_expected_and_found(monkeypatch):
+    tuner = importlib.import_module("llamafactory.train.tuner")
+    monkeypatch.setattr(tuner, "run_exp", lambda args=None, callbacks=None, ray_args=None: None)
+    with pytest.raises(CompatError, match=r"signature changed, expected \(args, callbacks\), found "
+                                          r"\(args, callbacks, ray_args\)"):
+        resolve(compat.RUN_EXP, OWNER)
+
+
+def test_a_removed_argument_class_fails_the_recipe_key_check(monkeypatch):
+    hparams = importlib.import_module("llamafactory.hparams")
+    monkeypatch.delattr(hparams, "GeneratingArguments")
+    with pytest.raises(CompatError, match="GeneratingArguments' no longer exists"):
+        compat.recipe_keys()
+
+
+def test_recipe_keys_are_the_fields_llamafactorys_train_parser_reads():
+    from llamafactory.hparams.parser import _TRAIN_ARGS  # what get_train_args parses (private: checked here only)
+
+    assert compat.recipe_keys() == {f.name for cls in _TRAIN_ARGS for f in dataclasses.fields(cls)}
+    assert {"lora_rank", "output_dir", "dataset_dir", "template"} <= compat.recipe_keys()
+
+
+def test_run_exp_trains_in_process_with_our_callbacks_while_use_ray_is_off(monkeypatch):
+    tuner = importlib.import_module("llamafactory.train.tuner")
+    calls = []
+    monkeypatch.setattr(tuner, "_training_function", lambda config: calls.append(config))
+    monkeypatch.setattr(tuner, "_ray_training_function", lambda *a, **k: pytest.fail("took the USE_RAY path"))
+    monkeypatch.delenv(compat.USE_RAY_ENV, raising=False)
+    callback = object()
+    compat.run_training({"stage": "sft", "lora_rank": 8}, [callback])
+    assert calls == [{"args": {"stage": "sft", "lora_rank": 8}, "callbacks": [callback]}]
+
+
+def test_use_ray_in_a_worker_is_refused_before_llamafactory_starts_anything(monkeypatch):
+    tuner = importlib.import_module("llamafactory.train.tuner")
+    monkeypatch.setattr(tuner, "_training_function", lambda config: pytest.fail("trained"))
+    monkeypatch.setenv(compat.USE_RAY_ENV, "1")
+    with pytest.raises(RuntimeError, match=r"\$USE_RAY is set in a Ray Train worker"):
+        compat.run_training({"stage": "sft"}, [])
+    assert compat.use_ray_enabled({"USE_RAY": "true"}) and not compat.use_ray_enabled({"USE_RAY": "0"})
+
+
+def test_training_workers_get_use_ray_off(local_config, monkeypatch):
+    from e2e_llm.train import worker_env
+
+    monkeypatch.setenv(compat.USE_RAY_ENV, "1")
+    assert worker_env(local_config)[compat.USE_RAY_ENV] == "0"

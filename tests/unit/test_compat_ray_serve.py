@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The private Ray Serve LLM names in e2e_llm.compat.ray_serve: each resolves in the pinned Ray,
+a Ray upgrade that removes or re-signs one fails with the entry's name and purpose, and the two
+LLMServer overrides are really called by Ray's request path (and change what it does)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve.llm")
+
+import ray.serve  # noqa: E402
+import ray.serve.llm  # noqa: E402
+
+from e2e_llm.compat import CompatError, Entry, resolve  # noqa: E402
+from e2e_llm.compat import ray_serve as compat  # noqa: E402
+
+OWNER = "e2e_llm.compat.ray_serve"
+
+
+def test_every_private_ray_name_resolves_in_the_pinned_ray():
+    assert compat.check() == []
+
+
+def test_a_removed_private_name_fails_naming_the_entry_and_why_it_is_needed(monkeypatch):
+    batcher_module = importlib.import_module(compat.BATCHER.module)
+    monkeypatch.delattr(batcher_module, "Batcher")
+    with pytest.raises(CompatError, match=r"serve\.utils\.batcher\.Batcher: 'Batcher' no longer exists; update the "
+                                          r"entry in e2e_llm\.compat\.ray_serve \(needed because: the stream override"):
+        resolve(compat.BATCHER, OWNER)
+    assert [m for m in compat.check() if "Batcher" in m]
+
+
+def test_a_changed_override_signature_fails_with_expected_and_found(monkeypatch):
+    monkeypatch.setattr(ray.serve.llm.LLMServer, "_batch_output_stream", lambda self, generator, interval_ms: None)
+    with pytest.raises(CompatError, match=r"LLMServer\._batch_output_stream: signature changed, expected "
+                                          r"\(self, generator\), found \(self, generator, interval_ms\)"):
+        resolve(compat.BATCH_OUTPUT_STREAM, OWNER)
+
+
+def test_a_removed_override_target_fails_instead_of_silently_never_being_called(monkeypatch):
+    internal = ray.serve.llm.LLMServer.__mro__[1]  # the class Ray's public LLMServer re-exports
+    monkeypatch.delattr(internal, "_maybe_resolve_lora_from_multiplex")
+    with pytest.raises(CompatError, match="_maybe_resolve_lora_from_multiplex' no longer exists"):
+        resolve(compat.RESOLVE_LORA, OWNER)
+
+
+def test_a_moved_module_fails_clearly():
+    entry = Entry("ray.llm._internal.no_such_module", "Thing", why="testing")
+    with pytest.raises(CompatError, match=r"module ray\.llm\._internal\.no_such_module cannot be imported"):
+        resolve(entry, OWNER)
+
+
+def test_importing_the_compat_module_fails_at_import_when_ray_drops_a_name(monkeypatch):
+    ingress_module = importlib.import_module(compat.DEFAULT_ENDPOINTS_ENTRY.module)
+    with monkeypatch.context() as patch:
+        patch.delattr(ingress_module, "DEFAULT_ENDPOINTS")
+        with pytest.raises(CompatError, match="DEFAULT_ENDPOINTS' no longer exists"):
+            importlib.reload(compat)
+    importlib.reload(compat)
+
+
+def test_the_base_ingress_keeps_its_model_cards_where_our_ingress_reads_them():
+    from ray.serve.llm.ingress import OpenAiIngress
+
+    card = object()
+    ingress = OpenAiIngress({"base": object()}, {"base": card})
+    assert ingress._model_cards == {"base": card}
+
+
+# -- the overrides are called by Ray's own request path ------------------------------------
+
+
+class FakeEngine:
+    def __init__(self, chunks: int = 5):
+        self.chunks = chunks
+
+    async def resolve_lora(self, disk_model) -> None:
+        pass
+
+    async def chat(self, request, raw_request_info=None):
+        for i in range(self.chunks):
+            yield f"c{i}"
+
+
+def fake_server(cls, interval_ms: float = 200.0):
+    """An LLMServer of ``cls`` without a vLLM engine: Ray's chat() path runs unchanged (only
+    LLMServer's async ``__del__``, which shuts an engine down, is left out)."""
+    server = object.__new__(type(cls.__name__, (cls,), {"__del__": lambda self: None}))
+    server._llm_config = SimpleNamespace(lora_config=object(),
+                                         experimental_configs={"stream_batching_interval_ms": interval_ms})
+    server.engine = FakeEngine()
+    server.active = server.max_active = 0
+
+    async def load_model(model_id: str):
+        server.active += 1
+        server.max_active = max(server.max_active, server.active)
+        await asyncio.sleep(0.05)  # a download: the window in which a second request races
+        server.active -= 1
+        return model_id
+
+    server._load_model = load_model
+    return server
+
+
+async def _chat(server) -> list[list[str]]:
+    stream = await server.chat(SimpleNamespace(stream=True))
+    return [list(batch) async for batch in stream]
+
+
+async def _two_first_requests(server) -> None:
+    await asyncio.gather(_chat(server), _chat(server))
+
+
+@pytest.fixture
+def adapter_request(monkeypatch):
+    monkeypatch.setattr(ray.serve, "get_multiplexed_model_id", lambda: "viggo-v2")
+
+
+def test_concurrent_first_requests_for_one_adapter_load_it_one_at_a_time(adapter_request):
+    from e2e_llm.server import E2ELLMServer
+
+    ours = fake_server(E2ELLMServer)
+    asyncio.run(_two_first_requests(ours))
+    assert ours.max_active == 1
+    # The same path through Ray's own LLMServer loads twice at once (the 2.60 bug).
+    ray_default = fake_server(ray.serve.llm.LLMServer)
+    asyncio.run(_two_first_requests(ray_default))
+    assert ray_default.max_active == 2
+
+
+def test_a_stream_sends_its_first_chunks_unbatched_then_batches(adapter_request):
+    from e2e_llm.server import E2ELLMServer
+
+    batches = asyncio.run(_chat(fake_server(E2ELLMServer)))
+    assert batches[:compat.UNBATCHED_HEAD] == [["c0"], ["c1"]]
+    assert [c for b in batches for c in b] == [f"c{i}" for i in range(5)]
+    assert len(batches) < 5  # the rest is grouped
+    # Ray's own LLMServer groups the first chunks too.
+    assert asyncio.run(_chat(fake_server(ray.serve.llm.LLMServer)))[0] == ["c0", "c1", "c2", "c3", "c4"]

@@ -1,0 +1,38 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Where the base model is loaded from: one rule for training, batch and the serving replicas."""
+
+from __future__ import annotations
+
+import pytest
+
+from e2e_llm.config import ModelConfig
+from e2e_llm.model import READY_MARKER, ModelError, model_location, resolve_model_path
+
+
+def test_each_source_kind_has_one_location(tmp_path):
+    cache = tmp_path / "cache"
+    assert model_location(ModelConfig(id="m", source="pypi:pkg/m.gguf"), cache) == str(cache / "models" / "m")
+    assert model_location(ModelConfig(id="m", source="hf:Qwen/Qwen2.5-7B-Instruct")) == "Qwen/Qwen2.5-7B-Instruct"
+    assert model_location(ModelConfig(id="m", source="s3://bucket/models/m")) == "s3://bucket/models/m"
+    assert model_location(ModelConfig(id="m", source="models/m"), root=tmp_path) == str(tmp_path / "models" / "m")
+    assert model_location(ModelConfig(id="m", source="/abs/m"), root=tmp_path) == "/abs/m"
+
+
+def test_resolving_checks_what_this_machine_must_have(tmp_path):
+    pypi = ModelConfig(id="m", source="pypi:pkg/m.gguf")
+    with pytest.raises(ModelError, match="is not prepared at .*run `e2e-llm model`"):
+        resolve_model_path(pypi, tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / READY_MARKER).write_text("{}")
+    assert resolve_model_path(pypi, tmp_path) == str(tmp_path / "models" / "m")
+    with pytest.raises(ModelError, match=f"model path {tmp_path}/nope does not exist"):
+        resolve_model_path(ModelConfig(id="m", source="nope"), root=tmp_path)
+    assert resolve_model_path(ModelConfig(id="m", source="hf:org/m")) == "org/m"  # the engine fetches it
+
+
+def test_serving_replicas_load_the_model_from_the_same_location(local_config, monkeypatch, tmp_path):
+    from e2e_llm.serve import app_args
+
+    monkeypatch.setenv("E2E_LLM_CACHE", str(tmp_path))
+    source = app_args(local_config)["llm_configs"][0]["model_loading_config"]["model_source"]
+    assert source == model_location(local_config.model, root=local_config.root) == str(tmp_path / "models/smollm2-135m")
