@@ -6,6 +6,10 @@
   for an adapter the replica has not loaded yet both ask vLLM to load it; the second fails
   ("has already been loaded") and its client gets a 500 -- exactly what a canary's first
   traffic to a new version looks like.
+- An adapter that cannot be loaded because the adapter store is unreachable is a 503 naming
+  the store and the reason, not Ray's 404 "Unable to find LoRA adapter config file". Ray
+  caches that miss for ``CLOUD_OBJECT_MISSING_EXPIRE_S`` (30 s): for that long after the store
+  is back the answer stays a 503 saying so, then the adapter loads without a restart.
 - Streams start unbatched. Ray groups streamed chunks every ``stream_batching_interval_ms``,
   including the first, so a long interval (cheaper on a small CPU box, see bench/RESULTS.md)
   would delay the first token by up to that interval. The first chunks (role, first token)
@@ -15,15 +19,35 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import defaultdict
 from collections.abc import AsyncGenerator
 
 from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.batcher import Batcher
 
+from e2e_llm import storage
+
 # Chat streams open with a role-only chunk, then the first token.
 UNBATCHED_HEAD = 2
+# Ray Serve LLM keeps "adapter config missing" this long (CLOUD_OBJECT_MISSING_EXPIRE_S).
+RAY_MISSING_CACHE_S = 30
+
+
+def store_problem(adapter_uri: str) -> str | None:
+    """Why ``<adapter_uri>/adapter_config.json`` cannot be read (None: it can be, or it is
+    simply not there -- a real 404)."""
+    endpoint = next((os.environ[n] for n in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(n)), None)
+    try:
+        storage.read_bytes(storage.join(adapter_uri, "adapter_config.json"), endpoint_url=endpoint,
+                           region=os.environ.get("AWS_DEFAULT_REGION"))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001  any other failure: the store is not answering
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return ""  # readable now: Ray's cached miss is stale
 
 
 class E2ELLMServer(LLMServer):
@@ -36,7 +60,23 @@ class E2ELLMServer(LLMServer):
         if self._lora_locks is None:
             self._lora_locks = defaultdict(asyncio.Lock)
         async with self._lora_locks[model_id]:
-            return await super()._maybe_resolve_lora_from_multiplex()
+            try:
+                return await super()._maybe_resolve_lora_from_multiplex()
+            except Exception as exc:
+                if self._llm_config.lora_config is None:
+                    raise
+                root = self._llm_config.lora_config.dynamic_lora_loading_path.rstrip("/")
+                uri = f"{root}/{model_id.partition(':')[2]}"
+                problem = await asyncio.to_thread(store_problem, uri)
+                if problem is None:
+                    raise
+                if problem:
+                    message = (f"adapter {model_id!r} is not loaded on this replica and the adapter store is "
+                               f"unreachable ({uri}: {problem}); retry once the store is back")
+                else:
+                    message = (f"adapter {model_id!r} could not be loaded while the adapter store was unreachable; "
+                               f"the store answers again, the adapter loads within {RAY_MISSING_CACHE_S} s: retry")
+                raise OpenAIHTTPException(503, message, type="ServiceUnavailable") from exc
 
     def _batch_output_stream(self, generator: AsyncGenerator) -> AsyncGenerator[list, None]:
         interval_ms = self._get_batch_interval_ms()
