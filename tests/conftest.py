@@ -135,41 +135,33 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-compatible server (moto) on loopback for the whole session; yields its
-    endpoint URL with AWS_* variables set so boto3, pyarrow and Ray Serve LLM all use it."""
-    import signal
-    import urllib.request
-
-    exe = VENV / "serve" / "bin" / "moto_server"
+def s3_store(tmp_path_factory):
+    """The session's local S3 store (``e2e_llm.local_store``: moto, contents kept in a folder, so
+    a test may stop and restart it); AWS_* variables point boto3, pyarrow and Ray Serve LLM at it."""
+    exe = VENV / "serve" / "bin" / "python"
     if not exe.exists():
         pytest.fail(f"{exe} missing: run `make env-serve`")
-    port = _free_port()
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGTERM)
-                pytest.fail(f"moto_server on port {port} did not come up")
-            time.sleep(0.3)
+    from e2e_llm.local_store import LocalStoreProcess
+
+    server = LocalStoreProcess("127.0.0.1", _free_port(), tmp_path_factory.mktemp("s3"), python=str(exe)).start()
+    endpoint = server.endpoint
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield endpoint
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=10)
+    yield server
+    server.stop()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_store) -> str:
+    """The endpoint URL of the session's local S3 store."""
+    return s3_store.endpoint
 
 
 # -- the shared trained adapter -----------------------------------------------------------

@@ -321,35 +321,32 @@ def local_credentials() -> None:
         os.environ.setdefault(name, value)
 
 
-def start_local_server(endpoint: str):
-    """Start ``moto_server`` (from this environment) on the loopback endpoint's port and wait
-    until it answers. Returns the process (the caller stops it), or None if one already runs.
-    Its contents live in memory: they last as long as the process."""
-    import shutil
-    import subprocess
-    import sys
+def local_store_dir(config: PipelineConfig) -> Path:
+    """Where the local S3 server keeps its objects: ``<storage root>/s3`` (local roots only)."""
+    root = config.storage.root
+    if "://" in root and not root.startswith("file://"):
+        raise StoreError(f"storage.root {root} is remote: a local S3 server has no local folder for it")
+    return config.path(root.removeprefix("file://")) / "s3"
+
+
+def start_local_server(endpoint: str, data_dir: str | Path):
+    """Start the local store (:mod:`e2e_llm.local_store`: moto, contents mirrored to
+    ``data_dir`` and restored from it) on the loopback endpoint's port and wait until it has
+    restored and answers. Returns the process (the caller stops it), or None if one already runs."""
     from urllib.parse import urlparse
+
+    from e2e_llm.local_store import LocalStoreProcess
 
     if not is_loopback(endpoint):
         raise StoreError(f"{endpoint}: only a loopback endpoint can be started locally")
     local_credentials()
     if endpoint_reachable(endpoint):
         return None
-    exe = Path(sys.executable).parent / "moto_server"
-    exe_path = str(exe) if exe.exists() else shutil.which("moto_server")
-    if not exe_path:
-        raise StoreError("moto_server not found: the serve environment provides it (make env-serve)")
     url = urlparse(endpoint)
-    proc = subprocess.Popen([exe_path, "-H", url.hostname, "-p", str(url.port or 80)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    for _ in range(150):
-        if endpoint_reachable(endpoint, timeout=0.5):
-            return proc
-        if proc.poll() is not None:
-            raise StoreError(f"moto_server exited with {proc.returncode} (port {url.port} in use?)")
-        time.sleep(0.2)
-    proc.terminate()
-    raise StoreError(f"moto_server did not answer on {endpoint}")
+    try:
+        return LocalStoreProcess(url.hostname, url.port or 80, data_dir).start()
+    except RuntimeError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def require_reachable(store: AdapterStore) -> None:

@@ -38,27 +38,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.config import load_profile
-    from e2e_llm.serve import ServeError, app_args, build_app, max_lora_rank, recipe_lora_rank
+    from e2e_llm.serve import ServeError, max_lora_rank, recipe_lora_rank
     from e2e_llm.storage import is_remote
     from e2e_llm.store import (
         AdapterStore,
         StoreError,
         find_training_adapter,
         is_loopback,
+        local_store_dir,
         runtime_endpoint,
         start_local_server,
     )
 
     config = load_profile(args.profile)
     host, port = args.host or config.serve.host, args.port or config.serve.port
+    # Refuse before starting anything (a local S3 server included).
+    if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
+        print(f"error: serve.auth.enabled but ${config.serve.auth.api_key_env} is not set", file=sys.stderr)
+        return 2
     store = AdapterStore.from_config(config)
     endpoint = runtime_endpoint(config.storage.endpoint_url)
     moto = None
     try:
         if endpoint and is_loopback(endpoint) and is_remote(store.uri):
-            moto = start_local_server(endpoint)
+            moto = start_local_server(endpoint, local_store_dir(config))
             if moto:
-                print(f"started a local S3 server (moto) at {endpoint} for {store.uri}", flush=True)
+                print(f"started the local S3 store at {endpoint} for {store.uri} (data in {moto.data_dir})",
+                      flush=True)
         model = config.model.id
         if args.publish:
             adapter_dir, manifest = find_training_adapter(config, args.publish)
@@ -74,15 +80,21 @@ def run(args: argparse.Namespace) -> int:
     except (StoreError, ServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if moto:
-            moto.terminate()
+            moto.stop()
         return 1
 
-    if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
-        print(f"error: serve.auth.enabled but ${config.serve.auth.api_key_env} is not set", file=sys.stderr)
-        return 2
+    try:
+        return _serve(args, config, host, port, model)
+    finally:
+        if moto:
+            moto.stop()
 
+
+def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -> int:
     import ray
     from ray import serve
+
+    from e2e_llm.serve import app_args, build_app
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -106,7 +118,4 @@ def run(args: argparse.Namespace) -> int:
         print("shutting down Serve and Ray", flush=True)
         serve.shutdown()
         ray.shutdown()
-        if moto:
-            moto.terminate()
-            moto.wait(timeout=10)
     return code
