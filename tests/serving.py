@@ -149,7 +149,9 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
                        adapters=ids, alias=alias, store=store, config=config,
                        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", ray_temp_dir=temp_dir)
     finally:
-        ray_pids = descendants(os.getpid()) - before
+        # The session's S3 store is not the app's: a test may have restarted it meanwhile.
+        ray_pids = {pid for pid in descendants(os.getpid()) - before
+                    if not any("e2e_llm.local_store" in cmd for _, cmd in alive({pid}))}
         try:
             serve.shutdown()
         finally:
