@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     config.serve.auth.enabled = False
     endpoint = f"http://127.0.0.1:{free_port()}"
     os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-    moto = start(endpoint)
+    moto = start(endpoint, data_dir=Path(tempfile.mkdtemp(prefix="bench-s3-")))
     try:
         adapter_dir, _ = find_training_adapter(config, args.adapter)
         adapter_id = AdapterStore.from_config(config).publish(adapter_dir, name="bench")

@@ -135,35 +135,36 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-compatible server (moto, through e2e_llm.local_s3 as `e2e-llm serve` runs it)
-    on loopback for the whole session; yields its endpoint URL with AWS_* variables set so
-    boto3, pyarrow and Ray Serve LLM all use it."""
-    import signal
+def s3_store(tmp_path_factory):
+    """The session's local S3 server (``e2e_llm.local_s3``: moto, contents kept in a folder, so
+    a test may stop and restart it); AWS_* variables point boto3, pyarrow and Ray Serve LLM at it."""
+    exe = VENV / "serve" / "bin" / "python"
+    if not exe.exists():
+        pytest.fail(f"{exe} missing: run `make env-serve`")
+    from e2e_llm.local_s3 import LocalS3Error, LocalS3Process
 
-    from e2e_llm.local_s3 import LocalS3Error, start
-
-    python = VENV / "serve" / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"{python} missing: run `make env-serve`")
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+    try:
+        server = LocalS3Process("127.0.0.1", _free_port(), tmp_path_factory.mktemp("s3"), python=str(exe)).start(120)
+    except LocalS3Error as exc:
+        pytest.fail(str(exc))
+    endpoint = server.endpoint
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
-    try:
-        proc = start(endpoint, python=str(python), timeout=120)
-    except LocalS3Error as exc:
-        pytest.fail(str(exc))
     os.environ.update(env)
-    yield endpoint
-    if proc is not None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+    yield server
+    server.stop()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_store) -> str:
+    """The endpoint URL of the session's local S3 store."""
+    return s3_store.endpoint
 
 
 # -- the shared trained adapter -----------------------------------------------------------

@@ -138,6 +138,13 @@ def alive(pids: set[int]) -> list[tuple[int, str]]:
     return out
 
 
+def engine_replica_pids(root: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the Ray Serve LLM engine replica processes under ``root`` (the
+    driver): Ray names a replica's worker process ``ray::ServeReplica:<app>:<deployment>``."""
+    return [(pid, cmd) for pid, cmd in alive(descendants(root))
+            if cmd.startswith("ray::ServeReplica") and "LLMServer" in cmd]
+
+
 @contextmanager
 def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, Path], alias: str = "viggo"):
     """Publish ``adapters`` (role -> folder; role ``trained`` gets ``alias``), start Ray + Serve
@@ -154,6 +161,10 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     config.storage.endpoint_url = s3_endpoint
     config.serve.auth.enabled = True
     config.serve.alias_refresh_s = 0.5
+    from malformed import MAX_BODY_BYTES, MAX_N, MAX_TOTAL_TOKENS
+
+    config.serve.limits = config.serve.limits.model_copy(update={
+        "max_n": MAX_N, "max_total_tokens": MAX_TOTAL_TOKENS, "max_body_bytes": MAX_BODY_BYTES})
     store = AdapterStore.from_config(config)
     ids = {}
     for role, path in adapters.items():
@@ -176,7 +187,9 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
                        adapters=ids, alias=alias, store=store, config=config,
                        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", ray_temp_dir=temp_dir)
     finally:
-        ray_pids = descendants(os.getpid()) - before
+        # The session's S3 store is not the app's: a test may have restarted it meanwhile.
+        ray_pids = {pid for pid in descendants(os.getpid()) - before
+                    if not any("e2e_llm.local_s3" in cmd for _, cmd in alive({pid}))}
         try:
             serve.shutdown()
         finally:

@@ -219,6 +219,24 @@ class AuthConfig(Strict):
     api_key_env: str = "E2E_LLM_API_KEY"
 
 
+class ServeLimits(Strict):
+    # What one request may ask for; more is an OpenAI-style 400 naming the limit (serve.limits.*).
+    # `n` (choices per request; `best_of` counts the same).
+    max_n: int = Field(8, ge=1)
+    # n x max_tokens (an absent max_tokens counts as model.max_model_len): the most tokens one
+    # request may make the engine generate.
+    max_total_tokens: int = Field(8192, ge=1)
+    # Request bodies above this size get a 413 before they are parsed.
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+
+
+class ServeRetry(Strict):
+    # A request whose engine replica died before it sent any token is retried once, if it failed
+    # less than deadline_s after it arrived (a later failure is returned: the client has waited
+    # long enough). 0 turns the retry off.
+    deadline_s: float = Field(60.0, ge=0)
+
+
 class ServeConfig(Strict):
     app_name: str = "llm"
     route_prefix: str = "/"
@@ -241,6 +259,8 @@ class ServeConfig(Strict):
     # Ray's Prometheus metrics port on the serving node. Fixed locally so the canary's SLO gate
     # can scrape it; None lets Ray pick (clusters are scraped through the PodMonitor).
     metrics_export_port: int | None = Field(None, ge=1, le=65535)
+    limits: ServeLimits = ServeLimits()
+    retry: ServeRetry = ServeRetry()
 
 
 class CanaryConfig(Strict):

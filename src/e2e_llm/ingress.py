@@ -13,7 +13,15 @@ fine-tuned model needs in production.
   ``aliases.json``. Every replica re-reads the record at most ``alias_refresh_s`` old, so
   all replicas (and a restarted app) follow the weights the canary controller writes.
   ``<base>:latest`` is the newest published version.
-- Clear 404 for an unknown adapter (listing what is published); Ray's 400 for bad bodies.
+- Every error is an OpenAI error object (``e2e_llm.api_guard``): unknown model/adapter 404
+  (listing what is published), malformed or over-limit request 400/413/415, unknown route 404,
+  wrong method 405; the adapter store unreachable while a request needs an adapter that no
+  replica has loaded: 503 with the reason (``e2e_llm.server``), until the store is back.
+- A request whose engine replica died before it sent anything is retried once (within
+  ``serve.retry.deadline_s``); a stream cut after it started ends with an error event, never
+  with ``[DONE]``.
+- ``GET /-/ready``: readiness of this app (engine answers a health check; adapter store
+  readable), 503 while the engine is not. Serve's ``/-/healthz`` only says the proxy is up.
 - Per-version metrics through ``ray.util.metrics`` (exported on Ray's metrics port):
   ``e2e_llm_requests`` (model, alias, version, status), ``e2e_llm_request_errors``
   (model, alias, version, code), ``e2e_llm_request_latency_seconds`` (model, alias,
@@ -33,11 +41,24 @@ import time
 from typing import Any
 
 from fastapi import Request, status
+from ray import exceptions as ray_exceptions
+from ray.serve import exceptions as serve_exceptions
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from ray.util import metrics
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from vllm.exceptions import VLLMClientError, VLLMNotFoundError
 
+from e2e_llm.api_guard import (
+    BodyGuard,
+    Limits,
+    RequestError,
+    check_request,
+    error_response,
+    install_error_handlers,
+    request_error_response,
+    sse_error,
+)
 from e2e_llm.compat.ray_serve import DEFAULT_ENDPOINTS, ModelCard, ModelList, OpenAIHTTPException, fastapi_app
 from e2e_llm.store import AdapterStore, Alias
 
@@ -46,6 +67,10 @@ logger = logging.getLogger("ray.serve")
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 # Routes the ingress answers without a key (besides the proxy's /-/healthz and /-/routes).
 OPEN_PATHS = ("/-/",)
+# The engine replica (or its node) died under the request: nothing was sent yet, safe to retry.
+REPLICA_FAILURES = (ray_exceptions.RayActorError, ray_exceptions.WorkerCrashedError, ray_exceptions.NodeDiedError,
+                    serve_exceptions.ReplicaUnavailableError)
+READY_TIMEOUT_S = 5.0
 
 
 class UnknownModel(LookupError):
@@ -98,7 +123,7 @@ class ApiKeyMiddleware:
         message = "missing API key: send 'Authorization: Bearer <key>'" if not given else "invalid API key"
         response = JSONResponse(
             status_code=status.HTTP_401_UNAUTHORIZED,
-            content={"error": {"message": message, "type": "AuthenticationError", "code": 401}},
+            content={"error": {"message": message, "type": "AuthenticationError", "param": None, "code": 401}},
             headers={"WWW-Authenticate": "Bearer"},
         )
         return await response(scope, receive, send)
@@ -117,11 +142,16 @@ class E2EIngress(OpenAiIngress):
         alias_refresh_s: float = 2.0,
         auth_enabled: bool = False,
         api_key_env: str = "E2E_LLM_API_KEY",
+        limits: dict[str, Any] | None = None,
+        retry_deadline_s: float = 60.0,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         if auth_enabled:
             app_key_check(api_key_env)
         self._store = AdapterStore(store_uri, store_endpoint_url, store_region)
+        self._store_error: str | None = None
+        self._limits = Limits.from_args(limits)
+        self._retry_deadline_s = retry_deadline_s
         self._refresh_s = alias_refresh_s
         self._aliases: dict[str, Alias] = {}
         self._adapters: set[str] = set()
@@ -141,6 +171,9 @@ class E2EIngress(OpenAiIngress):
             boundaries=LATENCY_BUCKETS_S, tag_keys=tags + ("stream",))
         self._m_refresh_errors = metrics.Counter(
             "e2e_llm_alias_refresh_errors", description="Failed reads of the alias records from the adapter store.")
+        self._m_retries = metrics.Counter(
+            "e2e_llm_request_retries", description="Requests retried once after their engine replica died.",
+            tag_keys=("model",))
 
     # -- store snapshot --------------------------------------------------------------------
 
@@ -163,13 +196,18 @@ class E2EIngress(OpenAiIngress):
             try:
                 self._aliases, self._adapters, self._latest = await asyncio.to_thread(self._read_store)
                 self._loaded_at = time.monotonic()
+                self._store_error = None
             except Exception as exc:  # noqa: BLE001  keep serving with the last good snapshot
                 self._m_refresh_errors.inc()
+                self._store_error = f"{type(exc).__name__}: {exc}"
                 logger.warning("e2e-llm: reading the adapter store %s failed: %s", self._store.uri, exc)
                 if self._loaded_at == float("-inf"):
-                    raise OpenAIHTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                                              f"adapter store {self._store.uri} unreadable: {exc}",
-                                              type="ServiceUnavailable") from None
+                    raise self._store_down() from None
+
+    def _store_down(self, what: str = "") -> RequestError:
+        return RequestError(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"{what}the adapter store {self._store.uri} is unreachable ({self._store_error}); "
+                            "retry once it is back", type="ServiceUnavailable", headers={"Retry-After": "5"})
 
     def _not_found(self, model: str, why: str) -> UnknownModel:
         return UnknownModel(
@@ -202,6 +240,8 @@ class E2EIngress(OpenAiIngress):
         if version not in self._adapters:
             await self._refresh(1.0)  # just published? look again before saying no
             if version not in self._adapters:
+                if self._store_error:  # cannot tell "not published" from "store down"
+                    raise self._store_down(f'cannot look up "{model}": ')
                 raise self._not_found(model, f'no adapter "{version or ref}" in {self._store.uri}')
         return f"{base}:{version}", base, alias, version
 
@@ -213,40 +253,85 @@ class E2EIngress(OpenAiIngress):
             self._m_errors.inc(tags={**labels, "code": str(code)})
         self._m_latency.observe(time.monotonic() - start, tags={**labels, "stream": str(stream).lower()})
 
+    async def _call_engine(self, body, call_method: str, request: Request, start: float) -> Response:
+        """The engine's response; once more if its replica died before answering (see module doc)."""
+        try:
+            return await self._process_llm_request(body, call_method=call_method, raw_request=request)
+        except REPLICA_FAILURES as exc:
+            waited = time.monotonic() - start
+            if waited >= self._retry_deadline_s:
+                raise
+            logger.warning("e2e-llm: engine replica failed before answering %s after %.1f s (%s); retrying once",
+                           body.model, waited, type(exc).__name__)
+            self._m_retries.inc(tags={"model": str(body.model).partition(":")[0]})
+            return await self._process_llm_request(body, call_method=call_method, raw_request=request)
+
     async def _serve(self, body, call_method: str, request: Request) -> Response:
         start = time.monotonic()
         labels = {"model": str(body.model or ""), "alias": "", "version": ""}
         stream = bool(getattr(body, "stream", False))
         try:
+            check_request(body, self._limits)
             target, base, alias, version = await self._route(body.model)
             labels = {"model": base, "alias": alias, "version": version}
             if target != body.model:
                 body = body.model_copy(update={"model": target})
-            response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
+            response = await self._call_engine(body, call_method, request, start)
         except UnknownModel as exc:
             self._record(labels, status.HTTP_404_NOT_FOUND, start, stream)
-            return JSONResponse(status_code=status.HTTP_404_NOT_FOUND, content={"error": {
-                "message": str(exc), "type": "NotFoundError", "param": "model", "code": 404}})
-        except Exception as exc:
-            self._record(labels, int(getattr(exc, "status_code", 500)), start, stream)
-            raise
+            return error_response(status.HTTP_404_NOT_FOUND, str(exc), param="model")
+        except RequestError as exc:
+            self._record(labels, exc.status, start, stream)
+            return request_error_response(exc)
+        except Exception as exc:  # noqa: BLE001  every error leaves as an OpenAI error object
+            code, message, kind = self._describe(exc)
+            if code == status.HTTP_404_NOT_FOUND and self._store_error and labels["version"]:
+                # Ray reads a missing adapter_config.json as "no such adapter": the store is down.
+                code, message, kind = 503, self._store_down(f'adapter "{body.model}" is not loaded: ').message, \
+                    "ServiceUnavailable"
+            self._record(labels, code, start, stream)
+            if code >= 500:
+                logger.error("e2e-llm: %s request for %s failed: %s", call_method, body.model, message)
+            return error_response(code, message, type=kind)
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._observed(response.body_iterator, labels, start)
         else:
             self._record(labels, response.status_code, start, stream)
         return response
 
+    @staticmethod
+    def _describe(exc: Exception) -> tuple[int, str, str]:
+        """(status, message, type) of an exception from the engine path."""
+        code = int(getattr(exc, "status_code", 0) or 0)
+        if isinstance(exc, REPLICA_FAILURES):
+            return 503, f"the engine replica failed while handling the request ({type(exc).__name__}); retry", \
+                "ServiceUnavailable"
+        message = getattr(exc, "message", None) or getattr(exc, "detail", None) or str(exc).strip().splitlines()[-1:]
+        if isinstance(message, list):
+            message = message[0] if message else type(exc).__name__
+        if not code:
+            return 500, f"internal error ({type(exc).__name__}); see the ingress replica's log", "InternalServerError"
+        return code, str(message), str(getattr(exc, "type", "") or "") or None
+
     async def _observed(self, chunks, labels: dict[str, str], start: float):
-        code = 200
+        """Pass a stream through, recording its outcome. A stream cut by a failure ends with an
+        OpenAI error event and no ``[DONE]``: clients must not read it as complete."""
+        code, done = 200, False
         try:
             async for chunk in chunks:
                 text = chunk if isinstance(chunk, str) else bytes(chunk).decode("utf-8", "replace")
                 if text.startswith('data: {"error"') or '"object":"error"' in text:
                     code = 500
+                done = done or "data: [DONE]" in text
                 yield chunk
-        except Exception:
-            code = 500
-            raise
+            if not done:
+                code = 503
+                yield sse_error(503, "the stream ended before the engine finished; the answer is incomplete")
+        except Exception as exc:  # noqa: BLE001  the response has started: report in-band
+            code = 503 if isinstance(exc, REPLICA_FAILURES) else 500
+            logger.error("e2e-llm: stream for %s cut: %s: %s", labels["model"], type(exc).__name__, exc)
+            yield sse_error(code, f"the stream was cut: the engine replica failed ({type(exc).__name__}); "
+                                  "the answer is incomplete, retry the request", type="StreamInterrupted")
         finally:
             self._record(labels, code, start, True)
 
@@ -256,18 +341,59 @@ class E2EIngress(OpenAiIngress):
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         return await self._serve(body, "completions", request)
 
+    def _cards(self) -> dict[str, ModelCard]:
+        """Base models, every published adapter (``<base>:<adapter>``) and every alias, from the
+        store snapshot (no store round trip per listing)."""
+        cards = dict(self._model_cards)
+        for base, card in self._model_cards.items():
+            for adapter in sorted(self._adapters):
+                cards[f"{base}:{adapter}"] = ModelCard(
+                    id=f"{base}:{adapter}", object="model", owned_by=card.owned_by, permission=list(card.permission),
+                    metadata={**card.metadata, "adapter": adapter})
+            for name, record in sorted(self._aliases.items()):
+                cards[f"{base}:{name}"] = ModelCard(
+                    id=f"{base}:{name}", object="model", owned_by=card.owned_by, permission=list(card.permission),
+                    metadata={**card.metadata, "alias": record.to_dict()})
+        return cards
+
     async def models(self) -> ModelList:
         """Base models, every published adapter (``<base>:<adapter>``) and every alias."""
-        listed = await super().models()
         await self._refresh(self._refresh_s)
-        cards: list[ModelCard] = list(listed.data)
-        for base, card in self._model_cards.items():
-            for name, record in sorted(self._aliases.items()):
-                cards.append(ModelCard(
-                    id=f"{base}:{name}", object="model", owned_by=card.owned_by, permission=list(card.permission),
-                    metadata={**card.metadata, "alias": record.to_dict()},
-                ))
-        return ModelList(data=cards)
+        return ModelList(data=list(self._cards().values()))
+
+    async def model_data(self, model: str) -> ModelCard:
+        """One model card: a base model, ``<base>:<adapter>``, ``<base>:<alias>`` or a bare alias."""
+        await self._refresh(self._refresh_s)
+        cards = self._cards()
+        base = next(iter(self._model_cards))
+        card = cards.get(model) or (cards.get(f"{base}:{model}") if len(self._model_cards) == 1 else None)
+        if card is None:
+            raise UnknownModel(str(self._not_found(model, "not served here")))
+        return card
+
+    async def ready(self) -> JSONResponse:
+        """Readiness: every engine deployment answers a health check within a few seconds, and
+        the adapter store is readable. 503 while an engine is not (base models cannot be served);
+        the store alone down is 200 with status "degraded" (base models and adapters already
+        loaded still serve, and taking every replica out of rotation for a shared store outage
+        would turn it into a full outage)."""
+        engines: dict[str, str] = {}
+        for model_id, handle in self._default_serve_handles.items():
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), READY_TIMEOUT_S)
+                engines[model_id] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                engines[model_id] = f"unavailable: {type(exc).__name__ or 'timeout'} {exc}".strip()
+        try:
+            await asyncio.wait_for(self._refresh(0.0), READY_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001
+            self._store_error = self._store_error or f"{type(exc).__name__}: {exc}"
+        store = {"uri": self._store.uri, "status": "unreachable" if self._store_error else "ok",
+                 "error": self._store_error, "snapshot_age_s": round(time.monotonic() - self._loaded_at, 3)}
+        engine_ok = all(v == "ok" for v in engines.values())
+        state = "unavailable" if not engine_ok else "degraded" if self._store_error else "ready"
+        return JSONResponse({"status": state, "engines": engines, "adapter_store": store},
+                            status_code=200 if engine_ok else 503)
 
     async def aliases(self) -> JSONResponse:
         """The alias records this replica routes by, and how old its snapshot is."""
@@ -279,10 +405,33 @@ class E2EIngress(OpenAiIngress):
         })
 
 
-def make_ingress(*, auth_enabled: bool, api_key_env: str):
-    """The ingress class with its FastAPI app (auth middleware outermost when enabled)."""
+ENDPOINTS = {**DEFAULT_ENDPOINTS, "aliases": lambda a: a.get("/v1/aliases"), "ready": lambda a: a.get("/-/ready")}
+
+
+def ingress_app(*, auth_enabled: bool, api_key_env: str, max_body_bytes: int):
+    """The FastAPI app: Ray's, with OpenAI error objects everywhere, the body guard, and the
+    auth middleware outermost when enabled."""
     app = fastapi_app()
+    install_error_handlers(app)
+
+    async def engine_error(request, exc: OpenAIHTTPException):
+        return error_response(exc.status_code, exc.message, type=exc.type)
+
+    app.add_exception_handler(OpenAIHTTPException, engine_error)
+
+    async def vllm_client_error(request, exc):  # raised by vLLM's request models while FastAPI parses
+        code = 404 if isinstance(exc, VLLMNotFoundError) else 400
+        return error_response(code, str(exc.args[0]) if exc.args else str(exc), param=getattr(exc, "parameter", None))
+
+    app.add_exception_handler(VLLMClientError, vllm_client_error)
+    app.add_exception_handler(UnknownModel, lambda request, exc: error_response(404, str(exc), param="model"))
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     if auth_enabled:
         app.add_middleware(ApiKeyMiddleware, api_key_env=api_key_env)
-    endpoints = {**DEFAULT_ENDPOINTS, "aliases": lambda a: a.get("/v1/aliases")}
-    return make_fastapi_ingress(E2EIngress, endpoint_map=endpoints, app=app)
+    return app
+
+
+def make_ingress(*, auth_enabled: bool, api_key_env: str, max_body_bytes: int = Limits.max_body_bytes):
+    """The ingress class with its FastAPI app (see :func:`ingress_app`)."""
+    app = ingress_app(auth_enabled=auth_enabled, api_key_env=api_key_env, max_body_bytes=max_body_bytes)
+    return make_fastapi_ingress(E2EIngress, endpoint_map=ENDPOINTS, app=app)

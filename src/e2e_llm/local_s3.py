@@ -2,23 +2,33 @@
 """A local S3-compatible server (moto) on loopback: the local profile's adapter store and the
 tests' object storage. Dev and test tooling, not part of the pipeline on a cluster.
 
-``python -m e2e_llm.local_s3 -H 127.0.0.1 -p 9321`` (``make store``) runs it in the foreground;
+Two properties the rest of the project relies on:
+- **Atomic conditional writes.** Moto checks an ``If-Match``/``If-None-Match`` precondition and
+  stores the object in two steps, so this server handles one mutating request at a time (reads
+  stay concurrent): conditional writes are then as atomic as on S3 (:mod:`e2e_llm.cas`).
+- **Data that survives a restart** (with ``--data-dir``). Moto keeps objects in memory only, so
+  every bucket is mirrored to a folder (``<data dir>/<bucket>/<url-quoted key>``): restored
+  before the server reports ready, re-synced every ``SYNC_S`` seconds and once more on
+  SIGINT/SIGTERM. A crash loses at most the last second of writes; a clean stop loses nothing.
+
+Usage:
+    python -m e2e_llm.local_s3 -H 127.0.0.1 -p 9321 --data-dir .e2e/local/s3   (make store)
 :func:`start` runs it in the background (``e2e-llm serve`` on the local profile, the tests).
-Moto checks an ``If-Match``/``If-None-Match`` precondition and stores the object in two steps,
-so this server handles one mutating request at a time (reads stay concurrent): conditional
-writes are then as atomic as on S3, which the adapter store relies on (:mod:`e2e_llm.cas`).
-Contents live in memory for as long as the process runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
-import time
-from urllib.parse import urlparse
+from pathlib import Path
+from urllib.parse import quote, unquote, urlparse
+
+SYNC_S = 1.0
+READY = "e2e-llm local S3 ready"
 
 
 class LocalS3Error(RuntimeError):
@@ -58,29 +68,7 @@ def require_reachable(endpoint: str | None, what: str) -> None:
                                "`make store` (or let `e2e-llm serve --publish ...` start it)")
 
 
-def start(endpoint: str, *, python: str | None = None, timeout: float = 30.0) -> subprocess.Popen | None:
-    """Start the server on the loopback endpoint's port (``python``: the interpreter, default
-    this one) and wait until it answers. Returns the process (the caller stops it, e.g.
-    ``os.killpg(proc.pid, SIGTERM)``: it runs in its own session), or None if one already runs."""
-    if not is_loopback(endpoint):
-        raise LocalS3Error(f"{endpoint}: only a loopback endpoint can be started locally")
-    local_credentials()
-    if endpoint_reachable(endpoint):
-        return None
-    url = urlparse(endpoint)
-    proc = subprocess.Popen([python or sys.executable, "-m", "e2e_llm.local_s3", "-H", url.hostname,
-                             "-p", str(url.port or 80)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if endpoint_reachable(endpoint, timeout=0.5):
-            return proc
-        if proc.poll() is not None:
-            raise LocalS3Error(f"the local S3 server exited with {proc.returncode} (port {url.port} in use? "
-                               "moto is in the serve environment)")
-        time.sleep(0.2)
-    proc.terminate()
-    raise LocalS3Error(f"the local S3 server did not answer on {endpoint} within {timeout:g}s")
+# -- the server process -----------------------------------------------------------------------
 
 
 def serialized_writes(app):
@@ -97,23 +85,159 @@ def serialized_writes(app):
     return wrapped
 
 
-def serve(host: str, port: int) -> None:
-    """Run the server in the foreground (moto's own app and request handler, as ``moto_server``)."""
+def _client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+def restore(s3, data_dir: Path) -> int:
+    """Put every mirrored object back; returns how many."""
+    count = 0
+    for bucket_dir in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        s3.create_bucket(Bucket=bucket_dir.name)
+        for f in sorted(bucket_dir.iterdir()):
+            if f.is_file() and not f.name.startswith(".tmp-"):
+                s3.put_object(Bucket=bucket_dir.name, Key=unquote(f.name), Body=f.read_bytes())
+                count += 1
+    return count
+
+
+def sync(s3, data_dir: Path, seen: dict[tuple[str, str], str]) -> None:
+    """Mirror the server's buckets to ``data_dir`` (changed objects written, removed ones deleted)."""
+    live: dict[tuple[str, str], str] = {}
+    for bucket in s3.list_buckets().get("Buckets", []):
+        name = bucket["Name"]
+        (data_dir / name).mkdir(parents=True, exist_ok=True)
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+            for obj in page.get("Contents", []):
+                live[(name, obj["Key"])] = obj["ETag"]
+    for (bucket, key), etag in live.items():
+        if seen.get((bucket, key)) == etag:
+            continue
+        target = data_dir / bucket / quote(key, safe="")
+        tmp = target.with_name(f".tmp-{target.name}")
+        tmp.write_bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        os.replace(tmp, target)
+    for bucket, key in set(seen) - set(live):
+        (data_dir / bucket / quote(key, safe="")).unlink(missing_ok=True)
+    seen.clear()
+    seen.update(live)
+
+
+def serve(host: str, port: int, data_dir: Path | None = None) -> None:
+    """Run the server in the foreground (moto's own app and request handler, as ``moto_server``),
+    mirrored to ``data_dir`` when given; prints ``READY`` once it answers."""
     from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import run_simple
+    from werkzeug.serving import make_server
 
     os.environ.setdefault("MOTO_PORT", str(port))  # as moto_server does (URLs it generates)
     app = serialized_writes(DomainDispatcherApplication(create_backend_app))
-    run_simple(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    s3, seen, restored = None, {}, 0
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        s3 = _client(f"http://{host}:{port}")
+        restored = restore(s3, data_dir)
+        sync(s3, data_dir, seen)
+    kept = f", {restored} objects restored from {data_dir}" if data_dir is not None else " (in memory)"
+    print(f"{READY}: http://{host}:{port}{kept}", flush=True)
+    try:
+        while not stop.wait(SYNC_S):
+            if s3 is not None:
+                try:
+                    sync(s3, data_dir, seen)
+                except Exception as exc:  # noqa: BLE001  a sync racing a write: next round
+                    print(f"local S3: sync failed ({exc}); retrying", file=sys.stderr, flush=True)
+    finally:
+        if s3 is not None:
+            sync(s3, data_dir, seen)
+        server.shutdown()
 
 
-def main(argv: list[str] | None = None) -> None:
+class LocalS3Process:
+    """The server as a child process: :meth:`start` returns once it has restored its data and
+    answers; :meth:`stop` ends it cleanly (its data is mirrored first)."""
+
+    def __init__(self, host: str, port: int, data_dir: str | Path | None = None, python: str = sys.executable):
+        self.host, self.port, self.python = host, port, python
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, timeout: float = 60.0) -> LocalS3Process:
+        src = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+        cmd = [self.python, "-m", "e2e_llm.local_s3", "-H", self.host, "-p", str(self.port)]
+        if self.data_dir is not None:
+            cmd += ["--data-dir", str(self.data_dir)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                     start_new_session=True)
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not line or not line[0].startswith(READY):
+            code = self.proc.poll()
+            self.stop()
+            raise LocalS3Error(f"the local S3 server on {self.endpoint} did not start (exit {code}; port in use? "
+                               "moto is in the serve environment)")
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    # Popen-like, for callers that hold it as a process
+    def terminate(self) -> None:
+        self.stop()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.stop(timeout or 30.0)
+        return self.proc.returncode if self.proc else None
+
+
+def start(endpoint: str, *, data_dir: str | Path | None = None, python: str | None = None,
+          timeout: float = 60.0) -> LocalS3Process | None:
+    """Start the server on the loopback endpoint's port (``python``: the interpreter, default this
+    one; ``data_dir``: where its contents are kept across restarts) and wait until it answers.
+    Returns the process (the caller stops it), or None if one already answers there."""
+    if not is_loopback(endpoint):
+        raise LocalS3Error(f"{endpoint}: only a loopback endpoint can be started locally")
+    local_credentials()
+    if endpoint_reachable(endpoint):
+        return None
+    url = urlparse(endpoint)
+    return LocalS3Process(url.hostname, url.port or 80, data_dir, python or sys.executable).start(timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e_llm.local_s3", description=__doc__.split("\n\n")[0])
     parser.add_argument("-H", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=9321)
+    parser.add_argument("--data-dir", type=Path, help="keep the contents here across restarts (default: memory)")
     args = parser.parse_args(argv)
-    serve(args.host, args.port)
+    serve(args.host, args.port, args.data_dir)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

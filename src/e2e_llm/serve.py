@@ -113,11 +113,17 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
     if cpu:
         # On a small CPU box the ingress must not hold a core, or it is never scheduled.
         ingress["ray_actor_options"] = {"num_cpus": 0}
+    store_env = {k: v for k, v in env.items() if k not in CPU_ENGINE_ENV}
+    if store_env:
+        # The ingress reads the adapter store too (aliases, /v1/models): same endpoint and region.
+        ingress.setdefault("ray_actor_options", {})["runtime_env"] = {"env_vars": store_env}
 
     return {
         "llm_configs": [llm_config],
         "ingress_deployment_config": ingress,
         "auth": {"enabled": serve.auth.enabled, "api_key_env": serve.auth.api_key_env},
+        "limits": {**serve.limits.model_dump(), "default_max_tokens": config.model.max_model_len},
+        "retry": serve.retry.model_dump(),
         "adapter_store": {
             "uri": store_uri,
             "endpoint_url": config.storage.endpoint_url,
@@ -135,8 +141,9 @@ def _with_runtime_endpoint(args: dict[str, Any]) -> dict[str, Any]:
         return args
     args = copy.deepcopy(args)
     args["adapter_store"]["endpoint_url"] = endpoint
-    for llm_config in args["llm_configs"]:
-        env = llm_config.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    ingress_options = args.setdefault("ingress_deployment_config", {}).setdefault("ray_actor_options", {})
+    for env in [llm_config.setdefault("runtime_env", {}).setdefault("env_vars", {}) for llm_config in
+                args["llm_configs"]] + [ingress_options.setdefault("runtime_env", {}).setdefault("env_vars", {})]:
         env.update({name: endpoint for name in ENDPOINT_ENV})
     return args
 
@@ -165,7 +172,9 @@ def build_app(args: dict[str, Any]):
     options = apply_deployment_defaults(
         E2EIngress.get_deployment_options(llm_configs), args.get("ingress_deployment_config") or {}
     )
-    ingress_cls = make_ingress(auth_enabled=auth["enabled"], api_key_env=auth["api_key_env"])
+    limits = args.get("limits") or {}
+    ingress_cls = make_ingress(auth_enabled=auth["enabled"], api_key_env=auth["api_key_env"],
+                               **({"max_body_bytes": limits["max_body_bytes"]} if "max_body_bytes" in limits else {}))
     return serve.deployment(ingress_cls, **options).bind(
         llm_deployments=deployments,
         model_cards=model_cards,
@@ -176,4 +185,6 @@ def build_app(args: dict[str, Any]):
         alias_refresh_s=store.get("alias_refresh_s", 2.0),
         auth_enabled=auth["enabled"],
         api_key_env=auth["api_key_env"],
+        limits=limits,
+        retry_deadline_s=(args.get("retry") or {}).get("deadline_s", 60.0),
     )

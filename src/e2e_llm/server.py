@@ -6,19 +6,64 @@
   for an adapter the replica has not loaded yet both ask vLLM to load it; the second fails
   ("has already been loaded") and its client gets a 500 -- exactly what a canary's first
   traffic to a new version looks like.
+- An adapter that cannot be loaded because the adapter store is unreachable is a 503 naming
+  the store and the reason, not Ray's 404 "Unable to find LoRA adapter config file". Ray
+  caches that miss for ``CLOUD_OBJECT_MISSING_EXPIRE_S`` (30 s): for that long after the store
+  is back the answer stays a 503 saying so, then the adapter loads without a restart.
 - Streams start unbatched. Ray groups streamed chunks every ``stream_batching_interval_ms``,
   including the first, so a long interval (cheaper on a small CPU box, see bench/RESULTS.md)
   would delay the first token by up to that interval. The first chunks (role, first token)
   go out at once; grouping starts after them.
 
-Both override private ``LLMServer`` methods, so they live in :mod:`e2e_llm.compat.ray_serve`
-with their upstream references and the tests that catch a Ray upgrade changing them.
+The first and last override private ``LLMServer`` methods, so they live in
+:mod:`e2e_llm.compat.ray_serve` (``PatchedLLMServer``) with their upstream references and the
+tests that catch a Ray upgrade changing them; the 503 is this class's ``adapter_load_failed``
+hook, which that override calls.
 """
 
 from __future__ import annotations
 
-from e2e_llm.compat.ray_serve import PatchedLLMServer
+import asyncio
+
+from e2e_llm import storage
+from e2e_llm.compat.ray_serve import OpenAIHTTPException, PatchedLLMServer
+
+# Ray Serve LLM keeps "adapter config missing" this long (CLOUD_OBJECT_MISSING_EXPIRE_S).
+RAY_MISSING_CACHE_S = 30
+
+
+def store_problem(adapter_uri: str) -> str | None:
+    """Why ``<adapter_uri>/adapter_config.json`` cannot be read (None: it can be, or it is
+    simply not there -- a real 404)."""
+    import os
+
+    try:
+        storage.read_bytes(storage.join(adapter_uri, "adapter_config.json"), endpoint_url=storage.s3_endpoint(),
+                           region=os.environ.get("AWS_DEFAULT_REGION"))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001  any other failure: the store is not answering
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return ""  # readable now: Ray's cached miss is stale
 
 
 class E2ELLMServer(PatchedLLMServer):
     """The ``server_cls`` the rendered service configs name (``e2e_llm.server:E2ELLMServer``)."""
+
+    async def adapter_load_failed(self, model_id: str, exc: Exception) -> None:
+        """A 503 naming the store when the adapter could not be loaded because the store is (or
+        just was) unreachable; otherwise return and Ray's own error stands."""
+        if self._llm_config.lora_config is None:
+            return
+        root = self._llm_config.lora_config.dynamic_lora_loading_path.rstrip("/")
+        uri = f"{root}/{model_id.partition(':')[2]}"
+        problem = await asyncio.to_thread(store_problem, uri)
+        if problem is None:
+            return
+        if problem:
+            message = (f"adapter {model_id!r} is not loaded on this replica and the adapter store is "
+                       f"unreachable ({uri}: {problem}); retry once the store is back")
+        else:
+            message = (f"adapter {model_id!r} could not be loaded while the adapter store was unreachable; "
+                       f"the store answers again, the adapter loads within {RAY_MISSING_CACHE_S} s: retry")
+        raise OpenAIHTTPException(503, message, type="ServiceUnavailable") from exc

@@ -397,3 +397,11 @@ def fetch_adapter(config: PipelineConfig, ref: str, local_dir: str | Path) -> tu
     path = store.download(adapter_id, Path(local_dir) / adapter_id)
     manifest_file = path / MANIFEST
     return path, json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+
+
+def local_store_dir(config: PipelineConfig) -> Path:
+    """Where the local S3 server keeps its objects: ``<storage root>/s3`` (local roots only)."""
+    root = config.storage.root
+    if "://" in root and not root.startswith("file://"):
+        raise StoreError(f"storage.root {root} is remote: a local S3 server has no local folder for it")
+    return config.path(root.removeprefix("file://")) / "s3"

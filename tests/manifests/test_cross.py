@@ -109,7 +109,7 @@ MUTATIONS = {
         "accelerator_type: L4 needs a GPU worker group with nodeSelector"),
     "autoscaling beyond the worker groups' GPUs": (
         lambda d: _serve_llm(d, lambda llm: llm["deployment_config"]["autoscaling_config"].update(max_replicas=8)),
-        "autoscaling_config.max_replicas: 8 x 1 GPU(s) = 8 > 2 GPUs the worker groups can hold"),
+        "autoscaling_config.max_replicas: 8 x 1 GPU(s) = 8 > 4 GPUs the worker groups can hold"),
     "tensor parallelism larger than a worker pod": (
         lambda d: _serve_llm(d, lambda llm: llm["engine_kwargs"].update(tensor_parallel_size=2)),
         "a replica needs 2 GPUs on one node, the largest GPU worker pod has 1"),

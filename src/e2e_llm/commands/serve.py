@@ -41,20 +41,25 @@ def run(args: argparse.Namespace) -> int:
     from e2e_llm.config import load_profile
     from e2e_llm.local_s3 import LocalS3Error, is_loopback, start
     from e2e_llm.publish import publish_once
-    from e2e_llm.serve import ServeError, app_args, build_app
+    from e2e_llm.serve import ServeError
     from e2e_llm.storage import is_remote, s3_endpoint
-    from e2e_llm.store import AdapterStore, StoreError, find_training_adapter
+    from e2e_llm.store import AdapterStore, StoreError, find_training_adapter, local_store_dir
 
     config = load_profile(args.profile)
     host, port = args.host or config.serve.host, args.port or config.serve.port
+    # Refuse before starting anything (a local S3 server included).
+    if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
+        print(f"error: serve.auth.enabled but ${config.serve.auth.api_key_env} is not set", file=sys.stderr)
+        return 2
     store = AdapterStore.from_config(config)
     endpoint = s3_endpoint(config.storage.endpoint_url)
     moto = None
     try:
         if endpoint and is_loopback(endpoint) and is_remote(store.uri):
-            moto = start(endpoint)
+            moto = start(endpoint, data_dir=local_store_dir(config))
             if moto:
-                print(f"started a local S3 server (moto) at {endpoint} for {store.uri}", flush=True)
+                print(f"started the local S3 store at {endpoint} for {store.uri} (data in {moto.data_dir})",
+                      flush=True)
         model = config.model.id
         if args.publish:
             adapter_dir, manifest = find_training_adapter(config, args.publish)
@@ -67,15 +72,21 @@ def run(args: argparse.Namespace) -> int:
     except (StoreError, ServeError, AdapterError, LocalS3Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if moto:
-            moto.terminate()
+            moto.stop()
         return 1
 
-    if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
-        print(f"error: serve.auth.enabled but ${config.serve.auth.api_key_env} is not set", file=sys.stderr)
-        return 2
+    try:
+        return _serve(args, config, host, port, model)
+    finally:
+        if moto:
+            moto.stop()
 
+
+def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -> int:
     import ray
     from ray import serve
+
+    from e2e_llm.serve import app_args, build_app
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -99,7 +110,4 @@ def run(args: argparse.Namespace) -> int:
         print("shutting down Serve and Ray", flush=True)
         serve.shutdown()
         ray.shutdown()
-        if moto:
-            moto.terminate()
-            moto.wait(timeout=10)
     return code

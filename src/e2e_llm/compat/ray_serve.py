@@ -105,7 +105,15 @@ class PatchedLLMServer(LLMServer):
         if self._lora_locks is None:
             self._lora_locks = defaultdict(asyncio.Lock)
         async with self._lora_locks[model_id]:
-            return await super()._maybe_resolve_lora_from_multiplex()
+            try:
+                return await super()._maybe_resolve_lora_from_multiplex()
+            except Exception as exc:
+                await self.adapter_load_failed(model_id, exc)
+                raise
+
+    async def adapter_load_failed(self, model_id: str, exc: Exception) -> None:
+        """Hook for a subclass: raise a clearer error for an adapter that failed to load;
+        returning lets ``exc`` propagate unchanged."""
 
     def _batch_output_stream(self, generator: AsyncGenerator) -> AsyncGenerator[list, None]:
         # BATCH_OUTPUT_STREAM: the first chunks (role, first token) go out at once, then batches.

@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The live app under abuse and failure (the shared ``serve_app``): the malformed-request table,
+the adapter store stopped and restarted under it, and the engine replica SIGKILLed under load.
+The kill test runs last: the app recovers, but slowly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from malformed import CASES, check_error, request_kwargs
+from serving import alive, descendants, engine_replica_pids
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+HI = [{"role": "user", "content": "Say hi"}]
+
+
+def _names(app) -> dict[str, str]:
+    return {"base": app.model_id, "alias": app.alias, "adapter": app.adapters["trained"]}
+
+
+def _chat(app, model, timeout=120, **kw):
+    body = {"model": model, "messages": HI, "max_tokens": 4, "temperature": 0.0, **kw}
+    return httpx.post(f"{app.openai_base_url}/chat/completions", json=body, headers=app.headers, timeout=timeout)
+
+
+def _wait(what, check, timeout):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last is True:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(1)
+    pytest.fail(f"{what} not within {timeout} s (last: {last})")
+
+
+def test_every_malformed_request_gets_its_status_and_an_openai_error_then_the_app_answers(serve_app):
+    names = _names(serve_app)
+    failures = []
+    with httpx.Client(base_url=serve_app.base_url, timeout=120) as client:
+        for case in CASES:
+            kwargs = request_kwargs(case, names, serve_app.api_key)
+            response = client.request(**kwargs)
+            try:
+                check_error(case, response.status_code, response.json(), names)
+            except (AssertionError, ValueError) as exc:
+                failures.append(f"{case.id}: {exc} -- {response.status_code} {response.text[:300]}")
+    assert not failures, "\n".join(failures)
+    for model in (serve_app.model_id, serve_app.alias):
+        response = _chat(serve_app, model)
+        assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"], response.text
+
+
+def test_models_and_model_cards_list_published_adapters_and_aliases(serve_app):
+    base, adapter = serve_app.model_id, serve_app.adapters["trained"]
+    for model in (f"{base}:{adapter}", f"{base}:{serve_app.alias}", base):
+        card = httpx.get(f"{serve_app.openai_base_url}/models/{model}", headers=serve_app.headers, timeout=30)
+        assert card.status_code == 200 and card.json()["id"] == model, card.text
+
+
+def test_ready_is_open_and_reports_engine_and_store(serve_app):
+    ready = httpx.get(f"{serve_app.base_url}/-/ready", timeout=30)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "ready" and ready.json()["engines"] == {serve_app.model_id: "ok"}
+
+
+def test_store_down_gives_503_for_an_unloaded_adapter_and_it_loads_once_the_store_is_back(serve_app, s3_store,
+                                                                                            local_model, tmp_path):
+    from adapters import make_lora_adapter
+
+    adapter = serve_app.store.publish(make_lora_adapter(local_model, tmp_path / "fresh"), name="fresh")
+    model = f"{serve_app.model_id}:{adapter}"
+    _wait("the app lists the new adapter", lambda: adapter in httpx.get(
+        f"{serve_app.openai_base_url}/aliases", headers=serve_app.headers, timeout=10).json()["adapters"], 30)
+    s3_store.stop()
+    try:
+        down = _chat(serve_app, model)
+        assert down.status_code == 503, down.text
+        error = down.json()["error"]
+        assert error["code"] == 503 and "unreachable" in error["message"] and adapter in error["message"], error
+        assert _chat(serve_app, serve_app.model_id).status_code == 200  # the base model still serves
+        ready = httpx.get(f"{serve_app.base_url}/-/ready", timeout=30)
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+    finally:
+        s3_store.start()
+    # Ray caches the failed lookup for up to 30 s; after that the adapter loads, no restart.
+    def answers():
+        response = _chat(serve_app, model)
+        return response.status_code == 200 or f"{response.status_code} {response.text[:300]}"
+
+    _wait("the adapter answers after the store is back", answers, 120)
+    assert adapter in serve_app.store.adapter_ids() and serve_app.alias in serve_app.store.aliases()
+
+
+def _stream(app, i):
+    """A streamed chat: ("done", n) if it ended with [DONE], ("error", n) if with an error event
+    after n content chunks, ("cut", n) if it just stopped (never acceptable)."""
+    body = {"model": app.model_id, "messages": [{"role": "user", "content": f"Count to twenty, take {i}."}],
+            "max_tokens": 48, "temperature": 0.0, "stream": True}
+    chunks = 0
+    with httpx.stream("POST", f"{app.openai_base_url}/chat/completions", json=body, headers=app.headers,
+                      timeout=300) as response:
+        if response.status_code != 200:
+            return ("status", response.status_code)
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                return ("done", chunks)
+            event = json.loads(data)
+            if "error" in event:
+                return ("error", chunks)
+            chunks += sum(1 for c in event.get("choices", []) if c.get("delta", {}).get("content"))
+    return ("cut", chunks)
+
+
+def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):
+    pids = engine_replica_pids(os.getpid())
+    assert len(pids) == 1, f"want one engine replica, found {pids}; ray processes: {alive(descendants(os.getpid()))}"
+    victim = pids[0][0]
+
+    def plain(i):
+        try:
+            response = _chat(serve_app, serve_app.model_id, timeout=300, max_tokens=16,
+                             messages=[{"role": "user", "content": f"Name a colour, take {i}."}])
+            return ("plain", response.status_code, response.text[:200] if response.status_code != 200 else "")
+        except httpx.HTTPError as exc:
+            return ("plain", type(exc).__name__, str(exc)[:200])
+
+    def streamed(i):
+        try:
+            return ("stream",) + _stream(serve_app, i)
+        except httpx.HTTPError as exc:
+            return ("stream", type(exc).__name__, str(exc)[:200])
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(streamed if i % 4 == 0 else plain, i) for i in range(32)]
+        time.sleep(3)  # requests in flight on the replica
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic() - start
+        results = [f.result() for f in futures]
+    took = time.monotonic() - start
+    plain_codes = [r[1] for r in results if r[0] == "plain"]
+    streams = [r[1:] for r in results if r[0] == "stream"]
+    print(f"killed {victim} at {killed_at:.1f} s; all done after {took:.1f} s; plain {plain_codes}; streams {streams}")
+    # Not-yet-answered requests were retried: no errors, only latency.
+    assert all(code == 200 for code in plain_codes), results
+    # A stream either finished or says it did not; none just stops, none fails before it started.
+    assert all(kind in ("done", "error") for kind, _ in streams), streams
+    assert all(chunks > 0 for kind, chunks in streams if kind == "error"), streams
+    # Serve restarted the replica: the app answers and is ready again.
+    assert engine_replica_pids(os.getpid()) and victim not in dict(engine_replica_pids(os.getpid()))
+    assert _chat(serve_app, serve_app.model_id).status_code == 200
+    _wait("/-/ready is 200 again", lambda: httpx.get(f"{serve_app.base_url}/-/ready", timeout=30).status_code == 200,
+          60)

@@ -1,0 +1,268 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The OpenAI ingress's request handling, fast: the real FastAPI app of ``e2e_llm.ingress``
+(error handlers, body guard, auth, limits, routing, retry, stream errors, readiness) in front of
+a fake engine handle, with the adapter store in a local folder. The same malformed-request
+table runs against the live app in tests/integration/test_serve_resilience.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve.llm")
+
+from fastapi import HTTPException  # noqa: E402
+from malformed import CASES, MAX_BODY_BYTES, MAX_N, MAX_TOTAL_TOKENS, check_error, request_kwargs  # noqa: E402
+from ray import exceptions as ray_exceptions  # noqa: E402
+from ray.llm._internal.serve.core.configs.openai_api_models import (  # noqa: E402
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+)
+from starlette.testclient import TestClient  # noqa: E402
+
+BASE = "smollm2-135m"
+KEY_ENV = "E2E_LLM_TEST_INGRESS_KEY"
+KEY = "k3y"
+
+
+def _chat_response(model: str, text: str = "hi") -> ChatCompletionResponse:
+    return ChatCompletionResponse.model_validate({
+        "id": "chatcmpl-1", "model": model, "created": 0,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+
+def _chunk(model: str, text: str, finish: str | None = None) -> str:
+    return "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model,
+                                  "choices": [{"index": 0, "delta": {"content": text},
+                                               "finish_reason": finish}]}) + "\n\n"
+
+
+class FakeEngine:
+    """Stands in for the LLMServer deployment handle. ``script``: per call, what happens:
+    "ok", "die" (replica died before answering), "cut" (stream dies after one chunk)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+        self.script: list[str] = []
+        self.healthy = True
+
+    def options(self, **kw):
+        return self
+
+    def __getattr__(self, method):
+        engine = self
+
+        class Method:
+            def remote(self, body=None, raw=None):
+                if method == "check_health":
+                    return engine._health()
+                return engine._run(method, body)
+
+        return Method()
+
+    async def _health(self):
+        if not self.healthy:
+            await asyncio.sleep(60)  # a dead deployment never answers
+
+    async def _run(self, method, body):
+        self.calls.append((method, body.model))
+        what = self.script.pop(0) if self.script else "ok"
+        if what == "die":
+            raise ray_exceptions.ActorDiedError()
+        text = json.dumps(getattr(body, "messages", None) or getattr(body, "prompt", ""))
+        if len(text) > 4000:  # the engine's own context check
+            yield ErrorResponse.model_validate({"error": {"message": "This model's maximum context length is 1024",
+                                                          "type": "BadRequestError", "code": 400}})
+            return
+        if getattr(body, "stream", False):
+            yield [_chunk(body.model, "hel")]
+            if what == "cut":
+                raise ray_exceptions.ActorDiedError()
+            yield [_chunk(body.model, "lo", "stop")]
+            return
+        if method == "completions":
+            yield CompletionResponse.model_validate({
+                "id": "cmpl-1", "model": body.model, "created": 0,
+                "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        else:
+            yield _chat_response(body.model)
+
+
+def _publish(store, root, name):
+    folder = root / f"src-{name}"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": BASE}))
+    (folder / "adapter_model.safetensors").write_bytes(b"0")
+    return store.publish(folder, name=name)
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    """(TestClient, ingress instance, fake engine, names) with auth on and the test limits."""
+    from ray import serve
+    from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
+
+    from e2e_llm.ingress import ENDPOINTS, E2EIngress, ingress_app
+    from e2e_llm.store import AdapterStore
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    store = AdapterStore(str(tmp_path / "store"))
+    adapter = _publish(store, tmp_path, "viggo")
+    store.set_alias("viggo", stable=adapter)
+    engine = FakeEngine()
+    app = ingress_app(auth_enabled=True, api_key_env=KEY_ENV, max_body_bytes=MAX_BODY_BYTES)
+    make_fastapi_ingress(E2EIngress, endpoint_map=ENDPOINTS, app=app)
+    card = ModelCard(id=BASE, object="model", owned_by="e2e-llm", permission=[], metadata={})
+    ingress = E2EIngress({BASE: engine}, {BASE: card}, store_uri=store.uri, auth_enabled=True, api_key_env=KEY_ENV,
+                         limits={"max_n": MAX_N, "max_total_tokens": MAX_TOTAL_TOKENS,
+                                 "max_body_bytes": MAX_BODY_BYTES, "default_max_tokens": 1024},
+                         retry_deadline_s=30.0)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress))
+    names = {"base": BASE, "alias": "viggo", "adapter": adapter}
+    client = TestClient(app, raise_server_exceptions=False)
+    return SimpleNamespace(client=client, ingress=ingress, engine=engine, names=names, store=store)
+
+
+def post(api, path, body, **kw):
+    return api.client.post(path, json=body, headers={"Authorization": f"Bearer {KEY}"}, **kw)
+
+
+def test_the_table_has_at_least_41_kinds_of_malformed_request():
+    assert len(CASES) >= 41 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_malformed_request_gets_its_status_and_an_openai_error_object(api, case):
+    kwargs = request_kwargs(case, api.names, KEY)
+    response = api.client.request(**kwargs)
+    check_error(case, response.status_code, response.json(), api.names)
+
+
+def test_after_every_malformed_request_the_app_still_answers(api):
+    for case in CASES:
+        api.client.request(**request_kwargs(case, api.names, KEY))
+    for model in (BASE, "viggo", f"{BASE}:{api.names['adapter']}"):
+        response = post(api, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 4})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == "hi"
+
+
+def test_requests_within_the_limits_pass(api):
+    body = {"model": BASE, "messages": [{"role": "system", "content": "x"}, {"role": "developer", "content": "y"},
+                                        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
+                                        {"role": "user", "content": "b"}],
+            "n": MAX_N, "max_tokens": MAX_TOTAL_TOKENS // MAX_N, "temperature": 2, "top_p": 1}
+    assert post(api, "/v1/chat/completions", body).status_code == 200
+    assert post(api, "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 4,
+                                         "logprobs": 5}).status_code == 200
+
+
+def test_models_lists_published_adapters_and_aliases_and_each_has_a_card(api):
+    ids = {m["id"] for m in api.client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]}
+    adapter = api.names["adapter"]
+    assert {BASE, f"{BASE}:{adapter}", f"{BASE}:viggo"} <= ids
+    for model in (f"{BASE}:{adapter}", f"{BASE}:viggo", "viggo", BASE):
+        card = api.client.get(f"/v1/models/{model}", headers={"Authorization": f"Bearer {KEY}"})
+        assert card.status_code == 200, (model, card.text)
+
+
+def test_a_replica_death_before_any_token_is_retried_once(api):
+    api.engine.script = ["die", "ok"]
+    response = post(api, "/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200, response.text
+    assert len(api.engine.calls) == 2
+
+
+def test_a_second_death_is_a_503_not_a_second_retry(api):
+    api.engine.script = ["die", "die", "ok"]
+    response = post(api, "/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503 and response.json()["error"]["code"] == 503
+    assert len(api.engine.calls) == 2
+
+
+def test_no_retry_after_the_deadline(api):
+    api.ingress._retry_deadline_s = 0.0
+    api.engine.script = ["die", "ok"]
+    response = post(api, "/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503 and len(api.engine.calls) == 1
+
+
+def test_a_stream_cut_after_tokens_ends_with_an_error_event_and_no_done(api):
+    api.engine.script = ["cut"]
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    response = post(api, "/v1/chat/completions", body)
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "hel"
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == 503 and "incomplete" in error["message"]
+    assert "[DONE]" not in events
+    assert len(api.engine.calls) == 1  # tokens were sent: never replayed
+
+
+def test_a_whole_stream_ends_with_done(api):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    events = [line for line in post(api, "/v1/chat/completions", body).text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)
+
+
+def _store_down(api, patch):
+    def unreachable(*a, **kw):
+        raise OSError("Connection refused (127.0.0.1:9)")
+
+    patch.setattr(api.ingress._store, "aliases", unreachable)
+    api.ingress._loaded_at = min(api.ingress._loaded_at, 0.0)  # the next request re-reads the store
+
+
+def test_store_down_and_an_adapter_it_cannot_look_up_is_a_503_with_the_reason(api):
+    post(api, "/v1/chat/completions", {"model": "viggo", "messages": [{"role": "user", "content": "hi"}]})
+    body = {"model": f"{BASE}:viggo-v9", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with pytest.MonkeyPatch.context() as patch:
+        _store_down(api, patch)
+        response = post(api, "/v1/chat/completions", body)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert "unreachable" in error["message"] and "Connection refused" in error["message"]
+        assert response.headers["retry-after"]
+        # the base model and adapters in the last good snapshot still serve
+        assert post(api, "/v1/chat/completions", {**body, "model": "viggo"}).status_code == 200
+        assert post(api, "/v1/chat/completions", {**body, "model": BASE}).status_code == 200
+    api.ingress._loaded_at = 0.0
+    assert post(api, "/v1/chat/completions", body).status_code == 404  # store back: a real "no such adapter"
+
+
+def test_engine_404_for_an_adapter_while_the_store_is_down_is_a_503(api):
+    adapter = f"{BASE}:{api.names['adapter']}"
+
+    async def missing(method, body):
+        raise HTTPException(404, "Unable to find LoRA adapter config file")
+        yield  # an async generator, like the handle stream
+
+    post(api, "/v1/chat/completions", {"model": "viggo", "messages": [{"role": "user", "content": "hi"}]})
+    with pytest.MonkeyPatch.context() as patch:
+        _store_down(api, patch)
+        patch.setattr(api.engine, "_run", missing)
+        response = post(api, "/v1/chat/completions", {"model": adapter, "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 503 and "unreachable" in response.json()["error"]["message"], response.text
+
+
+def test_ready_reports_engine_and_store_and_is_503_while_the_engine_is_down(api, monkeypatch):
+    import e2e_llm.ingress as ingress_module
+
+    monkeypatch.setattr(ingress_module, "READY_TIMEOUT_S", 0.2)
+    ready = api.client.get("/-/ready")  # open like Serve's probes: no key
+    assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+    _store_down(api, monkeypatch)
+    degraded = api.client.get("/-/ready")
+    assert degraded.status_code == 200 and degraded.json()["status"] == "degraded"
+    assert "Connection refused" in degraded.json()["adapter_store"]["error"]
+    api.engine.healthy = False
+    down = api.client.get("/-/ready")
+    assert down.status_code == 503 and down.json()["engines"][BASE].startswith("unavailable")

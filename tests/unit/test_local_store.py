@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The local adapter store (moto on loopback) keeps its objects across restarts, and
+`e2e-llm serve` refused at startup leaves no store process behind."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import pytest
+
+pytest.importorskip("moto")
+
+from e2e_llm.local_s3 import LocalS3Process as LocalStoreProcess  # noqa: E402
+from e2e_llm.local_s3 import endpoint_reachable  # noqa: E402
+from e2e_llm.store import AdapterStore  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adapter(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    return folder
+
+
+def test_published_adapters_aliases_and_logs_survive_a_restart_and_deletes_stay_deleted(tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    data = tmp_path / "s3"
+    server = LocalStoreProcess("127.0.0.1", _free_port(), data).start()
+    try:
+        store = AdapterStore("s3://local-store-test/adapters", server.endpoint, "us-east-1")
+        first = store.publish(_adapter(tmp_path), name="viggo", alias="viggo")
+        second = store.publish(_adapter(tmp_path), name="viggo")
+        store.set_alias("viggo", stable=first, candidate=second, candidate_weight=0.25)
+        from e2e_llm import storage
+
+        storage.write_text("s3://local-store-test/adapters/rollouts-viggo.jsonl", '{"step": 1}\n',
+                           endpoint_url=server.endpoint, region="us-east-1")
+        storage.write_text("s3://local-store-test/scratch.txt", "gone soon", endpoint_url=server.endpoint,
+                           region="us-east-1")
+        fs, path = storage.filesystem("s3://local-store-test/scratch.txt", endpoint_url=server.endpoint,
+                                      region="us-east-1")
+        fs.delete_file(path)
+    finally:
+        server.stop()  # a clean stop mirrors the last writes
+    assert not endpoint_reachable(server.endpoint)
+
+    again = LocalStoreProcess("127.0.0.1", server.port, data).start()
+    try:
+        store = AdapterStore("s3://local-store-test/adapters", again.endpoint, "us-east-1")
+        assert sorted(store.adapter_ids()) == [first, second]
+        alias = store.aliases()["viggo"]
+        assert (alias.stable, alias.candidate, alias.candidate_weight) == (first, second, 0.25)
+        assert store.index()[second]["version"] == "v2"
+        from e2e_llm import storage
+
+        kw = {"endpoint_url": again.endpoint, "region": "us-east-1"}
+        assert storage.read_text("s3://local-store-test/adapters/rollouts-viggo.jsonl", **kw) == '{"step": 1}\n'
+        assert storage.read_bytes(f"s3://local-store-test/adapters/{first}/adapter_model.safetensors",
+                                  **kw) == b"\0" * 1000
+        assert not storage.exists("s3://local-store-test/scratch.txt", **kw)
+    finally:
+        again.stop()
+
+
+def test_an_empty_data_dir_starts_an_empty_store(tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    server = LocalStoreProcess("127.0.0.1", _free_port(), tmp_path / "fresh").start()
+    try:
+        assert AdapterStore("s3://empty/adapters", server.endpoint, "us-east-1").adapter_ids() == []
+    finally:
+        server.stop()
+
+
+def test_serve_refused_for_a_missing_api_key_starts_no_store(monkeypatch):
+    from e2e_llm.commands import serve as serve_command
+    from e2e_llm.config import load_profile
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    config = load_profile("local")
+    config.serve.auth.enabled = True
+    monkeypatch.setattr("e2e_llm.config.load_profile", lambda *a, **k: config)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.delenv(config.serve.auth.api_key_env, raising=False)
+    args = argparse.Namespace(profile="local", host=None, port=None, publish=None, then=None, ray_temp_dir=None)
+    assert serve_command.run(args) == 2
+    assert not endpoint_reachable(endpoint)
