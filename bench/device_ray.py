@@ -37,16 +37,22 @@ is reported; Ray Train restarts the group from it; the final adapter is loaded w
 
     # here (train env): wheels, parcels, repo copy into /work/main/.device/gpu (ignored)
     .venv/train/bin/python bench/device_ray.py prepare --dest /work/main/.device/gpu
-    # device calls, back to back (carry .device/gpu/repo and the parcel):
+    # device calls, back to back (each within ~30 s of the last, or the stash is gone):
     mkdir -p /root/e2e-stash && cp -r .device/gpu/p1/. /root/e2e-stash/          # carry .device/gpu/p1
     mkdir -p /root/e2e-stash && cp -r .device/gpu/p2/. /root/e2e-stash/          # carry .device/gpu/p2
-    cd .device/gpu/repo && python3 bench/device_ray.py stash ../p3 && python3 bench/device_ray.py setup \\
-        && python3 bench/device_ray.py train quality
-    cd .device/gpu/repo && python3 bench/device_ray.py setup --7b && python3 bench/device_ray.py train full --direct
-    cd .device/gpu/repo && python3 bench/device_ray.py setup --7b && python3 bench/device_ray.py train kill
-    # here: results.jsonl lines (quality: scored on val with `e2e-llm batch`, heavy lock taken)
+    cd .device/gpu/repo && python3 bench/device_ray.py stash ../p3 && python3 bench/device_ray.py setup \
+        && python3 bench/device_ray.py train quality                  # carry .device/gpu/repo .device/gpu/p3
+    cd .device/gpu/repo && python3 bench/device_ray.py setup --7b \
+        && python3 bench/device_ray.py train full --steps 80          # carry .device/gpu/repo (~4 min)
+    cd .device/gpu/repo && python3 bench/device_ray.py setup --7b \
+        && python3 bench/device_ray.py train kill --direct --steps 80 --kill-after 40   # (~7 min)
+    # here: results.jsonl lines (train_ray_vs_direct from a report with --direct; quality: scored
+    # on val with `e2e-llm batch`, which takes the heavy lock itself)
     .venv/serve/bin/python bench/device_ray.py record /work/.device/<files_at>
 
+Budget: the three parcels and the three runs took 24.5 device minutes on one H200 (2026-12-02).
+A call's $OUT keeps one ``<scenario>.json`` and one ``<scenario>.tar.gz`` (run files without
+checkpoints; a 7B adapter's weights only as their sha256, being over what $OUT returns).
 ``train ... --dry-run`` runs the same plumbing on CPU here (tiny model, gloo, a few steps).
 """
 
