@@ -161,7 +161,10 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
         args.pop("eval_strategy", None)
         args.pop("do_eval", None)
     # Observability: effective (non-padding) tokens for tokens/s; LLaMA-Factory then logs them.
-    args.setdefault("include_num_input_tokens_seen", "non_padding")
+    # With neat_packing the attention mask is LLaMA-Factory's 4-D additive one, which transformers'
+    # non_padding count sums into a large negative number (seen on the GPU recipes): count every
+    # token of the packs there (padding is what packing leaves over, ~8% at 1024).
+    args.setdefault("include_num_input_tokens_seen", "all" if args.get("neat_packing") else "non_padding")
     if not tc.use_gpu:
         args.pop("bf16", None)  # CPU keeps the checkpoint's bf16 weights with fp32 LoRA (faster here)
         args.pop("fp16", None)

@@ -90,6 +90,18 @@ def test_plan_overrides_only_deployment_keys(profile):
     assert plan.args["model_name_or_path"].endswith("smollm2-135m")
 
 
+def test_token_count_survives_neat_packing(profile):
+    """transformers' non_padding count sums neat packing's 4-D mask (negative on the GPU recipes)."""
+    from e2e_llm.train import plan_run
+
+    config = _ingested(profile())
+    assert plan_run(config).args["include_num_input_tokens_seen"] == "non_padding"
+    packed = plan_run(config, overrides={"packing": True, "neat_packing": True})
+    assert packed.args["include_num_input_tokens_seen"] == "all"
+    explicit = plan_run(config, overrides={"neat_packing": True, "include_num_input_tokens_seen": "no"})
+    assert explicit.args["include_num_input_tokens_seen"] == "no"
+
+
 def test_closing_evaluation_is_read_from_all_results(tmp_path):
     """The local recipe evaluates once, after training: that eval_loss is only in all_results.json."""
     import json

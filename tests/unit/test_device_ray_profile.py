@@ -1,0 +1,47 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The GPU bench profile (bench/device_ray.py) is the cluster profile with only what the device forces."""
+
+import importlib.util
+import sys
+
+import yaml
+
+from e2e_llm.config import load_profile
+
+
+def _device_ray(project_root):
+    sys.path.insert(0, str(project_root / "bench"))
+    spec = importlib.util.spec_from_file_location("device_ray", project_root / "bench" / "device_ray.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_profile_differs_from_cluster_only_in_forced_keys(project_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("E2E_LLM_STORAGE_ROOT", raising=False)
+    dr = _device_ray(project_root)
+    cluster = yaml.safe_load((project_root / "configs/profiles/cluster.yaml").read_text())
+    prof = dr.gpu_profile(str(tmp_path / "model"), str(tmp_path / "store"))
+    assert dr.profile_diff(cluster, prof) == [
+        "model.source", "profile", "storage.root", "train.accelerator_type", "train.num_workers"]
+    # what makes it the GPU path stays the cluster's
+    assert prof["train"]["use_gpu"] is True
+    assert prof["train"]["resources_per_worker"] == cluster["train"]["resources_per_worker"]
+    assert prof["train"]["recipe"] == cluster["train"]["recipe"]
+    assert prof["train"]["max_failures"] == cluster["train"]["max_failures"]
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    config = load_profile(str(path), root=project_root)
+    assert config.train.use_gpu and config.train.num_workers == 1
+    assert config.train.accelerator_type == "H200"
+    assert config.storage_uri("runs") == str(tmp_path / "store" / "runs")
+
+
+def test_profile_diff_reports_any_other_change(project_root):
+    dr = _device_ray(project_root)
+    cluster = yaml.safe_load((project_root / "configs/profiles/cluster.yaml").read_text())
+    changed = yaml.safe_load((project_root / "configs/profiles/cluster.yaml").read_text())
+    changed["train"]["use_gpu"] = False
+    changed["batch"]["engine_kwargs"] = {"enforce_eager": True}
+    assert dr.profile_diff(cluster, changed) == ["batch.engine_kwargs", "train.use_gpu"]
+    assert dr.profile_diff(cluster, cluster) == []
