@@ -257,15 +257,18 @@ def lora_rank_for_vllm(rank: int) -> int:
 
 def merged_model_name(config: PipelineConfig, adapter: Adapter, dtype: str | None = None) -> str:
     """``<model>-<adapter sha256[:16]>-<dtype>``: the merged checkpoint's cache folder and storage key."""
-    return f"{config.model.id}-{adapter.sha256[:16]}-{dtype or config.batch.dtype or config.model.dtype}"
+    from e2e_llm.precision import batch_dtype
+
+    return f"{config.model.id}-{adapter.sha256[:16]}-{dtype or batch_dtype(config).dtype}"
 
 
 def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, cache_dir: Path | None = None,
                      dtype: str | None = None) -> Path:
     """Fold the adapter into the base weights once (fp32 merge, saved in the engine dtype)."""
     from e2e_llm.model import default_cache_dir
+    from e2e_llm.precision import batch_dtype, torch_dtype
 
-    dtype_name = dtype or config.batch.dtype or config.model.dtype
+    dtype_name = dtype or batch_dtype(config).dtype
     out = (cache_dir or default_cache_dir()) / "merged" / merged_model_name(config, adapter, dtype_name)
     if (out / MERGED_MARKER).is_file():
         return out
@@ -275,8 +278,7 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-        dtype_name, torch.bfloat16)
+    dtype = torch_dtype(dtype_name)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
     merged = merged.to(dtype)
@@ -404,9 +406,11 @@ def sampling_params(config: PipelineConfig, task, structured: bool | None = None
 
 
 def engine_kwargs(config: PipelineConfig, adapter: Adapter | None, mode: str) -> dict[str, Any]:
+    from e2e_llm.precision import batch_dtype
+
     kwargs: dict[str, Any] = {
         "max_model_len": config.model.max_model_len,
-        "dtype": config.batch.dtype or config.model.dtype,
+        "dtype": batch_dtype(config).dtype,
         "enable_prefix_caching": config.batch.enable_prefix_caching,
         # vLLM's scheduler default depends on how the engine is built (LLM class on CPU: 256;
         # the async engine ray.data.llm runs: 128): size it to the rows in flight instead.
@@ -634,8 +638,11 @@ def run_batch(
     """Resolve inputs, generate with ray.data.llm, write predictions, metrics, report, manifest."""
     from e2e_llm.evaluate import HEADLINE, EvaluationError, evaluate_rows, write_reports
     from e2e_llm.model import resolve_model_path
+    from e2e_llm.precision import batch_dtype
 
     started = time.time()
+    dtype = batch_dtype(config)
+    print(f"[batch] dtype: {dtype.line()}", flush=True)
     split = split or config.batch.split
     mode = mode or config.batch.adapter_mode
     structured = config.batch.structured_output if structured is None else structured
@@ -721,6 +728,7 @@ def run_batch(
         "sampling": sampling_params(config, task, structured) | ({"structured_outputs": "task regex"}
                                                                  if structured else {}),
         "engine": engine_kwargs(config, adapter, mode),
+        "dtype": dtype.as_dict(),  # the engine's dtype and why (CPU capability / GPU)
         "rows": {"in": len(data.rows), "out": len(rows), "errors": errors, "invalid_input": len(data.invalid),
                  "engine_errors": errors - len(data.invalid), "truncated": sum(1 for r in rows if r["truncated"])},
         "timing": {"seconds": round(time.time() - started, 1), "generate_seconds": round(gen_seconds, 1),

@@ -32,6 +32,7 @@ import yaml
 
 from e2e_llm import storage
 from e2e_llm.config import PipelineConfig
+from e2e_llm.precision import llamafactory_precision
 
 # Keys our layer owns: they depend on where the job runs, not on the recipe.
 DEPLOYMENT_KEYS = (
@@ -118,6 +119,7 @@ class TrainPlan:
     args: dict[str, Any]
     recipe_path: str
     dataset_files: dict[str, str]
+    dtype: dict[str, Any] = dataclasses.field(default_factory=dict)  # DtypeChoice.as_dict()
 
 
 def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None,
@@ -171,10 +173,35 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
         args.pop("do_eval", None)
     # Observability: effective (non-padding) tokens for tokens/s; LLaMA-Factory then logs them.
     args.setdefault("include_num_input_tokens_seen", "non_padding")
-    if not tc.use_gpu:
-        args.pop("bf16", None)  # CPU keeps the checkpoint's bf16 weights with fp32 LoRA (faster here)
-        args.pop("fp16", None)
-    return TrainPlan(run_id, run_uri, work_dir, dataset_uri, args, str(recipe_path), dataset_files)
+    choice = training_dtype(config, recipe_path, recipe, model_path)
+    args.update(llamafactory_precision(choice))
+    return TrainPlan(run_id, run_uri, work_dir, dataset_uri, args, str(recipe_path), dataset_files,
+                     dtype=choice.as_dict())
+
+
+def training_dtype(config: PipelineConfig, recipe_path: Path, recipe: dict[str, Any], model_path: str):
+    """The training dtype (e2e_llm.precision), checked against the recipe and the checkpoint.
+
+    LLaMA-Factory's ``bf16``/``fp16`` keys are derived from it: on a GPU a recipe may repeat the
+    derived value but not contradict it; on CPU both are off whatever a (GPU) recipe says, since
+    HF's CPU autocast is not used. On CPU the weights load in the checkpoint's own dtype, so a
+    local checkpoint prepared in another dtype is refused (``e2e-llm model`` converts it again)."""
+    from e2e_llm.model import prepared_dtype
+    from e2e_llm.precision import choose_dtype, llamafactory_precision, train_device
+
+    choice = choose_dtype(config.model.dtype, train_device(config))
+    derived = llamafactory_precision(choice)
+    if recipe.get("pure_bf16") and choice.dtype != "bfloat16":
+        raise TrainError(f"{recipe_path}: pure_bf16 but this run trains in {choice.line()}")
+    for key, value in derived.items():
+        if key in recipe and bool(recipe[key]) != value and (value or config.train.use_gpu):
+            raise TrainError(f"{recipe_path}: {key}: {recipe[key]} contradicts the training dtype "
+                             f"{choice.line()}; set model.dtype in the profile instead")
+    saved = prepared_dtype(Path(model_path)) if Path(model_path).is_dir() else None
+    if not config.train.use_gpu and saved and saved != choice.dtype:
+        raise TrainError(f"{model_path} was prepared in {saved} but this machine trains in {choice.line()}: "
+                         f"run `e2e-llm model --profile {config.profile}` (make model) to convert it again")
+    return choice
 
 
 
@@ -347,6 +374,7 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     started_ray = _ensure_ray(config, ray_temp_dir)
     print(f"[train] run {plan.run_id}: {config.train.num_workers} Ray Train workers, outputs in {plan.run_uri}",
           flush=True)
+    print(f"[train] dtype: {plan.dtype['dtype']} on {plan.dtype['device']} ({plan.dtype['reason']})", flush=True)
     start = time.time()
     try:
         tc = config.train
@@ -463,6 +491,7 @@ def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs
                        "path": plan.args["model_name_or_path"]},
         "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files},
         "recipe": plan.recipe_path,
+        "dtype": plan.dtype,  # the training dtype and why (CPU capability / GPU)
         "training_args": plan.args,
         "ray": {"num_workers": config.train.num_workers, "use_gpu": config.train.use_gpu,
                 "resources_per_worker": config.train.resources_per_worker,
