@@ -637,7 +637,7 @@ def run_batch(
 ) -> BatchResult:
     """Resolve inputs, generate with ray.data.llm, write predictions, metrics, report, manifest."""
     from e2e_llm.evaluate import HEADLINE, EvaluationError, evaluate_rows, write_reports
-    from e2e_llm.model import resolve_model_path
+    from e2e_llm.model import prepared_dtype, resolve_model_path
     from e2e_llm.precision import batch_dtype
 
     started = time.time()
@@ -712,7 +712,8 @@ def run_batch(
         "profile": config.profile,
         "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
-        "base_model": {"id": config.model.id, "source": config.model.source, "path": model_path},
+        "base_model": {"id": config.model.id, "source": config.model.source, "path": model_path,
+                       "dtype": prepared_dtype(Path(model_path)) if Path(model_path).is_dir() else None},
         "adapter": None if adapter is None else {
             "path": str(adapter.path), "sha256": adapter.sha256, "rank": adapter.rank, "mode": mode,
             "base_model_name_or_path": adapter.base_model, "engine_model": model_source,

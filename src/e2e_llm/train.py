@@ -335,7 +335,8 @@ def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": worker_env(config)}
+    # The setup hook drops known-noise log records in every worker (e2e_llm.logs says which, and why).
+    runtime_env = {"env_vars": worker_env(config), "worker_process_setup_hook": "e2e_llm.logs.quiet_known_noise"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env)
         return True
@@ -349,6 +350,7 @@ def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
 
 def worker_env(config: PipelineConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "DISABLE_VERSION_CHECK",
+                                      "LLAMAFACTORY_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE",
                                       "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_TOKEN")
            if k in os.environ}
