@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """One function decides every stage's dtype: each CPU/GPU capability faked, plus profile pins."""
 
+import platform
+
 import pytest
 
 from e2e_llm.config import load_profile
@@ -117,3 +119,21 @@ def test_real_machine_signals_are_well_formed():
     signals = cpu_signals()
     assert signals.capability and isinstance(signals.features, tuple)
     assert choose_dtype("auto", "cpu").dtype in ("bfloat16", "float32")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 reproduction is x86-only")
+def test_make_e2e_avx2_env_makes_this_machine_choose_float32():
+    """The AVX2 reproduction (Makefile AVX2_ENV) changes what torch reports, so the real probe
+    chooses float32 on any x86 CPU, native bf16 or not."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    assignments = re.search(r"^AVX2_ENV := (.+)$", makefile, re.M).group(1).split()
+    env = {**os.environ, **dict(a.split("=", 1) for a in assignments)}
+    code = "from e2e_llm.precision import choose_dtype; c = choose_dtype('auto', 'cpu'); print(c.dtype, c.reason)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("float32 CPU AVX2"), out
