@@ -356,6 +356,9 @@ def worker_env(config: PipelineConfig) -> dict[str, str]:
            if k in os.environ}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("DISABLE_VERSION_CHECK", "1")  # LLaMA-Factory pins; our lock file is the source of truth
+    # Ray Train v2 patches print() in workers to also log through the root logger; a worker's
+    # stdout is not sys.__stdout__ there, so each `[train] step` line was printed twice.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not config.train.use_gpu:
         # One OpenMP pool per worker sized to its CPU share; more threads only fight each other.
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(config.train.resources_per_worker.get("CPU", 1)))))
