@@ -177,8 +177,10 @@ def s3_server():
 # -- the shared trained adapter -----------------------------------------------------------
 
 TEST_STORAGE = CACHE / "test-storage"
-# Small but real: 128 VIGGO rows, 2 Ray Train CPU workers, LLaMA-Factory LoRA r8.
-SHARED_TRAIN_OVERRIDES = ("max_samples=128",)
+# Small but real: 128 VIGGO rows, 2 Ray Train CPU workers, the local recipe's LoRA, and the
+# closing evaluation the local recipe skips (`e2e-llm batch` scores val there), so the manifest's
+# eval_loss path stays tested.
+SHARED_TRAIN_OVERRIDES = ("max_samples=128", "do_eval=true")
 
 
 def storage_env(root: str | Path, **extra: str) -> dict[str, str]:
