@@ -43,9 +43,8 @@ QUIET_ENV = {
     "TQDM_DISABLE": "1",
     # Ray Train v2 patches print() in workers to also go through its logger: every
     # `[train] step` line reached the terminal twice.
+    # (e2e_llm.train sets this for its workers too; here it also covers a Ray started elsewhere.)
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # The e2e_llm.logs filters (known-noise log records in Ray's own worker processes).
-    "E2E_LLM_QUIET": "1",
 }
 STAGES = ("data", "model", "train", "batch", "serve")
 
