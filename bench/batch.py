@@ -31,6 +31,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from e2e_llm.precision import batch_dtype
+
 ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in (("OMP_WAIT_POLICY", "PASSIVE"), ("HF_HUB_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "2")):
     os.environ.setdefault(_k, _v)
@@ -135,7 +137,7 @@ def bench_pipeline(args) -> list[dict]:
     errors = sum(1 for r in out if r["error"])
     n = len(rows)
     details = dict(rows=n, model="merged adapter" if adapter else "base", structured=structured,
-                   dtype=config.batch.dtype or config.model.dtype,
+                   dtype=batch_dtype(config).dtype,
                    identical_outputs=same, pipeline_errors=errors, generated_tokens=gen_tokens,
                    raw_engine_start_s=round(t1 - t0, 1), raw_generate_s=round(raw_gen, 1),
                    pipeline_s=round(pipe_total, 1), shared_cpu=True)
@@ -185,7 +187,7 @@ def bench_engines(args) -> list[dict]:
     def valid(texts: list[str]) -> float:
         return round(sum(task.try_parse(t) is not None for t in texts) / len(texts), 4)
 
-    dtype = config.batch.dtype or config.model.dtype
+    dtype = batch_dtype(config).dtype
     common = dict(rows=n, dtype=dtype, warmup_rows=8, timed="generate only, after warm-up", shared_cpu=True)
     tps = lambda tokens, seconds: round(tokens / seconds, 1)  # noqa: E731
     return [

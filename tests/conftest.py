@@ -110,11 +110,13 @@ def run_in_env(env_name: str, *args: str, timeout: float = 1800, **kwargs) -> su
 
 @pytest.fixture(scope="session")
 def local_model(local_config) -> Path:
-    """The real SmolLM2-135M-Instruct, converted from PyPI GGUF once per cache."""
-    from e2e_llm.model import READY_MARKER, default_cache_dir
+    """The real SmolLM2-135M-Instruct, converted from PyPI GGUF once per cache, in the dtype this
+    machine trains in (e2e_llm.precision: float32 without native bf16), as `make e2e` does."""
+    from e2e_llm.model import default_cache_dir, prepared_dtype
+    from e2e_llm.precision import model_dtype
 
     path = default_cache_dir() / "models" / local_config.model.id
-    if not (path / READY_MARKER).is_file():
+    if prepared_dtype(path) != model_dtype(local_config).dtype:
         try:
             import gguf  # noqa: F401  (train env)
 
@@ -170,8 +172,10 @@ def s3_server(s3_store) -> str:
 # -- the shared trained adapter -----------------------------------------------------------
 
 TEST_STORAGE = CACHE / "test-storage"
-# Small but real: 128 VIGGO rows, 2 Ray Train CPU workers, LLaMA-Factory LoRA r8.
-SHARED_TRAIN_OVERRIDES = ("max_samples=128",)
+# Small but real: 128 VIGGO rows, 2 Ray Train CPU workers, the local recipe's LoRA, and the
+# closing evaluation the local recipe skips (`e2e-llm batch` scores val there), so the manifest's
+# eval_loss path stays tested.
+SHARED_TRAIN_OVERRIDES = ("max_samples=128", "do_eval=true")
 
 
 def storage_env(root: str | Path, **extra: str) -> dict[str, str]:

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "canary": ("e2e_llm.commands.canary", "roll an adapter version out behind an alias, gated on quality and SLOs"),
     "promote": ("e2e_llm.commands.promote", "promote the unfinished canary's candidate to stable now"),
     "rollback": ("e2e_llm.commands.rollback", "adapter rollback: abort the canary or revert the last promotion"),
+    "e2e": ("e2e_llm.commands.e2e", "the whole local pipeline with banners, full logs in files and a summary"),
     "canary-set": ("e2e_llm.commands.canary_set", "make the versioned canary set from held-out rows"),
 }
 

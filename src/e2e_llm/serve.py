@@ -52,10 +52,12 @@ def serving_max_lora_rank(config: PipelineConfig) -> int:
 def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
     """vLLM engine arguments: model length and dtype from ``model``, LoRA limits derived from
     the training recipe's rank and the replica's adapter budget, then ``serve.engine_kwargs``."""
+    from e2e_llm.precision import serve_dtype
+
     serve = config.serve
     kwargs: dict[str, Any] = {
         "max_model_len": config.model.max_model_len,
-        "dtype": config.model.dtype,
+        "dtype": serve_dtype(config).dtype,
         "enable_lora": True,
         "max_loras": serve.max_num_adapters_per_replica,
         "max_lora_rank": serving_max_lora_rank(config),

@@ -34,6 +34,7 @@ from e2e_llm import storage
 from e2e_llm.adapters import missing_adapter_files
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
+from e2e_llm.precision import llamafactory_precision
 
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
@@ -109,6 +110,7 @@ class TrainPlan:
     args: dict[str, Any]
     recipe_path: str
     dataset_files: dict[str, str]
+    dtype: dict[str, Any] = dataclasses.field(default_factory=dict)  # DtypeChoice.as_dict()
 
 
 def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None,
@@ -165,10 +167,35 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
     # non_padding count sums into a large negative number (seen on the GPU recipes): count every
     # token of the packs there (padding is what packing leaves over, ~8% at 1024).
     args.setdefault("include_num_input_tokens_seen", "all" if args.get("neat_packing") else "non_padding")
-    if not tc.use_gpu:
-        args.pop("bf16", None)  # CPU keeps the checkpoint's bf16 weights with fp32 LoRA (faster here)
-        args.pop("fp16", None)
-    return TrainPlan(run_id, run_uri, work_dir, dataset_uri, args, str(recipe_path), dataset_files)
+    choice = training_dtype(config, recipe_path, recipe, model_path)
+    args.update(llamafactory_precision(choice))
+    return TrainPlan(run_id, run_uri, work_dir, dataset_uri, args, str(recipe_path), dataset_files,
+                     dtype=choice.as_dict())
+
+
+def training_dtype(config: PipelineConfig, recipe_path: Path, recipe: dict[str, Any], model_path: str):
+    """The training dtype (e2e_llm.precision), checked against the recipe and the checkpoint.
+
+    LLaMA-Factory's ``bf16``/``fp16`` keys are derived from it: on a GPU a recipe may repeat the
+    derived value but not contradict it; on CPU both are off whatever a (GPU) recipe says, since
+    HF's CPU autocast is not used. On CPU the weights load in the checkpoint's own dtype, so a
+    local checkpoint prepared in another dtype is refused (``e2e-llm model`` converts it again)."""
+    from e2e_llm.model import prepared_dtype
+    from e2e_llm.precision import choose_dtype, llamafactory_precision, train_device
+
+    choice = choose_dtype(config.model.dtype, train_device(config))
+    derived = llamafactory_precision(choice)
+    if recipe.get("pure_bf16") and choice.dtype != "bfloat16":
+        raise TrainError(f"{recipe_path}: pure_bf16 but this run trains in {choice.line()}")
+    for key, value in derived.items():
+        if key in recipe and bool(recipe[key]) != value and (value or config.train.use_gpu):
+            raise TrainError(f"{recipe_path}: {key}: {recipe[key]} contradicts the training dtype "
+                             f"{choice.line()}; set model.dtype in the profile instead")
+    saved = prepared_dtype(Path(model_path)) if Path(model_path).is_dir() else None
+    if not config.train.use_gpu and saved and saved != choice.dtype:
+        raise TrainError(f"{model_path} was prepared in {saved} but this machine trains in {choice.line()}: "
+                         f"run `e2e-llm model --profile {config.profile}` (make model) to convert it again")
+    return choice
 
 
 
@@ -301,7 +328,8 @@ def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": worker_env(config)}
+    # The setup hook drops known-noise log records in every worker (e2e_llm.logs says which, and why).
+    runtime_env = {"env_vars": worker_env(config), "worker_process_setup_hook": "e2e_llm.logs.quiet_known_noise"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env)
         return True
@@ -315,12 +343,16 @@ def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
 
 def worker_env(config: PipelineConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "DISABLE_VERSION_CHECK",
+                                      "LLAMAFACTORY_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE",
                                       "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_TOKEN")
            if k in os.environ}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("DISABLE_VERSION_CHECK", "1")  # LLaMA-Factory pins; our lock file is the source of truth
     env[USE_RAY_ENV] = "0"  # Ray Train runs the workers; LLaMA-Factory's own Ray launcher stays off
+    # Ray Train v2 patches print() in workers to also log through the root logger; a worker's
+    # stdout is not sys.__stdout__ there, so each `[train] step` line was printed twice.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not config.train.use_gpu:
         # One OpenMP pool per worker sized to its CPU share; more threads only fight each other.
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(config.train.resources_per_worker.get("CPU", 1)))))
@@ -341,6 +373,7 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     started_ray = _ensure_ray(config, ray_temp_dir)
     print(f"[train] run {plan.run_id}: {config.train.num_workers} Ray Train workers, outputs in {plan.run_uri}",
           flush=True)
+    print(f"[train] dtype: {plan.dtype['dtype']} on {plan.dtype['device']} ({plan.dtype['reason']})", flush=True)
     start = time.time()
     try:
         tc = config.train
@@ -457,6 +490,7 @@ def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs
                        "path": plan.args["model_name_or_path"]},
         "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files},
         "recipe": plan.recipe_path,
+        "dtype": plan.dtype,  # the training dtype and why (CPU capability / GPU)
         "training_args": plan.args,
         "ray": {"num_workers": config.train.num_workers, "use_gpu": config.train.use_gpu,
                 "resources_per_worker": config.train.resources_per_worker,

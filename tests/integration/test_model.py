@@ -8,10 +8,13 @@ import pytest
 pytestmark = pytest.mark.train
 
 
-def test_prepared_model_is_safetensors_with_chatml(local_model):
+def test_prepared_model_is_safetensors_with_chatml(local_config, local_model):
+    from e2e_llm.precision import model_dtype
+
     assert (local_model / "model.safetensors").is_file()
     config = json.loads((local_model / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["dtype"] == "bfloat16"
+    # The machine's choice: bf16 only with native AVX512_BF16/AMX (e2e_llm.precision).
+    assert config["model_type"] == "llama" and config["dtype"] == model_dtype(local_config).dtype
     assert "<|im_start|>" in json.loads((local_model / "tokenizer_config.json").read_text()).get(
         "chat_template", ""
     ) or "<|im_start|>" in (local_model / "chat_template.jinja").read_text()

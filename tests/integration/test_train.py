@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
@@ -65,7 +66,8 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     assert (trained_adapter / "adapter_config.json").is_file()
     assert (trained_adapter / "adapter_model.safetensors").is_file()
     config = json.loads((trained_adapter / "adapter_config.json").read_text())
-    assert config["r"] == 8 and config["peft_type"] == "LORA"
+    recipe = yaml.safe_load((ROOT / "configs/recipes/smollm2_lora_sft_local.yaml").read_text())
+    assert config["r"] == recipe["lora_rank"] and config["peft_type"] == "LORA"
     manifest = json.loads((trained_adapter.parent / "manifest.json").read_text())
     for key in ("run_id", "base_model", "dataset", "training_args", "versions", "git_sha", "metrics", "adapter_uri"):
         assert manifest[key] is not None, key
@@ -76,6 +78,7 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     assert metrics["global_step"] == metrics["max_steps"] > 0
     assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["tokens_per_second"] > 0
     assert manifest["ray"]["num_workers"] == 2
+    assert manifest["dtype"]["dtype"] in ("bfloat16", "float32") and manifest["dtype"]["reason"]
     assert (trained_adapter.parent / "loss.png").stat().st_size > 1000
     assert list((trained_adapter.parent / "tensorboard").rglob("events.out.tfevents*"))
 

@@ -50,7 +50,7 @@ def test_serving_max_rank_follows_the_recipe_and_publishing_refuses_larger_adapt
     from e2e_llm.serve import engine_kwargs, serving_max_lora_rank
     from e2e_llm.store import AdapterStore, StoreError
 
-    assert serving_max_lora_rank(config) == 8 == engine_kwargs(config)["max_lora_rank"]  # local recipe: r8
-    big = adapter_dir(tmp_path / "r16", rank=16)
-    with pytest.raises(StoreError, match="rank 16 exceeds the serving max_lora_rank 8"):
+    assert serving_max_lora_rank(config) == 16 == engine_kwargs(config)["max_lora_rank"]  # local recipe: r16
+    big = adapter_dir(tmp_path / "r32", rank=32)
+    with pytest.raises(StoreError, match="rank 32 exceeds the serving max_lora_rank 16"):
         AdapterStore(str(tmp_path / "store")).publish(big, name="viggo", max_rank=serving_max_lora_rank(config))

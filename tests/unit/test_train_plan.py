@@ -121,3 +121,33 @@ def test_closing_evaluation_is_read_from_all_results(tmp_path):
     history.append({"step": 4, "eval_loss": 1.25})
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": history}))
     assert len(_read_log(str(tmp_path), {})[1]) == 1
+
+
+def test_plan_records_the_machine_dtype_and_derives_precision_keys(profile, local_config, local_model):
+    from e2e_llm.precision import model_dtype
+    from e2e_llm.train import plan_run
+
+    plan = plan_run(_ingested(profile()))
+    assert plan.dtype["dtype"] == model_dtype(local_config).dtype and plan.dtype["reason"]
+    assert plan.dtype["signals"]["cpu_capability"]
+    assert plan.args["bf16"] is False and plan.args["fp16"] is False  # CPU: the checkpoint's own dtype
+
+
+def test_a_checkpoint_in_another_dtype_is_refused_on_cpu(profile, local_config, local_model):
+    from e2e_llm.precision import model_dtype
+    from e2e_llm.train import TrainError, plan_run
+
+    other = "float32" if model_dtype(local_config).dtype == "bfloat16" else "bfloat16"
+    with pytest.raises(TrainError, match=f"prepared in .* but this machine trains in {other}.*e2e-llm model"):
+        plan_run(_ingested(profile(model__dtype=other)))
+
+
+def test_a_gpu_recipe_may_not_contradict_the_dtype(profile, tmp_path):
+    from e2e_llm.train import TrainError, plan_run
+
+    recipe = yaml.safe_load((Path(__file__).parents[2] / "configs/recipes/smollm2_lora_sft_local.yaml").read_text())
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "bf16": True}))
+    config = _ingested(profile(model__dtype="float16", train__recipe=str(tmp_path / "recipe.yaml"),
+                               train__use_gpu=True, train__resources_per_worker={"CPU": 1, "GPU": 1}))
+    with pytest.raises(TrainError, match="bf16: True contradicts the training dtype float16 on cuda"):
+        plan_run(config)

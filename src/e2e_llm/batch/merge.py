@@ -20,15 +20,18 @@ MERGED_MARKER = "e2e_llm_merged.json"
 
 def merged_model_name(config: PipelineConfig, adapter: Adapter, dtype: str | None = None) -> str:
     """``<model>-<adapter sha256[:16]>-<dtype>``: the merged checkpoint's cache folder and storage key."""
-    return f"{config.model.id}-{adapter.sha256[:16]}-{dtype or config.batch.dtype or config.model.dtype}"
+    from e2e_llm.precision import batch_dtype
+
+    return f"{config.model.id}-{adapter.sha256[:16]}-{dtype or batch_dtype(config).dtype}"
 
 
 def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, cache_dir: Path | None = None,
                      dtype: str | None = None) -> Path:
     """Fold the adapter into the base weights once (fp32 merge, saved in the engine dtype)."""
     from e2e_llm.model import default_cache_dir
+    from e2e_llm.precision import batch_dtype, torch_dtype
 
-    dtype_name = dtype or config.batch.dtype or config.model.dtype
+    dtype_name = dtype or batch_dtype(config).dtype
     out = (cache_dir or default_cache_dir()) / "merged" / merged_model_name(config, adapter, dtype_name)
     if (out / MERGED_MARKER).is_file():
         return out
@@ -38,8 +41,7 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-        dtype_name, torch.bfloat16)
+    dtype = torch_dtype(dtype_name)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
     merged = merged.to(dtype)

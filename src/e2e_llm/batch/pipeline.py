@@ -27,9 +27,11 @@ def sampling_params(config: PipelineConfig, task, structured: bool | None = None
 
 
 def engine_kwargs(config: PipelineConfig, adapter: Adapter | None, mode: str) -> dict[str, Any]:
+    from e2e_llm.precision import batch_dtype
+
     kwargs: dict[str, Any] = {
         "max_model_len": config.model.max_model_len,
-        "dtype": config.batch.dtype or config.model.dtype,
+        "dtype": batch_dtype(config).dtype,
         "enable_prefix_caching": config.batch.enable_prefix_caching,
         # vLLM's scheduler default depends on how the engine is built (LLM class on CPU: 256;
         # the async engine ray.data.llm runs: 128): size it to the rows in flight instead.

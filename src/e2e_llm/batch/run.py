@@ -37,9 +37,12 @@ def run_batch(
 ) -> BatchResult:
     """Resolve inputs, generate with ray.data.llm, write predictions, metrics, report, manifest."""
     from e2e_llm.evaluate import HEADLINE, EvaluationError, evaluate_rows, write_reports
-    from e2e_llm.model import resolve_model_path
+    from e2e_llm.model import prepared_dtype, resolve_model_path
+    from e2e_llm.precision import batch_dtype
 
     started = time.time()
+    dtype = batch_dtype(config)
+    print(f"[batch] dtype: {dtype.line()}", flush=True)
     split = split or config.batch.split
     mode = mode or config.batch.adapter_mode
     structured = config.batch.structured_output if structured is None else structured
@@ -109,7 +112,8 @@ def run_batch(
         "profile": config.profile,
         "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
-        "base_model": {"id": config.model.id, "source": config.model.source, "path": model_path},
+        "base_model": {"id": config.model.id, "source": config.model.source, "path": model_path,
+                       "dtype": prepared_dtype(Path(model_path)) if Path(model_path).is_dir() else None},
         "adapter": None if adapter is None else {
             "path": str(adapter.path), "sha256": adapter.sha256, "rank": adapter.rank, "mode": mode,
             "base_model_name_or_path": adapter.base_model, "engine_model": model_source,
@@ -125,6 +129,7 @@ def run_batch(
         "sampling": sampling_params(config, task, structured) | ({"structured_outputs": "task regex"}
                                                                  if structured else {}),
         "engine": engine_kwargs(config, adapter, mode),
+        "dtype": dtype.as_dict(),  # the engine's dtype and why (CPU capability / GPU)
         "rows": {"in": len(data.rows), "out": len(rows), "errors": errors, "invalid_input": len(data.invalid),
                  "engine_errors": errors - len(data.invalid), "truncated": sum(1 for r in rows if r["truncated"])},
         "timing": {"seconds": round(time.time() - started, 1), "generate_seconds": round(gen_seconds, 1),

