@@ -108,3 +108,4 @@ def append_results(lines: list[dict]) -> None:
     with RESULTS.open("a") as fh:
         for line in lines:
             fh.write(json.dumps(line) + "\n")
+    print(f"appended {len(lines)} lines to {RESULTS}")

@@ -615,7 +615,6 @@ def record(ns: argparse.Namespace) -> int:
         print(json.dumps(line))
     if lines and not ns.dry:
         _device.append_results(lines)
-        print(f"appended {len(lines)} lines to {_device.RESULTS}")
     return 0
 
 

@@ -308,7 +308,6 @@ def record(ns: argparse.Namespace) -> int:
         print("--limit given: nothing recorded")
         return 0
     _device.append_results(lines)
-    print(f"appended {len(lines)} lines to {_device.RESULTS}")
     return 0
 
 

@@ -354,7 +354,6 @@ def record(ns: argparse.Namespace) -> int:
             lines.append({"bench": "train_throughput", "metric": f"mfu/{name}", "value": round(mfu, 4),
                           "baseline": round(bmfu, 4), "ratio": round(mfu / bmfu, 3), **common})
     _device.append_results(lines)
-    print(f"appended {len(lines)} lines to {_device.RESULTS}")
     return 0
 
 
