@@ -32,6 +32,9 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5) -> N
         time.sleep(interval)
 
 
+NOT_THE_APPS = ("e2e_llm.local_s3", "multiprocessing.forkserver", "multiprocessing.resource_tracker")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,9 +190,10 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
                        adapters=ids, alias=alias, store=store, config=config,
                        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", ray_temp_dir=temp_dir)
     finally:
-        # The session's S3 store is not the app's: a test may have restarted it meanwhile.
+        # Not the app's: the session's S3 store (a test may have restarted it meanwhile) and the
+        # multiprocessing forkserver a later test may have started (it lives as long as pytest).
         ray_pids = {pid for pid in descendants(os.getpid()) - before
-                    if not any("e2e_llm.local_s3" in cmd for _, cmd in alive({pid}))}
+                    if not any(mark in cmd for _, cmd in alive({pid}) for mark in NOT_THE_APPS)}
         try:
             serve.shutdown()
         finally:
