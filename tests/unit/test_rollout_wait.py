@@ -244,37 +244,11 @@ def test_deploy_job_with_a_stuck_upgrade_rolls_back_and_fails_with_the_reason(mo
 def anyscale_sdk():
     """The SDK's fake client with a running service, taught canary weights (as the real backend)
     and, when ``fail`` is set, to report the new version UNHEALTHY."""
-    from anyscale._private.anyscale_client.fake_anyscale_client import FakeAnyscaleClient
     from anyscale.service import ServiceSDK
     from anyscale.service.models import ServiceConfig
+    from anyscale_fake import CanaryFake
 
-    class Fake(FakeAnyscaleClient):
-        fail = False
-        rollbacks: list[str] = []
-
-        def rollout_service(self, model):
-            existing = self.get_service(model.name)
-            old = existing.primary_version if existing else None
-            service = super().rollout_service(model)
-            if old is not None and model.canary_percent not in (None, 100):
-                new = existing.canary_version or service.primary_version
-                new.weight, old.weight = model.canary_percent, 100 - model.canary_percent
-                service.primary_version, service.canary_version = old, new
-                if self.fail:
-                    new.current_state = "UNHEALTHY"
-            else:
-                service.canary_version = None
-                service.current_state = "RUNNING"
-            self.update_service(service)
-            return service
-
-        def rollback_service(self, service_id, *, max_surge_percent=None):
-            super().rollback_service(service_id, max_surge_percent=max_surge_percent)
-            self.rollbacks.append(service_id)
-            service = self._services[service_id]
-            service.canary_version = None
-
-    fake = Fake()
+    fake = CanaryFake()
     sdk = ServiceSDK(client=fake)
     sdk.deploy(ServiceConfig.from_yaml(str(ROOT / "services/llm.yaml")).options(name="e2e-llm-prod"))
     fake._services[sdk.status(name="e2e-llm-prod").id].current_state = "RUNNING"
