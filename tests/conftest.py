@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("E2E_LLM_SHARED", ROOT.parent / "shared")).resolve()
@@ -53,6 +54,22 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return ROOT
+
+
+@pytest.fixture
+def write_profile(tmp_path):
+    """``write_profile(mutate)``: the local profile with ``mutate(data)`` applied, written to
+    ``<tmp>/configs/profiles/broken.yaml``; returns its path."""
+
+    def write(mutate) -> Path:
+        data = yaml.safe_load((ROOT / "configs/profiles/local.yaml").read_text())
+        mutate(data)
+        (tmp_path / "configs/profiles").mkdir(parents=True, exist_ok=True)
+        path = tmp_path / "configs/profiles/broken.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")

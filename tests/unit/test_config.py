@@ -1,20 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-from pathlib import Path
 
 import pytest
-import yaml
 
 from e2e_llm.config import ConfigError, load_profile
-
-
-def _write_profile(tmp_path: Path, mutate) -> Path:
-    root = Path(__file__).resolve().parents[2]
-    data = yaml.safe_load((root / "configs/profiles/local.yaml").read_text())
-    mutate(data)
-    (tmp_path / "configs/profiles").mkdir(parents=True)
-    path = tmp_path / "configs/profiles/broken.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 @pytest.mark.parametrize("profile", ["local", "cluster"])
@@ -25,8 +13,8 @@ def test_shipped_profiles_load(project_root, profile):
     assert config.task_schema().name == "viggo"
 
 
-def test_typo_names_file_line_and_key(tmp_path):
-    path = _write_profile(tmp_path, lambda d: d["train"].update(num_wrokers=2))
+def test_typo_names_file_line_and_key(write_profile):
+    path = write_profile(lambda d: d["train"].update(num_wrokers=2))
     with pytest.raises(ConfigError) as err:
         load_profile(str(path))
     message = str(err.value)
@@ -35,8 +23,8 @@ def test_typo_names_file_line_and_key(tmp_path):
     assert f"{path}:{line}:" in message
 
 
-def test_a_key_given_twice_is_an_error_not_the_last_one_wins(tmp_path):
-    path = _write_profile(tmp_path, lambda d: None)
+def test_a_key_given_twice_is_an_error_not_the_last_one_wins(write_profile):
+    path = write_profile(lambda d: None)
     text = path.read_text().replace("batch:\n", "batch:\n  batch_size: 4\n  batch_size: 8\n", 1)
     path.write_text(text)
     first = next(i for i, line in enumerate(text.splitlines(), 1) if "batch_size: 4" in line)
@@ -45,14 +33,14 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_wins(tmp_path):
         load_profile(str(path))
 
 
-def test_wrong_type_says_what_was_expected(tmp_path):
-    path = _write_profile(tmp_path, lambda d: d["train"].update(num_workers="two"))
+def test_wrong_type_says_what_was_expected(write_profile):
+    path = write_profile(lambda d: d["train"].update(num_workers="two"))
     with pytest.raises(ConfigError, match=r"train\.num_workers: Input should be a valid integer.*'two'"):
         load_profile(str(path))
 
 
-def test_unsupported_storage_scheme_is_rejected(tmp_path):
-    path = _write_profile(tmp_path, lambda d: d["storage"].update(root="ftp://host/x"))
+def test_unsupported_storage_scheme_is_rejected(write_profile):
+    path = write_profile(lambda d: d["storage"].update(root="ftp://host/x"))
     with pytest.raises(ConfigError, match="storage.root: .*unsupported storage scheme 'ftp'"):
         load_profile(str(path))
 

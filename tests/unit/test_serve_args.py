@@ -5,30 +5,20 @@ adapter-store settings, and no single engine replica in the cluster profile."""
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from e2e_llm.config import ConfigError, load_profile
 from e2e_llm.serve import ENDPOINT_ENV, _with_runtime_endpoint, app_args
 
 
-def _profile(tmp_path, project_root, mutate):
-    data = yaml.safe_load((project_root / "configs/profiles/local.yaml").read_text())
-    mutate(data)
-    (tmp_path / "configs/profiles").mkdir(parents=True)
-    path = tmp_path / "configs/profiles/p.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def test_a_typo_in_serve_limits_names_the_key(tmp_path, project_root):
-    path = _profile(tmp_path, project_root, lambda d: d["serve"]["limits"].update(max_nn=4))
+def test_a_typo_in_serve_limits_names_the_key(write_profile):
+    path = write_profile(lambda d: d["serve"]["limits"].update(max_nn=4))
     with pytest.raises(ConfigError, match=r"serve\.limits\.max_nn: unknown key"):
         load_profile(str(path))
 
 
 @pytest.mark.parametrize("key,value", [("max_n", 0), ("max_total_tokens", -1), ("max_body_bytes", 10)])
-def test_limits_out_of_range_are_refused(tmp_path, project_root, key, value):
-    path = _profile(tmp_path, project_root, lambda d: d["serve"]["limits"].update({key: value}))
+def test_limits_out_of_range_are_refused(key, value, write_profile):
+    path = write_profile(lambda d: d["serve"]["limits"].update({key: value}))
     with pytest.raises(ConfigError, match=rf"serve\.limits\.{key}"):
         load_profile(str(path))
 
