@@ -24,6 +24,7 @@ hook, which that override calls.
 from __future__ import annotations
 
 import asyncio
+import os
 
 from e2e_llm import storage
 from e2e_llm.compat.ray_serve import OpenAIHTTPException, PatchedLLMServer
@@ -35,8 +36,6 @@ RAY_MISSING_CACHE_S = 30
 def store_problem(adapter_uri: str) -> str | None:
     """Why ``<adapter_uri>/adapter_config.json`` cannot be read (None: it can be, or it is
     simply not there -- a real 404)."""
-    import os
-
     try:
         storage.read_bytes(storage.join(adapter_uri, "adapter_config.json"), endpoint_url=storage.s3_endpoint(),
                            region=os.environ.get("AWS_DEFAULT_REGION"))
