@@ -584,11 +584,17 @@ def record(ns: argparse.Namespace) -> int:
             print(json.dumps(r, indent=1))
             what = ("the kill scenario's first attempt, up to the checkpoint it was killed after"
                     if report.get("killed") else "a clean run")
-            settings = (f"80gb recipe, Qwen2.5-7B-shaped random weights, 1 H200, `e2e-llm train` (Ray Train "
-                        f"TorchTrainer, use_gpu, NCCL; {what}) vs the same resolved LLaMA-Factory args through "
-                        f"run_exp, same call; logged steps {r['window']} ({r['tokens']} non-padding tokens, the "
-                        f"recipe's eval + checkpoint save/report at step 20 inside): {r['ray_s']:.2f} s vs "
-                        f"{r['direct_s']:.2f} s")
+            first, last = (int(x) for x in r["window"].split("-"))
+            every = report.get("sets", {}).get("save_steps", 20)  # the recipe's save/eval interval
+            inside = [s for s in range(every, last, every) if s >= first]
+            saves = (f"the recipe's eval + checkpoint save/report at step {', '.join(map(str, inside))} inside"
+                     if inside else "no eval or checkpoint inside")
+            extra = {k: v for k, v in report.get("sets", {}).items()
+                     if k not in ("max_steps", "save_steps", "eval_steps")}
+            settings = (f"80gb recipe{f' with {extra}' if extra else ''}, Qwen2.5-7B-shaped random weights, 1 H200, "
+                        f"`e2e-llm train` (Ray Train TorchTrainer, use_gpu, NCCL; {what}) vs the same resolved "
+                        f"LLaMA-Factory args through run_exp, same call; logged steps {r['window']} ({r['tokens']} "
+                        f"non-padding tokens, {saves}): {r['ray_s']:.2f} s vs {r['direct_s']:.2f} s")
             lines.append({"bench": "train_ray_vs_direct", "metric": "tokens_per_s_per_gpu",
                           "value": round(r["ray_tok_s"], 1), "baseline": round(r["direct_tok_s"], 1),
                           "ratio": round(r["ray_tok_s"] / r["direct_tok_s"], 3), **common, "settings": settings})

@@ -72,6 +72,24 @@ VARIANTS = (
          overrides={"enable_liger_kernel": True, "cutoff_len": 1024, "per_device_train_batch_size": 8},
          steps=20, skip=5),
 )
+# MFU tries on the committed 80gb recipe (issue #15). ``keep``: may go into the 80gb recipe if it
+# wins (fits an 80 GB card, same training); the pseudo-variant ``80gb+combo`` (name it in --only,
+# after the tries) runs the keepable winners merged.
+TRIES = (
+    dict(name="try:fused-adamw", recipe=R80, overrides={"optim": "adamw_torch_fused"}, steps=20, skip=5, keep=True),
+    dict(name="try:512x16", recipe=R80, overrides={"cutoff_len": 512, "per_device_train_batch_size": 16},
+         steps=20, skip=5, keep=True, group="shape"),
+    dict(name="try:1024x10", recipe=R80, overrides={"per_device_train_batch_size": 10}, steps=20, skip=5, keep=True,
+         group="shape"),
+    dict(name="try:1024x16", recipe=R80, overrides={"per_device_train_batch_size": 16}, steps=20, skip=5,
+         keep=False),  # ~100 GiB: H200 only
+    dict(name="try:packing-no-neat", recipe=R80, overrides={"neat_packing": False}, steps=20, skip=5,
+         keep=False),  # rows of a pack attend to each other: a different training
+    dict(name="try:torch-compile", recipe=R80, overrides={"torch_compile": True}, steps=24, skip=10, keep=True,
+         timeout=240),
+)
+COMBO_GAIN = 1.02  # a keepable try joins the combo when it beats the committed recipe by this much
+FITS_80GB_GIB = 74.0
 PROJECT = ("cluster-80gb", "cluster-24gb")  # the recipes as committed
 BASELINE = "tutorial"
 OVERHEAD_S = 70  # process start, dataset packing, 15 GB model load, adapter save
@@ -225,7 +243,8 @@ def run(ns: argparse.Namespace) -> int:
     log = out / "train_throughput.log"
     me = [sys.executable, str(Path(__file__).resolve())]
 
-    model_dir = work / ("qwen2.5-7b-shape-tiny" if ns.dry_run else "qwen2.5-7b-shape")
+    model_dir = Path(ns.model_dir) if ns.model_dir else work / ("qwen2.5-7b-shape-tiny" if ns.dry_run
+                                                                 else "qwen2.5-7b-shape")
     if not (model_dir / "bench_model.json").is_file():
         t = time.monotonic()
         with log.open("a") as fh:
@@ -234,14 +253,25 @@ def run(ns: argparse.Namespace) -> int:
         print(f"built {model_dir} in {time.monotonic() - t:.0f} s", flush=True)
     model_info = json.loads((model_dir / "bench_model.json").read_text())
 
-    names = [v["name"] for v in VARIANTS]
-    chosen = [v for v in VARIANTS if not ns.only or v["name"] in ns.only]
+    combo_variant = {"name": "80gb+combo", "recipe": R80, "overrides": None, "steps": 20, "skip": 5}
+    by_name = {v["name"]: v for v in (*VARIANTS, *TRIES, combo_variant)}
+    names = list(by_name)
+    chosen = [by_name[n] for n in ns.only if n in by_name] if ns.only else list(VARIANTS)  # in --only's order
     unknown = set(ns.only or ()) - set(names)
     if unknown:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}; have {names}")
     results: dict[str, dict] = {}
     liger_ok = True
     for variant in chosen:
+        if variant["overrides"] is None:  # the combo: decided by the tries above
+            picked = combo(results)
+            results["80gb+combo"] = {"combo_of": picked["names"]}
+            if not picked["names"]:
+                print("80gb+combo: no keepable try won; not run", flush=True)
+                continue
+            variant = dict(variant, overrides=picked["overrides"],
+                           timeout=max((v.get("timeout", 0) for v in TRIES if v["name"] in picked["names"]),
+                                       default=0) or None)
         spec = dict(variant, overrides=dict(variant["overrides"]))
         if spec["overrides"].get("enable_liger_kernel") and not liger_ok:
             spec["overrides"].pop("enable_liger_kernel")
@@ -263,13 +293,15 @@ def run(ns: argparse.Namespace) -> int:
         try:
             with vlog.open("w") as fh:
                 rc = subprocess.run([*me, "_variant", str(spec_file)], env=env, stdout=fh,
-                                    stderr=subprocess.STDOUT, timeout=left - 10).returncode
+                                    stderr=subprocess.STDOUT,
+                                    timeout=min(left - 10, spec.get("timeout") or left)).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         with log.open("a") as fh:
             fh.write(f"\n===== {spec['name']} rc={rc} {time.monotonic() - t:.0f} s\n{_tail(vlog, 60)}\n")
         if rc == 0 and Path(spec["result"]).is_file():
-            results[spec["name"]] = json.loads(Path(spec["result"]).read_text())
+            results[spec["name"]] = {**results.get(spec["name"], {}), **json.loads(Path(spec["result"]).read_text()),
+                                     "overrides": spec["overrides"]}
         else:
             results[spec["name"]] = {"error": f"rc={rc}: {_tail(vlog, 6)}"}
             if spec["overrides"].get("enable_liger_kernel"):
@@ -297,6 +329,27 @@ def run(ns: argparse.Namespace) -> int:
     (out / "train_throughput.json").write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))
     return 0
+
+
+def combo(results: dict[str, dict]) -> dict:
+    """The keepable tries that beat the committed 80gb recipe by COMBO_GAIN and fit an 80 GB card,
+    merged; of the tries in one group (the batch shape), only the fastest."""
+    base = results.get("cluster-80gb", {}).get("tokens_per_s")
+    winners = []
+    for t in TRIES:
+        r = results.get(t["name"], {})
+        if base and t["keep"] and r.get("tokens_per_s", 0) >= base * COMBO_GAIN \
+                and (r.get("peak_mem_gib") or 0) <= FITS_80GB_GIB:
+            winners.append((r["tokens_per_s"], t))
+    overrides: dict = {}
+    names, groups = [], set()
+    for _, t in sorted(winners, key=lambda w: -w[0]):  # fastest first; one try per group (the batch shape)
+        group = t.get("group", t["name"])
+        if group not in groups:
+            groups.add(group)
+            names.append(t["name"])
+            overrides.update(t["overrides"])
+    return {"names": names, "overrides": overrides}
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,8 +385,8 @@ def record(ns: argparse.Namespace) -> int:
     if report.get("dry_run"):
         print("dry run: nothing recorded")
         return 0
-    variants = report["variants"]
-    base = variants.get(BASELINE, {})
+    variants = {k: v for k, v in report["variants"].items() if not ns.only or k in ns.only}
+    base = report["variants"].get(BASELINE, {})
     if "tokens_per_s" not in base:
         raise SystemExit(f"baseline {BASELINE!r} has no figure: {base.get('error')}")
     peak, n = report["peak_flops"], report["n_params"]
@@ -365,11 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default $OUT)")
     p.add_argument("--work", default="/tmp/e2e-bench", help="model and scratch folder (local disk)")
     p.add_argument("--budget-s", type=float, default=560, help="skip variants that would not finish in time")
-    p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    p.add_argument("--only", nargs="*", help="variant names to run, in this order (default: all; "
+                   "80gb+combo: the keepable winning tries merged)")
     p.add_argument("--dry-run", action="store_true", help="tiny model, 3 steps: plumbing check")
+    p.add_argument("--model-dir", help="an existing 7B-shaped model (device_ray.py setup --7b builds one)")
     p = sub.add_parser("record", help="append the figures of a run to bench/results.jsonl (here)")
     p.add_argument("report", help="train_throughput.json from `run`")
     p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="record a variant as NEW")
+    p.add_argument("--only", nargs="*", help="variant names to record (default: all measured)")
     p = sub.add_parser("_build")
     p.add_argument("model_dir")
     p.add_argument("--tiny", action="store_true")
