@@ -20,7 +20,8 @@ whatever the batch), so ``train_s`` is under that much sharing: compare steps an
 
     # GPU machine, after `bench/device_ray.py setup` (it installs LLaMA-Factory and rebuilds
     # SmolLM2 into /tmp/e2e-gpu/models/smollm2-135m); writes sweep.json + sweep.md under $OUT:
-    cd .device/gpu/repo && python3 bench/recipe_sweep.py run --workers 6
+    cd .device/gpu/repo && python3 bench/recipe_sweep.py run --workers 6     # round 1 (GRID up to ROUND2)
+    cd .device/gpu/repo && python3 bench/recipe_sweep.py run --round2 --workers 6   # round 2
     # here: the table again (markdown) from the report
     python3 bench/recipe_sweep.py table /work/.device/<files_at>/sweep.json
     # CPU plumbing check (train env, local model): two points, 8 rows, 4 val rows
