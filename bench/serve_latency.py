@@ -1,16 +1,25 @@
 # SPDX-License-Identifier: Apache-2.0
 """Ray Serve LLM (our app: e2e-llm ingress + LLMServer) vs the plain vLLM OpenAI server, same
-model, same engine flags, same machine, one run.
+model, same engine flags, same machine, one window.
 
-For each server, model (base, base + one LoRA adapter) and concurrency (1, 16): a fixed
-number of streamed chat requests over VIGGO val prompts, greedy, exactly ``--max-tokens``
-generated tokens each (``ignore_eos``), after a short warm-up. Measures p50/p95 latency,
-p50/p95 time to first token, requests/s and generated tokens/s. Appends one record to
-bench/results.jsonl (bench ``serve_latency_vs_vllm``; ``ratio`` = Serve p50 / vLLM p50 at 16
-concurrent, base model) and prints a table. Loopback only; every loop is bounded.
+One server runs at a time, in three phases: vLLM, Serve (with the Ray options of ``e2e-llm
+serve``), vLLM again; each server gets ``--rounds`` rounds per model (base; base + one LoRA
+adapter) and concurrency, vLLM's split around Serve's so drift in the machine's load (other
+processes) falls on both alike. A round is a fixed number of streamed chat requests over
+VIGGO val prompts, greedy, exactly ``--max-tokens`` generated tokens each (``ignore_eos``),
+after a short warm-up. Measured per server: p50/p95 latency, p50/p95 time to first token,
+requests/s and generated tokens/s over its rounds, and the CPU seconds every process used
+during them (the engine's worker and scheduler, each Ray process, the load generator), so
+the record says where the time went. Appends one record to bench/results.jsonl (bench
+``serve_latency_vs_vllm``; ``machine`` names the CPU capability the engine's kernels run at,
+the dtype and the load average before/after; ``ratios`` holds Serve / vLLM per model and
+concurrency) and prints a table. Loopback only; every loop is bounded.
 
 Usage:
-    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --adapter latest
+    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base
+    # as on an AVX2-only CPU (`make e2e-avx2`; the engine then runs float32):
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base
 """
 
 from __future__ import annotations
@@ -26,12 +35,24 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = "serve_latency_vs_vllm"
 for _k, _v in (("OMP_WAIT_POLICY", "PASSIVE"), ("HF_HUB_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "2")):
     os.environ.setdefault(_k, _v)
+# What `make e2e-avx2` sets to make this CPU behave as an AVX2-only one; recorded with the machine.
+CPU_CAP_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# Process roles for the CPU-time breakdown, matched against the command line (first match wins).
+ROLES = (
+    ("gcs_server", "ray:gcs"), ("raylet", "ray:raylet"), ("dashboard/agent.py", "ray:dashboard_agent"),
+    ("runtime_env/agent", "ray:runtime_env_agent"), ("dashboard.py", "ray:dashboard"),
+    ("log_monitor", "ray:log_monitor"), ("monitor.py", "ray:monitor"), ("ServeController", "ray:serve_controller"),
+    ("ProxyActor", "ray:proxy"), ("Ingress", "ray:ingress_replica"), ("LLMServer", "ray:engine_replica"),
+    ("ServeReplica", "ray:engine_replica"), ("vllm.entrypoints", "vllm:api_server"), ("ray::", "ray:other_worker"),
+    ("default_worker", "ray:idle_worker"),
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -43,10 +64,72 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+# ---------------------------------------------------------------------------- where the CPU goes
+
+
+def _role(proc, parents: dict[int, str]) -> str:
+    """A process's role; vLLM's engine processes (``VLLM::EngineCore``, ``VLLM::Worker``: the
+    scheduler and the process running the model) are named after the server that started them."""
+    try:
+        cmd = " ".join(proc.cmdline()) or proc.name()
+    except Exception:  # noqa: BLE001  gone or unreadable
+        return "gone"
+    parent = parents.get(proc.ppid(), "")
+    server = "ray" if parent.startswith("ray") else "vllm" if parent.startswith("vllm") else ""
+    for title, role in (("VLLM::EngineCore", "engine_core"), ("VLLM::Worker", "engine_worker")):
+        if title in cmd:
+            return f"{server or 'other'}:{role}"
+    return next((role for needle, role in ROLES if needle in cmd), "other:" + proc.name()[:24])
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process and all its descendants (Ray's processes and the
+    vLLM server are children of the bench), by pid, with each process's role."""
+    import psutil
+
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    procs.sort(key=lambda p: p.pid)
+    roles: dict[int, str] = {me.pid: "bench:load_generator"}
+    out: dict[int, tuple[str, float]] = {}
+    for proc in sorted(procs, key=lambda p: (p.create_time() if p.is_running() else 0)):
+        role = roles.get(proc.pid) or _role(proc, roles)
+        roles[proc.pid] = role
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = (role, t.user + t.system)
+        except Exception:  # noqa: BLE001  exited meanwhile
+            continue
+    return out
+
+
+def niceness_by_role() -> dict[str, int]:
+    """The niceness of each process role now (Ray starts its workers at 15 unless told otherwise)."""
+    import psutil
+
+    out: dict[str, int] = {}
+    for pid, (role, _) in cpu_snapshot().items():
+        try:
+            out.setdefault(role, psutil.Process(pid).nice())
+        except Exception:  # noqa: BLE001  exited meanwhile
+            continue
+    return dict(sorted(out.items()))
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    used: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        used[role] = used.get(role, 0.0) + seconds - (before.get(pid, (role, 0.0))[1])
+    return {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
+# ---------------------------------------------------------------------------------------- load
+
+
 async def one_request(client, url: str, body: dict) -> dict:
     start = time.perf_counter()
-    ttft, chunks = None, 0
-    async with client.stream("POST", url, json=body, timeout=300) as response:
+    ttft, usage = None, None
+    async with client.stream("POST", url, json=body, timeout=600) as response:
         if response.status_code != 200:
             return {"ok": False, "status": response.status_code, "latency": time.perf_counter() - start}
         async for line in response.aiter_lines():
@@ -55,14 +138,14 @@ async def one_request(client, url: str, body: dict) -> dict:
             data = json.loads(line[6:])
             if data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
                 ttft = ttft or time.perf_counter() - start
-                chunks += 1
-            usage = data.get("usage")
+            usage = data.get("usage") or usage
     return {"ok": True, "latency": time.perf_counter() - start, "ttft": ttft,
             "tokens": (usage or {}).get("completion_tokens", 0)}
 
 
 async def load(base_url: str, model: str, prompts: list[list[dict]], concurrency: int, n: int,
-               max_tokens: int, warmup: int) -> dict:
+               max_tokens: int, warmup: int) -> tuple[list[dict], float]:
+    """``n`` requests at ``concurrency`` after ``warmup`` sequential ones: (results, wall s)."""
     import httpx
 
     url = f"{base_url}/v1/chat/completions"
@@ -84,28 +167,67 @@ async def load(base_url: str, model: str, prompts: list[list[dict]], concurrency
 
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(n)))
-        wall = time.perf_counter() - start
+        return list(results), time.perf_counter() - start
+
+
+def summarize(results: list[dict], wall: float, concurrency: int) -> dict:
     ok = [r for r in results if r["ok"]]
     lat = [r["latency"] for r in ok]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     return {
-        "requests": n, "errors": n - len(ok), "concurrency": concurrency,
+        "requests": len(results), "errors": len(results) - len(ok), "concurrency": concurrency,
         "p50_s": round(percentile(lat, 0.5), 4), "p95_s": round(percentile(lat, 0.95), 4),
         "ttft_p50_s": round(percentile(ttft, 0.5), 4), "ttft_p95_s": round(percentile(ttft, 0.95), 4),
         "req_per_s": round(len(ok) / wall, 3), "gen_tok_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
     }
 
 
-def run_matrix(server: str, base_url: str, models: dict[str, str], prompts, args) -> list[dict]:
-    rows = []
-    for kind, model in models.items():
+def phase_plan(rounds: int, only: str | None = None) -> list[tuple[str, int]]:
+    """(server, rounds) in start order: vLLM, Serve, vLLM -- each server gets ``rounds`` rounds
+    per model and concurrency, vLLM's split around Serve's so drift in the machine's load
+    falls on both alike. One server runs at a time: an idle Ray instance next to vLLM costs
+    vLLM ~0.2 of a core on 2 cores (its controller, GCS, raylet, idle engine), which would
+    flatter Serve."""
+    if only:
+        return [("ray_serve_llm" if only == "serve" else "vllm", rounds)]
+    first = rounds // 2
+    plan = [("vllm", first), ("ray_serve_llm", rounds), ("vllm", rounds - first)]
+    return [(server, n) for server, n in plan if n > 0]
+
+
+def run_rounds(server: str, base_url: str, models: dict[str, str], rounds: int, prompts, args,
+               merged: dict) -> None:
+    """``rounds`` rounds per (model, concurrency) against one server, added to ``merged``."""
+    for kind in args.models:
         for concurrency in args.concurrency:
-            n = args.requests_1 if concurrency == 1 else args.requests_n
-            stats = asyncio.run(load(base_url, model, prompts, concurrency, n, args.max_tokens, args.warmup))
-            row = {"server": server, "model": kind, **stats}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            n = args.requests_1 if concurrency == 1 else max(args.requests_n, concurrency)
+            for _ in range(rounds):
+                before = cpu_snapshot()
+                results, wall = asyncio.run(load(base_url, models[kind], prompts, concurrency, n, args.max_tokens,
+                                                 args.warmup))
+                used = cpu_by_role(before, cpu_snapshot())
+                m = merged.setdefault((server, kind, concurrency), {"results": [], "wall": 0.0, "cpu": {},
+                                                                    "rounds": []})
+                m["results"] += results
+                m["wall"] += wall
+                for role, seconds in used.items():
+                    m["cpu"][role] = round(m["cpu"].get(role, 0.0) + seconds, 2)
+                stats = summarize(results, wall, concurrency)
+                m["rounds"].append({k: stats[k] for k in ("p50_s", "req_per_s", "errors")})
+                print(json.dumps({"server": server, "model": kind, **stats, "cpu_s": used,
+                                  "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+
+
+def merged_rows(merged: dict) -> list[dict]:
+    rows = []
+    for (server, kind, concurrency), m in sorted(merged.items()):
+        rows.append({"server": server, "model": kind, **summarize(m["results"], m["wall"], concurrency),
+                     "rounds": m["rounds"], "wall_s": round(m["wall"], 1),
+                     "cpu_s": dict(sorted(m["cpu"].items(), key=lambda kv: -kv[1]))})
     return rows
+
+
+# ------------------------------------------------------------------------------------- servers
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -129,16 +251,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_serve(config, adapter_id: str, prompts, args) -> tuple[list[dict], float]:
+@contextmanager
+def serve_server(config, adapter_id: str | None, args, startup: dict):
+    """Our app on a private Ray instance started as `e2e-llm serve` starts it; yields its URL."""
     import ray
     from ray import serve
 
-    from e2e_llm.serve import app_args, build_app
+    from e2e_llm.serve import app_args, build_app, ray_init_kwargs
 
     port = free_port()
     t0 = time.monotonic()
-    ray.init(_temp_dir=tempfile.mkdtemp(prefix="r-bench-", dir="/tmp"), include_dashboard=False,
-             log_to_driver=False)
+    init = ray_init_kwargs(config, temp_dir=tempfile.mkdtemp(prefix="r-bench-", dir="/tmp"))
+    init["_metrics_export_port"] = None  # a fixed port could clash with a running `e2e-llm serve`
+    ray.init(**init)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = app_args(config)
@@ -148,10 +273,11 @@ def bench_serve(config, adapter_id: str, prompts, args) -> tuple[list[dict], flo
             if args.no_engine_metrics:
                 llm["log_engine_metrics"] = False
         serve.run(build_app(app), name="llm", route_prefix="/")
-        startup = time.monotonic() - t0
+        startup.setdefault("ray_serve_llm", []).append(round(time.monotonic() - t0, 1))
+        startup["ray_serve_llm_niceness"] = niceness_by_role()
+        print("niceness:", startup["ray_serve_llm_niceness"], flush=True)
         models = {"base": config.model.id, "lora": f"{config.model.id}:{adapter_id}"}
-        models = {k: v for k, v in models.items() if k in args.models}
-        return run_matrix("ray_serve_llm", f"http://127.0.0.1:{port}", models, prompts, args), startup
+        yield f"http://127.0.0.1:{port}", models, {k: v for k, v in init.items() if k != "_temp_dir"}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -168,19 +294,21 @@ def vllm_flags(engine_kwargs: dict) -> list[str]:
     return flags
 
 
-def bench_vllm(config, model_path: str, adapter_dir: Path, engine_kwargs: dict, prompts, args):
+@contextmanager
+def vllm_server(config, model_path: str, adapter_dir: Path | None, engine_kwargs: dict, startup: dict):
+    """``python -m vllm.entrypoints.openai.api_server`` with the same engine flags; yields its URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-           "--model", model_path, "--served-model-name", config.model.id,
-           "--lora-modules", f"bench={adapter_dir}", *vllm_flags(engine_kwargs)]
+           "--model", model_path, "--served-model-name", config.model.id, *vllm_flags(engine_kwargs)]
+    if adapter_dir is not None:
+        cmd += ["--lora-modules", f"bench={adapter_dir}"]
     t0 = time.monotonic()
     log = open(Path(tempfile.gettempdir()) / f"bench-vllm-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 300, proc)
-        startup = time.monotonic() - t0
-        models = {k: v for k, v in {"base": config.model.id, "lora": "bench"}.items() if k in args.models}
-        return run_matrix("vllm", f"http://127.0.0.1:{port}", models, prompts, args), startup, cmd
+        startup.setdefault("vllm", []).append(round(time.monotonic() - t0, 1))
+        yield f"http://127.0.0.1:{port}", {"base": config.model.id, "lora": "bench"}, cmd
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -190,23 +318,51 @@ def bench_vllm(config, model_path: str, adapter_dir: Path, engine_kwargs: dict, 
         log.close()
 
 
+def machine_info() -> dict:
+    """The CPU the engines ran on, as they saw it: capability and dtype (e2e_llm.precision),
+    the ISA caps in the environment (the AVX2 reproduction), and the load average."""
+    from e2e_llm.precision import choose_dtype, cpu_signals
+
+    signals = cpu_signals()
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_model": model,
+            "cpu_capability": signals.capability, "cpu_bf16_features": list(signals.features),
+            "isa_env": {k: os.environ[k] for k in CPU_CAP_ENV if k in os.environ},
+            "dtype": choose_dtype("auto", "cpu", signals=signals).line(),
+            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+
+
 def pick(rows, server, model, concurrency):
     return next(r for r in rows if r["server"] == server and r["model"] == model and r["concurrency"] == concurrency)
+
+
+def ratios(results: list[dict], models: list[str], concurrency: list[int]) -> dict[str, dict[str, float]]:
+    out = {}
+    for model in models:
+        for c in concurrency:
+            s, v = pick(results, "ray_serve_llm", model, c), pick(results, "vllm", model, c)
+            out[f"{model}/{c}"] = {"p50": round(s["p50_s"] / v["p50_s"], 3),
+                                   "throughput": round(s["req_per_s"] / v["req_per_s"], 3),
+                                   "ttft_p50": round(s["ttft_p50_s"] / v["ttft_p50_s"], 3)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="local")
-    parser.add_argument("--adapter", default="latest", help="adapter folder, training run id or 'latest'")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--requests-1", type=int, default=8, help="requests at concurrency 1")
-    parser.add_argument("--requests-n", type=int, default=48, help="requests at higher concurrency")
+    parser.add_argument("--adapter", default="latest", help="adapter folder, training run id or 'latest' (LoRA rows)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--requests-1", type=int, default=8, help="requests per round at concurrency 1")
+    parser.add_argument("--requests-n", type=int, default=32,
+                        help="requests per round at higher concurrency (at least the concurrency)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per server, model and concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", choices=["serve", "vllm"], help="run one server (tuning runs)")
     parser.add_argument("--models", nargs="+", default=["base", "lora"], choices=["base", "lora"])
     parser.add_argument("--batching-ms", type=float,
-                        help="Serve LLM stream batching interval (experimental_configs; Ray's default 50)")
+                        help="Serve LLM stream batching interval (experimental_configs; default: the profile's)")
     parser.add_argument("--no-engine-metrics", action="store_true", help="Serve: log_engine_metrics off")
     parser.add_argument("--note", default="", help="free text stored with the record (what changed)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results.jsonl"))
@@ -219,66 +375,77 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_profile(args.profile, root=ROOT)
     config.serve.auth.enabled = False
+    machine = machine_info()
     endpoint = f"http://127.0.0.1:{free_port()}"
     os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
     moto = start(endpoint, data_dir=Path(tempfile.mkdtemp(prefix="bench-s3-")))
+    startup: dict[str, list[float]] = {}
+    vllm_cmd, ray_init = None, None
     try:
-        adapter_dir, _ = find_training_adapter(config, args.adapter)
-        adapter_id = AdapterStore.from_config(config).publish(adapter_dir, name="bench")
+        adapter_dir, adapter_id = None, None
+        if "lora" in args.models:
+            adapter_dir, _ = find_training_adapter(config, args.adapter)
+            adapter_id = AdapterStore.from_config(config).publish(adapter_dir, name="bench")
         val = config.path(config.storage_uri("data", config.data.dataset, "val.jsonl"))
         rows = [json.loads(line) for line in Path(val).read_text().splitlines()[:64]]
         prompts = [[{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}]
                    for r in rows]
         llm = app_args(config)["llm_configs"][0]
-        results, startup, vllm_cmd = [], {}, None
-        if args.only in (None, "serve"):
-            rows_s, startup["ray_serve_llm"] = bench_serve(config, adapter_id, prompts, args)
-            results += rows_s
-        if args.only in (None, "vllm"):
-            rows_v, startup["vllm"], vllm_cmd = bench_vllm(
-                config, llm["model_loading_config"]["model_source"], Path(adapter_dir), llm["engine_kwargs"],
-                prompts, args)
-            results += rows_v
+        merged: dict = {}
+        for server, rounds in phase_plan(args.rounds, args.only):
+            if server == "ray_serve_llm":
+                with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
+                    run_rounds(server, url, models, rounds, prompts, args, merged)
+            else:
+                with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir,
+                                 llm["engine_kwargs"], startup) as (url, models, vllm_cmd):
+                    run_rounds(server, url, models, rounds, prompts, args, merged)
+        results = merged_rows(merged)
     finally:
         if moto:
             moto.terminate()
+    machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
 
     record = {
         "bench": BENCH,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                   text=True, check=False).stdout.strip(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine,
         "settings": {"profile": args.profile, "model": config.model.id, "engine_kwargs": llm["engine_kwargs"],
                      "max_tokens": args.max_tokens, "ignore_eos": True, "stream": True,
                      "requests_1": args.requests_1, "requests_n": args.requests_n, "warmup": args.warmup,
+                     "rounds": args.rounds, "phases": phase_plan(args.rounds, args.only),
                      "vllm_cmd": " ".join(vllm_cmd[2:]) if vllm_cmd else None, "note": args.note,
-                     "serve_stream_batching_interval_ms": args.batching_ms,
-                     "serve_log_engine_metrics": not args.no_engine_metrics, "only": args.only},
-        "startup_s": {k: round(v, 1) for k, v in startup.items()},
+                     "serve_stream_batching_interval_ms": args.batching_ms or config.serve.stream_batching_interval_ms,
+                     "serve_log_engine_metrics": not args.no_engine_metrics, "ray_init": ray_init,
+                     "only": args.only},
+        "startup_s": {k: v for k, v in startup.items() if k != "ray_serve_llm_niceness"},
+        "serve_process_niceness": startup.get("ray_serve_llm_niceness"),
         "results": results,
     }
     if args.only is None:
+        record["ratios"] = ratios(results, args.models, args.concurrency)
         hi = max(args.concurrency)
-        for model in args.models:
-            s, v = pick(results, "ray_serve_llm", model, hi), pick(results, "vllm", model, hi)
-            suffix = "" if model == "base" else "_lora"
-            record[f"ratio{suffix}"] = round(s["p50_s"] / v["p50_s"], 3)
-            record[f"throughput_ratio{suffix}"] = round(s["req_per_s"] / v["req_per_s"], 3)
-            record[f"ttft_p50_ratio{suffix}"] = round(s["ttft_p50_s"] / v["ttft_p50_s"], 3)
-        base_s, base_v = pick(results, "ray_serve_llm", "base", hi), pick(results, "vllm", "base", hi)
-        record.update(metric=f"p50_latency_s/{hi}_concurrent/base", value=base_s["p50_s"], baseline=base_v["p50_s"])
-        record["ratio_definition"] = f"Serve p50 / vLLM p50 latency at {hi} concurrent, base model"
+        base = record["ratios"].get(f"base/{hi}")
+        if base:
+            record.update(ratio=base["p50"], throughput_ratio=base["throughput"],
+                          metric=f"p50_latency_s/{hi}_concurrent/base",
+                          value=pick(results, "ray_serve_llm", "base", hi)["p50_s"],
+                          baseline=pick(results, "vllm", "base", hi)["p50_s"],
+                          ratio_definition=f"Serve p50 / vLLM p50 latency at {hi} concurrent, base model")
     with open(args.results, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-    print(f"\n{'server':<14} {'model':<5} {'conc':>4} {'p50 s':>7} {'p95 s':>7} {'ttft50':>7} {'ttft95':>7} "
+    print(f"\n{machine['cpu_capability']} {machine['dtype']}; load {machine['loadavg_before']} -> "
+          f"{machine['loadavg_after']}")
+    print(f"{'server':<14} {'model':<5} {'conc':>4} {'p50 s':>7} {'p95 s':>7} {'ttft50':>7} {'ttft95':>7} "
           f"{'req/s':>6} {'tok/s':>6} {'err':>3}")
     for r in results:
         print(f"{r['server']:<14} {r['model']:<5} {r['concurrency']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} "
               f"{r['ttft_p50_s']:>7.3f} {r['ttft_p95_s']:>7.3f} {r['req_per_s']:>6.2f} {r['gen_tok_per_s']:>6.1f} "
-              f"{r['errors']:>3}")
-    print({k: v for k, v in record.items() if "ratio" in k})
+              f"{r['errors']:>3}  cpu {r['cpu_s']}")
+    print(json.dumps(record.get("ratios")))
     return 0
 
 

@@ -27,8 +27,18 @@ from e2e_llm.config import PipelineConfig
 from e2e_llm.model import model_location
 from e2e_llm.storage import ENDPOINT_ENV, s3_endpoint
 
+# Ray starts every worker process (actors: Serve's proxy, controller and replicas) at niceness 15,
+# below its own daemons and below any other program on the machine; this Ray setting (the one its
+# job manager uses for job drivers) keeps a process at its parent's priority. Name checked
+# against the pinned Ray by tests/unit/test_compat_ray_serve.py (compat.ray_serve.WORKER_NICENESS).
+RAY_WORKER_NICENESS_ENV = "RAY_worker_niceness"
 # Environment passed to the engine replicas on a CPU-only profile (see ENVIRONMENT-NOTES.md).
-CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+# Niceness 0: the engine (replica, vLLM's EngineCore and the worker that runs the model, forked from
+# it) runs at the priority a plain `vllm serve` runs at. At Ray's 15 it lost CPU to Ray's own
+# daemons (GCS, raylet, agents) and to every other process on a small CPU box: 0.82x plain vLLM's
+# throughput on 2 AVX2 cores; bench/RESULTS.md "serve_latency_vs_vllm". Proxy, controller and
+# ingress stay at 15, below the engine.
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_WAIT_POLICY": "PASSIVE", RAY_WORKER_NICENESS_ENV: "0"}
 
 
 class ServeError(RuntimeError):
@@ -133,6 +143,14 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
             "alias_refresh_s": serve.alias_refresh_s,
         },
     }
+
+
+def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict[str, Any]:
+    """``ray.init`` options for a local Ray instance that serves ``config`` (``e2e-llm serve``
+    and bench/serve_latency.py): no dashboard, and a fixed metrics port
+    (``serve.metrics_export_port``) the canary's SLO gate can scrape."""
+    return {"_temp_dir": temp_dir, "include_dashboard": False,
+            "_metrics_export_port": config.serve.metrics_export_port}
 
 
 def _with_runtime_endpoint(args: dict[str, Any]) -> dict[str, Any]:

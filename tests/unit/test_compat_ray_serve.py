@@ -142,3 +142,10 @@ def test_a_stream_sends_its_first_chunks_unbatched_then_batches(adapter_request)
     assert len(batches) < 5  # the rest is grouped
     # Ray's own LLMServer groups the first chunks too.
     assert asyncio.run(_chat(fake_server(ray.serve.llm.LLMServer)))[0] == ["c0", "c1", "c2", "c3", "c4"]
+
+
+def test_the_worker_niceness_setting_the_engine_replica_gets_is_rays():
+    from e2e_llm.serve import CPU_ENGINE_ENV, RAY_WORKER_NICENESS_ENV
+
+    assert resolve(compat.WORKER_NICENESS, OWNER) == RAY_WORKER_NICENESS_ENV
+    assert CPU_ENGINE_ENV[RAY_WORKER_NICENESS_ENV] == "0"

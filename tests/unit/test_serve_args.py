@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from e2e_llm.config import ConfigError, load_profile
-from e2e_llm.serve import ENDPOINT_ENV, _with_runtime_endpoint, app_args
+from e2e_llm.serve import ENDPOINT_ENV, RAY_WORKER_NICENESS_ENV, _with_runtime_endpoint, app_args, ray_init_kwargs
 
 
 def test_a_typo_in_serve_limits_names_the_key(write_profile):
@@ -53,3 +53,26 @@ def test_the_cluster_profile_has_no_single_engine_replica(project_root):
     assert config.serve.min_replicas >= 2
     deployment = app_args(config)["llm_configs"][0]["deployment_config"]["autoscaling_config"]
     assert deployment["min_replicas"] >= 2
+
+
+def test_the_cpu_engine_replica_runs_at_normal_priority_and_the_ingress_does_not(project_root):
+    # Ray starts workers at niceness 15; the engine replica (and vLLM's processes forked from it) is
+    # told to stay at 0 like a plain vLLM server, the ingress keeps Ray's default.
+    config = load_profile("local", root=project_root)
+    args = app_args(config)
+    assert args["llm_configs"][0]["runtime_env"]["env_vars"][RAY_WORKER_NICENESS_ENV] == "0"
+    ingress_env = args["ingress_deployment_config"]["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert RAY_WORKER_NICENESS_ENV not in ingress_env
+
+
+def test_a_gpu_engine_replica_keeps_rays_worker_niceness(project_root):
+    config = load_profile("cluster", root=project_root)
+    env = (app_args(config)["llm_configs"][0].get("runtime_env") or {}).get("env_vars") or {}
+    assert RAY_WORKER_NICENESS_ENV not in env
+
+
+def test_local_ray_is_started_without_dashboard_and_with_the_profiles_metrics_port(project_root):
+    config = load_profile("local", root=project_root)
+    kwargs = ray_init_kwargs(config, temp_dir="/tmp/r-x")
+    assert kwargs == {"_temp_dir": "/tmp/r-x", "include_dashboard": False,
+                      "_metrics_export_port": config.serve.metrics_export_port}

@@ -86,15 +86,13 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
     import ray
     from ray import serve
 
-    from e2e_llm.serve import app_args, build_app
+    from e2e_llm.serve import app_args, build_app, ray_init_kwargs
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     code = 0
-    # A fixed metrics port (serve.metrics_export_port) lets the canary's SLO gate scrape it.
-    ray.init(_temp_dir=args.ray_temp_dir, include_dashboard=False,
-             _metrics_export_port=config.serve.metrics_export_port)
+    ray.init(**ray_init_kwargs(config, temp_dir=args.ray_temp_dir))
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix=config.serve.route_prefix)

@@ -45,6 +45,10 @@ DEPLOYMENT_DEFAULTS = Entry(
     "ray.llm._internal.common.dict_utils", "maybe_apply_llm_deployment_config_defaults",
     params=("defaults", "user_deployment_config"),
     why="merges ingress_deployment_config into Ray's ingress defaults, as build_openai_app does")
+WORKER_NICENESS = Entry(
+    "ray._private.ray_constants", "RAY_WORKER_NICENESS",
+    why="the engine replica's runtime_env sets this Ray setting to 0 on CPU profiles so the engine runs "
+        "at normal priority, not at Ray's worker niceness 15 (e2e_llm.serve.CPU_ENGINE_ENV)")
 # Private members of public classes that we override or call.
 RESOLVE_LORA = Entry(
     "ray.serve.llm", "LLMServer._maybe_resolve_lora_from_multiplex", params=("self",),
@@ -68,7 +72,7 @@ PROCESS_REQUEST = Entry(
 
 ENTRIES = [BATCHER, DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
            TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
-           PROCESS_REQUEST]
+           PROCESS_REQUEST, WORKER_NICENESS]
 OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
 
 
