@@ -7,10 +7,13 @@ gets a banner per stage, the machine's dtype choice first, the stage's own progr
 a closing summary (metrics of the base model and the adapter side by side, where every
 artifact is, how to query the service, how to score all of val).
 
-Noise is switched off at its source (environment knobs of Ray, Ray Train, Ray Data,
-LLaMA-Factory and Hugging Face, see :data:`QUIET_ENV`, and a logging filter for one known
-Ray Train warning in :mod:`e2e_llm.logs`), not filtered out of the text, so Ray's own errors
-and every warning that is not listed there still reach the terminal.
+Noise is switched off at its source where a public knob exists (environment knobs of Ray,
+Ray Train, Ray Data, LLaMA-Factory and Hugging Face, see :data:`QUIET_ENV`, and a logging filter
+for one known Ray Train warning in :mod:`e2e_llm.logs`); the rest of the known noise (Ray Serve's
+and vLLM's INFO records, LLaMA-Factory's example dump) stays in the stage's log file and is
+only kept off the terminal (:data:`e2e_llm.logs.TERMINAL_NOISE`, each entry with its reason).
+Ray's own errors, any line naming an error and every warning not listed there still reach the
+terminal.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class StageResult:
     seconds: float
     returncode: int
     log: str
+    hidden: int = 0  # known-noise lines only in the log (e2e_llm.logs.TERMINAL_NOISE)
 
 
 @dataclass
@@ -79,7 +83,11 @@ def banner(text: str) -> str:
 
 
 def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], echo=print) -> StageResult:
-    """Run one stage command: every line to ``log_path`` and to the terminal."""
+    """Run one stage command: every line to ``log_path``, and to the terminal unless it is
+    known noise (:class:`e2e_llm.logs.TerminalFilter`)."""
+    from e2e_llm.logs import TerminalFilter
+
+    terminal = TerminalFilter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -92,9 +100,14 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            echo(line.rstrip("\n"))
+            if terminal.show(line):
+                echo(line.rstrip("\n"))
         returncode = proc.wait()
-    return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path))
+    return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path), terminal.hidden_total)
+
+
+def _hidden_note(stage: StageResult) -> str:
+    return f" ({stage.hidden} lines of known noise there only)" if stage.hidden else ""
 
 
 def find_base_run(config: PipelineConfig, adapter_manifest: dict[str, Any]) -> tuple[str, dict] | None:
@@ -178,7 +191,7 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
         stage = run_stage(name, cmd, run_dir / f"{name}.log", env, echo)
         result.stages.append(stage)
         echo(f"--- {name}: {'done' if stage.returncode == 0 else f'FAILED (exit {stage.returncode})'} "
-             f"in {stage.seconds:.0f} s; log {stage.log}")
+             f"in {stage.seconds:.0f} s; log {stage.log}{_hidden_note(stage)}")
         if stage.returncode != 0:
             return result
         if name == "train":
