@@ -15,6 +15,7 @@ from e2e_llm.batch.adapter import Adapter
 from e2e_llm.batch.inputs import BatchError
 from e2e_llm.batch.upload import LoraSource
 from e2e_llm.config import PipelineConfig
+from e2e_llm.serve import CPU_ENGINE_ENV
 
 
 def sampling_params(config: PipelineConfig, task, structured: bool | None = None) -> dict[str, Any]:
@@ -100,8 +101,13 @@ def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter
     )
     if lora_path:
         kwargs["dynamic_lora_loading_path"] = lora_path
-    if env := engine_env(config, model_source, lora_path):
-        # Every stage's actors (engine, chat template) get it: they download model_source themselves.
+    # Every stage's actors (engine, chat template) get it: they download model_source themselves.
+    env = engine_env(config, model_source, lora_path)
+    if cpu_only:
+        # The serving replicas' CPU engine settings (a fixed KV cache instead of vLLM's 92% of the
+        # machine's memory, which fails on any machine running something else; passive OpenMP).
+        env = {**CPU_ENGINE_ENV, **env}
+    if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if cpu_only:
         # No accelerator: without a CPU placement group Ray waits forever for {"GPU": 1}.
