@@ -106,8 +106,10 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
     return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path), terminal.hidden_total)
 
 
-def _hidden_note(stage: StageResult) -> str:
-    return f" ({stage.hidden} lines of known noise there only)" if stage.hidden else ""
+def _closing_line(stage: StageResult) -> str:
+    state = "done" if stage.returncode == 0 else f"FAILED (exit {stage.returncode})"
+    hidden = f" ({stage.hidden} lines of known noise there only)" if stage.hidden else ""
+    return f"--- {stage.name}: {state} in {stage.seconds:.0f} s; log {stage.log}{hidden}"
 
 
 def find_base_run(config: PipelineConfig, adapter_manifest: dict[str, Any]) -> tuple[str, dict] | None:
@@ -190,8 +192,7 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
         echo(banner(f"{n}/{len(plan) + 1} {name}: {what}"))
         stage = run_stage(name, cmd, run_dir / f"{name}.log", env, echo)
         result.stages.append(stage)
-        echo(f"--- {name}: {'done' if stage.returncode == 0 else f'FAILED (exit {stage.returncode})'} "
-             f"in {stage.seconds:.0f} s; log {stage.log}{_hidden_note(stage)}")
+        echo(_closing_line(stage))
         if stage.returncode != 0:
             return result
         if name == "train":
@@ -212,6 +213,7 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
                                           "--split", "val", *limit, "--run-id", base_id],
                                  run_dir / "base.log", env, echo)
                 result.stages.append(base)
+                echo(_closing_line(base))
                 if base.returncode != 0:
                     return result
                 result.base_batch = _read_manifest(config, "batch", base_id, "manifest.json")
