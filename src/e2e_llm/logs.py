@@ -98,6 +98,23 @@ TERMINAL_NOISE: tuple[Noise, ...] = (
     Noise("ray-init-again", re.compile(r"^\S+ \S+\s+INFO worker\.py:\d+ -- Calling ray\.init\(\) again"),
           # ray.data.llm calls ray.init() itself after `e2e-llm batch` started Ray.
           "Ray: ray.data.llm's second ray.init()"),
+    Noise("hf-trainer-log-dict", re.compile(r"^\{'loss': "),
+          # The HF Trainer prints each logging step's dict; `e2e-llm train` prints the same step as
+          # one `[train] step N/M loss ... tok/s ... eta` line (and keeps all of it in the run's
+          # log.jsonl).
+          "HF Trainer's per-step log dict (the [train] step line says the same)"),
+    Noise("train-known-warnings",
+          re.compile(r"^(\[WARNING\|[^]]*\] llamafactory\.(extras\.misc:\d+ >> Version checking has been disabled"
+                     r"|hparams\.parser:\d+ >> We recommend enable mixed precision)"
+                     r"|\[transformers\] (`torch_dtype` is deprecated|The tokenizer has new PAD/BOS/EOS tokens)"
+                     r"|\S+/torch/utils/data/dataloader\.py:\d+: UserWarning: 'pin_memory' argument is set as true "
+                     r"but no accelerator)"),
+          # Restating choices `e2e-llm train` makes on purpose: LLaMA-Factory's version check is off
+          # (the environments are pinned), float32 where the CPU has no fast bf16 (the dtype line
+          # says why), LLaMA-Factory's own torch_dtype argument and SmolLM2's tokenizer special
+          # tokens (transformers aligns the config, as it should), and pin_memory on a CPU-only
+          # machine (a no-op). The indented source line of the UserWarning goes with it.
+          "LLaMA-Factory/transformers/torch warnings about settings made on purpose"),
     Noise("ray-data-no-progress", re.compile(r"^\S+ \S+\s+WARNING __init__\.py:\d+ -- Progress bars disabled\."),
           # The answer to QUIET_ENV's RAY_DATA_DISABLE_PROGRESS_BARS, which `make e2e` sets itself.
           "Ray Data: progress bars are off (make e2e turns them off)"),

@@ -51,6 +51,22 @@ SAMPLES = {
     "ray-init-again": [
         "2026-12-02 04:20:55,506\tINFO worker.py:1855 -- Calling ray.init() again after it has already been called.",
     ],
+    "hf-trainer-log-dict": [
+        f"{C}(RayTrainWorker pid=8024){R} {{'loss': '1.309', 'grad_norm': '1.287', 'learning_rate': '0.002922', "
+        "'epoch': '0.125', 'num_input_tokens_seen': 7530}",
+    ],
+    "train-known-warnings": [
+        f"{C}(RayTrainWorker pid=8024){R} [WARNING|2026-12-02 04:53:46] llamafactory.extras.misc:155 >> Version "
+        "checking has been disabled, may lead to unexpected behaviors.",
+        f"{C}(RayTrainWorker pid=8024){R} [WARNING|2026-12-02 04:53:47] llamafactory.hparams.parser:149 >> We "
+        "recommend enable mixed precision training.",
+        f"{C}(RayTrainWorker pid=8024){R} [transformers] `torch_dtype` is deprecated! Use `dtype` instead!",
+        f"{C}(RayTrainWorker pid=8024){R} [transformers] The tokenizer has new PAD/BOS/EOS tokens that differ from "
+        "the model config and generation config.",
+        f"{C}(RayTrainWorker pid=8024){R} /venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py:759: "
+        "UserWarning: 'pin_memory' argument is set as true but no accelerator is found",
+        f"{C}(RayTrainWorker pid=8024){R}   super().__init__(loader)",
+    ],
     "ray-data-no-progress": [
         "2026-12-02 04:20:57,119\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set "
         "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
@@ -68,6 +84,8 @@ SHOWN = [
     "2026-12-02 04:20:48,944\tINFO worker.py:2038 -- Started a local Ray instance.",
     "serving smollm2-135m at http://127.0.0.1:8000/v1 (model=\"smollm2-135m:viggo\"); Ctrl-C to stop",
     "[train] step 8/28 loss 1.234",
+    f"{C}(RayTrainWorker pid=8024){R} [WARNING|2026-12-02 04:53:47] llamafactory.data.loader:149 >> a new warning",
+    "{'train_runtime': '412.1', 'train_samples_per_second': 0.6}",
     "",  # a stage's own blank line (no Ray prefix)
     "INFO 2026-12-02 03:28:11,009 serve 10912 -- RuntimeError: the app failed to deploy",  # names an error
 ]
