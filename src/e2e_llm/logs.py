@@ -105,16 +105,28 @@ TERMINAL_NOISE: tuple[Noise, ...] = (
           "HF Trainer's per-step log dict (the [train] step line says the same)"),
     Noise("train-known-warnings",
           re.compile(r"^(\[WARNING\|[^]]*\] llamafactory\.(extras\.misc:\d+ >> Version checking has been disabled"
-                     r"|hparams\.parser:\d+ >> We recommend enable mixed precision)"
+                     r"|hparams\.parser:\d+ >> We recommend enable mixed precision"
+                     r"|extras\.ploting:\d+ >> No metric eval_\w+ to plot)"
                      r"|\[transformers\] (`torch_dtype` is deprecated|The tokenizer has new PAD/BOS/EOS tokens)"
                      r"|\S+/torch/utils/data/dataloader\.py:\d+: UserWarning: 'pin_memory' argument is set as true "
                      r"but no accelerator)"),
           # Restating choices `e2e-llm train` makes on purpose: LLaMA-Factory's version check is off
           # (the environments are pinned), float32 where the CPU has no fast bf16 (the dtype line
-          # says why), LLaMA-Factory's own torch_dtype argument and SmolLM2's tokenizer special
+          # says why), no eval loss to plot (the recipe's do_eval: false), LLaMA-Factory's own
+          # torch_dtype argument and SmolLM2's tokenizer special
           # tokens (transformers aligns the config, as it should), and pin_memory on a CPU-only
           # machine (a no-op). The indented source line of the UserWarning goes with it.
           "LLaMA-Factory/transformers/torch warnings about settings made on purpose"),
+    Noise("hf-trainer-metrics", re.compile(r"^\*{5} (train|eval) metrics \*{5}$"),
+          # The HF Trainer's closing table (runtime, loss, samples/s; its indented rows go with it):
+          # `e2e-llm train` prints the same figures as its run summary right after.
+          "HF Trainer's closing metrics table (the run summary says the same)"),
+    Noise("peft-merge-warning",
+          re.compile(r"^\S+/transformers/modeling_utils\.py:\d+: FutureWarning: `is_gradient_checkpointing` is "
+                     r"deprecated"),
+          # peft's merge_and_unload (the batch stage's merged mode) still calls the old name; its
+          # indented `warnings.warn(` line goes with it.
+          "transformers deprecation hit by peft's merge"),
     Noise("ray-data-no-progress", re.compile(r"^\S+ \S+\s+WARNING __init__\.py:\d+ -- Progress bars disabled\."),
           # The answer to QUIET_ENV's RAY_DATA_DISABLE_PROGRESS_BARS, which `make e2e` sets itself.
           "Ray Data: progress bars are off (make e2e turns them off)"),

@@ -66,6 +66,18 @@ SAMPLES = {
         f"{C}(RayTrainWorker pid=8024){R} /venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py:759: "
         "UserWarning: 'pin_memory' argument is set as true but no accelerator is found",
         f"{C}(RayTrainWorker pid=8024){R}   super().__init__(loader)",
+        f"{C}(RayTrainWorker pid=8024){R} [WARNING|2026-12-02 05:03:01] llamafactory.extras.ploting:149 >> No metric "
+        "eval_loss to plot.",
+    ],
+    "hf-trainer-metrics": [
+        f"{C}(RayTrainWorker pid=8024){R} ***** train metrics *****",
+        f"{C}(RayTrainWorker pid=8024){R}   epoch                    =        1.0",
+        f"{C}(RayTrainWorker pid=8024){R}   train_loss               =     0.4747",
+    ],
+    "peft-merge-warning": [
+        "/venv/lib/python3.11/site-packages/transformers/modeling_utils.py:3312: FutureWarning: "
+        "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+        "  warnings.warn(",
     ],
     "ray-data-no-progress": [
         "2026-12-02 04:20:57,119\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set "
