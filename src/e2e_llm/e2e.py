@@ -188,8 +188,10 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
          [serve_cli, "serve", "--profile", profile, "--publish", run_id,
           "--ray-temp-dir", f"/tmp/ray-e2e-serve-{os.getpid()}", "--then", client_cmd]),
     ]
-    for n, (name, what, cmd) in enumerate(plan, 1):
-        echo(banner(f"{n}/{len(plan) + 1} {name}: {what}"))
+    total = len(plan) + 1  # the base-model stage runs right after batch
+    for i, (name, what, cmd) in enumerate(plan):
+        n = i + 1 + (i > STAGES.index("batch"))
+        echo(banner(f"{n}/{total} {name}: {what}"))
         stage = run_stage(name, cmd, run_dir / f"{name}.log", env, echo)
         result.stages.append(stage)
         echo(_closing_line(stage))
@@ -200,15 +202,15 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
         if name == "batch":
             result.adapter_batch = _read_manifest(config, "batch", batch_id, "manifest.json")
             cached = find_base_run(config, result.adapter_batch) if result.adapter_batch else None
-            n_base = len(plan) + 1
+            n_base = n + 1
             if cached:
                 result.base_batch, result.base_cached = cached[1], True
-                echo(banner(f"{n_base}/{n_base} base model: same rows, engine and sampling scored before"))
+                echo(banner(f"{n_base}/{total} base model: same rows, engine and sampling scored before"))
                 echo(f"reusing base-model batch run {cached[0]} (same model, data sha256, rows, engine, "
                      f"sampling, versions)")
             else:
                 base_id = f"e2e-{run_id}-val{rows or 'all'}-base"
-                echo(banner(f"{n_base}/{n_base} base model on the same rows (once per model, rows and engine)"))
+                echo(banner(f"{n_base}/{total} base model on the same rows (once per model, rows and engine)"))
                 base = run_stage("base", [serve_cli, "batch", "--profile", profile, "--adapter", "none",
                                           "--split", "val", *limit, "--run-id", base_id],
                                  run_dir / "base.log", env, echo)

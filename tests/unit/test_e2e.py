@@ -87,3 +87,17 @@ def test_known_noise_filter_drops_only_the_listed_message(caplog):
         logger.warning("Failed to remove placement group")
         logger.error("Ray Train Controller died")
     assert [r.getMessage() for r in caplog.records] == ["Failed to remove placement group", "Ray Train Controller died"]
+
+
+def test_stages_are_numbered_in_the_order_they_run(config, tmp_path):
+    from e2e_llm.e2e import run_e2e
+
+    cli = tmp_path / "fake-cli"
+    cli.write_text(f"#!{sys.executable}\n")  # every stage succeeds and writes nothing
+    cli.chmod(0o755)
+    shown = []
+    result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
+    banners = [line.split()[1:3] for line in shown if line.startswith("\n=== ") and "/6 " in line]
+    assert [b[0] for b in banners] == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
+    assert [b[1].rstrip(":") for b in banners] == ["data", "model", "train", "batch", "base", "serve"]
+    assert result.ok and [s.name for s in result.stages] == ["data", "model", "train", "batch", "base", "serve"]
