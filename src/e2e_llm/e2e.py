@@ -245,7 +245,9 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
     train = result.train or {}
     m = train.get("metrics", {})
     if train:
-        lines += ["", f"training: {m.get('global_step')} steps, train loss {m.get('train_loss')}, "
+        loss = m.get("train_loss")
+        lines += ["", f"training: {m.get('global_step')} steps, train loss "
+                      f"{f'{loss:.4f}' if isinstance(loss, float) else loss}, "
                       f"{m.get('wall_time_s')} s, {m.get('tokens_per_second') or 0:.0f} tok/s"]
     lines += ["", "artifacts:"]
     if train:

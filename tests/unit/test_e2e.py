@@ -61,8 +61,11 @@ def test_summary_puts_base_and_adapter_side_by_side(config):
                                       "outputs": {"predictions": "/p.jsonl"}},
                        base_batch={"run_id": "b0", "metrics": {"exact_match": 0.0, "slot_f1": 0.001,
                                                                "function_accuracy": 0.26, "valid_mr_rate": 0.99}},
-                       base_cached=True, ok=True)
+                       base_cached=True, ok=True,
+                       train={"metrics": {"global_step": 128, "train_loss": 0.20777824521064758, "wall_time_s": 579.6,
+                                          "tokens_per_second": 112.0}})
     text = summary(result, config, 200, "local")
+    assert "training: 128 steps, train loss 0.2078, 579.6 s, 112 tok/s" in text
     assert "| exact_match | 0.000 | 0.310 |" in text and "| slot_f1 | 0.001 | 0.720 |" in text
     assert "| total | 500 |" in text and "reused run b0" in text
     assert "make batch-local ADAPTER=r1" in text and "examples/openai_client.py" in text
