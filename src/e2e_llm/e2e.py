@@ -7,10 +7,13 @@ gets a banner per stage, the machine's dtype choice first, the stage's own progr
 a closing summary (metrics of the base model and the adapter side by side, where every
 artifact is, how to query the service, how to score all of val).
 
-Noise is switched off at its source (environment knobs of Ray, Ray Train, Ray Data,
-LLaMA-Factory and Hugging Face, see :data:`QUIET_ENV`, and a logging filter for one known
-Ray Train warning in :mod:`e2e_llm.logs`), not filtered out of the text, so Ray's own errors
-and every warning that is not listed there still reach the terminal.
+Noise is switched off at its source where a public knob exists (environment knobs of Ray,
+Ray Train, Ray Data, LLaMA-Factory and Hugging Face, see :data:`QUIET_ENV`, and a logging filter
+for one known Ray Train warning in :mod:`e2e_llm.logs`); the rest of the known noise (Ray Serve's
+and vLLM's INFO records, LLaMA-Factory's example dump) stays in the stage's log file and is
+only kept off the terminal (:data:`e2e_llm.logs.TERMINAL_NOISE`, each entry with its reason).
+Ray's own errors, any line naming an error and every warning not listed there still reach the
+terminal.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class StageResult:
     seconds: float
     returncode: int
     log: str
+    hidden: int = 0  # known-noise lines only in the log (e2e_llm.logs.TERMINAL_NOISE)
 
 
 @dataclass
@@ -79,7 +83,11 @@ def banner(text: str) -> str:
 
 
 def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], echo=print) -> StageResult:
-    """Run one stage command: every line to ``log_path`` and to the terminal."""
+    """Run one stage command: every line to ``log_path``, and to the terminal unless it is
+    known noise (:class:`e2e_llm.logs.TerminalFilter`)."""
+    from e2e_llm.logs import TerminalFilter
+
+    terminal = TerminalFilter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -92,9 +100,16 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            echo(line.rstrip("\n"))
+            if terminal.show(line):
+                echo(line.rstrip("\n"))
         returncode = proc.wait()
-    return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path))
+    return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path), terminal.hidden_total)
+
+
+def _closing_line(stage: StageResult) -> str:
+    state = "done" if stage.returncode == 0 else f"FAILED (exit {stage.returncode})"
+    hidden = f" ({stage.hidden} lines of known noise there only)" if stage.hidden else ""
+    return f"--- {stage.name}: {state} in {stage.seconds:.0f} s; log {stage.log}{hidden}"
 
 
 def find_base_run(config: PipelineConfig, adapter_manifest: dict[str, Any]) -> tuple[str, dict] | None:
@@ -173,12 +188,13 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
          [serve_cli, "serve", "--profile", profile, "--publish", run_id,
           "--ray-temp-dir", f"/tmp/ray-e2e-serve-{os.getpid()}", "--then", client_cmd]),
     ]
-    for n, (name, what, cmd) in enumerate(plan, 1):
-        echo(banner(f"{n}/{len(plan) + 1} {name}: {what}"))
+    total = len(plan) + 1  # the base-model stage runs right after batch
+    for i, (name, what, cmd) in enumerate(plan):
+        n = i + 1 + (i > STAGES.index("batch"))
+        echo(banner(f"{n}/{total} {name}: {what}"))
         stage = run_stage(name, cmd, run_dir / f"{name}.log", env, echo)
         result.stages.append(stage)
-        echo(f"--- {name}: {'done' if stage.returncode == 0 else f'FAILED (exit {stage.returncode})'} "
-             f"in {stage.seconds:.0f} s; log {stage.log}")
+        echo(_closing_line(stage))
         if stage.returncode != 0:
             return result
         if name == "train":
@@ -186,19 +202,20 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
         if name == "batch":
             result.adapter_batch = _read_manifest(config, "batch", batch_id, "manifest.json")
             cached = find_base_run(config, result.adapter_batch) if result.adapter_batch else None
-            n_base = len(plan) + 1
+            n_base = n + 1
             if cached:
                 result.base_batch, result.base_cached = cached[1], True
-                echo(banner(f"{n_base}/{n_base} base model: same rows, engine and sampling scored before"))
+                echo(banner(f"{n_base}/{total} base model: same rows, engine and sampling scored before"))
                 echo(f"reusing base-model batch run {cached[0]} (same model, data sha256, rows, engine, "
                      f"sampling, versions)")
             else:
                 base_id = f"e2e-{run_id}-val{rows or 'all'}-base"
-                echo(banner(f"{n_base}/{n_base} base model on the same rows (once per model, rows and engine)"))
+                echo(banner(f"{n_base}/{total} base model on the same rows (once per model, rows and engine)"))
                 base = run_stage("base", [serve_cli, "batch", "--profile", profile, "--adapter", "none",
                                           "--split", "val", *limit, "--run-id", base_id],
                                  run_dir / "base.log", env, echo)
                 result.stages.append(base)
+                echo(_closing_line(base))
                 if base.returncode != 0:
                     return result
                 result.base_batch = _read_manifest(config, "batch", base_id, "manifest.json")
@@ -228,7 +245,9 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
     train = result.train or {}
     m = train.get("metrics", {})
     if train:
-        lines += ["", f"training: {m.get('global_step')} steps, train loss {m.get('train_loss')}, "
+        loss = m.get("train_loss")
+        lines += ["", f"training: {m.get('global_step')} steps, train loss "
+                      f"{f'{loss:.4f}' if isinstance(loss, float) else loss}, "
                       f"{m.get('wall_time_s')} s, {m.get('tokens_per_second') or 0:.0f} tok/s"]
     lines += ["", "artifacts:"]
     if train:

@@ -223,3 +223,18 @@ def test_store_alias_resolves_to_the_published_adapter(config, s3_server, tmp_pa
     assert adapter.path.is_relative_to(tmp_path / "cache")
     with pytest.raises(BatchError, match="unknown adapter 'nope'"):
         resolve_adapter(config, "store:nope", str(model))
+
+
+def test_the_manifest_names_the_grammar_by_its_hash(viggo_task):
+    from types import SimpleNamespace
+
+    from e2e_llm.batch.run import _regex_id
+
+    assert _regex_id(viggo_task) == _regex_id(viggo_task)
+    assert _regex_id(viggo_task) != _regex_id(SimpleNamespace(output_regex=lambda: "inform\\(.*\\)"))
+
+
+def test_one_dataset_block_per_engine_batch():
+    from e2e_llm.batch.pipeline import num_blocks
+
+    assert [num_blocks(n, 32) for n in (1, 32, 33, 200, 714)] == [1, 1, 2, 7, 23]

@@ -116,6 +116,19 @@ def test_processor_config_passes_the_endpoint_to_every_stage_for_a_remote_model(
     remote = processor_config(config, "s3://b/viggo/merged/m", None, "merged")
     assert remote.model_source == "s3://b/viggo/merged/m"
     assert remote.runtime_env["env_vars"]["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:1234"
+    local = processor_config(config, "/models/m", None, "merged").runtime_env["env_vars"]
+    assert not any(k.startswith("AWS_") for k in local)
+
+
+def test_a_cpu_engine_gets_the_serving_replicas_cpu_settings(config):
+    pytest.importorskip("ray.data.llm")
+    from e2e_llm.batch import processor_config
+    from e2e_llm.serve import CPU_ENGINE_ENV
+
+    assert config.batch.num_gpus_per_engine == 0
+    env = processor_config(config, "/models/m", None, "merged").runtime_env["env_vars"]
+    assert env == CPU_ENGINE_ENV and env["VLLM_CPU_KVCACHE_SPACE"]
+    config.batch.num_gpus_per_engine = 1
     assert not processor_config(config, "/models/m", None, "merged").runtime_env
 
 

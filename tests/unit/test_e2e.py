@@ -61,8 +61,11 @@ def test_summary_puts_base_and_adapter_side_by_side(config):
                                       "outputs": {"predictions": "/p.jsonl"}},
                        base_batch={"run_id": "b0", "metrics": {"exact_match": 0.0, "slot_f1": 0.001,
                                                                "function_accuracy": 0.26, "valid_mr_rate": 0.99}},
-                       base_cached=True, ok=True)
+                       base_cached=True, ok=True,
+                       train={"metrics": {"global_step": 128, "train_loss": 0.20777824521064758, "wall_time_s": 579.6,
+                                          "tokens_per_second": 112.0}})
     text = summary(result, config, 200, "local")
+    assert "training: 128 steps, train loss 0.2078, 579.6 s, 112 tok/s" in text
     assert "| exact_match | 0.000 | 0.310 |" in text and "| slot_f1 | 0.001 | 0.720 |" in text
     assert "| total | 500 |" in text and "reused run b0" in text
     assert "make batch-local ADAPTER=r1" in text and "examples/openai_client.py" in text
@@ -87,3 +90,17 @@ def test_known_noise_filter_drops_only_the_listed_message(caplog):
         logger.warning("Failed to remove placement group")
         logger.error("Ray Train Controller died")
     assert [r.getMessage() for r in caplog.records] == ["Failed to remove placement group", "Ray Train Controller died"]
+
+
+def test_stages_are_numbered_in_the_order_they_run(config, tmp_path):
+    from e2e_llm.e2e import run_e2e
+
+    cli = tmp_path / "fake-cli"
+    cli.write_text(f"#!{sys.executable}\n")  # every stage succeeds and writes nothing
+    cli.chmod(0o755)
+    shown = []
+    result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
+    banners = [line.split()[1:3] for line in shown if line.startswith("\n=== ") and "/6 " in line]
+    assert [b[0] for b in banners] == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
+    assert [b[1].rstrip(":") for b in banners] == ["data", "model", "train", "batch", "base", "serve"]
+    assert result.ok and [s.name for s in result.stages] == ["data", "model", "train", "batch", "base", "serve"]

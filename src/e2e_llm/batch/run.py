@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import UTC, datetime
@@ -126,7 +127,9 @@ def run_batch(
             "training_run": (adapter.manifest or {}).get("run_id"),
         },
         "data": {"split": split, "uri": split_uri, "sha256": data.sha256},
-        "sampling": sampling_params(config, task, structured) | ({"structured_outputs": "task regex"}
+        # The regex by its hash: it decides the output, so an earlier run with another grammar is
+        # not the same sampling (e2e_llm.e2e reuses a base-model run only on equal sampling).
+        "sampling": sampling_params(config, task, structured) | ({"structured_outputs": _regex_id(task)}
                                                                  if structured else {}),
         "engine": engine_kwargs(config, adapter, mode),
         "dtype": dtype.as_dict(),  # the engine's dtype and why (CPU capability / GPU)
@@ -143,3 +146,7 @@ def run_batch(
                        **config.storage_kw())
     return BatchResult(run_id=run_id, out_uri=out_uri, manifest=manifest, metrics=metrics, rows=rows,
                        previous=previous[1] if previous else None)
+
+
+def _regex_id(task) -> str:
+    return "task regex sha256:" + hashlib.sha256(task.output_regex().encode()).hexdigest()[:16]
