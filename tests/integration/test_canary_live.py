@@ -4,7 +4,9 @@ the `e2e-llm canary` CLI in a subprocess drives alias weights in the app's adapt
 both versions through the app's OpenAI API and reads the app's per-version Ray metrics.
 
 Each scenario has its own alias (stable = the trained adapter), so they never disturb the
-serving tests' `viggo` alias or each other."""
+serving tests' `viggo` alias or each other. The serving side of a safe canary is checked here
+too: the ingress's preflight reaches every engine replica, and alias traffic drawn to a candidate
+that cannot answer is answered by stable."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from serving import wait_until
@@ -27,6 +30,7 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "e2e-llm"
 PROMOTED, ROLLED_BACK = 0, 3
+FALLBACKS = "ray_e2e_llm_request_fallbacks_total"
 
 
 def _test_policy(path: Path) -> Path:
@@ -86,6 +90,31 @@ def rollout(serve_app, alias: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri, **serve_app.store.storage_kw).splitlines()]
 
 
+@pytest.fixture(scope="module")
+def corrupt_candidate(serve_app, serve_adapters, tmp_path_factory) -> str:
+    """The trained adapter with its adapter_model.safetensors damaged so vLLM cannot load it."""
+    broken = tmp_path_factory.mktemp("corrupt") / "adapter"
+    shutil.copytree(serve_adapters["trained"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
+    return serve_app.store.publish(broken, name="cncorrupt")
+
+
+def preflight(serve_app, version: str, deadline_s: float = 120.0, **kw) -> httpx.Response:
+    body = {"version": version, "messages": [{"role": "user", "content": "Name a video game."}], "max_tokens": 4,
+            "deadline_s": deadline_s}
+    return httpx.post(f"{serve_app.base_url}/-/preflight", json=body, timeout=deadline_s + 30,
+                      **{"headers": serve_app.headers, **kw})
+
+
+def remove_from_store(serve_app, version: str) -> None:
+    """Delete an adapter's folder from the app's store (its index entry stays)."""
+    from e2e_llm import storage
+
+    fs, path = storage.filesystem(serve_app.store.adapter_uri(version), **serve_app.store.storage_kw)
+    fs.delete_dir(path)
+    assert version not in serve_app.store.adapter_ids()
+
+
 class SteadyClient:
     """Sends alias traffic in a loop from two threads, recording every outcome."""
 
@@ -120,6 +149,110 @@ class SteadyClient:
 
 def gate_results(records: list[dict]) -> list[dict]:
     return [r for r in records if r["event"] == "gate"]
+
+
+# -- the serving side: preflight and fallback, without the controller ------------------------
+
+
+def test_a_broadcast_reaches_every_replica_with_the_adapter_as_multiplexed_model_id(serve_app):
+    """What the preflight relies on (Ray Serve's DeploymentHandle.broadcast, alpha in 2.60): the
+    call reaches every replica, and each sees the handle's multiplexed model id (so the engine
+    replica loads that adapter as for a routed request)."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0})
+    class Who:
+        def who(self) -> tuple[str, str]:
+            return serve.get_replica_context().replica_tag, serve.get_multiplexed_model_id()
+
+    handle = serve.run(Who.bind(), name="broadcast-check", route_prefix="/broadcast-check")
+    try:
+        seen = handle.options(multiplexed_model_id="base:v7").broadcast("who").results(timeout_s=60)
+    finally:
+        serve.delete("broadcast-check")
+    assert len({tag for tag, _ in seen}) == 2 and {model for _, model in seen} == {"base:v7"}
+
+
+def test_preflight_passes_a_good_adapter_on_every_replica_and_names_why_a_corrupt_one_fails(
+        serve_app, corrupt_candidate):
+    good = preflight(serve_app, serve_app.adapters["trained"])
+    assert good.status_code == 200, good.text
+    answer = good.json()
+    assert answer["ok"] is True and answer["reason"] is None, answer
+    assert len(answer["replicas"]) == serve_app.config.serve.min_replicas
+    assert all(r["ok"] and r["latency_s"] > 0 for r in answer["replicas"])
+    bad = preflight(serve_app, corrupt_candidate).json()
+    print("preflight of the corrupt adapter:", bad)
+    assert bad["ok"] is False and "lora" in bad["reason"].lower()
+    assert [r["ok"] for r in bad["replicas"]] == [False] * serve_app.config.serve.min_replicas
+    assert preflight(serve_app, corrupt_candidate, headers={}).status_code == 401
+
+
+def test_alias_traffic_drawn_to_a_corrupt_candidate_is_answered_by_stable(serve_app, corrupt_candidate):
+    alias = new_alias(serve_app, "cn-fallback")
+    stable = serve_app.adapters["trained"]
+    record = serve_app.store.set_alias(alias, stable=stable, candidate=corrupt_candidate, candidate_weight=1.0)
+    serve_app.wait_alias(alias, record.revision)
+    client = serve_app.client(timeout=120)
+    model = f"{serve_app.model_id}:{alias}"
+    messages = [{"role": "user", "content": "Name a video game."}]
+    for _ in range(2):
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0.0)
+        assert answer.model == f"{serve_app.model_id}:{stable}" and answer.choices[0].message.content
+        chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True))
+        assert chunks and chunks[0].model == f"{serve_app.model_id}:{stable}"
+    # every attempt on the candidate is a candidate error for the SLO gate (Ray exports every ~10 s)
+    wait_until(lambda: serve_app.metric(FALLBACKS, alias=alias) >= 4, 40, "fallbacks not in the metrics")
+    assert serve_app.metric("ray_e2e_llm_requests_total", alias=alias, version=corrupt_candidate, status="502") >= 4
+    assert serve_app.metric("ray_e2e_llm_requests_total", alias=alias, version=stable, status="200") >= 4
+    serve_app.store.set_alias(alias, stable=stable)
+
+
+# -- rollouts ------------------------------------------------------------------------------
+
+
+def test_corrupt_candidate_is_rejected_at_preflight_and_alias_traffic_never_fails(
+        serve_app, canary_env, corrupt_candidate):
+    alias = new_alias(serve_app, "cn-corrupt")
+    before = serve_app.store.aliases()[alias]
+    with SteadyClient(serve_app, alias, threads=3) as traffic:
+        result = cli(canary_env, "canary", "--alias", alias, "--adapter", corrupt_candidate)
+    print(result.stdout)
+    assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
+    assert serve_app.store.aliases()[alias] == before  # never written: same revision
+    records = rollout(serve_app, alias)
+    events = [r["event"] for r in records]
+    assert events[-1] == "rejected" and not {"set_weight", "weight_set"} & set(events), events
+    [check] = [r for r in records if r["event"] == "preflight"]
+    assert not check["passed"] and "lora" in check["reason"].lower(), check
+    assert traffic.failures == [] and traffic.ok > 0, traffic.failures[:5]
+
+
+def test_candidate_removed_after_preflight_is_served_from_stable_and_rolled_back(
+        serve_app, serve_adapters, canary_env):
+    alias = new_alias(serve_app, "cn-gone")
+    candidate = republish(serve_app, serve_adapters["trained"], "cngone")
+    with SteadyClient(serve_app, alias) as traffic:
+        proc = subprocess.Popen([str(CLI), "canary", "--profile", canary_env["profile"], "--alias", alias,
+                                 "--adapter", candidate], env=canary_env["env"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not any(r["event"] == "weight_set" for r in rollout(serve_app, alias)):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the candidate never got traffic"
+            time.sleep(0.2)
+        # It passed the preflight (and the shadow gate) and takes alias traffic: now it is gone.
+        remove_from_store(serve_app, candidate)
+        out, _ = proc.communicate(timeout=300)
+    print(out)
+    assert proc.returncode == ROLLED_BACK, out
+    record = serve_app.store.aliases()[alias]
+    assert (record.stable, record.candidate) == (serve_app.adapters["trained"], None)
+    gate = gate_results(rollout(serve_app, alias))[-1]
+    assert not gate["passed"], gate
+    assert traffic.failures == [], traffic.failures[:5]
+    wait_until(lambda: serve_app.metric(FALLBACKS, alias=alias, version=candidate) > 0, 40,
+               "no alias request fell back to stable")
 
 
 def test_good_candidate_is_promoted_and_steady_alias_traffic_never_fails(serve_app, serve_adapters, canary_env):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -71,6 +72,17 @@ def test_the_base_ingress_keeps_its_model_cards_where_our_ingress_reads_them():
     card = object()
     ingress = OpenAiIngress({"base": object()}, {"base": card})
     assert ingress._model_cards == {"base": card}
+
+
+def test_the_public_broadcast_api_the_preflight_uses_keeps_its_shape():
+    """``DeploymentHandle.broadcast`` is public but alpha in Ray 2.60 (the ingress's /-/preflight
+    reaches every engine replica with it): an upgrade that changes it fails here, not live."""
+    from ray.serve.handle import DeploymentBroadcastResponse, DeploymentHandle
+
+    assert list(inspect.signature(DeploymentHandle.broadcast).parameters) == ["self", "method_name", "args", "kwargs"]
+    assert {"timeout_s", "return_exceptions"} <= set(
+        inspect.signature(DeploymentBroadcastResponse.results_async).parameters)
+    assert "multiplexed_model_id" in inspect.signature(DeploymentHandle.options).parameters
 
 
 # -- the overrides are called by Ray's own request path ------------------------------------
