@@ -69,7 +69,7 @@ from e2e_llm.api_guard import (
     sse_error,
 )
 from e2e_llm.compat.ray_serve import DEFAULT_ENDPOINTS, ModelCard, ModelList, OpenAIHTTPException, fastapi_app
-from e2e_llm.serve_preflight import GRACE_S, PreflightRequest, timed_out, verdict
+from e2e_llm.serve_preflight import GRACE_S, PreflightRequest, describe, timed_out, verdict
 from e2e_llm.store import AdapterStore, Alias
 
 logger = logging.getLogger("ray.serve")
@@ -99,8 +99,8 @@ class Route(NamedTuple):
     fallback: str | None = None  # the alias's stable version, when ``version`` is its candidate
     gone: bool = False  # ``version`` (a candidate) is not in the store: go straight to ``fallback``
 
-    def labels(self, version: str | None = None) -> dict[str, str]:
-        return {"model": self.base, "alias": self.alias, "version": self.version if version is None else version}
+    def labels(self) -> dict[str, str]:
+        return {"model": self.base, "alias": self.alias, "version": self.version}
 
 
 class E2EIngress(OpenAiIngress):
@@ -260,9 +260,9 @@ class E2EIngress(OpenAiIngress):
         return code >= 500 or code == status.HTTP_404_NOT_FOUND
 
     def _record_fallback(self, route: Route, exc: Exception, start: float, stream: bool) -> None:
-        code, message, _ = self._describe(exc)
-        logger.warning("e2e-llm: alias %s: candidate %s failed before any token (%s %s); answering from stable %s",
-                       route.alias, route.version, code, message, route.fallback)
+        code = self._describe(exc)[0]
+        logger.warning("e2e-llm: alias %s: candidate %s failed before any token (%s, %s); answering from stable %s",
+                       route.alias, route.version, code, describe(exc), route.fallback)
         self._m_fallbacks.inc(tags={**route.labels(), "code": str(code)})
         self._record(route.labels(), status.HTTP_502_BAD_GATEWAY, start, stream)
 
