@@ -420,6 +420,9 @@ class Controller:
     def _preflight(self, rollout: Rollout) -> GateResult:
         """Every engine replica loads the candidate and answers the first canary row."""
         spec = self.policy.preflight
+        if self.preflight is None:  # a resumed rollout whose start record asked for one
+            return preflight_gate(PreflightResult(False, "the rollout's start record asks for a preflight and "
+                                                  "this controller has none"))
         try:
             row = self.rows[0] if self.rows else {}
             result = self.preflight.check(rollout.candidate, row, spec.deadline_s, spec.max_tokens)

@@ -450,6 +450,17 @@ def test_a_policy_with_a_preflight_needs_a_controller_that_can_run_it(world, pol
     assert w.events()[:2] == ["start", "shadow"]
 
 
+def test_a_resumed_rollout_asking_for_a_preflight_this_controller_cannot_run_is_rejected(world):
+    w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"}, kill_at=2)  # after start, before the preflight
+    with pytest.raises(Crash):
+        w.controller().run("viggo-v2")
+    controller = w.controller(effects=Effects())
+    controller.preflight = None
+    outcome = controller.run(None)
+    assert outcome.result == "rejected" and "this controller has none" in outcome.reason
+    assert w.router.writes == []
+
+
 def test_a_candidate_answering_nothing_is_rejected_after_the_first_chunk(world, policy):
     chunked = policy.model_copy(update={"quality": policy.quality.model_copy(update={"concurrency": 2})})
     w = world(kinds={"viggo-v1": "good", "viggo-v2": "error"})
