@@ -324,6 +324,25 @@ def test_candidate_within_the_margin_passes_and_beyond_it_fails(world, policy, t
     assert w2.controller().run("viggo-v2").result == "rejected"
 
 
+@pytest.mark.parametrize("kind,chunks", [
+    ("error", 1),  # 0 of 2 answered: 8 rows allow none unanswered, certain after one chunk
+    # wrong answers: after 4 of 8 rows its slot F1 (0.474 < 0.780 - 0.05) fails even with the
+    # other 4 rows perfect for it and unanswered for stable
+    ("bad", 2),
+])
+def test_a_step_ends_as_soon_as_its_quality_outcome_is_certain(world, policy, kind, chunks):
+    chunked = policy.model_copy(update={"shadow": False,
+                                        "quality": policy.quality.model_copy(update={"concurrency": 2})})
+    w = world(kinds={"viggo-v1": "good", "viggo-v2": kind})
+    start = w.clock.now()
+    assert w.controller(policy=chunked).run("viggo-v2").result == "rolled_back"
+    assert w.prober.calls == ["viggo-v1", "viggo-v2"] * chunks  # of 4 chunks
+    assert w.clock.now() - start == pytest.approx(chunks * 2 * 5.0) and w.clock.slept == 0.0  # no SLO window
+    gate = next(r for r in w.records() if r["event"] == "gate")
+    assert gate["results"][0]["details"]["probed"] == 2 * chunks and gate["results"][0]["details"]["certain"]
+    assert [s.candidate_weight for s in w.router.writes] == [10.0, 0.0]
+
+
 def test_erroring_alias_traffic_ends_the_step_as_soon_as_the_error_budget_is_spent(world):
     # answers the probes, fails every user request
     w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"}, errors={"viggo-v2": 1.0})
