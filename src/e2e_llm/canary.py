@@ -389,26 +389,27 @@ class Controller:
             window = {v: after[v].minus(before.get(v)) for v in after}
             result = slo_gate(window, rollout.stable, rollout.candidate, slo, baseline)
             result.details["window_s"] = round(elapsed, 3)
-            if elapsed < window_s - 1e-9:
-                if self._budget_spent(window, rollout, baseline, elapsed):
-                    cand = window.get(rollout.candidate, VersionStats())
-                    result.details["ended_early"] = True
-                    return GateResult("slo", "fail", f"error budget spent after {elapsed:.0f}s of the {window_s:g}s "
-                                      f"window: candidate {cand.errors:g} errors in {cand.requests:g} requests",
-                                      result.checks, result.details)
-                continue
-            if result.status != "inconclusive" or elapsed >= longest - 1e-9:
+            over = elapsed >= window_s - 1e-9
+            if over and (result.status != "inconclusive" or elapsed >= longest - 1e-9):
                 return result
+            # still in the window, or in its extension for too little traffic: errors end it
+            horizon = longest if over else window_s
+            if self._budget_spent(window, rollout, baseline, elapsed, horizon):
+                cand = window.get(rollout.candidate, VersionStats())
+                result.details["ended_early"] = True
+                return GateResult("slo", "fail", f"error budget spent after {elapsed:.0f}s of the {horizon:g}s "
+                                  f"window: candidate {cand.errors:g} errors in {cand.requests:g} requests",
+                                  result.checks, result.details)
 
     def _budget_spent(self, window: dict[str, VersionStats], rollout: Rollout, baseline: VersionStats | None,
-                      elapsed: float) -> bool:
+                      elapsed: float, horizon: float) -> bool:
         slo = self.policy.slo
         stable = window.get(rollout.stable, VersionStats())
         if stable.requests < slo.min_requests and baseline is not None:
             stable = baseline
         stable_rate = stable.errors / stable.requests if stable.requests else 0.0
         return error_budget_spent(window.get(rollout.candidate, VersionStats()), stable_rate + slo.max_error_rate_delta,
-                                  elapsed, self.policy.step_window_s, slo.budget_rate_factor)
+                                  elapsed, horizon, slo.budget_rate_factor)
 
     def _quality(self, rollout: Rollout) -> GateResult:
         try:

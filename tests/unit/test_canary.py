@@ -389,6 +389,27 @@ def test_too_little_candidate_traffic_is_inconclusive_and_rolls_back(world, poli
     assert slo["status"] == "inconclusive" and slo["details"]["window_s"] == 90.0
 
 
+def test_a_candidate_erroring_during_the_low_traffic_extension_is_not_kept_serving(world, policy):
+    patient = policy.model_copy(update={"slo": policy.slo.model_copy(update={"max_window_s": 600.0})})
+    # 10% of 0.5 req/s: 3 requests in the 60 s window, too few: the window is extended ...
+    w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"}, rate=0.5)
+    snapshot, taken = w.metrics.snapshot, []
+
+    def failing_after_the_window():
+        taken.append(None)
+        if len(taken) > 5:  # before, 15, 30, 45, 60 s: then the candidate starts failing
+            w.metrics.errors = {"viggo-v2": 1.0}
+        return snapshot()
+
+    w.metrics.snapshot = failing_after_the_window
+    assert w.controller(policy=patient).run("viggo-v2").result == "rolled_back"
+    slo = next(r for r in w.records() if r["event"] == "gate")["results"][1]
+    # ... and ends once its errors exceed the extended window's budget (at 90 s: 1.5 errors, more
+    # than 2% of 4.5 requests x 2 x 600/90), not after 600 s
+    assert slo["status"] == "fail" and slo["details"]["ended_early"] is True
+    assert "error budget spent after 90s of the 600s window: candidate 1.5 errors in 4.5 requests" in slo["reason"]
+
+
 def test_too_little_traffic_extends_the_window_up_to_max_window_s(world, policy):
     patient = policy.model_copy(update={"slo": policy.slo.model_copy(update={"max_window_s": 120.0})})
     w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"}, rate=0.5)  # 10%: 3 requests in 60 s, 5 by 105 s
