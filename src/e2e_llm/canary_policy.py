@@ -130,7 +130,7 @@ class CanaryPolicy(Strict):
     # preflight); only a candidate that passes gets user traffic.
     shadow: bool = True
     canary_set: CanarySetSpec
-    preflight: PreflightPolicy = PreflightPolicy()
+    preflight: PreflightPolicy = Field(default_factory=PreflightPolicy)
     quality: QualityPolicy
     slo: SLOPolicy
 

@@ -928,6 +928,20 @@ def test_bad_policies_are_rejected_naming_the_key(tmp_path, mutate, message):
     assert "canary.yaml:" in str(err.value)
 
 
+def test_a_policy_written_before_the_new_knobs_loads_with_their_defaults(tmp_path):
+    def strip(d):
+        for key in ("preflight", "shadow"):
+            d.pop(key)
+        for key in ("deadline_factor", "min_timeout_s", "retries"):
+            d["quality"].pop(key)
+        for key in ("poll_s", "budget_rate_factor", "max_window_s"):
+            d["slo"].pop(key)
+
+    policy = load_policy(_write_policy(tmp_path, strip))
+    assert policy.pretraffic() == ["preflight", "shadow"]
+    assert (policy.preflight.deadline_s, policy.quality.retries, policy.slo.max_window_s) == (180.0, 1, None)
+
+
 def test_canary_set_with_a_different_sha_is_rejected(tmp_path):
     path = _write_policy(tmp_path, lambda d: d["canary_set"].update(sha256="0" * 64))
     with pytest.raises(ConfigError, match="does not match canary_set.sha256"):
