@@ -34,7 +34,8 @@ FALLBACKS = "ray_e2e_llm_request_fallbacks_total"
 
 
 def _test_policy(path: Path) -> Path:
-    """The shipped policy with short windows: 2 steps, 8 canary rows, 20 s windows."""
+    """The shipped policy with short windows: 2 steps, 8 canary rows, 20 s windows (extended to
+    60 s at most while a version has too few requests), scraped every 5 s."""
     from e2e_llm.canary import load_policy
 
     policy = load_policy(ROOT / "configs/canary.yaml")
@@ -45,7 +46,8 @@ def _test_policy(path: Path) -> Path:
     data["quality"].update(max_rows=8, concurrency=8, margins={"exact_match": 0.2, "slot_f1": 0.15,
                                                                "valid_mr_rate": 0.2, "function_accuracy": 0.2})
     # Ray exports app metrics every 10 s; a shared 2-core box makes latency noisy.
-    data["slo"].update(min_requests=3, metrics_lag_s=12, max_p95_latency_ratio=3.0, p95_latency_slack_s=2.0)
+    data["slo"].update(min_requests=3, metrics_lag_s=12, max_p95_latency_ratio=3.0, p95_latency_slack_s=2.0,
+                       poll_s=5, max_window_s=60)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -225,6 +227,7 @@ def test_corrupt_candidate_is_rejected_at_preflight_and_alias_traffic_never_fail
     assert events[-1] == "rejected" and not {"set_weight", "weight_set"} & set(events), events
     [check] = [r for r in records if r["event"] == "preflight"]
     assert not check["passed"] and "lora" in check["reason"].lower(), check
+    assert "lora" in records[-1]["reason"].lower()  # the terminal record says why, too
     assert traffic.failures == [] and traffic.ok > 0, traffic.failures[:5]
 
 
@@ -277,45 +280,24 @@ def test_good_candidate_is_promoted_and_steady_alias_traffic_never_fails(serve_a
     serve_app.wait_alias(alias, record.revision)
 
 
-def test_damaged_candidate_is_rolled_back_by_the_quality_gate_while_stable_keeps_serving(serve_app, canary_env):
+def test_damaged_candidate_is_rejected_by_the_shadow_quality_gate_before_any_traffic(serve_app, canary_env):
     alias = new_alias(serve_app, "cn-bad")
+    before = serve_app.store.aliases()[alias]
     with SteadyClient(serve_app, alias, threads=1) as traffic:
         result = cli(canary_env, "canary", "--alias", alias, "--adapter", serve_app.adapters["damaged"])
-        after = traffic.ok
-        wait_until(lambda: traffic.ok > after, 60, "stable stopped answering the alias after the rollback")
     assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
-    assert "ROLLED BACK" in result.stdout
-    record = serve_app.store.aliases()[alias]
-    assert (record.stable, record.candidate, record.candidate_weight) == (serve_app.adapters["trained"], None, 0.0)
-    gate = gate_results(rollout(serve_app, alias))[0]
-    quality = gate["results"][0]
-    assert quality["status"] == "fail", gate["reason"]
-    assert not gate["passed"] and gate["weight"] == 50
+    assert "REJECTED" in result.stdout
+    assert serve_app.store.aliases()[alias] == before  # never written
+    records = rollout(serve_app, alias)
+    assert [r["event"] for r in records] == ["start", "preflight", "shadow", "rejected"]
+    shadow = records[2]
+    quality = shadow["results"][0]
+    assert not shadow["passed"] and quality["status"] == "fail", shadow["reason"]
     scores = quality["details"]["scores"]
     print("quality stable/candidate:", json.dumps(scores), json.dumps(quality["details"]["examples"][:2]))
     failed = [c["metric"] for c in quality["checks"] if c["ok"] is False]
     assert failed and all(scores["candidate"][m] < scores["stable"][m] for m in failed)
-    # stable kept answering the alias during and after the rollback
-    assert traffic.failures == [] and traffic.ok > after
-
-
-def test_erroring_candidate_is_rolled_back_by_the_slo_gate(serve_app, serve_adapters, canary_env):
-    broken = canary_env["tmp"] / "broken"
-    shutil.copytree(serve_adapters["trained"], broken)
-    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
-    candidate = serve_app.store.publish(broken, name="cnbroken")
-    alias = new_alias(serve_app, "cn-err")
-    with SteadyClient(serve_app, alias):
-        result = cli(canary_env, "canary", "--alias", alias, "--adapter", candidate)
-    assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
-    print(result.stdout)
-    gate = gate_results(rollout(serve_app, alias))[0]
-    quality, slo = gate["results"]
-    assert slo["status"] == "fail" and "error rate" in slo["reason"], gate["reason"]
-    assert quality["status"] != "pass"
-    window = slo["details"]["window"]["candidate"]
-    assert window["errors"] >= 3 and window["errors"] == window["requests"]
-    assert serve_app.store.aliases()[alias].candidate is None
+    assert traffic.failures == [] and traffic.ok > 0
 
 
 def test_controller_killed_mid_rollout_is_finished_by_a_rerun(serve_app, serve_adapters, canary_env):

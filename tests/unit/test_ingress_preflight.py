@@ -133,6 +133,36 @@ def test_preflight_needs_the_api_key(api):
     assert api.client.get("/-/ready").status_code == 200  # the readiness probe stays open
 
 
+def controller_client(api, key: str = KEY):
+    """The canary controller's preflight client (canary_io.HttpPreflight) talking to this app."""
+    from e2e_llm.canary_io import HttpPreflight
+
+    def post(url, data, headers, timeout):
+        response = api.client.post(url.removeprefix("http://testserver"), content=data, headers=headers)
+        return response.status_code, response.content
+
+    return HttpPreflight("http://testserver/v1", api_key=key, post=post)
+
+
+def test_the_controllers_client_and_the_endpoint_agree_on_the_contract(api):
+    from e2e_llm.canary_gates import preflight_gate
+
+    row = {"instruction": "Turn the text into a meaning representation.", "input": "Halo 3 is a shooter."}
+    api.engine.replicas = {"replica-a": "ok", "replica-b": "ok"}
+    passed = controller_client(api).check(api.names["adapter"], row, 5.0, 8)
+    assert passed.ok and len(passed.replicas) == 2 and preflight_gate(passed).status == "pass"
+    [(_, _, request, _)] = api.engine.broadcasts
+    assert [m["role"] for m in request.messages] == ["system", "user"]
+    api.engine.replicas = {"replica-a": "ok", "replica-b": "load-fails"}
+    failed = controller_client(api).check(api.names["adapter"], row, 5.0, 8)
+    gate = preflight_gate(failed)
+    assert not failed.ok and gate.status == "fail" and "replica-b: ValueError: Failed to load lora" in gate.reason
+    unauthorized = controller_client(api, key="wrong").check(api.names["adapter"], row, 5.0, 8)
+    assert not unauthorized.ok and "HTTP 401" in unauthorized.reason
+    unknown = controller_client(api).check("viggo-v99", row, 5.0, 8)
+    assert not unknown.ok and "HTTP 404" in unknown.reason and "viggo-v99" in unknown.reason
+
+
 # -- the replica's side --------------------------------------------------------------------
 
 
