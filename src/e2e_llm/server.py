@@ -80,7 +80,8 @@ class E2ELLMServer(PatchedLLMServer):
         """This replica's preflight report for ``request`` (a non-streaming chat request for
         ``<base>:<adapter>``, sent with that adapter as the multiplexed model id): the adapter
         loaded and one answer came back within ``deadline_s``, or why not."""
-        replica = serve.get_replica_context().replica_tag
+        context = serve.get_replica_context()
+        replica = f"{context.deployment}#{context.replica_tag}"
         if serve.get_multiplexed_model_id() != request.model:  # else vLLM would not load the adapter
             return report(replica, False, f"the preflight for {request.model!r} reached this replica without it as "
                                           f"the multiplexed model id ({serve.get_multiplexed_model_id()!r})", None)

@@ -168,13 +168,15 @@ def test_the_controllers_client_and_the_endpoint_agree_on_the_contract(api):
 
 @pytest.fixture
 def replica(monkeypatch, tmp_path):
-    """E2ELLMServer.preflight's view of Serve: replica "r1", request for base:v2 multiplexed."""
+    """E2ELLMServer.preflight's view of Serve: replica r1 of LLMServer:base, a request for
+    base:viggo-v2 with it as the multiplexed model id."""
     from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
     from e2e_llm.server import E2ELLMServer
 
     model = f"{BASE}:viggo-v2"
-    monkeypatch.setattr(ray.serve, "get_replica_context", lambda: SimpleNamespace(replica_tag="r1"))
+    monkeypatch.setattr(ray.serve, "get_replica_context",
+                        lambda: SimpleNamespace(deployment="LLMServer:base", replica_tag="r1"))
     monkeypatch.setattr(ray.serve, "get_multiplexed_model_id", lambda: model)
     (tmp_path / "viggo-v2").mkdir()
     (tmp_path / "viggo-v2" / "adapter_config.json").write_text("{}")  # the store is fine
@@ -185,7 +187,7 @@ def replica(monkeypatch, tmp_path):
 
 def test_the_replica_loads_the_adapter_then_answers_once(replica):
     report = asyncio.run(replica.server.preflight(replica.request, 5.0))
-    assert report["replica"] == "r1" and report["ok"] is True and report["reason"] is None
+    assert report["replica"] == "LLMServer:base#r1" and report["ok"] is True and report["reason"] is None
     assert report["latency_s"] >= 0.05  # the fake adapter download
 
 
