@@ -295,7 +295,8 @@ endif
 
 # make canary ADAPTER=<published version | trained adapter folder | run id | latest>: publish if
 # needed, step the alias weight, gate every step on quality + SLOs, roll back or promote. Rerun
-# with the same ADAPTER after an interruption to continue. Exit 3 means rolled back.
+# with the same ADAPTER after an interruption to continue. The CLI exits 3 when the candidate is
+# rolled back or rejected; make itself then exits 2 and its last line says `Error 3`.
 .PHONY: canary canary-status promote canary-engine
 canary: env-serve ## Roll ADAPTER out behind the alias with quality/SLO gates (auto-rollback).
 	$(if $(filter command line environment,$(origin ADAPTER)),,$(error ADAPTER is required: make canary ADAPTER=<version|path|latest>))
@@ -307,7 +308,7 @@ canary-status: env-serve ## Print the alias's latest rollout and its decision ta
 promote: env-serve ## Promote the unfinished canary's candidate to stable now (skips the remaining gates).
 	$(SERVE_CLI) promote --profile $(PROFILE) $(if $(ALIAS),--alias $(ALIAS))
 
-canary-engine: env-serve ## Deploy the rendered service on TARGET/DEPLOY_ENV: canary, SLO gates, promote or roll back (exit 3).
+canary-engine: env-serve ## Deploy the rendered service on TARGET/DEPLOY_ENV: canary, SLO gates, promote or roll back (Error 3).
 	$(PREFLIGHT) service
 	$(SERVE_CLI) canary --profile $(shell sed -n 's/^profile: *//p' configs/deploy.yaml) --platform $(TARGET) --env $(DEPLOY_ENV) --rev $(REV) $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
 

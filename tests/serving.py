@@ -79,6 +79,15 @@ class ServeApp:
                   if sample.name in ENGINE_QUEUE_METRICS]
         return sum(values) if values else None
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` (e.g. ``ray_e2e_llm_request_fallbacks_total``) whose
+        labels include ``labels``, from Ray's metrics endpoint (0 while none is exported)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.metrics_url, timeout=10).text
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and labels.items() <= sample.labels.items())
+
     def wait_engine_queue(self, at_most: float, timeout: float = 180.0, export_s: float = 11.0) -> None:
         """Block until the engine holds at most ``at_most`` requests on two reads ``export_s``
         apart (Ray exports gauges about every 10 s: one read may predate the last change)."""

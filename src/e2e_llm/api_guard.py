@@ -2,6 +2,8 @@
 """The OpenAI ingress's front door: every error it returns is an OpenAI error object, and a
 request is checked before it reaches an engine.
 
+- :class:`ApiKeyMiddleware`: ``Authorization: Bearer <key>`` on every route but the probes
+  (``OPEN_PATHS``), while the key's variable is in the environment (:func:`app_key_check`).
 - :func:`error_response` is the one error shape: ``{"error": {"message", "type", "param",
   "code"}}`` with ``code`` the HTTP status (Ray Serve LLM and vLLM use the same).
 - :func:`install_error_handlers` answers FastAPI's own errors (unknown route 404, wrong method
@@ -18,11 +20,16 @@ No Ray import: the rules are unit-tested without a cluster.
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import JSONResponse
+
+logger = logging.getLogger("ray.serve")
 
 # OpenAI chat roles (vLLM would accept any string as a "custom" role).
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -40,6 +47,8 @@ SAMPLING_RANGES = (
     ("top_logprobs", 0, 20, True),
 )
 JSON_METHODS = ("POST", "PUT", "PATCH")
+# Routes answered without a key: the proxy's probes and the app's readiness (/-/preflight needs one).
+OPEN_PATHS = ("/-/healthz", "/-/routes", "/-/ready")
 # Union-member names pydantic puts in error locations (not request fields).
 PYDANTIC_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes", "function"})
 
@@ -84,6 +93,61 @@ class Limits:
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> Limits:
         return cls(**(args or {}))
+
+
+# -- auth ------------------------------------------------------------------------------------
+
+
+def app_key_check(api_key_env: str, environ=None) -> bool:
+    """Whether the app checks its own API key: ``$api_key_env`` is in the environment.
+
+    Absent: the check is off and a warning names who must authenticate instead (on Anyscale,
+    the service's query auth token on the same ``Authorization: Bearer`` header). Present but
+    empty: a misconfigured secret, refused rather than read as "no auth"."""
+    environ = os.environ if environ is None else environ
+    if api_key_env not in environ:
+        logger.warning(
+            "app API-key check is OFF: $%s is not in this replica's environment, so requests reach the "
+            "app unauthenticated unless something in front checks them (on Anyscale: the service's "
+            "query auth token, query_auth_token_enabled: true; on KubeRay the key comes from the Secret)",
+            api_key_env)
+        return False
+    if not environ[api_key_env]:
+        raise RuntimeError(f"${api_key_env} is set but empty in the ingress replica; fix the secret it comes "
+                           "from (Kubernetes Secret / local shell) or unset it")
+    return True
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware: while ``$<env var>`` is in the environment, 401 unless
+    ``Authorization: Bearer <key>`` matches it; without the variable, requests pass
+    (:func:`app_key_check` logs that at replica startup)."""
+
+    def __init__(self, app, api_key_env: str):
+        self.app = app
+        self.api_key_env = api_key_env
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        expected = os.environ.get(self.api_key_env)
+        if expected is None:
+            return await self.app(scope, receive, send)
+        given = ""
+        for name, value in scope.get("headers", []):
+            if name.lower() == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                given = token.strip() if scheme.lower() == "bearer" else ""
+                break
+        if expected and hmac.compare_digest(given.encode(), expected.encode()):
+            return await self.app(scope, receive, send)
+        message = "missing API key: send 'Authorization: Bearer <key>'" if not given else "invalid API key"
+        response = JSONResponse(
+            status_code=401,
+            content={"error": {"message": message, "type": "AuthenticationError", "param": None, "code": 401}},
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        return await response(scope, receive, send)
 
 
 # -- FastAPI's own errors --------------------------------------------------------------------

@@ -12,18 +12,23 @@ and at every step runs two gates:
 - SLO: error rate and p95 latency of the requests each version served during the step
   window, from the app's per-version Prometheus metrics (delta of two scrapes).
 
-A failed, inconclusive or crashed gate rolls back (candidate weight 0); passing the last step
-promotes (the candidate becomes stable). Every decision, with its numbers and reason, is
+Before any traffic the candidate passes a preflight (every engine replica loads it and answers
+one canary row, :class:`Preflight`) and the quality gate at 0% user weight (``shadow``); a
+candidate that fails either is *rejected*: the alias is never written. A step ends as soon as its
+outcome is certain (a quality gate that is not passing, or the candidate's errors beyond the
+window's error budget). A failed, inconclusive or crashed gate rolls back (candidate weight 0);
+passing the last step promotes (the candidate becomes stable). Every decision, with its numbers and reason, is
 appended to a rollout log (JSON lines in the adapter store) and an intent record is written
 *before* every change to the alias, so a killed controller leaves the log naming what traffic
 may be doing. Rerunning reads the log and continues (or rolls back, per ``on_resume``).
 
-The state machine talks to the world through three small interfaces (:class:`Router`,
-:class:`Prober`, :class:`MetricsSource`) and a :class:`Clock`, so it is unit-tested with fakes;
+The state machine talks to the world through four small interfaces (:class:`Router`,
+:class:`Preflight`, :class:`Prober`, :class:`MetricsSource`) and a :class:`Clock`, so it is unit-tested with fakes;
 the real implementations live in :mod:`e2e_llm.canary_io`.
 
 The pieces live along their seams: the policy and canary set in :mod:`e2e_llm.canary_policy`,
-the gates and interfaces in :mod:`e2e_llm.canary_gates`, the rollout log and the state read back
+the gates and interfaces in :mod:`e2e_llm.canary_gates`, the quality gate and its probes in
+:mod:`e2e_llm.canary_quality`, the rollout log and the state read back
 from it in :mod:`e2e_llm.canary_log`; this module is the controller and re-exports their names.
 """
 
@@ -33,7 +38,6 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -45,15 +49,19 @@ from e2e_llm.canary_gates import (
     Clock,
     GateResult,
     MetricsSource,
+    Preflight,
+    PreflightResult,
     Prober,
     Router,
     RouterConflict,
     SystemClock,
     VersionStats,
-    quality_gate,
+    error_budget_spent,
+    preflight_gate,
     slo_gate,
 )
 from e2e_llm.canary_log import (
+    PRETRAFFIC,
     TERMINAL,
     CanaryError,
     ConcurrentRolloutError,
@@ -68,6 +76,7 @@ from e2e_llm.canary_policy import (
     QUALITY_METRICS,
     CanaryPolicy,
     CanarySetSpec,
+    PreflightPolicy,
     QualityPolicy,
     SLOPolicy,
     canary_set_text,
@@ -76,13 +85,15 @@ from e2e_llm.canary_policy import (
     select_canary_rows,
     write_canary_set,
 )
+from e2e_llm.canary_quality import quality_gate, run_quality
 
 __all__ = [
-    "DEFAULT_POLICY", "QUALITY_METRICS", "TERMINAL", "AliasState", "Answer", "CanaryError", "CanaryPolicy",
-    "CanarySetSpec", "Check", "Clock", "ConcurrentRolloutError", "Controller", "GateResult", "MetricsSource",
-    "Outcome", "Prober", "QualityPolicy", "Rollout", "RolloutLog", "Router", "RouterConflict", "SLOPolicy",
-    "SystemClock", "VersionStats", "canary_set_text", "format_gate_table", "format_rollout", "load_canary_set",
-    "load_policy", "owner", "quality_gate", "select_canary_rows", "slo_gate", "write_canary_set",
+    "AliasState", "Answer", "CanaryError", "CanaryPolicy", "CanarySetSpec", "Check", "Clock",
+    "ConcurrentRolloutError", "Controller", "DEFAULT_POLICY", "GateResult", "MetricsSource", "Outcome", "Preflight",
+    "PreflightPolicy", "PreflightResult", "Prober", "QUALITY_METRICS", "QualityPolicy", "Rollout", "RolloutLog",
+    "Router", "RouterConflict", "SLOPolicy", "SystemClock", "TERMINAL", "VersionStats", "canary_set_text",
+    "format_gate_table", "format_rollout", "load_canary_set", "load_policy", "owner", "preflight_gate",
+    "quality_gate", "select_canary_rows", "slo_gate", "write_canary_set",
 ]
 
 # Controllers of this process that are driving a rollout now (their owner ids): a second
@@ -98,7 +109,8 @@ APPLY_ATTEMPTS = 5
 @dataclass
 class Outcome:
     rollout: str
-    result: Literal["promoted", "rolled_back", "reverted"]
+    # rejected: failed a pre-traffic check (preflight, shadow quality); the alias was never written
+    result: Literal["promoted", "rolled_back", "reverted", "rejected"]
     reason: str
     candidate: str
     stable: str
@@ -117,20 +129,24 @@ def _pid_alive(pid: int) -> bool:
 
 class Controller:
     def __init__(self, *, policy: CanaryPolicy, task, canary_rows: Sequence[dict[str, str]], log: RolloutLog,
-                 router: Router, prober: Prober, metrics: MetricsSource, clock: Clock | None = None,
-                 out: Callable[[str], None] = print, lease_s: float | None = None):
+                 router: Router, prober: Prober | None, metrics: MetricsSource, clock: Clock | None = None,
+                 out: Callable[[str], None] = print, lease_s: float | None = None,
+                 preflight: Preflight | None = None):
         self.policy = policy
         self.task = task
         self.rows = list(canary_rows)
         self.log = log
         self.router = router
         self.prober = prober
+        self.preflight = preflight
         self.metrics = metrics
         self.clock = clock or SystemClock()
         self.out = out
         self.me = owner()
         # Another host's controller counts as alive while its last record is younger than this.
-        self.lease_s = lease_s if lease_s is not None else 2 * policy.step_window_s + 2 * policy.quality.timeout_s
+        longest = max(policy.step_window_s, policy.slo.max_window_s or 0.0) + policy.slo.metrics_lag_s
+        self.lease_s = lease_s if lease_s is not None else \
+            2 * longest + 2 * (1 + policy.quality.retries) * policy.quality.timeout_s + policy.preflight.deadline_s
 
     # -- records -------------------------------------------------------------------------
 
@@ -200,9 +216,16 @@ class Controller:
                               f"{state.candidate} without an unfinished rollout in the log; fix the alias first")
         if candidate == state.stable:
             raise CanaryError(f"{candidate} is already the stable version of alias {self.policy.alias!r}")
+        pretraffic = self.policy.pretraffic()
+        if "preflight" in pretraffic and self.preflight is None:
+            raise CanaryError("the policy asks for a preflight (preflight.enabled) but this controller has none")
+        if "shadow" in pretraffic and self.prober is None:
+            raise CanaryError("the policy asks for a shadow quality gate (shadow: true) but this controller "
+                              "cannot probe versions")
         rollout = Rollout(uuid.uuid4().hex[:12], self.policy.alias, state.stable, candidate,
                           list(self.policy.steps), [])
         self._record(rollout, "start", stable=state.stable, candidate=candidate, steps=rollout.steps,
+                     pretraffic=pretraffic,
                      policy=self.policy.digest(), canary_set={"version": self.policy.canary_set.version,
                                                               "sha256": self.policy.canary_set.sha256,
                                                               "rows": len(self.rows)})
@@ -215,6 +238,10 @@ class Controller:
         if rollout is None:
             raise CanaryError(f"no rollout recorded for alias {self.policy.alias!r}: nothing to roll back")
         if not rollout.finished:
+            if not rollout.weight_moved and rollout.effective_last["event"] in ("start", *PRETRAFFIC):
+                # no traffic was ever moved: reject without writing the alias
+                self._record(rollout, "rejected", reason=reason, stable=rollout.stable)
+                return self._outcome(rollout)
             if rollout.effective_last["event"] != "rollback":
                 self._record(rollout, "rollback", reason=reason)
             return self._drive(rollout)
@@ -283,7 +310,16 @@ class Controller:
             action, step = rollout.next_action()
             if action == "done":
                 return self._outcome(rollout)
-            if action == "set_weight":
+            if action in PRETRAFFIC:
+                result = self._preflight(rollout) if action == "preflight" else self._quality(rollout)
+                record = self._record(rollout, action, step=-1, weight=0, passed=result.status == "pass",
+                                      reason=f"{result.gate} {result.status}: {result.reason}",
+                                      results=[result.to_dict()])
+                self.out(format_gate_table([record]))
+            elif action == "reject":
+                # The alias is not touched: the candidate never had traffic.
+                self._record(rollout, "rejected", reason=rollout.effective_last["reason"], stable=rollout.stable)
+            elif action == "set_weight":
                 weight = rollout.steps[step]
                 if rollout.effective_last["event"] != "set_weight":
                     self._record(rollout, "set_weight", step=step, weight=weight)
@@ -318,35 +354,79 @@ class Controller:
     def _outcome(self, rollout: Rollout) -> Outcome:
         event = rollout.effective_last["event"]
         reason = next((r.get("reason", "") for r in reversed(rollout.records)
-                       if r["event"] in ("rollback", "promote", "revert")), "")
+                       if r["event"] in ("rollback", "promote", "revert", "rejected")), "")
         return Outcome(rollout.id, event, reason, rollout.candidate, rollout.stable)
 
     def _observe(self, rollout: Rollout, step: int) -> list[GateResult]:
-        """One step: probe both versions (quality gate) first; a failed quality gate ends the step
-        at once. Otherwise wait ``metrics_lag_s`` (so the probes' load and requests from before
-        the weight change are out of the window), scrape, wait ``step_window_s``, scrape again
-        and compare what each version served in between (SLO gate)."""
+        """One step: the quality gate first; if it does not pass, the step ends at once (it rolls
+        back whatever the SLOs say). Otherwise the SLO window: wait ``metrics_lag_s`` (so the
+        probes' load and requests from before the weight change are out of it), then scrape every
+        ``slo.poll_s`` until ``step_window_s`` has passed, ending early once the candidate's errors
+        exceed the window's error budget and extending (up to ``slo.max_window_s``) while a
+        version served too few requests."""
         quality = None if self.prober is None else self._quality(rollout)  # engine canary: SLO only
-        if quality is not None and quality.status == "fail":
+        if quality is not None and quality.status != "pass":
             return [quality]
         try:
-            self.clock.sleep(self.policy.slo.metrics_lag_s)
-            before = self.metrics.snapshot()
-            self.clock.sleep(self.policy.step_window_s)
-            after = self.metrics.snapshot()
-            window = {v: after[v].minus(before.get(v)) for v in after}
-            slo = slo_gate(window, rollout.stable, rollout.candidate, self.policy.slo, rollout.baseline())
+            slo = self._slo(rollout)
         except Exception as exc:  # noqa: BLE001  (any failure to observe is a failed gate)
             slo = GateResult("slo", "error", f"metrics unavailable: {type(exc).__name__}: {exc}")
         return [slo] if quality is None else [quality, slo]
 
+    def _slo(self, rollout: Rollout) -> GateResult:
+        slo, window_s = self.policy.slo, self.policy.step_window_s
+        longest = max(window_s, slo.max_window_s or 0.0)
+        baseline = rollout.baseline()
+        self.clock.sleep(slo.metrics_lag_s)
+        before = self.metrics.snapshot()
+        start = self.clock.now()
+        while True:
+            elapsed = self.clock.now() - start
+            target = window_s if elapsed < window_s - 1e-9 else longest
+            self.clock.sleep(min(slo.poll_s, max(target - elapsed, 0.0)))
+            elapsed = self.clock.now() - start
+            after = self.metrics.snapshot()
+            window = {v: after[v].minus(before.get(v)) for v in after}
+            result = slo_gate(window, rollout.stable, rollout.candidate, slo, baseline)
+            result.details["window_s"] = round(elapsed, 3)
+            over = elapsed >= window_s - 1e-9
+            if over and (result.status != "inconclusive" or elapsed >= longest - 1e-9):
+                return result
+            # still in the window, or in its extension for too little traffic: errors end it
+            horizon = longest if over else window_s
+            if self._budget_spent(window, rollout, baseline, elapsed, horizon):
+                cand = window.get(rollout.candidate, VersionStats())
+                result.details["ended_early"] = True
+                return GateResult("slo", "fail", f"error budget spent after {elapsed:.0f}s of the {horizon:g}s "
+                                  f"window: candidate {cand.errors:g} errors in {cand.requests:g} requests",
+                                  result.checks, result.details)
+
+    def _budget_spent(self, window: dict[str, VersionStats], rollout: Rollout, baseline: VersionStats | None,
+                      elapsed: float, horizon: float) -> bool:
+        slo = self.policy.slo
+        stable = window.get(rollout.stable, VersionStats())
+        if stable.requests < slo.min_requests and baseline is not None:
+            stable = baseline
+        stable_rate = stable.errors / stable.requests if stable.requests else 0.0
+        return error_budget_spent(window.get(rollout.candidate, VersionStats()), stable_rate + slo.max_error_rate_delta,
+                                  elapsed, horizon, slo.budget_rate_factor)
+
     def _quality(self, rollout: Rollout) -> GateResult:
         try:
-            with ThreadPoolExecutor(2) as pool:
-                futures = [pool.submit(self.prober.probe, v, self.rows, self.policy.quality)
-                           for v in (rollout.stable, rollout.candidate)]
-                stable_answers, candidate_answers = (f.result() for f in futures)
-            return quality_gate(self.task, self.rows, stable_answers, candidate_answers, self.policy.quality)
+            return run_quality(self.prober, self.task, self.rows, rollout.stable, rollout.candidate,
+                               self.policy.quality)
         except Exception as exc:  # noqa: BLE001
             return GateResult("quality", "error", f"probing failed: {type(exc).__name__}: {exc}")
 
+    def _preflight(self, rollout: Rollout) -> GateResult:
+        """Every engine replica loads the candidate and answers the first canary row."""
+        spec = self.policy.preflight
+        if self.preflight is None:  # a resumed rollout whose start record asked for one
+            return preflight_gate(PreflightResult(False, "the rollout's start record asks for a preflight and "
+                                                  "this controller has none"))
+        try:
+            row = self.rows[0] if self.rows else {}
+            result = self.preflight.check(rollout.candidate, row, spec.deadline_s, spec.max_tokens)
+        except Exception as exc:  # noqa: BLE001  a broken check rejects, it does not crash
+            result = PreflightResult(False, f"preflight failed: {type(exc).__name__}: {exc}")
+        return preflight_gate(result)

@@ -1,14 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """The canary's gates and the interfaces the controller sees the world through.
 
-- :func:`quality_gate`: the canary set's answers of stable and candidate, scored with
-  :func:`e2e_llm.evaluate.evaluate`; the candidate fails when worse than stable by more than a
-  metric's margin.
+- :func:`preflight_gate`: every engine replica loaded the candidate and answered one row
+  (:class:`PreflightResult`), before any traffic.
 - :func:`slo_gate`: error rate and p95 latency of what each version served in a step window
-  (the difference of two scrapes of cumulative counters, :class:`VersionStats`).
-- :class:`Router` (the alias record), :class:`Prober` (the canary set to one version),
-  :class:`MetricsSource` and :class:`Clock`: the controller's side effects, faked in tests; the
-  real ones live in :mod:`e2e_llm.canary_io` and :mod:`e2e_llm.engine_canary`.
+  (the difference of two scrapes of cumulative counters, :class:`VersionStats`);
+  :func:`error_budget_spent` ends a window early.
+- The quality gate lives in :mod:`e2e_llm.canary_quality`.
+- :class:`Router` (the alias record), :class:`Preflight` (load-and-answer check of a version),
+  :class:`Prober` (the canary set to one version), :class:`MetricsSource` and :class:`Clock`:
+  the controller's side effects, faked in tests; the real ones live in :mod:`e2e_llm.canary_io`
+  and :mod:`e2e_llm.engine_canary`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ class Answer:
     text: str | None  # None: the request failed
     error: str | None = None
     latency_s: float = 0.0
+    timed_out: bool = False  # failed because it ran past its deadline (retried once by default)
+    attempts: int = 1
+
+
+@dataclass
+class PreflightResult:
+    """What the ingress's ``POST /-/preflight`` answered: ``ok`` only if every engine replica
+    loaded the version and answered; ``replicas``: ``{"replica", "ok", "reason", "latency_s"}``."""
+
+    ok: bool
+    reason: str | None = None
+    replicas: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -106,8 +120,18 @@ class Router(Protocol):
     def set(self, alias: str, state: AliasState) -> None: ...
 
 
+class Preflight(Protocol):
+    """Asks every engine replica serving the alias to load ``version`` and answer ``row`` (one
+    canary row) within ``deadline_s``. Never raises for a failed check: that is ``ok=False``."""
+
+    def check(self, version: str, row: dict[str, str], deadline_s: float, max_tokens: int) -> PreflightResult: ...
+
+
 class Prober(Protocol):
-    def probe(self, version: str, rows: Sequence[dict[str, str]], policy: QualityPolicy) -> list[Answer]: ...
+    """The rows to one version; each answer within ``timeout_s`` (a late one: ``timed_out``)."""
+
+    def probe(self, version: str, rows: Sequence[dict[str, str]], policy: QualityPolicy,
+              timeout_s: float) -> list[Answer]: ...
 
 
 class MetricsSource(Protocol):
@@ -146,7 +170,7 @@ class Check:
 
 @dataclass
 class GateResult:
-    gate: Literal["quality", "slo"]
+    gate: Literal["preflight", "quality", "slo"]
     status: Literal["pass", "fail", "inconclusive", "error"]
     reason: str
     checks: list[Check] = field(default_factory=list)
@@ -161,43 +185,34 @@ class GateResult:
                    data.get("details", {}))
 
 
-def quality_gate(task, rows: Sequence[dict[str, str]], stable: Sequence[Answer], candidate: Sequence[Answer],
-                 policy: QualityPolicy) -> GateResult:
-    """Compare the versions' answers on the canary set with the task's evaluation."""
-    from e2e_llm.evaluate import evaluate
+def preflight_gate(result: PreflightResult) -> GateResult:
+    """The preflight as a gate: pass only if the endpoint said ok and named at least one replica,
+    each of which loaded the candidate and answered."""
+    checks = [Check("preflight", str(r.get("replica", "?")), None, r.get("latency_s"), "loads and answers",
+                    bool(r.get("ok"))) for r in result.replicas]
+    failing = [f"{r.get('replica', '?')}: {r.get('reason') or 'failed'}" for r in result.replicas if not r.get("ok")]
+    details = {"replicas": result.replicas}
+    if not result.ok or failing:
+        reason = result.reason or "; ".join(failing) or "the preflight failed"
+        if failing and result.reason and failing[0] not in result.reason:
+            reason += f" ({'; '.join(failing)[:300]})"
+        return GateResult("preflight", "fail", reason, checks, details)
+    if not result.replicas:
+        return GateResult("preflight", "fail", "the preflight named no engine replica", checks, details)
+    return GateResult("preflight", "pass", f"{len(checks)} engine replica(s) loaded the candidate and answered",
+                      checks, details)
 
-    references = [r["output"] for r in rows]
-    inputs = [r["input"] for r in rows]
-    n = len(rows)
-    answered = {"stable": sum(a.text is not None for a in stable),
-                "candidate": sum(a.text is not None for a in candidate)}
-    details: dict[str, Any] = {"rows": n, "answered": answered}
-    first_error = {name: next(((a.error or "")[:120] for a in answers if a.text is None), None)
-                   for name, answers in (("stable", stable), ("candidate", candidate))}
-    for name in ("stable", "candidate"):
-        if answered[name] < policy.min_answered * n:
-            details["first_error"] = first_error
-            return GateResult("quality", "inconclusive",
-                              f"{name} answered {answered[name]}/{n} canary probes (first error: {first_error[name]})",
-                              [Check("quality", "answered", answered["stable"], answered["candidate"],
-                                     f">= {policy.min_answered:.0%} of {n}", False)], details)
-    scores = {name: evaluate(task, [a.text for a in answers], references, inputs)
-              for name, answers in (("stable", stable), ("candidate", candidate))}
-    checks, failures = [], []
-    for metric, margin in policy.margins.items():
-        s, c = scores["stable"][metric], scores["candidate"][metric]
-        ok = c >= s - margin - 1e-9
-        checks.append(Check("quality", metric, s, c, f">= {s - margin:.3f}", ok))
-        if not ok:
-            failures.append(f"{metric} {c:.3f} < stable {s:.3f} - margin {margin:.3f}")
-    details["scores"] = {name: {k: v for k, v in m.items() if k not in ("per_function", "worst")}
-                         for name, m in scores.items()}
-    # A few rows side by side, so a decision can be checked by eye from the log.
-    details["examples"] = [{"input": r["input"], "reference": r["output"], "stable": s.text, "candidate": c.text}
-                           for r, s, c in list(zip(rows, stable, candidate))[:3]]
-    if failures:
-        return GateResult("quality", "fail", "; ".join(failures), checks, details)
-    return GateResult("quality", "pass", f"candidate within margins on {n} rows", checks, details)
+
+def error_budget_spent(window: VersionStats, candidate_errors_allowed_rate: float, elapsed_s: float,
+                       window_s: float, rate_factor: float) -> bool:
+    """True once the candidate's errors so far exceed what the whole window may hold: its request
+    rate so far, times ``rate_factor``, over ``window_s``, at the allowed error rate. More
+    requests later cannot bring the window's error rate back under the limit unless the rate
+    rises by more than ``rate_factor``."""
+    if elapsed_s <= 0 or window.errors <= 0:
+        return False
+    projected = window.requests * rate_factor * max(window_s / elapsed_s, 1.0)
+    return window.errors > candidate_errors_allowed_rate * projected + 1e-9
 
 
 def slo_gate(window: dict[str, VersionStats], stable: str, candidate: str, policy: SLOPolicy,

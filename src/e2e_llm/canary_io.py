@@ -3,6 +3,8 @@
 
 - :class:`StoreRouter`: the alias records in the adapter store (:mod:`e2e_llm.store`), which
   every ingress replica re-reads; weights are fractions there, percentages in the controller.
+- :class:`HttpPreflight`: the ingress's ``POST /-/preflight`` (every engine replica loads the
+  version and answers one canary row), before the candidate gets any traffic.
 - :class:`OpenAIProber`: the canary set sent to one adapter version through the app's OpenAI
   API (``model="<base>:<version>"``), greedy, with the task's structured output if asked.
 - :class:`ScrapeMetrics`: Ray's Prometheus endpoint(s) scraped directly (local Ray, a head
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from e2e_llm.canary_gates import AliasState, Answer, RouterConflict, VersionStats
+from e2e_llm.canary_gates import AliasState, Answer, PreflightResult, RouterConflict, VersionStats
 from e2e_llm.canary_policy import QualityPolicy
 
 REQUESTS = "ray_e2e_llm_requests_total"
@@ -98,8 +100,10 @@ class OpenAIProber:
 
         return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=0)
 
-    def probe(self, version: str, rows: Sequence[dict[str, str]], policy: QualityPolicy) -> list[Answer]:
-        client = self._client(policy.timeout_s)
+    def probe(self, version: str, rows: Sequence[dict[str, str]], policy: QualityPolicy,
+              timeout_s: float | None = None) -> list[Answer]:
+        timeout_s = policy.timeout_s if timeout_s is None else timeout_s
+        client = self._client(timeout_s)
         model = f"{self.base_model}:{version}"
         extra = {"structured_outputs": {"regex": self.output_regex}} if policy.structured_output and self.output_regex \
             else None
@@ -109,16 +113,95 @@ class OpenAIProber:
             try:
                 response = client.chat.completions.create(
                     model=model,
-                    messages=[{"role": "system", "content": row["instruction"]},
-                              {"role": "user", "content": row["input"]}],
+                    messages=chat_messages(row),
                     max_tokens=policy.max_tokens, temperature=0.0, extra_body=extra)
                 text = response.choices[0].message.content or ""
                 return Answer(text.strip(), None, time.monotonic() - start)
             except Exception as exc:  # noqa: BLE001  every failure is a failed answer
-                return Answer(None, f"{type(exc).__name__}: {str(exc)[:300]}", time.monotonic() - start)
+                took = time.monotonic() - start
+                return Answer(None, f"{type(exc).__name__}: {str(exc)[:300]}", took, timed_out=_timed_out(exc))
 
         with ThreadPoolExecutor(min(policy.concurrency, len(rows)) or 1) as pool:
             return list(pool.map(one, rows))
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a probe failed by running past its deadline rather than by an answer."""
+    from openai import APITimeoutError
+
+    return isinstance(exc, (TimeoutError, APITimeoutError))
+
+
+# ---------------------------------------------------------------------------------------
+# Preflight
+
+
+class HttpPreflight:
+    """``POST {base_url}/-/preflight`` on the ingress, with the OpenAI API's auth header.
+
+    Request: ``{"version", "messages" (the canary row as chat), "max_tokens", "deadline_s"}``.
+    Answer 200: ``{"ok", "reason", "replicas": [{"replica", "ok", "reason", "latency_s"}]}``;
+    4xx/5xx carry the OpenAI error object. Any failure to get an answer (connection refused, a
+    timeout, an error status, a body that is not the contract) is ``ok=False`` with the reason,
+    never an exception: a check that cannot run rejects the candidate.
+    """
+
+    PATH = "/-/preflight"
+
+    def __init__(self, base_url: str, *, api_key: str | None = None,
+                 post: Callable[[str, bytes, dict[str, str], float], tuple[int, bytes]] | None = None):
+        self.url = app_root(base_url) + self.PATH
+        self.api_key = api_key
+        self.post = post or _post
+
+    def check(self, version: str, row: dict[str, str], deadline_s: float, max_tokens: int) -> PreflightResult:
+        body = {"version": version, "messages": chat_messages(row), "max_tokens": max_tokens,
+                "deadline_s": deadline_s}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        where = f"POST {self.url}"
+        try:
+            # The endpoint has deadline_s for its replicas; allow it a little more to answer.
+            status, raw = self.post(self.url, json.dumps(body).encode(), headers, deadline_s + 15.0)
+        except Exception as exc:  # noqa: BLE001  unreachable: a rejection with the reason
+            return PreflightResult(False, f"{where}: no answer ({type(exc).__name__}: {str(exc)[:200]})")
+        try:
+            data = json.loads(raw.decode("utf-8") or "null")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if status != 200:
+            error = data.get("error") if isinstance(data, dict) else None
+            message = error.get("message") if isinstance(error, dict) else raw[:200].decode("utf-8", "replace")
+            return PreflightResult(False, f"{where}: HTTP {status}: {message}")
+        if not isinstance(data, dict) or not isinstance(data.get("ok"), bool) \
+                or not isinstance(data.get("replicas", []), list):
+            return PreflightResult(False, f"{where}: answer is not a preflight result: {raw[:200]!r}")
+        replicas = [r for r in data.get("replicas", []) if isinstance(r, dict)]
+        return PreflightResult(data["ok"], data.get("reason"), replicas)
+
+
+def _post(url: str, data: bytes, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+    """POST; (status, body) for any HTTP answer, an exception only when there is none."""
+    import urllib.error
+
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def app_root(base_url: str) -> str:
+    """The app's root from its OpenAI base URL (``http://h:8000/v1`` -> ``http://h:8000``)."""
+    base = base_url.rstrip("/")
+    return base.removesuffix("/v1")
+
+
+def chat_messages(row: dict[str, str]) -> list[dict[str, str]]:
+    """A canary row as chat (system = instruction, user = input), as every probe sends it."""
+    return [{"role": "system", "content": row["instruction"]}, {"role": "user", "content": row["input"]}]
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,15 +361,16 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
     store.require_reachable()
     task = config.task_schema()
     rows = load_canary_set(policy, config.root)
-    prober = metrics = None
+    prober = metrics = preflight = None
     if for_gates:
         api_key = os.environ.get(config.serve.auth.api_key_env) if config.serve.auth.enabled else None
-        prober = OpenAIProber(base_url or default_base_url(config), config.model.id, api_key=api_key,
-                              output_regex=task.output_regex())
+        url = base_url or default_base_url(config)
+        prober = OpenAIProber(url, config.model.id, api_key=api_key, output_regex=task.output_regex())
+        preflight = HttpPreflight(url, api_key=api_key)
         metrics = metrics_source(config, policy, metrics_urls=metrics_urls, prometheus_url=prometheus_url)
     log = RolloutLog(rollout_log_uri(store, policy.alias), store.storage_kw)
     controller = Controller(policy=policy, task=task, canary_rows=rows, log=log, router=StoreRouter(store),
-                            prober=prober, metrics=metrics, out=out)
+                            prober=prober, metrics=metrics, out=out, preflight=preflight)
     return controller, store
 
 

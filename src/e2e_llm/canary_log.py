@@ -88,7 +88,11 @@ class RolloutLog:
 # ---------------------------------------------------------------------------------------
 # Rollout state, reconstructed from the log
 
-TERMINAL = ("promoted", "rolled_back", "reverted")
+TERMINAL = ("promoted", "rolled_back", "reverted", "rejected")
+# Checks before any traffic (records of their own; a failed one rejects the candidate without
+# touching the alias), and the records the decision table shows.
+PRETRAFFIC = ("preflight", "shadow")
+DECISIONS = (*PRETRAFFIC, "gate")
 
 
 @dataclass
@@ -130,11 +134,22 @@ class Rollout:
         return self.effective_last["event"] == "promoted"
 
     def gates(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["event"] == "gate"]
+        """The decision records: pre-traffic checks and step gates."""
+        return [r for r in self.records if r["event"] in DECISIONS]
+
+    @property
+    def pretraffic(self) -> list[str]:
+        """The checks this rollout runs before any traffic (named in its start record)."""
+        return list(self.records[0].get("pretraffic", []))
+
+    @property
+    def weight_moved(self) -> bool:
+        """Whether this rollout ever wrote an intent to give the candidate traffic."""
+        return any(r["event"] == "set_weight" for r in self.records)
 
     def baseline(self) -> VersionStats | None:
         """Stable's window figures from the latest step where it served enough requests."""
-        for record in reversed(self.gates()):
+        for record in reversed([r for r in self.records if r["event"] == "gate"]):
             for gate in record.get("results", []):
                 window = gate.get("details", {}).get("window")
                 if gate["gate"] == "slo" and window and not gate["details"].get("stable_from_baseline"):
@@ -142,14 +157,19 @@ class Rollout:
         return None
 
     def next_action(self) -> tuple[str, int | None]:
-        """What the controller does next: ("set_weight", step), ("observe", step), ("promote", None),
-        ("rollback", None) or ("done", None)."""
+        """What the controller does next: ("preflight", None), ("shadow", None), ("reject", None),
+        ("set_weight", step), ("observe", step), ("promote", None), ("rollback", None),
+        ("revert", None) or ("done", None)."""
         last = self.effective_last
         event = last["event"]
         if event in TERMINAL:
             return ("done", None)
-        if event == "start":
-            return ("set_weight", 0)
+        if event in ("start", *PRETRAFFIC):
+            if event != "start" and not last["passed"]:
+                return ("reject", None)
+            checks = self.pretraffic
+            following = checks[checks.index(event) + 1:] if event in checks else checks
+            return (following[0], None) if following else ("set_weight", 0)
         if event == "set_weight":  # intent written; the weight may or may not be applied
             return ("set_weight", last["step"])
         if event == "weight_set":
@@ -186,17 +206,18 @@ def format_gate_table(gate_records: Sequence[dict[str, Any]]) -> str:
     header = ("step", "weight", "gate", "metric", "stable", "candidate", "limit", "result")
     lines = [header]
     for record in gate_records:
+        step = record["event"] if record["event"] in PRETRAFFIC else str(record["step"] + 1)
         for result in record["results"]:
             checks = result.get("checks") or [{"metric": "-", "stable": None, "candidate": None, "limit": "-",
                                                "ok": None}]
             for check in checks:
                 ok = check["ok"]
                 count = check["metric"] in ("requests", "answered")
-                lines.append((str(record["step"] + 1), f"{record['weight']}%", result["gate"], check["metric"],
+                lines.append((step, f"{record['weight']}%", result["gate"], check["metric"],
                               _fmt(check["stable"], count), _fmt(check["candidate"], count), check["limit"],
                               "pass" if ok else ("-" if ok is None else "FAIL")))
         verdict = "PASS" if record["passed"] else "FAIL"
-        lines.append((str(record["step"] + 1), f"{record['weight']}%", "decision", verdict, "", "", "",
+        lines.append((step, f"{record['weight']}%", "decision", verdict, "", "", "",
                       record["reason"][:160]))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,9 +44,19 @@ class QualityPolicy(Strict):
     # Use only the first N rows of the set (short test policies); None = all.
     max_rows: int | None = Field(None, ge=1)
     structured_output: bool = False
+    # Rows probed at once per version; the rows go in chunks of this size (stable, then the
+    # candidate), and probing stops as soon as the gate's outcome is certain.
     concurrency: int = Field(8, ge=1)
+    # The longest any probe may take (stable's probes always get this much).
     timeout_s: float = Field(120.0, gt=0)
-    # Below this share of answered probes (per version) the gate is inconclusive.
+    # The candidate's probe deadline: this many times the slowest stable answer of the same
+    # chunk (measured just before, under the current load), within min_timeout_s..timeout_s.
+    deadline_factor: float = Field(3.0, ge=1.0)
+    min_timeout_s: float = Field(10.0, gt=0)
+    # A probe that timed out is sent again this many times (the other rows are not).
+    retries: int = Field(1, ge=0, le=3)
+    # A version may leave at most (1 - min_answered) of the rows unanswered: more on the candidate
+    # (while stable answers) fails the gate, more on stable makes it inconclusive.
     min_answered: float = Field(0.9, ge=0.0, le=1.0)
     # Fail when candidate < stable - margin for any listed metric (absolute, 0..1).
     margins: dict[Literal["exact_match", "slot_f1", "valid_mr_rate", "function_accuracy"], float] = Field(
@@ -59,6 +70,16 @@ class QualityPolicy(Strict):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"margin for {name} must be within 0..1")
         return margins
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> QualityPolicy:
+        if self.min_timeout_s > self.timeout_s:
+            raise ValueError(f"min_timeout_s {self.min_timeout_s:g} exceeds timeout_s {self.timeout_s:g}")
+        return self
+
+    def unanswered_allowed(self, rows: int) -> int:
+        """How many of ``rows`` probes a version may leave unanswered (min_answered)."""
+        return math.floor((1.0 - self.min_answered) * rows + 1e-9)
 
 
 class SLOPolicy(Strict):
@@ -79,6 +100,22 @@ class SLOPolicy(Strict):
     # Count 4xx answers (other than 401/403/429) as errors: a version that cannot load its
     # adapter answers 4xx/404 for a well-formed request.
     count_client_errors: bool = True
+    # The window is scraped every poll_s: it ends early once the candidate's errors exceed the
+    # whole window's error budget (its request rate so far times budget_rate_factor, at the
+    # allowed error rate), and it is extended up to max_window_s while either version has served
+    # fewer than min_requests (None: never extended).
+    poll_s: float = Field(15.0, gt=0)
+    budget_rate_factor: float = Field(2.0, ge=1.0)
+    max_window_s: float | None = Field(None, gt=0)
+
+
+class PreflightPolicy(Strict):
+    # Before any traffic: every engine replica serving the alias loads the candidate and answers
+    # one canary row (the ingress's POST /-/preflight), within deadline_s.
+    enabled: bool = True
+    deadline_s: float = Field(180.0, gt=0, le=900)
+    # Enough tokens to prove the adapter generates; the quality gate judges the answers.
+    max_tokens: int = Field(8, ge=1, le=256)
 
 
 class CanaryPolicy(Strict):
@@ -89,7 +126,11 @@ class CanaryPolicy(Strict):
     step_window_s: float = Field(gt=0)
     # What a rerun does with an unfinished rollout: continue it, or roll it back.
     on_resume: Literal["continue", "rollback"] = "continue"
+    # Quality before traffic: the quality gate on the canary set at 0% user weight (after the
+    # preflight); only a candidate that passes gets user traffic.
+    shadow: bool = True
     canary_set: CanarySetSpec
+    preflight: PreflightPolicy = Field(default_factory=PreflightPolicy)
     quality: QualityPolicy
     slo: SLOPolicy
 
@@ -111,7 +152,14 @@ class CanaryPolicy(Strict):
             )
         if self.quality.max_rows is not None and self.quality.max_rows > self.canary_set.rows:
             raise ValueError(f"quality.max_rows {self.quality.max_rows} exceeds canary_set.rows {self.canary_set.rows}")
+        if self.slo.max_window_s is not None and self.slo.max_window_s < self.step_window_s:
+            raise ValueError(f"slo.max_window_s {self.slo.max_window_s:g} is below "
+                             f"step_window_s {self.step_window_s:g}")
         return self
+
+    def pretraffic(self) -> list[str]:
+        """The checks before the first weight change, in order."""
+        return [name for name, on in (("preflight", self.preflight.enabled), ("shadow", self.shadow)) if on]
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

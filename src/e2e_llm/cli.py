@@ -19,6 +19,8 @@ import sys
 
 from e2e_llm.config import ConfigError
 
+# Exit status of any subcommand when its profile or another config file is invalid.
+CONFIG_ERROR = 2
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("e2e_llm.commands.data", "fetch, validate and write the task's dataset splits"),
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
 
 
 if __name__ == "__main__":

@@ -10,10 +10,22 @@ platform's own mechanism while our SLO gate watches it and rolls back on failure
   re-applies the previous revision's manifests (:func:`e2e_llm.kuberay.rollback_service`, what
   ``make rollback TARGET=k8s`` does).
 
+Before any traffic (the adapter canary's preflight, where the platform allows one):
+
+- Anyscale: :class:`PlatformPreflight` deploys the new version at ``canary_percent`` 0 and waits
+  until the platform reports it RUNNING at 0%, i.e. its cluster and Serve apps (the engine, its
+  health check) came up healthy; a version that does not is rolled back through the SDK before a
+  single request reaches it. It cannot send a request *through* the new version: the service URL
+  routes by weight only, so "answers one request" is the platform's health check, not ours.
+- KubeRay: there is no pre-traffic step to drive. ``NewClusterWithIncrementalUpgrade`` brings the
+  pending RayCluster up and shifts traffic only once its Serve applications are healthy (the
+  operator's own pre-traffic check); nothing can hold it at 0%, so the controller's preflight is
+  off (``preflight.enabled`` false for ``--platform k8s``) and the first SLO window is the check.
+
 The state machine, rollout log, resume and decision table are the adapter canary's
 (:class:`e2e_llm.canary.Controller`): the platform stands behind its :class:`Router` with the
-two fixed version names ``primary`` and ``canary``, the quality gate is skipped (a platform
-canary cannot be addressed by version), and the SLO gate compares the ingress metrics grouped
+two fixed version names ``primary`` and ``canary``, the quality gate (and its shadow run) is
+skipped (a platform canary cannot be addressed by version), and the SLO gate compares the ingress metrics grouped
 by the label that tells the two clusters apart (KubeRay: ``ray_io_cluster``, set by the
 rendered PodMonitor; the active and pending RayCluster names come from the RayService status).
 """
@@ -28,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from e2e_llm import kuberay
-from e2e_llm.canary import AliasState, VersionStats
+from e2e_llm.canary import AliasState, PreflightResult, VersionStats
 from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, add_sample
 from e2e_llm.rollout_wait import Check, anyscale_rollout, rayservice_upgrade, wait_until
 
@@ -73,6 +85,30 @@ class PlatformRouter:
             self.platform.rollback()
         else:
             self.platform.deploy(round(state.candidate_weight))
+
+
+class PlatformPreflight:
+    """:class:`e2e_llm.canary.Preflight` for a platform that can run the new version at 0%
+    (Anyscale): deploy at 0% and wait for it to run healthy (the platform's wait, not the
+    policy's ``deadline_s``: a new cluster takes minutes); a version that does not come up is
+    rolled back before any traffic reaches it."""
+
+    def __init__(self, platform: Platform):
+        self.platform = platform
+
+    def check(self, version: str, row: dict[str, str], deadline_s: float, max_tokens: int) -> PreflightResult:
+        try:
+            self.platform.deploy(0)
+        except Exception as exc:  # noqa: BLE001  RolloutStuck or an SDK error: the check failed
+            reason = f"the new version did not come up healthy at 0% traffic: {type(exc).__name__}: {exc}"
+            try:
+                self.platform.rollback()
+            except Exception as undo:  # noqa: BLE001
+                reason += f"; removing it failed too ({type(undo).__name__}: {undo}): roll back by hand"
+            return PreflightResult(False, reason, [{"replica": version, "ok": False, "reason": reason,
+                                                    "latency_s": None}])
+        return PreflightResult(True, None, [{"replica": f"{version} (0% traffic)", "ok": True,
+                                             "reason": "running healthy at 0%", "latency_s": None}])
 
 
 class GroupedMetrics:
@@ -234,6 +270,15 @@ def platform_steps(steps: list[int], platform: str) -> list[int]:
     return [s for s in steps if s < 100] or [50]
 
 
+def engine_policy(policy, platform: str):
+    """The policy as a platform canary runs it: its gated steps (:func:`platform_steps`), no
+    shadow quality gate (a platform's versions cannot be probed by name) and a preflight only
+    where the platform can hold the new version at 0% (Anyscale; see the module docstring)."""
+    preflight = policy.preflight.model_copy(update={"enabled": policy.preflight.enabled and platform == "anyscale"})
+    return policy.model_copy(update={"steps": platform_steps(policy.steps, platform), "shadow": False,
+                                     "preflight": preflight})
+
+
 def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~1", policy_path: str | None = None,
                            prometheus_url: str | None = None, platform_impl: Platform | None = None, out=print):
     """The canary :class:`~e2e_llm.canary.Controller` driving a platform rollout of the rendered
@@ -247,8 +292,8 @@ def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~
 
     deploy = load_deploy(root=config.root)
     name = f"{deploy.name}-{env}"
-    policy = load_policy(config.path(policy_path or config.canary.policy))
-    policy = policy.model_copy(update={"alias": f"{name}-{platform}", "steps": platform_steps(policy.steps, platform)})
+    policy = engine_policy(load_policy(config.path(policy_path or config.canary.policy)), platform)
+    policy = policy.model_copy(update={"alias": f"{name}-{platform}"})
     if platform_impl is None:
         if platform == "anyscale":
             platform_impl = AnyscalePlatform(config.root / "services" / "llm.yaml", name)
@@ -264,5 +309,6 @@ def open_engine_controller(config, *, platform: str, env: str, rev: str = "HEAD~
                              policy.slo.count_client_errors)
     store = AdapterStore.from_config(config)
     log = RolloutLog(rollout_log_uri(store, policy.alias), store.storage_kw)
+    preflight = PlatformPreflight(platform_impl) if policy.preflight.enabled else None
     return Controller(policy=policy, task=None, canary_rows=[], log=log, router=PlatformRouter(platform_impl),
-                      prober=None, metrics=metrics, out=out)
+                      prober=None, metrics=metrics, out=out, preflight=preflight)

@@ -2,17 +2,24 @@
 """The e2e-llm OpenAI ingress: Ray Serve LLM's ``OpenAiIngress`` plus what a served
 fine-tuned model needs in production.
 
-- API-key auth (``Authorization: Bearer <key>``, key from the environment variable named in
+- API-key auth (``e2e_llm.api_guard``: ``Authorization: Bearer <key>``, key from the variable named in
   the profile) on every application route, when that variable is in the replica's environment
   (KubeRay: from the Secret; locally: the shell). Without it the app's check is off and a
   warning at startup says so: on Anyscale the service's query auth token guards the same header
   in front of the app. Serve's own ``/-/healthz`` and ``/-/routes`` (liveness/readiness probes)
-  are answered by the proxy and stay open.
+  are answered by the proxy and stay open, as does ``/-/ready``.
 - Alias routing: ``model="viggo"`` or ``model="<base>:viggo"`` goes to the alias's stable or
   candidate adapter version, drawn per request with the candidate weight from the store's
   ``aliases.json``. Every replica re-reads the record at most ``alias_refresh_s`` old, so
   all replicas (and a restarted app) follow the weights the canary controller writes.
   ``<base>:latest`` is the newest published version.
+- Candidate fallback: an alias request drawn to the candidate that fails before any token is
+  sent (the adapter cannot be loaded, the engine errors with 5xx/404, or the version is gone
+  from the store) is sent once to the alias's stable version; the client gets stable's answer.
+  The candidate's attempt is recorded under its version with status 502 (an error for the SLO
+  gate whatever ``count_client_errors`` says), and in ``e2e_llm_request_fallbacks``.
+- ``POST /-/preflight`` (``e2e_llm.serve_preflight``, same auth as the API): every engine
+  replica loads a candidate adapter and answers one short request through it, within a deadline.
 - Every error is an OpenAI error object (``e2e_llm.api_guard``): unknown model/adapter 404
   (listing what is published), malformed or over-limit request 400/413/415, unknown route 404,
   wrong method 405; the adapter store unreachable while a request needs an adapter that no
@@ -25,7 +32,8 @@ fine-tuned model needs in production.
 - Per-version metrics through ``ray.util.metrics`` (exported on Ray's metrics port):
   ``e2e_llm_requests`` (model, alias, version, status), ``e2e_llm_request_errors``
   (model, alias, version, code), ``e2e_llm_request_latency_seconds`` (model, alias,
-  version, stream) -- the canary's SLO gate reads these.
+  version, stream) -- the canary's SLO gate reads these -- and ``e2e_llm_request_fallbacks``
+  (model, alias, version = the candidate, code = its error).
 
 This module imports Ray at the top; ``e2e_llm.serve.build_app`` imports it lazily.
 """
@@ -33,14 +41,13 @@ This module imports Ray at the top; ``e2e_llm.serve.build_app`` imports it lazil
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import os
 import random
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import Request, status
+from pydantic import ValidationError
 from ray import exceptions as ray_exceptions
 from ray.serve import exceptions as serve_exceptions
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
@@ -50,9 +57,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from vllm.exceptions import VLLMClientError, VLLMNotFoundError
 
 from e2e_llm.api_guard import (
+    ApiKeyMiddleware,
     BodyGuard,
     Limits,
     RequestError,
+    app_key_check,
     check_request,
     error_response,
     install_error_handlers,
@@ -60,13 +69,12 @@ from e2e_llm.api_guard import (
     sse_error,
 )
 from e2e_llm.compat.ray_serve import DEFAULT_ENDPOINTS, ModelCard, ModelList, OpenAIHTTPException, fastapi_app
+from e2e_llm.serve_preflight import GRACE_S, PreflightRequest, describe, timed_out, verdict
 from e2e_llm.store import AdapterStore, Alias
 
 logger = logging.getLogger("ray.serve")
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
-# Routes the ingress answers without a key (besides the proxy's /-/healthz and /-/routes).
-OPEN_PATHS = ("/-/",)
 # The engine replica (or its node) died under the request: nothing was sent yet, safe to retry.
 REPLICA_FAILURES = (ray_exceptions.RayActorError, ray_exceptions.WorkerCrashedError, ray_exceptions.NodeDiedError,
                     serve_exceptions.ReplicaUnavailableError)
@@ -77,56 +85,22 @@ class UnknownModel(LookupError):
     """A model, adapter or alias the service does not have (answered with 404)."""
 
 
-def app_key_check(api_key_env: str, environ=None) -> bool:
-    """Whether the app checks its own API key: ``$api_key_env`` is in the environment.
+class CandidateGone(LookupError):
+    """An alias drew its candidate, which is no longer in the adapter store."""
 
-    Absent: the check is off and a warning names who must authenticate instead (on Anyscale,
-    the service's query auth token on the same ``Authorization: Bearer`` header). Present but
-    empty: a misconfigured secret, refused rather than read as "no auth"."""
-    environ = os.environ if environ is None else environ
-    if api_key_env not in environ:
-        logger.warning(
-            "app API-key check is OFF: $%s is not in this replica's environment, so requests reach the "
-            "app unauthenticated unless something in front checks them (on Anyscale: the service's "
-            "query auth token, query_auth_token_enabled: true; on KubeRay the key comes from the Secret)",
-            api_key_env)
-        return False
-    if not environ[api_key_env]:
-        raise RuntimeError(f"${api_key_env} is set but empty in the ingress replica; fix the secret it comes "
-                           "from (Kubernetes Secret / local shell) or unset it")
-    return True
+    status_code = status.HTTP_404_NOT_FOUND
 
 
-class ApiKeyMiddleware:
-    """ASGI middleware: while ``$<env var>`` is in the environment, 401 unless
-    ``Authorization: Bearer <key>`` matches it; without the variable, requests pass
-    (:func:`app_key_check` logs that at replica startup)."""
+class Route(NamedTuple):
+    target: str | None  # the model id to call
+    base: str
+    alias: str
+    version: str
+    fallback: str | None = None  # the alias's stable version, when ``version`` is its candidate
+    gone: bool = False  # ``version`` (a candidate) is not in the store: go straight to ``fallback``
 
-    def __init__(self, app, api_key_env: str):
-        self.app = app
-        self.api_key_env = api_key_env
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path", "").startswith(OPEN_PATHS):
-            return await self.app(scope, receive, send)
-        expected = os.environ.get(self.api_key_env)
-        if expected is None:
-            return await self.app(scope, receive, send)
-        given = ""
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                given = token.strip() if scheme.lower() == "bearer" else ""
-                break
-        if expected and hmac.compare_digest(given.encode(), expected.encode()):
-            return await self.app(scope, receive, send)
-        message = "missing API key: send 'Authorization: Bearer <key>'" if not given else "invalid API key"
-        response = JSONResponse(
-            status_code=status.HTTP_401_UNAUTHORIZED,
-            content={"error": {"message": message, "type": "AuthenticationError", "param": None, "code": 401}},
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        return await response(scope, receive, send)
+    def labels(self) -> dict[str, str]:
+        return {"model": self.base, "alias": self.alias, "version": self.version}
 
 
 class E2EIngress(OpenAiIngress):
@@ -146,6 +120,7 @@ class E2EIngress(OpenAiIngress):
         retry_deadline_s: float = 60.0,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self._engines = dict(llm_deployments)  # base model id -> LLMServer deployment handle
         if auth_enabled:
             app_key_check(api_key_env)
         self._store = AdapterStore(store_uri, store_endpoint_url, store_region)
@@ -174,6 +149,10 @@ class E2EIngress(OpenAiIngress):
         self._m_retries = metrics.Counter(
             "e2e_llm_request_retries", description="Requests retried once after their engine replica died.",
             tag_keys=("model",))
+        self._m_fallbacks = metrics.Counter(
+            "e2e_llm_request_fallbacks", description="Alias requests whose candidate failed before any token, "
+            "answered by the stable version instead (version: the candidate; code: its error).",
+            tag_keys=tags + ("code",))
 
     # -- store snapshot --------------------------------------------------------------------
 
@@ -216,11 +195,11 @@ class E2EIngress(OpenAiIngress):
             'Call an adapter as "<base>:<adapter>" or an alias by name.'
         )
 
-    async def _route(self, model: str | None) -> tuple[str | None, str, str, str]:
-        """(model id to call, base, alias, version) for the requested ``model``."""
+    async def _route(self, model: str | None) -> Route:
+        """Where the requested ``model`` goes (see :class:`Route`)."""
         if model is None or model in self._model_cards:
             base = model or next(iter(self._model_cards))
-            return model, base, "", ""
+            return Route(model, base, "", "")
         await self._refresh(self._refresh_s)
         base, sep, ref = model.partition(":")
         if not sep:  # a bare alias or adapter id
@@ -229,9 +208,12 @@ class E2EIngress(OpenAiIngress):
                 raise self._not_found(model, "name the base model as <base>:<adapter> when serving several")
         elif base not in self._model_cards:
             raise self._not_found(model, f'no base model "{base}"')
-        alias = ""
+        alias, fallback = "", None
         if ref in self._aliases:
-            alias, version = ref, self._aliases[ref].pick(self._random.random())
+            record = self._aliases[ref]
+            alias, version = ref, record.pick(self._random.random())
+            if version != record.stable:
+                fallback = record.stable
         elif ref == "latest" or ref.endswith(":latest"):
             name = ref.removesuffix("latest").removesuffix(":")
             version = self._latest.get(name, "")
@@ -240,10 +222,12 @@ class E2EIngress(OpenAiIngress):
         if version not in self._adapters:
             await self._refresh(1.0)  # just published? look again before saying no
             if version not in self._adapters:
+                if fallback in self._adapters:  # the alias's candidate was removed: its stable serves
+                    return Route(f"{base}:{version}", base, alias, version, fallback, gone=True)
                 if self._store_error:  # cannot tell "not published" from "store down"
                     raise self._store_down(f'cannot look up "{model}": ')
                 raise self._not_found(model, f'no adapter "{version or ref}" in {self._store.uri}')
-        return f"{base}:{version}", base, alias, version
+        return Route(f"{base}:{version}", base, alias, version, fallback)
 
     # -- request path ----------------------------------------------------------------------
 
@@ -266,17 +250,47 @@ class E2EIngress(OpenAiIngress):
             self._m_retries.inc(tags={"model": str(body.model).partition(":")[0]})
             return await self._process_llm_request(body, call_method=call_method, raw_request=request)
 
+    def _falls_back(self, route: Route, exc: Exception) -> bool:
+        """Whether a failed attempt on ``route`` is answered by its alias's stable version: a
+        candidate that is gone, cannot be loaded (404) or fails (5xx, no status) -- not a request
+        the engine refuses (other 4xx: stable would refuse it too)."""
+        if route.fallback is None:
+            return False
+        code = self._describe(exc)[0]
+        return code >= 500 or code == status.HTTP_404_NOT_FOUND
+
+    def _record_fallback(self, route: Route, exc: Exception, start: float, stream: bool) -> None:
+        code = self._describe(exc)[0]
+        logger.warning("e2e-llm: alias %s: candidate %s failed before any token (%s, %s); answering from stable %s",
+                       route.alias, route.version, code, describe(exc), route.fallback)
+        self._m_fallbacks.inc(tags={**route.labels(), "code": str(code)})
+        self._record(route.labels(), status.HTTP_502_BAD_GATEWAY, start, stream)
+
+    async def _attempt(self, route: Route, body, call_method: str, request: Request, start: float) -> Response:
+        if route.gone:
+            raise CandidateGone(f'candidate "{route.version}" of alias "{route.alias}" is not in {self._store.uri}')
+        if route.target != body.model:
+            body = body.model_copy(update={"model": route.target})
+        return await self._call_engine(body, call_method, request, start)
+
     async def _serve(self, body, call_method: str, request: Request) -> Response:
         start = time.monotonic()
         labels = {"model": str(body.model or ""), "alias": "", "version": ""}
         stream = bool(getattr(body, "stream", False))
         try:
             check_request(body, self._limits)
-            target, base, alias, version = await self._route(body.model)
-            labels = {"model": base, "alias": alias, "version": version}
-            if target != body.model:
-                body = body.model_copy(update={"model": target})
-            response = await self._call_engine(body, call_method, request, start)
+            route = await self._route(body.model)
+            labels = route.labels()
+            try:
+                response = await self._attempt(route, body, call_method, request, start)
+            except Exception as exc:  # noqa: BLE001  nothing was sent yet: stable may answer instead
+                if not self._falls_back(route, exc):
+                    raise
+                self._record_fallback(route, exc, start, stream)
+                route = route._replace(target=f"{route.base}:{route.fallback}", version=route.fallback,
+                                       fallback=None, gone=False)
+                labels, start = route.labels(), time.monotonic()
+                response = await self._attempt(route, body, call_method, request, start)
         except UnknownModel as exc:
             self._record(labels, status.HTTP_404_NOT_FOUND, start, stream)
             return error_response(status.HTTP_404_NOT_FOUND, str(exc), param="model")
@@ -303,6 +317,8 @@ class E2EIngress(OpenAiIngress):
     def _describe(exc: Exception) -> tuple[int, str, str]:
         """(status, message, type) of an exception from the engine path."""
         code = int(getattr(exc, "status_code", 0) or 0)
+        if isinstance(exc, CandidateGone):
+            return code, str(exc), "NotFoundError"
         if isinstance(exc, REPLICA_FAILURES):
             return 503, f"the engine replica failed while handling the request ({type(exc).__name__}); retry", \
                 "ServiceUnavailable"
@@ -378,7 +394,7 @@ class E2EIngress(OpenAiIngress):
         loaded still serve, and taking every replica out of rotation for a shared store outage
         would turn it into a full outage)."""
         engines: dict[str, str] = {}
-        for model_id, handle in self._default_serve_handles.items():
+        for model_id, handle in self._engines.items():
             try:
                 await asyncio.wait_for(handle.check_health.remote(), READY_TIMEOUT_S)
                 engines[model_id] = "ok"
@@ -395,6 +411,46 @@ class E2EIngress(OpenAiIngress):
         return JSONResponse({"status": state, "engines": engines, "adapter_store": store},
                             status_code=200 if engine_ok else 503)
 
+    async def preflight(self, body: PreflightRequest) -> JSONResponse:
+        """``POST /-/preflight`` (:mod:`e2e_llm.serve_preflight`): every engine replica of the
+        adapter's base model loads ``body.version`` and answers one request through it."""
+        base, _, version = body.version.rpartition(":")
+        if not base:
+            if len(self._model_cards) > 1:
+                raise RequestError(400, f"version: name the base model as <base>:<version> (serving "
+                                        f"{sorted(self._model_cards)})", param="version")
+            base = next(iter(self._model_cards))
+        elif base not in self._model_cards:
+            raise RequestError(404, f'version: no base model "{base}" here ({sorted(self._model_cards)})',
+                               param="version")
+        await self._refresh(1.0)
+        if version not in self._adapters:
+            if self._store_error:
+                raise self._store_down(f'cannot look up "{version}": ')
+            raise RequestError(404, f'version: no adapter "{version}" in {self._store.uri}', param="version")
+        model = f"{base}:{version}"
+        try:
+            request = ChatCompletionRequest(model=model, messages=body.messages, max_tokens=body.max_tokens,
+                                            temperature=0.0, stream=False)
+        except (ValidationError, ValueError) as exc:
+            raise RequestError(400, f"messages: {str(exc).strip().splitlines()[0]}", param="messages") from None
+        check_request(request, self._limits)
+        handle = self._engines[base].options(multiplexed_model_id=model)
+        try:
+            reports = await handle.broadcast("preflight", request, body.deadline_s).results_async(
+                timeout_s=body.deadline_s + GRACE_S, return_exceptions=True)
+        except TimeoutError:
+            answer = timed_out(body.deadline_s)
+        except serve_exceptions.DeploymentUnavailableError as exc:
+            raise RequestError(503, f"no engine replica of {base} is running to preflight {model} ({exc})",
+                               type="ServiceUnavailable", headers={"Retry-After": "5"}) from None
+        else:
+            answer = verdict(reports)
+        (logger.info if answer["ok"] else logger.warning)(
+            "e2e-llm: preflight of %s on %d replica(s): %s", model, len(answer["replicas"]),
+            "ok" if answer["ok"] else answer["reason"])
+        return JSONResponse(answer)
+
     async def aliases(self) -> JSONResponse:
         """The alias records this replica routes by, and how old its snapshot is."""
         await self._refresh(self._refresh_s)
@@ -405,7 +461,8 @@ class E2EIngress(OpenAiIngress):
         })
 
 
-ENDPOINTS = {**DEFAULT_ENDPOINTS, "aliases": lambda a: a.get("/v1/aliases"), "ready": lambda a: a.get("/-/ready")}
+ENDPOINTS = {**DEFAULT_ENDPOINTS, "aliases": lambda a: a.get("/v1/aliases"), "ready": lambda a: a.get("/-/ready"),
+             "preflight": lambda a: a.post("/-/preflight")}
 
 
 def ingress_app(*, auth_enabled: bool, api_key_env: str, max_body_bytes: int):

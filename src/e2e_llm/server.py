@@ -7,15 +7,19 @@
   ("has already been loaded") and its client gets a 500 -- exactly what a canary's first
   traffic to a new version looks like.
 - An adapter that cannot be loaded because the adapter store is unreachable is a 503 naming
-  the store and the reason, not Ray's 404 "Unable to find LoRA adapter config file". Ray
+  the store and the reason, not Ray's 404 "Unable to find LoRA adapter config file" (other
+  load failures, e.g. vLLM rejecting damaged weights, keep Ray's error). Ray
   caches that miss for ``CLOUD_OBJECT_MISSING_EXPIRE_S`` (30 s): for that long after the store
   is back the answer stays a 503 saying so, then the adapter loads without a restart.
 - Streams start unbatched. Ray groups streamed chunks every ``stream_batching_interval_ms``,
   including the first, so a long interval (cheaper on a small CPU box, see bench/RESULTS.md)
   would delay the first token by up to that interval. The first chunks (role, first token)
   go out at once; grouping starts after them.
+- ``preflight(request, deadline_s)``: the replica's part of the ingress's ``POST /-/preflight``
+  (``e2e_llm.serve_preflight``): load the adapter the request names and answer it once, within
+  the deadline; the ingress calls it on every replica (``DeploymentHandle.broadcast``).
 
-The first and last override private ``LLMServer`` methods, so they live in
+The first and third override private ``LLMServer`` methods, so they live in
 :mod:`e2e_llm.compat.ray_serve` (``PatchedLLMServer``) with their upstream references and the
 tests that catch a Ray upgrade changing them; the 503 is this class's ``adapter_load_failed``
 hook, which that override calls.
@@ -26,8 +30,11 @@ from __future__ import annotations
 import asyncio
 import os
 
+from ray import serve
+
 from e2e_llm import storage
 from e2e_llm.compat.ray_serve import OpenAIHTTPException, PatchedLLMServer
+from e2e_llm.serve_preflight import answer_once, report
 
 # Ray Serve LLM keeps "adapter config missing" this long (CLOUD_OBJECT_MISSING_EXPIRE_S).
 RAY_MISSING_CACHE_S = 30
@@ -57,7 +64,9 @@ class E2ELLMServer(PatchedLLMServer):
         root = self._llm_config.lora_config.dynamic_lora_loading_path.rstrip("/")
         uri = f"{root}/{model_id.partition(':')[2]}"
         problem = await asyncio.to_thread(store_problem, uri)
-        if problem is None:
+        if problem is None or (not problem and getattr(exc, "status_code", None) != 404):
+            # None: really not there. Readable now: only Ray's cached "config not found" (404) was the
+            # store's fault; any other error (vLLM rejecting damaged weights) stands as it is.
             return
         if problem:
             message = (f"adapter {model_id!r} is not loaded on this replica and the adapter store is "
@@ -66,3 +75,14 @@ class E2ELLMServer(PatchedLLMServer):
             message = (f"adapter {model_id!r} could not be loaded while the adapter store was unreachable; "
                        f"the store answers again, the adapter loads within {RAY_MISSING_CACHE_S} s: retry")
         raise OpenAIHTTPException(503, message, type="ServiceUnavailable") from exc
+
+    async def preflight(self, request, deadline_s: float) -> dict:
+        """This replica's preflight report for ``request`` (a non-streaming chat request for
+        ``<base>:<adapter>``, sent with that adapter as the multiplexed model id): the adapter
+        loaded and one answer came back within ``deadline_s``, or why not."""
+        context = serve.get_replica_context()
+        replica = f"{context.deployment}#{context.replica_tag}"
+        if serve.get_multiplexed_model_id() != request.model:  # else vLLM would not load the adapter
+            return report(replica, False, f"the preflight for {request.model!r} reached this replica without it as "
+                                          f"the multiplexed model id ({serve.get_multiplexed_model_id()!r})", None)
+        return await answer_once(self.chat, request, deadline_s, replica)

@@ -4,7 +4,9 @@ the `e2e-llm canary` CLI in a subprocess drives alias weights in the app's adapt
 both versions through the app's OpenAI API and reads the app's per-version Ray metrics.
 
 Each scenario has its own alias (stable = the trained adapter), so they never disturb the
-serving tests' `viggo` alias or each other."""
+serving tests' `viggo` alias or each other. The serving side of a safe canary is checked here
+too: the ingress's preflight reaches every engine replica, and alias traffic drawn to a candidate
+that cannot answer is answered by stable."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from serving import wait_until
@@ -27,10 +30,12 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "e2e-llm"
 PROMOTED, ROLLED_BACK = 0, 3
+FALLBACKS = "ray_e2e_llm_request_fallbacks_total"
 
 
 def _test_policy(path: Path) -> Path:
-    """The shipped policy with short windows: 2 steps, 8 canary rows, 20 s windows."""
+    """The shipped policy with short windows: 2 steps, 8 canary rows, 20 s windows (extended to
+    60 s at most while a version has too few requests), scraped every 5 s."""
     from e2e_llm.canary import load_policy
 
     policy = load_policy(ROOT / "configs/canary.yaml")
@@ -41,7 +46,8 @@ def _test_policy(path: Path) -> Path:
     data["quality"].update(max_rows=8, concurrency=8, margins={"exact_match": 0.2, "slot_f1": 0.15,
                                                                "valid_mr_rate": 0.2, "function_accuracy": 0.2})
     # Ray exports app metrics every 10 s; a shared 2-core box makes latency noisy.
-    data["slo"].update(min_requests=3, metrics_lag_s=12, max_p95_latency_ratio=3.0, p95_latency_slack_s=2.0)
+    data["slo"].update(min_requests=3, metrics_lag_s=12, max_p95_latency_ratio=3.0, p95_latency_slack_s=2.0,
+                       poll_s=5, max_window_s=60)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -86,6 +92,31 @@ def rollout(serve_app, alias: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri, **serve_app.store.storage_kw).splitlines()]
 
 
+@pytest.fixture(scope="module")
+def corrupt_candidate(serve_app, serve_adapters, tmp_path_factory) -> str:
+    """The trained adapter with its adapter_model.safetensors damaged so vLLM cannot load it."""
+    broken = tmp_path_factory.mktemp("corrupt") / "adapter"
+    shutil.copytree(serve_adapters["trained"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
+    return serve_app.store.publish(broken, name="cncorrupt")
+
+
+def preflight(serve_app, version: str, deadline_s: float = 120.0, **kw) -> httpx.Response:
+    body = {"version": version, "messages": [{"role": "user", "content": "Name a video game."}], "max_tokens": 4,
+            "deadline_s": deadline_s}
+    return httpx.post(f"{serve_app.base_url}/-/preflight", json=body, timeout=deadline_s + 30,
+                      **{"headers": serve_app.headers, **kw})
+
+
+def remove_from_store(serve_app, version: str) -> None:
+    """Delete an adapter's folder from the app's store (its index entry stays)."""
+    from e2e_llm import storage
+
+    fs, path = storage.filesystem(serve_app.store.adapter_uri(version), **serve_app.store.storage_kw)
+    fs.delete_dir(path)
+    assert version not in serve_app.store.adapter_ids()
+
+
 class SteadyClient:
     """Sends alias traffic in a loop from two threads, recording every outcome."""
 
@@ -122,6 +153,111 @@ def gate_results(records: list[dict]) -> list[dict]:
     return [r for r in records if r["event"] == "gate"]
 
 
+# -- the serving side: preflight and fallback, without the controller ------------------------
+
+
+def test_a_broadcast_reaches_every_replica_with_the_adapter_as_multiplexed_model_id(serve_app):
+    """What the preflight relies on (Ray Serve's DeploymentHandle.broadcast, alpha in 2.60): the
+    call reaches every replica, and each sees the handle's multiplexed model id (so the engine
+    replica loads that adapter as for a routed request)."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0})
+    class Who:
+        def who(self) -> tuple[str, str]:
+            return serve.get_replica_context().replica_tag, serve.get_multiplexed_model_id()
+
+    handle = serve.run(Who.bind(), name="broadcast-check", route_prefix="/broadcast-check")
+    try:
+        seen = handle.options(multiplexed_model_id="base:v7").broadcast("who").results(timeout_s=60)
+    finally:
+        serve.delete("broadcast-check")
+    assert len({tag for tag, _ in seen}) == 2 and {model for _, model in seen} == {"base:v7"}
+
+
+def test_preflight_passes_a_good_adapter_on_every_replica_and_names_why_a_corrupt_one_fails(
+        serve_app, corrupt_candidate):
+    good = preflight(serve_app, serve_app.adapters["trained"])
+    assert good.status_code == 200, good.text
+    answer = good.json()
+    assert answer["ok"] is True and answer["reason"] is None, answer
+    assert len(answer["replicas"]) == serve_app.config.serve.min_replicas
+    assert all(r["ok"] and r["latency_s"] > 0 for r in answer["replicas"])
+    bad = preflight(serve_app, corrupt_candidate).json()
+    print("preflight of the corrupt adapter:", bad)
+    assert bad["ok"] is False and "lora" in bad["reason"].lower()
+    assert [r["ok"] for r in bad["replicas"]] == [False] * serve_app.config.serve.min_replicas
+    assert preflight(serve_app, corrupt_candidate, headers={}).status_code == 401
+
+
+def test_alias_traffic_drawn_to_a_corrupt_candidate_is_answered_by_stable(serve_app, corrupt_candidate):
+    alias = new_alias(serve_app, "cn-fallback")
+    stable = serve_app.adapters["trained"]
+    record = serve_app.store.set_alias(alias, stable=stable, candidate=corrupt_candidate, candidate_weight=1.0)
+    serve_app.wait_alias(alias, record.revision)
+    client = serve_app.client(timeout=120)
+    model = f"{serve_app.model_id}:{alias}"
+    messages = [{"role": "user", "content": "Name a video game."}]
+    for _ in range(2):
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0.0)
+        assert answer.model == f"{serve_app.model_id}:{stable}" and answer.choices[0].message.content
+        chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True))
+        assert chunks and chunks[0].model == f"{serve_app.model_id}:{stable}"
+    # every attempt on the candidate is a candidate error for the SLO gate (Ray exports every ~10 s)
+    wait_until(lambda: serve_app.metric(FALLBACKS, alias=alias) >= 4, 40, "fallbacks not in the metrics")
+    assert serve_app.metric("ray_e2e_llm_requests_total", alias=alias, version=corrupt_candidate, status="502") >= 4
+    assert serve_app.metric("ray_e2e_llm_requests_total", alias=alias, version=stable, status="200") >= 4
+    serve_app.store.set_alias(alias, stable=stable)
+
+
+# -- rollouts ------------------------------------------------------------------------------
+
+
+def test_corrupt_candidate_is_rejected_at_preflight_and_alias_traffic_never_fails(
+        serve_app, canary_env, corrupt_candidate):
+    alias = new_alias(serve_app, "cn-corrupt")
+    before = serve_app.store.aliases()[alias]
+    with SteadyClient(serve_app, alias, threads=3) as traffic:
+        result = cli(canary_env, "canary", "--alias", alias, "--adapter", corrupt_candidate)
+    print(result.stdout)
+    assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
+    assert serve_app.store.aliases()[alias] == before  # never written: same revision
+    records = rollout(serve_app, alias)
+    events = [r["event"] for r in records]
+    assert events[-1] == "rejected" and not {"set_weight", "weight_set"} & set(events), events
+    [check] = [r for r in records if r["event"] == "preflight"]
+    assert not check["passed"] and "lora" in check["reason"].lower(), check
+    assert "lora" in records[-1]["reason"].lower()  # the terminal record says why, too
+    assert traffic.failures == [] and traffic.ok > 0, traffic.failures[:5]
+
+
+def test_candidate_removed_after_preflight_is_served_from_stable_and_rolled_back(
+        serve_app, serve_adapters, canary_env):
+    alias = new_alias(serve_app, "cn-gone")
+    candidate = republish(serve_app, serve_adapters["trained"], "cngone")
+    with SteadyClient(serve_app, alias) as traffic:
+        proc = subprocess.Popen([str(CLI), "canary", "--profile", canary_env["profile"], "--alias", alias,
+                                 "--adapter", candidate], env=canary_env["env"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not any(r["event"] == "weight_set" for r in rollout(serve_app, alias)):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the candidate never got traffic"
+            time.sleep(0.2)
+        # It passed the preflight (and the shadow gate) and takes alias traffic: now it is gone.
+        remove_from_store(serve_app, candidate)
+        out, _ = proc.communicate(timeout=300)
+    print(out)
+    assert proc.returncode == ROLLED_BACK, out
+    record = serve_app.store.aliases()[alias]
+    assert (record.stable, record.candidate) == (serve_app.adapters["trained"], None)
+    gate = gate_results(rollout(serve_app, alias))[-1]
+    assert not gate["passed"], gate
+    assert traffic.failures == [], traffic.failures[:5]
+    wait_until(lambda: serve_app.metric(FALLBACKS, alias=alias, version=candidate) > 0, 40,
+               "no alias request fell back to stable")
+
+
 def test_good_candidate_is_promoted_and_steady_alias_traffic_never_fails(serve_app, serve_adapters, canary_env):
     alias = new_alias(serve_app, "cn-good")
     candidate = republish(serve_app, serve_adapters["trained"], "cngood")
@@ -144,45 +280,24 @@ def test_good_candidate_is_promoted_and_steady_alias_traffic_never_fails(serve_a
     serve_app.wait_alias(alias, record.revision)
 
 
-def test_damaged_candidate_is_rolled_back_by_the_quality_gate_while_stable_keeps_serving(serve_app, canary_env):
+def test_damaged_candidate_is_rejected_by_the_shadow_quality_gate_before_any_traffic(serve_app, canary_env):
     alias = new_alias(serve_app, "cn-bad")
+    before = serve_app.store.aliases()[alias]
     with SteadyClient(serve_app, alias, threads=1) as traffic:
         result = cli(canary_env, "canary", "--alias", alias, "--adapter", serve_app.adapters["damaged"])
-        after = traffic.ok
-        wait_until(lambda: traffic.ok > after, 60, "stable stopped answering the alias after the rollback")
     assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
-    assert "ROLLED BACK" in result.stdout
-    record = serve_app.store.aliases()[alias]
-    assert (record.stable, record.candidate, record.candidate_weight) == (serve_app.adapters["trained"], None, 0.0)
-    gate = gate_results(rollout(serve_app, alias))[0]
-    quality = gate["results"][0]
-    assert quality["status"] == "fail", gate["reason"]
-    assert not gate["passed"] and gate["weight"] == 50
+    assert "REJECTED" in result.stdout
+    assert serve_app.store.aliases()[alias] == before  # never written
+    records = rollout(serve_app, alias)
+    assert [r["event"] for r in records] == ["start", "preflight", "shadow", "rejected"]
+    shadow = records[2]
+    quality = shadow["results"][0]
+    assert not shadow["passed"] and quality["status"] == "fail", shadow["reason"]
     scores = quality["details"]["scores"]
     print("quality stable/candidate:", json.dumps(scores), json.dumps(quality["details"]["examples"][:2]))
     failed = [c["metric"] for c in quality["checks"] if c["ok"] is False]
     assert failed and all(scores["candidate"][m] < scores["stable"][m] for m in failed)
-    # stable kept answering the alias during and after the rollback
-    assert traffic.failures == [] and traffic.ok > after
-
-
-def test_erroring_candidate_is_rolled_back_by_the_slo_gate(serve_app, serve_adapters, canary_env):
-    broken = canary_env["tmp"] / "broken"
-    shutil.copytree(serve_adapters["trained"], broken)
-    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
-    candidate = serve_app.store.publish(broken, name="cnbroken")
-    alias = new_alias(serve_app, "cn-err")
-    with SteadyClient(serve_app, alias):
-        result = cli(canary_env, "canary", "--alias", alias, "--adapter", candidate)
-    assert result.returncode == ROLLED_BACK, result.stdout + result.stderr
-    print(result.stdout)
-    gate = gate_results(rollout(serve_app, alias))[0]
-    quality, slo = gate["results"]
-    assert slo["status"] == "fail" and "error rate" in slo["reason"], gate["reason"]
-    assert quality["status"] != "pass"
-    window = slo["details"]["window"]["candidate"]
-    assert window["errors"] >= 3 and window["errors"] == window["requests"]
-    assert serve_app.store.aliases()[alias].candidate is None
+    assert traffic.failures == [] and traffic.ok > 0
 
 
 def test_controller_killed_mid_rollout_is_finished_by_a_rerun(serve_app, serve_adapters, canary_env):

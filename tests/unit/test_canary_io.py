@@ -121,6 +121,11 @@ class FakeCompletions:
         self.calls.append(kw)
         if "fail" in kw["messages"][1]["content"]:
             raise RuntimeError("Error code: 500 - adapter failed to load")
+        if "slow" in kw["messages"][1]["content"]:
+            import httpx
+            from openai import APITimeoutError
+
+            raise APITimeoutError(request=httpx.Request("POST", "http://app/v1/chat/completions"))
 
         class Msg:
             content = f" inform(name[{kw['messages'][1]['content']}]) \n"
@@ -158,6 +163,123 @@ def test_openai_prober_sends_each_row_to_the_version_and_keeps_failures():
     assert call["extra_body"] == {"structured_outputs": {"regex": "inform\\(.*\\)"}}
     prober.probe("viggo-v2", rows[:1], policy.quality.model_copy(update={"structured_output": False}))
     assert completions.calls[-1]["extra_body"] is None
+
+
+def test_openai_prober_uses_the_given_deadline_and_marks_timeouts():
+    completions, timeouts = FakeCompletions(), []
+
+    class Client:
+        class chat:
+            pass
+
+    Client.chat.completions = completions
+
+    def factory(timeout):
+        timeouts.append(timeout)
+        return Client
+
+    prober = OpenAIProber("http://app/v1", "smollm2-135m", client_factory=factory)
+    policy = load_policy(ROOT / "configs/canary.yaml")
+    rows = [{"instruction": "sys", "input": "slow", "output": "x"},
+            {"instruction": "sys", "input": "fail", "output": "y"}]
+    slow, failed = prober.probe("viggo-v2", rows, policy.quality, 42.0)
+    assert timeouts == [42.0]
+    assert slow.text is None and slow.timed_out and "APITimeoutError" in slow.error
+    assert failed.text is None and not failed.timed_out  # an answer (an error) is not retried
+
+
+# -- the ingress preflight endpoint (HttpPreflight), against a real local HTTP server -------------
+
+
+class PreflightServer:
+    """A local HTTP server answering POST /-/preflight with ``status`` and ``body``; records requests."""
+
+    def __init__(self, status: int, body: bytes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.requests: list[tuple[str, dict, dict]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, dict(self.headers), data))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+ROW = {"instruction": "Turn the input into a meaning representation.", "input": "Halo is fun.", "output": "x"}
+
+
+def test_preflight_posts_the_contract_with_auth_and_reads_every_replica():
+    from e2e_llm.canary_io import HttpPreflight
+
+    answer = {"ok": True, "reason": None, "replicas": [
+        {"replica": "engine-a", "ok": True, "reason": None, "latency_s": 1.5},
+        {"replica": "engine-b", "ok": True, "reason": None, "latency_s": 2.0}]}
+    with PreflightServer(200, json.dumps(answer).encode()) as server:
+        result = HttpPreflight(server.base_url, api_key="sekret").check("viggo-v2", ROW, 90.0, 8)
+    assert result.ok and [r["replica"] for r in result.replicas] == ["engine-a", "engine-b"]
+    path, headers, body = server.requests[0]
+    assert path == "/-/preflight"  # beside /-/ready: the app root, not under /v1
+    assert headers["Authorization"] == "Bearer sekret"
+    assert body == {"version": "viggo-v2", "max_tokens": 8, "deadline_s": 90.0,
+                    "messages": [{"role": "system", "content": ROW["instruction"]},
+                                 {"role": "user", "content": ROW["input"]}]}
+
+
+def test_preflight_failure_and_error_answers_are_rejections_with_the_reason():
+    from e2e_llm.canary_gates import preflight_gate
+    from e2e_llm.canary_io import HttpPreflight
+
+    failed = {"ok": False, "reason": "1 of 2 engine replica(s) failed: engine-b: adapter viggo-v2 failed to load",
+              "replicas": [{"replica": "engine-a", "ok": True, "reason": None, "latency_s": 1.0},
+                           {"replica": "engine-b", "ok": False, "reason": "adapter viggo-v2 failed to load",
+                            "latency_s": 0.2}]}
+    with PreflightServer(200, json.dumps(failed).encode()) as server:
+        result = HttpPreflight(server.base_url).check("viggo-v2", ROW, 90.0, 8)
+    gate = preflight_gate(result)
+    assert gate.status == "fail" and "engine-b: adapter viggo-v2 failed to load" in gate.reason
+    assert [c.ok for c in gate.checks] == [True, False]
+    error = {"error": {"message": "unknown adapter 'viggo-v9'", "type": "NotFoundError", "code": 404}}
+    with PreflightServer(404, json.dumps(error).encode()) as server:
+        result = HttpPreflight(server.base_url).check("viggo-v9", ROW, 90.0, 8)
+    assert not result.ok and result.reason.endswith("HTTP 404: unknown adapter 'viggo-v9'")
+    with PreflightServer(200, b"<html>proxy</html>") as server:
+        result = HttpPreflight(server.base_url).check("viggo-v2", ROW, 90.0, 8)
+    assert not result.ok and "not a preflight result" in result.reason
+
+
+def test_preflight_against_nothing_listening_is_a_rejection_not_a_crash():
+    import socket
+
+    from e2e_llm.canary_io import HttpPreflight
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = HttpPreflight(f"http://127.0.0.1:{port}/v1").check("viggo-v2", ROW, 5.0, 8)
+    assert not result.ok
+    assert result.reason.startswith(f"POST http://127.0.0.1:{port}/-/preflight: no answer (URLError")
+    assert "refused" in result.reason.lower()
 
 
 def _fake_adapter(path: Path, rank: int = 8) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ pytest.importorskip("ray.serve.llm")
 
 import ray.serve  # noqa: E402
 import ray.serve.llm  # noqa: E402
+from serve_fakes import fake_server  # noqa: E402
 
 from e2e_llm.compat import CompatError, Entry, resolve  # noqa: E402
 from e2e_llm.compat import ray_serve as compat  # noqa: E402
@@ -72,39 +74,18 @@ def test_the_base_ingress_keeps_its_model_cards_where_our_ingress_reads_them():
     assert ingress._model_cards == {"base": card}
 
 
+def test_the_public_broadcast_api_the_preflight_uses_keeps_its_shape():
+    """``DeploymentHandle.broadcast`` is public but alpha in Ray 2.60 (the ingress's /-/preflight
+    reaches every engine replica with it): an upgrade that changes it fails here, not live."""
+    from ray.serve.handle import DeploymentBroadcastResponse, DeploymentHandle
+
+    assert list(inspect.signature(DeploymentHandle.broadcast).parameters) == ["self", "method_name", "args", "kwargs"]
+    assert {"timeout_s", "return_exceptions"} <= set(
+        inspect.signature(DeploymentBroadcastResponse.results_async).parameters)
+    assert "multiplexed_model_id" in inspect.signature(DeploymentHandle.options).parameters
+
+
 # -- the overrides are called by Ray's own request path ------------------------------------
-
-
-class FakeEngine:
-    def __init__(self, chunks: int = 5):
-        self.chunks = chunks
-
-    async def resolve_lora(self, disk_model) -> None:
-        pass
-
-    async def chat(self, request, raw_request_info=None):
-        for i in range(self.chunks):
-            yield f"c{i}"
-
-
-def fake_server(cls, interval_ms: float = 200.0):
-    """An LLMServer of ``cls`` without a vLLM engine: Ray's chat() path runs unchanged (only
-    LLMServer's async ``__del__``, which shuts an engine down, is left out)."""
-    server = object.__new__(type(cls.__name__, (cls,), {"__del__": lambda self: None}))
-    server._llm_config = SimpleNamespace(lora_config=object(),
-                                         experimental_configs={"stream_batching_interval_ms": interval_ms})
-    server.engine = FakeEngine()
-    server.active = server.max_active = 0
-
-    async def load_model(model_id: str):
-        server.active += 1
-        server.max_active = max(server.max_active, server.active)
-        await asyncio.sleep(0.05)  # a download: the window in which a second request races
-        server.active -= 1
-        return model_id
-
-    server._load_model = load_model
-    return server
 
 
 async def _chat(server) -> list[list[str]]:

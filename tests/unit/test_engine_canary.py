@@ -20,8 +20,10 @@ from e2e_llm.engine_canary import (
     AnyscalePlatform,
     GroupedMetrics,
     KubeRayPlatform,
+    PlatformPreflight,
     PlatformRouter,
     PlatformStatus,
+    engine_policy,
     open_engine_controller,
     platform_steps,
     prometheus_samples,
@@ -82,9 +84,12 @@ def _fast_wait(clock):
 
 
 def controller(tmp_path, policy, platform, traffic, clock) -> Controller:
+    """The controller as `open_engine_controller` wires it (its policy rules, its preflight)."""
+    policy = engine_policy(policy, "anyscale" if isinstance(platform, AnyscalePlatform) else "k8s")
+    preflight = PlatformPreflight(platform) if policy.preflight.enabled else None
     return Controller(policy=policy, task=None, canary_rows=[], log=RolloutLog(str(tmp_path / "log.jsonl")),
                       router=PlatformRouter(platform), prober=None, metrics=GroupedMetrics(platform, traffic.samples),
-                      clock=clock, out=lambda s: None)
+                      clock=clock, out=lambda s: None, preflight=preflight)
 
 
 # -- Anyscale through the SDK's fake client -------------------------------------------------
@@ -118,7 +123,8 @@ def test_anyscale_engine_canary_steps_canary_percent_and_completes(tmp_path, pol
     assert policy.steps == [10, 50]
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
     assert outcome.result == "promoted"
-    assert fake.rollouts == [10, 50, 100]
+    # 0: the preflight (the new version up and healthy before any traffic), then the steps
+    assert fake.rollouts == [0, 10, 50, 100]
     assert fake.rollbacks == []
     after = platform.status()
     assert after.canary is None and after.primary != before.primary
@@ -135,13 +141,15 @@ def test_anyscale_engine_canary_with_errors_is_rolled_back_through_the_sdk(tmp_p
     ctl = controller(tmp_path, policy, platform, traffic, clock)
     outcome = ctl.run(CANARY)
     assert outcome.result == "rolled_back"
-    assert fake.rollouts == [10]
+    assert fake.rollouts == [0, 10]
     assert fake.rollbacks == [sdk.status(name=SERVICE).id]
     assert fake.rolled_back_service == (sdk.status(name=SERVICE).id, None)
     assert platform.status() == PlatformStatus(primary, None, 0.0)
     gate = next(r for r in RolloutLog(str(tmp_path / "log.jsonl")).read() if r["event"] == "gate")
     assert [g["gate"] for g in gate["results"]] == ["slo"]  # no quality gate for a platform canary
-    assert "error rate 20.0% vs stable 0.0%" in gate["reason"]
+    # 20% errors against an allowed 2%: the window ends at its first scrape, not after 60 s
+    assert "error budget spent after 15s of the 60s window" in gate["reason"]
+    assert gate["results"][0]["details"]["ended_early"] is True
 
 
 # -- KubeRay incremental upgrade --------------------------------------------------------------

@@ -6,132 +6,20 @@ table runs against the live app in tests/integration/test_serve_resilience.py.""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("ray.serve.llm")
 
 from fastapi import HTTPException  # noqa: E402
-from malformed import CASES, MAX_BODY_BYTES, MAX_N, MAX_TOTAL_TOKENS, check_error, request_kwargs  # noqa: E402
-from ray import exceptions as ray_exceptions  # noqa: E402
-from ray.llm._internal.serve.core.configs.openai_api_models import (  # noqa: E402
-    ChatCompletionResponse,
-    CompletionResponse,
-    ErrorResponse,
-    ModelCard,
-)
-from starlette.testclient import TestClient  # noqa: E402
-
-BASE = "smollm2-135m"
-KEY_ENV = "E2E_LLM_TEST_INGRESS_KEY"
-KEY = "k3y"
-
-
-def _chat_response(model: str, text: str = "hi") -> ChatCompletionResponse:
-    return ChatCompletionResponse.model_validate({
-        "id": "chatcmpl-1", "model": model, "created": 0,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-
-
-def _chunk(model: str, text: str, finish: str | None = None) -> str:
-    return "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model,
-                                  "choices": [{"index": 0, "delta": {"content": text},
-                                               "finish_reason": finish}]}) + "\n\n"
-
-
-class FakeEngine:
-    """Stands in for the LLMServer deployment handle. ``script``: per call, what happens:
-    "ok", "die" (replica died before answering), "cut" (stream dies after one chunk)."""
-
-    def __init__(self):
-        self.calls: list[tuple[str, str]] = []
-        self.script: list[str] = []
-        self.healthy = True
-
-    def options(self, **kw):
-        return self
-
-    def __getattr__(self, method):
-        engine = self
-
-        class Method:
-            def remote(self, body=None, raw=None):
-                if method == "check_health":
-                    return engine._health()
-                return engine._run(method, body)
-
-        return Method()
-
-    async def _health(self):
-        if not self.healthy:
-            await asyncio.sleep(60)  # a dead deployment never answers
-
-    async def _run(self, method, body):
-        self.calls.append((method, body.model))
-        what = self.script.pop(0) if self.script else "ok"
-        if what == "die":
-            raise ray_exceptions.ActorDiedError()
-        text = json.dumps(getattr(body, "messages", None) or getattr(body, "prompt", ""))
-        if len(text) > 4000:  # the engine's own context check
-            yield ErrorResponse.model_validate({"error": {"message": "This model's maximum context length is 1024",
-                                                          "type": "BadRequestError", "code": 400}})
-            return
-        if getattr(body, "stream", False):
-            yield [_chunk(body.model, "hel")]
-            if what == "cut":
-                raise ray_exceptions.ActorDiedError()
-            yield [_chunk(body.model, "lo", "stop")]
-            return
-        if method == "completions":
-            yield CompletionResponse.model_validate({
-                "id": "cmpl-1", "model": body.model, "created": 0,
-                "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-        else:
-            yield _chat_response(body.model)
-
-
-def _publish(store, root, name):
-    folder = root / f"src-{name}"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": BASE}))
-    (folder / "adapter_model.safetensors").write_bytes(b"0")
-    return store.publish(folder, name=name)
+from malformed import CASES, MAX_N, MAX_TOTAL_TOKENS, check_error, request_kwargs  # noqa: E402
+from serve_fakes import BASE, KEY, make_api, post  # noqa: E402
 
 
 @pytest.fixture
 def api(tmp_path, monkeypatch):
-    """(TestClient, ingress instance, fake engine, names) with auth on and the test limits."""
-    from ray import serve
-    from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
-
-    from e2e_llm.ingress import ENDPOINTS, E2EIngress, ingress_app
-    from e2e_llm.store import AdapterStore
-
-    monkeypatch.setenv(KEY_ENV, KEY)
-    store = AdapterStore(str(tmp_path / "store"))
-    adapter = _publish(store, tmp_path, "viggo")
-    store.set_alias("viggo", stable=adapter)
-    engine = FakeEngine()
-    app = ingress_app(auth_enabled=True, api_key_env=KEY_ENV, max_body_bytes=MAX_BODY_BYTES)
-    make_fastapi_ingress(E2EIngress, endpoint_map=ENDPOINTS, app=app)
-    card = ModelCard(id=BASE, object="model", owned_by="e2e-llm", permission=[], metadata={})
-    ingress = E2EIngress({BASE: engine}, {BASE: card}, store_uri=store.uri, auth_enabled=True, api_key_env=KEY_ENV,
-                         limits={"max_n": MAX_N, "max_total_tokens": MAX_TOTAL_TOKENS,
-                                 "max_body_bytes": MAX_BODY_BYTES, "default_max_tokens": 1024},
-                         retry_deadline_s=30.0)
-    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress))
-    names = {"base": BASE, "alias": "viggo", "adapter": adapter}
-    client = TestClient(app, raise_server_exceptions=False)
-    return SimpleNamespace(client=client, ingress=ingress, engine=engine, names=names, store=store)
-
-
-def post(api, path, body, **kw):
-    return api.client.post(path, json=body, headers={"Authorization": f"Bearer {KEY}"}, **kw)
+    return make_api(tmp_path, monkeypatch)
 
 
 def test_the_table_has_at_least_41_kinds_of_malformed_request():

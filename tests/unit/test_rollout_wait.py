@@ -162,7 +162,7 @@ def _engine(monkeypatch, tmp_path, platform_factory, samples):
     platform and metrics replaced, on a fake clock."""
     from e2e_llm import engine_canary
     from e2e_llm.canary import Controller, RolloutLog, load_policy
-    from e2e_llm.engine_canary import GroupedMetrics, PlatformRouter
+    from e2e_llm.engine_canary import GroupedMetrics, PlatformPreflight, PlatformRouter, engine_policy
 
     clock = Clock()
     clock.t = 1_000.0
@@ -175,8 +175,10 @@ def _engine(monkeypatch, tmp_path, platform_factory, samples):
     def fake_open(config, *, platform, env, rev="HEAD~1", policy_path=None, prometheus_url=None, **_):
         impl = made["platform"] = platform_factory(clock)
         metrics = GroupedMetrics(impl, lambda: samples(impl, clock))
-        return Controller(policy=policy, task=None, canary_rows=[], log=RolloutLog(str(tmp_path / "log.jsonl")),
-                          router=PlatformRouter(impl), prober=None, metrics=metrics, clock=clock, out=print)
+        ruled = engine_policy(policy, platform)
+        return Controller(policy=ruled, task=None, canary_rows=[], log=RolloutLog(str(tmp_path / "log.jsonl")),
+                          router=PlatformRouter(impl), prober=None, metrics=metrics, clock=clock, out=print,
+                          preflight=PlatformPreflight(impl) if ruled.preflight.enabled else None)
 
     monkeypatch.setattr(engine_canary, "open_engine_controller", fake_open)
     return made
@@ -277,17 +279,20 @@ def test_anyscale_deploy_job_runs_canary_gates_and_promotes(monkeypatch, tmp_pat
     assert after.canary_version is None and after.primary_version.name != before and fake.rollbacks == []
 
 
-def test_anyscale_deploy_job_with_an_unhealthy_canary_rolls_back_and_fails(monkeypatch, tmp_path, capsys,
-                                                                           anyscale_sdk):
+def test_anyscale_deploy_job_with_an_unhealthy_canary_is_rejected_at_0_percent_and_fails(monkeypatch, tmp_path,
+                                                                                        capsys, anyscale_sdk):
     from e2e_llm import cli
 
     fake, sdk = anyscale_sdk
     fake.fail = True
     before = sdk.status(name="e2e-llm-prod").primary_version.name
+    deployed = len(fake.rollouts)
     _engine(monkeypatch, tmp_path, _anyscale(sdk), _healthy_samples)
     assert cli.main(["canary", "--profile", "cluster", "--platform", "anyscale", "--env", "prod"]) == 3
     captured = capsys.readouterr()
-    assert "rollout failed: Anyscale service e2e-llm-prod" in captured.err and "UNHEALTHY" in captured.err
-    assert "ROLLED BACK" in captured.out
+    # the preflight deployed it at 0%, saw it unhealthy and removed it: no traffic ever reached it
+    assert "did not come up healthy at 0% traffic" in captured.out and "UNHEALTHY" in captured.out
+    assert "REJECTED" in captured.out
+    assert fake.rollouts[deployed:] == [0]
     assert fake.rollbacks == [sdk.status(name="e2e-llm-prod").id]
     assert sdk.status(name="e2e-llm-prod").primary_version.name == before

@@ -165,11 +165,20 @@ class SlowGoodProber:
     """Both versions answer every canary row with its reference, taking a moment (so the first
     controller is still mid-rollout when the second one looks)."""
 
-    def probe(self, version, rows, policy):
+    def probe(self, version, rows, policy, timeout_s):
         from e2e_llm.canary import Answer
 
         time.sleep(0.2)
         return [Answer(r["output"]) for r in rows]
+
+
+class ReadyPreflight:
+    """Every engine replica loaded the candidate and answered."""
+
+    def check(self, version, row, deadline_s, max_tokens):
+        from e2e_llm.canary import PreflightResult
+
+        return PreflightResult(True, None, [{"replica": "engine-0", "ok": True, "reason": None, "latency_s": 0.1}])
 
 
 class SteadyMetrics:
@@ -218,7 +227,7 @@ def run_controller(uri: str, barrier) -> tuple[str, str, str]:
                             canary_rows=load_canary_set(policy, ROOT),
                             log=MeetBeforeFirstAppend(rollout_log_uri(store, "racer"), store.storage_kw),
                             router=StoreRouter(store), prober=SlowGoodProber(), metrics=SteadyMetrics(),
-                            out=lambda _: None)
+                            out=lambda _: None, preflight=ReadyPreflight())
     barrier.wait()
     try:
         return ("ok", controller.me["id"], controller.run("race-v2").result)

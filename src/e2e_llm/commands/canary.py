@@ -2,12 +2,14 @@
 """Roll a new adapter version out behind a serving alias, gated on quality and SLOs.
 
 Publishes the candidate (a folder, training run id or `latest` is published on first use; a
-published version id is used as is), then steps the alias's candidate weight through the
-policy (configs/canary.yaml). At each step the canary set goes to stable and candidate by
-version (quality gate) and the app's per-version metrics over the step window are compared
-(SLO gate); every decision is appended to <adapter store>/rollouts-<alias>.jsonl and printed.
-A failed gate rolls back; passing every step promotes. Rerun after an interruption to continue
-(or roll back, per the policy's on_resume). Exit: 0 promoted, 3 rolled back, 1 error.
+published version id is used as is). Before any traffic every engine replica must load it and
+answer one canary row (preflight) and it must pass the quality gate at 0% weight (shadow); a
+candidate failing either is rejected and the alias is never changed. Then the alias's candidate
+weight steps through the policy (configs/canary.yaml). At each step the canary set goes to
+stable and candidate by version (quality gate) and the app's per-version metrics over the step
+window are compared (SLO gate); every decision is appended to
+<adapter store>/rollouts-<alias>.jsonl and printed. A failed gate rolls back; passing every step
+promotes. Rerun after an interruption to continue (or roll back, per the policy's on_resume).
 
 Examples:
     e2e-llm canary --profile local --adapter latest
@@ -20,10 +22,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+from enum import IntEnum
 
-from e2e_llm.cli import add_profile_argument
+from e2e_llm.cli import CONFIG_ERROR, add_profile_argument
 
-ROLLED_BACK = 3
+
+class Exit(IntEnum):
+    """The exit status of `e2e-llm canary`: the one place these numbers are written."""
+
+    PROMOTED = 0
+    ERROR = 1
+    CONFIG = CONFIG_ERROR
+    ROLLED_BACK = 3
+    INTERRUPTED = 130
+
+
+# What each status means, in the words --help and the README use.
+MEANING = {
+    Exit.PROMOTED: "promoted (or --status printed)",
+    Exit.ERROR: "the rollout could not start or continue",
+    Exit.CONFIG: "invalid profile or policy",
+    Exit.ROLLED_BACK: "rolled back or rejected before any traffic",
+    Exit.INTERRUPTED: "interrupted (rerun to continue)",
+}
+
+
+def exit_codes_text() -> str:
+    """The exit statuses as one sentence (--help, README)."""
+    return "Exit status: " + ", ".join(f"{int(code)} {MEANING[code]}" for code in Exit) + \
+        ". `make canary` exits 2 for any of these failures (GNU make's status for a failed recipe); " \
+        f"the CLI's status is in make's last line (`make: *** [Makefile:N: canary] Error {int(Exit.ROLLED_BACK)}`)."
+
+
+def outcome_code(outcome) -> Exit:
+    return Exit.PROMOTED if outcome.result == "promoted" else Exit.ROLLED_BACK
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +65,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = exit_codes_text()
     add_common(parser)
     parser.add_argument("--adapter", help="candidate: published version id, <name>:latest, a trained adapter "
                                           "folder, a run id or 'latest'; omit to resume an unfinished rollout")
@@ -53,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def print_outcome(outcome, alias: str) -> None:
     if outcome.result == "promoted":
         print(f"PROMOTED: {outcome.candidate} is now the stable version of alias {alias!r} ({outcome.reason})")
+    elif outcome.result == "rejected":
+        print(f"REJECTED: {outcome.candidate} never got traffic; alias {alias!r} unchanged on {outcome.stable} "
+              f"({outcome.reason})")
     elif outcome.result == "reverted":
         print(f"REVERTED: alias {alias!r} is back on {outcome.stable} ({outcome.reason})")
     else:
@@ -73,9 +109,9 @@ def run_manual(args: argparse.Namespace, action: str) -> int:
         outcome = getattr(controller, action)(args.reason)
     except (CanaryError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return Exit.ERROR
     print_outcome(outcome, controller.policy.alias)
-    return 0
+    return Exit.PROMOTED
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         if args.status:
             rollout = controller.current()
             print(format_rollout(rollout) if rollout else f"no rollouts recorded for alias {controller.policy.alias!r}")
-            return 0
+            return Exit.PROMOTED
         candidate = None
         if args.adapter:
             candidate, published = resolve_candidate(config, store, args.adapter)
@@ -105,16 +141,16 @@ def run(args: argparse.Namespace) -> int:
         outcome = controller.run(candidate)
     except (CanaryError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return Exit.ERROR
     except KeyboardInterrupt:
         rollout = controller.current() if controller is not None else None
         where = f"rollout {rollout.id} stopped after '{rollout.effective_last['event']}'" if rollout else "stopped"
         print(f"interrupted: {where}; rerun `e2e-llm canary` to continue, or `e2e-llm rollback`", file=sys.stderr)
-        return 130
+        return Exit.INTERRUPTED
     rollout = controller.current()
     print(format_rollout(rollout))
     print_outcome(outcome, controller.policy.alias)
-    return 0 if outcome.result == "promoted" else ROLLED_BACK
+    return outcome_code(outcome)
 
 
 def run_engine(config, args: argparse.Namespace) -> int:
@@ -128,7 +164,7 @@ def run_engine(config, args: argparse.Namespace) -> int:
         if args.status:
             rollout = controller.current()
             print(format_rollout(rollout) if rollout else f"no rollouts recorded for {controller.policy.alias!r}")
-            return 0
+            return Exit.PROMOTED
         try:
             outcome = controller.run(None if controller.current() and not controller.current().finished else CANARY)
         except RolloutStuck as exc:
@@ -137,10 +173,10 @@ def run_engine(config, args: argparse.Namespace) -> int:
             outcome = controller.rollback(f"rollout stuck: {exc}")
             print(format_rollout(controller.current()))
             print_outcome(outcome, controller.policy.alias)
-            return ROLLED_BACK
+            return Exit.ROLLED_BACK
     except CanaryError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return Exit.ERROR
     print(format_rollout(controller.current()))
     print_outcome(outcome, controller.policy.alias)
-    return 0 if outcome.result == "promoted" else ROLLED_BACK
+    return outcome_code(outcome)
