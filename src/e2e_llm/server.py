@@ -15,6 +15,8 @@
   including the first, so a long interval (cheaper on a small CPU box, see bench/RESULTS.md)
   would delay the first token by up to that interval. The first chunks (role, first token)
   go out at once; grouping starts after them.
+- Adapters are downloaded into one folder per adapter store (``lora_cache_dir``), not Ray's one
+  folder per machine, where two apps whose stores both hold a ``viggo-v1`` overwrite each other.
 - ``preflight(request, deadline_s)``: the replica's part of the ingress's ``POST /-/preflight``
   (``e2e_llm.serve_preflight``): load the adapter the request names and answer it once, within
   the deadline; the ingress calls it on every replica (``DeploymentHandle.broadcast``).
@@ -28,7 +30,9 @@ hook, which that override calls.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import tempfile
 
 from ray import serve
 
@@ -53,8 +57,22 @@ def store_problem(adapter_uri: str) -> str | None:
     return ""  # readable now: Ray's cached miss is stale
 
 
+def lora_cache_dir(store_uri: str, endpoint: str | None) -> str:
+    """Where replicas reading the adapter store ``store_uri`` (at S3 ``endpoint``) keep downloaded
+    adapters: one folder per store. Versions are immutable within a store (claimed once, see
+    e2e_llm.publish), so replicas of one store may share a folder; another store's version of the
+    same name (a second pipeline or test app on this machine) must not land in it."""
+    key = hashlib.sha256(f"{endpoint or ''}|{store_uri.rstrip('/')}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "e2e-llm", "lora-cache", key)
+
+
 class E2ELLMServer(PatchedLLMServer):
     """The ``server_cls`` the rendered service configs name (``e2e_llm.server:E2ELLMServer``)."""
+
+    def lora_cache_root(self, llm_config) -> str | None:
+        if llm_config.lora_config is None:
+            return None
+        return lora_cache_dir(llm_config.lora_config.dynamic_lora_loading_path, storage.s3_endpoint())
 
     async def adapter_load_failed(self, model_id: str, exc: Exception) -> None:
         """A 503 naming the store when the adapter could not be loaded because the store is (or

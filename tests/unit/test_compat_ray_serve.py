@@ -130,3 +130,52 @@ def test_the_worker_niceness_setting_the_engine_replica_gets_is_rays():
 
     assert resolve(compat.WORKER_NICENESS, OWNER) == RAY_WORKER_NICENESS_ENV
     assert CPU_ENGINE_ENV[RAY_WORKER_NICENESS_ENV] == "0"
+
+
+class _IdleEngine:
+    def __init__(self, llm_config):
+        pass
+
+    async def start(self):
+        pass
+
+
+def _constructed_loader_roots(monkeypatch, server_cls, store_uri: str) -> list:
+    """The lora_root each LoRA loader a real (async) server construction makes is given."""
+    from ray.llm._internal.serve.core.server import llm_server  # only to silence telemetry here
+    from ray.serve.llm import LLMConfig
+
+    roots = []
+
+    class RecordingLoader:
+        def __init__(self, lora_root=None, download_timeout_s=None, max_tries=1):
+            roots.append(lora_root)
+
+    monkeypatch.setattr(compat, "LoraModelLoader", RecordingLoader)
+    monkeypatch.setattr(llm_server, "LoraModelLoader", RecordingLoader)
+    monkeypatch.setattr(llm_server, "push_telemetry_report_for_all_models", lambda **_: None)
+    config = LLMConfig(model_loading_config={"model_id": "base"},
+                       lora_config={"dynamic_lora_loading_path": store_uri})
+    server = server_cls.__new__(server_cls)
+    asyncio.run(server_cls.__init__(server, config, engine_cls=_IdleEngine))
+    return roots
+
+
+def test_adapters_download_into_one_folder_per_store_not_rays_one_per_machine(monkeypatch):
+    from e2e_llm.server import E2ELLMServer, lora_cache_dir
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9001")
+    assert _constructed_loader_roots(monkeypatch, E2ELLMServer, "s3://b/adapters") == [
+        lora_cache_dir("s3://b/adapters", "http://127.0.0.1:9001")]
+    # Ray's own server puts every store's adapters in its one folder (the collision).
+    assert _constructed_loader_roots(monkeypatch, ray.serve.llm.LLMServer, "s3://b/adapters") == [None]
+
+
+def test_two_stores_never_share_an_adapter_folder_and_one_store_always_does():
+    from e2e_llm.server import lora_cache_dir
+
+    one = lora_cache_dir("s3://b/adapters", "http://127.0.0.1:9001")
+    assert lora_cache_dir("s3://b/adapters/", "http://127.0.0.1:9001") == one
+    assert lora_cache_dir("s3://b/adapters", "http://127.0.0.1:9002") != one  # same bucket, another server
+    assert lora_cache_dir("s3://b/other", "http://127.0.0.1:9001") != one
+    assert lora_cache_dir("s3://b/adapters", None) != one

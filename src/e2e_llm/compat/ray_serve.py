@@ -12,6 +12,7 @@ run ``pytest tests/unit/test_compat_ray_serve.py``: it names each entry that mov
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import defaultdict
 from collections.abc import AsyncGenerator
 
@@ -49,6 +50,15 @@ WORKER_NICENESS = Entry(
     "ray._private.ray_constants", "RAY_WORKER_NICENESS",
     why="the engine replica's runtime_env sets this Ray setting to 0 on CPU profiles so the engine runs "
         "at normal priority, not at Ray's worker niceness 15 (e2e_llm.serve.CPU_ENGINE_ENV)")
+LORA_LOADER = Entry(
+    "ray.llm._internal.serve.utils.lora_serve_utils", "LoraModelLoader",
+    params=("lora_root", "download_timeout_s", "max_tries"),
+    why="every LLMServer on a machine downloads adapters into one folder (/tmp/ray/llm/lora/cache/<version>): "
+        "two apps whose stores both hold a version of the same name overwrite each other's weights there; "
+        "PatchedLLMServer gives the loader a folder of the subclass's choosing (lora_cache_root)")
+SERVER_INIT = Entry(
+    "ray.serve.llm", "LLMServer.__init__", params=("self", "llm_config", "engine_cls", "model_downloader"),
+    why="the model_downloader argument is where the LoRA loader with our folder is injected")
 # Private members of public classes that we override or call.
 RESOLVE_LORA = Entry(
     "ray.serve.llm", "LLMServer._maybe_resolve_lora_from_multiplex", params=("self",),
@@ -72,7 +82,7 @@ PROCESS_REQUEST = Entry(
 
 ENTRIES = [BATCHER, DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
            TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
-           PROCESS_REQUEST, WORKER_NICENESS]
+           PROCESS_REQUEST, WORKER_NICENESS, LORA_LOADER, SERVER_INIT]
 OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
 
 
@@ -81,7 +91,7 @@ def check() -> list[str]:
     return problems(ENTRIES, __name__)
 
 
-for _entry in (RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL, PROCESS_REQUEST):
+for _entry in (RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL, PROCESS_REQUEST, SERVER_INIT):
     resolve(_entry, __name__)  # fail at import, not silently at the first request
 Batcher = resolve(BATCHER, __name__)
 DEFAULT_ENDPOINTS = resolve(DEFAULT_ENDPOINTS_ENTRY, __name__)
@@ -91,6 +101,7 @@ ModelList = resolve(MODEL_LIST, __name__)
 OpenAIHTTPException = resolve(OPENAI_HTTP_EXCEPTION, __name__)
 to_model_metadata = resolve(TO_MODEL_METADATA, __name__)
 apply_deployment_defaults = resolve(DEPLOYMENT_DEFAULTS, __name__)
+LoraModelLoader = resolve(LORA_LOADER, __name__)
 
 # Chat streams open with a role-only chunk, then the first token.
 UNBATCHED_HEAD = 2
@@ -100,6 +111,18 @@ class PatchedLLMServer(LLMServer):
     """``ray.serve.llm.LLMServer`` with the two Ray 2.60 workarounds (``OVERRIDES``)."""
 
     _lora_locks: defaultdict[str, asyncio.Lock] | None = None
+
+    async def __init__(self, llm_config, **kwargs):
+        # LORA_LOADER: adapters are downloaded into the folder lora_cache_root names, not Ray's
+        # one folder per machine.
+        root = self.lora_cache_root(llm_config)
+        if root is not None and kwargs.get("model_downloader") is None:
+            kwargs["model_downloader"] = functools.partial(LoraModelLoader, lora_root=root)
+        await super().__init__(llm_config, **kwargs)
+
+    def lora_cache_root(self, llm_config) -> str | None:
+        """Hook for a subclass: the folder this replica downloads adapters into (None: Ray's)."""
+        return None
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         # RESOLVE_LORA: one load per adapter at a time; later requests find it loaded.
