@@ -98,6 +98,14 @@ def gpu_name() -> str:
     return "cpu"
 
 
+def log_tail(path: Path, n: int) -> str:
+    """The last ``n`` lines of a run's log (empty when it was never written), for error rows."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 def today() -> str:
     return datetime.now(UTC).date().isoformat()
 

@@ -186,13 +186,6 @@ def run_point(spec_file: Path) -> int:
 # the grid (GPU machine)
 
 
-def _tail(path: Path, n: int = 8) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 def run(ns: argparse.Namespace) -> int:
     start = time.monotonic()
     out = Path(ns.out or os.environ.get("OUT") or "/tmp/e2e-sweep-out")
@@ -251,7 +244,7 @@ def run(ns: argparse.Namespace) -> int:
             if proc.returncode == 0 and res.is_file():
                 results[name] = json.loads(res.read_text())
             else:
-                results[name] = {"name": name, "error": f"rc={proc.returncode}: {_tail(log)}"}
+                results[name] = {"name": name, "error": f"rc={proc.returncode}: {_device.log_tail(log, 8)}"}
             r = results[name]
             shown = (f"exact {r['exact_match']:.3f} F1 {r['slot_f1']:.3f}" if "exact_match" in r
                      else r["error"][-400:])

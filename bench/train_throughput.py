@@ -225,13 +225,6 @@ def run_variant(spec_file: Path) -> int:
     return 0
 
 
-def _tail(path: Path, n: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 def run(ns: argparse.Namespace) -> int:
     start = time.monotonic()
     out = Path(ns.out or os.environ.get("OUT") or "/tmp/e2e-bench-out")
@@ -298,12 +291,12 @@ def run(ns: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             rc = "timeout"
         with log.open("a") as fh:
-            fh.write(f"\n===== {spec['name']} rc={rc} {time.monotonic() - t:.0f} s\n{_tail(vlog, 60)}\n")
+            fh.write(f"\n===== {spec['name']} rc={rc} {time.monotonic() - t:.0f} s\n{_device.log_tail(vlog, 60)}\n")
         if rc == 0 and Path(spec["result"]).is_file():
             results[spec["name"]] = {**results.get(spec["name"], {}), **json.loads(Path(spec["result"]).read_text()),
                                      "overrides": spec["overrides"]}
         else:
-            results[spec["name"]] = {"error": f"rc={rc}: {_tail(vlog, 6)}"}
+            results[spec["name"]] = {"error": f"rc={rc}: {_device.log_tail(vlog, 6)}"}
             if spec["overrides"].get("enable_liger_kernel"):
                 liger_ok = False
         r = results[spec["name"]]
