@@ -18,6 +18,8 @@ from typing import Any
 SUPPORTED = ("file", "s3", "gs")
 # Standard variables naming an S3-compatible endpoint, in the order boto3 reads them.
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+S3_REQUEST_TIMEOUT_S = 30.0
+S3_CONNECT_TIMEOUT_S = 10.0
 
 
 class StorageError(RuntimeError):
@@ -57,7 +59,11 @@ def filesystem(uri: str, endpoint_url: str | None = None, region: str | None = N
         return fs.LocalFileSystem(), path
     if scheme == "s3":
         endpoint = s3_endpoint(endpoint_url)
-        kwargs: dict[str, Any] = {"region": region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        # The AWS SDK gives up on a request after 3 s without a byte; a local store sharing 2 busy
+        # cores with an engine can take longer than that to answer, which is slowness, not an outage
+        # (an absent store still fails at once: connection refused).
+        kwargs: dict[str, Any] = {"region": region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                                  "request_timeout": S3_REQUEST_TIMEOUT_S, "connect_timeout": S3_CONNECT_TIMEOUT_S}
         if endpoint:
             scheme_part, _, host = endpoint.partition("://")
             kwargs.update(endpoint_override=host or endpoint, scheme=scheme_part if host else "https")
