@@ -250,17 +250,14 @@ class E2EIngress(OpenAiIngress):
             self._m_retries.inc(tags={"model": str(body.model).partition(":")[0]})
             return await self._process_llm_request(body, call_method=call_method, raw_request=request)
 
-    def _falls_back(self, route: Route, exc: Exception) -> bool:
-        """Whether a failed attempt on ``route`` is answered by its alias's stable version: a
-        candidate that is gone, cannot be loaded (404) or fails (5xx, no status) -- not a request
-        the engine refuses (other 4xx: stable would refuse it too)."""
-        if route.fallback is None:
-            return False
-        code = self._describe(exc)[0]
-        return code >= 500 or code == status.HTTP_404_NOT_FOUND
+    @staticmethod
+    def _falls_back(route: Route, code: int) -> bool:
+        """Whether an attempt on ``route`` that failed with status ``code`` is answered by its
+        alias's stable version: a candidate that is gone, cannot be loaded (404) or fails (5xx, no
+        status) -- not a request the engine refuses (other 4xx: stable would refuse it too)."""
+        return route.fallback is not None and (code >= 500 or code == status.HTTP_404_NOT_FOUND)
 
-    def _record_fallback(self, route: Route, exc: Exception, start: float, stream: bool) -> None:
-        code = self._describe(exc)[0]
+    def _record_fallback(self, route: Route, code: int, exc: Exception, start: float, stream: bool) -> None:
         logger.warning("e2e-llm: alias %s: candidate %s failed before any token (%s, %s); answering from stable %s",
                        route.alias, route.version, code, describe(exc), route.fallback)
         self._m_fallbacks.inc(tags={**route.labels(), "code": str(code)})
@@ -284,9 +281,10 @@ class E2EIngress(OpenAiIngress):
             try:
                 response = await self._attempt(route, body, call_method, request, start)
             except Exception as exc:  # noqa: BLE001  nothing was sent yet: stable may answer instead
-                if not self._falls_back(route, exc):
+                code = self._describe(exc)[0]
+                if not self._falls_back(route, code):
                     raise
-                self._record_fallback(route, exc, start, stream)
+                self._record_fallback(route, code, exc, start, stream)
                 route = route._replace(target=f"{route.base}:{route.fallback}", version=route.fallback,
                                        fallback=None, gone=False)
                 labels, start = route.labels(), time.monotonic()
