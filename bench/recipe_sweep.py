@@ -83,17 +83,61 @@ GRID: dict[str, dict] = {  # in run order: the longest (batch 1, more rows) firs
     "bs2-lr3e-3-seed1": {"per_device_train_batch_size": 2, "learning_rate": 3e-3, "seed": 1},
     "bs2-lr3e-3-seed2": {"per_device_train_batch_size": 2, "learning_rate": 3e-3, "seed": 2},
     "base-seed1": {"seed": 1},
+    # third round (next session): a short system prompt. The instruction is ~150 of a row's ~240
+    # tokens; a short one makes each row ~2.7x cheaper to train on CPU, so ~640 rows cost what 256
+    # long rows do. `_system` replaces every row's instruction (train and scoring), `_eval_system`
+    # only at scoring (an adapter trained short, asked with the long instruction).
+    "short-rows640-bs2-lr3e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2},
+    "short-rows768-bs2-lr3e-3": {"_system": "SHORT", "max_samples": 768, "per_device_train_batch_size": 2},
+    "short-rows512-bs2-lr3e-3": {"_system": "SHORT", "max_samples": 512, "per_device_train_batch_size": 2},
+    "short-rows640-bs4-lr2e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 4,
+                                 "learning_rate": 2e-3},
+    "short-rows640-bs4-lr4e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 4,
+                                 "learning_rate": 4e-3},
+    "short-rows640-bs2-lr2e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
+                                 "learning_rate": 2e-3},
+    "short-rows640-bs2-lr3e-3-seed1": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
+                                       "seed": 1},
+    "short-rows640-bs2-lr3e-3-seed2": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
+                                       "seed": 2},
+    "short-rows640-bs2-lr3e-3-asklong": {"_system": "SHORT", "_eval_system": None, "max_samples": 640,
+                                         "per_device_train_batch_size": 2},
+    "long-rows640-bs2-lr3e-3": {"max_samples": 640, "per_device_train_batch_size": 2},
+    "short-rows1024-bs4-lr4e-3": {"_system": "SHORT", "max_samples": 1024, "per_device_train_batch_size": 4,
+                                  "learning_rate": 4e-3},
 }
-ROUND2 = list(GRID)[list(GRID).index("bs2-lr3e-3-rows288"):]
+ROUND2 = list(GRID)[list(GRID).index("bs2-lr3e-3-rows288"):list(GRID).index("short-rows640-bs2-lr3e-3")]
+ROUND3 = list(GRID)[list(GRID).index("short-rows640-bs2-lr3e-3"):]
+SHORT_SYSTEM = "Write the meaning representation of the sentence."
+PROMPT_KEYS = ("_system", "_eval_system")  # sweep-only keys, not LLaMA-Factory's
 
 
 def cost(recipe: dict, overrides: dict) -> float:
-    args = {**recipe, **overrides}
+    """Rows x epochs relative to the recipe (long prompt); `token_cost` in each result counts tokens."""
+    args = {**recipe, **{k: v for k, v in overrides.items() if k not in PROMPT_KEYS}}
     return args["max_samples"] * args["num_train_epochs"] / (recipe["max_samples"] * recipe["num_train_epochs"])
 
 
 # ---------------------------------------------------------------------------------------
 # one point (child process)
+
+
+def _system_of(value: str | None) -> str | None:
+    return SHORT_SYSTEM if value == "SHORT" else value
+
+
+def _with_system(rows: list[dict], system: str | None) -> list[dict]:
+    return rows if system is None else [{**row, "instruction": system} for row in rows]
+
+
+def _train_tokens(model_dir: str, rows: list[dict]) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return sum(len(tok.apply_chat_template(
+        [{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]},
+         {"role": "assistant", "content": r["output"]}], tokenize=True, return_dict=True)["input_ids"])
+        for r in rows)
 
 
 def _prompts(tokenizer, rows: list[dict], default_instruction: str | None) -> list[str]:
@@ -139,11 +183,28 @@ def run_point(spec_file: Path) -> int:
     spec = json.loads(spec_file.read_text())
     recipe = yaml.safe_load(RECIPE.read_text())
     args = dict(recipe)
-    args.update(spec["overrides"])
+    args.update({k: v for k, v in spec["overrides"].items() if k not in PROMPT_KEYS})
+    train_system = _system_of(spec["overrides"].get("_system"))
+    eval_system = _system_of(spec["overrides"].get("_eval_system", spec["overrides"].get("_system")))
+    train_rows = [json.loads(x) for x in Path(spec["data"], "train.jsonl").read_text().splitlines() if x.strip()]
+    data_dir = spec["data"]
+    if train_system is not None:  # a copy of the dataset folder with the instruction replaced
+        data_dir = str(Path(spec["output_dir"]).parent / f"data-{spec['name']}")
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        for f in Path(spec["data"]).iterdir():
+            if f.is_file() and f.name != "train.jsonl":
+                (Path(data_dir) / f.name).write_bytes(f.read_bytes())
+        train_rows = _with_system(train_rows, train_system)
+        (Path(data_dir) / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    n_rows = int(spec.get("max_samples") or args["max_samples"])
+    token_cost = (_train_tokens(spec["model"], train_rows[:n_rows]) * float(args["num_train_epochs"])
+                  / (_train_tokens(spec["model"], [json.loads(x) for x in Path(spec["data"], "train.jsonl")
+                                                   .read_text().splitlines()[:int(recipe["max_samples"])]])
+                     * float(recipe["num_train_epochs"])))
     for key in ("save_steps", "save_total_limit"):
         args.pop(key, None)
     cuda = torch.cuda.is_available()
-    args.update(model_name_or_path=spec["model"], dataset_dir=spec["data"], dataset="viggo-train",
+    args.update(model_name_or_path=spec["model"], dataset_dir=data_dir, dataset="viggo-train",
                 output_dir=spec["output_dir"], overwrite_output_dir=True, save_strategy="no", report_to="none",
                 plot_loss=False, do_eval=False)
     args.setdefault("seed", 42)
@@ -166,13 +227,14 @@ def run_point(spec_file: Path) -> int:
 
     task = load_yaml_model(TaskSchema, TASK)
     rows = [json.loads(x) for x in Path(spec["data"], "val.jsonl").read_text().splitlines() if x.strip()]
-    rows = rows[:spec["eval_rows"]]
+    rows = _with_system(rows[:spec["eval_rows"]], eval_system)
     t1 = time.monotonic()
     preds = generate(spec["model"], spec["output_dir"], rows, task.default_instruction(), spec["max_new_tokens"],
                      spec["eval_batch"])
     metrics = evaluate(task, preds, [r["output"] for r in rows], [r["input"] for r in rows])
     result = {
-        "name": spec["name"], "overrides": spec["overrides"], "cost": spec["cost"], "steps": state["global_step"],
+        "name": spec["name"], "overrides": spec["overrides"], "cost": spec["cost"], "token_cost": token_cost,
+        "steps": state["global_step"],
         "train_s": train_s, "eval_s": time.monotonic() - t1, "final_loss": losses[-1] if losses else None,
         "args": {k: args[k] for k in sorted(args) if k not in ("model_name_or_path", "dataset_dir", "output_dir")},
         **{m: metrics[m] for m in METRICS}, "n_eval": metrics["n"],
@@ -203,9 +265,12 @@ def run(ns: argparse.Namespace) -> int:
     unknown = set(ns.only or ()) - set(GRID)
     if unknown:
         raise SystemExit(f"unknown point(s) {sorted(unknown)}; have {list(GRID)}")
-    names = [n for n in GRID if (not ns.only or n in ns.only) and (ns.round2 or ns.only or n not in ROUND2)]
+    later = ROUND2 + ROUND3
+    names = [n for n in GRID if (not ns.only or n in ns.only) and (ns.only or n not in later)]
     if ns.round2 and not ns.only:
         names = list(ROUND2)
+    if ns.round3 and not ns.only:
+        names = list(ROUND3)
     pending = list(names)
     running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
     results: dict[str, dict] = {}
@@ -272,8 +337,9 @@ def table(report: dict) -> str:
             continue
         a = r["args"]
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(recipe)"
+        cost_s = f"{r['cost']:.2f}" + (f"; tokens {r['token_cost']:.2f}" if "token_cost" in r else "")
         loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-"
-        rows.append(f"| {r['name']} | {over} | {a['max_samples']} x {a['num_train_epochs']:g} ({r['cost']:.2f}) | "
+        rows.append(f"| {r['name']} | {over} | {a['max_samples']} x {a['num_train_epochs']:g} ({cost_s}) | "
                     f"{r['steps']} | {r['exact_match']:.3f} | {r['slot_f1']:.3f} | {r['function_accuracy']:.3f} | "
                     f"{r['valid_mr_rate']:.3f} | {loss} | {r['train_s']:.0f} |")
     return "\n".join(rows)
@@ -295,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=500, help="start no point after this many seconds")
     p.add_argument("--grace-s", type=float, default=240, help="kill what still runs this long after the budget")
     p.add_argument("--round2", action="store_true", help="the second round's points (default: the first's)")
+    p.add_argument("--round3", action="store_true", help="the third round's points (short system prompt)")
     p.add_argument("--install", action="store_true", help="install .device/wheels first (train_throughput's)")
     p.add_argument("--dry-run", action="store_true", help="CPU: 8 rows, 4 val rows, 8 new tokens")
     p = sub.add_parser("table", help="print the markdown table of a sweep.json")

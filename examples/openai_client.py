@@ -8,23 +8,28 @@ Usage (with `e2e-llm serve --profile local --publish latest` running):
 
 Environment: E2E_LLM_BASE_URL (default http://localhost:8000/v1), E2E_LLM_MODEL (default
 smollm2-135m:viggo, the alias `e2e-llm publish --alias viggo` maintains), E2E_LLM_API_KEY
-(when the service has auth on; any string otherwise).
+(when the service has auth on; any string otherwise), E2E_LLM_PROFILE (default local): the
+system prompt is the one that profile's adapters were trained with (its data.system_prompt, else
+the task's instruction); an adapter asked with another answers worse.
 """
 
 import os
 
 from openai import OpenAI
 
+from e2e_llm.config import load_profile
+
 base_url = os.environ.get("E2E_LLM_BASE_URL", "http://localhost:8000/v1")
 model = os.environ.get("E2E_LLM_MODEL", "smollm2-135m:viggo")
 model_id, _, lora_id = model.partition(":")
+system_prompt = load_profile(os.environ.get("E2E_LLM_PROFILE", "local")).system_prompt()
 
 # Initialize client
 client = OpenAI(base_url=base_url, api_key=os.environ.get("E2E_LLM_API_KEY", "fake-key"))
 response = client.chat.completions.create(
     model=f"{model_id}:{lora_id}",
     messages=[
-        {"role": "system", "content": "Given a target sentence construct the underlying meaning representation of the input sentence as a single function with attributes and attribute values. This function should describe the target string accurately and the function must be one of the following ['inform', 'request', 'give_opinion', 'confirm', 'verify_attribute', 'suggest', 'request_explanation', 'recommend', 'request_attribute']. The attributes must be one of the following: ['name', 'exp_release_date', 'release_year', 'developer', 'esrb', 'rating', 'genres', 'player_perspective', 'has_multiplayer', 'platforms', 'available_on_steam', 'has_linux_release', 'has_mac_release', 'specifier']"},  # noqa: E501
+        {"role": "system", "content": system_prompt},
         {"role": "user", "content": "Blizzard North is mostly an okay developer, but they released Diablo II for the Mac and so that pushes the game from okay to good in my view."},  # noqa: E501
     ],
     temperature=0.0,

@@ -217,8 +217,10 @@ def write_canary_set(rows: Sequence[dict[str, Any]], task, n: int, path: Path, v
             "max_reference_tokens": max(count_tokens(r["output"]) for r in picked)}
 
 
-def load_canary_set(policy: CanaryPolicy, root: Path) -> list[dict[str, str]]:
-    """The policy's canary rows, after checking the file against the recorded sha256."""
+def load_canary_set(policy: CanaryPolicy, root: Path, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The policy's canary rows, after checking the file against the recorded sha256 and, where
+    the profile sets ``data.system_prompt``, that every row asks with it (as the adapters were
+    trained): a set made before the prompt changed would score every candidate as broken."""
     spec = policy.canary_set
     path = Path(spec.path) if Path(spec.path).is_absolute() else root / spec.path
     if not path.is_file():
@@ -232,6 +234,9 @@ def load_canary_set(policy: CanaryPolicy, root: Path) -> list[dict[str, str]]:
         fields = ("instruction", "input", "output")
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
             raise ConfigError(f"{path}:{number}: canary row needs string instruction, input and output")
+        if system_prompt and row["instruction"] != system_prompt:
+            raise ConfigError(f"{path}:{number}: instruction is not the profile's data.system_prompt "
+                              f"{system_prompt!r}; remake the set with `e2e-llm canary-set`")
         rows.append(row)
     if len(rows) != spec.rows:
         raise ConfigError(f"{path}: {len(rows)} rows, policy says canary_set.rows {spec.rows}")

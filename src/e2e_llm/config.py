@@ -178,6 +178,10 @@ class DataConfig(Strict):
     format: Literal["alpaca", "sharegpt"] = "alpaca"
     splits: dict[str, str] = Field(min_length=1)  # split name -> file name under source
     required_splits: list[str] = ["train", "val"]
+    # Replaces every row's instruction (the system prompt) at ingestion, so training, batch
+    # evaluation and the canary set all use it; clients must send it too (an adapter trained on
+    # one system prompt answers worse when asked with another). None keeps the dataset's own.
+    system_prompt: str | None = Field(None, pattern=r"\S")
 
 
 class TrainConfig(Strict):
@@ -315,6 +319,11 @@ class PipelineConfig(RootedFile):
     def task_schema(self) -> TaskSchema:
         """The task schema ``data.task`` names (task.py is a leaf module: it imports nothing of ours)."""
         return load_yaml_model(TaskSchema, self.path(self.data.task))
+
+    def system_prompt(self) -> str:
+        """The system prompt this deployment's adapters are trained and asked with: the profile's
+        ``data.system_prompt``, else the task's instruction (which rows without one get)."""
+        return self.data.system_prompt or self.task_schema().default_instruction()
 
 
 def project_root() -> Path:

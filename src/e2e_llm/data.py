@@ -66,6 +66,7 @@ class SplitReport:
 class IngestReport:
     output_dir: str
     splits: list[SplitReport] = field(default_factory=list)
+    system_prompt: str | None = None  # every row's instruction, when the profile sets one
 
     @property
     def rows_in(self) -> int:
@@ -82,7 +83,8 @@ class IngestReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"output_dir": self.output_dir, "splits": [asdict(s) for s in self.splits]}
+        return {"output_dir": self.output_dir, "splits": [asdict(s) for s in self.splits],
+                "system_prompt": self.system_prompt}
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,8 +221,11 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def validate_file(
-    path: Path, task: TaskSchema, fmt: str, source_name: str | None = None
+    path: Path, task: TaskSchema, fmt: str, source_name: str | None = None, system_prompt: str | None = None
 ) -> tuple[list[dict[str, str]], list[Reject]]:
+    """Clean rows and rejects of one split file. ``system_prompt`` (the profile's
+    ``data.system_prompt``) replaces every clean row's instruction: what the adapter is trained
+    with is what batch, canary and clients ask it with, since they all read the clean rows."""
     if not path.is_file():
         raise IngestError(f"{path}: file not found")
     if path.stat().st_size == 0:
@@ -235,7 +240,8 @@ def validate_file(
             rejects.append(Reject(name, number, f"not UTF-8: byte {exc.start}", raw.decode("utf-8", "replace")))
             continue
         try:
-            clean.append(validate_row(line, task, fmt, task.default_instruction()))
+            row = validate_row(line, task, fmt, task.default_instruction())
+            clean.append({**row, "instruction": system_prompt} if system_prompt else row)
         except ValueError as exc:
             rejects.append(Reject(name, number, str(exc), line))
     if not clean and not rejects:
@@ -284,6 +290,7 @@ def ingest(
     dataset: str,
     fmt: str = "alpaca",
     required: list[str] | tuple[str, ...] = ("train",),
+    system_prompt: str | None = None,
 ) -> IngestReport:
     """Fetch, validate and write every split available at ``source``.
 
@@ -292,7 +299,7 @@ def ingest(
     """
     output_dir = Path(output_dir)
     raw_dir = output_dir / "raw"
-    report = IngestReport(str(output_dir))
+    report = IngestReport(str(output_dir), system_prompt=system_prompt)
     all_rejects: list[Reject] = []
     written: list[str] = []
     for split, filename in splits.items():
@@ -302,7 +309,7 @@ def ingest(
             if split in required:
                 raise
             continue
-        clean, rejects = validate_file(raw, task, fmt, source_name=filename)
+        clean, rejects = validate_file(raw, task, fmt, source_name=filename, system_prompt=system_prompt)
         out = output_dir / f"{split}.jsonl"
         write_atomic(out, jsonl(clean))
         all_rejects.extend(rejects)

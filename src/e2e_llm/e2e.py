@@ -167,7 +167,8 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     run_dir = Path(config.storage_uri("e2e", run_id))
     choice = model_dtype(config)
     result = E2EResult(run_id=run_id, run_dir=str(run_dir), dtype=choice.as_dict())
-    env = {**os.environ, **QUIET_ENV}
+    # the serve stage's client asks with this profile's system prompt (examples/openai_client.py)
+    env = {**os.environ, **QUIET_ENV, "E2E_LLM_PROFILE": profile}
     echo(banner(f"e2e {run_id}: profile {profile}"))
     echo(f"dtype: {choice.dtype} ({choice.reason}); model.dtype: {config.model.dtype} in the profile")
     echo(f"full logs: {run_dir}/<stage>.log")
@@ -260,7 +261,8 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
     lines += ["", "next:",
               f"  serve it:      make serve ADAPTER={result.run_id}   (OpenAI API on "
               f"http://{config.serve.host}:{config.serve.port}/v1; Ctrl-C stops)",
-              "  query it:      .venv/serve/bin/python examples/openai_client.py   "
+              f"  query it:      {'' if profile == 'local' else f'E2E_LLM_PROFILE={profile} '}"
+              ".venv/serve/bin/python examples/openai_client.py   "
               f"(model {config.model.id}:{config.data.dataset})",
               f"  all val rows:  make batch-local ADAPTER={result.run_id}   "
               f"(e2e-llm batch --profile {profile} --adapter {result.run_id} --split val)"]

@@ -46,7 +46,8 @@ REASONS = {
 }
 
 
-def _ingest(tmp_path: Path, task: TaskSchema, files: dict[str, bytes], fmt="alpaca", required=("train",)):
+def _ingest(tmp_path: Path, task: TaskSchema, files: dict[str, bytes], fmt="alpaca", required=("train",),
+            system_prompt=None):
     src = tmp_path / "src"
     src.mkdir(exist_ok=True)
     for name, content in files.items():
@@ -59,6 +60,7 @@ def _ingest(tmp_path: Path, task: TaskSchema, files: dict[str, bytes], fmt="alpa
         dataset="t",
         fmt=fmt,
         required=required,
+        system_prompt=system_prompt,
     )
 
 
@@ -206,3 +208,25 @@ def test_download_404_is_a_clear_error_and_leaves_no_partial_file(tmp_path, vigg
         ingest(source=http_server, splits={"train": "missing.jsonl"}, output_dir=tmp_path, task=viggo_task,
                dataset="t")
     assert not list(tmp_path.rglob("*.part"))
+
+
+def test_system_prompt_replaces_every_clean_rows_instruction_in_every_split(tmp_path, viggo_task):
+    train = (_line(instruction="A long instruction.") + "\n" + _line(output="dance(name[X])") + "\n").encode()
+    sharegpt_like = _line(instruction="Another one.", input="Val row.")
+    report = _ingest(tmp_path, viggo_task, {"train.jsonl": train, "val.jsonl": (sharegpt_like + "\n").encode()},
+                     system_prompt="Write the MR.")
+    train_rows = read_jsonl(tmp_path / "out/train.jsonl")
+    val_rows = read_jsonl(tmp_path / "out/val.jsonl")
+    assert [r["instruction"] for r in train_rows + val_rows] == ["Write the MR.", "Write the MR."]
+    assert val_rows[0]["input"] == "Val row." and train_rows[0]["output"] == GOOD["output"]
+    # the reject keeps the line as it came, and nothing is lost
+    assert report.rows_in == 3 == len(train_rows) + len(val_rows) + report.rows_rejected
+    assert "A long" not in (tmp_path / "out/train.jsonl").read_text()
+    saved = json.loads((tmp_path / "out/ingest_report.json").read_text())
+    assert saved["system_prompt"] == "Write the MR."
+
+
+def test_without_system_prompt_each_rows_instruction_is_kept(tmp_path, viggo_task):
+    _ingest(tmp_path, viggo_task, {"train.jsonl": (_line(instruction="Keep me.") + "\n").encode()})
+    assert read_jsonl(tmp_path / "out/train.jsonl")[0]["instruction"] == "Keep me."
+    assert json.loads((tmp_path / "out/ingest_report.json").read_text())["system_prompt"] is None

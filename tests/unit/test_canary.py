@@ -967,12 +967,30 @@ def test_committed_canary_set_regenerates_from_the_clean_val_split(tmp_path, loc
 
     # The clean val split, as `e2e-llm data --profile local` writes it (val only: train is not needed).
     ingest(source=str(viggo_dir), splits={"val": local_config.data.splits["val"]}, output_dir=tmp_path / "data",
-           task=viggo_task, dataset=local_config.data.dataset, fmt=local_config.data.format, required=["val"])
+           task=viggo_task, dataset=local_config.data.dataset, fmt=local_config.data.format, required=["val"],
+           system_prompt=local_config.data.system_prompt)
     val = tmp_path / "data" / "val.jsonl"
     policy = load_policy(ROOT / "configs/canary.yaml")
-    spec = write_canary_set(read_jsonl(val), viggo_task, policy.canary_set.rows, tmp_path / "set.jsonl", "v1",
+    spec = write_canary_set(read_jsonl(val), viggo_task, policy.canary_set.rows, tmp_path / "set.jsonl", "v2",
                             lambda text: 1)
     assert spec["sha256"] == policy.canary_set.sha256
+    assert len(load_canary_set(policy, ROOT, local_config.data.system_prompt)) == policy.canary_set.rows
+
+
+def test_a_canary_set_asking_with_another_system_prompt_is_rejected_naming_the_line(tmp_path):
+    import hashlib
+
+    rows = [json.dumps({"instruction": "Write the MR.", "input": f"Row {i}.", "output": "inform(name[X])"})
+            for i in range(3)]
+    rows[1] = rows[1].replace("Write the MR.", "A long old instruction.")
+    text = "\n".join(rows) + "\n"
+    (tmp_path / "set.jsonl").write_text(text)
+    path = _write_policy(tmp_path, lambda d: d["canary_set"].update(
+        path=str(tmp_path / "set.jsonl"), rows=3, sha256=hashlib.sha256(text.encode()).hexdigest()))
+    assert len(load_canary_set(load_policy(path), ROOT, None)) == 3
+    with pytest.raises(ConfigError, match=rf"{tmp_path}/set.jsonl:2: instruction is not the profile's "
+                                          r"data.system_prompt 'Write the MR.'"):
+        load_canary_set(load_policy(path), ROOT, "Write the MR.")
 
 
 # -- the shipped policy on the local profile, and the exit status ---------------------------------

@@ -90,3 +90,16 @@ def test_a_bad_storage_root_override_names_the_variable(project_root, monkeypatc
     monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", "ftp://host/x")
     with pytest.raises(ConfigError, match=r"\$E2E_LLM_STORAGE_ROOT: storage.root: .*unsupported storage scheme 'ftp'"):
         load_profile("local", root=project_root)
+
+
+@pytest.mark.parametrize("blank", ["", "   \n"])
+def test_a_blank_system_prompt_is_rejected_naming_the_key(write_profile, blank):
+    path = write_profile(lambda d: d["data"].update(system_prompt=blank))
+    with pytest.raises(ConfigError, match=r"data\.system_prompt: String should match pattern"):
+        load_profile(str(path))
+
+
+def test_the_local_profile_trains_and_asks_with_a_short_system_prompt_the_cluster_with_the_datasets(project_root):
+    local, cluster = (load_profile(p, root=project_root) for p in ("local", "cluster"))
+    assert local.data.system_prompt and len(local.data.system_prompt) < 100
+    assert cluster.data.system_prompt is None

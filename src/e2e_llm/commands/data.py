@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
             dataset=config.data.dataset,
             fmt=config.data.format,
             required=config.data.required_splits,
+            system_prompt=config.data.system_prompt,
         )
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if remote:
         storage.upload_dir(output, output_uri, endpoint_url=config.storage.endpoint_url, region=config.storage.region)
     print(report.table())
+    if report.system_prompt:
+        print(f"instruction of every row replaced by data.system_prompt: {report.system_prompt!r}")
     print(f"rows in {report.rows_in} = clean {report.rows_in - report.rows_rejected} + rejected "
           f"{report.rows_rejected}; written to {output_uri}")
     return 0
