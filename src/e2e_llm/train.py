@@ -35,6 +35,7 @@ from e2e_llm.adapters import missing_adapter_files
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 from e2e_llm.precision import llamafactory_precision
+from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
 
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
@@ -356,6 +357,9 @@ def worker_env(config: PipelineConfig) -> dict[str, str]:
     if not config.train.use_gpu:
         # One OpenMP pool per worker sized to its CPU share; more threads only fight each other.
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(config.train.resources_per_worker.get("CPU", 1)))))
+        # On CPU the workers are the job: at Ray's worker niceness 15 its own daemons and any other
+        # process preempt them (2 AVX2 cores: 1.80 s a step at 15, 1.60 at 0; bench/RESULTS.md).
+        env.setdefault(RAY_WORKER_NICENESS_ENV, "0")
     return env
 
 

@@ -79,3 +79,12 @@ def test_training_workers_get_use_ray_off(local_config, monkeypatch):
 
     monkeypatch.setenv(compat.USE_RAY_ENV, "1")
     assert worker_env(local_config)[compat.USE_RAY_ENV] == "0"
+
+
+def test_cpu_training_workers_run_at_normal_priority_gpu_ones_at_rays(local_config):
+    from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
+    from e2e_llm.train import worker_env
+
+    assert not local_config.train.use_gpu and worker_env(local_config)[RAY_WORKER_NICENESS_ENV] == "0"
+    gpu = local_config.model_copy(update={"train": local_config.train.model_copy(update={"use_gpu": True})})
+    assert RAY_WORKER_NICENESS_ENV not in worker_env(gpu)

@@ -3,7 +3,7 @@
 once per rows/engine), serve, then a summary table. Full logs: <storage>/e2e/<run id>/.
 
 Usage (what `make e2e` runs, from the serve environment):
-    e2e-llm e2e --profile local --rows 200 --train-cli .venv/train/bin/e2e-llm --serve-cli .venv/serve/bin/e2e-llm
+    e2e-llm e2e --profile local --rows 100 --train-cli .venv/train/bin/e2e-llm --serve-cli .venv/serve/bin/e2e-llm
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from e2e_llm.cli import add_profile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from e2e_llm.e2e import DEFAULT_ROWS
+
     add_profile_argument(parser)
-    parser.add_argument("--rows", type=int, default=200,
-                        help="score the first N val rows (0: all of val; default 200)")
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS,
+                        help=f"score the first N val rows (0: all of val; default {DEFAULT_ROWS})")
     parser.add_argument("--train-cli", default=shutil.which("e2e-llm") or "e2e-llm",
                         help="e2e-llm of the train environment (LLaMA-Factory)")
     parser.add_argument("--serve-cli", default=shutil.which("e2e-llm") or "e2e-llm",
