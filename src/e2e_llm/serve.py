@@ -92,9 +92,9 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
     if cpu:
         env.update(CPU_ENGINE_ENV)
 
+    model_source = model_location(config.model, root=config.root)
     llm_config: dict[str, Any] = {
-        "model_loading_config": {"model_id": config.model.id,
-                                 "model_source": model_location(config.model, root=config.root)},
+        "model_loading_config": {"model_id": config.model.id, "model_source": model_source},
         "engine_kwargs": engine_kwargs(config),
         "lora_config": {
             "dynamic_lora_loading_path": store_uri,
@@ -112,6 +112,9 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
         # LLMServer + per-adapter load lock (concurrent first requests for a new adapter).
         "server_cls": "e2e_llm.server:E2ELLMServer",
     }
+    if Path(model_source).is_dir():
+        # A model in a local folder has nothing to download on the node: skip Ray's download task.
+        llm_config["callback_config"] = {"callback_class": "e2e_llm.compat.ray_serve:LocalModelCallback"}
     if serve.stream_batching_interval_ms is not None:
         llm_config["experimental_configs"] = {"stream_batching_interval_ms": serve.stream_batching_interval_ms}
     if cpu:

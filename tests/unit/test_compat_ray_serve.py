@@ -179,3 +179,26 @@ def test_two_stores_never_share_an_adapter_folder_and_one_store_always_does():
     assert lora_cache_dir("s3://b/adapters", "http://127.0.0.1:9002") != one  # same bucket, another server
     assert lora_cache_dir("s3://b/other", "http://127.0.0.1:9001") != one
     assert lora_cache_dir("s3://b/adapters", None) != one
+
+
+def test_a_local_model_folder_skips_rays_node_download_task_a_hub_model_keeps_it(local_config, tmp_path):
+    from ray.serve.llm import LLMConfig
+
+    from e2e_llm.serve import app_args
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    local = local_config.model_copy(update={"model": local_config.model.model_copy(update={"source": str(model_dir)})})
+    llm = LLMConfig(**app_args(local)["llm_configs"][0])
+    assert llm.callback_config.callback_class == "e2e_llm.compat.ray_serve:LocalModelCallback"
+    hub = local_config.model_copy(update={"model": local_config.model.model_copy(
+        update={"source": "hf:HuggingFaceTB/SmolLM2-135M-Instruct"})})
+    assert "callback_config" not in app_args(hub)["llm_configs"][0]
+
+    # the class Ray loads from that string, and what it does: the engine then skips initialize_node
+    callback = compat.LocalModelCallback(llm_config=llm, ctx_kwargs={"runtime_env": {}})
+    assert callback.ctx.run_init_node is True
+    asyncio.run(callback.on_before_node_init())
+    assert callback.ctx.run_init_node is False
+    engine = importlib.import_module("ray.llm._internal.serve.engines.vllm.vllm_engine")
+    assert "callback.ctx.run_init_node" in inspect.getsource(engine.VLLMEngine.start)
