@@ -50,7 +50,7 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 STAGES = ("data", "model", "train", "batch", "serve")
-# Val rows `make e2e` scores (adapter and base model, the first N): with 640 training rows this
+# Val rows `make e2e` scores (adapter and base model, the first N): with 576 training rows this
 # keeps the whole run within 15 minutes on 2 AVX2 cores; the summary prints the all-of-val command.
 DEFAULT_ROWS = 100
 
