@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
-SMOKE = ["--set", "max_samples=32", "--set", "save_steps=1"]  # 4 steps of 2 workers x 4 rows
+SMOKE = ["--set", "max_samples=32", "--set", "save_steps=1"]  # 16 steps of 2 workers x 1 row (the recipe's batch)
 
 
 def _events(path: Path) -> list[dict]:
