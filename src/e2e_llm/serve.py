@@ -26,6 +26,7 @@ from e2e_llm.adapters import vllm_max_lora_rank
 from e2e_llm.config import PipelineConfig
 from e2e_llm.model import model_location
 from e2e_llm.storage import ENDPOINT_ENV, s3_endpoint
+from e2e_llm.stream_pacing import PACING_KEYS
 
 # Ray starts every worker process (actors: Serve's proxy, controller and replicas) at niceness 15,
 # below its own daemons and below any other program on the machine; this Ray setting (the one its
@@ -112,8 +113,11 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
         # LLMServer + per-adapter load lock (concurrent first requests for a new adapter).
         "server_cls": "e2e_llm.server:E2ELLMServer",
     }
-    if serve.stream_batching_interval_ms is not None:
-        llm_config["experimental_configs"] = {"stream_batching_interval_ms": serve.stream_batching_interval_ms}
+    batching = {key: getattr(serve, key) for key in ("stream_batching_interval_ms", *PACING_KEYS)
+                if getattr(serve, key) is not None}
+    if batching:
+        # Ray reads the interval; e2e_llm.server's replica reads the rest (e2e_llm.stream_pacing).
+        llm_config["experimental_configs"] = batching
     if cpu:
         llm_config["accelerator_config"] = {"kind": "cpu"}
     elif serve.accelerator_type:

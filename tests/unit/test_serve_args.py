@@ -76,3 +76,37 @@ def test_local_ray_is_started_without_dashboard_and_with_the_profiles_metrics_po
     kwargs = ray_init_kwargs(config, temp_dir="/tmp/r-x")
     assert kwargs == {"_temp_dir": "/tmp/r-x", "include_dashboard": False,
                       "_metrics_export_port": config.serve.metrics_export_port}
+
+
+def test_stream_pacing_settings_reach_the_engine_replica(project_root):
+    config = load_profile("local", root=project_root)
+    config.serve.stream_batching_interval_ms = 500
+    config.serve.stream_batching_messages_per_s = 32
+    config.serve.stream_batching_max_interval_ms = 2000
+    assert app_args(config)["llm_configs"][0]["experimental_configs"] == {
+        "stream_batching_interval_ms": 500, "stream_batching_messages_per_s": 32,
+        "stream_batching_max_interval_ms": 2000}
+    config.serve.stream_batching_interval_ms = None
+    config.serve.stream_batching_messages_per_s = config.serve.stream_batching_max_interval_ms = None
+    assert "experimental_configs" not in app_args(config)["llm_configs"][0]  # Ray's defaults
+
+
+TOGETHER = "set stream_batching_messages_per_s and stream_batching_max_interval_ms together"
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"stream_batching_messages_per_s": 32}, TOGETHER),
+    ({"stream_batching_max_interval_ms": 2000}, TOGETHER),
+    ({"stream_batching_interval_ms": 500, "stream_batching_messages_per_s": 32, "stream_batching_max_interval_ms": 100},
+     r"must be >= stream_batching_interval_ms \(500"),
+    ({"stream_batching_interval_ms": None, "stream_batching_messages_per_s": 32,
+      "stream_batching_max_interval_ms": 2000}, "which must be set"),
+])
+def test_inconsistent_stream_pacing_settings_are_refused_naming_the_key(settings, message, write_profile):
+    def edit(d):
+        for key in ("stream_batching_interval_ms", "stream_batching_messages_per_s", "stream_batching_max_interval_ms"):
+            d["serve"].pop(key, None)
+        d["serve"].update(settings)
+
+    with pytest.raises(ConfigError, match=rf"serve\.stream_batching_max_interval_ms.*{message}"):
+        load_profile(str(write_profile(edit)))

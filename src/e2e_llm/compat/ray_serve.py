@@ -20,14 +20,11 @@ from ray import serve
 from ray.serve.llm import LLMServer
 
 from e2e_llm.compat import Entry, problems, resolve
+from e2e_llm.stream_pacing import PACING_KEYS, StreamPacer
 
 _OPENAI_MODELS = "ray.llm._internal.serve.core.configs.openai_api_models"
 _INGRESS = "ray.llm._internal.serve.core.ingress.ingress"
 
-BATCHER = Entry(
-    "ray.llm._internal.serve.utils.batcher", "Batcher",
-    why="the stream override groups chunks after the first ones with Ray's own batcher",
-    upstream="https://github.com/ray-project/ray/pull/64534", params=("generator", "interval_ms"))
 DEFAULT_ENDPOINTS_ENTRY = Entry(
     _INGRESS, "DEFAULT_ENDPOINTS",
     why="make_fastapi_ingress(endpoint_map=...) replaces Ray's route map; we extend it with /v1/aliases")
@@ -68,7 +65,8 @@ RESOLVE_LORA = Entry(
 BATCH_OUTPUT_STREAM = Entry(
     "ray.serve.llm", "LLMServer._batch_output_stream", params=("self", "generator"),
     why="overridden: Ray batches the first streamed chunks too, delaying the first token by up to "
-        "stream_batching_interval_ms",
+        "stream_batching_interval_ms; and its interval is fixed, while e2e_llm.stream_pacing lengthens it "
+        "when many streams are open (fewer messages through replica -> ingress -> proxy)",
     upstream="https://github.com/ray-project/ray/pull/64534 (issue #59681)")
 BATCH_INTERVAL = Entry(
     "ray.serve.llm", "LLMServer._get_batch_interval_ms", params=("self", "stream"),
@@ -80,7 +78,7 @@ PROCESS_REQUEST = Entry(
 # Also read, an instance attribute (checked by instantiating OpenAiIngress in the test):
 # OpenAiIngress._model_cards, the base models the ingress serves (dict model id -> ModelCard).
 
-ENTRIES = [BATCHER, DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
+ENTRIES = [DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
            TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
            PROCESS_REQUEST, WORKER_NICENESS, LORA_LOADER, SERVER_INIT]
 OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
@@ -93,7 +91,6 @@ def check() -> list[str]:
 
 for _entry in (RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL, PROCESS_REQUEST, SERVER_INIT):
     resolve(_entry, __name__)  # fail at import, not silently at the first request
-Batcher = resolve(BATCHER, __name__)
 DEFAULT_ENDPOINTS = resolve(DEFAULT_ENDPOINTS_ENTRY, __name__)
 fastapi_app = resolve(INIT, __name__)
 ModelCard = resolve(MODEL_CARD, __name__)
@@ -142,18 +139,13 @@ class PatchedLLMServer(LLMServer):
         """Hook for a subclass: raise a clearer error for an adapter that failed to load;
         returning lets ``exc`` propagate unchanged."""
 
+    _pacer: StreamPacer | None = None
+
     def _batch_output_stream(self, generator: AsyncGenerator) -> AsyncGenerator[list, None]:
-        # BATCH_OUTPUT_STREAM: the first chunks (role, first token) go out at once, then batches.
-        interval_ms = self._get_batch_interval_ms()
-
-        async def stream():
-            iterator = generator.__aiter__()
-            for _ in range(UNBATCHED_HEAD):
-                try:
-                    yield [await iterator.__anext__()]
-                except StopAsyncIteration:
-                    return
-            async for batch in Batcher(iterator, interval_ms=interval_ms).stream():
-                yield batch
-
-        return stream()
+        # BATCH_OUTPUT_STREAM: the first chunks (role, first token) go out at once, then groups
+        # paced by the number of open streams (e2e_llm.stream_pacing).
+        if self._pacer is None:
+            settings = self._llm_config.experimental_configs or {}
+            pacing = {key.removeprefix("stream_batching_"): settings.get(key) for key in PACING_KEYS}
+            self._pacer = StreamPacer(self._get_batch_interval_ms(), head=UNBATCHED_HEAD, **pacing)
+        return self._pacer.batched(generator)
