@@ -257,7 +257,7 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     import ray
     from ray import serve
 
-    from e2e_llm.serve import app_args, build_app, ray_init_kwargs
+    from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
     port = free_port()
     t0 = time.monotonic()
@@ -265,7 +265,7 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     init["_metrics_export_port"] = None  # a fixed port could clash with a running `e2e-llm serve`
     ray.init(**init)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(**serve_start_kwargs(config, "127.0.0.1", port))
         app = app_args(config)
         for llm in app["llm_configs"]:
             if args.batching_ms is not None:  # a fixed interval: the profile's pacing off
@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                      "serve_stream_pacing": None if args.batching_ms else {
                          "messages_per_s": config.serve.stream_batching_messages_per_s,
                          "max_interval_ms": config.serve.stream_batching_max_interval_ms},
+                     "serve_control_loop_interval_s": config.serve.control_loop_interval_s,
                      "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
                      "serve_log_engine_metrics": not args.no_engine_metrics, "ray_init": ray_init,
                      "only": args.only},

@@ -264,6 +264,10 @@ class ServeConfig(Strict):
     stream_batching_messages_per_s: float | None = Field(None, gt=0)
     stream_batching_max_interval_ms: float | None = Field(None, gt=0, validate_default=True)
     engine_kwargs: dict[str, Any] = {}
+    # How often Serve's controller runs its control loop (Ray's RAY_SERVE_CONTROL_LOOP_INTERVAL_S,
+    # None: Ray's 0.1 s), where e2e-llm starts Serve itself (`e2e-llm serve`, bench/serve_latency.py).
+    # 0.5 s cuts the controller's CPU ~3x on a 2-core box (bench/RESULTS.md).
+    control_loop_interval_s: float | None = Field(None, gt=0)
     # Ray's Prometheus metrics port on the serving node. Fixed locally so the canary's SLO gate
     # can scrape it; None lets Ray pick (clusters are scraped through the PodMonitor).
     metrics_export_port: int | None = Field(None, ge=1, le=65535)

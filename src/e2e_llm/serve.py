@@ -42,6 +42,10 @@ RAY_WORKER_NICENESS_ENV = "RAY_worker_niceness"
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_WAIT_POLICY": "PASSIVE", RAY_WORKER_NICENESS_ENV: "0"}
 
 
+# Ray Serve's setting for its controller's loop period (documented; default 0.1 s).
+CONTROL_LOOP_INTERVAL_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
+
+
 class ServeError(RuntimeError):
     pass
 
@@ -155,6 +159,18 @@ def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict
     (``serve.metrics_export_port``) the canary's SLO gate can scrape."""
     return {"_temp_dir": temp_dir, "include_dashboard": False,
             "_metrics_export_port": config.serve.metrics_export_port}
+
+
+def serve_start_kwargs(config: PipelineConfig, host: str, port: int) -> dict[str, Any]:
+    """``serve.start`` options for a Serve instance that e2e-llm starts itself (``e2e-llm serve``,
+    bench/serve_latency.py): HTTP on ``host:port``, and the controller's loop interval
+    (``serve.control_loop_interval_s``, through Ray's documented ``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``
+    in the controller's environment) when the profile sets one."""
+    kwargs: dict[str, Any] = {"http_options": {"host": host, "port": port}}
+    if config.serve.control_loop_interval_s is not None:
+        kwargs["controller_options"] = {"runtime_env": {"env_vars": {
+            CONTROL_LOOP_INTERVAL_ENV: str(config.serve.control_loop_interval_s)}}}
+    return kwargs
 
 
 def _with_runtime_endpoint(args: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from e2e_llm.compat import resolve
 from e2e_llm.config import ConfigError, load_profile
 from e2e_llm.serve import ENDPOINT_ENV, RAY_WORKER_NICENESS_ENV, _with_runtime_endpoint, app_args, ray_init_kwargs
 
@@ -110,3 +111,26 @@ def test_inconsistent_stream_pacing_settings_are_refused_naming_the_key(settings
 
     with pytest.raises(ConfigError, match=rf"serve\.stream_batching_max_interval_ms.*{message}"):
         load_profile(str(write_profile(edit)))
+
+
+def test_serve_is_started_with_the_profiles_controller_loop_interval(project_root):
+    from ray.serve.config import ControllerOptions
+
+    from e2e_llm.serve import CONTROL_LOOP_INTERVAL_ENV, serve_start_kwargs
+
+    config = load_profile("local", root=project_root)
+    config.serve.control_loop_interval_s = 0.5
+    kwargs = serve_start_kwargs(config, "127.0.0.1", 8123)
+    assert kwargs["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    options = ControllerOptions.model_validate(kwargs["controller_options"])  # what serve.start accepts
+    assert options.runtime_env == {"env_vars": {CONTROL_LOOP_INTERVAL_ENV: "0.5"}}
+    config.serve.control_loop_interval_s = None
+    assert "controller_options" not in serve_start_kwargs(config, "127.0.0.1", 8123)  # Ray's default
+
+
+def test_the_loop_interval_setting_is_the_one_ray_serve_reads():
+    from e2e_llm.compat.ray_serve import CONTROL_LOOP_INTERVAL, serve_constants_source
+    from e2e_llm.serve import CONTROL_LOOP_INTERVAL_ENV
+
+    assert f'"{CONTROL_LOOP_INTERVAL_ENV}"' in serve_constants_source()  # read at import by the controller
+    assert resolve(CONTROL_LOOP_INTERVAL, "e2e_llm.compat.ray_serve") == 0.1  # Ray's default: ours is longer

@@ -47,6 +47,10 @@ WORKER_NICENESS = Entry(
     "ray._private.ray_constants", "RAY_WORKER_NICENESS",
     why="the engine replica's runtime_env sets this Ray setting to 0 on CPU profiles so the engine runs "
         "at normal priority, not at Ray's worker niceness 15 (e2e_llm.serve.CPU_ENGINE_ENV)")
+CONTROL_LOOP_INTERVAL = Entry(
+    "ray.serve._private.constants", "CONTROL_LOOP_INTERVAL_S",
+    why="serve.control_loop_interval_s sets the controller's RAY_SERVE_CONTROL_LOOP_INTERVAL_S (documented), "
+        "which Ray reads into this constant (e2e_llm.serve.serve_start_kwargs)")
 LORA_LOADER = Entry(
     "ray.llm._internal.serve.utils.lora_serve_utils", "LoraModelLoader",
     params=("lora_root", "download_timeout_s", "max_tries"),
@@ -80,8 +84,17 @@ PROCESS_REQUEST = Entry(
 
 ENTRIES = [DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
            TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
-           PROCESS_REQUEST, WORKER_NICENESS, LORA_LOADER, SERVER_INIT]
+           PROCESS_REQUEST, WORKER_NICENESS, CONTROL_LOOP_INTERVAL, LORA_LOADER, SERVER_INIT]
 OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
+
+
+def serve_constants_source() -> str:
+    """The source of the module holding Serve's settings (to check the name of one it reads)."""
+    import inspect
+    import sys
+
+    resolve(CONTROL_LOOP_INTERVAL, __name__)
+    return inspect.getsource(sys.modules[CONTROL_LOOP_INTERVAL.module])
 
 
 def check() -> list[str]:
