@@ -163,10 +163,13 @@ def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict
 
 def serve_start_kwargs(config: PipelineConfig, host: str, port: int) -> dict[str, Any]:
     """``serve.start`` options for a Serve instance that e2e-llm starts itself (``e2e-llm serve``,
-    bench/serve_latency.py): HTTP on ``host:port``, and the controller's loop interval
+    bench/serve_latency.py): HTTP on ``host:port``, Serve's access log off unless ``serve.access_log``,
+    and the controller's loop interval
     (``serve.control_loop_interval_s``, through Ray's documented ``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``
     in the controller's environment) when the profile sets one."""
     kwargs: dict[str, Any] = {"http_options": {"host": host, "port": port}}
+    if not config.serve.access_log:
+        kwargs["logging_config"] = {"enable_access_log": False}
     if config.serve.control_loop_interval_s is not None:
         kwargs["controller_options"] = {"runtime_env": {"env_vars": {
             CONTROL_LOOP_INTERVAL_ENV: str(config.serve.control_loop_interval_s)}}}

@@ -134,3 +134,16 @@ def test_the_loop_interval_setting_is_the_one_ray_serve_reads():
 
     assert f'"{CONTROL_LOOP_INTERVAL_ENV}"' in serve_constants_source()  # read at import by the controller
     assert resolve(CONTROL_LOOP_INTERVAL, "e2e_llm.compat.ray_serve") == 0.1  # Ray's default: ours is longer
+
+
+def test_serve_is_started_without_access_log_when_the_profile_says_so(project_root):
+    from ray.serve.schema import LoggingConfig
+
+    from e2e_llm.serve import serve_start_kwargs
+
+    config = load_profile("local", root=project_root)
+    config.serve.access_log = False
+    kwargs = serve_start_kwargs(config, "127.0.0.1", 8123)
+    assert LoggingConfig.model_validate(kwargs["logging_config"]).enable_access_log is False
+    config.serve.access_log = True
+    assert "logging_config" not in serve_start_kwargs(config, "127.0.0.1", 8123)  # Ray's default: on
