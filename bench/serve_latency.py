@@ -257,7 +257,7 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     import ray
     from ray import serve
 
-    from e2e_llm.serve import app_args, build_app, ray_init_kwargs
+    from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
     port = free_port()
     t0 = time.monotonic()
@@ -265,11 +265,11 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     init["_metrics_export_port"] = None  # a fixed port could clash with a running `e2e-llm serve`
     ray.init(**init)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(**serve_start_kwargs(config, "127.0.0.1", port))
         app = app_args(config)
         for llm in app["llm_configs"]:
-            if args.batching_ms is not None:
-                llm.setdefault("experimental_configs", {})["stream_batching_interval_ms"] = args.batching_ms
+            if args.batching_ms is not None:  # a fixed interval: the profile's pacing off
+                llm["experimental_configs"] = {"stream_batching_interval_ms": args.batching_ms}
             if args.no_engine_metrics:
                 llm["log_engine_metrics"] = False
         serve.run(build_app(app), name="llm", route_prefix="/")
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["serve", "vllm"], help="run one server (tuning runs)")
     parser.add_argument("--models", nargs="+", default=["base", "lora"], choices=["base", "lora"])
     parser.add_argument("--batching-ms", type=float,
-                        help="Serve LLM stream batching interval (experimental_configs; default: the profile's)")
+                        help="a fixed Serve LLM stream batching interval, without the profile's pacing "
+                             "(default: the profile's serve.stream_batching_* settings)")
     parser.add_argument("--no-engine-metrics", action="store_true", help="Serve: log_engine_metrics off")
     parser.add_argument("--note", default="", help="free text stored with the record (what changed)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results.jsonl"))
@@ -418,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
                      "rounds": args.rounds, "phases": phase_plan(args.rounds, args.only),
                      "vllm_cmd": " ".join(vllm_cmd[2:]) if vllm_cmd else None, "note": args.note,
                      "serve_stream_batching_interval_ms": args.batching_ms or config.serve.stream_batching_interval_ms,
+                     "serve_stream_pacing": None if args.batching_ms else {
+                         "messages_per_s": config.serve.stream_batching_messages_per_s,
+                         "max_interval_ms": config.serve.stream_batching_max_interval_ms},
+                     "serve_control_loop_interval_s": config.serve.control_loop_interval_s,
+                     "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
                      "serve_log_engine_metrics": not args.no_engine_metrics, "ray_init": ray_init,
                      "only": args.only},
         "startup_s": {k: v for k, v in startup.items() if k != "ray_serve_llm_niceness"},

@@ -165,7 +165,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     import ray
     from ray import serve
 
-    from e2e_llm.serve import app_args, build_app
+    from e2e_llm.serve import app_args, build_app, serve_start_kwargs
     from e2e_llm.store import AdapterStore
 
     config = config.model_copy(deep=True)
@@ -193,7 +193,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     ray.init(_temp_dir=temp_dir, include_dashboard=False, _metrics_export_port=metrics_port,
              num_cpus=os.cpu_count(), log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.start(**serve_start_kwargs(config, "127.0.0.1", http_port))
         serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix="/")
         yield ServeApp(base_url=f"http://127.0.0.1:{http_port}", api_key=api_key, model_id=config.model.id,
                        adapters=ids, alias=alias, store=store, config=config,

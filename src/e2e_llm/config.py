@@ -262,12 +262,34 @@ class ServeConfig(Strict):
     # Ray Serve LLM groups streamed tokens for this long before passing them on (None: Ray's 50 ms).
     # Fewer, larger messages through replica -> ingress -> proxy; see bench/RESULTS.md.
     stream_batching_interval_ms: float | None = Field(None, gt=0)
+    # Under load a replica lengthens that interval so that all its open streams together send about
+    # this many messages a second (interval = open streams / this), up to
+    # stream_batching_max_interval_ms; first tokens are never held back (e2e_llm.stream_pacing).
+    stream_batching_messages_per_s: float | None = Field(None, gt=0)
+    stream_batching_max_interval_ms: float | None = Field(None, gt=0, validate_default=True)
     engine_kwargs: dict[str, Any] = {}
+    # How often Serve's controller runs its control loop (Ray's RAY_SERVE_CONTROL_LOOP_INTERVAL_S,
+    # None: Ray's 0.1 s), where e2e-llm starts Serve itself (`e2e-llm serve`, bench/serve_latency.py).
+    # 0.5 s cuts the controller's CPU ~3x on a 2-core box (bench/RESULTS.md).
+    control_loop_interval_s: float | None = Field(None, gt=0)
+    # Serve's access log (a line per request in the proxy, the ingress and the engine replica), where
+    # e2e-llm starts Serve itself. Errors are logged either way; request counts are in the metrics.
+    access_log: bool = True
     # Ray's Prometheus metrics port on the serving node. Fixed locally so the canary's SLO gate
     # can scrape it; None lets Ray pick (clusters are scraped through the PodMonitor).
     metrics_export_port: int | None = Field(None, ge=1, le=65535)
     limits: ServeLimits = ServeLimits()
     retry: ServeRetry = ServeRetry()
+
+    @field_validator("stream_batching_max_interval_ms")
+    @classmethod
+    def _paced(cls, cap: float | None, info) -> float | None:
+        budget, interval = info.data.get("stream_batching_messages_per_s"), info.data.get("stream_batching_interval_ms")
+        if (budget is None) != (cap is None):
+            raise ValueError("set stream_batching_messages_per_s and stream_batching_max_interval_ms together")
+        if cap is not None and (interval is None or cap < interval):
+            raise ValueError(f"must be >= stream_batching_interval_ms ({interval}), which must be set")
+        return cap
 
 
 class CanaryConfig(Strict):

@@ -26,6 +26,7 @@ from e2e_llm.adapters import vllm_max_lora_rank
 from e2e_llm.config import PipelineConfig
 from e2e_llm.model import model_location
 from e2e_llm.storage import ENDPOINT_ENV, s3_endpoint
+from e2e_llm.stream_pacing import PACING_KEYS
 
 # Ray starts every worker process (actors: Serve's proxy, controller and replicas) at niceness 15,
 # below its own daemons and below any other program on the machine; this Ray setting (the one its
@@ -39,6 +40,10 @@ RAY_WORKER_NICENESS_ENV = "RAY_worker_niceness"
 # throughput on 2 AVX2 cores; bench/RESULTS.md "serve_latency_vs_vllm". Proxy, controller and
 # ingress stay at 15, below the engine.
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_WAIT_POLICY": "PASSIVE", RAY_WORKER_NICENESS_ENV: "0"}
+
+
+# Ray Serve's setting for its controller's loop period (documented; default 0.1 s).
+CONTROL_LOOP_INTERVAL_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
 
 
 class ServeError(RuntimeError):
@@ -115,8 +120,11 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
     if Path(model_source).is_dir():
         # A model in a local folder has nothing to download on the node: skip Ray's download task.
         llm_config["callback_config"] = {"callback_class": "e2e_llm.compat.ray_serve:LocalModelCallback"}
-    if serve.stream_batching_interval_ms is not None:
-        llm_config["experimental_configs"] = {"stream_batching_interval_ms": serve.stream_batching_interval_ms}
+    batching = {key: getattr(serve, key) for key in ("stream_batching_interval_ms", *PACING_KEYS)
+                if getattr(serve, key) is not None}
+    if batching:
+        # Ray reads the interval; e2e_llm.server's replica reads the rest (e2e_llm.stream_pacing).
+        llm_config["experimental_configs"] = batching
     if cpu:
         llm_config["accelerator_config"] = {"kind": "cpu"}
     elif serve.accelerator_type:
@@ -154,6 +162,21 @@ def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict
     (``serve.metrics_export_port``) the canary's SLO gate can scrape."""
     return {"_temp_dir": temp_dir, "include_dashboard": False,
             "_metrics_export_port": config.serve.metrics_export_port}
+
+
+def serve_start_kwargs(config: PipelineConfig, host: str, port: int) -> dict[str, Any]:
+    """``serve.start`` options for a Serve instance that e2e-llm starts itself (``e2e-llm serve``,
+    bench/serve_latency.py): HTTP on ``host:port``, Serve's access log off unless ``serve.access_log``,
+    and the controller's loop interval
+    (``serve.control_loop_interval_s``, through Ray's documented ``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``
+    in the controller's environment) when the profile sets one."""
+    kwargs: dict[str, Any] = {"http_options": {"host": host, "port": port}}
+    if not config.serve.access_log:
+        kwargs["logging_config"] = {"enable_access_log": False}
+    if config.serve.control_loop_interval_s is not None:
+        kwargs["controller_options"] = {"runtime_env": {"env_vars": {
+            CONTROL_LOOP_INTERVAL_ENV: str(config.serve.control_loop_interval_s)}}}
+    return kwargs
 
 
 def _with_runtime_endpoint(args: dict[str, Any]) -> dict[str, Any]:

@@ -11,10 +11,12 @@
   load failures, e.g. vLLM rejecting damaged weights, keep Ray's error). Ray
   caches that miss for ``CLOUD_OBJECT_MISSING_EXPIRE_S`` (30 s): for that long after the store
   is back the answer stays a 503 saying so, then the adapter loads without a restart.
-- Streams start unbatched. Ray groups streamed chunks every ``stream_batching_interval_ms``,
-  including the first, so a long interval (cheaper on a small CPU box, see bench/RESULTS.md)
-  would delay the first token by up to that interval. The first chunks (role, first token)
-  go out at once; grouping starts after them.
+- Streams start unbatched and are paced by load (``e2e_llm.stream_pacing``). Ray groups streamed
+  chunks every ``stream_batching_interval_ms``, including the first, so a long interval (cheaper
+  on a small CPU box, see bench/RESULTS.md) would delay the first token by up to that interval.
+  The first chunks (role, first token) go out at once; grouping starts after them, and with
+  ``stream_batching_messages_per_s`` set the interval grows with the replica's open streams (up to
+  ``stream_batching_max_interval_ms``), so the per-message cost of the hops stays bounded.
 - Adapters are downloaded into one folder per adapter store (``lora_cache_dir``), not Ray's one
   folder per machine, where two apps whose stores both hold a ``viggo-v1`` overwrite each other.
 - ``preflight(request, deadline_s)``: the replica's part of the ingress's ``POST /-/preflight``

@@ -29,12 +29,13 @@ def test_every_private_ray_name_resolves_in_the_pinned_ray():
 
 
 def test_a_removed_private_name_fails_naming_the_entry_and_why_it_is_needed(monkeypatch):
-    batcher_module = importlib.import_module(compat.BATCHER.module)
-    monkeypatch.delattr(batcher_module, "Batcher")
-    with pytest.raises(CompatError, match=r"serve\.utils\.batcher\.Batcher: 'Batcher' no longer exists; update the "
-                                          r"entry in e2e_llm\.compat\.ray_serve \(needed because: the stream override"):
-        resolve(compat.BATCHER, OWNER)
-    assert [m for m in compat.check() if "Batcher" in m]
+    defaults_module = importlib.import_module(compat.DEPLOYMENT_DEFAULTS.module)
+    monkeypatch.delattr(defaults_module, "maybe_apply_llm_deployment_config_defaults")
+    with pytest.raises(CompatError, match=r"dict_utils\.maybe_apply_llm_deployment_config_defaults: "
+                                          r"'maybe_apply_llm_deployment_config_defaults' no longer exists; update the "
+                                          r"entry in e2e_llm\.compat\.ray_serve \(needed because: merges"):
+        resolve(compat.DEPLOYMENT_DEFAULTS, OWNER)
+    assert [m for m in compat.check() if "maybe_apply_llm_deployment_config_defaults" in m]
 
 
 def test_a_changed_override_signature_fails_with_expected_and_found(monkeypatch):
@@ -123,6 +124,21 @@ def test_a_stream_sends_its_first_chunks_unbatched_then_batches(adapter_request)
     assert len(batches) < 5  # the rest is grouped
     # Ray's own LLMServer groups the first chunks too.
     assert asyncio.run(_chat(fake_server(ray.serve.llm.LLMServer)))[0] == ["c0", "c1", "c2", "c3", "c4"]
+
+
+def test_the_replica_paces_its_streams_with_the_profiles_settings(adapter_request):
+    from e2e_llm.server import E2ELLMServer
+
+    server = fake_server(E2ELLMServer, interval_ms=200)
+    server._llm_config.experimental_configs.update(stream_batching_messages_per_s=8,
+                                                   stream_batching_max_interval_ms=1000)
+    assert [c for b in asyncio.run(_chat(server)) for c in b] == [f"c{i}" for i in range(5)]
+    pacer = server._pacer
+    assert (pacer.interval_s, pacer.messages_per_s, pacer.max_interval_s) == (0.2, 8, 1.0)
+    pacer.open = 6  # many streams open on this replica: a longer interval
+    assert pacer.current_interval_s() == pytest.approx(0.75)
+    asyncio.run(_chat(server))
+    assert server._pacer is pacer  # one pacer per replica: it counts all the replica's streams
 
 
 def test_the_worker_niceness_setting_the_engine_replica_gets_is_rays():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from e2e_llm.compat import resolve
 from e2e_llm.config import ConfigError, load_profile
 from e2e_llm.serve import ENDPOINT_ENV, RAY_WORKER_NICENESS_ENV, _with_runtime_endpoint, app_args, ray_init_kwargs
 
@@ -76,3 +77,73 @@ def test_local_ray_is_started_without_dashboard_and_with_the_profiles_metrics_po
     kwargs = ray_init_kwargs(config, temp_dir="/tmp/r-x")
     assert kwargs == {"_temp_dir": "/tmp/r-x", "include_dashboard": False,
                       "_metrics_export_port": config.serve.metrics_export_port}
+
+
+def test_stream_pacing_settings_reach_the_engine_replica(project_root):
+    config = load_profile("local", root=project_root)
+    config.serve.stream_batching_interval_ms = 500
+    config.serve.stream_batching_messages_per_s = 32
+    config.serve.stream_batching_max_interval_ms = 2000
+    assert app_args(config)["llm_configs"][0]["experimental_configs"] == {
+        "stream_batching_interval_ms": 500, "stream_batching_messages_per_s": 32,
+        "stream_batching_max_interval_ms": 2000}
+    config.serve.stream_batching_interval_ms = None
+    config.serve.stream_batching_messages_per_s = config.serve.stream_batching_max_interval_ms = None
+    assert "experimental_configs" not in app_args(config)["llm_configs"][0]  # Ray's defaults
+
+
+TOGETHER = "set stream_batching_messages_per_s and stream_batching_max_interval_ms together"
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"stream_batching_messages_per_s": 32}, TOGETHER),
+    ({"stream_batching_max_interval_ms": 2000}, TOGETHER),
+    ({"stream_batching_interval_ms": 500, "stream_batching_messages_per_s": 32, "stream_batching_max_interval_ms": 100},
+     r"must be >= stream_batching_interval_ms \(500"),
+    ({"stream_batching_interval_ms": None, "stream_batching_messages_per_s": 32,
+      "stream_batching_max_interval_ms": 2000}, "which must be set"),
+])
+def test_inconsistent_stream_pacing_settings_are_refused_naming_the_key(settings, message, write_profile):
+    def edit(d):
+        for key in ("stream_batching_interval_ms", "stream_batching_messages_per_s", "stream_batching_max_interval_ms"):
+            d["serve"].pop(key, None)
+        d["serve"].update(settings)
+
+    with pytest.raises(ConfigError, match=rf"serve\.stream_batching_max_interval_ms.*{message}"):
+        load_profile(str(write_profile(edit)))
+
+
+def test_serve_is_started_with_the_profiles_controller_loop_interval(project_root):
+    from ray.serve.config import ControllerOptions
+
+    from e2e_llm.serve import CONTROL_LOOP_INTERVAL_ENV, serve_start_kwargs
+
+    config = load_profile("local", root=project_root)
+    config.serve.control_loop_interval_s = 0.5
+    kwargs = serve_start_kwargs(config, "127.0.0.1", 8123)
+    assert kwargs["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    options = ControllerOptions.model_validate(kwargs["controller_options"])  # what serve.start accepts
+    assert options.runtime_env == {"env_vars": {CONTROL_LOOP_INTERVAL_ENV: "0.5"}}
+    config.serve.control_loop_interval_s = None
+    assert "controller_options" not in serve_start_kwargs(config, "127.0.0.1", 8123)  # Ray's default
+
+
+def test_the_loop_interval_setting_is_the_one_ray_serve_reads():
+    from e2e_llm.compat.ray_serve import CONTROL_LOOP_INTERVAL, serve_constants_source
+    from e2e_llm.serve import CONTROL_LOOP_INTERVAL_ENV
+
+    assert f'"{CONTROL_LOOP_INTERVAL_ENV}"' in serve_constants_source()  # read at import by the controller
+    assert resolve(CONTROL_LOOP_INTERVAL, "e2e_llm.compat.ray_serve") == 0.1  # Ray's default: ours is longer
+
+
+def test_serve_is_started_without_access_log_when_the_profile_says_so(project_root):
+    from ray.serve.schema import LoggingConfig
+
+    from e2e_llm.serve import serve_start_kwargs
+
+    config = load_profile("local", root=project_root)
+    config.serve.access_log = False
+    kwargs = serve_start_kwargs(config, "127.0.0.1", 8123)
+    assert LoggingConfig.model_validate(kwargs["logging_config"]).enable_access_log is False
+    config.serve.access_log = True
+    assert "logging_config" not in serve_start_kwargs(config, "127.0.0.1", 8123)  # Ray's default: on

@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
     import ray
     from ray import serve
 
-    from e2e_llm.serve import app_args, build_app, ray_init_kwargs
+    from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
     code = 0
     ray.init(**ray_init_kwargs(config, temp_dir=args.ray_temp_dir))
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(**serve_start_kwargs(config, host, port))
         serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
         base_url = f"http://{host}:{port}{config.serve.route_prefix.rstrip('/')}/v1"
         print(f"serving {config.model.id} at {base_url} (model=\"{model}\"); Ctrl-C to stop", flush=True)

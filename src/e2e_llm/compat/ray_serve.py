@@ -20,14 +20,11 @@ from ray import serve
 from ray.serve.llm import LLMServer
 
 from e2e_llm.compat import Entry, problems, resolve
+from e2e_llm.stream_pacing import PACING_KEYS, StreamPacer
 
 _OPENAI_MODELS = "ray.llm._internal.serve.core.configs.openai_api_models"
 _INGRESS = "ray.llm._internal.serve.core.ingress.ingress"
 
-BATCHER = Entry(
-    "ray.llm._internal.serve.utils.batcher", "Batcher",
-    why="the stream override groups chunks after the first ones with Ray's own batcher",
-    upstream="https://github.com/ray-project/ray/pull/64534", params=("generator", "interval_ms"))
 DEFAULT_ENDPOINTS_ENTRY = Entry(
     _INGRESS, "DEFAULT_ENDPOINTS",
     why="make_fastapi_ingress(endpoint_map=...) replaces Ray's route map; we extend it with /v1/aliases")
@@ -50,6 +47,10 @@ WORKER_NICENESS = Entry(
     "ray._private.ray_constants", "RAY_WORKER_NICENESS",
     why="the engine replica's runtime_env sets this Ray setting to 0 on CPU profiles so the engine runs "
         "at normal priority, not at Ray's worker niceness 15 (e2e_llm.serve.CPU_ENGINE_ENV)")
+CONTROL_LOOP_INTERVAL = Entry(
+    "ray.serve._private.constants", "CONTROL_LOOP_INTERVAL_S",
+    why="serve.control_loop_interval_s sets the controller's RAY_SERVE_CONTROL_LOOP_INTERVAL_S (documented), "
+        "which Ray reads into this constant (e2e_llm.serve.serve_start_kwargs)")
 LORA_LOADER = Entry(
     "ray.llm._internal.serve.utils.lora_serve_utils", "LoraModelLoader",
     params=("lora_root", "download_timeout_s", "max_tries"),
@@ -68,7 +69,8 @@ RESOLVE_LORA = Entry(
 BATCH_OUTPUT_STREAM = Entry(
     "ray.serve.llm", "LLMServer._batch_output_stream", params=("self", "generator"),
     why="overridden: Ray batches the first streamed chunks too, delaying the first token by up to "
-        "stream_batching_interval_ms",
+        "stream_batching_interval_ms; and its interval is fixed, while e2e_llm.stream_pacing lengthens it "
+        "when many streams are open (fewer messages through replica -> ingress -> proxy)",
     upstream="https://github.com/ray-project/ray/pull/64534 (issue #59681)")
 BATCH_INTERVAL = Entry(
     "ray.serve.llm", "LLMServer._get_batch_interval_ms", params=("self", "stream"),
@@ -80,10 +82,19 @@ PROCESS_REQUEST = Entry(
 # Also read, an instance attribute (checked by instantiating OpenAiIngress in the test):
 # OpenAiIngress._model_cards, the base models the ingress serves (dict model id -> ModelCard).
 
-ENTRIES = [BATCHER, DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
+ENTRIES = [DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
            TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
-           PROCESS_REQUEST, WORKER_NICENESS, LORA_LOADER, SERVER_INIT]
+           PROCESS_REQUEST, WORKER_NICENESS, CONTROL_LOOP_INTERVAL, LORA_LOADER, SERVER_INIT]
 OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
+
+
+def serve_constants_source() -> str:
+    """The source of the module holding Serve's settings (to check the name of one it reads)."""
+    import inspect
+    import sys
+
+    resolve(CONTROL_LOOP_INTERVAL, __name__)
+    return inspect.getsource(sys.modules[CONTROL_LOOP_INTERVAL.module])
 
 
 def check() -> list[str]:
@@ -93,7 +104,6 @@ def check() -> list[str]:
 
 for _entry in (RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL, PROCESS_REQUEST, SERVER_INIT):
     resolve(_entry, __name__)  # fail at import, not silently at the first request
-Batcher = resolve(BATCHER, __name__)
 DEFAULT_ENDPOINTS = resolve(DEFAULT_ENDPOINTS_ENTRY, __name__)
 fastapi_app = resolve(INIT, __name__)
 ModelCard = resolve(MODEL_CARD, __name__)
@@ -142,21 +152,16 @@ class PatchedLLMServer(LLMServer):
         """Hook for a subclass: raise a clearer error for an adapter that failed to load;
         returning lets ``exc`` propagate unchanged."""
 
+    _pacer: StreamPacer | None = None
+
     def _batch_output_stream(self, generator: AsyncGenerator) -> AsyncGenerator[list, None]:
-        # BATCH_OUTPUT_STREAM: the first chunks (role, first token) go out at once, then batches.
-        interval_ms = self._get_batch_interval_ms()
-
-        async def stream():
-            iterator = generator.__aiter__()
-            for _ in range(UNBATCHED_HEAD):
-                try:
-                    yield [await iterator.__anext__()]
-                except StopAsyncIteration:
-                    return
-            async for batch in Batcher(iterator, interval_ms=interval_ms).stream():
-                yield batch
-
-        return stream()
+        # BATCH_OUTPUT_STREAM: the first chunks (role, first token) go out at once, then groups
+        # paced by the number of open streams (e2e_llm.stream_pacing).
+        if self._pacer is None:
+            settings = self._llm_config.experimental_configs or {}
+            pacing = {key.removeprefix("stream_batching_"): settings.get(key) for key in PACING_KEYS}
+            self._pacer = StreamPacer(self._get_batch_interval_ms(), head=UNBATCHED_HEAD, **pacing)
+        return self._pacer.batched(generator)
 
 
 # -- node initialisation --------------------------------------------------------------------------
