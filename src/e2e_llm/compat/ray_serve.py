@@ -79,12 +79,25 @@ PROCESS_REQUEST = Entry(
     "ray.serve.llm.ingress", "OpenAiIngress._process_llm_request", params=("self", "body", "call_method",
                                                                           "raw_request"),
     why="our chat/completions routes resolve aliases, then hand the request to Ray's routing")
+# Node initialisation: a callback that skips the model download for a local folder.
+_CALLBACKS = "ray.llm._internal.common.callbacks.base"
+CALLBACK_BASE = Entry(
+    _CALLBACKS, "CallbackBase", params=("llm_config", "raise_error_on_callback", "ctx_kwargs", "kwargs"),
+    why="LLMConfig.callback_config (public) takes a subclass of this private class; LocalModelCallback "
+        "skips the per-node model download task for a model in a local folder")
+CALLBACK_HOOK = Entry(_CALLBACKS, "CallbackBase.on_before_node_init", params=("self",),
+                      why="the hook LocalModelCallback overrides, called before the node initialisation")
+CALLBACK_CTX = Entry(
+    _CALLBACKS, "CallbackCtx",
+    params=("worker_node_download_model", "placement_group", "runtime_env", "custom_data", "run_init_node"),
+    why="run_init_node=False is how a callback skips the node initialisation (the model download task)")
 # Also read, an instance attribute (checked by instantiating OpenAiIngress in the test):
 # OpenAiIngress._model_cards, the base models the ingress serves (dict model id -> ModelCard).
 
 ENTRIES = [DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
            TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
-           PROCESS_REQUEST, WORKER_NICENESS, CONTROL_LOOP_INTERVAL, LORA_LOADER, SERVER_INIT]
+           PROCESS_REQUEST, WORKER_NICENESS, CONTROL_LOOP_INTERVAL, LORA_LOADER, SERVER_INIT, CALLBACK_BASE,
+           CALLBACK_HOOK, CALLBACK_CTX]
 OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
 
 
@@ -102,7 +115,8 @@ def check() -> list[str]:
     return problems(ENTRIES, __name__)
 
 
-for _entry in (RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL, PROCESS_REQUEST, SERVER_INIT):
+for _entry in (RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL, PROCESS_REQUEST, SERVER_INIT, CALLBACK_HOOK,
+               CALLBACK_CTX):
     resolve(_entry, __name__)  # fail at import, not silently at the first request
 DEFAULT_ENDPOINTS = resolve(DEFAULT_ENDPOINTS_ENTRY, __name__)
 fastapi_app = resolve(INIT, __name__)
@@ -112,6 +126,7 @@ OpenAIHTTPException = resolve(OPENAI_HTTP_EXCEPTION, __name__)
 to_model_metadata = resolve(TO_MODEL_METADATA, __name__)
 apply_deployment_defaults = resolve(DEPLOYMENT_DEFAULTS, __name__)
 LoraModelLoader = resolve(LORA_LOADER, __name__)
+CallbackBase = resolve(CALLBACK_BASE, __name__)
 
 # Chat streams open with a role-only chunk, then the first token.
 UNBATCHED_HEAD = 2
@@ -164,24 +179,7 @@ class PatchedLLMServer(LLMServer):
         return self._pacer.batched(generator)
 
 
-# -- node initialisation --------------------------------------------------------------------------
-_CALLBACKS = "ray.llm._internal.common.callbacks.base"
-CALLBACK_BASE = Entry(
-    _CALLBACKS, "CallbackBase", params=("llm_config", "raise_error_on_callback", "ctx_kwargs", "kwargs"),
-    why="LLMConfig.callback_config (public) takes a subclass of this private class; LocalModelCallback "
-        "skips the per-node model download task for a model in a local folder")
-CALLBACK_HOOK = Entry(_CALLBACKS, "CallbackBase.on_before_node_init", params=("self",),
-                      why="the hook LocalModelCallback overrides, called before the node initialisation")
-CALLBACK_CTX = Entry(
-    _CALLBACKS, "CallbackCtx",
-    params=("worker_node_download_model", "placement_group", "runtime_env", "custom_data", "run_init_node"),
-    why="run_init_node=False is how a callback skips the node initialisation (the model download task)")
-ENTRIES += [CALLBACK_BASE, CALLBACK_HOOK, CALLBACK_CTX]
-resolve(CALLBACK_CTX, __name__)
-resolve(CALLBACK_HOOK, __name__)
-
-
-class LocalModelCallback(resolve(CALLBACK_BASE, __name__)):
+class LocalModelCallback(CallbackBase):
     """For an engine whose model is a folder on the machine: before starting the engine, Ray Serve
     LLM runs one Ray task per node to "download" the model, which for a local folder returns the
     same path but imports vLLM in a fresh worker first (~12 s of a 2-core machine, every start)."""
