@@ -21,7 +21,7 @@ whatever the batch), so ``train_s`` is under that much sharing: compare steps an
     # GPU machine, after `bench/device_ray.py setup` (it installs LLaMA-Factory and rebuilds
     # SmolLM2 into /tmp/e2e-gpu/models/smollm2-135m); writes sweep.json + sweep.md under $OUT:
     cd .device/gpu/repo && python3 bench/recipe_sweep.py run --workers 6     # round 1 (GRID up to ROUND2)
-    cd .device/gpu/repo && python3 bench/recipe_sweep.py run --round2 --workers 6   # round 2
+    cd .device/gpu/repo && python3 bench/recipe_sweep.py run --round 2 --workers 6  # round 2 (3, 4, 5 alike)
     # here: the table again (markdown) from the report
     python3 bench/recipe_sweep.py table /work/.device/<files_at>/sweep.json
     # CPU plumbing check (train env, local model): two points, 8 rows, 4 val rows
@@ -48,6 +48,16 @@ RECIPE = ROOT / "configs" / "recipes" / "smollm2_lora_sft_local.yaml"
 TASK = ROOT / "configs" / "tasks" / "viggo.yaml"
 DEFAULT_MODEL = Path(os.environ.get("E2E_GPU_WORK", "/tmp/e2e-gpu")) / "models" / "smollm2-135m"
 METRICS = ("exact_match", "slot_f1", "function_accuracy", "valid_mr_rate")
+
+SHORT_SYSTEM = "Write the meaning representation of the sentence."
+PROMPT_KEYS = ("_system", "_eval_system")  # sweep-only keys, not LLaMA-Factory's
+
+
+def _short(rows: int, per_step: int, lr: float, **extra) -> dict:
+    """A point with the short system prompt: rows, rows per optimizer step, learning rate."""
+    return {"_system": "SHORT", "max_samples": rows, "per_device_train_batch_size": per_step, "learning_rate": lr,
+            **extra}
+
 
 # name -> overrides of the local recipe. `cost` is computed: rows x epochs / (224 x 1).
 GRID: dict[str, dict] = {  # in run order: the longest (batch 1, more rows) first, so the last wave is short
@@ -86,58 +96,45 @@ GRID: dict[str, dict] = {  # in run order: the longest (batch 1, more rows) firs
     # third round (next session): a short system prompt. The instruction is ~150 of a row's ~240
     # tokens; a short one makes each row ~2.7x cheaper to train on CPU, so ~640 rows cost what 256
     # long rows do. `_system` replaces every row's instruction (train and scoring), `_eval_system`
-    # only at scoring (an adapter trained short, asked with the long instruction).
-    "short-rows640-bs2-lr3e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2},
-    "short-rows768-bs2-lr3e-3": {"_system": "SHORT", "max_samples": 768, "per_device_train_batch_size": 2},
-    "short-rows512-bs2-lr3e-3": {"_system": "SHORT", "max_samples": 512, "per_device_train_batch_size": 2},
-    "short-rows640-bs4-lr2e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 4,
-                                 "learning_rate": 2e-3},
-    "short-rows640-bs4-lr4e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 4,
-                                 "learning_rate": 4e-3},
-    "short-rows640-bs2-lr2e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
-                                 "learning_rate": 2e-3},
-    "short-rows640-bs2-lr3e-3-seed1": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
-                                       "seed": 1},
-    "short-rows640-bs2-lr3e-3-seed2": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
-                                       "seed": 2},
-    "short-rows640-bs2-lr3e-3-asklong": {"_system": "SHORT", "_eval_system": None, "max_samples": 640,
-                                         "per_device_train_batch_size": 2},
-    "long-rows640-bs2-lr3e-3": {"max_samples": 640, "per_device_train_batch_size": 2},
-    "short-rows1024-bs4-lr4e-3": {"_system": "SHORT", "max_samples": 1024, "per_device_train_batch_size": 4,
-                                  "learning_rate": 4e-3},
+    # only at scoring (an adapter trained short, asked with the long instruction). Learning rates are
+    # stated: the recipe's was 3e-3 then.
+    "short-rows640-bs2-lr3e-3": _short(640, 2, 3e-3),
+    "short-rows768-bs2-lr3e-3": _short(768, 2, 3e-3),
+    "short-rows512-bs2-lr3e-3": _short(512, 2, 3e-3),
+    "short-rows640-bs4-lr2e-3": _short(640, 4, 2e-3),
+    "short-rows640-bs4-lr4e-3": _short(640, 4, 4e-3),
+    "short-rows640-bs2-lr2e-3": _short(640, 2, 2e-3),
+    "short-rows640-bs2-lr3e-3-seed1": _short(640, 2, 3e-3, seed=1),
+    "short-rows640-bs2-lr3e-3-seed2": _short(640, 2, 3e-3, seed=2),
+    "short-rows640-bs2-lr3e-3-asklong": _short(640, 2, 3e-3, _eval_system=None),
+    "long-rows640-bs2-lr3e-3": {"max_samples": 640, "per_device_train_batch_size": 2, "learning_rate": 3e-3},
+    "short-rows1024-bs4-lr4e-3": _short(1024, 4, 4e-3),
     # fourth round: fewer optimizer steps (a CPU step costs ~0.6 s beyond its tokens) and LoRA on the
     # top layers only (the backward pass then stops at the lowest adapted layer: fewer FLOPs a token)
-    "short-rows640-bs2-lr2e-3-seed1": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
-                                       "learning_rate": 2e-3, "seed": 1},
-    "short-rows640-bs2-lr2e-3-seed2": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
-                                       "learning_rate": 2e-3, "seed": 2},
-    "short-rows640-bs4-lr4e-3-seed1": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 4,
-                                       "learning_rate": 4e-3, "seed": 1},
-    "short-rows640-bs4-lr3e-3": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 4,
-                                 "learning_rate": 3e-3},
-    "short-rows512-bs2-lr2e-3": {"_system": "SHORT", "max_samples": 512, "per_device_train_batch_size": 2,
-                                 "learning_rate": 2e-3},
-    "short-rows512-bs4-lr4e-3": {"_system": "SHORT", "max_samples": 512, "per_device_train_batch_size": 4,
-                                 "learning_rate": 4e-3},
-    "short-rows640-bs2-lr2e-3-top15": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
-                                       "learning_rate": 2e-3, "lora_target": "TOP15"},
-    "short-rows640-bs4-lr4e-3-top15": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 4,
-                                       "learning_rate": 4e-3, "lora_target": "TOP15"},
-    "short-rows640-bs2-lr2e-3-top10": {"_system": "SHORT", "max_samples": 640, "per_device_train_batch_size": 2,
-                                       "learning_rate": 2e-3, "lora_target": "TOP10"},
-    "short-rows768-bs4-lr4e-3-top15": {"_system": "SHORT", "max_samples": 768, "per_device_train_batch_size": 4,
-                                       "learning_rate": 4e-3, "lora_target": "TOP15"},
+    "short-rows640-bs2-lr2e-3-seed1": _short(640, 2, 2e-3, seed=1),
+    "short-rows640-bs2-lr2e-3-seed2": _short(640, 2, 2e-3, seed=2),
+    "short-rows640-bs4-lr4e-3-seed1": _short(640, 4, 4e-3, seed=1),
+    "short-rows640-bs4-lr3e-3": _short(640, 4, 3e-3),
+    "short-rows512-bs2-lr2e-3": _short(512, 2, 2e-3),
+    "short-rows512-bs4-lr4e-3": _short(512, 4, 4e-3),
+    "short-rows640-bs2-lr2e-3-top15": _short(640, 2, 2e-3, lora_target="TOP15"),
+    "short-rows640-bs4-lr4e-3-top15": _short(640, 4, 4e-3, lora_target="TOP15"),
+    "short-rows640-bs2-lr2e-3-top10": _short(640, 2, 2e-3, lora_target="TOP10"),
+    "short-rows768-bs4-lr4e-3-top15": _short(768, 4, 4e-3, lora_target="TOP15"),
     # fifth round: the row count that fits 15 minutes on 2 AVX2 cores (640 rows trained in ~10 min there)
-    **{f"short-rows{n}-bs2-lr2e-3{suffix}": {"_system": "SHORT", "max_samples": n, "per_device_train_batch_size": 2,
-                                           "learning_rate": 2e-3, **seed}
-       for n, suffix, seed in ((576, "", {}), (576, "-seed1", {"seed": 1}), (576, "-seed2", {"seed": 2}),
-                               (512, "-seed1", {"seed": 1}), (512, "-seed2", {"seed": 2}),
-                               (544, "", {}))},
+    "short-rows576-bs2-lr2e-3": _short(576, 2, 2e-3),
+    "short-rows576-bs2-lr2e-3-seed1": _short(576, 2, 2e-3, seed=1),
+    "short-rows576-bs2-lr2e-3-seed2": _short(576, 2, 2e-3, seed=2),
+    "short-rows512-bs2-lr2e-3-seed1": _short(512, 2, 2e-3, seed=1),
+    "short-rows512-bs2-lr2e-3-seed2": _short(512, 2, 2e-3, seed=2),
+    "short-rows544-bs2-lr2e-3": _short(544, 2, 2e-3),
 }
-ROUND2 = list(GRID)[list(GRID).index("bs2-lr3e-3-rows288"):list(GRID).index("short-rows640-bs2-lr3e-3")]
-ROUND3 = list(GRID)[list(GRID).index("short-rows640-bs2-lr3e-3"):list(GRID).index("short-rows640-bs2-lr2e-3-seed1")]
-ROUND4 = list(GRID)[list(GRID).index("short-rows640-bs2-lr2e-3-seed1"):list(GRID).index("short-rows576-bs2-lr2e-3")]
-ROUND5 = list(GRID)[list(GRID).index("short-rows576-bs2-lr2e-3"):]
+# Each round runs from its first point to the next round's first point.
+ROUND_STARTS = ("base", "bs2-lr3e-3-rows288", "short-rows640-bs2-lr3e-3", "short-rows640-bs2-lr2e-3-seed1",
+                "short-rows576-bs2-lr2e-3")
+_ORDER = list(GRID)
+_BOUNDS = [_ORDER.index(name) for name in ROUND_STARTS] + [len(_ORDER)]
+ROUNDS = [_ORDER[a:b] for a, b in zip(_BOUNDS, _BOUNDS[1:])]
 LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
           "mlp.up_proj", "mlp.down_proj")
 
@@ -148,8 +145,6 @@ def _lora_target(value: str, num_layers: int = 30) -> str:
         return value
     first = num_layers - int(value[3:])
     return ",".join(f"layers.{i}.{m}" for i in range(first, num_layers) for m in LINEAR)
-SHORT_SYSTEM = "Write the meaning representation of the sentence."
-PROMPT_KEYS = ("_system", "_eval_system")  # sweep-only keys, not LLaMA-Factory's
 
 
 def cost(recipe: dict, overrides: dict) -> float:
@@ -170,10 +165,7 @@ def _with_system(rows: list[dict], system: str | None) -> list[dict]:
     return rows if system is None else [{**row, "instruction": system} for row in rows]
 
 
-def _train_tokens(model_dir: str, rows: list[dict]) -> int:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
+def _train_tokens(tok, rows: list[dict]) -> int:
     return sum(len(tok.apply_chat_template(
         [{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]},
          {"role": "assistant", "content": r["output"]}], tokenize=True, return_dict=True)["input_ids"])
@@ -227,8 +219,8 @@ def run_point(spec_file: Path) -> int:
     args["lora_target"] = _lora_target(str(args["lora_target"]))
     train_system = _system_of(spec["overrides"].get("_system"))
     eval_system = _system_of(spec["overrides"].get("_eval_system", spec["overrides"].get("_system")))
-    train_rows = [json.loads(x) for x in Path(spec["data"], "train.jsonl").read_text().splitlines() if x.strip()]
-    data_dir = spec["data"]
+    dataset_rows = [json.loads(x) for x in Path(spec["data"], "train.jsonl").read_text().splitlines() if x.strip()]
+    train_rows, data_dir = dataset_rows, spec["data"]
     if train_system is not None:  # a copy of the dataset folder with the instruction replaced
         data_dir = str(Path(spec["output_dir"]).parent / f"data-{spec['name']}")
         Path(data_dir).mkdir(parents=True, exist_ok=True)
@@ -237,11 +229,12 @@ def run_point(spec_file: Path) -> int:
                 (Path(data_dir) / f.name).write_bytes(f.read_bytes())
         train_rows = _with_system(train_rows, train_system)
         (Path(data_dir) / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec["model"])
     n_rows = int(spec.get("max_samples") or args["max_samples"])
-    token_cost = (_train_tokens(spec["model"], train_rows[:n_rows]) * float(args["num_train_epochs"])
-                  / (_train_tokens(spec["model"], [json.loads(x) for x in Path(spec["data"], "train.jsonl")
-                                                   .read_text().splitlines()[:int(recipe["max_samples"])]])
-                     * float(recipe["num_train_epochs"])))
+    token_cost = (_train_tokens(tok, train_rows[:n_rows]) * float(args["num_train_epochs"])
+                  / (_train_tokens(tok, dataset_rows[:int(recipe["max_samples"])]) * float(recipe["num_train_epochs"])))
     for key in ("save_steps", "save_total_limit"):
         args.pop(key, None)
     cuda = torch.cuda.is_available()
@@ -306,16 +299,9 @@ def run(ns: argparse.Namespace) -> int:
     unknown = set(ns.only or ()) - set(GRID)
     if unknown:
         raise SystemExit(f"unknown point(s) {sorted(unknown)}; have {list(GRID)}")
-    later = ROUND2 + ROUND3 + ROUND4 + ROUND5
-    names = [n for n in GRID if (not ns.only or n in ns.only) and (ns.only or n not in later)]
-    if ns.round2 and not ns.only:
-        names = list(ROUND2)
-    if ns.round3 and not ns.only:
-        names = list(ROUND3)
-    if ns.round4 and not ns.only:
-        names = list(ROUND4)
-    if ns.round5 and not ns.only:
-        names = list(ROUND5)
+    if not 1 <= ns.round <= len(ROUNDS):
+        raise SystemExit(f"--round {ns.round}: rounds are 1..{len(ROUNDS)}")
+    names = [n for n in GRID if n in ns.only] if ns.only else list(ROUNDS[ns.round - 1])
     pending = list(names)
     running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
     results: dict[str, dict] = {}
@@ -405,10 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--budget-s", type=float, default=500, help="start no point after this many seconds")
     p.add_argument("--grace-s", type=float, default=240, help="kill what still runs this long after the budget")
-    p.add_argument("--round2", action="store_true", help="the second round's points (default: the first's)")
-    p.add_argument("--round3", action="store_true", help="the third round's points (short system prompt)")
-    p.add_argument("--round4", action="store_true", help="the fourth round's points (fewer steps, top layers)")
-    p.add_argument("--round5", action="store_true", help="the fifth round's points (row counts, seeds)")
+    p.add_argument("--round", type=int, default=1,
+                   help="which round's points (1 the first grid, 2 its best settings, 3 the short system prompt, "
+                        "4 fewer steps and top layers, 5 row counts and seeds)")
     p.add_argument("--install", action="store_true", help="install .device/wheels first (train_throughput's)")
     p.add_argument("--dry-run", action="store_true", help="CPU: 8 rows, 4 val rows, 8 new tokens")
     p = sub.add_parser("table", help="print the markdown table of a sweep.json")
