@@ -212,8 +212,8 @@ def test_download_404_is_a_clear_error_and_leaves_no_partial_file(tmp_path, vigg
 
 def test_system_prompt_replaces_every_clean_rows_instruction_in_every_split(tmp_path, viggo_task):
     train = (_line(instruction="A long instruction.") + "\n" + _line(output="dance(name[X])") + "\n").encode()
-    sharegpt_like = _line(instruction="Another one.", input="Val row.")
-    report = _ingest(tmp_path, viggo_task, {"train.jsonl": train, "val.jsonl": (sharegpt_like + "\n").encode()},
+    val_row = _line(instruction="Another one.", input="Val row.")
+    report = _ingest(tmp_path, viggo_task, {"train.jsonl": train, "val.jsonl": (val_row + "\n").encode()},
                      system_prompt="Write the MR.")
     train_rows = read_jsonl(tmp_path / "out/train.jsonl")
     val_rows = read_jsonl(tmp_path / "out/val.jsonl")
