@@ -50,4 +50,8 @@ def test_sweep_cost_is_rows_times_epochs_relative_to_the_recipe(project_root):
     assert s.cost(recipe, {"per_device_train_batch_size": 1, "learning_rate": 1e-3}) == 1.0
     assert s.cost(recipe, {"max_samples": recipe["max_samples"] * 2}) == 2.0
     assert s.cost(recipe, {"num_train_epochs": 2.0}) == 2.0
-    assert set(s.ROUND2) < set(s.GRID) and "base" not in s.ROUND2
+    round2 = s.ROUNDS[1]
+    assert set(round2) < set(s.GRID) and "base" not in round2
+    # the rounds cover the grid once, in order, each starting at its named first point
+    assert [n for r in s.ROUNDS for n in r] == list(s.GRID)
+    assert [r[0] for r in s.ROUNDS] == list(s.ROUND_STARTS)
