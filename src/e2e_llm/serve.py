@@ -83,6 +83,20 @@ def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
     return kwargs
 
 
+def replica_options(config: PipelineConfig, target_ongoing_requests: int | None = None) -> dict[str, Any]:
+    """How many replicas a deployment of the app runs, as Serve deployment options: a fixed
+    ``num_replicas`` when the profile's ``serve.min_replicas`` and ``max_replicas`` agree (Serve then
+    records, pushes and evaluates no autoscaling metrics: CPU a small box's engine gets instead),
+    else an ``autoscaling_config`` between them."""
+    serve = config.serve
+    if serve.min_replicas == serve.max_replicas:
+        return {"num_replicas": serve.min_replicas}
+    autoscaling: dict[str, Any] = {"min_replicas": serve.min_replicas, "max_replicas": serve.max_replicas}
+    if target_ongoing_requests is not None:
+        autoscaling["target_ongoing_requests"] = target_ongoing_requests
+    return {"autoscaling_config": autoscaling}
+
+
 def app_args(config: PipelineConfig) -> dict[str, Any]:
     """JSON-serialisable arguments for :func:`build_app` (the Serve application ``args``)."""
     serve = config.serve
@@ -106,11 +120,7 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
             "max_num_adapters_per_replica": serve.max_num_adapters_per_replica,
         },
         "deployment_config": {
-            "autoscaling_config": {
-                "min_replicas": serve.min_replicas,
-                "max_replicas": serve.max_replicas,
-                "target_ongoing_requests": serve.target_ongoing_requests,
-            },
+            **replica_options(config, target_ongoing_requests=serve.target_ongoing_requests),
             "max_ongoing_requests": serve.max_ongoing_requests,
         },
         "log_engine_metrics": True,
@@ -132,7 +142,9 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
     if env:
         llm_config["runtime_env"] = {"env_vars": env}
 
-    ingress: dict[str, Any] = {}
+    # As many ingress replicas as engine replicas (Ray's default is one: a single point of failure in
+    # front of a multi-replica engine); the ingress keeps Ray's target load per replica.
+    ingress: dict[str, Any] = replica_options(config)
     if cpu:
         # On a small CPU box the ingress must not hold a core, or it is never scheduled.
         ingress["ray_actor_options"] = {"num_cpus": 0}

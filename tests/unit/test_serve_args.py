@@ -49,11 +49,49 @@ def test_the_ingress_replica_gets_the_store_endpoint_and_region(project_root, mo
     assert moved["ingress_deployment_config"]["ray_actor_options"]["num_cpus"] == 0
 
 
-def test_the_cluster_profile_has_no_single_engine_replica(project_root):
+def test_the_cluster_profile_has_no_single_engine_or_ingress_replica(project_root):
+    from ray.serve.config import AutoscalingConfig
+
+    from e2e_llm.compat.ray_serve import apply_deployment_defaults
+    from e2e_llm.ingress import E2EIngress
+
     config = load_profile("cluster", root=project_root)
     assert config.serve.min_replicas >= 2
-    deployment = app_args(config)["llm_configs"][0]["deployment_config"]["autoscaling_config"]
+    args = app_args(config)
+    deployment = args["llm_configs"][0]["deployment_config"]["autoscaling_config"]
     assert deployment["min_replicas"] >= 2
+    # The options Serve gets for the ingress (Ray's defaults merged with ours, as build_app does):
+    # autoscaling with the engine's bounds, Ray's per-replica target kept.
+    defaults = E2EIngress.get_deployment_options()
+    ingress = apply_deployment_defaults(defaults, args["ingress_deployment_config"])
+    assert (ingress["autoscaling_config"]["min_replicas"], ingress["autoscaling_config"]["max_replicas"]) == (
+        config.serve.min_replicas, config.serve.max_replicas)
+    assert ingress["autoscaling_config"]["target_ongoing_requests"] == \
+        defaults["autoscaling_config"]["target_ongoing_requests"]
+    assert AutoscalingConfig(**ingress["autoscaling_config"]).min_replicas >= 2
+
+
+def test_equal_replica_bounds_give_fixed_replica_counts_without_autoscaling(project_root):
+    from ray.serve.llm import LLMConfig
+
+    from e2e_llm.compat.ray_serve import apply_deployment_defaults
+    from e2e_llm.ingress import E2EIngress
+
+    config = load_profile("local", root=project_root)
+    assert config.serve.min_replicas == config.serve.max_replicas == 1
+    args = app_args(config)
+    engine = args["llm_configs"][0]["deployment_config"]
+    assert engine["num_replicas"] == 1 and "autoscaling_config" not in engine
+    ingress = apply_deployment_defaults(E2EIngress.get_deployment_options(), args["ingress_deployment_config"])
+    assert ingress["num_replicas"] == 1 and "autoscaling_config" not in ingress
+    # Ray Serve LLM accepts the engine's options (it drops its own autoscaling defaults for num_replicas).
+    assert LLMConfig.model_validate(args["llm_configs"][0]).deployment_config["num_replicas"] == 1
+
+    config.serve.max_replicas = 3
+    args = app_args(config)
+    assert args["llm_configs"][0]["deployment_config"]["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": config.serve.target_ongoing_requests}
+    assert args["ingress_deployment_config"]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3}
 
 
 def test_the_cpu_engine_replica_runs_at_normal_priority_and_the_ingress_does_not(project_root):
