@@ -49,6 +49,8 @@ ROLES = (
     ("gcs_server", "ray:gcs"), ("raylet", "ray:raylet"), ("dashboard/agent.py", "ray:dashboard_agent"),
     ("runtime_env/agent", "ray:runtime_env_agent"), ("dashboard.py", "ray:dashboard"),
     ("log_monitor", "ray:log_monitor"), ("monitor.py", "ray:monitor"), ("ServeController", "ray:serve_controller"),
+    ("DashboardAgent", "ray:dashboard_agent"), ("RuntimeEnvAgent", "ray:runtime_env_agent"),
+    ("TelemetryAgent", "ray:telemetry_agent"),
     ("ProxyActor", "ray:proxy"), ("Ingress", "ray:ingress_replica"), ("LLMServer", "ray:engine_replica"),
     ("ServeReplica", "ray:engine_replica"), ("vllm.entrypoints", "vllm:api_server"), ("ray::", "ray:other_worker"),
     ("default_worker", "ray:idle_worker"),
@@ -121,6 +123,30 @@ def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str
     for pid, (role, seconds) in after.items():
         used[role] = used.get(role, 0.0) + seconds - (before.get(pid, (role, 0.0))[1])
     return {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
+def idle_cores(seconds: float, settle_s: float = 10.0) -> dict[str, float]:
+    """Cores each process role uses while the server is up and has no requests: what it costs the
+    engine on a small box before any request-path work (measured ``settle_s`` after start-up)."""
+    time.sleep(settle_s)
+    before, start = cpu_snapshot(), time.monotonic()
+    time.sleep(seconds)
+    used = cpu_by_role(before, cpu_snapshot())
+    wall = time.monotonic() - start
+    return {role: round(cpu / wall, 4) for role, cpu in used.items()}
+
+
+def merged_idle(samples: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per server: mean idle cores per role over its phases, and their total without the load
+    generator (idle here) and other processes both servers share (the local S3 store)."""
+    out = {}
+    for server, phases in samples.items():
+        roles = sorted({role for phase in phases for role in phase})
+        mean = {role: round(sum(p.get(role, 0.0) for p in phases) / len(phases), 4) for role in roles}
+        mean = dict(sorted(mean.items(), key=lambda kv: -kv[1]))
+        out[server] = {**mean, "total": round(sum(v for k, v in mean.items()
+                                                  if not k.startswith(("bench:", "other:"))), 4)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------- load
@@ -365,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a fixed Serve LLM stream batching interval, without the profile's pacing "
                              "(default: the profile's serve.stream_batching_* settings)")
     parser.add_argument("--no-engine-metrics", action="store_true", help="Serve: log_engine_metrics off")
+    parser.add_argument("--idle-s", type=float, default=30.0,
+                        help="per server phase: seconds of CPU measured with no requests (0: skip)")
     parser.add_argument("--note", default="", help="free text stored with the record (what changed)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results.jsonl"))
     args = parser.parse_args(argv)
@@ -393,13 +421,18 @@ def main(argv: list[str] | None = None) -> int:
                    for r in rows]
         llm = app_args(config)["llm_configs"][0]
         merged: dict = {}
+        idle: dict[str, list[dict[str, float]]] = {}
         for server, rounds in phase_plan(args.rounds, args.only):
             if server == "ray_serve_llm":
                 with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
+                    if args.idle_s:
+                        idle.setdefault(server, []).append(idle_cores(args.idle_s))
                     run_rounds(server, url, models, rounds, prompts, args, merged)
             else:
                 with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir,
                                  llm["engine_kwargs"], startup) as (url, models, vllm_cmd):
+                    if args.idle_s:
+                        idle.setdefault(server, []).append(idle_cores(args.idle_s))
                     run_rounds(server, url, models, rounds, prompts, args, merged)
         results = merged_rows(merged)
     finally:
@@ -428,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                      "only": args.only},
         "startup_s": {k: v for k, v in startup.items() if k != "ray_serve_llm_niceness"},
         "serve_process_niceness": startup.get("ray_serve_llm_niceness"),
+        "idle_cpu_cores": merged_idle(idle),
         "results": results,
     }
     if args.only is None:
@@ -451,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['server']:<14} {r['model']:<5} {r['concurrency']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} "
               f"{r['ttft_p50_s']:>7.3f} {r['ttft_p95_s']:>7.3f} {r['req_per_s']:>6.2f} {r['gen_tok_per_s']:>6.1f} "
               f"{r['errors']:>3}  cpu {r['cpu_s']}")
+    for server, cores in record["idle_cpu_cores"].items():
+        print(f"idle {server}: {cores['total']:.3f} cores {cores}")
     print(json.dumps(record.get("ratios")))
     return 0
 

@@ -1,0 +1,56 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench/serve_latency.py's CPU accounting: process roles and the idle cost per server."""
+
+import importlib.util
+
+import pytest
+
+
+@pytest.fixture
+def bench(project_root, monkeypatch):
+    for key in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE"):  # the script sets defaults
+        monkeypatch.setenv(key, "x")
+    monkeypatch.syspath_prepend(str(project_root / "bench"))
+    spec = importlib.util.spec_from_file_location("serve_latency", project_root / "bench" / "serve_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Proc:
+    def __init__(self, cmd, ppid=1):
+        self._cmd, self._ppid = cmd, ppid
+
+    def cmdline(self):
+        return self._cmd.split()
+
+    def name(self):
+        return self._cmd.split()[0]
+
+    def ppid(self):
+        return self._ppid
+
+
+@pytest.mark.parametrize("cmd, role", [
+    ("ray::DashboardAgent", "ray:dashboard_agent"),  # Ray renames its agents' processes: not "other_worker"
+    ("ray::RuntimeEnvAgent", "ray:runtime_env_agent"),
+    ("ray::ProxyActor", "ray:proxy"),
+    ("ray::ServeReplica:llm:E2EIngress", "ray:ingress_replica"),
+    ("ray::ServeReplica:llm:E2ELLMServer:smollm2-135m", "ray:engine_replica"),
+    ("ray::IDLE", "ray:other_worker"),
+    ("python -m vllm.entrypoints.openai.api_server --port 1", "vllm:api_server"),
+])
+def test_processes_are_labelled_by_role(bench, cmd, role):
+    assert bench._role(_Proc(cmd), {}) == role
+
+
+def test_idle_cores_average_over_phases_and_total_only_the_servers_own_processes(bench):
+    idle = bench.merged_idle({
+        "vllm": [{"vllm:api_server": 0.004, "vllm:engine_core": 0.002, "other:python": 0.01},
+                 {"vllm:api_server": 0.006, "bench:load_generator": 0.003}],
+        "ray_serve_llm": [{"ray:gcs": 0.01, "ray:proxy": 0.02, "other:python": 0.01}],
+    })
+    assert idle["vllm"]["vllm:api_server"] == 0.005 and idle["vllm"]["vllm:engine_core"] == 0.001
+    assert idle["vllm"]["total"] == 0.006  # the S3 store (other:) and the load generator (bench:) left out
+    assert idle["ray_serve_llm"]["total"] == 0.03
+    assert next(iter(idle["ray_serve_llm"])) == "ray:proxy"  # largest first
