@@ -250,7 +250,7 @@ class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = 8000
     min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1, validate_default=True)
     target_ongoing_requests: int = Field(16, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
     max_num_adapters_per_replica: int = Field(4, ge=1)
@@ -280,6 +280,14 @@ class ServeConfig(Strict):
     metrics_export_port: int | None = Field(None, ge=1, le=65535)
     limits: ServeLimits = ServeLimits()
     retry: ServeRetry = ServeRetry()
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _bounds(cls, most: int, info) -> int:
+        least = info.data.get("min_replicas")
+        if least is not None and most < least:
+            raise ValueError(f"must be >= serve.min_replicas ({least})")
+        return most
 
     @field_validator("stream_batching_max_interval_ms")
     @classmethod

@@ -151,6 +151,14 @@ def test_inconsistent_stream_pacing_settings_are_refused_naming_the_key(settings
         load_profile(str(write_profile(edit)))
 
 
+def test_fewer_max_than_min_replicas_is_refused_naming_the_key(write_profile):
+    def edit(d):
+        d["serve"].update(min_replicas=3, max_replicas=2)
+
+    with pytest.raises(ConfigError, match=r"serve\.max_replicas.*must be >= serve\.min_replicas \(3\)"):
+        load_profile(str(write_profile(edit)))
+
+
 def test_serve_is_started_with_the_profiles_controller_loop_interval(project_root):
     from ray.serve.config import ControllerOptions
 
