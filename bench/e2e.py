@@ -112,7 +112,8 @@ def fresh(args) -> int:
         wall = time.monotonic() - start
         runs = sorted((work / "main/.e2e/local/e2e").glob("*/summary.json"))
         if proc.returncode or not runs:
-            print(f"make e2e failed (exit {proc.returncode}) in {work}", flush=True)
+            kept = "" if args.keep else " (removed; --keep keeps it)"
+            print(f"make e2e failed (exit {proc.returncode}) in {work}{kept}", flush=True)
             return 1
         return _record_fresh(json.loads(runs[-1].read_text()), wall)
     finally:
@@ -120,12 +121,12 @@ def fresh(args) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _record_fresh(summary: dict, wall: float, note: str = "") -> int:
+def _record_fresh(summary: dict, wall: float) -> int:
     metric = "seconds, fresh clone: make e2e (environments built, model converted, pipeline)"
     line = record("e2e_wall_time", metric, wall, previous("e2e_wall_time", metric, machine()),
                   pipeline_s=summary["seconds"], stages=summary["stages"], dtype=summary["dtype"]["dtype"],
                   metrics=summary.get("metrics"), base_metrics=summary.get("base_metrics"),
-                  run_id=summary["run_id"], note=note or "pip's download cache as this machine had it")
+                  run_id=summary["run_id"], note="pip's download cache as this machine had it")
     print(json.dumps(line))
     return 0
 

@@ -422,18 +422,21 @@ def main(argv: list[str] | None = None) -> int:
         llm = app_args(config)["llm_configs"][0]
         merged: dict = {}
         idle: dict[str, list[dict[str, float]]] = {}
+
+        def phase(server: str, url: str, models: dict[str, str], rounds: int) -> None:
+            """One server's phase: its idle cost, then its rounds."""
+            if args.idle_s:
+                idle.setdefault(server, []).append(idle_cores(args.idle_s))
+            run_rounds(server, url, models, rounds, prompts, args, merged)
+
         for server, rounds in phase_plan(args.rounds, args.only):
             if server == "ray_serve_llm":
                 with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
-                    if args.idle_s:
-                        idle.setdefault(server, []).append(idle_cores(args.idle_s))
-                    run_rounds(server, url, models, rounds, prompts, args, merged)
+                    phase(server, url, models, rounds)
             else:
                 with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir,
                                  llm["engine_kwargs"], startup) as (url, models, vllm_cmd):
-                    if args.idle_s:
-                        idle.setdefault(server, []).append(idle_cores(args.idle_s))
-                    run_rounds(server, url, models, rounds, prompts, args, merged)
+                    phase(server, url, models, rounds)
         results = merged_rows(merged)
     finally:
         if moto:

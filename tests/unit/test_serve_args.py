@@ -84,7 +84,7 @@ def test_equal_replica_bounds_give_fixed_replica_counts_without_autoscaling(proj
     assert engine["num_replicas"] == 1 and "autoscaling_config" not in engine
     ingress = apply_deployment_defaults(E2EIngress.get_deployment_options(), args["ingress_deployment_config"])
     assert ingress["num_replicas"] == 1 and "autoscaling_config" not in ingress
-    # Ray Serve LLM accepts the engine's options (it drops its own autoscaling defaults for num_replicas).
+    # Ray Serve LLM validates the engine's options with num_replicas and no autoscaling_config.
     assert LLMConfig.model_validate(args["llm_configs"][0]).deployment_config["num_replicas"] == 1
 
     config.serve.max_replicas = 3
