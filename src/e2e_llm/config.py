@@ -272,8 +272,9 @@ class ServeConfig(Strict):
     # None: Ray's 0.1 s), where e2e-llm starts Serve itself (`e2e-llm serve`, bench/serve_latency.py).
     # 0.5 s cuts the controller's CPU ~3x on a 2-core box (bench/RESULTS.md).
     control_loop_interval_s: float | None = Field(None, gt=0)
-    # Serve's access log (a line per request in the proxy, the ingress and the engine replica), where
-    # e2e-llm starts Serve itself. Errors are logged either way; request counts are in the metrics.
+    # Serve's access log: a line per request in the ingress and the engine replica (every profile,
+    # as deployment options) and in the proxy (where e2e-llm starts Serve itself). Errors are logged
+    # either way; request counts are in the metrics.
     access_log: bool = True
     # Ray's Prometheus metrics port on the serving node. Fixed locally so the canary's SLO gate
     # can scrape it; None lets Ray pick (clusters are scraped through the PodMonitor).

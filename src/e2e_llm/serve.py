@@ -97,6 +97,14 @@ def replica_options(config: PipelineConfig, target_ongoing_requests: int | None 
     return {"autoscaling_config": autoscaling}
 
 
+def deployment_logging(config: PipelineConfig) -> dict[str, Any]:
+    """The app's deployment options for logging: Serve's access log (a line per request) off in the
+    ingress and the engine replicas when ``serve.access_log`` is false. A deployment option, so
+    the rendered services carry it too; ``serve.start``'s ``logging_config`` reaches only the
+    controller and the proxy (:func:`serve_start_kwargs`)."""
+    return {} if config.serve.access_log else {"logging_config": {"enable_access_log": False}}
+
+
 def app_args(config: PipelineConfig) -> dict[str, Any]:
     """JSON-serialisable arguments for :func:`build_app` (the Serve application ``args``)."""
     serve = config.serve
@@ -122,6 +130,7 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
         "deployment_config": {
             **replica_options(config, target_ongoing_requests=serve.target_ongoing_requests),
             "max_ongoing_requests": serve.max_ongoing_requests,
+            **deployment_logging(config),
         },
         "log_engine_metrics": True,
         # LLMServer + per-adapter load lock (concurrent first requests for a new adapter).
@@ -144,7 +153,7 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
 
     # As many ingress replicas as engine replicas (Ray's default is one: a single point of failure in
     # front of a multi-replica engine); the ingress keeps Ray's target load per replica.
-    ingress: dict[str, Any] = replica_options(config)
+    ingress: dict[str, Any] = {**replica_options(config), **deployment_logging(config)}
     if cpu:
         # On a small CPU box the ingress must not hold a core, or it is never scheduled.
         ingress["ray_actor_options"] = {"num_cpus": 0}
@@ -178,7 +187,8 @@ def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict
 
 def serve_start_kwargs(config: PipelineConfig, host: str, port: int) -> dict[str, Any]:
     """``serve.start`` options for a Serve instance that e2e-llm starts itself (``e2e-llm serve``,
-    bench/serve_latency.py): HTTP on ``host:port``, Serve's access log off unless ``serve.access_log``,
+    bench/serve_latency.py): HTTP on ``host:port``, the proxy's access log off unless ``serve.access_log``
+    (the app's deployments: :func:`deployment_logging`),
     and the controller's loop interval
     (``serve.control_loop_interval_s``, through Ray's documented ``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``
     in the controller's environment) when the profile sets one."""

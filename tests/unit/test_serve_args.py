@@ -193,3 +193,26 @@ def test_serve_is_started_without_access_log_when_the_profile_says_so(project_ro
     assert LoggingConfig.model_validate(kwargs["logging_config"]).enable_access_log is False
     config.serve.access_log = True
     assert "logging_config" not in serve_start_kwargs(config, "127.0.0.1", 8123)  # Ray's default: on
+
+
+def test_the_access_log_setting_reaches_the_ingress_and_engine_deployments(project_root):
+    # serve.start's logging_config covers only the controller and the proxy: the replicas' own
+    # access lines ("CALL chat OK", "POST /v1/chat/completions 200") need it as a deployment option.
+    from ray import serve
+    from ray.serve.llm import LLMConfig
+
+    from e2e_llm.compat.ray_serve import apply_deployment_defaults
+    from e2e_llm.ingress import E2EIngress
+
+    config = load_profile("local", root=project_root)
+    for enabled in (False, True):
+        config.serve.access_log = enabled
+        args = app_args(config)
+        engine = LLMConfig.model_validate(args["llm_configs"][0]).deployment_config
+        ingress = serve.deployment(E2EIngress, **apply_deployment_defaults(
+            E2EIngress.get_deployment_options(), args["ingress_deployment_config"]))
+        if enabled:  # Ray's default (on) left alone
+            assert "logging_config" not in engine and ingress.logging_config is None
+        else:
+            assert engine["logging_config"]["enable_access_log"] is False
+            assert ingress.logging_config["enable_access_log"] is False
