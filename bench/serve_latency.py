@@ -208,17 +208,37 @@ def summarize(results: list[dict], wall: float, concurrency: int) -> dict:
     }
 
 
-def phase_plan(rounds: int, only: str | None = None) -> list[tuple[str, int]]:
+def phase_plan(rounds: int, only: str | None = None, cycles: int = 1) -> list[tuple[str, int]]:
     """(server, rounds) in start order: vLLM, Serve, vLLM -- each server gets ``rounds`` rounds
     per model and concurrency, vLLM's split around Serve's so drift in the machine's load
-    falls on both alike. One server runs at a time: an idle Ray instance next to vLLM costs
-    vLLM ~0.2 of a core on 2 cores (its controller, GCS, raylet, idle engine), which would
-    flatter Serve."""
+    falls on both alike. ``cycles`` > 1 repeats that (two vLLM phases that meet become one):
+    on a shared host a server's speed drifts by up to 30% within minutes, and more alternations
+    spread the drift over both servers. One server runs at a time: an idle Ray instance next to
+    vLLM costs vLLM ~0.2 of a core on 2 cores (its controller, GCS, raylet, idle engine), which
+    would flatter Serve."""
     if only:
-        return [("ray_serve_llm" if only == "serve" else "vllm", rounds)]
+        return [("ray_serve_llm" if only == "serve" else "vllm", rounds * cycles)]
     first = rounds // 2
-    plan = [("vllm", first), ("ray_serve_llm", rounds), ("vllm", rounds - first)]
-    return [(server, n) for server, n in plan if n > 0]
+    plan: list[tuple[str, int]] = []
+    for _ in range(cycles):
+        for server, n in (("vllm", first), ("ray_serve_llm", rounds), ("vllm", rounds - first)):
+            if n <= 0:
+                continue
+            if plan and plan[-1][0] == server:
+                plan[-1] = (server, plan[-1][1] + n)
+            else:
+                plan.append((server, n))
+    return plan
+
+
+def steal_seconds(stat: Path = Path("/proc/stat")) -> float:
+    """CPU time the hypervisor gave to other guests so far (``steal`` in /proc/stat; 0 where the
+    kernel does not count it): a round with more steal ran on a slower machine."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def run_rounds(server: str, base_url: str, models: dict[str, str], rounds: int, prompts, args,
@@ -228,10 +248,11 @@ def run_rounds(server: str, base_url: str, models: dict[str, str], rounds: int, 
         for concurrency in args.concurrency:
             n = args.requests_1 if concurrency == 1 else max(args.requests_n, concurrency)
             for _ in range(rounds):
-                before = cpu_snapshot()
+                before, steal = cpu_snapshot(), steal_seconds()
                 results, wall = asyncio.run(load(base_url, models[kind], prompts, concurrency, n, args.max_tokens,
                                                  args.warmup))
                 used = cpu_by_role(before, cpu_snapshot())
+                stolen = round(steal_seconds() - steal, 2)
                 m = merged.setdefault((server, kind, concurrency), {"results": [], "wall": 0.0, "cpu": {},
                                                                     "rounds": []})
                 m["results"] += results
@@ -239,8 +260,8 @@ def run_rounds(server: str, base_url: str, models: dict[str, str], rounds: int, 
                 for role, seconds in used.items():
                     m["cpu"][role] = round(m["cpu"].get(role, 0.0) + seconds, 2)
                 stats = summarize(results, wall, concurrency)
-                m["rounds"].append({k: stats[k] for k in ("p50_s", "req_per_s", "errors")})
-                print(json.dumps({"server": server, "model": kind, **stats, "cpu_s": used,
+                m["rounds"].append({**{k: stats[k] for k in ("p50_s", "req_per_s", "errors")}, "steal_s": stolen})
+                print(json.dumps({"server": server, "model": kind, **stats, "cpu_s": used, "steal_s": stolen,
                                   "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
 
 
@@ -383,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-n", type=int, default=32,
                         help="requests per round at higher concurrency (at least the concurrency)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per server, model and concurrency")
+    parser.add_argument("--cycles", type=int, default=1,
+                        help="repeat vLLM, Serve, vLLM this many times (rounds per server: rounds x cycles)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", choices=["serve", "vllm"], help="run one server (tuning runs)")
@@ -429,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 idle.setdefault(server, []).append(idle_cores(args.idle_s))
             run_rounds(server, url, models, rounds, prompts, args, merged)
 
-        for server, rounds in phase_plan(args.rounds, args.only):
+        for server, rounds in phase_plan(args.rounds, args.only, args.cycles):
             if server == "ray_serve_llm":
                 with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
                     phase(server, url, models, rounds)
@@ -452,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"profile": args.profile, "model": config.model.id, "engine_kwargs": llm["engine_kwargs"],
                      "max_tokens": args.max_tokens, "ignore_eos": True, "stream": True,
                      "requests_1": args.requests_1, "requests_n": args.requests_n, "warmup": args.warmup,
-                     "rounds": args.rounds, "phases": phase_plan(args.rounds, args.only),
+                     "rounds": args.rounds, "cycles": args.cycles,
+                     "phases": phase_plan(args.rounds, args.only, args.cycles),
                      "vllm_cmd": " ".join(vllm_cmd[2:]) if vllm_cmd else None, "note": args.note,
                      "serve_stream_batching_interval_ms": args.batching_ms or config.serve.stream_batching_interval_ms,
                      "serve_stream_pacing": None if args.batching_ms else {

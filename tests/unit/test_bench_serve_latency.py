@@ -54,3 +54,26 @@ def test_idle_cores_average_over_phases_and_total_only_the_servers_own_processes
     assert idle["vllm"]["total"] == 0.006  # the S3 store (other:) and the load generator (bench:) left out
     assert idle["ray_serve_llm"]["total"] == 0.03
     assert next(iter(idle["ray_serve_llm"])) == "ray:proxy"  # largest first
+
+
+def test_cycles_alternate_the_servers_and_merge_meeting_vllm_phases(bench):
+    assert bench.phase_plan(4) == [("vllm", 2), ("ray_serve_llm", 4), ("vllm", 2)]
+    assert bench.phase_plan(4, cycles=2) == [("vllm", 2), ("ray_serve_llm", 4), ("vllm", 4),
+                                              ("ray_serve_llm", 4), ("vllm", 2)]
+    plan = bench.phase_plan(3, cycles=3)
+    assert [s for s, _ in plan] == ["vllm", "ray_serve_llm"] * 3 + ["vllm"]
+    for server in ("vllm", "ray_serve_llm"):  # each server gets rounds x cycles rounds
+        assert sum(n for s, n in plan if s == server) == 9
+    assert bench.phase_plan(4, only="serve", cycles=2) == [("ray_serve_llm", 8)]
+
+
+def test_steal_time_is_the_eighth_cpu_counter_of_proc_stat(bench, tmp_path):
+    import os
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 30 900 2 0 1 250 0 0\ncpu0 50 2 15 450 1 0 0 125 0 0\n")
+    assert bench.steal_seconds(stat) == 250 / os.sysconf("SC_CLK_TCK")
+    stat.write_text("cpu  100 5 30 900\n")  # an old kernel without the column
+    assert bench.steal_seconds(stat) == 0.0
+    assert bench.steal_seconds(tmp_path / "missing") == 0.0
+    assert bench.steal_seconds() >= 0.0  # this machine's
