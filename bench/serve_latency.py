@@ -304,12 +304,15 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     import ray
     from ray import serve
 
+    from e2e_llm.cpu_pinning import engine_cpus_env, pin_off_engine
     from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
     port = free_port()
     t0 = time.monotonic()
     init = ray_init_kwargs(config, temp_dir=tempfile.mkdtemp(prefix="r-bench-", dir="/tmp"))
     init["_metrics_export_port"] = None  # a fixed port could clash with a running `e2e-llm serve`
+    saved_env = dict(os.environ)
+    os.environ.update(engine_cpus_env(config))
     ray.init(**init)
     try:
         serve.start(**serve_start_kwargs(config, "127.0.0.1", port))
@@ -320,6 +323,11 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
             if args.no_engine_metrics:
                 llm["log_engine_metrics"] = False
         serve.run(build_app(app), name="llm", route_prefix="/")
+        # As `e2e-llm serve` does; the load generator (this process) is not moved, as with vLLM.
+        pinning = pin_off_engine(os.getpid())
+        startup["ray_serve_llm_cpus"] = pinning and {"engine": sorted(pinning.engine_cpus),
+                                                      "ray": sorted(pinning.ray_cpus)}
+        print("cpus:", startup["ray_serve_llm_cpus"], flush=True)
         startup.setdefault("ray_serve_llm", []).append(round(time.monotonic() - t0, 1))
         startup["ray_serve_llm_niceness"] = niceness_by_role()
         print("niceness:", startup["ray_serve_llm_niceness"], flush=True)
@@ -328,6 +336,8 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def vllm_flags(engine_kwargs: dict) -> list[str]:
@@ -486,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
                      "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
                      "serve_log_engine_metrics": not args.no_engine_metrics, "ray_init": ray_init,
                      "only": args.only},
-        "startup_s": {k: v for k, v in startup.items() if k != "ray_serve_llm_niceness"},
+        "startup_s": {k: v for k, v in startup.items() if k not in ("ray_serve_llm_niceness", "ray_serve_llm_cpus")},
         "serve_process_niceness": startup.get("ray_serve_llm_niceness"),
+        "serve_cpus": startup.get("ray_serve_llm_cpus"),
         "idle_cpu_cores": merged_idle(idle),
         "results": results,
     }

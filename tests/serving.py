@@ -54,6 +54,7 @@ class ServeApp:
     config: Any  # the PipelineConfig the app was built from
     metrics_url: str  # Ray's Prometheus endpoint of this instance
     ray_temp_dir: str
+    pinning: Any = None  # e2e_llm.cpu_pinning.Pinning when Ray's processes were moved off the engine's CPUs
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,6 +166,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     import ray
     from ray import serve
 
+    from e2e_llm.cpu_pinning import engine_cpus_env, pin_off_engine
     from e2e_llm.serve import app_args, build_app, serve_start_kwargs
     from e2e_llm.store import AdapterStore
 
@@ -187,6 +189,8 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     old_key = os.environ.get(key_env)
     api_key = secrets.token_hex(16)
     os.environ[key_env] = api_key  # the replicas inherit the driver's environment
+    pin_env = engine_cpus_env(config)  # as `e2e-llm serve` does (local: on)
+    os.environ.update(pin_env)
     temp_dir = tempfile.mkdtemp(prefix="r-srv-", dir="/tmp")
     http_port, metrics_port = free_port(), free_port()
     before = descendants(os.getpid())
@@ -195,9 +199,11 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     try:
         serve.start(**serve_start_kwargs(config, "127.0.0.1", http_port))
         serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix="/")
+        pinning = pin_off_engine(os.getpid())  # pytest itself stays where it is
         yield ServeApp(base_url=f"http://127.0.0.1:{http_port}", api_key=api_key, model_id=config.model.id,
                        adapters=ids, alias=alias, store=store, config=config,
-                       metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", ray_temp_dir=temp_dir)
+                       metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", ray_temp_dir=temp_dir,
+                       pinning=pinning)
     finally:
         # Not the app's: the session's S3 store (a test may have restarted it meanwhile) and the
         # multiprocessing forkserver a later test may have started (it lives as long as pytest).
@@ -211,6 +217,8 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
                 os.environ.pop(key_env, None)
             else:
                 os.environ[key_env] = old_key
+            for name in pin_env:
+                os.environ.pop(name, None)
     deadline = time.monotonic() + 30
     while (left := alive(ray_pids)) and time.monotonic() < deadline:
         time.sleep(0.5)

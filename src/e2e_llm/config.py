@@ -272,6 +272,10 @@ class ServeConfig(Strict):
     # None: Ray's 0.1 s), where e2e-llm starts Serve itself (`e2e-llm serve`, bench/serve_latency.py).
     # 0.5 s cuts the controller's CPU ~3x on a 2-core box (bench/RESULTS.md).
     control_loop_interval_s: float | None = Field(None, gt=0)
+    # Where e2e-llm starts Ray itself on a CPU-only machine: once the app is up, Ray's own processes
+    # (daemons, Serve's controller and proxy, the ingress) move onto the CPUs vLLM reserves, off the
+    # ones its model worker is bound to (e2e_llm.cpu_pinning; bench/RESULTS.md).
+    isolate_engine_cpus: bool = False
     # Serve's access log: a line per request in the ingress and the engine replica (every profile,
     # as deployment options) and in the proxy (where e2e-llm starts Serve itself). Errors are logged
     # either way; request counts are in the metrics.

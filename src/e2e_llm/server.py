@@ -19,6 +19,8 @@
   ``stream_batching_max_interval_ms``), so the per-message cost of the hops stays bounded.
 - Adapters are downloaded into one folder per adapter store (``lora_cache_dir``), not Ray's one
   folder per machine, where two apps whose stores both hold a ``viggo-v1`` overwrite each other.
+- Where ``serve.isolate_engine_cpus`` moved Ray's processes off the engine's CPUs
+  (``e2e_llm.cpu_pinning``), a replica puts itself back on them before vLLM starts.
 - ``preflight(request, deadline_s)``: the replica's part of the ingress's ``POST /-/preflight``
   (``e2e_llm.serve_preflight``): load the adapter the request names and answer it once, within
   the deadline; the ingress calls it on every replica (``DeploymentHandle.broadcast``).
@@ -40,6 +42,7 @@ from ray import serve
 
 from e2e_llm import storage
 from e2e_llm.compat.ray_serve import OpenAIHTTPException, PatchedLLMServer
+from e2e_llm.cpu_pinning import widen_to_engine_cpus
 from e2e_llm.serve_preflight import answer_once, report
 
 # Ray Serve LLM keeps "adapter config missing" this long (CLOUD_OBJECT_MISSING_EXPIRE_S).
@@ -70,6 +73,12 @@ def lora_cache_dir(store_uri: str, endpoint: str | None) -> str:
 
 class E2ELLMServer(PatchedLLMServer):
     """The ``server_cls`` the rendered service configs name (``e2e_llm.server:E2ELLMServer``)."""
+
+    async def __init__(self, llm_config, **kwargs):
+        # Back on the engine's CPUs before vLLM binds its worker: a replica Serve restarts is started
+        # by a raylet that e2e_llm.cpu_pinning moved off them (no-op unless that is in use).
+        widen_to_engine_cpus()
+        await super().__init__(llm_config, **kwargs)
 
     def lora_cache_root(self, llm_config) -> str | None:
         if llm_config.lora_config is None:

@@ -124,8 +124,30 @@ def _stream(app, i):
     return ("cut", chunks)
 
 
+def _engine_worker_cpus(root: int) -> dict[int, set[int]]:
+    """pid -> CPUs of each vLLM model worker under ``root``."""
+    from e2e_llm.cpu_pinning import VLLM_WORKER_TITLE
+
+    return {pid: os.sched_getaffinity(pid) for pid, cmd in alive(descendants(root))
+            if cmd.startswith(VLLM_WORKER_TITLE)}
+
+
+def test_rays_processes_run_off_the_cpus_the_engine_worker_is_bound_to(serve_app):
+    pinning = serve_app.pinning
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: nothing to split")
+    assert pinning is not None, "the local profile isolates the engine's CPUs"
+    workers = _engine_worker_cpus(os.getpid())
+    assert len(workers) == 1 and next(iter(workers.values())) == pinning.engine_cpus
+    by_title = {cmd.split()[0]: os.sched_getaffinity(pid) for pid, cmd in alive(set(pinning.pinned))}
+    for title in ("ray::ProxyActor", "ray::ServeController", "ray::ServeReplica:llm:E2EIngress"):
+        assert by_title.get(title) == pinning.ray_cpus, (title, by_title)
+    assert pinning.engine_cpus.isdisjoint(pinning.ray_cpus)
+
+
 def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):
     pids = engine_replica_pids(os.getpid())
+    cpus_before = set().union(*_engine_worker_cpus(os.getpid()).values())
     assert len(pids) == 1, f"want one engine replica, found {pids}; ray processes: {alive(descendants(os.getpid()))}"
     victim = pids[0][0]
 
@@ -161,6 +183,9 @@ def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):
     assert all(chunks > 0 for kind, chunks in streams if kind == "error"), streams
     # Serve restarted the replica: the app answers and is ready again.
     assert engine_replica_pids(os.getpid()) and victim not in dict(engine_replica_pids(os.getpid()))
+    # The new replica came from a raylet moved off the engine's CPUs; its worker is bound as before.
+    _wait("the restarted engine's worker is up", lambda: bool(_engine_worker_cpus(os.getpid())), 60)
+    assert set().union(*_engine_worker_cpus(os.getpid()).values()) == cpus_before
     assert _chat(serve_app, serve_app.model_id).status_code == 200
     _wait("/-/ready is 200 again", lambda: httpx.get(f"{serve_app.base_url}/-/ready", timeout=30).status_code == 200,
           60)

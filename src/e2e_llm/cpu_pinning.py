@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Keep Ray's own processes off the CPUs the engine computes on, where e2e-llm starts Ray itself
+to serve on a CPU-only machine (``e2e-llm serve``, bench/serve_latency.py; ``serve.isolate_engine_cpus``).
+
+vLLM on CPU binds the process that runs the model (``VLLM::Worker``) to all allowed CPUs but the
+ones it reserves for everything else (its scheduler and frontend; one CPU on x86). Ray knows
+nothing of that: its daemons (GCS, raylet, agents, log monitor), Serve's controller and proxy and
+our ingress run on any CPU, preempt the worker on its own, and every preemption stalls a whole
+model step. Moving them onto the CPUs vLLM reserved leaves the worker's CPUs to the engine
+(bench/RESULTS.md, "serve_latency_vs_vllm").
+
+- :func:`engine_cpus_env`: before ``ray.init``, the environment that tells every process of the
+  Ray instance which CPUs the engine may use (all the starting process may use). The caller puts
+  it in ``os.environ``; Ray's processes inherit it.
+- :func:`pin_off_engine`: once the app is up, every process under ``root_pid`` (the process that
+  started Ray; not itself) except the engine replicas and their children goes onto the allowed
+  CPUs no engine worker is bound to. Processes Ray starts later inherit the raylet's CPUs.
+- :func:`widen_to_engine_cpus`: the engine replica's first step. A replica that Serve restarts
+  is started by the (now pinned) raylet; back on the engine's CPUs, its vLLM binds as on the first
+  start.
+
+Processes are told apart by the titles vLLM and Ray give them (checked against the pinned
+versions by tests/unit/test_cpu_pinning.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+ENGINE_CPUS_ENV = "E2E_LLM_ENGINE_CPUS"
+# vLLM names the process that runs the model VLLM::Worker (envs.VLLM_PROCESS_NAME_PREFIX + "::" +
+# the multiproc executor's "Worker"); Ray names every worker process "ray::<actor class>..."
+VLLM_WORKER_TITLE = "VLLM::Worker"
+RAY_WORKER_TITLE_PREFIX = "ray::"
+
+
+def engine_cpus_env(config: Any) -> dict[str, str]:
+    """``{ENGINE_CPUS_ENV: "0,1,..."}`` (the CPUs this process may use) when ``config`` serves on
+    CPU with ``serve.isolate_engine_cpus``; else ``{}`` (nothing is pinned)."""
+    serve = config.serve
+    if not serve.isolate_engine_cpus or serve.num_gpus_per_replica > 0:
+        return {}
+    return {ENGINE_CPUS_ENV: ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))}
+
+
+def parse_cpus(value: str) -> set[int]:
+    """``"0,1,3"`` -> {0, 1, 3}; a clear error naming the variable otherwise."""
+    try:
+        cpus = {int(part) for part in value.split(",") if part.strip()}
+    except ValueError:
+        raise ValueError(f"{ENGINE_CPUS_ENV}={value!r}: want CPU numbers separated by commas") from None
+    if not cpus:
+        raise ValueError(f"{ENGINE_CPUS_ENV}={value!r}: names no CPU")
+    return cpus
+
+
+def _set_process_cpus(pid: int, cpus: set[int]) -> bool:
+    """Every thread of ``pid`` onto ``cpus`` (a thread's own affinity is what the kernel uses; new
+    threads inherit their creator's). False if the process is gone."""
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return False
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except (ProcessLookupError, FileNotFoundError):
+            continue  # the thread ended meanwhile
+    return True
+
+
+def widen_to_engine_cpus() -> set[int] | None:
+    """In an engine replica: this process (all its threads) onto the CPUs ``ENGINE_CPUS_ENV`` names,
+    before vLLM starts. Returns them, or None when the variable is not set (nothing changes)."""
+    value = os.environ.get(ENGINE_CPUS_ENV)
+    if not value:
+        return None
+    cpus = parse_cpus(value)
+    _set_process_cpus(os.getpid(), cpus)
+    return cpus
+
+
+@dataclass(frozen=True)
+class Pinning:
+    engine_cpus: set[int]  # CPUs the engine workers are bound to
+    ray_cpus: set[int]  # where the other processes now run
+    pinned: list[int]  # their pids
+    engine: list[int]  # pids of the engine replicas and their children, left alone
+
+
+def _title(proc) -> str:
+    try:
+        return " ".join(proc.cmdline()) or proc.name()
+    except Exception:  # noqa: BLE001  gone or unreadable
+        return ""
+
+
+def _engine_families(procs: list) -> tuple[set[int], set[int]]:
+    """(pids of every engine replica with its children, CPUs their workers are bound to). A
+    worker's replica is its nearest ancestor with a Ray worker title."""
+    import psutil
+
+    family: set[int] = set()
+    worker_cpus: set[int] = set()
+    for proc in procs:
+        if not _title(proc).startswith(VLLM_WORKER_TITLE):  # also "VLLM::Worker_TP0" etc.
+            continue
+        try:
+            worker_cpus |= set(os.sched_getaffinity(proc.pid))  # the main thread: vLLM's OMP binding
+            replica = next((p for p in proc.parents() if _title(p).startswith(RAY_WORKER_TITLE_PREFIX)), None)
+            if replica is None:
+                continue
+            family |= {replica.pid, *(child.pid for child in replica.children(recursive=True))}
+        except (psutil.Error, OSError):
+            continue
+    return family, worker_cpus
+
+
+def pin_off_engine(root_pid: int) -> Pinning | None:
+    """Move every process under ``root_pid`` that is not an engine replica or one of its children
+    onto the allowed CPUs (``ENGINE_CPUS_ENV``) that no engine worker is bound to. ``root_pid``
+    itself stays where it is: it is the caller (``e2e-llm serve``, whose ``--then`` command it
+    starts; the bench's load generator; pytest). None, and nothing moved, when the variable is not set, no engine
+    worker runs, or the workers hold every allowed CPU (vLLM reserved none: one CPU)."""
+    import psutil
+
+    value = os.environ.get(ENGINE_CPUS_ENV)
+    if not value:
+        return None
+    allowed = parse_cpus(value)
+    root = psutil.Process(root_pid)
+    procs = root.children(recursive=True)
+    family, worker_cpus = _engine_families(procs)
+    ray_cpus = allowed - worker_cpus
+    if not worker_cpus or not ray_cpus:
+        return None
+    others = [p.pid for p in procs if p.pid not in family]
+    pinned = [pid for pid in others if _set_process_cpus(pid, ray_cpus)]
+    return Pinning(engine_cpus=worker_cpus, ray_cpus=ray_cpus, pinned=pinned, engine=sorted(family))

@@ -1,0 +1,150 @@
+# SPDX-License-Identifier: Apache-2.0
+"""e2e_llm.cpu_pinning on a process tree that looks like a local Ray Serve app (titles as Ray and
+vLLM set them), and the titles it relies on, checked against the pinned Ray and vLLM."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from e2e_llm.config import load_profile
+from e2e_llm.cpu_pinning import (
+    ENGINE_CPUS_ENV,
+    RAY_WORKER_TITLE_PREFIX,
+    VLLM_WORKER_TITLE,
+    engine_cpus_env,
+    parse_cpus,
+    pin_off_engine,
+)
+
+TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to split")
+SLEEP = "import time; time.sleep(120)"
+
+
+def test_the_local_profile_isolates_on_cpu_and_a_gpu_profile_never(project_root):
+    config = load_profile("local", root=project_root)
+    assert config.serve.isolate_engine_cpus and config.serve.num_gpus_per_replica == 0
+    assert parse_cpus(engine_cpus_env(config)[ENGINE_CPUS_ENV]) == os.sched_getaffinity(0)
+    config.serve.num_gpus_per_replica = 1  # GPU engines bind nothing to CPUs
+    assert engine_cpus_env(config) == {}
+    config.serve.num_gpus_per_replica, config.serve.isolate_engine_cpus = 0, False
+    assert engine_cpus_env(config) == {}
+    assert load_profile("cluster", root=project_root).serve.isolate_engine_cpus is False
+
+
+@pytest.mark.parametrize("value", ["", " , ", "0-3", "a,b"])
+def test_a_bad_cpu_list_names_the_variable(value):
+    with pytest.raises(ValueError, match=ENGINE_CPUS_ENV):
+        parse_cpus(value)
+
+
+def _spawn(title: str, code: str) -> str:
+    """Python source that starts ``code`` in a child whose process title is ``title`` (a Python
+    started under another name cannot find its own executable: it is named here)."""
+    return f"subprocess.Popen([{title!r}, '-c', {code!r}], executable={sys.executable!r})"
+
+
+@pytest.fixture
+def fake_serve_tree(tmp_path):
+    """driver -> (replica "ray::ServeReplica:..." -> "VLLM::EngineCore" -> "VLLM::Worker"),
+    "ray::ProxyActor", "raylet"-like daemon; yields (driver, {title: pid})."""
+    worker = f"import subprocess, sys; {_spawn(VLLM_WORKER_TITLE, SLEEP)}; {SLEEP}"
+    core = f"import subprocess, sys; {_spawn('VLLM::EngineCore', worker)}; {SLEEP}"
+    driver = textwrap.dedent(f"""
+        import subprocess, sys, time
+        {_spawn('ray::ServeReplica:llm:E2ELLMServer:m', core)}
+        {_spawn('ray::ProxyActor', SLEEP)}
+        {_spawn('/x/ray/core/src/ray/gcs/gcs_server', SLEEP)}
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            titles = {" ".join(p.cmdline()).split(" -c")[0]: p.pid
+                      for p in psutil.Process(proc.pid).children(recursive=True)}
+            if len(titles) == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(titles) == 5, titles
+        yield proc, titles
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        proc.wait(10)
+
+
+@TWO_CPUS
+def test_everything_but_the_engine_family_moves_off_the_workers_cpus(fake_serve_tree, monkeypatch):
+    driver, pids = fake_serve_tree
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(pids[VLLM_WORKER_TITLE], {cpus[0]})  # as vLLM binds its worker
+    monkeypatch.setenv(ENGINE_CPUS_ENV, ",".join(map(str, cpus)))
+
+    pinning = pin_off_engine(driver.pid)
+
+    assert pinning is not None and pinning.engine_cpus == {cpus[0]}
+    assert pinning.ray_cpus == set(cpus[1:])
+    family = {pids["ray::ServeReplica:llm:E2ELLMServer:m"], pids["VLLM::EngineCore"], pids[VLLM_WORKER_TITLE]}
+    assert set(pinning.engine) == family
+    assert set(pinning.pinned) == {pids["ray::ProxyActor"], pids["/x/ray/core/src/ray/gcs/gcs_server"]}
+    for pid in pinning.pinned:
+        assert os.sched_getaffinity(pid) == set(cpus[1:])
+    assert os.sched_getaffinity(driver.pid) == set(cpus)  # the caller's process stays
+    assert os.sched_getaffinity(pids["ray::ServeReplica:llm:E2ELLMServer:m"]) == set(cpus)  # left alone
+    assert os.sched_getaffinity(pids[VLLM_WORKER_TITLE]) == {cpus[0]}
+
+
+@TWO_CPUS
+def test_nothing_moves_without_the_variable_or_a_bound_worker(fake_serve_tree, monkeypatch):
+    driver, pids = fake_serve_tree
+    cpus = os.sched_getaffinity(0)
+    monkeypatch.delenv(ENGINE_CPUS_ENV, raising=False)
+    assert pin_off_engine(driver.pid) is None
+    monkeypatch.setenv(ENGINE_CPUS_ENV, ",".join(map(str, cpus)))
+    # The worker holds every allowed CPU (vLLM reserved none): nowhere to move the rest to.
+    assert pin_off_engine(driver.pid) is None
+    assert os.sched_getaffinity(pids["ray::ProxyActor"]) == cpus
+
+
+@TWO_CPUS
+def test_an_engine_replica_started_on_fewer_cpus_widens_to_the_engines(tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    code = textwrap.dedent(f"""
+        import os, threading
+        os.sched_setaffinity(0, {{{cpus[-1]}}})  # as a replica started by a pinned raylet
+        ready = threading.Event()
+        helper = threading.Thread(target=lambda: ready.wait(), daemon=True)
+        helper.start()
+        from e2e_llm.cpu_pinning import widen_to_engine_cpus
+        print(sorted(widen_to_engine_cpus()), sorted(os.sched_getaffinity(0)),
+              sorted(os.sched_getaffinity(helper.native_id)))
+    """)
+    import e2e_llm
+
+    src = os.path.dirname(os.path.dirname(e2e_llm.__file__))
+    env = {**os.environ, ENGINE_CPUS_ENV: ",".join(map(str, cpus)), "PYTHONPATH": src}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == " ".join([str(cpus)] * 3)  # returned, main thread, the other thread
+    env.pop(ENGINE_CPUS_ENV)
+    unset = code.replace("print(sorted(widen_to_engine_cpus()),", "print(widen_to_engine_cpus(),")
+    out = subprocess.run([sys.executable, "-c", unset], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"None [{cpus[-1]}] [{cpus[-1]}]"  # nothing changes
+
+
+def test_the_titles_are_the_ones_vllm_and_ray_set():
+    import vllm.envs
+    from ray._private import ray_constants
+    from vllm.v1.executor import multiproc_executor
+
+    assert f"{vllm.envs.VLLM_PROCESS_NAME_PREFIX}::Worker" == VLLM_WORKER_TITLE
+    assert 'set_process_title(name="Worker")' in inspect.getsource(multiproc_executor)
+    assert ray_constants.WORKER_PROCESS_TYPE_IDLE_WORKER.startswith(RAY_WORKER_TITLE_PREFIX)
