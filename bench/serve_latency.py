@@ -78,7 +78,9 @@ def _role(proc, parents: dict[int, str]) -> str:
         return "gone"
     parent = parents.get(proc.ppid(), "")
     server = "ray" if parent.startswith("ray") else "vllm" if parent.startswith("vllm") else ""
-    for title, role in (("VLLM::EngineCore", "engine_core"), ("VLLM::Worker", "engine_worker")):
+    from e2e_llm.cpu_pinning import VLLM_WORKER_TITLE
+
+    for title, role in (("VLLM::EngineCore", "engine_core"), (VLLM_WORKER_TITLE, "engine_worker")):
         if title in cmd:
             return f"{server or 'other'}:{role}"
     return next((role for needle, role in ROLES if needle in cmd), "other:" + proc.name()[:24])

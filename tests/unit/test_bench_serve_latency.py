@@ -39,6 +39,8 @@ class _Proc:
     ("ray::ServeReplica:llm:E2ELLMServer:smollm2-135m", "ray:engine_replica"),
     ("ray::IDLE", "ray:other_worker"),
     ("python -m vllm.entrypoints.openai.api_server --port 1", "vllm:api_server"),
+    ("VLLM::Worker", "other:engine_worker"),  # named after the server that started it; none here
+    ("VLLM::EngineCore", "other:engine_core"),
 ])
 def test_processes_are_labelled_by_role(bench, cmd, role):
     assert bench._role(_Proc(cmd), {}) == role
