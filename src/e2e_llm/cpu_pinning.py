@@ -39,8 +39,9 @@ RAY_WORKER_TITLE_PREFIX = "ray::"
 def engine_cpus_env(config: Any) -> dict[str, str]:
     """``{ENGINE_CPUS_ENV: "0,1,..."}`` (the CPUs this process may use) when ``config`` serves on
     CPU with ``serve.isolate_engine_cpus``; else ``{}`` (nothing is pinned)."""
-    serve = config.serve
-    if not serve.isolate_engine_cpus or serve.num_gpus_per_replica > 0:
+    from e2e_llm.precision import serve_device
+
+    if not config.serve.isolate_engine_cpus or serve_device(config) != "cpu":
         return {}
     return {ENGINE_CPUS_ENV: ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))}
 

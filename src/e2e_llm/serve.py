@@ -25,6 +25,7 @@ from typing import Any
 from e2e_llm.adapters import vllm_max_lora_rank
 from e2e_llm.config import PipelineConfig
 from e2e_llm.model import model_location
+from e2e_llm.precision import serve_device
 from e2e_llm.storage import ENDPOINT_ENV, s3_endpoint
 from e2e_llm.stream_pacing import PACING_KEYS
 
@@ -109,7 +110,7 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
     """JSON-serialisable arguments for :func:`build_app` (the Serve application ``args``)."""
     serve = config.serve
     store_uri = config.adapters_uri()
-    cpu = serve.num_gpus_per_replica == 0
+    cpu = serve_device(config) == "cpu"
 
     env: dict[str, str] = {}
     if config.storage.endpoint_url:
