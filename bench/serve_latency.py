@@ -15,8 +15,14 @@ the record says where the time went. Appends one record to bench/results.jsonl (
 the dtype and the load average before/after; ``ratios`` holds Serve / vLLM per model and
 concurrency) and prints a table. Loopback only; every loop is bounded.
 
+``--interleave``: both servers up at once (Serve's Ray driver in a child process), taking turns
+round by round in ABBA order; the server not being measured is stopped (SIGSTOP, its whole
+process tree) so it costs nothing. On a host whose speed drifts by minutes this compares the
+servers under the same conditions far more closely than phases do.
+
 Usage:
     flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base
+    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base --interleave --rounds 8
     # as on an AVX2-only CPU (`make e2e-avx2`; the engine then runs float32):
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base
@@ -35,7 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +239,47 @@ def phase_plan(rounds: int, only: str | None = None, cycles: int = 1) -> list[tu
     return plan
 
 
+def interleaved_plan(rounds: int) -> list[str]:
+    """``--interleave``: the servers' order for the rounds of one model and concurrency, in pairs
+    alternating vLLM, Serve / Serve, vLLM (ABBA): a drift of the machine's speed within the run
+    (on a shared host, up to 30% within minutes) falls on both servers alike, round by round."""
+    order: list[str] = []
+    for k in range(rounds):
+        pair = ["vllm", "ray_serve_llm"]
+        order += pair if k % 2 == 0 else pair[::-1]
+    return order
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a server's processes), parents first."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(p.pid for p in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@contextmanager
+def frozen(pid: int):
+    """Every process of the tree at ``pid`` stopped (SIGSTOP) for the block, resumed after: the
+    server not being measured uses no CPU, as if it were not there (an idle Ray instance costs
+    ~0.1 of a core), yet it keeps its state, so the servers can take turns round by round.
+    The whole tree stops and resumes together, so none of its processes sees another one
+    stall (Ray's health checks and vLLM's engine-core client)."""
+    pids = process_tree(pid)
+    for p in pids:
+        with suppress(ProcessLookupError):
+            os.kill(p, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for p in reversed(pids):
+            with suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+
+
 def steal_seconds(stat: Path = Path("/proc/stat")) -> float:
     """CPU time the hypervisor gave to other guests so far (``steal`` in /proc/stat; 0 where the
     kernel does not count it): a round with more steal ran on a slower machine."""
@@ -243,28 +290,32 @@ def steal_seconds(stat: Path = Path("/proc/stat")) -> float:
         return 0.0
 
 
+def run_round(server: str, base_url: str, kind: str, model: str, concurrency: int, prompts, args,
+              merged: dict) -> None:
+    """One round of one server at one concurrency, added to ``merged``."""
+    n = args.requests_1 if concurrency == 1 else max(args.requests_n, concurrency)
+    before, steal = cpu_snapshot(), steal_seconds()
+    results, wall = asyncio.run(load(base_url, model, prompts, concurrency, n, args.max_tokens, args.warmup))
+    used = cpu_by_role(before, cpu_snapshot())
+    stolen = round(steal_seconds() - steal, 2)
+    m = merged.setdefault((server, kind, concurrency), {"results": [], "wall": 0.0, "cpu": {}, "rounds": []})
+    m["results"] += results
+    m["wall"] += wall
+    for role, seconds in used.items():
+        m["cpu"][role] = round(m["cpu"].get(role, 0.0) + seconds, 2)
+    stats = summarize(results, wall, concurrency)
+    m["rounds"].append({**{k: stats[k] for k in ("p50_s", "req_per_s", "errors")}, "steal_s": stolen})
+    print(json.dumps({"server": server, "model": kind, **stats, "cpu_s": used, "steal_s": stolen,
+                      "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+
+
 def run_rounds(server: str, base_url: str, models: dict[str, str], rounds: int, prompts, args,
                merged: dict) -> None:
     """``rounds`` rounds per (model, concurrency) against one server, added to ``merged``."""
     for kind in args.models:
         for concurrency in args.concurrency:
-            n = args.requests_1 if concurrency == 1 else max(args.requests_n, concurrency)
             for _ in range(rounds):
-                before, steal = cpu_snapshot(), steal_seconds()
-                results, wall = asyncio.run(load(base_url, models[kind], prompts, concurrency, n, args.max_tokens,
-                                                 args.warmup))
-                used = cpu_by_role(before, cpu_snapshot())
-                stolen = round(steal_seconds() - steal, 2)
-                m = merged.setdefault((server, kind, concurrency), {"results": [], "wall": 0.0, "cpu": {},
-                                                                    "rounds": []})
-                m["results"] += results
-                m["wall"] += wall
-                for role, seconds in used.items():
-                    m["cpu"][role] = round(m["cpu"].get(role, 0.0) + seconds, 2)
-                stats = summarize(results, wall, concurrency)
-                m["rounds"].append({**{k: stats[k] for k in ("p50_s", "req_per_s", "errors")}, "steal_s": stolen})
-                print(json.dumps({"server": server, "model": kind, **stats, "cpu_s": used, "steal_s": stolen,
-                                  "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+                run_round(server, base_url, kind, models[kind], concurrency, prompts, args, merged)
 
 
 def merged_rows(merged: dict) -> list[dict]:
@@ -342,6 +393,46 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
         os.environ.update(saved_env)
 
 
+def _serve_child(conn, config, adapter_id: str | None, args) -> None:
+    """The body of :func:`serve_in_child`'s process: the app up, its URL sent, then held until told."""
+    startup: dict = {}
+    with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
+        conn.send((url, models, ray_init, startup))
+        conn.recv()
+
+
+@contextmanager
+def serve_in_child(config, adapter_id: str | None, args, startup: dict):
+    """:func:`serve_server` in a child process (its Ray driver), so the whole Ray instance,
+    driver included, can be :func:`frozen`; yields the URL, models, Ray options and the child's pid."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_serve_child, args=(there, config, adapter_id, args), name="bench-serve")
+    proc.start()
+    try:
+        if not here.poll(600):
+            raise TimeoutError("the Serve app did not come up within 600 s")
+        url, models, ray_init, child_startup = here.recv()
+        for key, value in child_startup.items():
+            if isinstance(value, list):
+                startup.setdefault(key, []).extend(value)
+            else:
+                startup[key] = value
+        yield url, models, ray_init, proc.pid
+    finally:
+        for p in process_tree(proc.pid):  # never leave it stopped
+            with suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+        with suppress(OSError, EOFError):
+            here.send("stop")
+        proc.join(120)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(30)
+
+
 def vllm_flags(engine_kwargs: dict) -> list[str]:
     flags = []
     for key, value in engine_kwargs.items():
@@ -367,7 +458,7 @@ def vllm_server(config, model_path: str, adapter_dir: Path | None, engine_kwargs
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 300, proc)
         startup.setdefault("vllm", []).append(round(time.monotonic() - t0, 1))
-        yield f"http://127.0.0.1:{port}", {"base": config.model.id, "lora": "bench"}, cmd
+        yield f"http://127.0.0.1:{port}", {"base": config.model.id, "lora": "bench"}, cmd, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -390,6 +481,30 @@ def machine_info() -> dict:
             "isa_env": {k: os.environ[k] for k in CPU_CAP_ENV if k in os.environ},
             "dtype": choose_dtype("auto", "cpu", signals=signals).line(),
             "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+
+
+def run_interleaved(config, llm: dict, adapter_dir, adapter_id, prompts, args, startup: dict, merged: dict,
+                    idle: dict) -> tuple[list[str], dict]:
+    """``--interleave``: vLLM and Serve up together; each server's idle cost and then its rounds
+    in :func:`interleaved_plan` order, the other server :func:`frozen` meanwhile. Returns the
+    vLLM command and the Ray options."""
+    with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir, llm["engine_kwargs"],
+                     startup) as (vllm_url, vllm_models, vllm_cmd, vllm_pid), \
+            serve_in_child(config, adapter_id, args, startup) as (serve_url, serve_models, ray_init, serve_pid):
+        servers = {"vllm": (vllm_url, vllm_models, vllm_pid), "ray_serve_llm": (serve_url, serve_models, serve_pid)}
+        other = {"vllm": "ray_serve_llm", "ray_serve_llm": "vllm"}
+        if args.idle_s:
+            for server in servers:
+                with frozen(servers[other[server]][2]):
+                    idle.setdefault(server, []).append(idle_cores(args.idle_s))
+        for kind in args.models:
+            for concurrency in args.concurrency:
+                for server in interleaved_plan(args.rounds):
+                    url, models, _ = servers[server]
+                    with frozen(servers[other[server]][2]):
+                        wait_http(f"{url}/v1/models", 120)
+                        run_round(server, url, kind, models[kind], concurrency, prompts, args, merged)
+    return vllm_cmd, ray_init
 
 
 def pick(rows, server, model, concurrency):
@@ -418,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per server, model and concurrency")
     parser.add_argument("--cycles", type=int, default=1,
                         help="repeat vLLM, Serve, vLLM this many times (rounds per server: rounds x cycles)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="both servers up at once, taking turns round by round (ABBA), the other one "
+                             "stopped (SIGSTOP) meanwhile; --cycles does not apply")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", choices=["serve", "vllm"], help="run one server (tuning runs)")
@@ -431,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="free text stored with the record (what changed)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results.jsonl"))
     args = parser.parse_args(argv)
+    if args.interleave and args.only:
+        parser.error("--interleave compares both servers; it cannot be combined with --only")
 
     from e2e_llm.config import load_profile
     from e2e_llm.local_s3 import start
@@ -464,13 +584,16 @@ def main(argv: list[str] | None = None) -> int:
                 idle.setdefault(server, []).append(idle_cores(args.idle_s))
             run_rounds(server, url, models, rounds, prompts, args, merged)
 
-        for server, rounds in phase_plan(args.rounds, args.only, args.cycles):
+        if args.interleave:
+            vllm_cmd, ray_init = run_interleaved(config, llm, adapter_dir, adapter_id, prompts, args, startup,
+                                                 merged, idle)
+        for server, rounds in ([] if args.interleave else phase_plan(args.rounds, args.only, args.cycles)):
             if server == "ray_serve_llm":
                 with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
                     phase(server, url, models, rounds)
             else:
                 with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir,
-                                 llm["engine_kwargs"], startup) as (url, models, vllm_cmd):
+                                 llm["engine_kwargs"], startup) as (url, models, vllm_cmd, _):
                     phase(server, url, models, rounds)
         results = merged_rows(merged)
     finally:
@@ -488,7 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                      "max_tokens": args.max_tokens, "ignore_eos": True, "stream": True,
                      "requests_1": args.requests_1, "requests_n": args.requests_n, "warmup": args.warmup,
                      "rounds": args.rounds, "cycles": args.cycles,
-                     "phases": phase_plan(args.rounds, args.only, args.cycles),
+                     "interleave": args.interleave,
+                     "phases": (interleaved_plan(args.rounds) if args.interleave
+                                else phase_plan(args.rounds, args.only, args.cycles)),
                      "vllm_cmd": " ".join(vllm_cmd[2:]) if vllm_cmd else None, "note": args.note,
                      "serve_stream_batching_interval_ms": args.batching_ms or config.serve.stream_batching_interval_ms,
                      "serve_stream_pacing": None if args.batching_ms else {

@@ -79,3 +79,45 @@ def test_steal_time_is_the_eighth_cpu_counter_of_proc_stat(bench, tmp_path):
     assert bench.steal_seconds(stat) == 0.0
     assert bench.steal_seconds(tmp_path / "missing") == 0.0
     assert bench.steal_seconds() >= 0.0  # this machine's
+
+
+def test_interleaved_rounds_alternate_in_abba_pairs(bench):
+    assert bench.interleaved_plan(4) == ["vllm", "ray_serve_llm", "ray_serve_llm", "vllm",
+                                         "vllm", "ray_serve_llm", "ray_serve_llm", "vllm"]
+    plan = bench.interleaved_plan(5)
+    assert plan.count("vllm") == plan.count("ray_serve_llm") == 5
+
+
+def _state(pid):
+    # /proc/<pid>/stat: "pid (comm) S ..."; T = stopped
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_frozen_stops_a_whole_process_tree_and_resumes_it(bench):
+    import subprocess
+    import sys
+    import time
+
+    # A parent with a child, both alive until killed.
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+                               "time.sleep(600)"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(bench.process_tree(parent.pid)) < 2:
+            assert time.monotonic() < deadline, "the child process never started"
+            time.sleep(0.05)
+        with bench.frozen(parent.pid) as pids:
+            assert len(pids) == 2 and pids[0] == parent.pid
+            assert {_state(p) for p in pids} == {"T"}
+        assert "T" not in {_state(p) for p in pids}
+    finally:
+        for pid in reversed(bench.process_tree(parent.pid)):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        parent.wait(10)
+
+
+def test_frozen_tolerates_a_process_that_is_gone(bench):
+    with bench.frozen(2**22 + 12345) as pids:  # above pid_max's default: never a live process
+        assert pids == []
