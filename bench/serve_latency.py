@@ -261,23 +261,58 @@ def process_tree(pid: int) -> list[int]:
         return []
 
 
-@contextmanager
-def frozen(pid: int):
-    """Every process of the tree at ``pid`` stopped (SIGSTOP) for the block, resumed after: the
-    server not being measured uses no CPU, as if it were not there (an idle Ray instance costs
-    ~0.1 of a core), yet it keeps its state, so the servers can take turns round by round.
-    The whole tree stops and resumes together, so none of its processes sees another one
-    stall (Ray's health checks and vLLM's engine-core client)."""
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (``T``: stopped); "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def stop_tree(pid: int, timeout: float = 10.0) -> list[int]:
+    """SIGSTOP every process of the tree at ``pid`` (parents first, so none starts a new child
+    meanwhile) and wait until each one is stopped; their pids."""
     pids = process_tree(pid)
     for p in pids:
         with suppress(ProcessLookupError):
             os.kill(p, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while running := [p for p in pids if process_state(p) not in ("T", "t", "", "Z", "X")]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes {running} of {pid}'s tree did not stop within {timeout:.0f} s")
+        time.sleep(0.05)
+    return pids
+
+
+def resume(pids: list[int]) -> None:
+    for p in reversed(pids):
+        with suppress(ProcessLookupError):
+            os.kill(p, signal.SIGCONT)
+
+
+@contextmanager
+def taking_turns(trees: dict[str, int]):
+    """``--interleave``: yields ``turn(name)``, after which only the process tree of ``name``
+    (of ``trees``: name -> root pid) runs and every other one is stopped (SIGSTOP), keeping its
+    state: the server not being measured uses no CPU, as if it were not there (an idle Ray
+    instance costs ~0.1 of a core). A tree only stops or resumes when the turn changes hands,
+    and all of it at once, so none of its processes sees another one stall (Ray's health checks,
+    vLLM's engine-core client). On exit every tree runs again."""
+    stopped: dict[str, list[int]] = {}
+
+    def turn(name: str) -> None:
+        for other, root in trees.items():
+            if other != name and other not in stopped:
+                stopped[other] = stop_tree(root)
+        if name in stopped:
+            resume(stopped.pop(name))
+
     try:
-        yield pids
+        yield turn
     finally:
-        for p in reversed(pids):
-            with suppress(ProcessLookupError):
-                os.kill(p, signal.SIGCONT)
+        for pids in stopped.values():
+            resume(pids)
 
 
 def steal_seconds(stat: Path = Path("/proc/stat")) -> float:
@@ -357,40 +392,40 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     import ray
     from ray import serve
 
-    from e2e_llm.cpu_pinning import engine_cpus_env, pin_off_engine
+    from e2e_llm.cpu_pinning import EngineCpuIsolation
     from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
     port = free_port()
     t0 = time.monotonic()
     init = ray_init_kwargs(config, temp_dir=tempfile.mkdtemp(prefix="r-bench-", dir="/tmp"))
     init["_metrics_export_port"] = None  # a fixed port could clash with a running `e2e-llm serve`
-    saved_env = dict(os.environ)
-    os.environ.update(engine_cpus_env(config))
-    ray.init(**init)
-    try:
-        serve.start(**serve_start_kwargs(config, "127.0.0.1", port))
-        app = app_args(config)
-        for llm in app["llm_configs"]:
-            if args.batching_ms is not None:  # a fixed interval: the profile's pacing off
-                llm["experimental_configs"] = {"stream_batching_interval_ms": args.batching_ms}
-            if args.no_engine_metrics:
-                llm["log_engine_metrics"] = False
-        serve.run(build_app(app), name="llm", route_prefix="/")
-        # As `e2e-llm serve` does; the load generator (this process) is not moved, as with vLLM.
-        pinning = pin_off_engine(os.getpid())
-        startup["ray_serve_llm_cpus"] = pinning and {"engine": sorted(pinning.engine_cpus),
-                                                      "ray": sorted(pinning.ray_cpus)}
-        print("cpus:", startup["ray_serve_llm_cpus"], flush=True)
-        startup.setdefault("ray_serve_llm", []).append(round(time.monotonic() - t0, 1))
-        startup["ray_serve_llm_niceness"] = niceness_by_role()
-        print("niceness:", startup["ray_serve_llm_niceness"], flush=True)
-        models = {"base": config.model.id, "lora": f"{config.model.id}:{adapter_id}"}
-        yield f"http://127.0.0.1:{port}", models, {k: v for k, v in init.items() if k != "_temp_dir"}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved_env)
+    saved_env = dict(os.environ)  # ray.init and the pinning set variables; a later phase starts clean
+    with EngineCpuIsolation(config) as isolation:
+        ray.init(**init)
+        try:
+            serve.start(**serve_start_kwargs(config, "127.0.0.1", port))
+            app = app_args(config)
+            for llm in app["llm_configs"]:
+                if args.batching_ms is not None:  # a fixed interval: the profile's pacing off
+                    llm["experimental_configs"] = {"stream_batching_interval_ms": args.batching_ms}
+                if args.no_engine_metrics:
+                    llm["log_engine_metrics"] = False
+            serve.run(build_app(app), name="llm", route_prefix="/")
+            # As `e2e-llm serve` does; the load generator (this process) is not moved, as with vLLM.
+            pinning = isolation.pin()
+            startup["ray_serve_llm_cpus"] = pinning and {"engine": sorted(pinning.engine_cpus),
+                                                          "ray": sorted(pinning.ray_cpus)}
+            print("cpus:", startup["ray_serve_llm_cpus"], flush=True)
+            startup.setdefault("ray_serve_llm", []).append(round(time.monotonic() - t0, 1))
+            startup["ray_serve_llm_niceness"] = niceness_by_role()
+            print("niceness:", startup["ray_serve_llm_niceness"], flush=True)
+            models = {"base": config.model.id, "lora": f"{config.model.id}:{adapter_id}"}
+            yield f"http://127.0.0.1:{port}", models, {k: v for k, v in init.items() if k != "_temp_dir"}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            os.environ.clear()
+            os.environ.update(saved_env)
 
 
 def _serve_child(conn, config, adapter_id: str | None, args) -> None:
@@ -404,7 +439,7 @@ def _serve_child(conn, config, adapter_id: str | None, args) -> None:
 @contextmanager
 def serve_in_child(config, adapter_id: str | None, args, startup: dict):
     """:func:`serve_server` in a child process (its Ray driver), so the whole Ray instance,
-    driver included, can be :func:`frozen`; yields the URL, models, Ray options and the child's pid."""
+    driver included, can be stopped (:func:`taking_turns`); yields the URL, models, Ray options and the child's pid."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -486,22 +521,22 @@ def machine_info() -> dict:
 def run_interleaved(config, llm: dict, adapter_dir, adapter_id, prompts, args, startup: dict, merged: dict,
                     idle: dict) -> tuple[list[str], dict]:
     """``--interleave``: vLLM and Serve up together; each server's idle cost and then its rounds
-    in :func:`interleaved_plan` order, the other server :func:`frozen` meanwhile. Returns the
+    in :func:`interleaved_plan` order, the other server stopped meanwhile (:func:`taking_turns`). Returns the
     vLLM command and the Ray options."""
     with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir, llm["engine_kwargs"],
                      startup) as (vllm_url, vllm_models, vllm_cmd, vllm_pid), \
             serve_in_child(config, adapter_id, args, startup) as (serve_url, serve_models, ray_init, serve_pid):
-        servers = {"vllm": (vllm_url, vllm_models, vllm_pid), "ray_serve_llm": (serve_url, serve_models, serve_pid)}
-        other = {"vllm": "ray_serve_llm", "ray_serve_llm": "vllm"}
-        if args.idle_s:
-            for server in servers:
-                with frozen(servers[other[server]][2]):
+        servers = {"vllm": (vllm_url, vllm_models), "ray_serve_llm": (serve_url, serve_models)}
+        with taking_turns({"vllm": vllm_pid, "ray_serve_llm": serve_pid}) as turn:
+            if args.idle_s:
+                for server in servers:
+                    turn(server)
                     idle.setdefault(server, []).append(idle_cores(args.idle_s))
-        for kind in args.models:
-            for concurrency in args.concurrency:
-                for server in interleaved_plan(args.rounds):
-                    url, models, _ = servers[server]
-                    with frozen(servers[other[server]][2]):
+            for kind in args.models:
+                for concurrency in args.concurrency:
+                    for server in interleaved_plan(args.rounds):
+                        url, models = servers[server]
+                        turn(server)
                         wait_http(f"{url}/v1/models", 120)
                         run_round(server, url, kind, models[kind], concurrency, prompts, args, merged)
     return vllm_cmd, ray_init

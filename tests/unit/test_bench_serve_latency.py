@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bench/serve_latency.py's CPU accounting: process roles and the idle cost per server."""
+"""bench/serve_latency.py's CPU accounting (process roles, the idle cost per server) and its
+interleaved mode (round order, servers taking turns)."""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -88,36 +90,62 @@ def test_interleaved_rounds_alternate_in_abba_pairs(bench):
     assert plan.count("vllm") == plan.count("ray_serve_llm") == 5
 
 
-def _state(pid):
-    # /proc/<pid>/stat: "pid (comm) S ..."; T = stopped
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
-def test_frozen_stops_a_whole_process_tree_and_resumes_it(bench):
+def _tree(bench):
+    """A parent with a child, both sleeping until killed; returns the parent's Popen."""
     import subprocess
     import sys
     import time
 
-    # A parent with a child, both alive until killed.
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
                                "time.sleep(600)"])
+    deadline = time.monotonic() + 30
+    while len(bench.process_tree(parent.pid)) < 2:
+        assert time.monotonic() < deadline, "the child process never started"
+        time.sleep(0.05)
+    return parent
+
+
+def _kill(bench, parent):
+    import signal
+
+    for pid in reversed(bench.process_tree(parent.pid)):
+        os.kill(pid, signal.SIGKILL)
+    parent.wait(10)
+
+
+def test_taking_turns_stops_every_other_tree_whole_and_resumes_all_on_exit(bench):
+    trees = {"a": _tree(bench), "b": _tree(bench)}
     try:
-        deadline = time.monotonic() + 30
-        while len(bench.process_tree(parent.pid)) < 2:
-            assert time.monotonic() < deadline, "the child process never started"
-            time.sleep(0.05)
-        with bench.frozen(parent.pid) as pids:
-            assert len(pids) == 2 and pids[0] == parent.pid
-            assert {_state(p) for p in pids} == {"T"}
-        assert "T" not in {_state(p) for p in pids}
+        pids = {name: bench.process_tree(proc.pid) for name, proc in trees.items()}
+
+        def states(name):
+            return {bench.process_state(pid) for pid in pids[name]}
+
+        with bench.taking_turns({name: proc.pid for name, proc in trees.items()}) as turn:
+            turn("a")
+            assert states("b") == {"T"} and "T" not in states("a")
+            turn("a")  # the same turn again: nothing changes hands
+            assert states("b") == {"T"} and "T" not in states("a")
+            turn("b")
+            assert states("a") == {"T"} and "T" not in states("b")
+        assert "T" not in states("a") | states("b")
     finally:
-        for pid in reversed(bench.process_tree(parent.pid)):
-            subprocess.run(["kill", "-9", str(pid)], check=False)
-        parent.wait(10)
+        for proc in trees.values():
+            _kill(bench, proc)
 
 
-def test_frozen_tolerates_a_process_that_is_gone(bench):
-    with bench.frozen(2**22 + 12345) as pids:  # above pid_max's default: never a live process
-        assert pids == []
+def test_a_tree_that_does_not_stop_is_an_error(bench, monkeypatch):
+    proc = _tree(bench)
+    try:
+        monkeypatch.setattr(bench, "process_state", lambda pid: "S")  # as if the stop never took
+        with pytest.raises(RuntimeError, match="did not stop"):
+            bench.stop_tree(proc.pid, timeout=0.2)
+    finally:
+        bench.resume(bench.process_tree(proc.pid))
+        _kill(bench, proc)
+
+
+def test_a_gone_process_has_no_state_and_an_empty_tree(bench):
+    gone = 2**22 + 12345  # above pid_max's default: never a live process
+    assert bench.process_state(gone) == "" and bench.process_tree(gone) == []
