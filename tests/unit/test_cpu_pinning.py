@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -19,6 +20,7 @@ from e2e_llm.cpu_pinning import (
     ENGINE_CPUS_ENV,
     RAY_WORKER_TITLE_PREFIX,
     VLLM_WORKER_TITLE,
+    EngineCpuIsolation,
     engine_cpus_env,
     parse_cpus,
     pin_off_engine,
@@ -52,7 +54,13 @@ def _spawn(title: str, code: str) -> str:
 
 
 @pytest.fixture
-def fake_serve_tree(tmp_path):
+def fake_serve_tree():
+    with _fake_serve_tree() as tree:
+        yield tree
+
+
+@contextmanager
+def _fake_serve_tree():
     """driver -> (replica "ray::ServeReplica:..." -> "VLLM::EngineCore" -> "VLLM::Worker"),
     "ray::ProxyActor", "raylet"-like daemon; yields (driver, {title: pid})."""
     worker = f"import subprocess, sys; {_spawn(VLLM_WORKER_TITLE, SLEEP)}; {SLEEP}"
@@ -113,6 +121,47 @@ def test_nothing_moves_without_the_variable_or_a_bound_worker(fake_serve_tree, m
     # The worker holds every allowed CPU (vLLM reserved none): nowhere to move the rest to.
     assert pin_off_engine(driver.pid) is None
     assert os.sched_getaffinity(pids["ray::ProxyActor"]) == cpus
+
+
+@TWO_CPUS
+def test_the_callers_own_processes_from_before_ray_stay_where_they_are(project_root, monkeypatch):
+    """EngineCpuIsolation as `e2e-llm serve`, the bench and the tests' app use it: a process this
+    one started before Ray (a local S3 store, with a child) is not Ray's and is not moved."""
+    monkeypatch.delenv(ENGINE_CPUS_ENV, raising=False)
+    cpus = sorted(os.sched_getaffinity(0))
+    store = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; {_spawn('store-child', SLEEP)}; {SLEEP}"])
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(store.pid).children():
+            assert time.monotonic() < deadline, "the store's child never started"
+            time.sleep(0.1)
+        store_child = psutil.Process(store.pid).children()[0].pid
+        with EngineCpuIsolation(load_profile("local", root=project_root)) as isolation:
+            assert parse_cpus(os.environ[ENGINE_CPUS_ENV]) == set(cpus)  # set for Ray's processes to inherit
+            assert {store.pid, store_child} <= isolation.before
+            with _fake_serve_tree() as (driver, pids):  # "Ray", started after entering
+                os.sched_setaffinity(pids[VLLM_WORKER_TITLE], {cpus[0]})
+                pinning = isolation.pin()
+                assert pinning is not None
+                assert {driver.pid, pids["ray::ProxyActor"]} <= set(pinning.pinned)
+                assert store.pid not in pinning.pinned and store_child not in pinning.pinned
+                assert os.sched_getaffinity(store.pid) == os.sched_getaffinity(store_child) == set(cpus)
+                assert os.sched_getaffinity(pids["ray::ProxyActor"]) == set(cpus[1:])
+        assert ENGINE_CPUS_ENV not in os.environ  # restored on exit
+    finally:
+        for p in psutil.Process(store.pid).children(recursive=True):
+            p.kill()
+        store.kill()
+        store.wait(10)
+
+
+def test_isolation_off_in_the_profile_sets_and_pins_nothing(project_root, monkeypatch):
+    monkeypatch.delenv(ENGINE_CPUS_ENV, raising=False)
+    config = load_profile("local", root=project_root)
+    config.serve.isolate_engine_cpus = False
+    with EngineCpuIsolation(config) as isolation:
+        assert ENGINE_CPUS_ENV not in os.environ
+        assert isolation.pin() is None
 
 
 @TWO_CPUS

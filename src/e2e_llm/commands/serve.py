@@ -86,31 +86,31 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
     import ray
     from ray import serve
 
-    from e2e_llm.cpu_pinning import engine_cpus_env, pin_off_engine
+    from e2e_llm.cpu_pinning import EngineCpuIsolation
     from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     code = 0
-    os.environ.update(engine_cpus_env(config))  # Ray's processes inherit it
-    ray.init(**ray_init_kwargs(config, temp_dir=args.ray_temp_dir))
-    try:
-        serve.start(**serve_start_kwargs(config, host, port))
-        serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
-        if pinning := pin_off_engine(os.getpid()):
-            print(f"Ray's processes run on CPUs {sorted(pinning.ray_cpus)}, the engine's worker on "
-                  f"{sorted(pinning.engine_cpus)} (serve.isolate_engine_cpus)", flush=True)
-        base_url = f"http://{host}:{port}{config.serve.route_prefix.rstrip('/')}/v1"
-        print(f"serving {config.model.id} at {base_url} (model=\"{model}\"); Ctrl-C to stop", flush=True)
-        if args.then:
-            env = {**os.environ, "E2E_LLM_BASE_URL": base_url, "E2E_LLM_MODEL": model}
-            code = subprocess.run(shlex.split(args.then), env=env, check=False).returncode
-        else:
-            while not stop.wait(0.5):
-                pass
-    finally:
-        print("shutting down Serve and Ray", flush=True)
-        serve.shutdown()
-        ray.shutdown()
+    with EngineCpuIsolation(config) as isolation:  # before ray.init: Ray's processes inherit the setting
+        ray.init(**ray_init_kwargs(config, temp_dir=args.ray_temp_dir))
+        try:
+            serve.start(**serve_start_kwargs(config, host, port))
+            serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
+            if pinning := isolation.pin():
+                print(f"Ray's processes run on CPUs {sorted(pinning.ray_cpus)}, the engine's worker on "
+                      f"{sorted(pinning.engine_cpus)} (serve.isolate_engine_cpus)", flush=True)
+            base_url = f"http://{host}:{port}{config.serve.route_prefix.rstrip('/')}/v1"
+            print(f"serving {config.model.id} at {base_url} (model=\"{model}\"); Ctrl-C to stop", flush=True)
+            if args.then:
+                env = {**os.environ, "E2E_LLM_BASE_URL": base_url, "E2E_LLM_MODEL": model}
+                code = subprocess.run(shlex.split(args.then), env=env, check=False).returncode
+            else:
+                while not stop.wait(0.5):
+                    pass
+        finally:
+            print("shutting down Serve and Ray", flush=True)
+            serve.shutdown()
+            ray.shutdown()
     return code
