@@ -557,6 +557,33 @@ def ratios(results: list[dict], models: list[str], concurrency: list[int]) -> di
     return out
 
 
+# Two-sided 95% critical values of Student's t by degrees of freedom (1.96 beyond the table).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+       20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def paired_throughput(results: list[dict], models: list[str], concurrency: list[int]) -> dict[str, dict]:
+    """``--interleave``: Serve / vLLM throughput per pair of neighbouring rounds (the k-th of each
+    server are adjacent in :func:`interleaved_plan`), their mean and its 95% confidence interval:
+    how sure the ratio is on a host whose speed drifts."""
+    out = {}
+    for model in models:
+        for c in concurrency:
+            s, v = pick(results, "ray_serve_llm", model, c), pick(results, "vllm", model, c)
+            pairs = [a["req_per_s"] / b["req_per_s"] for a, b in zip(s["rounds"], v["rounds"]) if b["req_per_s"]]
+            if len(pairs) < 2:
+                continue
+            mean = sum(pairs) / len(pairs)
+            sd = (sum((x - mean) ** 2 for x in pairs) / (len(pairs) - 1)) ** 0.5
+            df = len(pairs) - 1
+            t = T95.get(df) or (T95[max(k for k in T95 if k <= df)] if df < 30 else 1.96)
+            half = t * sd / len(pairs) ** 0.5
+            out[f"{model}/{c}"] = {"mean": round(mean, 3), "ci95": [round(mean - half, 3), round(mean + half, 3)],
+                                   "pairs": len(pairs)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="local")
@@ -666,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.only is None:
         record["ratios"] = ratios(results, args.models, args.concurrency)
+        if args.interleave:
+            record["paired_throughput_ratio"] = paired_throughput(results, args.models, args.concurrency)
         hi = max(args.concurrency)
         base = record["ratios"].get(f"base/{hi}")
         if base:
@@ -688,6 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     for server, cores in record["idle_cpu_cores"].items():
         print(f"idle {server}: {cores['total']:.3f} cores {cores}")
     print(json.dumps(record.get("ratios")))
+    if "paired_throughput_ratio" in record:
+        print("paired throughput ratios (mean, 95% CI):", json.dumps(record["paired_throughput_ratio"]))
     return 0
 
 

@@ -149,3 +149,18 @@ def test_a_tree_that_does_not_stop_is_an_error(bench, monkeypatch):
 def test_a_gone_process_has_no_state_and_an_empty_tree(bench):
     gone = 2**22 + 12345  # above pid_max's default: never a live process
     assert bench.process_state(gone) == "" and bench.process_tree(gone) == []
+
+
+def test_paired_throughput_ratio_pairs_neighbouring_rounds_with_a_confidence_interval(bench):
+    def row(server, rates):
+        return {"server": server, "model": "base", "concurrency": 16,
+                "rounds": [{"req_per_s": r} for r in rates]}
+
+    results = [row("ray_serve_llm", [2.0, 3.0, 2.7]), row("vllm", [2.0, 3.0, 3.0])]
+    paired = bench.paired_throughput(results, ["base"], [16])["base/16"]
+    assert paired["pairs"] == 3 and paired["mean"] == round((1.0 + 1.0 + 0.9) / 3, 3)
+    low, high = paired["ci95"]
+    # sd of (1, 1, 0.9) = 0.0577; t(2) = 4.303; half-width 4.303 * 0.0577 / sqrt(3) = 0.143
+    assert abs(low - (0.9667 - 0.1434)) < 0.002 and abs(high - (0.9667 + 0.1434)) < 0.002
+    # one pair says nothing about the spread: no interval
+    assert bench.paired_throughput([row("ray_serve_llm", [2.0]), row("vllm", [2.0])], ["base"], [16]) == {}
