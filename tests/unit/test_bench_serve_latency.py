@@ -1,9 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """bench/serve_latency.py's CPU accounting (process roles, the idle cost per server) and its
-interleaved mode (round order, servers taking turns)."""
+interleaved mode (round order, paired ratios; the turns themselves: test_bench_turns.py)."""
 
 import importlib.util
-import os
 
 import pytest
 
@@ -88,67 +87,6 @@ def test_interleaved_rounds_alternate_in_abba_pairs(bench):
                                          "vllm", "ray_serve_llm", "ray_serve_llm", "vllm"]
     plan = bench.interleaved_plan(5)
     assert plan.count("vllm") == plan.count("ray_serve_llm") == 5
-
-
-def _tree(bench):
-    """A parent with a child, both sleeping until killed; returns the parent's Popen."""
-    import subprocess
-    import sys
-    import time
-
-    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-                               "time.sleep(600)"])
-    deadline = time.monotonic() + 30
-    while len(bench.process_tree(parent.pid)) < 2:
-        assert time.monotonic() < deadline, "the child process never started"
-        time.sleep(0.05)
-    return parent
-
-
-def _kill(bench, parent):
-    import signal
-
-    for pid in reversed(bench.process_tree(parent.pid)):
-        os.kill(pid, signal.SIGKILL)
-    parent.wait(10)
-
-
-def test_taking_turns_stops_every_other_tree_whole_and_resumes_all_on_exit(bench):
-    trees = {"a": _tree(bench), "b": _tree(bench)}
-    try:
-        pids = {name: bench.process_tree(proc.pid) for name, proc in trees.items()}
-
-        def states(name):
-            return {bench.process_state(pid) for pid in pids[name]}
-
-        with bench.taking_turns({name: proc.pid for name, proc in trees.items()}) as turn:
-            turn("a")
-            assert states("b") == {"T"} and "T" not in states("a")
-            turn("a")  # the same turn again: nothing changes hands
-            assert states("b") == {"T"} and "T" not in states("a")
-            turn("b")
-            assert states("a") == {"T"} and "T" not in states("b")
-        assert "T" not in states("a") | states("b")
-    finally:
-        for proc in trees.values():
-            _kill(bench, proc)
-
-
-def test_a_tree_that_does_not_stop_is_an_error(bench, monkeypatch):
-    proc = _tree(bench)
-    try:
-        monkeypatch.setattr(bench, "process_state", lambda pid: "S")  # as if the stop never took
-        with pytest.raises(RuntimeError, match="did not stop"):
-            bench.stop_tree(proc.pid, timeout=0.2)
-    finally:
-        bench.resume(bench.process_tree(proc.pid))
-        _kill(bench, proc)
-
-
-def test_a_gone_process_has_no_state_and_an_empty_tree(bench):
-    gone = 2**22 + 12345  # above pid_max's default: never a live process
-    assert bench.process_state(gone) == "" and bench.process_tree(gone) == []
 
 
 def test_paired_throughput_ratio_pairs_neighbouring_rounds_with_a_confidence_interval(bench):
