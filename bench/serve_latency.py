@@ -384,8 +384,12 @@ def serve_in_child(config, adapter_id: str | None, args, startup: dict):
     proc = ctx.Process(target=_serve_child, args=(there, config, adapter_id, args), name="bench-serve")
     proc.start()
     try:
-        if not here.poll(600):
-            raise TimeoutError("the Serve app did not come up within 600 s")
+        deadline = time.monotonic() + 600
+        while not here.poll(1):  # the app is up when the child sends its URL
+            if not proc.is_alive():
+                raise RuntimeError(f"the Serve child process exited with {proc.exitcode} before the app was up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Serve app did not come up within 600 s")
         url, models, ray_init, child_startup = here.recv()
         for key, value in child_startup.items():
             if isinstance(value, list):

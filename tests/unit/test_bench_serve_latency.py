@@ -3,6 +3,7 @@
 interleaved mode (round order, paired ratios; the turns themselves: test_bench_turns.py)."""
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -14,6 +15,7 @@ def bench(project_root, monkeypatch):
     monkeypatch.syspath_prepend(str(project_root / "bench"))
     spec = importlib.util.spec_from_file_location("serve_latency", project_root / "bench" / "serve_latency.py")
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "serve_latency", module)  # by name, as a spawned child imports it
     spec.loader.exec_module(module)
     return module
 
@@ -102,3 +104,13 @@ def test_paired_throughput_ratio_pairs_neighbouring_rounds_with_a_confidence_int
     assert abs(low - (0.9667 - 0.1434)) < 0.002 and abs(high - (0.9667 + 0.1434)) < 0.002
     # one pair says nothing about the spread: no interval
     assert bench.paired_throughput([row("ray_serve_llm", [2.0]), row("vllm", [2.0])], ["base"], [16]) == {}
+
+
+def test_a_serve_child_that_dies_before_the_app_is_up_is_an_error_at_once(bench):
+    import types
+
+    args = types.SimpleNamespace(batching_ms=None, no_engine_metrics=False)
+    # No config: the child fails at once; the parent says so instead of waiting out its 600 s.
+    with pytest.raises(RuntimeError, match="exited with 1 before the app was up"):
+        with bench.serve_in_child(None, None, args, {}):
+            pass
