@@ -57,6 +57,24 @@ def project_root() -> Path:
 
 
 @pytest.fixture
+def bench_script(project_root, monkeypatch):
+    """Load a script of bench/ as a module by its name (bench/ on sys.path, so it finds its
+    neighbours, and in sys.modules, so a process it spawns imports the same one)."""
+    import importlib.util
+    import sys
+
+    def load(name: str):
+        monkeypatch.syspath_prepend(str(project_root / "bench"))
+        spec = importlib.util.spec_from_file_location(name, project_root / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
 def write_profile(tmp_path):
     """``write_profile(mutate)``: the local profile with ``mutate(data)`` applied, written to
     ``<tmp>/configs/profiles/broken.yaml``; returns its path."""

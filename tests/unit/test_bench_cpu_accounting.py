@@ -1,17 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """bench/cpu_accounting.py: process roles, the idle cost per server, steal time."""
 
-import importlib.util
-
 import pytest
 
 
 @pytest.fixture
-def accounting(project_root):
-    spec = importlib.util.spec_from_file_location("cpu_accounting", project_root / "bench" / "cpu_accounting.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def accounting(bench_script):
+    return bench_script("cpu_accounting")
 
 
 class _Proc:

@@ -2,22 +2,14 @@
 """bench/serve_latency.py: phase and round order, paired ratios, the Serve child (process roles and
 CPU accounting: test_bench_cpu_accounting.py; the turns themselves: test_bench_turns.py)."""
 
-import importlib.util
-import sys
-
 import pytest
 
 
 @pytest.fixture
-def bench(project_root, monkeypatch):
+def bench(bench_script, monkeypatch):
     for key in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE"):  # the script sets defaults
         monkeypatch.setenv(key, "x")
-    monkeypatch.syspath_prepend(str(project_root / "bench"))
-    spec = importlib.util.spec_from_file_location("serve_latency", project_root / "bench" / "serve_latency.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "serve_latency", module)  # by name, as a spawned child imports it
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("serve_latency")
 
 
 def test_cycles_alternate_the_servers_and_merge_meeting_vllm_phases(bench):

@@ -1,7 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """bench/turns.py: servers taking turns, on real process trees."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -12,11 +11,8 @@ import pytest
 
 
 @pytest.fixture
-def turns(project_root):
-    spec = importlib.util.spec_from_file_location("turns", project_root / "bench" / "turns.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def turns(bench_script):
+    return bench_script("turns")
 
 
 def _tree(turns):
