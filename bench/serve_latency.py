@@ -418,7 +418,7 @@ def paired_throughput(results: list[dict], models: list[str], concurrency: list[
             mean = sum(pairs) / len(pairs)
             sd = (sum((x - mean) ** 2 for x in pairs) / (len(pairs) - 1)) ** 0.5
             df = len(pairs) - 1
-            t = T95.get(df) or (T95[max(k for k in T95 if k <= df)] if df < 30 else 1.96)
+            t = T95[max(k for k in T95 if k <= df)] if df <= max(T95) else 1.96  # between rows: the smaller df
             half = t * sd / len(pairs) ** 0.5
             out[f"{model}/{c}"] = {"mean": round(mean, 3), "ci95": [round(mean - half, 3), round(mean + half, 3)],
                                    "pairs": len(pairs)}
@@ -490,14 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.interleave:
             vllm_cmd, ray_init = run_interleaved(config, llm, adapter_dir, adapter_id, prompts, args, startup,
                                                  merged, idle)
-        for server, rounds in ([] if args.interleave else phase_plan(args.rounds, args.only, args.cycles)):
-            if server == "ray_serve_llm":
-                with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
-                    phase(server, url, models, rounds)
-            else:
-                with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir,
-                                 llm["engine_kwargs"], startup) as (url, models, vllm_cmd, _):
-                    phase(server, url, models, rounds)
+        else:
+            for server, rounds in phase_plan(args.rounds, args.only, args.cycles):
+                if server == "ray_serve_llm":
+                    with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
+                        phase(server, url, models, rounds)
+                else:
+                    with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir,
+                                     llm["engine_kwargs"], startup) as (url, models, vllm_cmd, _):
+                        phase(server, url, models, rounds)
         results = merged_rows(merged)
     finally:
         if moto:
