@@ -192,7 +192,6 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     with EngineCpuIsolation(config) as isolation:  # as `e2e-llm serve` does (local: on)
         temp_dir = tempfile.mkdtemp(prefix="r-srv-", dir="/tmp")
         http_port, metrics_port = free_port(), free_port()
-        before = descendants(os.getpid())
         ray.init(_temp_dir=temp_dir, include_dashboard=False, _metrics_export_port=metrics_port,
                  num_cpus=os.cpu_count(), log_to_driver=False)
         try:
@@ -206,7 +205,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
         finally:
             # Not the app's: the session's S3 store (a test may have restarted it meanwhile) and the
             # multiprocessing forkserver a later test may have started (it lives as long as pytest).
-            ray_pids = {pid for pid in descendants(os.getpid()) - before
+            ray_pids = {pid for pid in descendants(os.getpid()) - isolation.before  # recorded before ray.init
                         if not any(mark in cmd for _, cmd in alive({pid}) for mark in NOT_THE_APPS)}
             try:
                 serve.shutdown()
