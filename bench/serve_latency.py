@@ -231,7 +231,7 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     import ray
     from ray import serve
 
-    from e2e_llm.cpu_pinning import EngineCpuIsolation
+    from e2e_llm.local_ray import LocalRay
     from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
     port = free_port()
@@ -239,7 +239,7 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
     init = ray_init_kwargs(config, temp_dir=tempfile.mkdtemp(prefix="r-bench-", dir="/tmp"))
     init["_metrics_export_port"] = None  # a fixed port could clash with a running `e2e-llm serve`
     saved_env = dict(os.environ)  # ray.init and the pinning set variables; a later phase starts clean
-    with EngineCpuIsolation(config) as isolation:
+    with LocalRay(config) as local_ray:
         ray.init(**init)
         try:
             serve.start(**serve_start_kwargs(config, "127.0.0.1", port))
@@ -251,7 +251,7 @@ def serve_server(config, adapter_id: str | None, args, startup: dict):
                     llm["log_engine_metrics"] = False
             serve.run(build_app(app), name="llm", route_prefix="/")
             # As `e2e-llm serve` does; the load generator (this process) is not moved, as with vLLM.
-            pinning = isolation.pin()
+            pinning = local_ray.pin()
             startup["ray_serve_llm_cpus"] = pinning and {"engine": sorted(pinning.engine_cpus),
                                                           "ray": sorted(pinning.ray_cpus)}
             print("cpus:", startup["ray_serve_llm_cpus"], flush=True)
@@ -524,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                          "messages_per_s": config.serve.stream_batching_messages_per_s,
                          "max_interval_ms": config.serve.stream_batching_max_interval_ms},
                      "serve_control_loop_interval_s": config.serve.control_loop_interval_s,
+                     "serve_high_throughput": config.serve.high_throughput,
                      "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
                      "serve_log_engine_metrics": not args.no_engine_metrics, "ray_init": ray_init,
                      "only": args.only},

@@ -166,7 +166,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     import ray
     from ray import serve
 
-    from e2e_llm.cpu_pinning import EngineCpuIsolation
+    from e2e_llm.local_ray import LocalRay
     from e2e_llm.serve import app_args, build_app, serve_start_kwargs
     from e2e_llm.store import AdapterStore
 
@@ -189,7 +189,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     old_key = os.environ.get(key_env)
     api_key = secrets.token_hex(16)
     os.environ[key_env] = api_key  # the replicas inherit the driver's environment
-    with EngineCpuIsolation(config) as isolation:  # as `e2e-llm serve` does (local: on)
+    with LocalRay(config) as local_ray:  # as `e2e-llm serve` does (local: on)
         temp_dir = tempfile.mkdtemp(prefix="r-srv-", dir="/tmp")
         http_port, metrics_port = free_port(), free_port()
         ray.init(_temp_dir=temp_dir, include_dashboard=False, _metrics_export_port=metrics_port,
@@ -197,7 +197,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
         try:
             serve.start(**serve_start_kwargs(config, "127.0.0.1", http_port))
             serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix="/")
-            pinning = isolation.pin()  # Ray's processes only: pytest and the session's S3 store stay
+            pinning = local_ray.pin()  # Ray's processes only: pytest and the session's S3 store stay
             yield ServeApp(base_url=f"http://127.0.0.1:{http_port}", api_key=api_key, model_id=config.model.id,
                            adapters=ids, alias=alias, store=store, config=config,
                            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", ray_temp_dir=temp_dir,
@@ -205,7 +205,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
         finally:
             # Not the app's: the session's S3 store (a test may have restarted it meanwhile) and the
             # multiprocessing forkserver a later test may have started (it lives as long as pytest).
-            ray_pids = {pid for pid in descendants(os.getpid()) - isolation.before  # recorded before ray.init
+            ray_pids = {pid for pid in descendants(os.getpid()) - local_ray.before  # recorded before ray.init
                         if not any(mark in cmd for _, cmd in alive({pid}) for mark in NOT_THE_APPS)}
             try:
                 serve.shutdown()

@@ -276,6 +276,10 @@ class ServeConfig(Strict):
     # (daemons, Serve's controller and proxy, the ingress) move onto the CPUs vLLM reserves, off the
     # ones its model worker is bound to (e2e_llm.cpu_pinning; bench/RESULTS.md).
     isolate_engine_cpus: bool = False
+    # Ray Serve's high-throughput mode (Ray >= 2.56; e2e_llm.serve.serve_mode_env): HAProxy in front
+    # instead of Serve's Python proxy, the ingress replicas take HTTP themselves, gRPC between
+    # replicas. One Python hop less per request and per streamed message (bench/RESULTS.md).
+    high_throughput: bool = False
     # Serve's access log: a line per request in the ingress and the engine replica (every profile,
     # as deployment options) and in the proxy (where e2e-llm starts Serve itself). Errors are logged
     # either way; request counts are in the metrics.

@@ -16,9 +16,7 @@ model step. Moving them onto the CPUs vLLM reserved leaves the worker's CPUs to 
   started Ray; not itself) except the engine replicas and their children, and except the
   processes it already had before Ray started (``leave``), goes onto the allowed CPUs no engine
   worker is bound to. Processes Ray starts later inherit the raylet's CPUs.
-- :class:`EngineCpuIsolation`: both steps for a caller that starts Ray itself (``e2e-llm serve``,
-  the bench, the tests' app): the environment set on entry and restored on exit, the processes
-  already there recorded, :meth:`~EngineCpuIsolation.pin` once the app is up.
+- Both steps for a caller that starts Ray itself: :class:`e2e_llm.local_ray.LocalRay`.
 - :func:`widen_to_engine_cpus`: the engine replica's first step. A replica that Serve restarts
   is started by the (now pinned) raylet; back on the engine's CPUs, its vLLM binds as on the first
   start.
@@ -133,6 +131,11 @@ def _descendants(root_pid: int) -> list:
         return []
 
 
+def descendant_pids(root_pid: int) -> set[int]:
+    """The pids of every process under ``root_pid`` now."""
+    return {proc.pid for proc in _descendants(root_pid)}
+
+
 def pin_off_engine(root_pid: int, leave: Collection[int] = ()) -> Pinning | None:
     """Move every process under ``root_pid`` that is not an engine replica or one of its children
     onto the allowed CPUs (``ENGINE_CPUS_ENV``) that no engine worker is bound to. ``root_pid``
@@ -154,35 +157,3 @@ def pin_off_engine(root_pid: int, leave: Collection[int] = ()) -> Pinning | None
     others = [p.pid for p in procs if p.pid not in family and p.pid not in kept]
     pinned = [pid for pid in others if _set_process_cpus(pid, ray_cpus)]
     return Pinning(engine_cpus=worker_cpus, ray_cpus=ray_cpus, pinned=pinned, engine=sorted(family))
-
-
-class EngineCpuIsolation:
-    """``serve.isolate_engine_cpus`` for a caller that starts Ray itself. Enter it before
-    ``ray.init``: ``ENGINE_CPUS_ENV`` goes into ``os.environ`` (Ray's processes inherit it) and the
-    processes already under this one are recorded; call :meth:`pin` once the app is up (it moves
-    only what was started since: Ray's); on exit the variable is restored."""
-
-    def __init__(self, config: Any):
-        self.env = engine_cpus_env(config)
-        self.root_pid = os.getpid()
-        self.before: set[int] = set()
-        self._saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> EngineCpuIsolation:
-        self.before = {proc.pid for proc in _descendants(self.root_pid)}
-        self._saved = {name: os.environ.get(name) for name in self.env}
-        os.environ.update(self.env)
-        return self
-
-    def pin(self) -> Pinning | None:
-        """:func:`pin_off_engine` for this caller's Ray instance (None when not enabled)."""
-        if not self.env:
-            return None
-        return pin_off_engine(self.root_pid, leave=self.before)
-
-    def __exit__(self, *exc) -> None:
-        for name, value in self._saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -76,8 +76,11 @@ def entrypoint(deploy: DeployConfig, stage: str) -> str:
     return " ".join(["e2e-llm", stage, "--profile", deploy.profile, *args])
 
 
-def common_env(deploy: DeployConfig, config: PipelineConfig) -> dict[str, str]:
-    """Non-secret environment for every process of every stage, on both targets."""
+def stage_env(deploy: DeployConfig, config: PipelineConfig, stage: str) -> dict[str, str]:
+    """Non-secret environment for every process of a stage's cluster, on both targets: the same
+    for every stage, plus Serve's mode (e2e_llm.serve.serve_mode_env) for the serving cluster."""
+    from e2e_llm.serve import serve_mode_env
+
     env = {
         "E2E_LLM_ROOT": APP_DIR,
         "HF_HOME": f"{deploy.storage.mount_path}/huggingface",
@@ -87,6 +90,8 @@ def common_env(deploy: DeployConfig, config: PipelineConfig) -> dict[str, str]:
     if config.storage.endpoint_url:
         env["AWS_ENDPOINT_URL"] = config.storage.endpoint_url
         env["AWS_ENDPOINT_URL_S3"] = config.storage.endpoint_url
+    if stage == "serve":
+        env.update(serve_mode_env(config))
     return env
 
 
@@ -163,7 +168,7 @@ def _anyscale_common(deploy: DeployConfig, config: PipelineConfig, image: str, g
         "image_uri": image,
         "compute_config": _anyscale_compute(deploy, group),
         "working_dir": f"local://{APP_DIR}",
-        "env_vars": common_env(deploy, config),
+        "env_vars": stage_env(deploy, config, group.name),
         "tags": {"app": PART_OF, "stage": group.name},
     }
     for key in ("cloud", "project"):
@@ -206,8 +211,8 @@ def _metadata(deploy: DeployConfig, name: str, component: str) -> dict[str, Any]
     }}
 
 
-def _env(deploy: DeployConfig, config: PipelineConfig, api_key: bool) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in common_env(deploy, config).items()]
+def _env(deploy: DeployConfig, config: PipelineConfig, stage: str, api_key: bool) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in stage_env(deploy, config, stage).items()]
     hf = deploy.secrets.hf_token
     env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.name, "key": hf.key, "optional": True}}})
     if api_key:
@@ -224,8 +229,8 @@ def _resources(cpu: int, memory: str, gpu: int = 0) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _pod(deploy: DeployConfig, config: PipelineConfig, container: str, image: str, resources: dict[str, Any],
-         api_key: bool, shm: str | None = None, accelerator: str | None = None,
+def _pod(deploy: DeployConfig, config: PipelineConfig, stage: str, container: str, image: str,
+         resources: dict[str, Any], api_key: bool, shm: str | None = None, accelerator: str | None = None,
          gpu: bool = False) -> dict[str, Any]:
     mounts = [{"name": "shared", "mountPath": deploy.storage.mount_path}]
     volumes: list[dict[str, Any]] = [
@@ -243,7 +248,7 @@ def _pod(deploy: DeployConfig, config: PipelineConfig, container: str, image: st
             "image": image,
             "imagePullPolicy": deploy.images.pull_policy,
             "resources": resources,
-            "env": _env(deploy, config, api_key),
+            "env": _env(deploy, config, stage, api_key),
             "envFrom": [{"secretRef": {"name": deploy.secrets.aws.name, "optional": True}}],
             "volumeMounts": mounts,
         }],
@@ -268,7 +273,7 @@ def ray_cluster_spec(deploy: DeployConfig, config: PipelineConfig, stage: str) -
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": {},
-        "template": _pod(deploy, config, "ray-worker", ref,
+        "template": _pod(deploy, config, stage, "ray-worker", ref,
                          _resources(group.cpu, group.size.memory, group.gpu), api_key,
                          shm=group.size.shm, accelerator=group.accelerator if group.gpu else None,
                          gpu=bool(group.gpu)),
@@ -283,7 +288,7 @@ def ray_cluster_spec(deploy: DeployConfig, config: PipelineConfig, stage: str) -
     spec["headGroupSpec"] = {
         # The head schedules no work: drivers, the Serve controller and proxies only.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": _pod(deploy, config, "ray-head", ref, _resources(head.cpu, head.memory), api_key,
+        "template": _pod(deploy, config, stage, "ray-head", ref, _resources(head.cpu, head.memory), api_key,
                          shm=head.shm),
     }
     spec["workerGroupSpecs"] = [worker]

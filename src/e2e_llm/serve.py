@@ -45,6 +45,15 @@ CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_WAIT_POLICY": "PASSIVE", R
 
 # Ray Serve's setting for its controller's loop period (documented; default 0.1 s).
 CONTROL_LOOP_INTERVAL_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
+# Ray Serve's high-throughput mode, as Ray documents it ("Enable High Throughput on Ray Serve with
+# KubeRay", Ray >= 2.56): HAProxy takes HTTP on the Serve port and hands it to the ingress replicas,
+# which serve it themselves (no Python proxy hop); replicas talk gRPC; user code runs on the
+# replica's own event loop. Every process of the Ray instance reads these at start.
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# In that mode a stopping ingress replica keeps answering for at least 30 s, so that load balancers
+# outside the cluster notice it draining. Where e2e-llm starts Ray itself nothing is outside: the
+# HAProxy in front stops with it, and Ctrl-C (or the tests' app) need not wait.
+LOCAL_HIGH_THROUGHPUT_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
 class ServeError(RuntimeError):
@@ -176,6 +185,15 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
             "alias_refresh_s": serve.alias_refresh_s,
         },
     }
+
+
+def serve_mode_env(config: PipelineConfig, *, local: bool = False) -> dict[str, str]:
+    """Environment every process of a Ray instance that serves ``config`` needs from its start
+    (``serve.high_throughput``): in the serving cluster's containers (e2e_llm.render), or
+    (``local``) in ``os.environ`` before ``ray.init`` where e2e-llm starts Ray itself."""
+    if not config.serve.high_throughput:
+        return {}
+    return {**HIGH_THROUGHPUT_ENV, **(LOCAL_HIGH_THROUGHPUT_ENV if local else {})}
 
 
 def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict[str, Any]:

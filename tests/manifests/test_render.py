@@ -191,3 +191,24 @@ def test_anyscale_service_without_query_token_is_rejected_while_auth_is_on(tmp_p
     expected = "service.query_auth_token_enabled: false would leave the Anyscale service open"
     with pytest.raises(ConfigError, match=expected):
         deploy_cfg.pipeline()
+
+
+def test_serves_high_throughput_mode_reaches_every_pod_of_the_serving_cluster_only():
+    from e2e_llm.render import anyscale_job, anyscale_service, rayjob, rayservice
+    from e2e_llm.serve import HIGH_THROUGHPUT_ENV
+
+    config, dep = cluster_config().model_copy(deep=True), deploy()
+
+    def pod_env(spec):
+        pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        return [{e["name"]: e.get("value") for e in p["template"]["spec"]["containers"][0]["env"]} for p in pods]
+
+    def has_mode(env):
+        return all(env.get(k) == v for k, v in HIGH_THROUGHPUT_ENV.items())
+
+    assert not any(has_mode(env) for env in pod_env(rayservice(dep, config)["spec"]["rayClusterConfig"]))  # off
+    config.serve.high_throughput = True
+    assert all(has_mode(env) for env in pod_env(rayservice(dep, config)["spec"]["rayClusterConfig"]))
+    assert has_mode(anyscale_service(dep, config)["env_vars"])
+    assert not any(has_mode(env) for env in pod_env(rayjob(dep, config, "train")["spec"]["rayClusterSpec"]))
+    assert not has_mode(anyscale_job(dep, config, "batch")["env_vars"])

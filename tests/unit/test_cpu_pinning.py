@@ -20,11 +20,11 @@ from e2e_llm.cpu_pinning import (
     ENGINE_CPUS_ENV,
     RAY_WORKER_TITLE_PREFIX,
     VLLM_WORKER_TITLE,
-    EngineCpuIsolation,
     engine_cpus_env,
     parse_cpus,
     pin_off_engine,
 )
+from e2e_llm.local_ray import LocalRay
 
 TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to split")
 SLEEP = "import time; time.sleep(120)"
@@ -125,7 +125,7 @@ def test_nothing_moves_without_the_variable_or_a_bound_worker(fake_serve_tree, m
 
 @TWO_CPUS
 def test_the_callers_own_processes_from_before_ray_stay_where_they_are(project_root, monkeypatch):
-    """EngineCpuIsolation as `e2e-llm serve`, the bench and the tests' app use it: a process this
+    """LocalRay as `e2e-llm serve`, the bench and the tests' app use it: a process this
     one started before Ray (a local S3 store, with a child) is not Ray's and is not moved."""
     monkeypatch.delenv(ENGINE_CPUS_ENV, raising=False)
     cpus = sorted(os.sched_getaffinity(0))
@@ -136,12 +136,12 @@ def test_the_callers_own_processes_from_before_ray_stay_where_they_are(project_r
             assert time.monotonic() < deadline, "the store's child never started"
             time.sleep(0.1)
         store_child = psutil.Process(store.pid).children()[0].pid
-        with EngineCpuIsolation(load_profile("local", root=project_root)) as isolation:
+        with LocalRay(load_profile("local", root=project_root)) as local_ray:
             assert parse_cpus(os.environ[ENGINE_CPUS_ENV]) == set(cpus)  # set for Ray's processes to inherit
-            assert {store.pid, store_child} <= isolation.before
+            assert {store.pid, store_child} <= local_ray.before
             with _fake_serve_tree() as (driver, pids):  # "Ray", started after entering
                 os.sched_setaffinity(pids[VLLM_WORKER_TITLE], {cpus[0]})
-                pinning = isolation.pin()
+                pinning = local_ray.pin()
                 assert pinning is not None
                 assert {driver.pid, pids["ray::ProxyActor"]} <= set(pinning.pinned)
                 assert store.pid not in pinning.pinned and store_child not in pinning.pinned
@@ -159,9 +159,9 @@ def test_isolation_off_in_the_profile_sets_and_pins_nothing(project_root, monkey
     monkeypatch.delenv(ENGINE_CPUS_ENV, raising=False)
     config = load_profile("local", root=project_root)
     config.serve.isolate_engine_cpus = False
-    with EngineCpuIsolation(config) as isolation:
+    with LocalRay(config) as local_ray:
         assert ENGINE_CPUS_ENV not in os.environ
-        assert isolation.pin() is None
+        assert local_ray.pin() is None
 
 
 @TWO_CPUS
@@ -197,3 +197,22 @@ def test_the_titles_are_the_ones_vllm_and_ray_set():
     assert f"{vllm.envs.VLLM_PROCESS_NAME_PREFIX}::Worker" == VLLM_WORKER_TITLE
     assert 'set_process_title(name="Worker")' in inspect.getsource(multiproc_executor)
     assert ray_constants.WORKER_PROCESS_TYPE_IDLE_WORKER.startswith(RAY_WORKER_TITLE_PREFIX)
+
+
+def test_local_ray_sets_serves_mode_for_rays_processes_and_restores_the_environment(project_root, monkeypatch):
+    from e2e_llm.serve import HIGH_THROUGHPUT_ENV, LOCAL_HIGH_THROUGHPUT_ENV
+
+    name = next(iter(HIGH_THROUGHPUT_ENV))
+    monkeypatch.setenv(name, "before")  # the caller's own value comes back on exit
+    config = load_profile("local", root=project_root)
+    config.serve.high_throughput, config.serve.isolate_engine_cpus = True, False
+    with LocalRay(config) as local_ray:
+        mode = {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV}
+        assert {k: os.environ[k] for k in mode} == mode
+        assert local_ray.pin() is None  # the mode alone pins nothing
+    assert os.environ[name] == "before"
+    config.serve.high_throughput = False
+    monkeypatch.delenv(name)
+    with LocalRay(config):
+        assert name not in os.environ
+

@@ -182,6 +182,22 @@ def test_the_loop_interval_setting_is_the_one_ray_serve_reads():
     assert resolve(CONTROL_LOOP_INTERVAL, "e2e_llm.compat.ray_serve") == 0.1  # Ray's default: ours is longer
 
 
+def test_high_throughput_mode_is_settings_ray_serve_reads_and_only_when_the_profile_asks(project_root):
+    from e2e_llm.compat.ray_serve import serve_constants_source
+    from e2e_llm.serve import HIGH_THROUGHPUT_ENV, LOCAL_HIGH_THROUGHPUT_ENV, serve_mode_env
+
+    source = serve_constants_source()
+    for name in [*HIGH_THROUGHPUT_ENV, *LOCAL_HIGH_THROUGHPUT_ENV]:  # read at import by Serve's processes
+        assert f'"{name}"' in source, f"{name}: not read by this Ray Serve (renamed?)"
+    config = load_profile("local", root=project_root)
+    config.serve.high_throughput = True
+    assert serve_mode_env(config) == HIGH_THROUGHPUT_ENV  # a cluster's: its ingress drains as Ray decides
+    assert serve_mode_env(config, local=True) == {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV}
+    config.serve.high_throughput = False
+    assert serve_mode_env(config) == {}
+    assert serve_mode_env(load_profile("cluster", root=project_root)) == {}  # not tried on a cluster yet
+
+
 def test_serve_is_started_without_access_log_when_the_profile_says_so(project_root):
     from ray.serve.schema import LoggingConfig
 

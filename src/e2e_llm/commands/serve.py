@@ -86,19 +86,19 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
     import ray
     from ray import serve
 
-    from e2e_llm.cpu_pinning import EngineCpuIsolation
+    from e2e_llm.local_ray import LocalRay
     from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     code = 0
-    with EngineCpuIsolation(config) as isolation:  # before ray.init: Ray's processes inherit the setting
+    with LocalRay(config) as local_ray:  # before ray.init: Ray's processes inherit its environment
         ray.init(**ray_init_kwargs(config, temp_dir=args.ray_temp_dir))
         try:
             serve.start(**serve_start_kwargs(config, host, port))
             serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
-            if pinning := isolation.pin():
+            if pinning := local_ray.pin():
                 print(f"Ray's processes run on CPUs {sorted(pinning.ray_cpus)}, the engine's worker on "
                       f"{sorted(pinning.engine_cpus)} (serve.isolate_engine_cpus)", flush=True)
             base_url = f"http://{host}:{port}{config.serve.route_prefix.rstrip('/')}/v1"
