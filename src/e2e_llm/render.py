@@ -211,11 +211,11 @@ def _metadata(deploy: DeployConfig, name: str, component: str) -> dict[str, Any]
     }}
 
 
-def _env(deploy: DeployConfig, config: PipelineConfig, stage: str, api_key: bool) -> list[dict[str, Any]]:
+def _env(deploy: DeployConfig, config: PipelineConfig, stage: str) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in stage_env(deploy, config, stage).items()]
     hf = deploy.secrets.hf_token
     env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.name, "key": hf.key, "optional": True}}})
-    if api_key:
+    if stage == "serve" and config.serve.auth.enabled:  # the app's key, from its Secret
         key = deploy.secrets.api_key
         env.append({"name": config.serve.auth.api_key_env,
                     "valueFrom": {"secretKeyRef": {"name": key.name, "key": key.key}}})
@@ -230,7 +230,7 @@ def _resources(cpu: int, memory: str, gpu: int = 0) -> dict[str, Any]:
 
 
 def _pod(deploy: DeployConfig, config: PipelineConfig, stage: str, container: str, image: str,
-         resources: dict[str, Any], api_key: bool, shm: str | None = None, accelerator: str | None = None,
+         resources: dict[str, Any], shm: str | None = None, accelerator: str | None = None,
          gpu: bool = False) -> dict[str, Any]:
     mounts = [{"name": "shared", "mountPath": deploy.storage.mount_path}]
     volumes: list[dict[str, Any]] = [
@@ -248,7 +248,7 @@ def _pod(deploy: DeployConfig, config: PipelineConfig, stage: str, container: st
             "image": image,
             "imagePullPolicy": deploy.images.pull_policy,
             "resources": resources,
-            "env": _env(deploy, config, stage, api_key),
+            "env": _env(deploy, config, stage),
             "envFrom": [{"secretRef": {"name": deploy.secrets.aws.name, "optional": True}}],
             "volumeMounts": mounts,
         }],
@@ -265,7 +265,6 @@ def ray_cluster_spec(deploy: DeployConfig, config: PipelineConfig, stage: str) -
     image = deploy.images.train if stage == "train" else deploy.images.serve
     ref = deploy.image_ref("train" if stage == "train" else "serve")
     group = worker_group(deploy, config, stage)
-    api_key = stage == "serve" and config.serve.auth.enabled
     head = deploy.compute.head
     worker: dict[str, Any] = {
         "groupName": group.group_name,
@@ -274,7 +273,7 @@ def ray_cluster_spec(deploy: DeployConfig, config: PipelineConfig, stage: str) -
         "maxReplicas": group.max_replicas,
         "rayStartParams": {},
         "template": _pod(deploy, config, stage, "ray-worker", ref,
-                         _resources(group.cpu, group.size.memory, group.gpu), api_key,
+                         _resources(group.cpu, group.size.memory, group.gpu),
                          shm=group.size.shm, accelerator=group.accelerator if group.gpu else None,
                          gpu=bool(group.gpu)),
     }
@@ -288,7 +287,7 @@ def ray_cluster_spec(deploy: DeployConfig, config: PipelineConfig, stage: str) -
     spec["headGroupSpec"] = {
         # The head schedules no work: drivers, the Serve controller and proxies only.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": _pod(deploy, config, stage, "ray-head", ref, _resources(head.cpu, head.memory), api_key,
+        "template": _pod(deploy, config, stage, "ray-head", ref, _resources(head.cpu, head.memory),
                          shm=head.shm),
     }
     spec["workerGroupSpecs"] = [worker]
