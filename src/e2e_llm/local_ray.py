@@ -16,14 +16,13 @@ import os
 from typing import Any
 
 from e2e_llm.cpu_pinning import ENGINE_CPUS_ENV, Pinning, descendant_pids, engine_cpus_env, pin_off_engine
+from e2e_llm.serve import serve_mode_env
 
 
 class LocalRay:
     """Enter before ``ray.init``; :meth:`pin` once the app is up; exit after ``ray.shutdown``."""
 
     def __init__(self, config: Any):
-        from e2e_llm.serve import serve_mode_env
-
         self.env = {**serve_mode_env(config, local=True), **engine_cpus_env(config)}
         self.root_pid = os.getpid()
         self.before: set[int] = set()

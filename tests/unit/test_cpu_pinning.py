@@ -215,4 +215,3 @@ def test_local_ray_sets_serves_mode_for_rays_processes_and_restores_the_environm
     monkeypatch.delenv(name)
     with LocalRay(config):
         assert name not in os.environ
-
