@@ -41,6 +41,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray's fixed ports for serve.high_throughput's HAProxy (stats page, Prometheus exporter) and its
+# fallback proxy (HTTP), which other programs on a user's machine may hold (9101 is haproxy_exporter's).
+# The tests' app runs beside such programs: it must come up all the same
+# (e2e_llm.serve.MODE_FIXED_PORTS_ENV).
+MODE_DEFAULT_PORTS = (8404, 9101, 8500)
+
+
+@contextmanager
+def ports_held(ports):
+    """Listen on ``ports`` on every interface for the block, as another program would (a port
+    something else holds already stays held by it)."""
+    socks = []
+    try:
+        for port in ports:
+            sock = socket.socket()
+            socks.append(sock)
+            try:
+                sock.bind(("", port))
+                sock.listen()
+            except OSError:  # held already: the condition stands either way
+                pass
+        yield
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 @dataclass
 class ServeApp:
     """What tests need to talk to the shared app (and to drive its adapter store)."""
@@ -189,7 +216,8 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     old_key = os.environ.get(key_env)
     api_key = secrets.token_hex(16)
     os.environ[key_env] = api_key  # the replicas inherit the driver's environment
-    with LocalRay(config) as local_ray:  # as `e2e-llm serve` does (local: on)
+    # as `e2e-llm serve` does (local: on), on a machine where other programs hold the mode's default ports
+    with LocalRay(config) as local_ray, ports_held(MODE_DEFAULT_PORTS):
         temp_dir = tempfile.mkdtemp(prefix="r-srv-", dir="/tmp")
         http_port, metrics_port = free_port(), free_port()
         ray.init(_temp_dir=temp_dir, include_dashboard=False, _metrics_export_port=metrics_port,

@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,13 @@ HIGH_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_
 # outside the cluster notice it draining. Where e2e-llm starts Ray itself nothing is outside: the
 # HAProxy in front stops with it, and Ctrl-C (or the tests' app) need not wait.
 LOCAL_HIGH_THROUGHPUT_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+# Listeners of that mode at fixed ports: HAProxy's stats page and Prometheus exporter (Ray's defaults
+# 8404 and 9101, on every interface) and Serve's fallback Python proxy behind it (8500, and 9500 for
+# gRPC). In a Ray pod that is the pod's business; on the user's machine another program on one of them
+# (9101 is haproxy_exporter's) keeps HAProxy or the proxy from starting, and a second app would share
+# them. Where e2e-llm starts Ray itself each instance takes free ports (one the user set is kept).
+MODE_FIXED_PORTS_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 
 
 class ServeError(RuntimeError):
@@ -190,10 +198,23 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
 def serve_mode_env(config: PipelineConfig, *, local: bool = False) -> dict[str, str]:
     """Environment every process of a Ray instance that serves ``config`` needs from its start
     (``serve.high_throughput``): in the serving cluster's containers (e2e_llm.render), or
-    (``local``) in ``os.environ`` before ``ray.init`` where e2e-llm starts Ray itself."""
+    (``local``) in ``os.environ`` before ``ray.init`` where e2e-llm starts Ray itself, the mode's
+    fixed ports then free ones of this machine."""
     if not config.serve.high_throughput:
         return {}
-    return {**HIGH_THROUGHPUT_ENV, **(LOCAL_HIGH_THROUGHPUT_ENV if local else {})}
+    if not local:
+        return dict(HIGH_THROUGHPUT_ENV)
+    ports = {name: os.environ.get(name) or str(free_tcp_port()) for name in MODE_FIXED_PORTS_ENV}
+    return {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV, **ports}
+
+
+def free_tcp_port() -> int:
+    """A TCP port no program listens on now, on any interface (HAProxy binds its own on all)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict[str, Any]:

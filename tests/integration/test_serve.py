@@ -111,6 +111,19 @@ def test_not_json_is_a_400(serve_app):
     assert response.status_code == 400, response.text
 
 
+def test_the_app_serves_while_other_programs_hold_the_modes_default_ports(serve_app):
+    import socket
+
+    from serving import MODE_DEFAULT_PORTS
+
+    assert serve_app.config.serve.high_throughput  # HAProxy in front (the local profile's mode)
+    for port in MODE_DEFAULT_PORTS:  # held for the app's whole life (serving.running_app)
+        with socket.socket() as probe, pytest.raises(OSError):
+            probe.bind(("", port))
+    r = httpx.get(f"{serve_app.base_url}/v1/models", headers=serve_app.headers, timeout=30)
+    assert r.status_code == 200 and serve_app.model_id in {m["id"] for m in r.json()["data"]}
+
+
 def test_api_key_required_but_health_and_routes_stay_open(serve_app, val_rows):
     body = {"model": serve_app.model_id, "messages": messages(val_rows[0]), "max_tokens": 4}
     assert post(serve_app, "/v1/chat/completions", body, headers={}).status_code == 401

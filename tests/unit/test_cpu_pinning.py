@@ -200,17 +200,21 @@ def test_the_titles_are_the_ones_vllm_and_ray_set():
 
 
 def test_local_ray_sets_serves_mode_for_rays_processes_and_restores_the_environment(project_root, monkeypatch):
-    from e2e_llm.serve import HIGH_THROUGHPUT_ENV, LOCAL_HIGH_THROUGHPUT_ENV
+    from e2e_llm.serve import HIGH_THROUGHPUT_ENV, LOCAL_HIGH_THROUGHPUT_ENV, MODE_FIXED_PORTS_ENV
 
     name = next(iter(HIGH_THROUGHPUT_ENV))
     monkeypatch.setenv(name, "before")  # the caller's own value comes back on exit
+    for port_name in MODE_FIXED_PORTS_ENV:
+        monkeypatch.delenv(port_name, raising=False)
     config = load_profile("local", root=project_root)
     config.serve.high_throughput, config.serve.isolate_engine_cpus = True, False
     with LocalRay(config) as local_ray:
         mode = {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV}
         assert {k: os.environ[k] for k in mode} == mode
+        assert all(os.environ[port_name].isdigit() for port_name in MODE_FIXED_PORTS_ENV)
         assert local_ray.pin() is None  # the mode alone pins nothing
     assert os.environ[name] == "before"
+    assert not any(port_name in os.environ for port_name in MODE_FIXED_PORTS_ENV)
     config.serve.high_throughput = False
     monkeypatch.delenv(name)
     with LocalRay(config):

@@ -182,20 +182,47 @@ def test_the_loop_interval_setting_is_the_one_ray_serve_reads():
     assert resolve(CONTROL_LOOP_INTERVAL, "e2e_llm.compat.ray_serve") == 0.1  # Ray's default: ours is longer
 
 
-def test_high_throughput_mode_is_settings_ray_serve_reads_and_only_when_the_profile_asks(project_root):
+def test_high_throughput_mode_is_settings_ray_serve_reads_and_only_when_the_profile_asks(project_root, monkeypatch):
     from e2e_llm.compat.ray_serve import serve_constants_source
-    from e2e_llm.serve import HIGH_THROUGHPUT_ENV, LOCAL_HIGH_THROUGHPUT_ENV, serve_mode_env
+    from e2e_llm.serve import HIGH_THROUGHPUT_ENV, LOCAL_HIGH_THROUGHPUT_ENV, MODE_FIXED_PORTS_ENV, serve_mode_env
 
     source = serve_constants_source()
-    for name in [*HIGH_THROUGHPUT_ENV, *LOCAL_HIGH_THROUGHPUT_ENV]:  # read at import by Serve's processes
+    for name in [*HIGH_THROUGHPUT_ENV, *LOCAL_HIGH_THROUGHPUT_ENV, *MODE_FIXED_PORTS_ENV]:  # read at import
         assert f'"{name}"' in source, f"{name}: not read by this Ray Serve (renamed?)"
+    for name in MODE_FIXED_PORTS_ENV:
+        monkeypatch.delenv(name, raising=False)
     config = load_profile("local", root=project_root)
     config.serve.high_throughput = True
-    assert serve_mode_env(config) == HIGH_THROUGHPUT_ENV  # a cluster's: its ingress drains as Ray decides
-    assert serve_mode_env(config, local=True) == {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV}
+    # a cluster's: its ingress drains as Ray decides, HAProxy has the pod's ports to itself
+    assert serve_mode_env(config) == HIGH_THROUGHPUT_ENV
+    local = serve_mode_env(config, local=True)
+    assert local == {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV, **{n: local[n] for n in MODE_FIXED_PORTS_ENV}}
     config.serve.high_throughput = False
     assert serve_mode_env(config) == {}
     assert serve_mode_env(load_profile("cluster", root=project_root)) == {}  # not tried on a cluster yet
+
+
+def test_a_local_instance_takes_free_ports_for_the_modes_fixed_ones(project_root, monkeypatch):
+    import socket
+
+    from e2e_llm.serve import MODE_FIXED_PORTS_ENV, serve_mode_env
+
+    for name in MODE_FIXED_PORTS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    config = load_profile("local", root=project_root)
+    config.serve.high_throughput = True
+    with socket.socket() as taken:  # another program on this machine, as haproxy_exporter on 9101
+        taken.bind(("", 0))
+        taken.listen()
+        held = taken.getsockname()[1]
+        ports = [int(serve_mode_env(config, local=True)[name]) for name in MODE_FIXED_PORTS_ENV]
+        assert held not in ports and not {8404, 9101, 8500, 9500} & set(ports)  # never Ray's fixed defaults
+        assert len(set(ports)) == len(ports)
+        for port in ports:  # free on every interface (HAProxy binds its own on all)
+            with socket.socket() as probe:
+                probe.bind(("", port))
+    monkeypatch.setenv(MODE_FIXED_PORTS_ENV[0], "18404")  # the user's choice is kept
+    assert serve_mode_env(config, local=True)[MODE_FIXED_PORTS_ENV[0]] == "18404"
 
 
 def test_serve_is_started_without_access_log_when_the_profile_says_so(project_root):
