@@ -20,12 +20,20 @@ round by round in ABBA order; the server not being measured is stopped (SIGSTOP,
 process tree) so it costs nothing. On a host whose speed drifts by minutes this compares the
 servers under the same conditions far more closely than phases do.
 
+``--compare SETTING=VALUE ...``: the serving app against itself instead of vLLM: two Serve apps, the
+profile as it is and with those ``serve.*`` settings changed, taking turns as with ``--interleave``.
+Records bench ``serve_setting_ab`` (ratios: changed / as is), so that a setting is kept or dropped on
+figures measured in the same minutes on the user's own machine.
+
 Usage:
     flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base
     flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base --interleave --rounds 8
     # as on an AVX2-only CPU (`make e2e-avx2`; the engine then runs float32):
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base
+    # is a setting worth it here? (the profile's value against another one)
+    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/serve_latency.py --models base --rounds 8 \\
+        --compare high_throughput=false
 """
 
 from __future__ import annotations
@@ -35,27 +43,30 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
-from cpu_accounting import (  # bench/cpu_accounting.py and bench/turns.py, beside this script
+from cpu_accounting import (  # bench/cpu_accounting.py, servers.py and turns.py, beside this script
     cpu_by_role,
     cpu_snapshot,
     idle_cores,
     merged_idle,
-    niceness_by_role,
     steal_seconds,
 )
-from turns import process_tree, resume, taking_turns
+from servers import SERVE, VLLM, free_port, serve_in_child, serve_server, vllm_server, wait_http
+from turns import taking_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = "serve_latency_vs_vllm"
+# --compare: the serving app against itself, the profile as it is and with some serve.* settings changed.
+COMPARE_BENCH = "serve_setting_ab"
+# --compare's app with the settings changed (the profile's as it is: SERVE).
+SERVE_CHANGED = "ray_serve_llm_changed"
 for _k, _v in (("OMP_WAIT_POLICY", "PASSIVE"), ("HF_HUB_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "2")):
     os.environ.setdefault(_k, _v)
 # What `make e2e-avx2` sets to make this CPU behave as an AVX2-only one; recorded with the machine.
@@ -139,11 +150,11 @@ def phase_plan(rounds: int, only: str | None = None, cycles: int = 1) -> list[tu
     vLLM costs vLLM ~0.2 of a core on 2 cores (its controller, GCS, raylet, idle engine), which
     would flatter Serve."""
     if only:
-        return [("ray_serve_llm" if only == "serve" else "vllm", rounds * cycles)]
+        return [(SERVE if only == "serve" else VLLM, rounds * cycles)]
     first = rounds // 2
     plan: list[tuple[str, int]] = []
     for _ in range(cycles):
-        for server, n in (("vllm", first), ("ray_serve_llm", rounds), ("vllm", rounds - first)):
+        for server, n in ((VLLM, first), (SERVE, rounds), (VLLM, rounds - first)):
             if n <= 0:
                 continue
             if plan and plan[-1][0] == server:
@@ -153,14 +164,14 @@ def phase_plan(rounds: int, only: str | None = None, cycles: int = 1) -> list[tu
     return plan
 
 
-def interleaved_plan(rounds: int) -> list[str]:
+def interleaved_plan(rounds: int, servers: tuple[str, str] = (VLLM, SERVE)) -> list[str]:
     """``--interleave``: the servers' order for the rounds of one model and concurrency, in pairs
-    alternating vLLM, Serve / Serve, vLLM (ABBA): a drift of the machine's speed within the run
-    (on a shared host, up to 30% within minutes) falls on both servers alike, round by round."""
+    alternating A, B / B, A (ABBA; vLLM first unless ``servers`` says otherwise): a drift of the
+    machine's speed within the run (on a shared host, up to 30% within minutes) falls on both
+    servers alike, round by round."""
     order: list[str] = []
     for k in range(rounds):
-        pair = ["vllm", "ray_serve_llm"]
-        order += pair if k % 2 == 0 else pair[::-1]
+        order += list(servers) if k % 2 == 0 else list(servers[::-1])
     return order
 
 
@@ -201,149 +212,6 @@ def merged_rows(merged: dict) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------------------------- servers
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:  # noqa: BLE001  not up yet
-            time.sleep(1)
-    raise TimeoutError(url)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve_server(config, adapter_id: str | None, args, startup: dict):
-    """Our app on a private Ray instance started as `e2e-llm serve` starts it; yields its URL."""
-    import ray
-    from ray import serve
-
-    from e2e_llm.local_ray import LocalRay
-    from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
-
-    port = free_port()
-    t0 = time.monotonic()
-    init = ray_init_kwargs(config, temp_dir=tempfile.mkdtemp(prefix="r-bench-", dir="/tmp"))
-    init["_metrics_export_port"] = None  # a fixed port could clash with a running `e2e-llm serve`
-    saved_env = dict(os.environ)  # ray.init and the pinning set variables; a later phase starts clean
-    with LocalRay(config) as local_ray:
-        ray.init(**init)
-        try:
-            serve.start(**serve_start_kwargs(config, "127.0.0.1", port))
-            app = app_args(config)
-            for llm in app["llm_configs"]:
-                if args.batching_ms is not None:  # a fixed interval: the profile's pacing off
-                    llm["experimental_configs"] = {"stream_batching_interval_ms": args.batching_ms}
-                if args.no_engine_metrics:
-                    llm["log_engine_metrics"] = False
-            serve.run(build_app(app), name="llm", route_prefix="/")
-            # As `e2e-llm serve` does; the load generator (this process) is not moved, as with vLLM.
-            pinning = local_ray.pin()
-            startup["ray_serve_llm_cpus"] = pinning and {"engine": sorted(pinning.engine_cpus),
-                                                          "ray": sorted(pinning.ray_cpus)}
-            print("cpus:", startup["ray_serve_llm_cpus"], flush=True)
-            startup.setdefault("ray_serve_llm", []).append(round(time.monotonic() - t0, 1))
-            startup["ray_serve_llm_niceness"] = niceness_by_role()
-            print("niceness:", startup["ray_serve_llm_niceness"], flush=True)
-            models = {"base": config.model.id, "lora": f"{config.model.id}:{adapter_id}"}
-            yield f"http://127.0.0.1:{port}", models, {k: v for k, v in init.items() if k != "_temp_dir"}
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-            os.environ.clear()
-            os.environ.update(saved_env)
-
-
-def _serve_child(conn, config, adapter_id: str | None, args) -> None:
-    """The body of :func:`serve_in_child`'s process: the app up, its URL sent, then held until told."""
-    startup: dict = {}
-    with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
-        conn.send((url, models, ray_init, startup))
-        conn.recv()
-
-
-@contextmanager
-def serve_in_child(config, adapter_id: str | None, args, startup: dict):
-    """:func:`serve_server` in a child process (its Ray driver), so the whole Ray instance,
-    driver included, can be stopped (:func:`taking_turns`); yields the URL, models, Ray options and the child's pid."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=_serve_child, args=(there, config, adapter_id, args), name="bench-serve")
-    proc.start()
-    try:
-        deadline = time.monotonic() + 600
-        while not here.poll(1):  # the app is up when the child sends its URL
-            if not proc.is_alive():
-                raise RuntimeError(f"the Serve child process exited with {proc.exitcode} before the app was up")
-            if time.monotonic() > deadline:
-                raise TimeoutError("the Serve app did not come up within 600 s")
-        url, models, ray_init, child_startup = here.recv()
-        for key, value in child_startup.items():
-            if isinstance(value, list):
-                startup.setdefault(key, []).extend(value)
-            else:
-                startup[key] = value
-        yield url, models, ray_init, proc.pid
-    finally:
-        resume(process_tree(proc.pid))  # never leave it stopped
-        with suppress(OSError, EOFError):
-            here.send("stop")
-        proc.join(120)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(30)
-
-
-def vllm_flags(engine_kwargs: dict) -> list[str]:
-    flags = []
-    for key, value in engine_kwargs.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is not False and value is not None:
-            flags += [flag, str(value)]
-    return flags
-
-
-@contextmanager
-def vllm_server(config, model_path: str, adapter_dir: Path | None, engine_kwargs: dict, startup: dict):
-    """``python -m vllm.entrypoints.openai.api_server`` with the same engine flags; yields its URL."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-           "--model", model_path, "--served-model-name", config.model.id, *vllm_flags(engine_kwargs)]
-    if adapter_dir is not None:
-        cmd += ["--lora-modules", f"bench={adapter_dir}"]
-    t0 = time.monotonic()
-    log = open(Path(tempfile.gettempdir()) / f"bench-vllm-{port}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", 300, proc)
-        startup.setdefault("vllm", []).append(round(time.monotonic() - t0, 1))
-        yield f"http://127.0.0.1:{port}", {"base": config.model.id, "lora": "bench"}, cmd, proc.pid
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
 def machine_info() -> dict:
     """The CPU the engines ran on, as they saw it: capability and dtype (e2e_llm.precision),
     the ISA caps in the environment (the AVX2 reproduction), and the load average."""
@@ -359,39 +227,40 @@ def machine_info() -> dict:
             "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
 
 
-def run_interleaved(config, llm: dict, adapter_dir, adapter_id, prompts, args, startup: dict, merged: dict,
-                    idle: dict) -> tuple[list[str], dict]:
-    """``--interleave``: vLLM and Serve up together; each server's idle cost and then its rounds
-    in :func:`interleaved_plan` order, the other server stopped meanwhile (:func:`taking_turns`). Returns the
-    vLLM command and the Ray options."""
-    with vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir, llm["engine_kwargs"],
-                     startup) as (vllm_url, vllm_models, vllm_cmd, vllm_pid), \
-            serve_in_child(config, adapter_id, args, startup) as (serve_url, serve_models, ray_init, serve_pid):
-        servers = {"vllm": (vllm_url, vllm_models), "ray_serve_llm": (serve_url, serve_models)}
-        with taking_turns({"vllm": vllm_pid, "ray_serve_llm": serve_pid}) as turn:
+def run_interleaved(servers: dict, prompts, args, merged: dict, idle: dict) -> dict:
+    """``--interleave`` (and ``--compare``): two servers up together (``servers``: name -> a context
+    manager that starts it and yields its URL, models, what it ran and its root pid, in
+    :func:`interleaved_plan` order); each server's idle cost and then its rounds, the other server
+    stopped meanwhile (:func:`taking_turns`). Returns what each server ran (name -> the vLLM command
+    or the Ray options)."""
+    with ExitStack() as stack:
+        up = {name: stack.enter_context(start) for name, start in servers.items()}
+        with taking_turns({name: pid for name, (_, _, _, pid) in up.items()}) as turn:
             if args.idle_s:
-                for server in servers:
+                for server in up:
                     turn(server)
                     idle.setdefault(server, []).append(idle_cores(args.idle_s))
             for kind in args.models:
                 for concurrency in args.concurrency:
-                    for server in interleaved_plan(args.rounds):
-                        url, models = servers[server]
+                    for server in interleaved_plan(args.rounds, tuple(up)):
+                        url, models, _, _ = up[server]
                         turn(server)
                         wait_http(f"{url}/v1/models", 120)
                         run_round(server, url, kind, models[kind], concurrency, prompts, args, merged)
-    return vllm_cmd, ray_init
+        return {name: ran for name, (_, _, ran, _) in up.items()}
 
 
 def pick(rows, server, model, concurrency):
     return next(r for r in rows if r["server"] == server and r["model"] == model and r["concurrency"] == concurrency)
 
 
-def ratios(results: list[dict], models: list[str], concurrency: list[int]) -> dict[str, dict[str, float]]:
+def ratios(results: list[dict], models: list[str], concurrency: list[int],
+           servers: tuple[str, str] = (SERVE, VLLM)) -> dict[str, dict[str, float]]:
+    """``servers[0]`` / ``servers[1]`` (Serve / vLLM unless told) per model and concurrency."""
     out = {}
     for model in models:
         for c in concurrency:
-            s, v = pick(results, "ray_serve_llm", model, c), pick(results, "vllm", model, c)
+            s, v = pick(results, servers[0], model, c), pick(results, servers[1], model, c)
             out[f"{model}/{c}"] = {"p50": round(s["p50_s"] / v["p50_s"], 3),
                                    "throughput": round(s["req_per_s"] / v["req_per_s"], 3),
                                    "ttft_p50": round(s["ttft_p50_s"] / v["ttft_p50_s"], 3)}
@@ -404,14 +273,15 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def paired_throughput(results: list[dict], models: list[str], concurrency: list[int]) -> dict[str, dict]:
-    """``--interleave``: Serve / vLLM throughput per pair of neighbouring rounds (the k-th of each
-    server are adjacent in :func:`interleaved_plan`), their mean and its 95% confidence interval:
-    how sure the ratio is on a host whose speed drifts."""
+def paired_throughput(results: list[dict], models: list[str], concurrency: list[int],
+                      servers: tuple[str, str] = (SERVE, VLLM)) -> dict[str, dict]:
+    """``--interleave``: ``servers[0]`` / ``servers[1]`` (Serve / vLLM unless told) throughput per
+    pair of neighbouring rounds (the k-th of each server are adjacent in :func:`interleaved_plan`),
+    their mean and its 95% confidence interval: how sure the ratio is on a host whose speed drifts."""
     out = {}
     for model in models:
         for c in concurrency:
-            s, v = pick(results, "ray_serve_llm", model, c), pick(results, "vllm", model, c)
+            s, v = pick(results, servers[0], model, c), pick(results, servers[1], model, c)
             pairs = [a["req_per_s"] / b["req_per_s"] for a, b in zip(s["rounds"], v["rounds"]) if b["req_per_s"]]
             if len(pairs) < 2:
                 continue
@@ -423,6 +293,38 @@ def paired_throughput(results: list[dict], models: list[str], concurrency: list[
             out[f"{model}/{c}"] = {"mean": round(mean, 3), "ci95": [round(mean - half, 3), round(mean + half, 3)],
                                    "pairs": len(pairs)}
     return out
+
+
+def serve_changes(pairs: list[str]) -> dict[str, Any]:
+    """``--compare``'s ``["high_throughput=false", ...]`` -> ``{"high_throughput": False, ...}`` (the
+    values read as YAML, as the profile's are; a ``serve.`` prefix may be given)."""
+    import yaml
+
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().removeprefix("serve.")
+        if not sep or not key:
+            raise ValueError(f"--compare {pair!r}: want SETTING=VALUE, e.g. high_throughput=false")
+        changes[key] = yaml.safe_load(value)
+    return changes
+
+
+def with_serve_changes(config, changes: dict[str, Any]):
+    """A copy of ``config`` whose ``serve`` has ``changes``, validated as a profile's is."""
+    from pydantic import ValidationError
+
+    from e2e_llm.config import ServeConfig
+
+    unknown = sorted(set(changes) - set(ServeConfig.model_fields))
+    if unknown:
+        raise ValueError(f"--compare: serve has no setting {', '.join(unknown)} "
+                         f"(it has: {', '.join(ServeConfig.model_fields)})")
+    try:
+        serve = ServeConfig.model_validate({**config.serve.model_dump(), **changes})
+    except ValidationError as exc:
+        raise ValueError(f"--compare {changes}: {exc}") from None
+    return config.model_copy(update={"serve": serve})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleave", action="store_true",
                         help="both servers up at once, taking turns round by round (ABBA), the other one "
                              "stopped (SIGSTOP) meanwhile; --cycles does not apply")
+    parser.add_argument("--compare", nargs="+", metavar="SETTING=VALUE",
+                        help="the serving app against itself instead of vLLM: the profile as it is and with "
+                             "these serve.* settings changed (e.g. high_throughput=false), taking turns as with "
+                             f"--interleave; records bench {COMPARE_BENCH}, ratios changed / as is")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", choices=["serve", "vllm"], help="run one server (tuning runs)")
@@ -452,8 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="free text stored with the record (what changed)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results.jsonl"))
     args = parser.parse_args(argv)
-    if args.interleave and args.only:
-        parser.error("--interleave compares both servers; it cannot be combined with --only")
+    if (args.interleave or args.compare) and args.only:
+        parser.error("--interleave and --compare run two servers; they cannot be combined with --only")
+    try:
+        changes = serve_changes(args.compare) if args.compare else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.interleave = args.interleave or bool(args.compare)
+    # The ratios are measured / reference; each pair of rounds starts with the reference.
+    measured, reference = (SERVE_CHANGED, SERVE) if changes is not None else (SERVE, VLLM)
 
     from e2e_llm.config import load_profile
     from e2e_llm.local_s3 import start
@@ -462,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_profile(args.profile, root=ROOT)
     config.serve.auth.enabled = False
+    try:
+        changed = with_serve_changes(config, changes) if changes is not None else None
+    except ValueError as exc:
+        parser.error(str(exc))
     machine = machine_info()
     endpoint = f"http://127.0.0.1:{free_port()}"
     os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
@@ -487,12 +404,20 @@ def main(argv: list[str] | None = None) -> int:
                 idle.setdefault(server, []).append(idle_cores(args.idle_s))
             run_rounds(server, url, models, rounds, prompts, args, merged)
 
-        if args.interleave:
-            vllm_cmd, ray_init = run_interleaved(config, llm, adapter_dir, adapter_id, prompts, args, startup,
-                                                 merged, idle)
+        if changed is not None:
+            ray_init = run_interleaved({SERVE: serve_in_child(config, adapter_id, args, startup, name=SERVE),
+                                        SERVE_CHANGED: serve_in_child(changed, adapter_id, args, startup,
+                                                                      name=SERVE_CHANGED)},
+                                       prompts, args, merged, idle)[SERVE]
+        elif args.interleave:
+            ran = run_interleaved({VLLM: vllm_server(config, llm["model_loading_config"]["model_source"], adapter_dir,
+                                                     llm["engine_kwargs"], startup),
+                                   SERVE: serve_in_child(config, adapter_id, args, startup)},
+                                  prompts, args, merged, idle)
+            vllm_cmd, ray_init = ran[VLLM], ran[SERVE]
         else:
             for server, rounds in phase_plan(args.rounds, args.only, args.cycles):
-                if server == "ray_serve_llm":
+                if server == SERVE:
                     with serve_server(config, adapter_id, args, startup) as (url, models, ray_init):
                         phase(server, url, models, rounds)
                 else:
@@ -506,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
 
     record = {
-        "bench": BENCH,
+        "bench": COMPARE_BENCH if changes is not None else BENCH,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                   text=True, check=False).stdout.strip(),
@@ -516,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                      "requests_1": args.requests_1, "requests_n": args.requests_n, "warmup": args.warmup,
                      "rounds": args.rounds, "cycles": args.cycles,
                      "interleave": args.interleave,
-                     "phases": (interleaved_plan(args.rounds) if args.interleave
+                     "compare": changes,
+                     "phases": (interleaved_plan(args.rounds, (reference, measured)) if args.interleave
                                 else phase_plan(args.rounds, args.only, args.cycles)),
                      "vllm_cmd": " ".join(vllm_cmd[2:]) if vllm_cmd else None, "note": args.note,
                      "serve_stream_batching_interval_ms": args.batching_ms or config.serve.stream_batching_interval_ms,
@@ -528,38 +454,47 @@ def main(argv: list[str] | None = None) -> int:
                      "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
                      "serve_log_engine_metrics": not args.no_engine_metrics, "ray_init": ray_init,
                      "only": args.only},
-        "startup_s": {k: v for k, v in startup.items() if k not in ("ray_serve_llm_niceness", "ray_serve_llm_cpus")},
-        "serve_process_niceness": startup.get("ray_serve_llm_niceness"),
-        "serve_cpus": startup.get("ray_serve_llm_cpus"),
+        "startup_s": {k: v for k, v in startup.items() if isinstance(v, list)},
+        "serve_process_niceness": startup.get(f"{SERVE}_niceness"),
+        "serve_cpus": startup.get(f"{SERVE}_cpus"),
         "idle_cpu_cores": merged_idle(idle),
         "results": results,
     }
     if args.only is None:
-        record["ratios"] = ratios(results, args.models, args.concurrency)
+        record["ratios"] = ratios(results, args.models, args.concurrency, (measured, reference))
         if args.interleave:
-            record["paired_throughput_ratio"] = paired_throughput(results, args.models, args.concurrency)
+            record["paired_throughput_ratio"] = paired_throughput(results, args.models, args.concurrency,
+                                                                  (measured, reference))
         hi = max(args.concurrency)
         base = record["ratios"].get(f"base/{hi}")
-        if base:
+        if base and changes is not None:
+            record.update(ratio=base["throughput"], p50_ratio=base["p50"],
+                          metric=f"req_per_s/{hi}_concurrent/base",
+                          value=pick(results, measured, "base", hi)["req_per_s"],
+                          baseline=pick(results, reference, "base", hi)["req_per_s"],
+                          ratio_definition=f"Serve with {changes} / Serve as the profile has it: requests/s at "
+                                           f"{hi} concurrent, base model")
+        elif base:
             record.update(ratio=base["p50"], throughput_ratio=base["throughput"],
                           metric=f"p50_latency_s/{hi}_concurrent/base",
-                          value=pick(results, "ray_serve_llm", "base", hi)["p50_s"],
-                          baseline=pick(results, "vllm", "base", hi)["p50_s"],
+                          value=pick(results, SERVE, "base", hi)["p50_s"],
+                          baseline=pick(results, VLLM, "base", hi)["p50_s"],
                           ratio_definition=f"Serve p50 / vLLM p50 latency at {hi} concurrent, base model")
     with open(args.results, "a") as f:
         f.write(json.dumps(record) + "\n")
 
     print(f"\n{machine['cpu_capability']} {machine['dtype']}; load {machine['loadavg_before']} -> "
           f"{machine['loadavg_after']}")
-    print(f"{'server':<14} {'model':<5} {'conc':>4} {'p50 s':>7} {'p95 s':>7} {'ttft50':>7} {'ttft95':>7} "
+    width = max(len(r["server"]) for r in results) if results else 14
+    print(f"{'server':<{width}} {'model':<5} {'conc':>4} {'p50 s':>7} {'p95 s':>7} {'ttft50':>7} {'ttft95':>7} "
           f"{'req/s':>6} {'tok/s':>6} {'err':>3}")
     for r in results:
-        print(f"{r['server']:<14} {r['model']:<5} {r['concurrency']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} "
+        print(f"{r['server']:<{width}} {r['model']:<5} {r['concurrency']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} "
               f"{r['ttft_p50_s']:>7.3f} {r['ttft_p95_s']:>7.3f} {r['req_per_s']:>6.2f} {r['gen_tok_per_s']:>6.1f} "
               f"{r['errors']:>3}  cpu {r['cpu_s']}")
     for server, cores in record["idle_cpu_cores"].items():
         print(f"idle {server}: {cores['total']:.3f} cores {cores}")
-    print(json.dumps(record.get("ratios")))
+    print(f"ratios {measured} / {reference}:", json.dumps(record.get("ratios")))
     if "paired_throughput_ratio" in record:
         print("paired throughput ratios (mean, 95% CI):", json.dumps(record["paired_throughput_ratio"]))
     return 0

@@ -28,6 +28,9 @@ def test_interleaved_rounds_alternate_in_abba_pairs(bench):
                                          "vllm", "ray_serve_llm", "ray_serve_llm", "vllm"]
     plan = bench.interleaved_plan(5)
     assert plan.count("vllm") == plan.count("ray_serve_llm") == 5
+    # --compare: the profile's app and the changed one, the profile's first in each ABBA pair
+    assert bench.interleaved_plan(2, ("ray_serve_llm", "ray_serve_llm_changed")) == [
+        "ray_serve_llm", "ray_serve_llm_changed", "ray_serve_llm_changed", "ray_serve_llm"]
 
 
 def test_paired_throughput_ratio_pairs_neighbouring_rounds_with_a_confidence_interval(bench):
@@ -43,6 +46,53 @@ def test_paired_throughput_ratio_pairs_neighbouring_rounds_with_a_confidence_int
     assert abs(low - (0.9667 - 0.1434)) < 0.002 and abs(high - (0.9667 + 0.1434)) < 0.002
     # one pair says nothing about the spread: no interval
     assert bench.paired_throughput([row("ray_serve_llm", [2.0]), row("vllm", [2.0])], ["base"], [16]) == {}
+
+
+def test_ratios_divide_the_measured_server_by_the_reference(bench):
+    def row(server, p50, rates):
+        return {"server": server, "model": "base", "concurrency": 16, "p50_s": p50, "ttft_p50_s": 1.0,
+                "req_per_s": sum(rates) / len(rates), "rounds": [{"req_per_s": r} for r in rates]}
+
+    results = [row("ray_serve_llm", 4.0, [2.0, 2.0]), row("ray_serve_llm_changed", 3.0, [2.2, 2.4]),
+               row("vllm", 5.0, [2.5, 2.5])]
+    assert bench.ratios(results, ["base"], [16])["base/16"]["p50"] == 0.8  # Serve / vLLM unless told
+    changed = bench.ratios(results, ["base"], [16], ("ray_serve_llm_changed", "ray_serve_llm"))["base/16"]
+    assert changed["p50"] == 0.75 and changed["throughput"] == 1.15
+    paired = bench.paired_throughput(results, ["base"], [16], ("ray_serve_llm_changed", "ray_serve_llm"))
+    assert paired["base/16"]["mean"] == 1.15 and paired["base/16"]["pairs"] == 2
+
+
+def test_compare_settings_are_parsed_as_yaml_values_of_serve(bench):
+    assert bench.serve_changes(["high_throughput=false", "serve.control_loop_interval_s=0.5",
+                                "stream_batching_interval_ms=null"]) == {
+        "high_throughput": False, "control_loop_interval_s": 0.5, "stream_batching_interval_ms": None}
+    for bad in ("high_throughput", "=1"):
+        with pytest.raises(ValueError, match="want SETTING=VALUE"):
+            bench.serve_changes([bad])
+
+
+def test_compare_changes_a_validated_copy_of_the_profile(bench, project_root):
+    from e2e_llm.config import load_profile
+
+    config = load_profile("local", root=project_root)
+    assert config.serve.high_throughput  # the local profile's value: what the change is measured against
+    changed = bench.with_serve_changes(config, {"high_throughput": False, "control_loop_interval_s": 0.25})
+    assert not changed.serve.high_throughput and changed.serve.control_loop_interval_s == 0.25
+    assert config.serve.high_throughput  # the profile's own config is untouched
+    assert changed.model.id == config.model.id and changed.root == config.root  # the rest is the same profile
+    with pytest.raises(ValueError, match="serve has no setting hight_throughput"):
+        bench.with_serve_changes(config, {"hight_throughput": False})
+    with pytest.raises(ValueError, match="control_loop_interval_s"):  # the profile's own rule: > 0
+        bench.with_serve_changes(config, {"control_loop_interval_s": -1})
+
+
+def test_compare_cannot_run_with_only(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--compare", "high_throughput=false", "--only", "serve"])
+    assert "cannot be combined with --only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--compare", "high_throughput"])
+    assert "want SETTING=VALUE" in capsys.readouterr().err
 
 
 def test_a_serve_child_that_dies_before_the_app_is_up_is_an_error_at_once(bench):
