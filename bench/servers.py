@@ -19,6 +19,8 @@ from pathlib import Path
 from cpu_accounting import niceness_by_role  # bench/cpu_accounting.py and bench/turns.py, beside this script
 from turns import process_tree, resume
 
+from e2e_llm.ports import free_tcp_port as free_port
+
 # The servers' names in the rounds, rows and ratios of bench/serve_latency.py.
 VLLM, SERVE = "vllm", "ray_serve_llm"
 
@@ -33,14 +35,6 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
         except Exception:  # noqa: BLE001  not up yet
             time.sleep(1)
     raise TimeoutError(url)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -163,14 +163,6 @@ def local_model(local_config) -> Path:
     return path
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_store(tmp_path_factory):
     """The session's local S3 server (``e2e_llm.local_s3``: moto, contents kept in a folder, so
@@ -179,9 +171,10 @@ def s3_store(tmp_path_factory):
     if not exe.exists():
         pytest.fail(f"{exe} missing: run `make env-serve`")
     from e2e_llm.local_s3 import LocalS3Error, LocalS3Process
+    from e2e_llm.ports import free_tcp_port
 
     try:
-        server = LocalS3Process("127.0.0.1", _free_port(), tmp_path_factory.mktemp("s3"), python=str(exe)).start(120)
+        server = LocalS3Process("127.0.0.1", free_tcp_port(), tmp_path_factory.mktemp("s3"), python=str(exe)).start(120)
     except LocalS3Error as exc:
         pytest.fail(str(exc))
     endpoint = server.endpoint

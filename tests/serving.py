@@ -19,6 +19,9 @@ from typing import Any
 
 import httpx
 
+from e2e_llm.cpu_pinning import descendant_pids
+from e2e_llm.ports import free_tcp_port
+
 # vLLM's scheduler gauges as Ray exports them (log_engine_metrics): requests in the engine.
 ENGINE_QUEUE_METRICS = ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting")
 
@@ -33,12 +36,6 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5) -> N
 
 
 NOT_THE_APPS = ("e2e_llm.local_s3", "multiprocessing.forkserver", "multiprocessing.resource_tracker")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Ray's fixed ports for serve.high_throughput's HAProxy (stats page, Prometheus exporter) and its
@@ -145,26 +142,6 @@ class ServeApp:
             time.sleep(0.2)
 
 
-def descendants(root: int) -> set[int]:
-    """Live (non-zombie) descendant pids of ``root``."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
-            parent[int(entry.name)] = int(fields[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
 def alive(pids: set[int]) -> list[tuple[int, str]]:
     out = []
     for pid in sorted(pids):
@@ -181,7 +158,7 @@ def alive(pids: set[int]) -> list[tuple[int, str]]:
 def engine_replica_pids(root: int) -> list[tuple[int, str]]:
     """(pid, command line) of the Ray Serve LLM engine replica processes under ``root`` (the
     driver): Ray names a replica's worker process ``ray::ServeReplica:<app>:<deployment>``."""
-    return [(pid, cmd) for pid, cmd in alive(descendants(root))
+    return [(pid, cmd) for pid, cmd in alive(descendant_pids(root))
             if cmd.startswith("ray::ServeReplica") and "LLMServer" in cmd]
 
 
@@ -219,7 +196,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
     # as `e2e-llm serve` does (local: on), on a machine where other programs hold the mode's default ports
     with LocalRay(config) as local_ray, ports_held(MODE_DEFAULT_PORTS):
         temp_dir = tempfile.mkdtemp(prefix="r-srv-", dir="/tmp")
-        http_port, metrics_port = free_port(), free_port()
+        http_port, metrics_port = free_tcp_port(), free_tcp_port()
         ray.init(_temp_dir=temp_dir, include_dashboard=False, _metrics_export_port=metrics_port,
                  num_cpus=os.cpu_count(), log_to_driver=False)
         try:
@@ -233,7 +210,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
         finally:
             # Not the app's: the session's S3 store (a test may have restarted it meanwhile) and the
             # multiprocessing forkserver a later test may have started (it lives as long as pytest).
-            ray_pids = {pid for pid in descendants(os.getpid()) - local_ray.before  # recorded before ray.init
+            ray_pids = {pid for pid in descendant_pids(os.getpid()) - local_ray.before  # recorded before ray.init
                         if not any(mark in cmd for _, cmd in alive({pid}) for mark in NOT_THE_APPS)}
             try:
                 serve.shutdown()

@@ -132,8 +132,18 @@ def _descendants(root_pid: int) -> list:
 
 
 def descendant_pids(root_pid: int) -> set[int]:
-    """The pids of every process under ``root_pid`` now."""
-    return {proc.pid for proc in _descendants(root_pid)}
+    """The pids of every live process under ``root_pid`` now (zombies, exited and not yet reaped,
+    are not counted)."""
+    import psutil
+
+    live = set()
+    for proc in _descendants(root_pid):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                live.add(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return live
 
 
 def pin_off_engine(root_pid: int, leave: Collection[int] = ()) -> Pinning | None:

@@ -26,6 +26,7 @@ from typing import Any
 from e2e_llm.adapters import vllm_max_lora_rank
 from e2e_llm.config import PipelineConfig
 from e2e_llm.model import model_location
+from e2e_llm.ports import free_tcp_port
 from e2e_llm.precision import serve_device
 from e2e_llm.storage import ENDPOINT_ENV, s3_endpoint
 from e2e_llm.stream_pacing import PACING_KEYS
@@ -206,15 +207,6 @@ def serve_mode_env(config: PipelineConfig, *, local: bool = False) -> dict[str, 
         return dict(HIGH_THROUGHPUT_ENV)
     ports = {name: os.environ.get(name) or str(free_tcp_port()) for name in MODE_FIXED_PORTS_ENV}
     return {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV, **ports}
-
-
-def free_tcp_port() -> int:
-    """A TCP port no program listens on now, on any interface (HAProxy binds its own on all)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict[str, Any]:

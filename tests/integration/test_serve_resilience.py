@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from malformed import CASES, check_error, request_kwargs
-from serving import alive, descendants, engine_replica_pids
+from serving import alive, engine_replica_pids
+
+from e2e_llm.cpu_pinning import descendant_pids
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 HI = [{"role": "user", "content": "Say hi"}]
@@ -128,7 +130,7 @@ def _engine_worker_cpus(root: int) -> dict[int, set[int]]:
     """pid -> CPUs of each vLLM model worker under ``root``."""
     from e2e_llm.cpu_pinning import VLLM_WORKER_TITLE
 
-    return {pid: os.sched_getaffinity(pid) for pid, cmd in alive(descendants(root))
+    return {pid: os.sched_getaffinity(pid) for pid, cmd in alive(descendant_pids(root))
             if cmd.startswith(VLLM_WORKER_TITLE)}
 
 
@@ -143,7 +145,7 @@ def test_rays_processes_run_off_the_cpus_the_engine_worker_is_bound_to(serve_app
     # Every process of this Ray instance but the engine replica's, including workers Ray started
     # after the move (they inherit the raylet's CPUs). Ray titles a worker "ray::<class>[.<method>]".
     engine = set(pinning.engine)
-    ray_procs = [(pid, cmd) for pid, cmd in alive(descendants(os.getpid()))
+    ray_procs = [(pid, cmd) for pid, cmd in alive(descendant_pids(os.getpid()))
                  if pid not in engine and (cmd.startswith("ray::") or "/ray/" in cmd)]
     cpus = {}
     for pid, cmd in ray_procs:
@@ -162,7 +164,8 @@ def test_rays_processes_run_off_the_cpus_the_engine_worker_is_bound_to(serve_app
 def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):
     pids = engine_replica_pids(os.getpid())
     cpus_before = set().union(*_engine_worker_cpus(os.getpid()).values())
-    assert len(pids) == 1, f"want one engine replica, found {pids}; ray processes: {alive(descendants(os.getpid()))}"
+    assert len(pids) == 1, \
+        f"want one engine replica, found {pids}; ray processes: {alive(descendant_pids(os.getpid()))}"
     victim = pids[0][0]
 
     def plain(i):

@@ -20,6 +20,7 @@ from e2e_llm.cpu_pinning import (
     ENGINE_CPUS_ENV,
     RAY_WORKER_TITLE_PREFIX,
     VLLM_WORKER_TITLE,
+    descendant_pids,
     engine_cpus_env,
     parse_cpus,
     pin_off_engine,
@@ -187,6 +188,35 @@ def test_an_engine_replica_started_on_fewer_cpus_widens_to_the_engines(tmp_path)
     unset = code.replace("print(sorted(widen_to_engine_cpus()),", "print(widen_to_engine_cpus(),")
     out = subprocess.run([sys.executable, "-c", unset], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"None [{cpus[-1]}] [{cpus[-1]}]"  # nothing changes
+
+
+def test_descendants_are_the_live_processes_below_a_root_at_any_depth_not_zombies():
+    # A parent with a child that has a child of its own, and a child that exits at once, left
+    # unreaped (a zombie).
+    child = f"import subprocess, sys; {_spawn('grandchild', SLEEP)}; {SLEEP}"
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys, time
+        {_spawn('child', child)}
+        subprocess.Popen([sys.executable, '-c', 'pass'])
+        time.sleep(120)
+    """)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            children = psutil.Process(parent.pid).children(recursive=True)
+            statuses = {c.pid: c.status() for c in children}
+            if len(statuses) == 3 and psutil.STATUS_ZOMBIE in statuses.values():
+                break
+            assert time.monotonic() < deadline, f"want a child, a grandchild and a zombie, have {statuses}"
+            time.sleep(0.1)
+        live = {pid for pid, status in statuses.items() if status != psutil.STATUS_ZOMBIE}
+        assert descendant_pids(parent.pid) == live and len(live) == 2
+        assert descendant_pids(os.getpid()) >= {parent.pid, *live}
+    finally:
+        for proc in psutil.Process(parent.pid).children(recursive=True):
+            proc.kill()
+        parent.kill()
+        parent.wait()
 
 
 def test_the_titles_are_the_ones_vllm_and_ray_set():

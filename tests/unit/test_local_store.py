@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import socket
 
 import pytest
 
@@ -13,13 +12,8 @@ pytest.importorskip("moto")
 
 from e2e_llm.local_s3 import LocalS3Process as LocalStoreProcess  # noqa: E402
 from e2e_llm.local_s3 import endpoint_reachable  # noqa: E402
+from e2e_llm.ports import free_tcp_port  # noqa: E402
 from e2e_llm.store import AdapterStore  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _adapter(tmp_path):
@@ -34,7 +28,7 @@ def test_published_adapters_aliases_and_logs_survive_a_restart_and_deletes_stay_
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
     data = tmp_path / "s3"
-    server = LocalStoreProcess("127.0.0.1", _free_port(), data).start()
+    server = LocalStoreProcess("127.0.0.1", free_tcp_port(), data).start()
     try:
         store = AdapterStore("s3://local-store-test/adapters", server.endpoint, "us-east-1")
         first = store.publish(_adapter(tmp_path), name="viggo", alias="viggo")
@@ -74,7 +68,7 @@ def test_published_adapters_aliases_and_logs_survive_a_restart_and_deletes_stay_
 def test_an_empty_data_dir_starts_an_empty_store(tmp_path, monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
-    server = LocalStoreProcess("127.0.0.1", _free_port(), tmp_path / "fresh").start()
+    server = LocalStoreProcess("127.0.0.1", free_tcp_port(), tmp_path / "fresh").start()
     try:
         assert AdapterStore("s3://empty/adapters", server.endpoint, "us-east-1").adapter_ids() == []
     finally:
@@ -85,7 +79,7 @@ def test_serve_refused_for_a_missing_api_key_starts_no_store(monkeypatch):
     from e2e_llm.commands import serve as serve_command
     from e2e_llm.config import load_profile
 
-    port = _free_port()
+    port = free_tcp_port()
     endpoint = f"http://127.0.0.1:{port}"
     config = load_profile("local")
     config.serve.auth.enabled = True
