@@ -58,7 +58,7 @@ from cpu_accounting import (  # bench/cpu_accounting.py, servers.py and turns.py
     merged_idle,
     steal_seconds,
 )
-from servers import SERVE, VLLM, free_port, serve_in_child, serve_server, vllm_server, wait_http
+from servers import SERVE, VLLM, serve_in_child, serve_server, vllm_server, wait_http
 from turns import taking_turns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from e2e_llm.config import load_profile
     from e2e_llm.local_s3 import start
+    from e2e_llm.ports import free_tcp_port
     from e2e_llm.serve import app_args
     from e2e_llm.store import AdapterStore, find_training_adapter
 
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     machine = machine_info()
-    endpoint = f"http://127.0.0.1:{free_port()}"
+    endpoint = f"http://127.0.0.1:{free_tcp_port()}"
     os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
     moto = start(endpoint, data_dir=Path(tempfile.mkdtemp(prefix="bench-s3-")))
     startup: dict[str, list[float]] = {}

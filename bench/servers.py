@@ -19,7 +19,7 @@ from pathlib import Path
 from cpu_accounting import niceness_by_role  # bench/cpu_accounting.py and bench/turns.py, beside this script
 from turns import process_tree, resume
 
-from e2e_llm.ports import free_tcp_port as free_port
+from e2e_llm.ports import free_tcp_port
 
 # The servers' names in the rounds, rows and ratios of bench/serve_latency.py.
 VLLM, SERVE = "vllm", "ray_serve_llm"
@@ -47,7 +47,7 @@ def serve_server(config, adapter_id: str | None, args, startup: dict, name: str 
     from e2e_llm.local_ray import LocalRay
     from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
 
-    port = free_port()
+    port = free_tcp_port()
     t0 = time.monotonic()
     init = ray_init_kwargs(config, temp_dir=tempfile.mkdtemp(prefix="r-bench-", dir="/tmp"))
     init["_metrics_export_port"] = None  # a fixed port could clash with a running `e2e-llm serve`
@@ -136,7 +136,7 @@ def vllm_flags(engine_kwargs: dict) -> list[str]:
 @contextmanager
 def vllm_server(config, model_path: str, adapter_dir: Path | None, engine_kwargs: dict, startup: dict):
     """``python -m vllm.entrypoints.openai.api_server`` with the same engine flags; yields its URL."""
-    port = free_port()
+    port = free_tcp_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", model_path, "--served-model-name", config.model.id, *vllm_flags(engine_kwargs)]
     if adapter_dir is not None:

@@ -269,13 +269,10 @@ def test_preflight_failure_and_error_answers_are_rejections_with_the_reason():
 
 
 def test_preflight_against_nothing_listening_is_a_rejection_not_a_crash():
-    import socket
-
     from e2e_llm.canary_io import HttpPreflight
+    from e2e_llm.ports import free_tcp_port
 
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_tcp_port()  # free a moment ago: nothing listens there
     result = HttpPreflight(f"http://127.0.0.1:{port}/v1").check("viggo-v2", ROW, 5.0, 8)
     assert not result.ok
     assert result.reason.startswith(f"POST http://127.0.0.1:{port}/-/preflight: no answer (URLError")
