@@ -191,11 +191,13 @@ def post(api, path, body, **kw):
 
 
 class FakeVLLMEngine:
-    """The engine an LLMServer calls: streams ``chunks`` strings, or one chat response for a
-    non-streaming request after ``delay_s``; ``lora_error`` is raised by ``resolve_lora``."""
+    """The engine an LLMServer calls: streams ``chunks`` strings (``gap_s`` apart; 0: all in one
+    step), or one chat response for a non-streaming request after ``delay_s``; ``lora_error`` is
+    raised by ``resolve_lora``."""
 
     def __init__(self, chunks: int = 5):
         self.chunks = chunks
+        self.gap_s = 0.0
         self.lora_error: Exception | None = None
         self.delay_s = 0.0
 
@@ -209,6 +211,8 @@ class FakeVLLMEngine:
             yield chat_response(request.model)
             return
         for i in range(self.chunks):
+            if self.gap_s:
+                await asyncio.sleep(self.gap_s)
             yield f"c{i}"
 
 

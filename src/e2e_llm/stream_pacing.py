@@ -6,7 +6,8 @@ per message, whatever it carries. On a small CPU box that cost competes with the
 grows with the number of open streams (bench/RESULTS.md, "serve_latency_vs_vllm"). So:
 
 - The first chunks of a stream (``head``: the role chunk and the first token) go out at once:
-  time to first token does not depend on the grouping.
+  time to first token does not depend on the grouping. Chunks read together go in one message
+  (vLLM yields a chat stream's role chunk and first token in one engine step: one message, not two).
 - After that a stream sends at most one message per interval, as soon as the interval has
   passed and a chunk is waiting (never an empty message; the end of the stream is flushed at
   once).
@@ -56,29 +57,28 @@ class StreamPacer:
         return min(self.max_interval_s, max(self.interval_s, self.open / self.messages_per_s))
 
     async def batched(self, chunks: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
-        """``chunks`` as lists: the first ``head`` alone, then grouped (see the module doc). An
-        error from ``chunks`` is raised after the chunks read before it are sent."""
+        """``chunks`` as lists: the first ``head`` at once, then grouped (see the module doc); with
+        an interval of 0, every chunk alone. An error from ``chunks`` is raised after the chunks
+        read before it are sent."""
         iterator = chunks.__aiter__()
         self.open += 1
         try:
-            for _ in range(self.head):
-                try:
-                    yield [await iterator.__anext__()]
-                except StopAsyncIteration:
-                    return
             if self.current_interval_s() == 0:
                 async for chunk in iterator:
                     yield [chunk]
                 return
-            async with aclosing(_grouped(iterator, self.current_interval_s)) as groups:
+            async with aclosing(_grouped(iterator, self.current_interval_s, self.head)) as groups:
                 async for batch in groups:
                     yield batch
         finally:
             self.open -= 1
 
 
-async def _grouped(iterator: AsyncIterator[Any], interval_s) -> AsyncIterator[list[Any]]:
-    """Chunks of ``iterator`` read by a background task, sent at most once per ``interval_s()``."""
+async def _grouped(iterator: AsyncIterator[Any], interval_s, head: int = 0) -> AsyncIterator[list[Any]]:
+    """Chunks of ``iterator`` read by a background task, sent at most once per ``interval_s()``
+    once ``head`` chunks have been sent; until then, as soon as they are read (with the chunks
+    read in the same event-loop turn)."""
+    sent = 0
     pending: list[Any] = []
     arrived = asyncio.Event()
     finished = asyncio.Event()
@@ -98,16 +98,19 @@ async def _grouped(iterator: AsyncIterator[Any], interval_s) -> AsyncIterator[li
         last = loop.time()
         while True:
             wait = last + interval_s() - loop.time()
-            if wait > 0 and not finished.is_set():
+            if sent >= head and wait > 0 and not finished.is_set():
                 with suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(finished.wait(), wait)
             if not pending and not finished.is_set():
                 arrived.clear()
                 await arrived.wait()  # nothing yet: the next chunk goes out when it comes
+                if sent < head:
+                    await asyncio.sleep(0)  # one turn for a chunk produced in the same engine step
             if pending:
                 batch = pending[:]
                 pending.clear()
                 last = loop.time()
+                sent += len(batch)
                 yield batch
             if finished.is_set() and not pending:
                 reader.result()  # the stream's error, if any, after what it sent

@@ -115,15 +115,35 @@ def test_concurrent_first_requests_for_one_adapter_load_it_one_at_a_time(adapter
     assert ray_default.max_active == 2
 
 
+async def _timed_chat(server) -> list[tuple[float, list[str]]]:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    stream = await server.chat(SimpleNamespace(stream=True))
+    return [(loop.time() - start, list(batch)) async for batch in stream]
+
+
 def test_a_stream_sends_its_first_chunks_unbatched_then_batches(adapter_request):
     from e2e_llm.server import E2ELLMServer
 
-    batches = asyncio.run(_chat(fake_server(E2ELLMServer)))
+    server = fake_server(E2ELLMServer, interval_ms=200)
+    server.engine.gap_s = 0.01  # one chunk per engine step
+    out = asyncio.run(_timed_chat(server))
+    batches = [b for _, b in out]
     assert batches[:compat.UNBATCHED_HEAD] == [["c0"], ["c1"]]
+    assert out[0][0] < 0.1  # the first chunk is not held for the interval
     assert [c for b in batches for c in b] == [f"c{i}" for i in range(5)]
     assert len(batches) < 5  # the rest is grouped
     # Ray's own LLMServer groups the first chunks too.
-    assert asyncio.run(_chat(fake_server(ray.serve.llm.LLMServer)))[0] == ["c0", "c1", "c2", "c3", "c4"]
+    ray_server = fake_server(ray.serve.llm.LLMServer, interval_ms=200)
+    ray_server.engine.gap_s = 0.01
+    assert len(asyncio.run(_timed_chat(ray_server))[0][1]) > 1
+
+
+def test_chunks_an_engine_step_produces_together_go_out_as_one_message_at_once(adapter_request):
+    from e2e_llm.server import E2ELLMServer
+
+    out = asyncio.run(_timed_chat(fake_server(E2ELLMServer, interval_ms=200)))  # all five in one step
+    assert out == [(pytest.approx(0, abs=0.1), ["c0", "c1", "c2", "c3", "c4"])]
 
 
 def test_the_replica_paces_its_streams_with_the_profiles_settings(adapter_request):

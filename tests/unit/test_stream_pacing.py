@@ -41,6 +41,23 @@ def test_the_head_goes_out_at_once_and_the_rest_is_grouped_by_interval():
     assert all(g >= 0.09 for g in gaps[:-1])  # at most one message per interval (the end may come sooner)
 
 
+def test_head_chunks_produced_in_one_step_go_out_as_one_message_at_once():
+    # vLLM yields a chat stream's role chunk and first token in the same engine step.
+    async def engine():
+        await asyncio.sleep(0.02)  # prefill
+        yield "role"
+        yield "first"
+        for i in range(6):
+            await asyncio.sleep(0.02)
+            yield f"t{i}"
+
+    out = asyncio.run(_collect(StreamPacer(200, head=2), engine()))
+    assert out[0][1] == ["role", "first"]
+    assert out[0][0] < 0.1  # not held for the interval
+    assert [c for _, b in out for c in b] == ["role", "first"] + [f"t{i}" for i in range(6)]
+    assert len(out) == 2  # the rest, 120 ms of tokens, in one group (interval 200 ms, end flushed)
+
+
 def test_interval_zero_sends_every_chunk_alone():
     out = asyncio.run(_collect(StreamPacer(0), _chunks(5)))
     assert [b for _, b in out] == [[f"c{i}"] for i in range(5)]
