@@ -89,9 +89,16 @@ def test_the_public_broadcast_api_the_preflight_uses_keeps_its_shape():
 # -- the overrides are called by Ray's own request path ------------------------------------
 
 
-async def _chat(server) -> list[list[str]]:
+async def _timed_chat(server) -> list[tuple[float, list[str]]]:
+    """A streamed chat's messages, each with the seconds since the request when it was sent."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     stream = await server.chat(SimpleNamespace(stream=True))
-    return [list(batch) async for batch in stream]
+    return [(loop.time() - start, list(batch)) async for batch in stream]
+
+
+async def _chat(server) -> list[list[str]]:
+    return [batch for _, batch in await _timed_chat(server)]
 
 
 async def _two_first_requests(server) -> None:
@@ -113,13 +120,6 @@ def test_concurrent_first_requests_for_one_adapter_load_it_one_at_a_time(adapter
     ray_default = fake_server(ray.serve.llm.LLMServer)
     asyncio.run(_two_first_requests(ray_default))
     assert ray_default.max_active == 2
-
-
-async def _timed_chat(server) -> list[tuple[float, list[str]]]:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    stream = await server.chat(SimpleNamespace(stream=True))
-    return [(loop.time() - start, list(batch)) async for batch in stream]
 
 
 def test_a_stream_sends_its_first_chunks_unbatched_then_batches(adapter_request):
