@@ -39,22 +39,39 @@ def _role(proc, parents: dict[int, str]) -> str:
     return next((role for needle, role in ROLES if needle in cmd), "other:" + proc.name()[:24])
 
 
-def cpu_snapshot() -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of this process and all its descendants (Ray's processes and the
-    vLLM server are children of the bench), by pid, with each process's role."""
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of ``pid`` have spent ready to run while another task held their CPU
+    (the second field of ``/proc/<pid>/task/<tid>/schedstat``; 0 where the kernel does not keep it).
+    For the engine's worker this is the time other processes took from the model on its own CPU."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float, float]]:
+    """CPU seconds and runqueue wait seconds so far of this process and all its descendants (Ray's
+    processes and the vLLM server are children of the bench), by pid, with each process's role."""
     import psutil
 
     me = psutil.Process()
     procs = [me, *me.children(recursive=True)]
     procs.sort(key=lambda p: p.pid)
     roles: dict[int, str] = {me.pid: "bench:load_generator"}
-    out: dict[int, tuple[str, float]] = {}
+    out: dict[int, tuple[str, float, float]] = {}
     for proc in sorted(procs, key=lambda p: (p.create_time() if p.is_running() else 0)):
         role = roles.get(proc.pid) or _role(proc, roles)
         roles[proc.pid] = role
         try:
             t = proc.cpu_times()
-            out[proc.pid] = (role, t.user + t.system)
+            out[proc.pid] = (role, t.user + t.system, runqueue_wait_seconds(proc.pid))
         except Exception:  # noqa: BLE001  exited meanwhile
             continue
     return out
@@ -65,7 +82,7 @@ def niceness_by_role() -> dict[str, int]:
     import psutil
 
     out: dict[str, int] = {}
-    for pid, (role, _) in cpu_snapshot().items():
+    for pid, (role, *_) in cpu_snapshot().items():
         try:
             out.setdefault(role, psutil.Process(pid).nice())
         except Exception:  # noqa: BLE001  exited meanwhile
@@ -73,10 +90,13 @@ def niceness_by_role() -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+def cpu_by_role(before: dict[int, tuple[str, float, float]], after: dict[int, tuple[str, float, float]],
+                field: int = 1) -> dict[str, float]:
+    """Seconds per role between two snapshots: CPU time (``field`` 1) or runqueue wait (2)."""
     used: dict[str, float] = {}
-    for pid, (role, seconds) in after.items():
-        used[role] = used.get(role, 0.0) + seconds - (before.get(pid, (role, 0.0))[1])
+    for pid, values in after.items():
+        role = values[0]
+        used[role] = used.get(role, 0.0) + values[field] - before.get(pid, (role, 0.0, 0.0))[field]
     return {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
 

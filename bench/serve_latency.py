@@ -9,8 +9,9 @@ processes) falls on both alike. A round is a fixed number of streamed chat reque
 VIGGO val prompts, greedy, exactly ``--max-tokens`` generated tokens each (``ignore_eos``),
 after a short warm-up. Measured per server: p50/p95 latency, p50/p95 time to first token,
 requests/s and generated tokens/s over its rounds, and the CPU seconds every process used
-during them (the engine's worker and scheduler, each Ray process, the load generator), so
-the record says where the time went. Appends one record to bench/results.jsonl (bench
+during them (the engine's worker and scheduler, each Ray process, the load generator) and the
+time each waited for a CPU another process held (the engine worker's per round), so the record
+says where the time went. Appends one record to bench/results.jsonl (bench
 ``serve_latency_vs_vllm``; ``machine`` names the CPU capability the engine's kernels run at,
 the dtype and the load average before/after; ``ratios`` holds Serve / vLLM per model and
 concurrency) and prints a table. Loopback only; every loop is bounded.
@@ -181,17 +182,23 @@ def run_round(server: str, base_url: str, kind: str, model: str, concurrency: in
     n = args.requests_1 if concurrency == 1 else max(args.requests_n, concurrency)
     before, steal = cpu_snapshot(), steal_seconds()
     results, wall = asyncio.run(load(base_url, model, prompts, concurrency, n, args.max_tokens, args.warmup))
-    used = cpu_by_role(before, cpu_snapshot())
+    after = cpu_snapshot()
+    used, waited = cpu_by_role(before, after), cpu_by_role(before, after, field=2)
     stolen = round(steal_seconds() - steal, 2)
-    m = merged.setdefault((server, kind, concurrency), {"results": [], "wall": 0.0, "cpu": {}, "rounds": []})
+    m = merged.setdefault((server, kind, concurrency), {"results": [], "wall": 0.0, "cpu": {}, "wait": {},
+                                                        "rounds": []})
     m["results"] += results
     m["wall"] += wall
-    for role, seconds in used.items():
-        m["cpu"][role] = round(m["cpu"].get(role, 0.0) + seconds, 2)
+    for key, by_role in (("cpu", used), ("wait", waited)):
+        for role, seconds in by_role.items():
+            m[key][role] = round(m[key].get(role, 0.0) + seconds, 2)
     stats = summarize(results, wall, concurrency)
-    m["rounds"].append({**{k: stats[k] for k in ("p50_s", "req_per_s", "errors")}, "steal_s": stolen})
-    print(json.dumps({"server": server, "model": kind, **stats, "cpu_s": used, "steal_s": stolen,
-                      "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+    # The engine worker's runqueue wait: time other processes took from the model on its own CPU.
+    worker_wait = round(sum(s for role, s in waited.items() if role.endswith(":engine_worker")), 2)
+    m["rounds"].append({**{k: stats[k] for k in ("p50_s", "req_per_s", "errors")}, "steal_s": stolen,
+                        "worker_wait_s": worker_wait})
+    print(json.dumps({"server": server, "model": kind, **stats, "cpu_s": used, "wait_s": waited,
+                      "steal_s": stolen, "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
 
 
 def run_rounds(server: str, base_url: str, models: dict[str, str], rounds: int, prompts, args,
@@ -208,7 +215,8 @@ def merged_rows(merged: dict) -> list[dict]:
     for (server, kind, concurrency), m in sorted(merged.items()):
         rows.append({"server": server, "model": kind, **summarize(m["results"], m["wall"], concurrency),
                      "rounds": m["rounds"], "wall_s": round(m["wall"], 1),
-                     "cpu_s": dict(sorted(m["cpu"].items(), key=lambda kv: -kv[1]))})
+                     "cpu_s": dict(sorted(m["cpu"].items(), key=lambda kv: -kv[1])),
+                     "runqueue_wait_s": dict(sorted(m["wait"].items(), key=lambda kv: -kv[1]))})
     return rows
 
 
@@ -492,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['server']:<{width}} {r['model']:<5} {r['concurrency']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} "
               f"{r['ttft_p50_s']:>7.3f} {r['ttft_p95_s']:>7.3f} {r['req_per_s']:>6.2f} {r['gen_tok_per_s']:>6.1f} "
-              f"{r['errors']:>3}  cpu {r['cpu_s']}")
+              f"{r['errors']:>3}  cpu {r['cpu_s']}  runqueue wait {r['runqueue_wait_s']}")
     for server, cores in record["idle_cpu_cores"].items():
         print(f"idle {server}: {cores['total']:.3f} cores {cores}")
     print(f"ratios {measured} / {reference}:", json.dumps(record.get("ratios")))

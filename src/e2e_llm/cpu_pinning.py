@@ -20,6 +20,11 @@ model step. Moving them onto the CPUs vLLM reserved leaves the worker's CPUs to 
 - :func:`widen_to_engine_cpus`: the engine replica's first step. A replica that Serve restarts
   is started by the (now pinned) raylet; back on the engine's CPUs, its vLLM binds as on the first
   start.
+- :func:`settle_off_engine_workers`: the engine replica's step once its engine is up (first start
+  and restarts alike): the replica itself (vLLM's frontend, under Ray) and vLLM's scheduler
+  (``VLLM::EngineCore``) onto the CPUs its workers are not bound to, where vLLM meant them to run.
+  Plain vLLM's API server stays there by itself; the replica's threads, woken by Ray as well, also
+  ran on the worker's CPU and preempted it (bench/RESULTS.md, session 13).
 
 Processes are told apart by the titles vLLM and Ray give them (checked against the pinned
 versions by tests/unit/test_cpu_pinning.py).
@@ -86,12 +91,32 @@ def widen_to_engine_cpus() -> set[int] | None:
     return cpus
 
 
+def settle_off_engine_workers(replica_pid: int | None = None) -> set[int] | None:
+    """In an engine replica whose engine is up: the replica (all its threads) and every process under
+    it but vLLM's model workers and their children onto the CPUs of ``ENGINE_CPUS_ENV`` that those
+    workers are not bound to. Returns those CPUs, or None, and nothing moved, when the variable is not
+    set, no worker is bound, or the workers hold every allowed CPU (vLLM reserved none)."""
+    value = os.environ.get(ENGINE_CPUS_ENV)
+    if not value:
+        return None
+    replica = replica_pid or os.getpid()
+    below = _descendants(replica)
+    workers, worker_cpus = _bound_workers(below)
+    rest = parse_cpus(value) - worker_cpus
+    if not worker_cpus or not rest:
+        return None
+    staying = _with_children(workers)
+    for pid in [replica, *(proc.pid for proc in below if proc.pid not in staying)]:
+        _set_process_cpus(pid, rest)
+    return rest
+
+
 @dataclass(frozen=True)
 class Pinning:
     engine_cpus: set[int]  # CPUs the engine workers are bound to
     ray_cpus: set[int]  # where the other processes now run
     pinned: list[int]  # their pids
-    engine: list[int]  # pids of the engine replicas and their children, left alone
+    engine: list[int]  # pids of the engine replicas and their children: each settles its own
 
 
 def _title(proc) -> str:
@@ -101,25 +126,45 @@ def _title(proc) -> str:
         return ""
 
 
+def _bound_workers(procs: list) -> tuple[list, set[int]]:
+    """(vLLM's model workers among ``procs``, the CPUs they are bound to)."""
+    workers, cpus = [], set()
+    for proc in procs:
+        if not _title(proc).startswith(VLLM_WORKER_TITLE):  # also "VLLM::Worker_TP0" etc.
+            continue
+        try:
+            cpus |= set(os.sched_getaffinity(proc.pid))  # the main thread: vLLM's OMP binding
+        except OSError:
+            continue  # gone
+        workers.append(proc)
+    return workers, cpus
+
+
+def _with_children(procs: list) -> set[int]:
+    import psutil
+
+    pids = set()
+    for proc in procs:
+        try:
+            pids |= {proc.pid, *(child.pid for child in proc.children(recursive=True))}
+        except psutil.Error:
+            continue
+    return pids
+
+
 def _engine_families(procs: list) -> tuple[set[int], set[int]]:
     """(pids of every engine replica with its children, CPUs their workers are bound to). A
     worker's replica is its nearest ancestor with a Ray worker title."""
     import psutil
 
-    family: set[int] = set()
-    worker_cpus: set[int] = set()
-    for proc in procs:
-        if not _title(proc).startswith(VLLM_WORKER_TITLE):  # also "VLLM::Worker_TP0" etc.
-            continue
+    workers, worker_cpus = _bound_workers(procs)
+    replicas = []
+    for worker in workers:
         try:
-            worker_cpus |= set(os.sched_getaffinity(proc.pid))  # the main thread: vLLM's OMP binding
-            replica = next((p for p in proc.parents() if _title(p).startswith(RAY_WORKER_TITLE_PREFIX)), None)
-            if replica is None:
-                continue
-            family |= {replica.pid, *(child.pid for child in replica.children(recursive=True))}
-        except (psutil.Error, OSError):
+            replicas += [p for p in worker.parents() if _title(p).startswith(RAY_WORKER_TITLE_PREFIX)][:1]
+        except psutil.Error:
             continue
-    return family, worker_cpus
+    return _with_children(replicas), worker_cpus
 
 
 def _descendants(root_pid: int) -> list:

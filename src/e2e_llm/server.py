@@ -42,7 +42,7 @@ from ray import serve
 
 from e2e_llm import storage
 from e2e_llm.compat.ray_serve import OpenAIHTTPException, PatchedLLMServer
-from e2e_llm.cpu_pinning import widen_to_engine_cpus
+from e2e_llm.cpu_pinning import settle_off_engine_workers, widen_to_engine_cpus
 from e2e_llm.serve_preflight import answer_once, report
 
 # Ray Serve LLM keeps "adapter config missing" this long (CLOUD_OBJECT_MISSING_EXPIRE_S).
@@ -79,6 +79,8 @@ class E2ELLMServer(PatchedLLMServer):
         # by a raylet that e2e_llm.cpu_pinning moved off them (no-op unless that is in use).
         widen_to_engine_cpus()
         await super().__init__(llm_config, **kwargs)
+        # The engine is up and its workers bound: the rest of it off their CPUs (no-op as above).
+        settle_off_engine_workers()
 
     def lora_cache_root(self, llm_config) -> str | None:
         if llm_config.lora_config is None:
