@@ -39,39 +39,48 @@ def _role(proc, parents: dict[int, str]) -> str:
     return next((role for needle, role in ROLES if needle in cmd), "other:" + proc.name()[:24])
 
 
-def runqueue_wait_seconds(pid: int) -> float:
-    """Seconds the threads of ``pid`` have spent ready to run while another task held their CPU
-    (the second field of ``/proc/<pid>/task/<tid>/schedstat``; 0 where the kernel does not keep it).
-    For the engine's worker this is the time other processes took from the model on its own CPU."""
-    total = 0
+def runqueue_wait_seconds(pid: int, proc: Path = Path("/proc")) -> tuple[float, float]:
+    """Seconds the threads of ``pid`` have spent ready to run while another task held their CPU (the
+    second field of ``/proc/<pid>/task/<tid>/schedstat``; 0 where the kernel does not keep it): all
+    its threads, and those named as the process. vLLM's worker runs the model in threads named
+    as itself (main and OpenMP threads); its helpers (gloo, ZMQ) wake often and wait behind the model,
+    which takes nothing from it. For the worker the second figure is the time other tasks took from
+    the model on its own CPU."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        own = (proc / str(pid) / "comm").read_text()
+        tids = os.listdir(proc / str(pid) / "task")
     except OSError:
-        return 0.0
+        return 0.0, 0.0
+    every = named = 0
     for tid in tids:
         try:
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+            task = proc / str(pid) / "task" / tid
+            wait = int((task / "schedstat").read_text().split()[1])
+            every += wait
+            if (task / "comm").read_text() == own:
+                named += wait
         except (OSError, IndexError, ValueError):
             continue
-    return total / 1e9
+    return every / 1e9, named / 1e9
 
 
-def cpu_snapshot() -> dict[int, tuple[str, float, float]]:
-    """CPU seconds and runqueue wait seconds so far of this process and all its descendants (Ray's
-    processes and the vLLM server are children of the bench), by pid, with each process's role."""
+def cpu_snapshot() -> dict[int, tuple[str, float, float, float]]:
+    """CPU seconds and runqueue wait seconds (all threads, threads named as the process:
+    :func:`runqueue_wait_seconds`) so far of this process and all its descendants (Ray's processes
+    and the vLLM server are children of the bench), by pid, with each process's role."""
     import psutil
 
     me = psutil.Process()
     procs = [me, *me.children(recursive=True)]
     procs.sort(key=lambda p: p.pid)
     roles: dict[int, str] = {me.pid: "bench:load_generator"}
-    out: dict[int, tuple[str, float, float]] = {}
+    out: dict[int, tuple[str, float, float, float]] = {}
     for proc in sorted(procs, key=lambda p: (p.create_time() if p.is_running() else 0)):
         role = roles.get(proc.pid) or _role(proc, roles)
         roles[proc.pid] = role
         try:
             t = proc.cpu_times()
-            out[proc.pid] = (role, t.user + t.system, runqueue_wait_seconds(proc.pid))
+            out[proc.pid] = (role, t.user + t.system, *runqueue_wait_seconds(proc.pid))
         except Exception:  # noqa: BLE001  exited meanwhile
             continue
     return out
@@ -90,13 +99,13 @@ def niceness_by_role() -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def cpu_by_role(before: dict[int, tuple[str, float, float]], after: dict[int, tuple[str, float, float]],
-                field: int = 1) -> dict[str, float]:
-    """Seconds per role between two snapshots: CPU time (``field`` 1) or runqueue wait (2)."""
+def cpu_by_role(before: dict[int, tuple], after: dict[int, tuple], field: int = 1) -> dict[str, float]:
+    """Seconds per role between two :func:`cpu_snapshot` s: CPU time (``field`` 1), runqueue wait of
+    all threads (2) or of the threads named as the process (3)."""
     used: dict[str, float] = {}
     for pid, values in after.items():
         role = values[0]
-        used[role] = used.get(role, 0.0) + values[field] - before.get(pid, (role, 0.0, 0.0))[field]
+        used[role] = used.get(role, 0.0) + values[field] - before.get(pid, (role, 0.0, 0.0, 0.0))[field]
     return {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
 

@@ -183,7 +183,7 @@ def run_round(server: str, base_url: str, kind: str, model: str, concurrency: in
     before, steal = cpu_snapshot(), steal_seconds()
     results, wall = asyncio.run(load(base_url, model, prompts, concurrency, n, args.max_tokens, args.warmup))
     after = cpu_snapshot()
-    used, waited = cpu_by_role(before, after), cpu_by_role(before, after, field=2)
+    used, waited, waited_named = (cpu_by_role(before, after, field) for field in (1, 2, 3))
     stolen = round(steal_seconds() - steal, 2)
     m = merged.setdefault((server, kind, concurrency), {"results": [], "wall": 0.0, "cpu": {}, "wait": {},
                                                         "rounds": []})
@@ -193,8 +193,8 @@ def run_round(server: str, base_url: str, kind: str, model: str, concurrency: in
         for role, seconds in by_role.items():
             m[key][role] = round(m[key].get(role, 0.0) + seconds, 2)
     stats = summarize(results, wall, concurrency)
-    # The engine worker's runqueue wait: time other processes took from the model on its own CPU.
-    worker_wait = round(sum(s for role, s in waited.items() if role.endswith(":engine_worker")), 2)
+    # The engine worker's model threads' runqueue wait: time other tasks took from the model.
+    worker_wait = round(sum(s for role, s in waited_named.items() if role.endswith(":engine_worker")), 2)
     m["rounds"].append({**{k: stats[k] for k in ("p50_s", "req_per_s", "errors")}, "steal_s": stolen,
                         "worker_wait_s": worker_wait})
     print(json.dumps({"server": server, "model": kind, **stats, "cpu_s": used, "wait_s": waited,

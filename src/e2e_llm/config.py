@@ -274,7 +274,8 @@ class ServeConfig(Strict):
     control_loop_interval_s: float | None = Field(None, gt=0)
     # Where e2e-llm starts Ray itself on a CPU-only machine: once the app is up, Ray's own processes
     # (daemons, Serve's controller and proxy, the ingress) move onto the CPUs vLLM reserves, off the
-    # ones its model worker is bound to (e2e_llm.cpu_pinning; bench/RESULTS.md).
+    # ones its model worker is bound to, and each engine replica settles itself and vLLM's scheduler
+    # there once its engine is up (e2e_llm.cpu_pinning; bench/RESULTS.md).
     isolate_engine_cpus: bool = False
     # Ray Serve's high-throughput mode (Ray >= 2.56; e2e_llm.serve.serve_mode_env): HAProxy in front
     # instead of Serve's Python proxy, the ingress replicas take HTTP themselves, gRPC between

@@ -134,6 +134,19 @@ def _engine_worker_cpus(root: int) -> dict[int, set[int]]:
             if cmd.startswith(VLLM_WORKER_TITLE)}
 
 
+def _engine_rest_cpus(root: int) -> dict[str, set[int]]:
+    """Title -> CPUs of each engine replica and vLLM scheduler under ``root``: the engine but its
+    model workers."""
+    out = {}
+    for pid, cmd in alive(descendant_pids(root)):
+        if cmd.startswith("VLLM::EngineCore") or (cmd.startswith("ray::ServeReplica") and "LLMServer" in cmd):
+            try:
+                out[f"{cmd[:40]} [{pid}]"] = os.sched_getaffinity(pid)
+            except ProcessLookupError:
+                continue
+    return out
+
+
 def test_rays_processes_run_off_the_cpus_the_engine_worker_is_bound_to(serve_app):
     pinning = serve_app.pinning
     if len(os.sched_getaffinity(0)) < 2:
@@ -159,6 +172,9 @@ def test_rays_processes_run_off_the_cpus_the_engine_worker_is_bound_to(serve_app
         assert any(cmd.startswith(title) for _, cmd in ray_procs), (title, ray_procs)
     for daemon in ("gcs_server", "raylet"):
         assert any(daemon in cmd.split()[0] for _, cmd in ray_procs), (daemon, ray_procs)
+    # The engine replica settled itself (vLLM's frontend) and vLLM's scheduler there too.
+    rest = _engine_rest_cpus(os.getpid())
+    assert len(rest) == 2 and all(where == pinning.ray_cpus for where in rest.values()), rest
 
 
 def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):
@@ -203,6 +219,10 @@ def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):
     # The new replica came from a raylet moved off the engine's CPUs; its worker is bound as before.
     _wait("the restarted engine's worker is up", lambda: bool(_engine_worker_cpus(os.getpid())), 60)
     assert set().union(*_engine_worker_cpus(os.getpid()).values()) == cpus_before
+    if serve_app.pinning is not None:  # and the rest of the new engine settled off them again
+        _wait("the restarted replica and its scheduler are off the worker's CPUs", lambda: (
+            len(rest := _engine_rest_cpus(os.getpid())) == 2
+            and all(where == serve_app.pinning.ray_cpus for where in rest.values())), 60)
     assert _chat(serve_app, serve_app.model_id).status_code == 200
     _wait("/-/ready is 200 again", lambda: httpx.get(f"{serve_app.base_url}/-/ready", timeout=30).status_code == 200,
           60)

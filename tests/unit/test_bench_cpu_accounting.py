@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bench/cpu_accounting.py: process roles, the idle cost per server, steal time."""
+"""bench/cpu_accounting.py: process roles, the idle cost per server, steal time, runqueue wait."""
 
 import pytest
 
@@ -60,3 +60,35 @@ def test_steal_time_is_the_eighth_cpu_counter_of_proc_stat(accounting, tmp_path)
     assert accounting.steal_seconds(stat) == 0.0
     assert accounting.steal_seconds(tmp_path / "missing") == 0.0
     assert accounting.steal_seconds() >= 0.0  # this machine's
+
+
+def test_runqueue_wait_sums_every_thread_and_apart_those_named_as_the_process(accounting, tmp_path):
+    import os
+
+    def thread(tid, comm, wait_ns):
+        task = tmp_path / "7" / "task" / str(tid)
+        task.mkdir(parents=True)
+        (task / "comm").write_text(comm + "\n")
+        (task / "schedstat").write_text(f"123456 {wait_ns} 42\n")
+
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "comm").write_text("VLLM::Worker\n")
+    thread(7, "VLLM::Worker", 2_000_000_000)  # the model's main thread
+    thread(8, "VLLM::Worker", 500_000_000)  # an OpenMP thread: same name
+    thread(9, "gloo_tcp_loop", 4_000_000_000)  # a helper: waits behind the model, takes nothing
+    assert accounting.runqueue_wait_seconds(7, tmp_path) == (6.5, 2.5)
+    (tmp_path / "7" / "task" / "9" / "schedstat").write_text("garbage\n")  # unreadable: skipped
+    assert accounting.runqueue_wait_seconds(7, tmp_path) == (2.5, 2.5)
+    assert accounting.runqueue_wait_seconds(8, tmp_path) == (0.0, 0.0)  # no such process
+    every, named = accounting.runqueue_wait_seconds(os.getpid())  # this machine's
+    assert every >= named >= 0.0
+
+
+def test_seconds_by_role_between_snapshots_per_field(accounting):
+    before = {1: ("vllm:engine_worker", 10.0, 3.0, 1.0), 2: ("vllm:api_server", 1.0, 0.5, 0.5)}
+    after = {1: ("vllm:engine_worker", 40.0, 9.0, 2.5), 2: ("vllm:api_server", 3.0, 0.5, 0.5),
+             3: ("vllm:engine_core", 0.5, 0.2, 0.1)}  # started between the two: counted from 0
+    assert accounting.cpu_by_role(before, after) == {"vllm:engine_worker": 30.0, "vllm:api_server": 2.0,
+                                                     "vllm:engine_core": 0.5}
+    assert accounting.cpu_by_role(before, after, field=2) == {"vllm:engine_worker": 6.0, "vllm:engine_core": 0.2}
+    assert accounting.cpu_by_role(before, after, field=3) == {"vllm:engine_worker": 1.5, "vllm:engine_core": 0.1}

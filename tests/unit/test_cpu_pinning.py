@@ -24,6 +24,7 @@ from e2e_llm.cpu_pinning import (
     engine_cpus_env,
     parse_cpus,
     pin_off_engine,
+    settle_off_engine_workers,
 )
 from e2e_llm.local_ray import LocalRay
 
@@ -110,6 +111,39 @@ def test_everything_but_the_engine_family_moves_off_the_workers_cpus(fake_serve_
     assert os.sched_getaffinity(driver.pid) == set(cpus)  # the caller's process stays
     assert os.sched_getaffinity(pids["ray::ServeReplica:llm:E2ELLMServer:m"]) == set(cpus)  # left alone
     assert os.sched_getaffinity(pids[VLLM_WORKER_TITLE]) == {cpus[0]}
+
+
+REPLICA = "ray::ServeReplica:llm:E2ELLMServer:m"
+
+
+@TWO_CPUS
+def test_the_replica_settles_itself_and_the_scheduler_off_its_workers_cpus(fake_serve_tree, monkeypatch):
+    """What the engine replica does once its engine is up (E2ELLMServer.__init__): vLLM's frontend
+    (the replica) and scheduler go where vLLM meant them, the model worker stays on its CPUs, and
+    nothing outside the replica moves."""
+    driver, pids = fake_serve_tree
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(pids[VLLM_WORKER_TITLE], {cpus[0]})  # as vLLM binds its worker
+    monkeypatch.setenv(ENGINE_CPUS_ENV, ",".join(map(str, cpus)))
+
+    assert settle_off_engine_workers(pids[REPLICA]) == set(cpus[1:])
+
+    assert os.sched_getaffinity(pids[REPLICA]) == set(cpus[1:])
+    assert os.sched_getaffinity(pids["VLLM::EngineCore"]) == set(cpus[1:])
+    assert os.sched_getaffinity(pids[VLLM_WORKER_TITLE]) == {cpus[0]}
+    assert os.sched_getaffinity(pids["ray::ProxyActor"]) == set(cpus)
+    assert os.sched_getaffinity(driver.pid) == set(cpus)
+
+
+@TWO_CPUS
+def test_the_replica_settles_nothing_without_the_variable_or_a_reserved_cpu(fake_serve_tree, monkeypatch):
+    driver, pids = fake_serve_tree
+    cpus = os.sched_getaffinity(0)
+    monkeypatch.delenv(ENGINE_CPUS_ENV, raising=False)
+    assert settle_off_engine_workers(pids[REPLICA]) is None  # a GPU engine, or isolation off
+    monkeypatch.setenv(ENGINE_CPUS_ENV, ",".join(map(str, cpus)))
+    assert settle_off_engine_workers(pids[REPLICA]) is None  # the worker holds every CPU
+    assert os.sched_getaffinity(pids[REPLICA]) == os.sched_getaffinity(pids["VLLM::EngineCore"]) == cpus
 
 
 @TWO_CPUS
