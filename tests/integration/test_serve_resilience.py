@@ -137,13 +137,13 @@ def _engine_worker_cpus(root: int) -> dict[int, set[int]]:
 def _engine_rest_cpus(root: int) -> dict[str, set[int]]:
     """Title -> CPUs of each engine replica and vLLM scheduler under ``root``: the engine but its
     model workers."""
+    schedulers = [(pid, cmd) for pid, cmd in alive(descendant_pids(root)) if cmd.startswith("VLLM::EngineCore")]
     out = {}
-    for pid, cmd in alive(descendant_pids(root)):
-        if cmd.startswith("VLLM::EngineCore") or (cmd.startswith("ray::ServeReplica") and "LLMServer" in cmd):
-            try:
-                out[f"{cmd[:40]} [{pid}]"] = os.sched_getaffinity(pid)
-            except ProcessLookupError:
-                continue
+    for pid, cmd in engine_replica_pids(root) + schedulers:
+        try:
+            out[f"{cmd[:40]} [{pid}]"] = os.sched_getaffinity(pid)
+        except ProcessLookupError:
+            continue
     return out
 
 
