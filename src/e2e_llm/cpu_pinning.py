@@ -65,6 +65,19 @@ def parse_cpus(value: str) -> set[int]:
     return cpus
 
 
+def _engine_cpus() -> set[int] | None:
+    """The CPUs ``ENGINE_CPUS_ENV`` names, or None when it is not set (nothing is pinned)."""
+    value = os.environ.get(ENGINE_CPUS_ENV)
+    return parse_cpus(value) if value else None
+
+
+def _off_workers(allowed: set[int], worker_cpus: set[int]) -> set[int] | None:
+    """Where everything but the model workers goes: the allowed CPUs no worker is bound to. None
+    when no worker is bound or the workers hold every allowed CPU (vLLM reserved none)."""
+    rest = allowed - worker_cpus
+    return rest if worker_cpus and rest else None
+
+
 def _set_process_cpus(pid: int, cpus: set[int]) -> bool:
     """Every thread of ``pid`` onto ``cpus`` (a thread's own affinity is what the kernel uses; new
     threads inherit their creator's). False if the process is gone."""
@@ -83,11 +96,9 @@ def _set_process_cpus(pid: int, cpus: set[int]) -> bool:
 def widen_to_engine_cpus() -> set[int] | None:
     """In an engine replica: this process (all its threads) onto the CPUs ``ENGINE_CPUS_ENV`` names,
     before vLLM starts. Returns them, or None when the variable is not set (nothing changes)."""
-    value = os.environ.get(ENGINE_CPUS_ENV)
-    if not value:
-        return None
-    cpus = parse_cpus(value)
-    _set_process_cpus(os.getpid(), cpus)
+    cpus = _engine_cpus()
+    if cpus is not None:
+        _set_process_cpus(os.getpid(), cpus)
     return cpus
 
 
@@ -96,14 +107,14 @@ def settle_off_engine_workers(replica_pid: int | None = None) -> set[int] | None
     it but vLLM's model workers and their children onto the CPUs of ``ENGINE_CPUS_ENV`` that those
     workers are not bound to. Returns those CPUs, or None, and nothing moved, when the variable is not
     set, no worker is bound, or the workers hold every allowed CPU (vLLM reserved none)."""
-    value = os.environ.get(ENGINE_CPUS_ENV)
-    if not value:
+    allowed = _engine_cpus()
+    if allowed is None:
         return None
     replica = replica_pid or os.getpid()
     below = _descendants(replica)
     workers, worker_cpus = _bound_workers(below)
-    rest = parse_cpus(value) - worker_cpus
-    if not worker_cpus or not rest:
+    rest = _off_workers(allowed, worker_cpus)
+    if rest is None:
         return None
     staying = _with_children(workers)
     for pid in [replica, *(proc.pid for proc in below if proc.pid not in staying)]:
@@ -199,14 +210,13 @@ def pin_off_engine(root_pid: int, leave: Collection[int] = ()) -> Pinning | None
     children: the caller's own, started before Ray (a local S3 store). None, and nothing moved,
     when the variable is not set, no engine worker runs, or the workers hold every allowed CPU
     (vLLM reserved none: one CPU)."""
-    value = os.environ.get(ENGINE_CPUS_ENV)
-    if not value:
+    allowed = _engine_cpus()
+    if allowed is None:
         return None
-    allowed = parse_cpus(value)
     procs = _descendants(root_pid)
     family, worker_cpus = _engine_families(procs)
-    ray_cpus = allowed - worker_cpus
-    if not worker_cpus or not ray_cpus:
+    ray_cpus = _off_workers(allowed, worker_cpus)
+    if ray_cpus is None:
         return None
     kept = set(leave) | {child.pid for pid in leave for child in _descendants(pid)}
     others = [p.pid for p in procs if p.pid not in family and p.pid not in kept]
