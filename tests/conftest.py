@@ -51,6 +51,20 @@ def pytest_sessionfinish(session, exitstatus):
 # -- fixtures -----------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def keeps_pytest_on_its_cpus():
+    """No test may move pytest itself onto other CPUs: every later test (and the CPU-pinning tests'
+    view of the machine) would run on the narrowed set. Fails the test that did it, and puts
+    pytest back."""
+    before = os.sched_getaffinity(0)
+    yield
+    after = os.sched_getaffinity(0)
+    if after != before:
+        os.sched_setaffinity(0, before)
+        pytest.fail(f"this test moved pytest from CPUs {sorted(before)} to {sorted(after)}", pytrace=False)
+
+
+
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return ROOT

@@ -104,15 +104,18 @@ def widen_to_engine_cpus() -> set[int] | None:
 
 def settle_off_engine_workers(replica_pid: int | None = None) -> set[int] | None:
     """In an engine replica whose engine is up: the replica (all its threads) and every process under
-    it but vLLM's model workers and their children onto the CPUs of ``ENGINE_CPUS_ENV`` that those
-    workers are not bound to. Returns those CPUs, or None, and nothing moved, when the variable is not
-    set, no worker is bound, or the workers hold every allowed CPU (vLLM reserved none)."""
+    it but its own vLLM model workers and their children onto the CPUs of ``ENGINE_CPUS_ENV`` that
+    those workers are not bound to. Returns those CPUs, or None, and nothing moved, when the
+    variable is not set, no worker of its own is bound, or the workers hold every allowed CPU (vLLM
+    reserved none)."""
     allowed = _engine_cpus()
     if allowed is None:
         return None
     replica = replica_pid or os.getpid()
     below = _descendants(replica)
-    workers, worker_cpus = _bound_workers(below)
+    # Only this replica's own workers: called elsewhere (a test constructing the server in the
+    # process that started Ray and serves an app), the workers below are another replica's.
+    workers, worker_cpus = _bound_workers(below, replica=replica)
     rest = _off_workers(allowed, worker_cpus)
     if rest is None:
         return None
@@ -137,11 +140,25 @@ def _title(proc) -> str:
         return ""
 
 
-def _bound_workers(procs: list) -> tuple[list, set[int]]:
-    """(vLLM's model workers among ``procs``, the CPUs they are bound to)."""
+def _replica_of(worker):
+    """A worker's engine replica: its nearest ancestor with a Ray worker title (None if gone or
+    not under Ray)."""
+    import psutil
+
+    try:
+        return next((p for p in worker.parents() if _title(p).startswith(RAY_WORKER_TITLE_PREFIX)), None)
+    except psutil.Error:
+        return None
+
+
+def _bound_workers(procs: list, replica: int | None = None) -> tuple[list, set[int]]:
+    """(vLLM's model workers among ``procs``, the CPUs they are bound to); with ``replica``, only
+    the workers whose replica (:func:`_replica_of`) that pid is."""
     workers, cpus = [], set()
     for proc in procs:
         if not _title(proc).startswith(VLLM_WORKER_TITLE):  # also "VLLM::Worker_TP0" etc.
+            continue
+        if replica is not None and getattr(_replica_of(proc), "pid", None) != replica:
             continue
         try:
             cpus |= set(os.sched_getaffinity(proc.pid))  # the main thread: vLLM's OMP binding
@@ -164,17 +181,10 @@ def _with_children(procs: list) -> set[int]:
 
 
 def _engine_families(procs: list) -> tuple[set[int], set[int]]:
-    """(pids of every engine replica with its children, CPUs their workers are bound to). A
-    worker's replica is its nearest ancestor with a Ray worker title."""
-    import psutil
-
+    """(pids of every engine replica (:func:`_replica_of`) with its children, CPUs their workers
+    are bound to)."""
     workers, worker_cpus = _bound_workers(procs)
-    replicas = []
-    for worker in workers:
-        try:
-            replicas += [p for p in worker.parents() if _title(p).startswith(RAY_WORKER_TITLE_PREFIX)][:1]
-        except psutil.Error:
-            continue
+    replicas = [replica for worker in workers if (replica := _replica_of(worker)) is not None]
     return _with_children(replicas), worker_cpus
 
 

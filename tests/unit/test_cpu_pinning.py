@@ -136,6 +136,22 @@ def test_the_replica_settles_itself_and_the_scheduler_off_its_workers_cpus(fake_
 
 
 @TWO_CPUS
+def test_a_process_that_is_not_the_workers_replica_settles_nothing(fake_serve_tree, monkeypatch):
+    """The server class constructed outside a replica: a unit test in the pytest that also started
+    Ray for the integration tests' session app (which stays up) and set the variable. The workers
+    under pytest are that app's replica's: neither pytest nor anything under it moves."""
+    driver, pids = fake_serve_tree  # under this pytest, as the session app's Ray is
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(pids[VLLM_WORKER_TITLE], {cpus[0]})
+    monkeypatch.setenv(ENGINE_CPUS_ENV, ",".join(map(str, cpus)))
+
+    assert settle_off_engine_workers() is None  # as E2ELLMServer.__init__ calls it, here in pytest
+
+    for pid in (os.getpid(), driver.pid, pids[REPLICA], pids["VLLM::EngineCore"], pids["ray::ProxyActor"]):
+        assert os.sched_getaffinity(pid) == set(cpus)
+
+
+@TWO_CPUS
 def test_the_replica_settles_nothing_without_the_variable_or_a_reserved_cpu(fake_serve_tree, monkeypatch):
     driver, pids = fake_serve_tree
     cpus = os.sched_getaffinity(0)
