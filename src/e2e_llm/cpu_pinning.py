@@ -16,7 +16,9 @@ model step. Moving them onto the CPUs vLLM reserved leaves the worker's CPUs to 
   started Ray; not itself) except the engine replicas and their children, and except the
   processes it already had before Ray started (``leave``), goes onto the allowed CPUs no engine
   worker is bound to. Processes Ray starts later inherit the raylet's CPUs.
-- Both steps for a caller that starts Ray itself: :class:`e2e_llm.local_ray.LocalRay`.
+- :func:`move_own_threads`: the threads ``ray.init`` started in the process that started Ray (its
+  driver) go there too; the caller's own threads stay.
+- These steps for a caller that starts Ray itself: :class:`e2e_llm.local_ray.LocalRay`.
 - :func:`widen_to_engine_cpus`: the engine replica's first step. A replica that Serve restarts
   is started by the (now pinned) raylet; back on the engine's CPUs, its vLLM binds as on the first
   start.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ENGINE_CPUS_ENV = "E2E_LLM_ENGINE_CPUS"
@@ -78,19 +80,40 @@ def _off_workers(allowed: set[int], worker_cpus: set[int]) -> set[int] | None:
     return rest if worker_cpus and rest else None
 
 
-def _set_process_cpus(pid: int, cpus: set[int]) -> bool:
-    """Every thread of ``pid`` onto ``cpus`` (a thread's own affinity is what the kernel uses; new
-    threads inherit their creator's). False if the process is gone."""
+def _set_process_cpus(pid: int, cpus: set[int], keep: Collection[int] = ()) -> list[int] | None:
+    """Every thread of ``pid`` but those in ``keep`` onto ``cpus`` (a thread's own affinity is what
+    the kernel uses; new threads inherit their creator's). The threads moved, or None if the
+    process is gone."""
     try:
         threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
     except FileNotFoundError:
-        return False
+        return None
+    moved = []
     for tid in threads:
+        if tid in keep:
+            continue
         try:
             os.sched_setaffinity(tid, cpus)
         except (ProcessLookupError, FileNotFoundError):
             continue  # the thread ended meanwhile
-    return True
+        moved.append(tid)
+    return moved
+
+
+def own_threads() -> set[int]:
+    """The ids of this process's threads now."""
+    return {int(tid) for tid in os.listdir(f"/proc/{os.getpid()}/task")}
+
+
+def move_own_threads(cpus: set[int], leave: Collection[int] = ()) -> list[int]:
+    """This process's threads but the calling one and those in ``leave`` onto ``cpus``; returns
+    the threads moved. For the process that started Ray: ``ray.init`` started threads in it (its
+    core worker's event loops, log and error listeners) that Ray wakes as it does its other
+    processes; the calling thread goes on with the caller's own work (``--then``, the bench's
+    requests, tests) on the CPUs it had, as do the threads and processes it starts later."""
+    import threading
+
+    return _set_process_cpus(os.getpid(), cpus, keep={threading.get_native_id(), *leave}) or []
 
 
 def widen_to_engine_cpus() -> set[int] | None:
@@ -131,6 +154,7 @@ class Pinning:
     ray_cpus: set[int]  # where the other processes now run
     pinned: list[int]  # their pids
     engine: list[int]  # pids of the engine replicas and their children: each settles its own
+    driver_threads: list[int] = field(default_factory=list)  # Ray's threads in the caller (LocalRay.pin)
 
 
 def _title(proc) -> str:
@@ -216,7 +240,8 @@ def pin_off_engine(root_pid: int, leave: Collection[int] = ()) -> Pinning | None
     """Move every process under ``root_pid`` that is not an engine replica or one of its children
     onto the allowed CPUs (``ENGINE_CPUS_ENV``) that no engine worker is bound to. ``root_pid``
     itself stays where it is: it is the caller (``e2e-llm serve``, whose ``--then`` command it
-    starts; the bench's load generator; pytest). So do the processes in ``leave`` and their
+    starts; the bench's Serve process; pytest; :meth:`e2e_llm.local_ray.LocalRay.pin` moves the
+    threads Ray started in it). So do the processes in ``leave`` and their
     children: the caller's own, started before Ray (a local S3 store). None, and nothing moved,
     when the variable is not set, no engine worker runs, or the workers hold every allowed CPU
     (vLLM reserved none: one CPU)."""
@@ -230,5 +255,5 @@ def pin_off_engine(root_pid: int, leave: Collection[int] = ()) -> Pinning | None
         return None
     kept = set(leave) | {child.pid for pid in leave for child in _descendants(pid)}
     others = [p.pid for p in procs if p.pid not in family and p.pid not in kept]
-    pinned = [pid for pid in others if _set_process_cpus(pid, ray_cpus)]
+    pinned = [pid for pid in others if _set_process_cpus(pid, ray_cpus) is not None]
     return Pinning(engine_cpus=worker_cpus, ray_cpus=ray_cpus, pinned=pinned, engine=sorted(family))

@@ -10,6 +10,8 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from pathlib import Path
 
 import httpx
 import pytest
@@ -175,6 +177,13 @@ def test_rays_processes_run_off_the_cpus_the_engine_worker_is_bound_to(serve_app
     # The engine replica settled itself (vLLM's frontend) and vLLM's scheduler there too.
     rest = _engine_rest_cpus(os.getpid())
     assert len(rest) == 2 and all(where == pinning.ray_cpus for where in rest.values()), rest
+    # So did the threads ray.init started in this process (the driver); this thread stayed.
+    driver = {}
+    for tid in pinning.driver_threads:
+        with suppress(FileNotFoundError, ProcessLookupError):
+            driver[f"{Path(f'/proc/self/task/{tid}/comm').read_text().strip()} [{tid}]"] = os.sched_getaffinity(tid)
+    assert driver and all(where == pinning.ray_cpus for where in driver.values()), driver
+    assert os.sched_getaffinity(0) == pinning.engine_cpus | pinning.ray_cpus
 
 
 def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from contextlib import contextmanager
 
@@ -177,9 +178,14 @@ def test_nothing_moves_without_the_variable_or_a_bound_worker(fake_serve_tree, m
 @TWO_CPUS
 def test_the_callers_own_processes_from_before_ray_stay_where_they_are(project_root, monkeypatch):
     """LocalRay as `e2e-llm serve`, the bench and the tests' app use it: a process this
-    one started before Ray (a local S3 store, with a child) is not Ray's and is not moved."""
+    one started before Ray (a local S3 store, with a child) is not Ray's and is not moved; nor is a
+    thread it had before Ray, or the thread that calls pin. A thread started after entering (as
+    ``ray.init`` starts the driver's) goes with Ray's processes."""
     monkeypatch.delenv(ENGINE_CPUS_ENV, raising=False)
     cpus = sorted(os.sched_getaffinity(0))
+    done = threading.Event()
+    callers_thread, rays_thread = (threading.Thread(target=done.wait, daemon=True) for _ in range(2))
+    callers_thread.start()
     store = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; {_spawn('store-child', SLEEP)}; {SLEEP}"])
     try:
         deadline = time.monotonic() + 30
@@ -190,6 +196,7 @@ def test_the_callers_own_processes_from_before_ray_stay_where_they_are(project_r
         with LocalRay(load_profile("local", root=project_root)) as local_ray:
             assert parse_cpus(os.environ[ENGINE_CPUS_ENV]) == set(cpus)  # set for Ray's processes to inherit
             assert {store.pid, store_child} <= local_ray.before
+            rays_thread.start()
             with _fake_serve_tree() as (driver, pids):  # "Ray", started after entering
                 os.sched_setaffinity(pids[VLLM_WORKER_TITLE], {cpus[0]})
                 pinning = local_ray.pin()
@@ -198,8 +205,14 @@ def test_the_callers_own_processes_from_before_ray_stay_where_they_are(project_r
                 assert store.pid not in pinning.pinned and store_child not in pinning.pinned
                 assert os.sched_getaffinity(store.pid) == os.sched_getaffinity(store_child) == set(cpus)
                 assert os.sched_getaffinity(pids["ray::ProxyActor"]) == set(cpus[1:])
+                assert rays_thread.native_id in pinning.driver_threads
+                assert os.sched_getaffinity(rays_thread.native_id) == set(cpus[1:])
+                assert callers_thread.native_id not in pinning.driver_threads
+                assert os.sched_getaffinity(callers_thread.native_id) == set(cpus)
+                assert os.sched_getaffinity(0) == set(cpus)  # the thread that called pin
         assert ENGINE_CPUS_ENV not in os.environ  # restored on exit
     finally:
+        done.set()
         for p in psutil.Process(store.pid).children(recursive=True):
             p.kill()
         store.kill()
