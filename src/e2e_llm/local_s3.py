@@ -39,17 +39,19 @@ def is_loopback(endpoint: str) -> bool:
     return urlparse(endpoint).hostname in ("127.0.0.1", "localhost", "::1")
 
 
-def endpoint_reachable(endpoint: str, timeout: float = 1.0) -> bool:
-    import urllib.error
-    import urllib.request
+def endpoint_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether a server listens at ``endpoint``. A TCP connect, not a request: the kernel accepts
+    on a listening socket however busy the server is (an HTTP request with a 1 s timeout called a
+    running store missing on a loaded machine); a refused connect means nothing listens."""
+    import socket
 
+    url = urlparse(endpoint)
     try:
-        urllib.request.urlopen(endpoint, timeout=timeout)
-    except urllib.error.HTTPError:
-        return True  # it answered
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
     except OSError:
         return False
-    return True
 
 
 def local_credentials() -> None:

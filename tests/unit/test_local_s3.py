@@ -4,6 +4,7 @@ clear errors for a stopped or non-loopback server."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,17 @@ def test_a_stopped_loopback_server_is_named_with_what_to_do():
         require_reachable("http://127.0.0.1:1", "the store s3://b/a")
     require_reachable("https://s3.example.com", "a remote store")  # not ours to check
     require_reachable(None, "a local folder")
+
+
+def test_a_store_too_busy_to_answer_at_once_is_still_there(monkeypatch):
+    """A running store on a loaded machine (the full test suite on 2 cores) may take seconds to
+    answer a request: it is there, and is neither reported missing nor started a second time."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()  # listens, never accepts or answers
+        endpoint = f"http://127.0.0.1:{busy.getsockname()[1]}"
+        require_reachable(endpoint, "the store s3://b/a")
+        assert start(endpoint) is None
 
 
 def test_only_a_loopback_endpoint_is_started():
