@@ -35,8 +35,8 @@ class LocalRay:
     def __init__(self, config: Any):
         self.env = {**serve_mode_env(config, local=True), **engine_cpus_env(config)}
         self.root_pid = os.getpid()
-        self.before: set[int] = set()  # the caller's processes and threads before Ray's
-        self.threads_before: set[int] = set()
+        self.before: set[int] = set()  # the caller's processes before Ray's
+        self.threads_before: set[int] = set()  # and this process's threads
         self._saved: dict[str, str | None] = {}
 
     def __enter__(self) -> LocalRay:
