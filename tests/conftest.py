@@ -64,7 +64,6 @@ def keeps_pytest_on_its_cpus():
         pytest.fail(f"this test moved pytest from CPUs {sorted(before)} to {sorted(after)}", pytrace=False)
 
 
-
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return ROOT

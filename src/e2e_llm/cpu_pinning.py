@@ -80,12 +80,17 @@ def _off_workers(allowed: set[int], worker_cpus: set[int]) -> set[int] | None:
     return rest if worker_cpus and rest else None
 
 
+def _threads(pid: int) -> set[int]:
+    """The ids of ``pid``'s threads now (FileNotFoundError if the process is gone)."""
+    return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
 def _set_process_cpus(pid: int, cpus: set[int], keep: Collection[int] = ()) -> list[int] | None:
     """Every thread of ``pid`` but those in ``keep`` onto ``cpus`` (a thread's own affinity is what
     the kernel uses; new threads inherit their creator's). The threads moved, or None if the
     process is gone."""
     try:
-        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        threads = _threads(pid)
     except FileNotFoundError:
         return None
     moved = []
@@ -102,7 +107,7 @@ def _set_process_cpus(pid: int, cpus: set[int], keep: Collection[int] = ()) -> l
 
 def own_threads() -> set[int]:
     """The ids of this process's threads now."""
-    return {int(tid) for tid in os.listdir(f"/proc/{os.getpid()}/task")}
+    return _threads(os.getpid())
 
 
 def move_own_threads(cpus: set[int], leave: Collection[int] = ()) -> list[int]:

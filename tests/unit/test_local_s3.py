@@ -56,7 +56,7 @@ def test_a_stopped_loopback_server_is_named_with_what_to_do():
     require_reachable(None, "a local folder")
 
 
-def test_a_store_too_busy_to_answer_at_once_is_still_there(monkeypatch):
+def test_a_store_too_busy_to_answer_at_once_is_still_there():
     """A running store on a loaded machine (the full test suite on 2 cores) may take seconds to
     answer a request: it is there, and is neither reported missing nor started a second time."""
     with socket.socket() as busy:
