@@ -134,10 +134,13 @@ def summarize(results: list[dict], wall: float, concurrency: int) -> dict:
     ok = [r for r in results if r["ok"]]
     lat = [r["latency"] for r in ok]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    # From the first token to the end: the engine's decode steps, apart from when the request got in.
+    decode = [r["latency"] - r["ttft"] for r in ok if r["ttft"] is not None]
     return {
         "requests": len(results), "errors": len(results) - len(ok), "concurrency": concurrency,
         "p50_s": round(percentile(lat, 0.5), 4), "p95_s": round(percentile(lat, 0.95), 4),
         "ttft_p50_s": round(percentile(ttft, 0.5), 4), "ttft_p95_s": round(percentile(ttft, 0.95), 4),
+        "decode_p50_s": round(percentile(decode, 0.5), 4),
         "req_per_s": round(len(ok) / wall, 3), "gen_tok_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
     }
 
@@ -271,7 +274,8 @@ def ratios(results: list[dict], models: list[str], concurrency: list[int],
             s, v = pick(results, servers[0], model, c), pick(results, servers[1], model, c)
             out[f"{model}/{c}"] = {"p50": round(s["p50_s"] / v["p50_s"], 3),
                                    "throughput": round(s["req_per_s"] / v["req_per_s"], 3),
-                                   "ttft_p50": round(s["ttft_p50_s"] / v["ttft_p50_s"], 3)}
+                                   "ttft_p50": round(s["ttft_p50_s"] / v["ttft_p50_s"], 3),
+                                   "decode_p50": round(s["decode_p50_s"] / v["decode_p50_s"], 3)}
     return out
 
 
@@ -281,16 +285,17 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def paired_throughput(results: list[dict], models: list[str], concurrency: list[int],
-                      servers: tuple[str, str] = (SERVE, VLLM)) -> dict[str, dict]:
-    """``--interleave``: ``servers[0]`` / ``servers[1]`` (Serve / vLLM unless told) throughput per
-    pair of neighbouring rounds (the k-th of each server are adjacent in :func:`interleaved_plan`),
-    their mean and its 95% confidence interval: how sure the ratio is on a host whose speed drifts."""
+def paired_ratios(results: list[dict], models: list[str], concurrency: list[int],
+                  servers: tuple[str, str] = (SERVE, VLLM), key: str = "req_per_s") -> dict[str, dict]:
+    """``--interleave``: ``servers[0]`` / ``servers[1]`` (Serve / vLLM unless told) of a round's ``key``
+    (``req_per_s`` or ``p50_s``) per pair of neighbouring rounds (the k-th of each server are adjacent in
+    :func:`interleaved_plan`), their mean and its 95% confidence interval: how sure the ratio is on a
+    host whose speed drifts."""
     out = {}
     for model in models:
         for c in concurrency:
             s, v = pick(results, servers[0], model, c), pick(results, servers[1], model, c)
-            pairs = [a["req_per_s"] / b["req_per_s"] for a, b in zip(s["rounds"], v["rounds"]) if b["req_per_s"]]
+            pairs = [a[key] / b[key] for a, b in zip(s["rounds"], v["rounds"]) if b[key]]
             if len(pairs) < 2:
                 continue
             mean = sum(pairs) / len(pairs)
@@ -472,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only is None:
         record["ratios"] = ratios(results, args.models, args.concurrency, (measured, reference))
         if args.interleave:
-            record["paired_throughput_ratio"] = paired_throughput(results, args.models, args.concurrency,
-                                                                  (measured, reference))
+            for name, key in (("paired_throughput_ratio", "req_per_s"), ("paired_p50_ratio", "p50_s")):
+                record[name] = paired_ratios(results, args.models, args.concurrency, (measured, reference), key)
         hi = max(args.concurrency)
         base = record["ratios"].get(f"base/{hi}")
         if base and changes is not None:
@@ -506,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratios {measured} / {reference}:", json.dumps(record.get("ratios")))
     if "paired_throughput_ratio" in record:
         print("paired throughput ratios (mean, 95% CI):", json.dumps(record["paired_throughput_ratio"]))
+        print("paired p50 ratios (mean, 95% CI):", json.dumps(record["paired_p50_ratio"]))
     return 0
 
 

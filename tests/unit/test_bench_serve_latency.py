@@ -33,32 +33,39 @@ def test_interleaved_rounds_alternate_in_abba_pairs(bench):
         "ray_serve_llm", "ray_serve_llm_changed", "ray_serve_llm_changed", "ray_serve_llm"]
 
 
-def test_paired_throughput_ratio_pairs_neighbouring_rounds_with_a_confidence_interval(bench):
-    def row(server, rates):
+def test_paired_ratios_pair_neighbouring_rounds_with_a_confidence_interval(bench):
+    def row(server, rates, p50s=None):
         return {"server": server, "model": "base", "concurrency": 16,
-                "rounds": [{"req_per_s": r} for r in rates]}
+                "rounds": [{"req_per_s": r, "p50_s": p} for r, p in zip(rates, p50s or rates)]}
 
     results = [row("ray_serve_llm", [2.0, 3.0, 2.7]), row("vllm", [2.0, 3.0, 3.0])]
-    paired = bench.paired_throughput(results, ["base"], [16])["base/16"]
+    paired = bench.paired_ratios(results, ["base"], [16])["base/16"]
     assert paired["pairs"] == 3 and paired["mean"] == round((1.0 + 1.0 + 0.9) / 3, 3)
     low, high = paired["ci95"]
     # sd of (1, 1, 0.9) = 0.0577; t(2) = 4.303; half-width 4.303 * 0.0577 / sqrt(3) = 0.143
     assert abs(low - (0.9667 - 0.1434)) < 0.002 and abs(high - (0.9667 + 0.1434)) < 0.002
     # one pair says nothing about the spread: no interval
-    assert bench.paired_throughput([row("ray_serve_llm", [2.0]), row("vllm", [2.0])], ["base"], [16]) == {}
+    assert bench.paired_ratios([row("ray_serve_llm", [2.0]), row("vllm", [2.0])], ["base"], [16]) == {}
+    # p50 per pair of rounds: a slow round of both servers does not move the ratio
+    rounds = [row("ray_serve_llm", [2.0, 1.0], p50s=[6.6, 12.6]), row("vllm", [2.0, 1.0], p50s=[6.0, 12.0])]
+    p50 = bench.paired_ratios(rounds, ["base"], [16], key="p50_s")["base/16"]
+    assert p50["mean"] == round((1.1 + 1.05) / 2, 3) and p50["pairs"] == 2
 
 
 def test_ratios_divide_the_measured_server_by_the_reference(bench):
     def row(server, p50, rates):
         return {"server": server, "model": "base", "concurrency": 16, "p50_s": p50, "ttft_p50_s": 1.0,
+                "decode_p50_s": p50 - 1.0,
                 "req_per_s": sum(rates) / len(rates), "rounds": [{"req_per_s": r} for r in rates]}
 
     results = [row("ray_serve_llm", 4.0, [2.0, 2.0]), row("ray_serve_llm_changed", 3.0, [2.2, 2.4]),
                row("vllm", 5.0, [2.5, 2.5])]
-    assert bench.ratios(results, ["base"], [16])["base/16"]["p50"] == 0.8  # Serve / vLLM unless told
+    serve_vs_vllm = bench.ratios(results, ["base"], [16])["base/16"]
+    assert serve_vs_vllm["p50"] == 0.8  # Serve / vLLM unless told
+    assert serve_vs_vllm["decode_p50"] == 0.75  # (4 - 1) / (5 - 1): the part after the first token
     changed = bench.ratios(results, ["base"], [16], ("ray_serve_llm_changed", "ray_serve_llm"))["base/16"]
     assert changed["p50"] == 0.75 and changed["throughput"] == 1.15
-    paired = bench.paired_throughput(results, ["base"], [16], ("ray_serve_llm_changed", "ray_serve_llm"))
+    paired = bench.paired_ratios(results, ["base"], [16], ("ray_serve_llm_changed", "ray_serve_llm"))
     assert paired["base/16"]["mean"] == 1.15 and paired["base/16"]["pairs"] == 2
 
 
@@ -103,3 +110,12 @@ def test_a_serve_child_that_dies_before_the_app_is_up_is_an_error_at_once(bench)
     with pytest.raises(RuntimeError, match="exited with 1 before the app was up"):
         with bench.serve_in_child(None, None, args, {}):
             pass
+
+
+def test_a_rounds_summary_splits_latency_into_first_token_and_decode(bench):
+    results = [{"ok": True, "latency": lat, "ttft": ttft, "tokens": 64}
+               for lat, ttft in ((6.0, 1.0), (7.0, 1.5), (8.0, 1.0))] + [{"ok": False, "status": 500, "latency": 0.1}]
+    stats = bench.summarize(results, wall=10.0, concurrency=3)
+    assert stats["errors"] == 1 and stats["req_per_s"] == 0.3
+    assert stats["ttft_p50_s"] == 1.0 and stats["p50_s"] == 7.0
+    assert stats["decode_p50_s"] == 5.5  # of 5.0, 5.5 and 7.0: not p50 - ttft p50 (6.0)
