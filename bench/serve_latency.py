@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import subprocess
@@ -295,7 +296,9 @@ def paired_ratios(results: list[dict], models: list[str], concurrency: list[int]
     for model in models:
         for c in concurrency:
             s, v = pick(results, servers[0], model, c), pick(results, servers[1], model, c)
-            pairs = [a[key] / b[key] for a, b in zip(s["rounds"], v["rounds"]) if b[key]]
+            # a round without one answered request has no p50 (nan): that pair says nothing
+            pairs = [a[key] / b[key] for a, b in zip(s["rounds"], v["rounds"])
+                     if b[key] and math.isfinite(a[key]) and math.isfinite(b[key])]
             if len(pairs) < 2:
                 continue
             mean = sum(pairs) / len(pairs)

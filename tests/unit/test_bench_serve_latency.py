@@ -50,6 +50,10 @@ def test_paired_ratios_pair_neighbouring_rounds_with_a_confidence_interval(bench
     rounds = [row("ray_serve_llm", [2.0, 1.0], p50s=[6.6, 12.6]), row("vllm", [2.0, 1.0], p50s=[6.0, 12.0])]
     p50 = bench.paired_ratios(rounds, ["base"], [16], key="p50_s")["base/16"]
     assert p50["mean"] == round((1.1 + 1.05) / 2, 3) and p50["pairs"] == 2
+    # a round in which every request failed has no p50: left out, not a nan mean
+    failed = [row("ray_serve_llm", [2.0, 1.0, 0.0], p50s=[6.6, 12.6, float("nan")]),
+              row("vllm", [2.0, 1.0, 1.0], p50s=[6.0, 12.0, 12.0])]
+    assert bench.paired_ratios(failed, ["base"], [16], key="p50_s")["base/16"] == p50
 
 
 def test_ratios_divide_the_measured_server_by_the_reference(bench):
