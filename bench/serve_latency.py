@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import platform
 import subprocess
@@ -53,13 +52,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from cpu_accounting import (  # bench/cpu_accounting.py, servers.py and turns.py, beside this script
+from cpu_accounting import (  # bench/cpu_accounting.py, paired.py, servers.py and turns.py, beside this script
     cpu_by_role,
     cpu_snapshot,
     idle_cores,
     merged_idle,
     steal_seconds,
 )
+from paired import mean_ci95, round_ratios
 from servers import SERVE, VLLM, serve_in_child, serve_server, vllm_server, wait_http
 from turns import taking_turns
 
@@ -280,34 +280,18 @@ def ratios(results: list[dict], models: list[str], concurrency: list[int],
     return out
 
 
-# Two-sided 95% critical values of Student's t by degrees of freedom (1.96 beyond the table).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-       20: 2.086, 25: 2.060, 30: 2.042}
-
-
 def paired_ratios(results: list[dict], models: list[str], concurrency: list[int],
                   servers: tuple[str, str] = (SERVE, VLLM), key: str = "req_per_s") -> dict[str, dict]:
     """``--interleave``: ``servers[0]`` / ``servers[1]`` (Serve / vLLM unless told) of a round's ``key``
     (``req_per_s`` or ``p50_s``) per pair of neighbouring rounds (the k-th of each server are adjacent in
     :func:`interleaved_plan`), their mean and its 95% confidence interval: how sure the ratio is on a
-    host whose speed drifts."""
+    host whose speed drifts (bench/paired.py pools them over records)."""
     out = {}
     for model in models:
         for c in concurrency:
-            s, v = pick(results, servers[0], model, c), pick(results, servers[1], model, c)
-            # a round without one answered request has no p50 (nan): that pair says nothing
-            pairs = [a[key] / b[key] for a, b in zip(s["rounds"], v["rounds"])
-                     if b[key] and math.isfinite(a[key]) and math.isfinite(b[key])]
-            if len(pairs) < 2:
-                continue
-            mean = sum(pairs) / len(pairs)
-            sd = (sum((x - mean) ** 2 for x in pairs) / (len(pairs) - 1)) ** 0.5
-            df = len(pairs) - 1
-            t = T95[max(k for k in T95 if k <= df)] if df <= max(T95) else 1.96  # between rows: the smaller df
-            half = t * sd / len(pairs) ** 0.5
-            out[f"{model}/{c}"] = {"mean": round(mean, 3), "ci95": [round(mean - half, 3), round(mean + half, 3)],
-                                   "pairs": len(pairs)}
+            per_pair = round_ratios(pick(results, servers[0], model, c), pick(results, servers[1], model, c), key)
+            if stat := mean_ci95(per_pair):
+                out[f"{model}/{c}"] = stat
     return out
 
 
