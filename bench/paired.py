@@ -86,8 +86,7 @@ def pool(records: list[dict], include: Callable[[str], bool]) -> dict[tuple[str,
     """Pairs of every plain interleaved record whose sha ``include`` accepts, pooled per CPU kind,
     model and concurrency: ``{(kind, model, conc): {"p50": mean_ci95, "throughput": mean_ci95,
     "records": n}}``."""
-    pairs: dict[tuple[str, str, int], dict[str, list]] = defaultdict(lambda: {"p50_s": [], "req_per_s": [],
-                                                                               "records": []})
+    pairs: dict[tuple[str, str, int], dict] = defaultdict(lambda: {"p50_s": [], "req_per_s": [], "records": 0})
     for record in records:
         if not is_plain_interleaved(record) or not include(record.get("git_sha", "")):
             continue
@@ -99,9 +98,9 @@ def pool(records: list[dict], include: Callable[[str], bool]) -> dict[tuple[str,
             cell = pairs[(cpu_kind(record), model, conc)]
             for key in ("p50_s", "req_per_s"):
                 cell[key] += round_ratios(serve_row, vllm_row, key)
-            cell["records"].append(record.get("date", "?"))
+            cell["records"] += 1
     return {k: {"p50": mean_ci95(v["p50_s"]), "throughput": mean_ci95(v["req_per_s"]),
-                "records": len(v["records"])} for k, v in sorted(pairs.items())}
+                "records": v["records"]} for k, v in sorted(pairs.items())}
 
 
 def table(pooled: dict) -> str:
