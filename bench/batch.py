@@ -11,6 +11,11 @@ Two sub-benchmarks, each one process, same model and prompts within a run:
               batch_merged_vs_lora (merged checkpoint vs base + LoRA adapter),
               batch_structured_vs_unstructured (regex-constrained vs free decoding, merged),
               batch_prefix_caching (enable_prefix_caching on vs off, merged).
+``lora-ops``  with plain vllm.LLM, after a warm-up per engine, generate-only rows/s of base +
+              LoRA adapter with the CPU LoRA ops of e2e_llm.cpu_lora_ops (this package's vLLM
+              plugin) vs vLLM's own (the plugin left out through VLLM_PLUGINS): cpu_lora_ops; and
+              batch_merged_vs_lora with ours. Each LoRA engine also answers two base-model
+              prompts batched with two adapter ones, to show whether an adapter leaked into them.
 
 Each figure prints a table row and appends one JSON line to bench/results.jsonl:
 {"bench", "metric", "value", "baseline", "ratio", "machine", "date", ...details}.
@@ -18,6 +23,7 @@ Each figure prints a table row and appends one JSON line to bench/results.jsonl:
 Usage (the CPU is shared: always under the heavy-job lock):
     flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/batch.py pipeline --rows 800
     flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/batch.py engines --rows 100
+    flock /tmp/e2e-heavy.lock .venv/serve/bin/python bench/batch.py lora-ops --rows 100
 """
 
 from __future__ import annotations
@@ -208,9 +214,78 @@ def bench_engines(args) -> list[dict]:
     ]
 
 
+def vllm_plugins_without_ours() -> str:
+    """A VLLM_PLUGINS value that loads every general plugin installed but this package's."""
+    from importlib.metadata import entry_points
+
+    from e2e_llm.compat.vllm import PLUGIN_NAME
+
+    return ",".join(p.name for p in entry_points(group="vllm.general_plugins") if p.name != PLUGIN_NAME)
+
+
+def base_answers_leak(llm, params, lora_request) -> bool:
+    """Whether base-model prompts answer differently when batched with adapter prompts."""
+    prompts = ["The capital of France is", "List three colours:"]
+    alone = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    mixed = llm.generate(prompts * 2, params, lora_request=[None, None, lora_request, lora_request], use_tqdm=False)
+    return [o.outputs[0].text for o in mixed[:2]] != alone
+
+
+def bench_lora_ops(args) -> list[dict]:
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from e2e_llm.adapters import vllm_max_lora_rank
+    from e2e_llm.batch import merged_model_dir
+
+    config, task, model_path, adapter, rows = load(args)
+    if adapter is None:
+        raise SystemExit("the lora-ops benchmark needs an adapter (--adapter latest|<path>)")
+    prompts, n = chat_prompts(model_path, rows, task), len(rows)
+    structured_p, short_p = vllm_params(config, task, True), SamplingParams(temperature=0.0, max_tokens=12)
+    request = LoRARequest("adapter", 1, str(adapter.path))
+    llm = make_llm(config, str(merged_model_dir(config, adapter, model_path)))
+    merged_texts, merged_s, merged_tok = timed_generate(llm, prompts, structured_p)
+    free(llm)
+    runs = {}
+    for ops, plugins in (("vllm", vllm_plugins_without_ours()), ("e2e_llm", None)):
+        os.environ.pop("VLLM_PLUGINS", None)
+        if plugins is not None:
+            os.environ["VLLM_PLUGINS"] = plugins  # read by the engine processes vLLM starts next
+        llm = make_llm(config, model_path, enable_lora=True, max_lora_rank=vllm_max_lora_rank(adapter.rank),
+                       max_loras=1)
+        texts, seconds, tokens = timed_generate(llm, prompts, structured_p, request)
+        runs[ops] = dict(texts=texts, seconds=seconds, tokens=tokens, leak=base_answers_leak(llm, short_p, request))
+        free(llm)
+    os.environ.pop("VLLM_PLUGINS", None)
+
+    dtype = batch_dtype(config).dtype
+    common = dict(rows=n, dtype=dtype, warmup_rows=8, timed="generate only, after warm-up", shared_cpu=True,
+                  cpu_capability=cpu_capability())
+    ours, theirs = runs["e2e_llm"], runs["vllm"]
+    tps = lambda run: round(run["tokens"] / run["seconds"], 1)  # noqa: E731
+    return [
+        record(args.results, "cpu_lora_ops", f"LoRA rows/s, e2e-llm CPU ops vs vLLM's, structured, {dtype} ({n} rows)",
+               n / ours["seconds"], n / theirs["seconds"], tokens_per_s=tps(ours), vllm_tokens_per_s=tps(theirs),
+               identical_outputs=sum(a == b for a, b in zip(ours["texts"], theirs["texts"])),
+               base_answers_leak=ours["leak"], vllm_base_answers_leak=theirs["leak"], **common),
+        record(args.results, "batch_merged_vs_lora",
+               f"rows/s merged vs LoRA (e2e-llm CPU ops), structured, {dtype} ({n} rows)",
+               n / merged_s, n / ours["seconds"], merged_tokens_per_s=round(merged_tok / merged_s, 1),
+               lora_tokens_per_s=tps(ours), identical_outputs=sum(a == b for a, b in zip(merged_texts, ours["texts"])),
+               **common),
+    ]
+
+
+def cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", choices=("pipeline", "engines"))
+    parser.add_argument("which", choices=("pipeline", "engines", "lora-ops"))
     parser.add_argument("--profile", default="local")
     parser.add_argument("--adapter", default="latest", help="run id, path, latest or none")
     parser.add_argument("--split", default="train", help="rows come from this split (train has 5k+)")
@@ -220,7 +295,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="engine dtype (default: batch.dtype)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results.jsonl")
     args = parser.parse_args()
-    lines = bench_pipeline(args) if args.which == "pipeline" else bench_engines(args)
+    lines = {"pipeline": bench_pipeline, "engines": bench_engines, "lora-ops": bench_lora_ops}[args.which](args)
     print(table(lines))
     for line in lines:
         print(json.dumps(line))

@@ -213,3 +213,33 @@ def test_structured_decoding_makes_every_output_valid(equivalence, viggo_task):
     assert all(viggo_task.try_parse(t) for t, truncated in structured if not truncated)
     assert on["valid_mr_rate"] >= 1 - len(cut) / len(rows)
     assert on["valid_mr_rate"] > off["valid_mr_rate"]
+
+
+def test_a_base_model_prompt_batched_with_adapter_prompts_answers_as_it_does_alone(batch_config, local_model,
+                                                                                   tmp_path_factory):
+    """vLLM's CPU LoRA ops gave a base-model request batched next to adapter requests the last
+    slot's adapter (vllm-project/vllm#48421); with the ops this package's vLLM plugin puts in place
+    (e2e_llm.compat.vllm) it gets none. The adapter is a damaged one, so any leak shows."""
+    from adapters import make_lora_adapter
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from e2e_llm.batch import check_adapter, engine_kwargs
+
+    path = make_lora_adapter(local_model, tmp_path_factory.mktemp("leak") / "damaged", damaged=True)
+    adapter = check_adapter(batch_config, path, str(local_model))
+    kwargs = engine_kwargs(batch_config, adapter, "lora")
+    assert kwargs["max_loras"] == 1  # the adapter holds the last (only) slot
+    prompts = ["The capital of France is", "List three colours:"]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    llm = LLM(model=str(local_model), seed=0, **kwargs)
+    try:
+        alone = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        lora = LoRARequest("damaged", 1, str(path))
+        mixed = [o.outputs[0].text for o in llm.generate(prompts * 2, params, lora_request=[None, None, lora, lora],
+                                                         use_tqdm=False)]
+    finally:
+        del llm
+        gc.collect()
+    assert mixed[:2] == alone
+    assert mixed[2:] != alone  # the adapter did change its own requests' answers

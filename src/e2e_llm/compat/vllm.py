@@ -1,0 +1,71 @@
+# SPDX-License-Identifier: Apache-2.0
+"""vLLM (0.29) beyond its public API: the CPU backend's multi-LoRA ops.
+
+``PunicaWrapperCPU`` (``vllm.lora.punica_wrapper.punica_cpu``) calls six module-level functions
+for every LoRA layer; :func:`use_grouped_cpu_lora_ops` rebinds them there to
+:mod:`e2e_llm.cpu_lora_ops` (why: that module's docstring). It runs through vLLM's public plugin
+hook: :func:`register` is this package's ``vllm.general_plugins`` entry point (pyproject.toml),
+which vLLM calls in every process it starts, its model workers included, so the engines of
+``ray.data.llm``, ``ray.serve.llm`` and plain ``vllm`` get it alike. On other platforms it does
+nothing. ``VLLM_PLUGINS`` (vLLM's list of plugins to load) set without ``e2e_llm_cpu_lora`` turns
+it off, e.g. to measure vLLM's own ops. After a vLLM upgrade run
+``pytest tests/unit/test_compat_vllm.py``: it names each entry that moved or changed.
+"""
+
+from __future__ import annotations
+
+from e2e_llm.compat import Entry, problems, resolve
+
+PUNICA_CPU = "vllm.lora.punica_wrapper.punica_cpu"
+PLUGIN_NAME = "e2e_llm_cpu_lora"  # the entry point's name in pyproject.toml (what VLLM_PLUGINS lists)
+
+_WHY = ("vLLM's CPU LoRA op applies the last slot's adapter to tokens without one (vllm-project/vllm#48421) "
+        "and copies a weight matrix per token; PunicaWrapperCPU calls this module-level name, which "
+        "e2e_llm.cpu_lora_ops replaces")
+_SGMV = ("inputs", "lora_{}_weights", "output_tensor", "b_seq_start_loc", "seq_len_tensor", "lora_indices_tensor",
+         "batches", "max_seq_length", "token_nums")
+CPU_LORA_OPS = [
+    Entry(PUNICA_CPU, "sgmv_shrink", why=_WHY, upstream="vllm-project/vllm#48421",
+          params=(*(p.format("a") for p in _SGMV), "scaling")),
+    Entry(PUNICA_CPU, "sgmv_expand", why=_WHY, upstream="vllm-project/vllm#48421",
+          params=(*(p.format("b") for p in _SGMV), "add_inputs")),
+    Entry(PUNICA_CPU, "sgmv_expand_slice", why=_WHY, upstream="vllm-project/vllm#48421",
+          params=(*(p.format("b") for p in _SGMV), "slice_offset", "slice_size", "add_inputs")),
+    Entry(PUNICA_CPU, "bgmv_shrink", why=_WHY, upstream="vllm-project/vllm#48421",
+          params=("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling")),
+    Entry(PUNICA_CPU, "bgmv_expand", why=_WHY, upstream="vllm-project/vllm#48421",
+          params=("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "add_inputs")),
+    Entry(PUNICA_CPU, "bgmv_expand_slice", why=_WHY, upstream="vllm-project/vllm#48421",
+          params=("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "slice_offset", "slice_size",
+                  "add_inputs")),
+]
+ENTRIES = CPU_LORA_OPS
+
+
+def check() -> list[str]:
+    """Messages for every entry a vLLM upgrade broke (empty: all fine)."""
+    return problems(ENTRIES, __name__)
+
+
+def use_grouped_cpu_lora_ops() -> list[str]:
+    """Rebind the CPU backend's LoRA ops to :mod:`e2e_llm.cpu_lora_ops` (idempotent); returns
+    their names. A :class:`~e2e_llm.compat.CompatError` if vLLM moved or re-signed one."""
+    import importlib
+
+    from e2e_llm import cpu_lora_ops
+
+    for entry in CPU_LORA_OPS:
+        resolve(entry, __name__)
+    module = importlib.import_module(PUNICA_CPU)
+    for entry in CPU_LORA_OPS:
+        setattr(module, entry.name, cpu_lora_ops.OPS[entry.name])
+    return [entry.name for entry in CPU_LORA_OPS]
+
+
+def register() -> None:
+    """vLLM's general-plugin hook (called in each of its processes): on the CPU platform, the
+    grouped LoRA ops."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        use_grouped_cpu_lora_ops()
