@@ -38,18 +38,35 @@ def test_a_re_signed_op_fails_naming_the_entry_and_why(monkeypatch):
         compat.use_grouped_cpu_lora_ops()
 
 
-def test_the_installed_package_is_a_vllm_plugin_that_puts_our_ops_in_place_on_cpu(monkeypatch):
+@pytest.fixture
+def vllms_own_ops(monkeypatch):
+    """The CPU wrapper's module with vLLM's own ops bound (as before any plugin ran; an earlier
+    test may have started an engine config, which loads plugins); restored after the test."""
+    from vllm.lora.ops import torch_ops
+
+    module = importlib.import_module(compat.PUNICA_CPU)
+    for name in cpu_lora_ops.OPS:
+        monkeypatch.setattr(module, name, getattr(torch_ops, name))
+    return module
+
+
+def test_the_installed_package_is_a_vllm_plugin_that_puts_our_ops_in_place_on_cpu(vllms_own_ops):
     [plugin] = [p for p in entry_points(group="vllm.general_plugins") if p.name == compat.PLUGIN_NAME]
     assert plugin.load() is compat.register
-    module = importlib.import_module(compat.PUNICA_CPU)
-    for name in cpu_lora_ops.OPS:  # as vLLM has them, restored after the test
-        monkeypatch.setattr(module, name, getattr(module, name))
+    module = vllms_own_ops
     from vllm.platforms import current_platform
 
     assert current_platform.is_cpu()
-    compat.register()
-    compat.register()  # vLLM may load plugins more than once per process
+    assert compat.use_grouped_cpu_lora_ops() == [entry.name for entry in compat.CPU_LORA_OPS]
+    assert compat.use_grouped_cpu_lora_ops() == []  # vLLM may load plugins more than once per process
     assert all(getattr(module, name) is op for name, op in cpu_lora_ops.OPS.items())
+
+
+def test_the_plugin_says_once_per_process_that_our_ops_are_in_place(vllms_own_ops, caplog):
+    with caplog.at_level("INFO", logger="vllm.e2e_llm"):
+        compat.register()
+        compat.register()
+    assert [r.getMessage() for r in caplog.records if r.name == "vllm.e2e_llm"] == [compat.IN_PLACE_MESSAGE]
 
 
 def test_ours_agree_with_vllms_ops_for_adapter_tokens_and_differ_where_vllm_applies_the_last_slot():

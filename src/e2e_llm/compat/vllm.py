@@ -47,9 +47,15 @@ def check() -> list[str]:
     return problems(ENTRIES, __name__)
 
 
+# Logged once per vLLM process that gets our ops (a child of vLLM's logger, so it shows in the
+# engine's log like vLLM's own lines): a silent replacement would hide what runs.
+IN_PLACE_MESSAGE = "e2e-llm: CPU LoRA ops from e2e_llm.cpu_lora_ops in place of vLLM's (vllm-project/vllm#48421)"
+
+
 def use_grouped_cpu_lora_ops() -> list[str]:
-    """Rebind the CPU backend's LoRA ops to :mod:`e2e_llm.cpu_lora_ops` (idempotent); returns
-    their names. A :class:`~e2e_llm.compat.CompatError` if vLLM moved or re-signed one."""
+    """Rebind the CPU backend's LoRA ops to :mod:`e2e_llm.cpu_lora_ops`; returns the names it
+    rebound (none when they already were). A :class:`~e2e_llm.compat.CompatError` if vLLM moved
+    or re-signed one."""
     import importlib
 
     from e2e_llm import cpu_lora_ops
@@ -57,15 +63,18 @@ def use_grouped_cpu_lora_ops() -> list[str]:
     for entry in CPU_LORA_OPS:
         resolve(entry, __name__)
     module = importlib.import_module(PUNICA_CPU)
-    for entry in CPU_LORA_OPS:
-        setattr(module, entry.name, cpu_lora_ops.OPS[entry.name])
-    return [entry.name for entry in CPU_LORA_OPS]
+    rebound = [entry.name for entry in CPU_LORA_OPS if getattr(module, entry.name) is not cpu_lora_ops.OPS[entry.name]]
+    for name in rebound:
+        setattr(module, name, cpu_lora_ops.OPS[name])
+    return rebound
 
 
 def register() -> None:
-    """vLLM's general-plugin hook (called in each of its processes): on the CPU platform, the
-    grouped LoRA ops."""
+    """vLLM's general-plugin hook (called in each of its processes, possibly more than once): on
+    the CPU platform, the grouped LoRA ops."""
+    import logging
+
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
-        use_grouped_cpu_lora_ops()
+    if current_platform.is_cpu() and use_grouped_cpu_lora_ops():
+        logging.getLogger("vllm.e2e_llm").info(IN_PLACE_MESSAGE)
