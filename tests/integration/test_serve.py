@@ -135,6 +135,18 @@ def test_api_key_required_but_health_and_routes_stay_open(serve_app, val_rows):
     assert post(serve_app, "/v1/chat/completions", body).status_code == 200
 
 
+def test_the_engine_runs_e2e_llms_cpu_lora_ops(serve_app):
+    """This package's vLLM plugin reaches the engine processes Ray Serve starts: their log (Ray's
+    worker log files) says so."""
+    from pathlib import Path
+
+    from e2e_llm.compat.vllm import IN_PLACE_MESSAGE
+
+    logs = list(Path(serve_app.ray_temp_dir).glob("session_*/logs/worker-*"))
+    assert logs, f"no worker logs under {serve_app.ray_temp_dir}"
+    assert any(IN_PLACE_MESSAGE in path.read_text(errors="replace") for path in logs)
+
+
 def test_200_requests_at_16_concurrent_have_no_server_errors(serve_app, val_rows):
     models = [serve_app.model_id] * 3 + [f"{serve_app.model_id}:{serve_app.alias}"]
 
