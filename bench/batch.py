@@ -37,7 +37,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from e2e_llm.precision import batch_dtype
+from e2e_llm.precision import batch_dtype, cpu_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in (("OMP_WAIT_POLICY", "PASSIVE"), ("HF_HUB_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "2")):
@@ -100,12 +100,14 @@ def vllm_params(config, task, structured: bool):
     return SamplingParams(temperature=0.0, max_tokens=config.batch.max_tokens, structured_outputs=so)
 
 
-def make_llm(config, model: str, **extra):
+def make_llm(config, model: str, adapter=None, **extra):
+    """A vllm.LLM with the batch stage's engine settings: merged (a plain checkpoint), or the base
+    model serving ``adapter`` as LoRA."""
     from vllm import LLM
 
     from e2e_llm.batch import engine_kwargs
 
-    kwargs = engine_kwargs(config, None, "merged") | extra
+    kwargs = engine_kwargs(config, adapter, "lora" if adapter else "merged") | extra
     return LLM(model=model, seed=0, **kwargs)
 
 
@@ -166,7 +168,6 @@ def timed_generate(llm, prompts, params, lora_request=None, warmup: int = 8):
 def bench_engines(args) -> list[dict]:
     from vllm.lora.request import LoRARequest
 
-    from e2e_llm.adapters import vllm_max_lora_rank
     from e2e_llm.batch import merged_model_dir
 
     config, task, model_path, adapter, rows = load(args)
@@ -184,8 +185,7 @@ def bench_engines(args) -> list[dict]:
     llm = make_llm(config, merged, enable_prefix_caching=False)
     nocache_texts, nocache_s, nocache_tok = timed_generate(llm, prompts, structured_p)
     free(llm)
-    llm = make_llm(config, model_path, enable_prefix_caching=True, enable_lora=True,
-                   max_lora_rank=vllm_max_lora_rank(adapter.rank), max_loras=1)
+    llm = make_llm(config, model_path, adapter, enable_prefix_caching=True)
     lora_texts, lora_s, lora_tok = timed_generate(llm, prompts, structured_p,
                                                   LoRARequest("adapter", 1, str(adapter.path)))
     free(llm)
@@ -235,7 +235,6 @@ def bench_lora_ops(args) -> list[dict]:
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from e2e_llm.adapters import vllm_max_lora_rank
     from e2e_llm.batch import merged_model_dir
 
     config, task, model_path, adapter, rows = load(args)
@@ -252,8 +251,7 @@ def bench_lora_ops(args) -> list[dict]:
         os.environ.pop("VLLM_PLUGINS", None)
         if plugins is not None:
             os.environ["VLLM_PLUGINS"] = plugins  # read by the engine processes vLLM starts next
-        llm = make_llm(config, model_path, enable_lora=True, max_lora_rank=vllm_max_lora_rank(adapter.rank),
-                       max_loras=1)
+        llm = make_llm(config, model_path, adapter)
         texts, seconds, tokens = timed_generate(llm, prompts, structured_p, request)
         runs[ops] = dict(texts=texts, seconds=seconds, tokens=tokens, leak=base_answers_leak(llm, short_p, request))
         free(llm)
@@ -261,7 +259,7 @@ def bench_lora_ops(args) -> list[dict]:
 
     dtype = batch_dtype(config).dtype
     common = dict(rows=n, dtype=dtype, warmup_rows=8, timed="generate only, after warm-up", shared_cpu=True,
-                  cpu_capability=cpu_capability())
+                  cpu_capability=cpu_signals().capability)
     ours, theirs = runs["e2e_llm"], runs["vllm"]
     tps = lambda run: round(run["tokens"] / run["seconds"], 1)  # noqa: E731
     return [
@@ -275,12 +273,6 @@ def bench_lora_ops(args) -> list[dict]:
                lora_tokens_per_s=tps(ours), identical_outputs=sum(a == b for a, b in zip(merged_texts, ours["texts"])),
                **common),
     ]
-
-
-def cpu_capability() -> str:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
 
 
 def main() -> None:
