@@ -36,6 +36,9 @@ def test_a_re_signed_op_fails_naming_the_entry_and_why(monkeypatch):
         resolve(compat.CPU_LORA_OPS[4], compat.__name__)
     with pytest.raises(CompatError):
         compat.use_grouped_cpu_lora_ops()
+    # what an engine start then shows says how to start without the plugin
+    with pytest.raises(CompatError, match=r"bgmv_expand: signature changed.*VLLM_PLUGINS.*'e2e_llm_cpu_lora'"):
+        compat.register()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ it off, e.g. to measure vLLM's own ops. After a vLLM upgrade run
 
 from __future__ import annotations
 
-from e2e_llm.compat import Entry, problems, resolve
+from e2e_llm.compat import CompatError, Entry, problems, resolve
 
 PUNICA_CPU = "vllm.lora.punica_wrapper.punica_cpu"
 PLUGIN_NAME = "e2e_llm_cpu_lora"  # the entry point's name in pyproject.toml (what VLLM_PLUGINS lists)
@@ -76,5 +76,14 @@ def register() -> None:
 
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and use_grouped_cpu_lora_ops():
+    if not current_platform.is_cpu():
+        return
+    try:
+        rebound = use_grouped_cpu_lora_ops()
+    except CompatError as exc:
+        # Every engine start fails here until the entry is updated: say how to run without it.
+        raise CompatError(f"{exc}. Meanwhile vLLM starts with its own CPU LoRA ops (which apply an adapter "
+                          f"to base-model tokens batched with adapter ones) when VLLM_PLUGINS lists the "
+                          f"general plugins to load without {PLUGIN_NAME!r} (an empty value loads none)") from exc
+    if rebound:
         logging.getLogger("vllm.e2e_llm").info(IN_PLACE_MESSAGE)
