@@ -55,6 +55,7 @@ from e2e_llm.canary_gates import (
     Router,
     RouterConflict,
     SystemClock,
+    Traffic,
     VersionStats,
     error_budget_spent,
     preflight_gate,
@@ -131,7 +132,7 @@ class Controller:
     def __init__(self, *, policy: CanaryPolicy, task, canary_rows: Sequence[dict[str, str]], log: RolloutLog,
                  router: Router, prober: Prober | None, metrics: MetricsSource, clock: Clock | None = None,
                  out: Callable[[str], None] = print, lease_s: float | None = None,
-                 preflight: Preflight | None = None):
+                 preflight: Preflight | None = None, traffic: Traffic | None = None):
         self.policy = policy
         self.task = task
         self.rows = list(canary_rows)
@@ -140,6 +141,7 @@ class Controller:
         self.prober = prober
         self.preflight = preflight
         self.metrics = metrics
+        self.traffic = traffic
         self.clock = clock or SystemClock()
         self.out = out
         self.me = owner()
@@ -229,8 +231,10 @@ class Controller:
                      policy=self.policy.digest(), canary_set={"version": self.policy.canary_set.version,
                                                               "sha256": self.policy.canary_set.sha256,
                                                               "rows": len(self.rows)})
+        synthetic = "" if self.traffic is None else \
+            f"; {self.traffic.clients} synthetic clients call the alias in each SLO window"
         self.out(f"rollout {rollout.id}: alias {rollout.alias!r} {rollout.stable} -> {candidate}, "
-                 f"steps {', '.join(f'{s}%' for s in rollout.steps)}")
+                 f"steps {', '.join(f'{s}%' for s in rollout.steps)}{synthetic}")
         return self._drive(rollout)
 
     def _rollback(self, reason: str) -> Outcome:
@@ -363,14 +367,21 @@ class Controller:
         probes' load and requests from before the weight change are out of it), then scrape every
         ``slo.poll_s`` until ``step_window_s`` has passed, ending early once the candidate's errors
         exceed the window's error budget and extending (up to ``slo.max_window_s``) while a
-        version served too few requests."""
+        version served too few requests. Synthetic traffic, if any, runs from the lag to the
+        window's end (not during the probes, whose deadlines follow stable's answers)."""
         quality = None if self.prober is None else self._quality(rollout)  # engine canary: SLO only
         if quality is not None and quality.status != "pass":
             return [quality]
+        if self.traffic is not None:
+            self.traffic.start()
         try:
             slo = self._slo(rollout)
         except Exception as exc:  # noqa: BLE001  (any failure to observe is a failed gate)
             slo = GateResult("slo", "error", f"metrics unavailable: {type(exc).__name__}: {exc}")
+        finally:
+            sent = None if self.traffic is None else self.traffic.stop()
+        if sent is not None:
+            slo.details["synthetic_traffic"] = sent
         return [slo] if quality is None else [quality, slo]
 
     def _slo(self, rollout: Rollout) -> GateResult:

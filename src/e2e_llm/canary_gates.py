@@ -138,6 +138,18 @@ class MetricsSource(Protocol):
     def snapshot(self) -> dict[str, VersionStats]: ...
 
 
+class Traffic(Protocol):
+    """Synthetic alias requests from ``start`` to ``stop``, for an app without users; ``stop``
+    waits for the requests in flight and returns what was sent: ``requests``, ``ok``,
+    ``failed`` and the first ``failures``."""
+
+    clients: int
+
+    def start(self) -> None: ...
+
+    def stop(self) -> dict[str, Any]: ...
+
+
 class Clock(Protocol):
     def now(self) -> float: ...
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -94,11 +95,7 @@ class OpenAIProber:
         self._factory = client_factory
 
     def _client(self, timeout: float):
-        if self._factory:
-            return self._factory(timeout=timeout)
-        from openai import OpenAI
-
-        return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=0)
+        return openai_client(self.base_url, self.api_key, timeout, self._factory)
 
     def probe(self, version: str, rows: Sequence[dict[str, str]], policy: QualityPolicy,
               timeout_s: float | None = None) -> list[Answer]:
@@ -123,6 +120,77 @@ class OpenAIProber:
 
         with ThreadPoolExecutor(min(policy.concurrency, len(rows)) or 1) as pool:
             return list(pool.map(one, rows))
+
+
+def openai_client(base_url: str, api_key: str, timeout: float, factory: Callable[..., Any] | None = None):
+    """An OpenAI client without client retries (every error is an outcome the gates must see)."""
+    if factory:
+        return factory(timeout=timeout)
+    from openai import OpenAI
+
+    return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+
+
+class AliasTraffic:
+    """``clients`` threads, each sending the canary rows in turn to ``<base>:<alias>`` until
+    ``stop``: alias requests as users send them, so the router splits them by the candidate's
+    weight and the SLO window of an app without users has requests to judge."""
+
+    def __init__(self, base_url: str, base_model: str, alias: str, rows: Sequence[dict[str, str]], *,
+                 clients: int, max_tokens: int, api_key: str | None = None, timeout_s: float = 120.0,
+                 client_factory: Callable[..., Any] | None = None, keep_failures: int = 5):
+        if clients < 1 or not rows:
+            raise ValueError(f"synthetic traffic needs clients >= 1 and canary rows (got {clients}, {len(rows)})")
+        self.base_url, self.api_key = base_url.rstrip("/"), api_key or "not-needed"
+        self.model = f"{base_model}:{alias}"
+        self.rows, self.clients, self.max_tokens = list(rows), clients, max_tokens
+        self.timeout_s, self.keep_failures = timeout_s, keep_failures
+        self._factory = client_factory
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._ok = self._failed = 0
+        self._failures: list[str] = []
+
+    def start(self) -> None:
+        if self._threads:
+            raise RuntimeError("synthetic traffic is already running")
+        self._stop.clear()
+        self._ok = self._failed = 0
+        self._failures = []
+        self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"canary-traffic-{i}", daemon=True)
+                         for i in range(self.clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _loop(self, first: int) -> None:
+        client = openai_client(self.base_url, self.api_key, self.timeout_s, self._factory)
+        i = first
+        while not self._stop.is_set():
+            row = self.rows[i % len(self.rows)]
+            i += self.clients
+            try:
+                client.chat.completions.create(model=self.model, messages=chat_messages(row),
+                                               max_tokens=self.max_tokens, temperature=0.0)
+                with self._lock:
+                    self._ok += 1
+            except Exception as exc:  # noqa: BLE001  counted; the app's metrics carry it to the gate
+                with self._lock:
+                    self._failed += 1
+                    if len(self._failures) < self.keep_failures:
+                        self._failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    def stop(self) -> dict[str, Any]:
+        """Stop sending; waits (at most one request's timeout) for the requests in flight."""
+        self._stop.set()
+        deadline = time.monotonic() + self.timeout_s + 5.0
+        for thread in self._threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+        stuck = sum(thread.is_alive() for thread in self._threads)
+        self._threads = []
+        with self._lock:
+            return {"clients": self.clients, "requests": self._ok + self._failed, "ok": self._ok,
+                    "failed": self._failed, "failures": list(self._failures), "still_running": stuck}
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -345,9 +413,11 @@ def metrics_source(config, policy, *, metrics_urls: Sequence[str] = (), promethe
 
 def open_controller(config, *, policy_path: str | None = None, alias: str | None = None,
                     base_url: str | None = None, metrics_urls: Sequence[str] = (), prometheus_url: str | None = None,
-                    on_resume: str | None = None, for_gates: bool = True, out=print):
+                    on_resume: str | None = None, for_gates: bool = True, synthetic_clients: int | None = None,
+                    out=print):
     """A :class:`~e2e_llm.canary.Controller` on the profile's adapter store and serving app.
-    ``for_gates=False`` (promote, rollback) needs neither the app nor its metrics."""
+    ``for_gates=False`` (promote, rollback) needs neither the app nor its metrics;
+    ``synthetic_clients`` overrides the profile's ``canary.synthetic_traffic.clients``."""
     import os
 
     from e2e_llm.canary import Controller, RolloutLog, load_canary_set, load_policy
@@ -361,16 +431,21 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
     store.require_reachable()
     task = config.task_schema()
     rows = load_canary_set(policy, config.root, config.data.system_prompt)
-    prober = metrics = preflight = None
+    prober = metrics = preflight = traffic = None
     if for_gates:
         api_key = os.environ.get(config.serve.auth.api_key_env) if config.serve.auth.enabled else None
         url = base_url or default_base_url(config)
         prober = OpenAIProber(url, config.model.id, api_key=api_key, output_regex=task.output_regex())
         preflight = HttpPreflight(url, api_key=api_key)
         metrics = metrics_source(config, policy, metrics_urls=metrics_urls, prometheus_url=prometheus_url)
+        synthetic = config.canary.synthetic_traffic
+        clients = synthetic.clients if synthetic_clients is None else synthetic_clients
+        if clients:
+            traffic = AliasTraffic(url, config.model.id, policy.alias, rows, clients=clients,
+                                   max_tokens=synthetic.max_tokens, api_key=api_key)
     log = RolloutLog(rollout_log_uri(store, policy.alias), store.storage_kw)
     controller = Controller(policy=policy, task=task, canary_rows=rows, log=log, router=StoreRouter(store),
-                            prober=prober, metrics=metrics, out=out, preflight=preflight)
+                            prober=prober, metrics=metrics, out=out, preflight=preflight, traffic=traffic)
     return controller, store
 
 

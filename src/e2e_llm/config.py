@@ -310,9 +310,19 @@ class ServeConfig(Strict):
         return cap
 
 
+class SyntheticTraffic(Strict):
+    # Clients that call the alias in a loop (the canary set's prompts, greedy, max_tokens each)
+    # during every SLO window of an adapter canary, for an app nobody else calls: a window in
+    # which a version served fewer than slo.min_requests is inconclusive, and that rolls back.
+    # 0: none (the gates judge the users' traffic).
+    clients: int = Field(0, ge=0, le=64)
+    max_tokens: int = Field(8, ge=1, le=256)
+
+
 class CanaryConfig(Strict):
     # Steps, margins, windows and canary set (e2e_llm.canary.CanaryPolicy).
     policy: str = "configs/canary.yaml"
+    synthetic_traffic: SyntheticTraffic = SyntheticTraffic()
     # The app's OpenAI base URL; None: http://<serve.host>:<serve.port><serve.route_prefix>v1.
     base_url: str | None = None
     # Where the SLO gate reads per-version metrics: a Prometheus server's query API, or else

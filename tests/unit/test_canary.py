@@ -183,6 +183,12 @@ class FakeMetrics:
             if lat <= b:
                 stats.buckets[b] += n
 
+    def set_rate(self, rate: float) -> None:
+        """Alias traffic at ``rate`` from now on (until now at the old rate)."""
+        down, self.down = self.down, False
+        self.snapshot()
+        self.down, self.rate = down, rate
+
     def snapshot(self):
         if self.down:
             raise ConnectionError("metrics endpoint refused the connection")
@@ -195,6 +201,29 @@ class FakeMetrics:
             if state.candidate:
                 self._add(state.candidate, n * share)
         return {v: VersionStats(s.requests, s.errors, dict(s.buckets)) for v, s in self.totals.items()}
+
+
+class FakeTraffic:
+    """Synthetic alias traffic: adds ``rate`` req/s to the metrics while running; records every
+    start and stop and whether it was running when a probe was sent."""
+
+    def __init__(self, metrics: FakeMetrics, rate: float):
+        self.metrics, self.rate, self.clients = metrics, rate, 2
+        self.running = False
+        self.starts = self.stops = 0
+        self.since = 0.0
+
+    def start(self):
+        assert not self.running
+        self.running, self.starts, self.since = True, self.starts + 1, self.metrics.clock.now()
+        self.metrics.set_rate(self.metrics.rate + self.rate)
+
+    def stop(self):
+        assert self.running
+        self.running, self.stops = False, self.stops + 1
+        self.metrics.set_rate(self.metrics.rate - self.rate)
+        sent = (self.metrics.clock.now() - self.since) * self.rate
+        return {"clients": 2, "requests": sent, "ok": sent, "failed": 0, "failures": [], "still_running": 0}
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -221,7 +250,8 @@ def rows(policy):
 
 class World:
     def __init__(self, tmp_path: Path, policy, rows, task, *, kinds, errors=None, latency=None,
-                 kill_at=None, state=STABLE, rate=2.0, preflight=None, probe_latency=None, late=None):
+                 kill_at=None, state=STABLE, rate=2.0, preflight=None, probe_latency=None, late=None,
+                 synthetic_rate=None):
         self.tmp_path, self.policy, self.rows, self.task = tmp_path, policy, rows, task
         self.effects = Effects(kill_at)
         self.clock = FakeClock()
@@ -229,6 +259,7 @@ class World:
         self.prober = FakeProber(kinds, self.clock, latency=probe_latency, late=late)
         self.preflight = preflight or FakePreflight()
         self.metrics = FakeMetrics(self.router, self.clock, rate=rate, errors=errors, latency=latency)
+        self.traffic = None if synthetic_rate is None else FakeTraffic(self.metrics, synthetic_rate)
         self.printed: list[str] = []
         self.uri = str(tmp_path / "store" / "rollouts-viggo.jsonl")
 
@@ -236,7 +267,7 @@ class World:
         log = CrashingLog(self.uri, effects or self.effects)
         return Controller(policy=policy or self.policy, task=self.task, canary_rows=self.rows, log=log,
                           router=self.router, prober=self.prober, metrics=self.metrics, clock=self.clock,
-                          out=self.printed.append, preflight=self.preflight)
+                          out=self.printed.append, preflight=self.preflight, traffic=self.traffic)
 
     def records(self) -> list[dict]:
         return RolloutLog(self.uri).read()
@@ -1013,6 +1044,47 @@ def test_shipped_policy_promotes_a_copy_of_stable_at_the_local_profiles_measured
     # 10% of 0.2 req/s: the window was extended until the candidate had served min_requests
     assert first["status"] == "pass" and shipped.step_window_s < first["details"]["window_s"] <= 600
     print(f"simulated rollout: {w.clock.t - 1_000_000.0:.0f} s, first window {first['details']['window_s']} s")
+
+
+def test_shipped_policy_rolls_back_when_nobody_calls_the_alias(tmp_path, rows, viggo_task):
+    """Why the local profile sends synthetic traffic: without requests a window is inconclusive
+    after its longest extension, and that rolls a good copy back."""
+    shipped = load_policy(ROOT / "configs/canary.yaml")
+    w = World(tmp_path, shipped, load_canary_set(shipped, ROOT), viggo_task,
+              kinds={"viggo-v1": "good", "viggo-v2": "good"}, rate=0.0)
+    outcome = w.controller().run("viggo-v2")
+    assert outcome.result == "rolled_back"
+    slo = [r for r in w.records() if r["event"] == "gate"][0]["results"][1]
+    assert slo["status"] == "inconclusive" and "served 0 requests" in slo["reason"]
+    assert slo["details"]["window_s"] == pytest.approx(shipped.slo.max_window_s)
+
+
+def test_synthetic_traffic_runs_in_each_slo_window_only_and_lets_the_shipped_policy_promote(
+        tmp_path, rows, viggo_task):
+    shipped = load_policy(ROOT / "configs/canary.yaml")
+    w = World(tmp_path, shipped, load_canary_set(shipped, ROOT), viggo_task,
+              kinds={"viggo-v1": "good", "viggo-v2": "good"}, rate=0.0, synthetic_rate=0.5)
+    probed_while_running = []
+    probe = w.prober.probe
+    w.prober.probe = lambda *a, **kw: probed_while_running.append(w.traffic.running) or probe(*a, **kw)
+    outcome = w.controller().run("viggo-v2")
+    assert outcome.result == "promoted", outcome.reason
+    assert w.traffic.starts == w.traffic.stops == len(shipped.steps) and not w.traffic.running
+    assert "2 synthetic clients call the alias in each SLO window" in w.printed[0]
+    assert probed_while_running and not any(probed_while_running)  # the probes' deadlines follow an idle stable
+    slos = [r["results"][1] for r in w.records() if r["event"] == "gate"]
+    assert all(s["status"] == "pass" for s in slos)
+    # what the clients sent is in each gate's record; 10% of 0.5 req/s reached min_requests in the window
+    assert all(s["details"]["synthetic_traffic"]["requests"] > 0 for s in slos)
+    assert slos[0]["details"]["window"]["candidate"]["requests"] >= shipped.slo.min_requests
+
+
+def test_synthetic_traffic_stops_when_the_metrics_cannot_be_read(world):
+    w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"}, rate=0.0, synthetic_rate=0.5)
+    w.metrics.down = True
+    outcome = w.controller().run("viggo-v2")
+    assert outcome.result == "rolled_back"
+    assert w.traffic.starts == w.traffic.stops == 1 and not w.traffic.running
 
 
 def test_exit_status_is_written_once_and_help_readme_and_makefile_agree(project_root):

@@ -12,6 +12,7 @@ import pytest
 
 from e2e_llm.canary import AliasState, load_canary_set, load_policy
 from e2e_llm.canary_io import (
+    AliasTraffic,
     OpenAIProber,
     PrometheusQueryMetrics,
     ScrapeMetrics,
@@ -163,6 +164,79 @@ def test_openai_prober_sends_each_row_to_the_version_and_keeps_failures():
     assert call["extra_body"] == {"structured_outputs": {"regex": "inform\\(.*\\)"}}
     prober.probe("viggo-v2", rows[:1], policy.quality.model_copy(update={"structured_output": False}))
     assert completions.calls[-1]["extra_body"] is None
+
+
+def _poll(condition, deadline_s: float = 20.0) -> None:
+    import time
+
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met before the deadline"
+        time.sleep(0.01)
+
+
+def test_synthetic_traffic_calls_the_alias_from_each_client_in_turn_until_stopped():
+    import threading
+
+    completions = FakeCompletions()
+    lock = threading.Lock()
+    original = completions.create
+
+    def create(**kw):  # the fake's call list is shared by the clients' threads
+        with lock:
+            return original(**kw)
+
+    class Client:
+        class chat:
+            pass
+
+    Client.chat.completions = type("C", (), {"create": staticmethod(create)})
+    timeouts = []
+    rows = [{"instruction": "sys", "input": name, "output": "x"} for name in ("Halo", "fail", "Doom")]
+    traffic = AliasTraffic("http://app/v1", "smollm2-135m", "viggo", rows, clients=2, max_tokens=8,
+                           client_factory=lambda timeout: timeouts.append(timeout) or Client)
+    traffic.start()
+    with pytest.raises(RuntimeError, match="already running"):
+        traffic.start()
+    _poll(lambda: len(completions.calls) >= 12)
+    sent = traffic.stop()
+    calls = list(completions.calls)
+    assert sent["requests"] == sent["ok"] + sent["failed"] == len(calls) and sent["still_running"] == 0
+    assert {c["model"] for c in calls} == {"smollm2-135m:viggo"}  # the alias: the router splits them
+    assert {c["max_tokens"] for c in calls} == {8} and {c["temperature"] for c in calls} == {0.0}
+    assert {c["messages"][1]["content"] for c in calls} == {"Halo", "fail", "Doom"}
+    assert sent["failed"] >= 2 and "adapter failed to load" in sent["failures"][0]  # counted, not retried
+    assert len(sent["failures"]) <= 5 and timeouts == [120.0, 120.0]
+    assert len(completions.calls) == len(calls)  # nothing is sent after stop
+    traffic.start()  # the next window starts from zero
+    _poll(lambda: len(completions.calls) >= len(calls) + 2)
+    assert traffic.stop()["requests"] == len(completions.calls) - len(calls)
+
+
+def test_synthetic_traffic_comes_from_the_profile_unless_the_flag_says_otherwise(config):
+    from e2e_llm.canary_io import open_controller
+
+    config.storage.endpoint_url = None  # a store on disk: nothing to reach
+    assert config.canary.synthetic_traffic.clients == 2  # the local profile: nobody else calls its app
+    controller, _ = open_controller(config)
+    assert isinstance(controller.traffic, AliasTraffic)
+    assert (controller.traffic.clients, controller.traffic.model) == (2, f"{config.model.id}:viggo")
+    assert len(controller.traffic.rows) == controller.policy.canary_set.rows
+    assert open_controller(config, synthetic_clients=0)[0].traffic is None
+    assert open_controller(config, synthetic_clients=3)[0].traffic.clients == 3
+    assert open_controller(config, for_gates=False)[0].traffic is None
+
+
+def test_the_synthetic_clients_flag_takes_the_profile_settings_bounds(capsys):
+    from e2e_llm.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["canary", "--synthetic-clients", "0"]).synthetic_clients == 0
+    assert parser.parse_args(["canary"]).synthetic_clients is None
+    for bad in ("-1", "65", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["canary", "--synthetic-clients", bad])
+    assert "'65': Input should be less than or equal to 64" in capsys.readouterr().err
 
 
 def test_openai_prober_uses_the_given_deadline_and_marks_timeouts():
@@ -375,6 +449,7 @@ def test_cluster_profile_queries_prometheus(project_root):
     from e2e_llm.config import load_profile
 
     config = load_profile("cluster", root=project_root)
+    assert config.canary.synthetic_traffic.clients == 0  # its gates judge the users' traffic
     policy = load_policy(ROOT / "configs/canary.yaml")
     assert isinstance(metrics_source(config, policy), PrometheusQueryMetrics)
     assert len(load_canary_set(policy, project_root)) == policy.canary_set.rows

@@ -64,6 +64,18 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="canary policy YAML (default: the profile's canary.policy)")
 
 
+def _clients(text: str) -> int:
+    """--synthetic-clients: the bounds of the profile's canary.synthetic_traffic.clients."""
+    from pydantic import ValidationError
+
+    from e2e_llm.config import SyntheticTraffic
+
+    try:
+        return SyntheticTraffic(clients=text).clients
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.errors()[0]['msg']}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = exit_codes_text()
     add_common(parser)
@@ -74,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prometheus endpoint to scrape (repeatable; default: Ray's metrics port)")
     parser.add_argument("--prometheus-url", help="Prometheus server to query instead of scraping")
     parser.add_argument("--on-resume", choices=("continue", "rollback"), help="override the policy's on_resume")
+    parser.add_argument("--synthetic-clients", type=_clients, metavar="N",
+                        help="clients calling the alias during each SLO window (default: the profile's "
+                             "canary.synthetic_traffic.clients; 0: only the users' traffic)")
     parser.add_argument("--status", action="store_true", help="print the latest rollout and exit")
     engine = parser.add_argument_group("engine/infrastructure canary (new base model, vLLM or Ray version)")
     engine.add_argument("--platform", choices=("anyscale", "k8s"),
@@ -128,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         controller, store = open_controller(
             config, policy_path=args.policy, alias=args.alias, base_url=args.base_url,
             metrics_urls=args.metrics_url, prometheus_url=args.prometheus_url, on_resume=args.on_resume,
-            for_gates=not args.status)
+            for_gates=not args.status, synthetic_clients=args.synthetic_clients)
         if args.status:
             rollout = controller.current()
             print(format_rollout(rollout) if rollout else f"no rollouts recorded for alias {controller.policy.alias!r}")
