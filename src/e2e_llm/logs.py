@@ -127,6 +127,31 @@ TERMINAL_NOISE: tuple[Noise, ...] = (
           # peft's merge_and_unload (the batch stage's merged mode) still calls the old name; its
           # indented `warnings.warn(` line goes with it.
           "transformers deprecation hit by peft's merge"),
+    Noise("ray-train-reports", re.compile(r"^(Checkpoint successfully created at: Checkpoint\(|Reporting training "
+                                          r"result \d+: TrainingReport\()"),
+          # Ray Train logs each checkpoint and each worker's report of it (~600 characters each, 3
+          # lines per checkpoint): the [train] step lines and the run summary carry the same
+          # figures, and the checkpoints are in the run folder the summary names.
+          "Ray Train: each checkpoint and worker report (the [train] lines say the same)"),
+    Noise("ray-actor-constructor-args",
+          re.compile(r"^\[[\d-]+ [\d:,]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: '[^']+' and ID: "
+                     r"'\w+' has constructor arguments in the object store and max_restarts > 0"),
+          # Ray's note about actors that Ray Train (PreemptionWatcher) and Ray Data (map workers)
+          # create with restarts on: a restart keeps their arguments in the object store. Not an
+          # error, and nothing in this package creates them.
+          "Ray: its own restartable actors keep their constructor arguments"),
+    Noise("ray-serve-shutdown", re.compile(r"^(\(raylet\) )?Task ServeController\.graceful_shutdown failed\. There are "
+                                           r"infinite retries remaining"),
+          # serve.shutdown() kills Serve's controller once its graceful shutdown is done; the raylet
+          # then reports the killed actor's pending task. Printed after "shutting down Serve".
+          "Ray Serve: the controller killed by serve.shutdown()"),
+    Noise("vllm-lora-tokenizer",
+          re.compile(r"^WARNING \d\d-\d\d \d\d:\d\d:\d\d \[input_processor\.py:\d+\] vLLM has deprecated support "
+                     r"for supporting different tokenizers for different LoRAs"),
+          # LLaMA-Factory saves the base model's tokenizer beside the adapter, unchanged by LoRA
+          # training (tests/integration/test_train.py compares them), and vLLM uses the base
+          # model's: the same one.
+          "vLLM: an adapter folder holds a tokenizer (the base model's)"),
     Noise("ray-data-no-progress", re.compile(r"^\S+ \S+\s+WARNING __init__\.py:\d+ -- Progress bars disabled\."),
           # The answer to QUIET_ENV's RAY_DATA_DISABLE_PROGRESS_BARS, which `make e2e` sets itself.
           "Ray Data: progress bars are off (make e2e turns them off)"),

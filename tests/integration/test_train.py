@@ -83,6 +83,13 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     assert list((trained_adapter.parent / "tensorboard").rglob("events.out.tfevents*"))
 
 
+def test_the_tokenizer_saved_beside_the_adapter_is_the_base_models(trained_adapter, local_model):
+    """Why e2e_llm.logs hides vLLM's warning about adapters with their own tokenizer: vLLM uses
+    the base model's, and LoRA training leaves it as it was."""
+    saved = trained_adapter / "tokenizer.json"
+    assert saved.read_bytes() == (Path(local_model) / "tokenizer.json").read_bytes()
+
+
 def test_training_reduced_the_loss(trained_adapter):
     log = [json.loads(line) for line in (trained_adapter.parent / "trainer_log.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in log if "loss" in row]

@@ -79,6 +79,31 @@ SAMPLES = {
         "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
         "  warnings.warn(",
     ],
+    "ray-train-reports": [
+        f"{C}(RayTrainWorker pid=27020){R} Checkpoint successfully created at: Checkpoint(filesystem=local, "
+        "path=/x/.e2e/local/runs/20261204-234707/checkpoint_2026-12-04_23-50-03.334110)",
+        f"{C}(RayTrainWorker pid=27020){R} Reporting training result 1: TrainingReport(checkpoint=Checkpoint("
+        "filesystem=local, path=/x/checkpoint_2026-12-04_23-50-03.334110), metrics={'global_step': 64, 'loss': 0.398})",
+        f"{C}(RayTrainWorker pid=27011){R} Reporting training result 1: TrainingReport(checkpoint=None, metrics="
+        "{'global_step': 64, 'epoch': 0.2222222222222222, 'loss': 0.3983010947704315}, validation=False) from rank 1",
+    ],
+    "ray-actor-constructor-args": [
+        f"{C}(TrainController pid=26878){R} [2026-12-04 23:48:18,866 E 26878 26908] core_worker.cc:2465: Actor with "
+        "class name: 'PreemptionWatcher' and ID: '5c7527d384d9e92f72376c7701000000' has constructor arguments in "
+        "the object store and max_restarts > 0. If the arguments are spilled to disk or the node is lost, the "
+        "actor cannot be restarted.",
+        "[2026-12-04 23:55:14,221 E 28833 28833] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
+        "ChatTemplateUDF))' and ID: '8dc6b7861feb5306a55cf31801000000' has constructor arguments in the object "
+        "store and max_restarts > 0.",
+    ],
+    "ray-serve-shutdown": [
+        "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite retries remaining, "
+        "so the task will be retried. Error: The actor is dead because it was killed by `ray.kill`.",
+    ],
+    "vllm-lora-tokenizer": [
+        f"{REPLICA}WARNING 12-04 23:59:01 [input_processor.py:196] vLLM has deprecated support for supporting "
+        "different tokenizers for different LoRAs. By default, vLLM uses base model's tokenizer.",
+    ],
     "ray-data-no-progress": [
         "2026-12-02 04:20:57,119\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set "
         "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
@@ -100,6 +125,9 @@ SHOWN = [
     "{'train_runtime': '412.1', 'train_samples_per_second': 0.6}",
     "",  # a stage's own blank line (no Ray prefix)
     "INFO 2026-12-02 03:28:11,009 serve 10912 -- RuntimeError: the app failed to deploy",  # names an error
+    # other core_worker lines and other failed tasks of the raylet still show
+    "[2026-12-04 23:55:14,221 E 28833 28833] core_worker.cc:901: The object store is full",
+    "\x1b[33m(raylet)\x1b[0m Task E2EIngress.__call__ failed. There are infinite retries remaining.",
 ]
 
 
