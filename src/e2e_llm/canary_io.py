@@ -138,13 +138,14 @@ class AliasTraffic:
 
     def __init__(self, base_url: str, base_model: str, alias: str, rows: Sequence[dict[str, str]], *,
                  clients: int, max_tokens: int, api_key: str | None = None, timeout_s: float = 120.0,
-                 client_factory: Callable[..., Any] | None = None, keep_failures: int = 5):
+                 client_factory: Callable[..., Any] | None = None, keep_failures: int = 5,
+                 failure_pause_s: float = 1.0):
         if clients < 1 or not rows:
             raise ValueError(f"synthetic traffic needs clients >= 1 and canary rows (got {clients}, {len(rows)})")
         self.base_url, self.api_key = base_url.rstrip("/"), api_key or "not-needed"
         self.model = f"{base_model}:{alias}"
         self.rows, self.clients, self.max_tokens = list(rows), clients, max_tokens
-        self.timeout_s, self.keep_failures = timeout_s, keep_failures
+        self.timeout_s, self.keep_failures, self.failure_pause_s = timeout_s, keep_failures, failure_pause_s
         self._factory = client_factory
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -179,6 +180,8 @@ class AliasTraffic:
                     self._failed += 1
                     if len(self._failures) < self.keep_failures:
                         self._failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                # an app that refuses at once (down, restarting) is not hammered in a loop
+                self._stop.wait(self.failure_pause_s)
 
     def stop(self) -> dict[str, Any]:
         """Stop sending; waits (at most one request's timeout) for the requests in flight."""

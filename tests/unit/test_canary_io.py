@@ -194,7 +194,7 @@ def test_synthetic_traffic_calls_the_alias_from_each_client_in_turn_until_stoppe
     timeouts = []
     rows = [{"instruction": "sys", "input": name, "output": "x"} for name in ("Halo", "fail", "Doom")]
     traffic = AliasTraffic("http://app/v1", "smollm2-135m", "viggo", rows, clients=2, max_tokens=8,
-                           client_factory=lambda timeout: timeouts.append(timeout) or Client)
+                           client_factory=lambda timeout: timeouts.append(timeout) or Client, failure_pause_s=0.01)
     traffic.start()
     with pytest.raises(RuntimeError, match="already running"):
         traffic.start()
@@ -211,6 +211,27 @@ def test_synthetic_traffic_calls_the_alias_from_each_client_in_turn_until_stoppe
     traffic.start()  # the next window starts from zero
     _poll(lambda: len(completions.calls) >= len(calls) + 2)
     assert traffic.stop()["requests"] == len(completions.calls) - len(calls)
+
+
+def test_synthetic_traffic_pauses_after_a_failure_and_stop_ends_the_pause():
+    calls = []
+
+    class Refused:
+        class chat:
+            class completions:
+                @staticmethod
+                def create(**kw):
+                    calls.append(kw)
+                    raise ConnectionError("connection refused")
+
+    rows = [{"instruction": "sys", "input": "Halo", "output": "x"}]
+    traffic = AliasTraffic("http://app/v1", "smollm2-135m", "viggo", rows, clients=2, max_tokens=8,
+                           client_factory=lambda timeout: Refused, failure_pause_s=3600)
+    traffic.start()
+    _poll(lambda: len(calls) >= 2)
+    sent = traffic.stop()  # a pause that ignored the stop would outlast its join deadline
+    assert sent["failed"] == sent["requests"] == len(calls) == 2 and sent["still_running"] == 0
+    assert sent["failures"] == ["ConnectionError: connection refused"] * 2
 
 
 def test_synthetic_traffic_comes_from_the_profile_unless_the_flag_says_otherwise(config):
