@@ -87,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prometheus-url", help="Prometheus server to query instead of scraping")
     parser.add_argument("--on-resume", choices=("continue", "rollback"), help="override the policy's on_resume")
     parser.add_argument("--synthetic-clients", type=_clients, metavar="N",
-                        help="clients calling the alias during each SLO window (default: the profile's "
-                             "canary.synthetic_traffic.clients; 0: only the users' traffic)")
+                        help="clients calling the alias during each SLO window of an adapter canary (default: "
+                             "the profile's canary.synthetic_traffic.clients; 0: only the users' traffic)")
     parser.add_argument("--status", action="store_true", help="print the latest rollout and exit")
     engine = parser.add_argument_group("engine/infrastructure canary (new base model, vLLM or Ray version)")
     engine.add_argument("--platform", choices=("anyscale", "k8s"),
