@@ -223,7 +223,7 @@ class FakeTraffic:
         self.running, self.stops = False, self.stops + 1
         self.metrics.set_rate(self.metrics.rate - self.rate)
         sent = (self.metrics.clock.now() - self.since) * self.rate
-        return {"clients": 2, "requests": sent, "ok": sent, "failed": 0, "failures": [], "still_running": 0}
+        return {"clients": self.clients, "requests": sent, "ok": sent, "failed": 0, "failures": [], "still_running": 0}
 
 
 # -- fixtures --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+from serving import wait_until
 
 from e2e_llm.canary import AliasState, load_canary_set, load_policy
 from e2e_llm.canary_io import (
@@ -166,15 +167,6 @@ def test_openai_prober_sends_each_row_to_the_version_and_keeps_failures():
     assert completions.calls[-1]["extra_body"] is None
 
 
-def _poll(condition, deadline_s: float = 20.0) -> None:
-    import time
-
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, "condition not met before the deadline"
-        time.sleep(0.01)
-
-
 def test_synthetic_traffic_calls_the_alias_from_each_client_in_turn_until_stopped():
     import threading
 
@@ -198,7 +190,7 @@ def test_synthetic_traffic_calls_the_alias_from_each_client_in_turn_until_stoppe
     traffic.start()
     with pytest.raises(RuntimeError, match="already running"):
         traffic.start()
-    _poll(lambda: len(completions.calls) >= 12)
+    wait_until(lambda: len(completions.calls) >= 12, 20, "12 synthetic requests", interval=0.01)
     sent = traffic.stop()
     calls = list(completions.calls)
     assert sent["requests"] == sent["ok"] + sent["failed"] == len(calls) and sent["still_running"] == 0
@@ -209,7 +201,8 @@ def test_synthetic_traffic_calls_the_alias_from_each_client_in_turn_until_stoppe
     assert len(sent["failures"]) <= 5 and timeouts == [120.0, 120.0]
     assert len(completions.calls) == len(calls)  # nothing is sent after stop
     traffic.start()  # the next window starts from zero
-    _poll(lambda: len(completions.calls) >= len(calls) + 2)
+    wait_until(lambda: len(completions.calls) >= len(calls) + 2, 20, "the restarted clients' requests",
+               interval=0.01)
     assert traffic.stop()["requests"] == len(completions.calls) - len(calls)
 
 
@@ -228,7 +221,7 @@ def test_synthetic_traffic_pauses_after_a_failure_and_stop_ends_the_pause():
     traffic = AliasTraffic("http://app/v1", "smollm2-135m", "viggo", rows, clients=2, max_tokens=8,
                            client_factory=lambda timeout: Refused, failure_pause_s=3600)
     traffic.start()
-    _poll(lambda: len(calls) >= 2)
+    wait_until(lambda: len(calls) >= 2, 20, "one refused request per client", interval=0.01)
     sent = traffic.stop()  # a pause that ignored the stop would outlast its join deadline
     assert sent["failed"] == sent["requests"] == len(calls) == 2 and sent["still_running"] == 0
     assert sent["failures"] == ["ConnectionError: connection refused"] * 2
