@@ -29,6 +29,8 @@ fine-tuned model needs in production.
   with ``[DONE]``.
 - ``GET /-/ready``: readiness of this app (engine answers a health check; adapter store
   readable), 503 while the engine is not. Serve's ``/-/healthz`` only says the proxy is up.
+- Once constructed, the replica freezes its startup heap out of the garbage collector
+  (``e2e_llm.replica_heap``), as vLLM's own server does.
 - Per-version metrics through ``ray.util.metrics`` (exported on Ray's metrics port):
   ``e2e_llm_requests`` (model, alias, version, status), ``e2e_llm_request_errors``
   (model, alias, version, code), ``e2e_llm_request_latency_seconds`` (model, alias,
@@ -69,6 +71,7 @@ from e2e_llm.api_guard import (
     sse_error,
 )
 from e2e_llm.compat.ray_serve import DEFAULT_ENDPOINTS, ModelCard, ModelList, OpenAIHTTPException, fastapi_app
+from e2e_llm.replica_heap import freeze_startup_heap
 from e2e_llm.serve_preflight import GRACE_S, PreflightRequest, describe, timed_out, verdict
 from e2e_llm.store import AdapterStore, Alias
 
@@ -153,6 +156,7 @@ class E2EIngress(OpenAiIngress):
             "e2e_llm_request_fallbacks", description="Alias requests whose candidate failed before any token, "
             "answered by the stable version instead (version: the candidate; code: its error).",
             tag_keys=tags + ("code",))
+        freeze_startup_heap()
 
     # -- store snapshot --------------------------------------------------------------------
 

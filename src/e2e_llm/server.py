@@ -21,6 +21,8 @@
   folder per machine, where two apps whose stores both hold a ``viggo-v1`` overwrite each other.
 - Where ``serve.isolate_engine_cpus`` moved Ray's processes off the engine's CPUs
   (``e2e_llm.cpu_pinning``), a replica puts itself back on them before vLLM starts.
+- Once up, the replica freezes its startup heap out of the garbage collector, as vLLM's own server
+  does (``e2e_llm.replica_heap``).
 - ``preflight(request, deadline_s)``: the replica's part of the ingress's ``POST /-/preflight``
   (``e2e_llm.serve_preflight``): load the adapter the request names and answer it once, within
   the deadline; the ingress calls it on every replica (``DeploymentHandle.broadcast``).
@@ -43,6 +45,7 @@ from ray import serve
 from e2e_llm import storage
 from e2e_llm.compat.ray_serve import OpenAIHTTPException, PatchedLLMServer
 from e2e_llm.cpu_pinning import settle_off_engine_workers, widen_to_engine_cpus
+from e2e_llm.replica_heap import freeze_startup_heap
 from e2e_llm.serve_preflight import answer_once, report
 
 # Ray Serve LLM keeps "adapter config missing" this long (CLOUD_OBJECT_MISSING_EXPIRE_S).
@@ -81,6 +84,7 @@ class E2ELLMServer(PatchedLLMServer):
         await super().__init__(llm_config, **kwargs)
         # The engine is up and its workers bound: the rest of it off their CPUs (no-op as above).
         settle_off_engine_workers()
+        freeze_startup_heap()
 
     def lora_cache_root(self, llm_config) -> str | None:
         if llm_config.lora_config is None:
