@@ -5,9 +5,10 @@ does once it is up (``freeze_gc_heap`` in its lifespan), so the two run the same
 Once vLLM, torch, transformers and Ray are imported a replica holds ~0.7 M objects. An
 oldest-generation collection walks all of them -- 0.36-0.38 s on an AVX2-only CPU -- and stalls the
 replica's event loop meanwhile: every stream it carries and every request on its way to the
-engine. Frozen, they are skipped (they stay alive: nothing alive at freeze time was going to be
-freed). Only inside a Serve replica, which lives as long as the app: a test or notebook that
-constructs the class keeps its collector as it is.
+engine. Frozen, they are skipped; one that dies later is still freed by reference counting, only
+a reference cycle among them would stay (as under vLLM's server). Only inside a Serve replica,
+which lives as long as the app: a test or notebook that constructs the class keeps its collector
+as it is.
 """
 
 from __future__ import annotations
