@@ -54,9 +54,9 @@ def test_the_engine_replica_freezes_once_its_engine_is_up(monkeypatch):
     from test_compat_ray_serve import _constructed_loader_roots
 
     calls = []
-    monkeypatch.setattr(server, "freeze_startup_heap", lambda: calls.append(len(roots_seen)))
-    roots_seen: list = []
-    monkeypatch.setattr(server, "settle_off_engine_workers", lambda: roots_seen.append("settled"))
+    settled: list = []
+    monkeypatch.setattr(server, "freeze_startup_heap", lambda: calls.append(len(settled)))
+    monkeypatch.setattr(server, "settle_off_engine_workers", lambda: settled.append("settled"))
     _constructed_loader_roots(monkeypatch, server.E2ELLMServer, "s3://b/adapters")
     assert calls == [1]  # once, after LLMServer's __init__ and the CPU settling
 
