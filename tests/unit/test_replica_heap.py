@@ -44,7 +44,9 @@ def test_in_a_replica_garbage_is_collected_first_then_everything_alive_is_frozen
     alive = Cycle()
     frozen = freeze_startup_heap()
     assert gone() is None  # a cycle only the collector frees was freed before the freeze
-    assert frozen == gc.get_freeze_count() > 1000  # the interpreter's and the libraries' objects
+    # The interpreter's and the libraries' objects. A frozen object that dies leaves the permanent
+    # generation (another thread of the test process may drop a few), and nothing else joins it.
+    assert frozen >= gc.get_freeze_count() > 1000
     assert not any(obj is alive for obj in gc.get_objects())  # frozen: in no generation the collector walks
     gc.unfreeze()
     assert any(obj is alive for obj in gc.get_objects())
