@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -105,9 +106,10 @@ def test_store_down_gives_503_for_an_unloaded_adapter_and_it_loads_once_the_stor
     assert adapter in serve_app.store.adapter_ids() and serve_app.alias in serve_app.store.aliases()
 
 
-def _stream(app, i):
+def _stream(app, i, first_content: threading.Event | None = None):
     """A streamed chat: ("done", n) if it ended with [DONE], ("error", n) if with an error event
-    after n content chunks, ("cut", n) if it just stopped (never acceptable)."""
+    after n content chunks, ("cut", n) if it just stopped (never acceptable). ``first_content`` is
+    set once a content chunk has arrived."""
     body = {"model": app.model_id, "messages": [{"role": "user", "content": f"Count to twenty, take {i}."}],
             "max_tokens": 48, "temperature": 0.0, "stream": True}
     chunks = 0
@@ -125,6 +127,8 @@ def _stream(app, i):
             if "error" in event:
                 return ("error", chunks)
             chunks += sum(1 for c in event.get("choices", []) if c.get("delta", {}).get("content"))
+            if chunks and first_content is not None:
+                first_content.set()
     return ("cut", chunks)
 
 
@@ -201,16 +205,19 @@ def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):
         except httpx.HTTPError as exc:
             return ("plain", type(exc).__name__, str(exc)[:200])
 
+    streaming = threading.Event()
+
     def streamed(i):
         try:
-            return ("stream",) + _stream(serve_app, i)
+            return ("stream",) + _stream(serve_app, i, streaming)
         except httpx.HTTPError as exc:
             return ("stream", type(exc).__name__, str(exc)[:200])
 
     start = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(streamed if i % 4 == 0 else plain, i) for i in range(32)]
-        time.sleep(3)  # requests in flight on the replica
+        # Killed mid-stream: one stream has sent tokens, the other requests are in flight or queued.
+        assert streaming.wait(timeout=180), "no stream sent a token within 180 s"
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic() - start
         results = [f.result() for f in futures]
@@ -223,6 +230,7 @@ def test_engine_replica_sigkill_under_load_costs_latency_not_errors(serve_app):
     # A stream either finished or says it did not; none just stops, none fails before it started.
     assert all(kind in ("done", "error") for kind, _ in streams), streams
     assert all(chunks > 0 for kind, chunks in streams if kind == "error"), streams
+    assert any(kind == "error" for kind, _ in streams), streams  # the one cut after its first tokens
     # Serve restarted the replica: the app answers and is ready again.
     assert engine_replica_pids(os.getpid()) and victim not in dict(engine_replica_pids(os.getpid()))
     # The new replica came from a raylet moved off the engine's CPUs; its worker is bound as before.
