@@ -70,7 +70,15 @@ from e2e_llm.api_guard import (
     request_error_response,
     sse_error,
 )
-from e2e_llm.compat.ray_serve import DEFAULT_ENDPOINTS, ModelCard, ModelList, OpenAIHTTPException, fastapi_app
+from e2e_llm.compat.ray_serve import (
+    DEFAULT_ENDPOINTS,
+    ModelCard,
+    ModelList,
+    OpenAIHTTPException,
+    fastapi_app,
+    mode_transport,
+    with_mode_transport,
+)
 from e2e_llm.replica_heap import freeze_startup_heap
 from e2e_llm.serve_preflight import GRACE_S, PreflightRequest, describe, timed_out, verdict
 from e2e_llm.store import AdapterStore, Alias
@@ -122,6 +130,8 @@ class E2EIngress(OpenAiIngress):
         limits: dict[str, Any] | None = None,
         retry_deadline_s: float = 60.0,
     ):
+        self._engine_calls = mode_transport()
+        llm_deployments = {model: with_mode_transport(handle) for model, handle in llm_deployments.items()}
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self._engines = dict(llm_deployments)  # base model id -> LLMServer deployment handle
         if auth_enabled:
@@ -410,7 +420,8 @@ class E2EIngress(OpenAiIngress):
                  "error": self._store_error, "snapshot_age_s": round(time.monotonic() - self._loaded_at, 3)}
         engine_ok = all(v == "ok" for v in engines.values())
         state = "unavailable" if not engine_ok else "degraded" if self._store_error else "ready"
-        return JSONResponse({"status": state, "engines": engines, "adapter_store": store},
+        return JSONResponse({"status": state, "engines": engines, "engine_calls": self._engine_calls,
+                             "adapter_store": store},
                             status_code=200 if engine_ok else 503)
 
     async def preflight(self, body: PreflightRequest) -> JSONResponse:

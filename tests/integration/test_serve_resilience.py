@@ -76,6 +76,9 @@ def test_ready_is_open_and_reports_engine_and_store(serve_app):
     ready = httpx.get(f"{serve_app.base_url}/-/ready", timeout=30)
     assert ready.status_code == 200, ready.text
     assert ready.json()["status"] == "ready" and ready.json()["engines"] == {serve_app.model_id: "ok"}
+    # The test app runs Serve's high-throughput mode, as the profiles do: the ingress calls the
+    # engine over gRPC, as on a cluster, wherever the app was built.
+    assert serve_app.config.serve.high_throughput and ready.json()["engine_calls"] == "grpc"
 
 
 def test_store_down_gives_503_for_an_unloaded_adapter_and_it_loads_once_the_store_is_back(serve_app, s3_store,

@@ -161,6 +161,35 @@ def test_the_replica_paces_its_streams_with_the_profiles_settings(adapter_reques
     assert server._pacer is pacer  # one pacer per replica: it counts all the replica's streams
 
 
+class _Handle:
+    """Records the options a deployment handle was given (a real one connects to Serve on .options())."""
+
+    def __init__(self, **options):
+        self.options_given = options
+
+    def options(self, **options):
+        return _Handle(**{**self.options_given, **options})
+
+
+@pytest.mark.parametrize("grpc", [True, False])
+def test_the_ingress_calls_the_engine_by_the_transport_serves_mode_sets_in_its_own_process(monkeypatch, grpc):
+    constants = importlib.import_module(compat.GRPC_BY_DEFAULT.module)
+    monkeypatch.setattr(constants, compat.GRPC_BY_DEFAULT.name, grpc)
+    assert compat.with_mode_transport(_Handle()).options_given == {"_by_reference": not grpc}
+
+
+def test_the_handle_option_that_picks_the_transport_is_still_rays():
+    from ray.serve.handle import DeploymentHandle
+
+    assert "_by_reference" in inspect.signature(DeploymentHandle.options).parameters
+
+
+def test_serves_high_throughput_mode_is_what_turns_grpc_on_in_the_pinned_ray():
+    """The ingress's transport follows the mode only if the mode still sets this constant."""
+    assert "RAY_SERVE_USE_GRPC_BY_DEFAULT" in compat.serve_constants_source().split(
+        "if RAY_SERVE_THROUGHPUT_OPTIMIZED:", 1)[1]
+
+
 def test_the_worker_niceness_setting_the_engine_replica_gets_is_rays():
     from e2e_llm.serve import CPU_ENGINE_ENV, RAY_WORKER_NICENESS_ENV
 

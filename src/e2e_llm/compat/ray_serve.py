@@ -51,6 +51,12 @@ CONTROL_LOOP_INTERVAL = Entry(
     "ray.serve._private.constants", "CONTROL_LOOP_INTERVAL_S",
     why="serve.control_loop_interval_s sets the controller's RAY_SERVE_CONTROL_LOOP_INTERVAL_S (documented), "
         "which Ray reads into this constant (e2e_llm.serve.serve_start_kwargs)")
+GRPC_BY_DEFAULT = Entry(
+    "ray.serve._private.constants", "RAY_SERVE_USE_GRPC_BY_DEFAULT",
+    why="Serve's high-throughput mode sends handle calls between replicas over gRPC, but a deployment handle "
+        "keeps the transport of the process that built the app: a driver that imported Serve before the mode's "
+        "environment was set (e2e-llm serve, the bench, the tests) gave the ingress Ray actor calls instead; "
+        "the ingress re-reads the transport in its own process (with_mode_transport)")
 LORA_LOADER = Entry(
     "ray.llm._internal.serve.utils.lora_serve_utils", "LoraModelLoader",
     params=("lora_root", "download_timeout_s", "max_tries"),
@@ -96,8 +102,8 @@ CALLBACK_CTX = Entry(
 
 ENTRIES = [DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
            TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
-           PROCESS_REQUEST, WORKER_NICENESS, CONTROL_LOOP_INTERVAL, LORA_LOADER, SERVER_INIT, CALLBACK_BASE,
-           CALLBACK_HOOK, CALLBACK_CTX]
+           PROCESS_REQUEST, WORKER_NICENESS, CONTROL_LOOP_INTERVAL, GRPC_BY_DEFAULT, LORA_LOADER, SERVER_INIT,
+           CALLBACK_BASE, CALLBACK_HOOK, CALLBACK_CTX]
 OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
 
 
@@ -108,6 +114,18 @@ def serve_constants_source() -> str:
 
     resolve(CONTROL_LOOP_INTERVAL, __name__)
     return inspect.getsource(sys.modules[CONTROL_LOOP_INTERVAL.module])
+
+
+def mode_transport() -> str:
+    """How Serve's mode says this process calls other replicas: ``"grpc"`` in the high-throughput
+    mode, ``"ray"`` (Ray actor calls) otherwise (``GRPC_BY_DEFAULT``)."""
+    return "grpc" if resolve(GRPC_BY_DEFAULT, __name__) else "ray"
+
+
+def with_mode_transport(handle):
+    """``handle`` calling its replicas by :func:`mode_transport`, so that a replica's calls do not
+    depend on where or when the app was built, and local runs use the transport clusters use."""
+    return handle.options(_by_reference=mode_transport() == "ray")
 
 
 def check() -> list[str]:
