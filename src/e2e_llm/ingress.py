@@ -186,9 +186,10 @@ class E2EIngress(OpenAiIngress):
         async with self._lock:
             if time.monotonic() - self._loaded_at <= max_age:
                 return
-            try:
+            started = time.monotonic()  # a snapshot is as old as the start of its read: what was
+            try:  # published while it read may be missing from it
                 self._aliases, self._adapters, self._latest = await asyncio.to_thread(self._read_store)
-                self._loaded_at = time.monotonic()
+                self._loaded_at = started
                 self._store_error = None
             except Exception as exc:  # noqa: BLE001  keep serving with the last good snapshot
                 self._m_refresh_errors.inc()

@@ -114,6 +114,33 @@ def test_a_bad_body_is_a_400_naming_the_field(api, change, field):
     assert api.engine.broadcasts == []
 
 
+def test_a_version_published_while_the_snapshot_was_read_is_found_once_that_read_is_a_second_old(
+        api, monkeypatch):
+    """The store snapshot counts as old as the start of its read: a version published during a slow
+    read (here 5 s) is missing from it, and a preflight right after must look again, not 404."""
+    from serve_fakes import publish
+
+    import e2e_llm.ingress as ingress_module
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(ingress_module, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    read = api.ingress._store.adapter_ids
+    published = []
+
+    def slow_read_during_which_a_version_is_published():
+        ids = read()
+        if not published:
+            published.append(publish(api.store, api.root, "late"))
+            clock.now += 5.0
+        return ids
+
+    monkeypatch.setattr(api.ingress._store, "adapter_ids", slow_read_during_which_a_version_is_published)
+    assert preflight(api).status_code == 200  # this request's snapshot read saw no "late" version
+    assert published and published[0] not in api.ingress._adapters
+    response = preflight(api, version=published[0])
+    assert response.status_code == 200, response.text
+
+
 def test_an_unpublished_version_is_a_404_naming_it(api):
     response = preflight(api, version="viggo-v99")
     assert response.status_code == 404
