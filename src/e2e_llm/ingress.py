@@ -186,8 +186,9 @@ class E2EIngress(OpenAiIngress):
         async with self._lock:
             if time.monotonic() - self._loaded_at <= max_age:
                 return
-            started = time.monotonic()  # a snapshot is as old as the start of its read: what was
-            try:  # published while it read may be missing from it
+            # A snapshot is as old as the start of its read: what was published while it read may be missing.
+            started = time.monotonic()
+            try:
                 self._aliases, self._adapters, self._latest = await asyncio.to_thread(self._read_store)
                 self._loaded_at = started
                 self._store_error = None
