@@ -156,6 +156,18 @@ def publish(store, root, name):
     return store.publish(folder, name=name)
 
 
+def fake_clock(monkeypatch) -> SimpleNamespace:
+    """The ingress's and its store snapshot's monotonic clock, moved by hand (``clock.now``)."""
+    import e2e_llm.ingress as ingress_module
+    import e2e_llm.store_snapshot as snapshot_module
+
+    clock = SimpleNamespace(now=1000.0)
+    fake = SimpleNamespace(monotonic=lambda: clock.now)
+    monkeypatch.setattr(ingress_module, "time", fake)
+    monkeypatch.setattr(snapshot_module, "time", fake)
+    return clock
+
+
 def make_api(tmp_path, monkeypatch) -> SimpleNamespace:
     """(TestClient, ingress instance, fake engine, names, store) with auth on and the test
     limits; alias ``viggo`` -> the published adapter ``names["adapter"]``."""

@@ -81,7 +81,8 @@ from e2e_llm.compat.ray_serve import (
 )
 from e2e_llm.replica_heap import freeze_startup_heap
 from e2e_llm.serve_preflight import GRACE_S, PreflightRequest, describe, timed_out, verdict
-from e2e_llm.store import AdapterStore, Alias
+from e2e_llm.store import AdapterStore
+from e2e_llm.store_snapshot import StoreSnapshot, StoreUnreachable
 
 logger = logging.getLogger("ray.serve")
 
@@ -137,15 +138,10 @@ class E2EIngress(OpenAiIngress):
         if auth_enabled:
             app_key_check(api_key_env)
         self._store = AdapterStore(store_uri, store_endpoint_url, store_region)
-        self._store_error: str | None = None
+        self._snapshot = StoreSnapshot(self._store, on_read_error=lambda: self._m_refresh_errors.inc())
         self._limits = Limits.from_args(limits)
         self._retry_deadline_s = retry_deadline_s
         self._refresh_s = alias_refresh_s
-        self._aliases: dict[str, Alias] = {}
-        self._adapters: set[str] = set()
-        self._latest: dict[str, str] = {}
-        self._loaded_at = float("-inf")
-        self._lock = asyncio.Lock()
         self._random = random.Random()
         tags = ("model", "alias", "version")
         self._m_requests = metrics.Counter(
@@ -170,44 +166,21 @@ class E2EIngress(OpenAiIngress):
 
     # -- store snapshot --------------------------------------------------------------------
 
-    def _read_store(self) -> tuple[dict[str, Alias], set[str], dict[str, str]]:
-        aliases = self._store.aliases()
-        adapters = set(self._store.adapter_ids())
-        latest: dict[str, str] = {}
-        for row in self._store.versions():
-            if row["id"] in adapters:
-                latest[row["name"]] = row["id"]
-                latest[""] = row["id"]
-        return aliases, adapters, latest
-
     async def _refresh(self, max_age: float) -> None:
-        if time.monotonic() - self._loaded_at <= max_age:
-            return
-        async with self._lock:
-            if time.monotonic() - self._loaded_at <= max_age:
-                return
-            # A snapshot is as old as the start of its read: what was published while it read may be missing.
-            started = time.monotonic()
-            try:
-                self._aliases, self._adapters, self._latest = await asyncio.to_thread(self._read_store)
-                self._loaded_at = started
-                self._store_error = None
-            except Exception as exc:  # noqa: BLE001  keep serving with the last good snapshot
-                self._m_refresh_errors.inc()
-                self._store_error = f"{type(exc).__name__}: {exc}"
-                logger.warning("e2e-llm: reading the adapter store %s failed: %s", self._store.uri, exc)
-                if self._loaded_at == float("-inf"):
-                    raise self._store_down() from None
+        try:
+            await self._snapshot.refresh(max_age)
+        except StoreUnreachable:
+            raise self._store_down() from None
 
     def _store_down(self, what: str = "") -> RequestError:
         return RequestError(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"{what}the adapter store {self._store.uri} is unreachable ({self._store_error}); "
+                            f"{what}the adapter store {self._store.uri} is unreachable ({self._snapshot.error}); "
                             "retry once it is back", type="ServiceUnavailable", headers={"Retry-After": "5"})
 
     def _not_found(self, model: str, why: str) -> UnknownModel:
         return UnknownModel(
             f'Unknown model "{model}": {why}. Base models: {sorted(self._model_cards)}; '
-            f"adapters: {sorted(self._adapters)}; aliases: {sorted(self._aliases)}. "
+            f"adapters: {sorted(self._snapshot.adapters)}; aliases: {sorted(self._snapshot.aliases)}. "
             'Call an adapter as "<base>:<adapter>" or an alias by name.'
         )
 
@@ -216,7 +189,23 @@ class E2EIngress(OpenAiIngress):
         if model is None or model in self._model_cards:
             base = model or next(iter(self._model_cards))
             return Route(model, base, "", "")
+        asked_at = time.monotonic()
         await self._refresh(self._refresh_s)
+        route = self._lookup(model)
+        if self._missing(route):  # just published? Only a read begun after the request came in may say no.
+            await self._snapshot.look_again(asked_at)
+            route = self._lookup(model)
+        if self._missing(route):
+            if self._snapshot.error:  # cannot tell "not published" from "store down"
+                raise self._store_down(f'cannot look up "{model}": ')
+            raise self._not_found(model, f'no adapter "{route.version or model}" in {self._store.uri}')
+        return route
+
+    def _missing(self, route: Route) -> bool:
+        return not route.gone and route.version not in self._snapshot.adapters
+
+    def _lookup(self, model: str) -> Route:
+        """:meth:`_route` by the current snapshot, whether or not it has the version."""
         base, sep, ref = model.partition(":")
         if not sep:  # a bare alias or adapter id
             base, ref = next(iter(self._model_cards)), model
@@ -224,26 +213,19 @@ class E2EIngress(OpenAiIngress):
                 raise self._not_found(model, "name the base model as <base>:<adapter> when serving several")
         elif base not in self._model_cards:
             raise self._not_found(model, f'no base model "{base}"')
-        alias, fallback = "", None
-        if ref in self._aliases:
-            record = self._aliases[ref]
+        snapshot, alias, fallback = self._snapshot, "", None
+        if ref in snapshot.aliases:
+            record = snapshot.aliases[ref]
             alias, version = ref, record.pick(self._random.random())
             if version != record.stable:
                 fallback = record.stable
         elif ref == "latest" or ref.endswith(":latest"):
-            name = ref.removesuffix("latest").removesuffix(":")
-            version = self._latest.get(name, "")
+            version = snapshot.latest.get(ref.removesuffix("latest").removesuffix(":"), "")
         else:
             version = ref
-        if version not in self._adapters:
-            await self._refresh(1.0)  # just published? look again before saying no
-            if version not in self._adapters:
-                if fallback in self._adapters:  # the alias's candidate was removed: its stable serves
-                    return Route(f"{base}:{version}", base, alias, version, fallback, gone=True)
-                if self._store_error:  # cannot tell "not published" from "store down"
-                    raise self._store_down(f'cannot look up "{model}": ')
-                raise self._not_found(model, f'no adapter "{version or ref}" in {self._store.uri}')
-        return Route(f"{base}:{version}", base, alias, version, fallback)
+        # the alias's candidate was removed: its stable serves
+        gone = version not in snapshot.adapters and fallback in snapshot.adapters
+        return Route(f"{base}:{version}", base, alias, version, fallback, gone=gone)
 
     # -- request path ----------------------------------------------------------------------
 
@@ -313,7 +295,7 @@ class E2EIngress(OpenAiIngress):
             return request_error_response(exc)
         except Exception as exc:  # noqa: BLE001  every error leaves as an OpenAI error object
             code, message, kind = self._describe(exc)
-            if code == status.HTTP_404_NOT_FOUND and self._store_error and labels["version"]:
+            if code == status.HTTP_404_NOT_FOUND and self._snapshot.error and labels["version"]:
                 # Ray reads a missing adapter_config.json as "no such adapter": the store is down.
                 code, message, kind = 503, self._store_down(f'adapter "{body.model}" is not loaded: ').message, \
                     "ServiceUnavailable"
@@ -376,11 +358,11 @@ class E2EIngress(OpenAiIngress):
         store snapshot (no store round trip per listing)."""
         cards = dict(self._model_cards)
         for base, card in self._model_cards.items():
-            for adapter in sorted(self._adapters):
+            for adapter in sorted(self._snapshot.adapters):
                 cards[f"{base}:{adapter}"] = ModelCard(
                     id=f"{base}:{adapter}", object="model", owned_by=card.owned_by, permission=list(card.permission),
                     metadata={**card.metadata, "adapter": adapter})
-            for name, record in sorted(self._aliases.items()):
+            for name, record in sorted(self._snapshot.aliases.items()):
                 cards[f"{base}:{name}"] = ModelCard(
                     id=f"{base}:{name}", object="model", owned_by=card.owned_by, permission=list(card.permission),
                     metadata={**card.metadata, "alias": record.to_dict()})
@@ -393,13 +375,20 @@ class E2EIngress(OpenAiIngress):
 
     async def model_data(self, model: str) -> ModelCard:
         """One model card: a base model, ``<base>:<adapter>``, ``<base>:<alias>`` or a bare alias."""
+        asked_at = time.monotonic()
         await self._refresh(self._refresh_s)
-        cards = self._cards()
-        base = next(iter(self._model_cards))
-        card = cards.get(model) or (cards.get(f"{base}:{model}") if len(self._model_cards) == 1 else None)
+        card = self._card(model)
+        if card is None:  # just published? (see _route)
+            await self._snapshot.look_again(asked_at)
+            card = self._card(model)
         if card is None:
             raise UnknownModel(str(self._not_found(model, "not served here")))
         return card
+
+    def _card(self, model: str) -> ModelCard | None:
+        cards = self._cards()
+        base = next(iter(self._model_cards))
+        return cards.get(model) or (cards.get(f"{base}:{model}") if len(self._model_cards) == 1 else None)
 
     async def ready(self) -> JSONResponse:
         """Readiness: every engine deployment answers a health check within a few seconds, and
@@ -417,11 +406,11 @@ class E2EIngress(OpenAiIngress):
         try:
             await asyncio.wait_for(self._refresh(0.0), READY_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001
-            self._store_error = self._store_error or f"{type(exc).__name__}: {exc}"
-        store = {"uri": self._store.uri, "status": "unreachable" if self._store_error else "ok",
-                 "error": self._store_error, "snapshot_age_s": round(time.monotonic() - self._loaded_at, 3)}
+            self._snapshot.error = self._snapshot.error or f"{type(exc).__name__}: {exc}"
+        store = {"uri": self._store.uri, "status": "unreachable" if self._snapshot.error else "ok",
+                 "error": self._snapshot.error, "snapshot_age_s": round(self._snapshot.age(), 3)}
         engine_ok = all(v == "ok" for v in engines.values())
-        state = "unavailable" if not engine_ok else "degraded" if self._store_error else "ready"
+        state = "unavailable" if not engine_ok else "degraded" if self._snapshot.error else "ready"
         return JSONResponse({"status": state, "engines": engines, "engine_calls": self._engine_calls,
                              "adapter_store": store},
                             status_code=200 if engine_ok else 503)
@@ -438,9 +427,12 @@ class E2EIngress(OpenAiIngress):
         elif base not in self._model_cards:
             raise RequestError(404, f'version: no base model "{base}" here ({sorted(self._model_cards)})',
                                param="version")
-        await self._refresh(1.0)
-        if version not in self._adapters:
-            if self._store_error:
+        asked_at = time.monotonic()
+        await self._refresh(self._refresh_s)
+        if version not in self._snapshot.adapters:  # just published? (see _route)
+            await self._snapshot.look_again(asked_at)
+        if version not in self._snapshot.adapters:
+            if self._snapshot.error:
                 raise self._store_down(f'cannot look up "{version}": ')
             raise RequestError(404, f'version: no adapter "{version}" in {self._store.uri}', param="version")
         model = f"{base}:{version}"
@@ -470,9 +462,9 @@ class E2EIngress(OpenAiIngress):
         """The alias records this replica routes by, and how old its snapshot is."""
         await self._refresh(self._refresh_s)
         return JSONResponse({
-            "aliases": {k: v.to_dict() for k, v in self._aliases.items()},
-            "adapters": sorted(self._adapters),
-            "age_s": round(time.monotonic() - self._loaded_at, 3),
+            "aliases": {k: v.to_dict() for k, v in self._snapshot.aliases.items()},
+            "adapters": sorted(self._snapshot.adapters),
+            "age_s": round(self._snapshot.age(), 3),
         })
 
 

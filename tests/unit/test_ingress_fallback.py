@@ -31,7 +31,7 @@ def api(tmp_path, monkeypatch):
     api = make_api(tmp_path, monkeypatch)
     candidate = publish(api.store, tmp_path, "cand")
     api.store.set_alias("viggo", stable=api.names["adapter"], candidate=candidate, candidate_weight=1.0)
-    api.ingress._loaded_at = float("-inf")
+    api.ingress._snapshot.loaded_at = float("-inf")
     api.names["candidate"] = candidate
     api.models = {role: f"{BASE}:{api.names[role]}" for role in ("adapter", "candidate")}
     for name in ("_m_requests", "_m_errors", "_m_latency", "_m_fallbacks"):
@@ -85,7 +85,7 @@ def test_a_failing_candidate_is_answered_by_stable_and_counted_against_the_candi
 
 def test_a_candidate_gone_from_the_store_is_answered_by_stable_without_calling_it(api):
     shutil.rmtree(Path(api.store.uri) / api.names["candidate"])
-    api.ingress._loaded_at = float("-inf")
+    api.ingress._snapshot.loaded_at = float("-inf")
     for _ in range(3):
         response = post(api, "/v1/chat/completions", CHAT)
         assert response.status_code == 200 and response.json()["model"] == api.models["adapter"]
@@ -120,7 +120,7 @@ def test_an_explicit_version_is_never_swapped_for_another(api):
 
 def test_a_failing_stable_is_not_replayed_either(api):
     api.store.set_alias("viggo", stable=api.names["adapter"])  # no candidate
-    api.ingress._loaded_at = float("-inf")
+    api.ingress._snapshot.loaded_at = float("-inf")
     api.engine.broken[api.models["adapter"]] = load_failure(api.models["adapter"])
     response = post(api, "/v1/chat/completions", CHAT)
     assert response.status_code == 500 and len(api.engine.calls) == 1

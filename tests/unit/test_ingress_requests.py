@@ -14,7 +14,7 @@ pytest.importorskip("ray.serve.llm")
 
 from fastapi import HTTPException  # noqa: E402
 from malformed import CASES, MAX_N, MAX_TOTAL_TOKENS, check_error, request_kwargs  # noqa: E402
-from serve_fakes import BASE, KEY, make_api, post  # noqa: E402
+from serve_fakes import BASE, KEY, fake_clock, make_api, post, publish  # noqa: E402
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def _store_down(api, patch):
         raise OSError("Connection refused (127.0.0.1:9)")
 
     patch.setattr(api.ingress._store, "aliases", unreachable)
-    api.ingress._loaded_at = min(api.ingress._loaded_at, 0.0)  # the next request re-reads the store
+    api.ingress._snapshot.loaded_at = min(api.ingress._snapshot.loaded_at, 0.0)  # the next request re-reads the store
 
 
 def test_store_down_and_an_adapter_it_cannot_look_up_is_a_503_with_the_reason(api):
@@ -122,8 +122,32 @@ def test_store_down_and_an_adapter_it_cannot_look_up_is_a_503_with_the_reason(ap
         # the base model and adapters in the last good snapshot still serve
         assert post(api, "/v1/chat/completions", {**body, "model": "viggo"}).status_code == 200
         assert post(api, "/v1/chat/completions", {**body, "model": BASE}).status_code == 200
-    api.ingress._loaded_at = 0.0
+    api.ingress._snapshot.loaded_at = 0.0
     assert post(api, "/v1/chat/completions", body).status_code == 404  # store back: a real "no such adapter"
+
+
+def test_what_was_published_just_after_the_snapshot_was_read_is_served_not_a_404(api, monkeypatch):
+    """A snapshot half a second old is young enough to route by, not to say "no such model": a
+    version, an alias and a model card published a moment before the request are found."""
+    clock = fake_clock(monkeypatch)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert post(api, "/v1/chat/completions", {**chat, "model": "viggo"}).status_code == 200  # snapshot read
+    late = publish(api.store, api.root, "late")
+    api.store.set_alias("fresh", stable=late)
+    clock.now += 0.5
+    reads = []
+    read = api.ingress._store.adapter_ids
+    monkeypatch.setattr(api.ingress._store, "adapter_ids", lambda: reads.append(1) or read())
+    for model in (f"{BASE}:{late}", late, "fresh", f"{BASE}:fresh"):
+        response = post(api, "/v1/chat/completions", {**chat, "model": model})
+        assert response.status_code == 200 and response.json()["model"] == f"{BASE}:{late}", (model, response.text)
+    card = api.client.get(f"/v1/models/{BASE}:{late}", headers={"Authorization": f"Bearer {KEY}"})
+    assert card.status_code == 200 and card.json()["id"] == f"{BASE}:{late}"
+    assert len(reads) == 1  # the first miss read the store; the clock stood still, the rest found it
+    clock.now += 0.01
+    response = post(api, "/v1/chat/completions", {**chat, "model": f"{BASE}:viggo-v9"})
+    assert response.status_code == 404 and "viggo-v9" in response.json()["error"]["message"]
+    assert len(reads) == 2  # a miss in a new request looked once more before saying no
 
 
 def test_engine_404_for_an_adapter_while_the_store_is_down_is_a_503(api):
