@@ -46,7 +46,8 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 from fastapi import Request, status
 from pydantic import ValidationError
@@ -85,6 +86,7 @@ from e2e_llm.store import AdapterStore
 from e2e_llm.store_snapshot import StoreSnapshot, StoreUnreachable
 
 logger = logging.getLogger("ray.serve")
+Found = TypeVar("Found")
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 # The engine replica (or its node) died under the request: nothing was sent yet, safe to retry.
@@ -172,6 +174,18 @@ class E2EIngress(OpenAiIngress):
         except StoreUnreachable:
             raise self._store_down() from None
 
+    async def _look_up(self, find: Callable[[], Found], found: Callable[[Found], bool]) -> Found:
+        """``find()`` in a snapshot at most ``alias_refresh_s`` old; if ``found`` says it is not
+        there, once more after a read begun after this call (just published?): only such a read
+        may say no. The caller tells "not published" from "store down" by ``_snapshot.error``."""
+        asked_at = time.monotonic()
+        await self._refresh(self._refresh_s)
+        result = find()
+        if not found(result):
+            await self._snapshot.look_again(asked_at)
+            result = find()
+        return result
+
     def _store_down(self, what: str = "") -> RequestError:
         return RequestError(status.HTTP_503_SERVICE_UNAVAILABLE,
                             f"{what}the adapter store {self._store.uri} is unreachable ({self._snapshot.error}); "
@@ -189,12 +203,7 @@ class E2EIngress(OpenAiIngress):
         if model is None or model in self._model_cards:
             base = model or next(iter(self._model_cards))
             return Route(model, base, "", "")
-        asked_at = time.monotonic()
-        await self._refresh(self._refresh_s)
-        route = self._lookup(model)
-        if self._missing(route):  # just published? Only a read begun after the request came in may say no.
-            await self._snapshot.look_again(asked_at)
-            route = self._lookup(model)
+        route = await self._look_up(lambda: self._route_in_snapshot(model), lambda route: not self._missing(route))
         if self._missing(route):
             if self._snapshot.error:  # cannot tell "not published" from "store down"
                 raise self._store_down(f'cannot look up "{model}": ')
@@ -204,7 +213,7 @@ class E2EIngress(OpenAiIngress):
     def _missing(self, route: Route) -> bool:
         return not route.gone and route.version not in self._snapshot.adapters
 
-    def _lookup(self, model: str) -> Route:
+    def _route_in_snapshot(self, model: str) -> Route:
         """:meth:`_route` by the current snapshot, whether or not it has the version."""
         base, sep, ref = model.partition(":")
         if not sep:  # a bare alias or adapter id
@@ -375,12 +384,7 @@ class E2EIngress(OpenAiIngress):
 
     async def model_data(self, model: str) -> ModelCard:
         """One model card: a base model, ``<base>:<adapter>``, ``<base>:<alias>`` or a bare alias."""
-        asked_at = time.monotonic()
-        await self._refresh(self._refresh_s)
-        card = self._card(model)
-        if card is None:  # just published? (see _route)
-            await self._snapshot.look_again(asked_at)
-            card = self._card(model)
+        card = await self._look_up(lambda: self._card(model), lambda card: card is not None)
         if card is None:
             raise UnknownModel(str(self._not_found(model, "not served here")))
         return card
@@ -427,11 +431,7 @@ class E2EIngress(OpenAiIngress):
         elif base not in self._model_cards:
             raise RequestError(404, f'version: no base model "{base}" here ({sorted(self._model_cards)})',
                                param="version")
-        asked_at = time.monotonic()
-        await self._refresh(self._refresh_s)
-        if version not in self._snapshot.adapters:  # just published? (see _route)
-            await self._snapshot.look_again(asked_at)
-        if version not in self._snapshot.adapters:
+        if not await self._look_up(lambda: version in self._snapshot.adapters, bool):
             if self._snapshot.error:
                 raise self._store_down(f'cannot look up "{version}": ')
             raise RequestError(404, f'version: no adapter "{version}" in {self._store.uri}', param="version")

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("ray.serve.llm")
 
 import ray.serve  # noqa: E402
-from serve_fakes import BASE, KEY, fake_clock, fake_server, load_failure, make_api, post  # noqa: E402
+from serve_fakes import BASE, KEY, fake_clock, fake_server, load_failure, make_api, post, publish  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Name a video game."}]
 
@@ -123,8 +123,6 @@ def test_a_version_published_just_after_the_snapshot_was_read_passes_its_preflig
     """The canary publishes, then preflights at once (0.9 s apart on a fast CPU): the snapshot,
     read just before the publish, is young enough to route by but must not answer "no such
     version"; a read begun after the request came in must."""
-    from serve_fakes import publish
-
     assert preflight(api).status_code == 200  # the snapshot is read now
     late = publish(api.store, api.root, "late")
     clock.now += 0.5
@@ -135,8 +133,6 @@ def test_a_version_published_just_after_the_snapshot_was_read_passes_its_preflig
 def test_a_version_published_while_the_snapshot_was_read_passes_its_preflight(api, clock, monkeypatch):
     """A snapshot is as old as the start of its read: one published during a slow read (5 s)
     is missing from it, and the next preflight for it reads again."""
-    from serve_fakes import publish
-
     read = api.ingress._store.adapter_ids
     published = []
 

@@ -15,7 +15,7 @@ from e2e_llm.store_snapshot import StoreSnapshot, StoreUnreachable
 
 
 class FakeStore:
-    """An adapter store whose reads take ``read_s`` and fail while ``down``; counts folder listings."""
+    """An adapter store whose reads take ``read_s`` and fail while ``down``; ``read_starts``: when each began."""
 
     uri = "s3://fake/adapters"
 
