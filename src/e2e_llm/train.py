@@ -211,6 +211,14 @@ def _append_event(work_dir: Path, **event: Any) -> None:
         f.write(json.dumps(event) + "\n")
 
 
+def training_callbacks() -> list:
+    """What our layer adds to LLaMA-Factory's training besides Ray Train's checkpoint report
+    (the benches' direct runs add the same, so both sides of a comparison train alike)."""
+    from e2e_llm import lora_autocast
+
+    return [lora_autocast.make_callback()]
+
+
 def _make_report_callback(work_dir: Path, rank: int, world_size: int):
     """A transformers TrainerCallback reporting each saved checkpoint to Ray Train."""
     import ray.train
@@ -287,7 +295,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     from e2e_llm.compat.llamafactory import run_training
 
-    run_training(args, [_make_report_callback(work_dir, rank, world_size)])
+    run_training(args, [_make_report_callback(work_dir, rank, world_size), *training_callbacks()])
 
     if rank == 0:
         output = Path(args["output_dir"])
