@@ -24,7 +24,8 @@ so each later call on the warm machine starts with ``setup`` at no cost.
 The GPU profile is ``configs/profiles/cluster.yaml`` with only what the device forces changed
 (``gpu_profile``): the model source (a local directory: no hub there), the storage root (a local
 folder: no S3 there), ``num_workers`` (GPUs on the machine), ``accelerator_type`` (what Ray
-detects: H200) and, for the SmolLM2 quality run, the recipe. Everything else -- TorchTrainer with
+detects on the card, ``ray_accelerator_type``: on an H100 the cluster's own) and, for the SmolLM2
+quality run, the recipe. Everything else -- TorchTrainer with
 ``use_gpu: true``, NCCL, ``resources_per_worker``, ``max_failures``, the 80gb recipe -- is the
 cluster's. Runs go through the unchanged CLI (``python3 -m e2e_llm.cli train --profile ...``).
 
@@ -63,6 +64,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -112,6 +114,13 @@ def sha256(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------
 # The GPU profile
+
+
+def ray_accelerator_type(gpu: str) -> str | None:
+    """The ``accelerator_type`` Ray labels an NVIDIA card with: its model token ("NVIDIA H100 80GB
+    HBM3" -> H100, "NVIDIA H200" -> H200), as Ray's GPU detection parses the name; None for no card."""
+    match = re.match(r"\w+\s+((?:[A-Z]+\s+)*[A-Z0-9]*\d[A-Z0-9]*)", gpu)
+    return match.group(1).replace(" ", "-") if match else None
 
 
 def gpu_profile(model_source: str, storage_root: str, num_workers: int = 1, accelerator_type: str | None = "H200",
@@ -313,7 +322,8 @@ def _storage(name: str) -> Path:
 
 
 def _write_profile(name: str, model: Path, root: Path, recipe: str | None, dry_run: bool) -> Path:
-    prof = gpu_profile(str(model), str(root), recipe=recipe, accelerator_type=None if dry_run else "H200")
+    accelerator = None if dry_run else ray_accelerator_type(_device.gpu_name())
+    prof = gpu_profile(str(model), str(root), recipe=recipe, accelerator_type=accelerator)
     if dry_run:  # CPU plumbing check: what a CPU-only machine forces on top
         prof["train"].update(use_gpu=False, resources_per_worker={"CPU": 1})
     path = WORK / "gpu-profiles" / f"{name}.yaml"  # not in a dir named profiles: the root is the cwd's
@@ -387,7 +397,8 @@ def _pack(out: Path, name: str, run: Path, extra: list[Path]) -> None:
 
 
 def _direct(args: dict, out_dir: Path, log: Path, env: dict) -> dict:
-    """The same resolved LLaMA-Factory args through run_exp, no Ray (train_ray_vs_direct's baseline).
+    """The same resolved LLaMA-Factory args through run_exp, no Ray (train_ray_vs_direct's baseline),
+    with the callbacks our Ray Train worker adds besides its checkpoint report (training_callbacks).
 
     Its non-padding tokens per step are counted with train_throughput's counter (transformers'
     own count sums the 4-D neat-packing mask); the Ray run trains on the same batches."""
@@ -396,10 +407,10 @@ def _direct(args: dict, out_dir: Path, log: Path, env: dict) -> dict:
     spec.write_text(json.dumps(args))
     code = ("import json,sys; sys.path.insert(0,'bench'); import train_throughput as t; "
             "from transformers import TrainerCallback; from llamafactory.train.tuner import run_exp; "
-            "t._install_token_counter(); marks={}\n"
+            "from e2e_llm.train import training_callbacks; t._install_token_counter(); marks={}\n"
             "class C(TrainerCallback):\n"
             " def on_step_end(self, args, state, control, **k): marks[state.global_step]=state.num_input_tokens_seen\n"
-            f"run_exp(args=json.load(open('{spec}')), callbacks=[C()]); "
+            f"run_exp(args=json.load(open('{spec}')), callbacks=[C(), *training_callbacks()]); "
             f"open('{spec}.tokens','w').write(json.dumps(marks))")
     t = time.monotonic()
     with log.open("w") as fh:

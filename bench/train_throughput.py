@@ -7,7 +7,9 @@ Effective (non-padding) tokens/s per GPU and MFU of configs/recipes/qwen2.5_7b_l
 Qwen2.5-7B-shaped model with random weights (throughput does not depend on the values), the
 VIGGO train rows, side by side in one device run. Each variant is a fresh process running
 LLaMA-Factory 0.9.5's ``run_exp`` on the recipe with only deployment keys and ``max_steps``
-overridden; a callback times optimizer steps after warm-up with the GPU synchronised.
+overridden and the callbacks `e2e-llm train` adds (``e2e_llm.train.training_callbacks``:
+``e2e_llm.lora_autocast``; the try ``try:peft-input-casts`` leaves them out); a callback times
+optimizer steps after warm-up with the GPU synchronised.
 
     MFU = tokens/s x 4N / peak    (N = base parameters; 4N = forward + activation gradients,
                                    LoRA has no base weight gradients; peak = dense bf16 spec)
@@ -87,6 +89,8 @@ TRIES = (
          keep=False),  # rows of a pack attend to each other: a different training
     dict(name="try:torch-compile", recipe=R80, overrides={"torch_compile": True}, steps=24, skip=10, keep=True,
          timeout=240),
+    dict(name="try:peft-input-casts", recipe=R80, overrides={}, steps=20, skip=5, keep=False,
+         peft_input_casts=True),  # the 80gb recipe as trained before e2e_llm.lora_autocast
 )
 COMBO_GAIN = 1.02  # a keepable try joins the combo when it beats the committed recipe by this much
 FITS_80GB_GIB = 74.0
@@ -172,6 +176,44 @@ def _install_token_counter():
     return totals
 
 
+KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's lower-cased name), first match wins
+    ("attention", ("fmha", "flash", "attention")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("liger (triton)", ("_rms_norm", "_swiglu", "_cross_entropy", "rope", "liger", "_triton")),
+    ("copy/cast", ("copy", "cast", "convert", "cat_", "fill")),
+    ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "dropout")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_summary(events, wall_s: float, steps: int, top: int = 25) -> dict:
+    """Where a profiled window's GPU time went: the share of wall time the GPU ran kernels
+    (``gpu_busy``; the rest it waited for the CPU), kernel time by kind, and the top kernels."""
+    kernels: dict[str, tuple[float, int]] = {}
+    for e in events:
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0) if us is None else us
+            if us > 0:
+                t, n = kernels.get(e.key, (0.0, 0))
+                kernels[e.key] = (t + us / 1e6, n + e.count)
+    busy = sum(t for t, _ in kernels.values())
+    kinds: dict[str, float] = {}
+    for name, (t, _) in kernels.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"steps": steps, "wall_s": wall_s, "kernel_s": busy, "gpu_busy": busy / wall_s if wall_s else None,
+            "kernels_per_step": sum(n for _, n in kernels.values()) / max(1, steps),
+            "by_kind_s_per_step": {k: v / max(1, steps) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": name[:120], "kind": kernel_kind(name), "s_per_step": t / max(1, steps),
+                     "calls_per_step": n / max(1, steps)} for name, (t, n) in ranked]}
+
+
 def run_variant(spec_file: Path) -> int:
     """Child process: one recipe through LLaMA-Factory, timed with a Trainer callback."""
     import torch
@@ -206,12 +248,48 @@ def run_variant(spec_file: Path) -> int:
     if not cuda:
         args.pop("bf16", None)
         args.pop("enable_liger_kernel", None)
+    class Profile(TrainerCallback):
+        """torch.profiler over the ``profile_steps`` steps after the timed ones (not timed)."""
+
+        def __init__(self, first: int, last: int) -> None:
+            self.first, self.last, self.prof, self.t0, self.summary = first, last, None, 0.0, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == self.first:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == self.last:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                try:  # a profiler that cannot summarise must not cost the variant's figures
+                    self.summary = profile_summary(self.prof.key_averages(), wall, self.last - self.first + 1)
+                except Exception as exc:  # noqa: BLE001
+                    self.summary = {"error": f"{type(exc).__name__}: {exc}"}
+                self.prof = None
+
     clock = Clock()
+    callbacks = [clock]
+    if not spec.get("peft_input_casts"):  # as `e2e-llm train` trains: what its worker adds besides Ray's report
+        sys.path.insert(0, str(_device.ROOT / "src"))
+        from e2e_llm.train import training_callbacks
+
+        callbacks += training_callbacks()
+    profiled = spec.get("profile_steps", 0) if cuda else 0
+    if profiled:
+        profile = Profile(spec["steps"] + 1, spec["steps"] + profiled)
+        args["max_steps"] = spec["steps"] + profiled
+        callbacks.append(profile)
     from llamafactory.train.tuner import run_exp
 
-    run_exp(args=args, callbacks=[clock])
+    run_exp(args=args, callbacks=callbacks)
 
-    marks = clock.marks
+    marks = [m for m in clock.marks if m[0] <= spec["steps"]]
     skip = min(spec["skip"], len(marks) - 2)
     (s0, t0, n0, a0), (s1, t1, n1, a1) = marks[skip], marks[-1]
     result = {
@@ -221,6 +299,8 @@ def run_variant(spec_file: Path) -> int:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "args": {k: args[k] for k in sorted(args) if k not in ("model_name_or_path", "dataset_dir", "output_dir")},
     }
+    if profiled:
+        result["profile"] = profile.summary
     Path(spec["result"]).write_text(json.dumps(result) + "\n")
     return 0
 
@@ -265,7 +345,7 @@ def run(ns: argparse.Namespace) -> int:
             variant = dict(variant, overrides=picked["overrides"],
                            timeout=max((v.get("timeout", 0) for v in TRIES if v["name"] in picked["names"]),
                                        default=0) or None)
-        spec = dict(variant, overrides=dict(variant["overrides"]))
+        spec = dict(variant, overrides=dict(variant["overrides"]), profile_steps=ns.profile_steps)
         if spec["overrides"].get("enable_liger_kernel") and not liger_ok:
             spec["overrides"].pop("enable_liger_kernel")
             spec["name"] = spec["name"].replace("+liger", "")
@@ -366,6 +446,15 @@ def table(report: dict) -> str:
         mem = f"{r['peak_mem_gib']:6.1f}" if r.get("peak_mem_gib") is not None else "     -"
         rows.append(f"{name:<22} {tps:8.0f} {ratio} {mfu} {r['tokens_per_step']:9.0f} {r['s_per_step']:7.3f} "
                     f"{r['padding_fraction']:5.1%} {mem}")
+    for name, r in report["variants"].items():
+        prof = r.get("profile")
+        if prof and "error" in prof:
+            rows.append(f"{name}: profile failed: {prof['error'][:200]}")
+        elif prof:
+            kinds = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in prof["by_kind_s_per_step"].items())
+            rows.append(f"{name}: profiled {prof['steps']} steps: GPU busy {prof['gpu_busy']:.0%} of "
+                        f"{prof['wall_s'] / prof['steps'] * 1e3:.0f} ms a step, {prof['kernels_per_step']:.0f} "
+                        f"kernels a step; ms a step by kind: {kinds}")
     return "\n".join(rows)
 
 
@@ -379,9 +468,10 @@ def record(ns: argparse.Namespace) -> int:
         print("dry run: nothing recorded")
         return 0
     variants = {k: v for k, v in report["variants"].items() if not ns.only or k in ns.only}
-    base = report["variants"].get(BASELINE, {})
+    base = report["variants"].get(ns.baseline, {})
     if "tokens_per_s" not in base:
-        raise SystemExit(f"baseline {BASELINE!r} has no figure: {base.get('error')}")
+        raise SystemExit(f"baseline {ns.baseline!r} has no figure: {base.get('error')}")
+    against = "" if ns.baseline == BASELINE else f"_vs_{ns.baseline.removeprefix('try:')}"
     peak, n = report["peak_flops"], report["n_params"]
     lines = []
     for name, r in variants.items():
@@ -393,11 +483,11 @@ def record(ns: argparse.Namespace) -> int:
         common = {"machine": report["machine"], "date": report["date"],
                   "settings": f"{name}: {settings}; {r['steps_timed']} steps timed, peak {r['peak_mem_gib']:.1f} GiB"}
         tps, btps = r["tokens_per_s"], base["tokens_per_s"]
-        lines.append({"bench": "train_throughput", "metric": f"tokens_per_s_per_gpu/{name}", "value": round(tps, 1),
-                      "baseline": round(btps, 1), "ratio": round(tps / btps, 3), **common})
+        lines.append({"bench": "train_throughput", "metric": f"tokens_per_s_per_gpu/{name}{against}",
+                      "value": round(tps, 1), "baseline": round(btps, 1), "ratio": round(tps / btps, 3), **common})
         if peak:
             mfu, bmfu = tps * 4 * n / peak, btps * 4 * n / peak
-            lines.append({"bench": "train_throughput", "metric": f"mfu/{name}", "value": round(mfu, 4),
+            lines.append({"bench": "train_throughput", "metric": f"mfu/{name}{against}", "value": round(mfu, 4),
                           "baseline": round(bmfu, 4), "ratio": round(mfu / bmfu, 3), **common})
     _device.append_results(lines)
     return 0
@@ -415,10 +505,14 @@ def main(argv: list[str] | None = None) -> int:
                    "80gb+combo: the keepable winning tries merged)")
     p.add_argument("--dry-run", action="store_true", help="tiny model, 3 steps: plumbing check")
     p.add_argument("--model-dir", help="an existing 7B-shaped model (device_ray.py setup --7b builds one)")
+    p.add_argument("--profile-steps", type=int, default=0, help="after the timed steps, this many more under "
+                   "torch.profiler: GPU busy share and kernel time by kind in the report (GPU only)")
     p = sub.add_parser("record", help="append the figures of a run to bench/results.jsonl (here)")
     p.add_argument("report", help="train_throughput.json from `run`")
     p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="record a variant as NEW")
     p.add_argument("--only", nargs="*", help="variant names to record (default: all measured)")
+    p.add_argument("--baseline", default=BASELINE, help="the variant of the same run each figure is compared with "
+                   f"(default {BASELINE}; another one is named in the metric)")
     p = sub.add_parser("_build")
     p.add_argument("model_dir")
     p.add_argument("--tiny", action="store_true")

@@ -45,3 +45,19 @@ def test_profile_diff_reports_any_other_change(project_root):
     changed["batch"]["engine_kwargs"] = {"enforce_eager": True}
     assert dr.profile_diff(cluster, changed) == ["batch.engine_kwargs", "train.use_gpu"]
     assert dr.profile_diff(cluster, cluster) == []
+
+
+def test_accelerator_type_is_the_label_ray_gives_the_card(project_root, tmp_path, monkeypatch):
+    from ray.util import accelerators
+
+    dr = _device_ray(project_root)
+    assert dr.ray_accelerator_type("NVIDIA H100 80GB HBM3") == accelerators.NVIDIA_H100
+    assert dr.ray_accelerator_type("NVIDIA H200") == "H200"  # (H200, A10G: not re-exported by ray.util.accelerators)
+    assert dr.ray_accelerator_type("NVIDIA A10G") == "A10G"
+    assert dr.ray_accelerator_type("cpu") is None
+    # on an H100 the GPU profile keeps the cluster profile's own accelerator type
+    monkeypatch.delenv("E2E_LLM_STORAGE_ROOT", raising=False)
+    cluster = yaml.safe_load((project_root / "configs/profiles/cluster.yaml").read_text())
+    prof = dr.gpu_profile(str(tmp_path / "model"), str(tmp_path / "store"),
+                          accelerator_type=dr.ray_accelerator_type("NVIDIA H100 80GB HBM3"))
+    assert "train.accelerator_type" not in dr.profile_diff(cluster, prof)
