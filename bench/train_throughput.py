@@ -205,7 +205,8 @@ def profile_summary(events, wall_s: float, steps: int, top: int = 25) -> dict:
     busy = sum(t for t, _ in kernels.values())
     kinds: dict[str, float] = {}
     for name, (t, _) in kernels.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return {"steps": steps, "wall_s": wall_s, "kernel_s": busy, "gpu_busy": busy / wall_s if wall_s else None,
             "kernels_per_step": sum(n for _, n in kernels.values()) / max(1, steps),
