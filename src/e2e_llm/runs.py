@@ -53,7 +53,7 @@ def _local_copy(config: PipelineConfig, uri: str, key: str) -> Path:
         return check_adapter_dir(Path(uri))
     from e2e_llm.model import default_cache_dir
 
-    local = default_cache_dir() / "adapters" / key
+    local = default_cache_dir(config.root) / "adapters" / key
     if missing_adapter_files(local):
         storage.download_dir(uri, local, **config.storage_kw())
     return check_adapter_dir(local)

@@ -36,3 +36,17 @@ def test_serving_replicas_load_the_model_from_the_same_location(local_config, mo
     monkeypatch.setenv("E2E_LLM_CACHE", str(tmp_path))
     source = app_args(local_config)["llm_configs"][0]["model_loading_config"]["model_source"]
     assert source == model_location(local_config.model, root=local_config.root) == str(tmp_path / "models/smollm2-135m")
+
+
+def test_a_command_run_from_a_subfolder_uses_the_project_cache(local_config, monkeypatch, tmp_path):
+    """Without $E2E_LLM_CACHE (a shell, not make), the cache is the project root's, not the cwd's."""
+    from e2e_llm.model import default_cache_dir
+
+    monkeypatch.delenv("E2E_LLM_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    expected = str(local_config.root.resolve() / ".cache" / "models" / local_config.model.id)
+    assert model_location(local_config.model, root=local_config.root) == expected
+    assert default_cache_dir() == tmp_path.resolve() / ".cache"  # no root given: the cwd, as before
+    monkeypatch.setenv("E2E_LLM_CACHE", str(tmp_path / "elsewhere"))
+    assert model_location(local_config.model, root=local_config.root) == str(
+        tmp_path / "elsewhere" / "models" / local_config.model.id)

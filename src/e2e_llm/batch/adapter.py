@@ -109,7 +109,7 @@ def resolve_adapter(config: PipelineConfig, ref: str | None, model_path: str) ->
 
         try:
             path, manifest = fetch_adapter(config, ref.removeprefix(STORE_PREFIX),
-                                           default_cache_dir() / "store-adapters")
+                                           default_cache_dir(config.root) / "store-adapters")
         except (StoreError, OSError) as exc:
             raise BatchError(f"adapter {ref!r}: {exc}") from None
     elif not path.exists():

@@ -32,7 +32,7 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     from e2e_llm.precision import batch_dtype, torch_dtype
 
     dtype_name = dtype or batch_dtype(config).dtype
-    out = (cache_dir or default_cache_dir()) / "merged" / merged_model_name(config, adapter, dtype_name)
+    out = (cache_dir or default_cache_dir(config.root)) / "merged" / merged_model_name(config, adapter, dtype_name)
     if (out / MERGED_MARKER).is_file():
         return out
     import shutil

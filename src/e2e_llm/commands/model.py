@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     if config.model.source.startswith("pypi:"):
         choice = model_dtype(config)
         print(f"[model] dtype: {choice.line()}", flush=True)
-        print(prepare_model(config.model, dtype=choice.dtype))
+        print(prepare_model(config.model, dtype=choice.dtype, root=config.root))
     else:
         print(resolve_model_path(config.model, root=config.root))
     return 0
