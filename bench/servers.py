@@ -145,11 +145,15 @@ def vllm_server(config, model_path: str, adapter_dir: Path | None, engine_kwargs
     log = open(Path(tempfile.gettempdir()) / f"bench-vllm-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", 300, proc)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v1/models", 300, proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"plain vLLM: {exc}; its log: {log.name}") from None
         startup.setdefault("vllm", []).append(round(time.monotonic() - t0, 1))
         yield f"http://127.0.0.1:{port}", {"base": config.model.id, "lora": "bench"}, cmd, proc.pid
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(ProcessLookupError):  # it may have exited already (a failed start)
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
