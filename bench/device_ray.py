@@ -407,7 +407,7 @@ def _direct(args: dict, out_dir: Path, log: Path, env: dict) -> dict:
     spec.write_text(json.dumps(args))
     code = ("import json,sys; sys.path.insert(0,'bench'); import train_throughput as t; "
             "from transformers import TrainerCallback; from llamafactory.train.tuner import run_exp; "
-            "from e2e_llm.train import training_callbacks; t._install_token_counter(); marks={}\n"
+            "from e2e_llm.train_worker import training_callbacks; t._install_token_counter(); marks={}\n"
             "class C(TrainerCallback):\n"
             " def on_step_end(self, args, state, control, **k): marks[state.global_step]=state.num_input_tokens_seen\n"
             f"run_exp(args=json.load(open('{spec}')), callbacks=[C(), *training_callbacks()]); "

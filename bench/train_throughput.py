@@ -7,7 +7,7 @@ Effective (non-padding) tokens/s per GPU and MFU of configs/recipes/qwen2.5_7b_l
 Qwen2.5-7B-shaped model with random weights (throughput does not depend on the values), the
 VIGGO train rows, side by side in one device run. Each variant is a fresh process running
 LLaMA-Factory 0.9.5's ``run_exp`` on the recipe with only deployment keys and ``max_steps``
-overridden and the callbacks `e2e-llm train` adds (``e2e_llm.train.training_callbacks``:
+overridden and the callbacks `e2e-llm train` adds (``e2e_llm.train_worker.training_callbacks``:
 ``e2e_llm.lora_autocast``; the try ``try:peft-input-casts`` leaves them out); a callback times
 optimizer steps after warm-up with the GPU synchronised.
 
@@ -278,7 +278,7 @@ def run_variant(spec_file: Path) -> int:
     callbacks = [clock]
     if not spec.get("peft_input_casts"):  # as `e2e-llm train` trains: what its worker adds besides Ray's report
         sys.path.insert(0, str(_device.ROOT / "src"))
-        from e2e_llm.train import training_callbacks
+        from e2e_llm.train_worker import training_callbacks
 
         callbacks += training_callbacks()
     profiled = spec.get("profile_steps", 0) if cuda else 0

@@ -229,7 +229,8 @@ def _shared_run_id() -> str:
     import yaml
 
     digest = hashlib.sha256()
-    for path in (ROOT / "configs/recipes/smollm2_lora_sft_local.yaml", ROOT / "src/e2e_llm/train.py"):
+    for path in (ROOT / "configs/recipes/smollm2_lora_sft_local.yaml", ROOT / "src/e2e_llm/train.py",
+                 ROOT / "src/e2e_llm/train_worker.py"):
         digest.update(path.read_bytes())
     # Only the profile sections training reads: editing batch/serve settings keeps the adapter.
     profile = yaml.safe_load((ROOT / "configs/profiles/local.yaml").read_text())

@@ -7,7 +7,8 @@ torch process group (gloo on CPU, NCCL on GPU) and each worker runs LLaMA-Factor
 ``run_exp`` inside it (``e2e_llm.compat.llamafactory``); a Trainer callback reports every HF checkpoint to Ray Train
 with ``ray.train.report``. Ray Train therefore persists checkpoints to the profile's
 storage, restarts a failed worker group from the latest one (``FailureConfig``), and a rerun
-with the same run id resumes from it.
+with the same run id resumes from it. This module plans the run and drives it; what each worker
+runs is ``e2e_llm.train_worker``; what the manifest is read from, ``e2e_llm.train_report``.
 
 Run layout under ``<storage>/runs/<run_id>/``: Ray Train's ``checkpoint_*`` dirs and state,
 ``adapter/`` (vLLM-loadable: adapter_config.json + adapter_model.safetensors),
@@ -16,13 +17,12 @@ Run layout under ``<storage>/runs/<run_id>/``: Ray Train's ``checkpoint_*`` dirs
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
-import shutil
-import subprocess
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,17 +30,16 @@ from typing import Any
 
 import yaml
 
-from e2e_llm import storage
-from e2e_llm.adapters import missing_adapter_files
+from e2e_llm import storage, train_report
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 from e2e_llm.precision import llamafactory_precision
 from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
+from e2e_llm.train_worker import EVENTS_FILE, train_loop_per_worker
 
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
             "ray_storage_path", "resources_per_worker", "placement_strategy")
-EVENTS_FILE = "events.jsonl"
 
 
 class TrainError(RuntimeError):
@@ -90,14 +89,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-
-
-def _git_sha(root: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 @dataclasses.dataclass
@@ -201,134 +192,14 @@ def training_dtype(config: PipelineConfig, recipe_path: Path, recipe: dict[str, 
 
 
 # ---------------------------------------------------------------------------------------
-# Worker side
-
-
-def _append_event(work_dir: Path, **event: Any) -> None:
-    work_dir.mkdir(parents=True, exist_ok=True)
-    event.setdefault("time", time.time())
-    with open(work_dir / EVENTS_FILE, "a") as f:
-        f.write(json.dumps(event) + "\n")
-
-
-def training_callbacks() -> list:
-    """What our layer adds to LLaMA-Factory's training besides Ray Train's checkpoint report
-    (the benches' direct runs add the same, so both sides of a comparison train alike)."""
-    from e2e_llm import lora_autocast
-
-    return [lora_autocast.make_callback()]
-
-
-def _make_report_callback(work_dir: Path, rank: int, world_size: int):
-    """A transformers TrainerCallback reporting each saved checkpoint to Ray Train."""
-    import ray.train
-    from transformers import TrainerCallback
-
-    class RayTrainReport(TrainerCallback):
-        def __init__(self) -> None:
-            self.last_logs: dict[str, float] = {}
-            self.start = time.monotonic()
-            self.start_step: int | None = None
-            self.start_tokens = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start_step = state.global_step
-            self.start_tokens = state.num_input_tokens_seen or 0
-            self.start = time.monotonic()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            self.last_logs.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-            if rank == 0 and "loss" in logs:
-                elapsed = time.monotonic() - self.start
-                done = state.global_step - (self.start_step or 0)
-                tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
-                eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
-                print(f"[train] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                      f"tok/s {tokens / max(elapsed, 1e-9):.0f} eta {eta:.0f}s", flush=True)
-
-        def on_save(self, args, state, control, **kwargs):
-            ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            metrics = {"global_step": state.global_step, "epoch": state.epoch or 0.0, **self.last_logs}
-            checkpoint = None
-            if rank == 0 and ckpt_dir.is_dir():
-                checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
-            # Every rank reports (it is a barrier); only rank 0 carries the checkpoint files.
-            ray.train.report(metrics, checkpoint=checkpoint)
-            if rank == 0:
-                _append_event(work_dir, event="checkpoint", step=state.global_step, world_size=world_size)
-
-    return RayTrainReport()
-
-
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """Runs in each Ray Train worker: resume from Ray's checkpoint, train, publish the adapter."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    work_dir = Path(cfg["work_dir"])
-    args = dict(cfg["args"])
-    fs_kw = cfg["fs_kw"]
-
-    # Dataset: workers read a local copy (object storage is downloaded per node).
-    dataset_uri = cfg["dataset_uri"]
-    if storage.is_remote(dataset_uri):
-        local_data = work_dir / "data"
-        storage.download_dir(dataset_uri, local_data, **fs_kw)
-        args["dataset_dir"] = str(local_data)
-    else:
-        args["dataset_dir"] = dataset_uri
-
-    resume_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt:
-            state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
-            resume_step = int(state["global_step"])
-            target = Path(args["output_dir"]) / f"checkpoint-{resume_step}"
-            if rank == 0 or not target.exists():
-                shutil.copytree(ckpt, target, dirs_exist_ok=True)
-        args["resume_from_checkpoint"] = str(target)
-    _append_event(work_dir, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
-                  resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
-
-    from e2e_llm.compat.llamafactory import run_training
-
-    run_training(args, [_make_report_callback(work_dir, rank, world_size), *training_callbacks()])
-
-    if rank == 0:
-        output = Path(args["output_dir"])
-        run_uri = cfg["run_uri"]
-        missing = missing_adapter_files(output)
-        if missing:
-            raise TrainError(f"training finished without {missing} in {output}")
-        staging = work_dir / "publish"
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / "adapter").mkdir(parents=True)
-        for name in os.listdir(output):
-            src = output / name
-            if src.is_file() and (name.startswith(("adapter_", "tokenizer", "special_tokens", "chat_template"))
-                                  or name in ("README.md",)):
-                shutil.copy2(src, staging / "adapter" / name)
-        for name in ("trainer_log.jsonl", "trainer_state.json", "all_results.json"):
-            if (output / name).is_file():
-                shutil.copy2(output / name, staging / name)
-        if (output / "runs").is_dir():  # transformers' default TensorBoard logging dir
-            shutil.copytree(output / "runs", staging / "tensorboard")
-        if storage.is_remote(run_uri):
-            storage.upload_dir(staging, run_uri, **fs_kw)
-        else:
-            for item in staging.iterdir():
-                dest = Path(run_uri) / item.name
-                if dest.is_dir():
-                    shutil.rmtree(dest)
-                shutil.move(str(item), dest)
-        _append_event(work_dir, event="finished", rank=rank, world_size=world_size)
-
-
-# ---------------------------------------------------------------------------------------
 # Driver
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The line that says why: Ray Train's error ends with the failed worker's exception line,
+    after a truncated copy of the traceback Ray has already logged."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
@@ -375,7 +246,7 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
                  ray_temp_dir: str | None = None) -> dict[str, Any]:
     """Train, publish the adapter and write the manifest; returns the manifest."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     plan = plan_run(config, run_id, overrides)
@@ -412,7 +283,11 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             run_config=run_config,
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as exc:  # Ray Train v2 raises what v1 returned in result.error
+            raise TrainError(f"training failed (after {tc.max_failures} restart(s) allowed by train.max_failures): "
+                             f"{failure_cause(exc)} (the workers' tracebacks are above)") from exc
         if result.error:
             raise TrainError(f"training failed: {result.error}")
     finally:
@@ -422,57 +297,8 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     return manifest
 
 
-def _read_log(run_uri: str, fs_kw: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    state_uri = storage.join(run_uri, "trainer_state.json")
-    state = json.loads(storage.read_text(state_uri, **fs_kw))
-    history = state.get("log_history", [])
-    train = [h for h in history if "loss" in h]
-    evals = [h for h in history if "eval_loss" in h]
-    # LLaMA-Factory's closing evaluate() (do_eval) runs after trainer_state.json is saved: its
-    # figures are only in all_results.json. Recipes that evaluate once, at the end, rely on it.
-    results_uri = storage.join(run_uri, "all_results.json")
-    if storage.exists(results_uri, **fs_kw):
-        final = json.loads(storage.read_text(results_uri, **fs_kw))
-        step = state.get("global_step")
-        if "eval_loss" in final and not any(h.get("step") == step for h in evals):
-            evals.append({"step": step, "eval_loss": final["eval_loss"]})
-    return train, evals
-
-
-def plot_loss(train: list[dict], evals: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
-    if evals:
-        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("llamafactory", "ray", "transformers", "torch", "peft", "e2e-llm"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[dist] = version(dist)
-    return out
-
-
 def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs_kw: dict[str, Any]) -> dict:
-    import tempfile
-
-    train_log, eval_log = _read_log(plan.run_uri, fs_kw)
+    train_log, eval_log = train_report.read_log(plan.run_uri, fs_kw)
     state = json.loads(storage.read_text(storage.join(plan.run_uri, "trainer_state.json"), **fs_kw))
     tokens = state.get("num_input_tokens_seen") or 0
     events = []
@@ -483,13 +309,11 @@ def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs
     runtimes = [h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h]
     train_seconds = runtimes[-1] if runtimes else 0.0  # the final entry covers the whole (resumed) run
     with tempfile.TemporaryDirectory() as tmp:
-        png = plot_loss(train_log, eval_log, Path(tmp) / "loss.png")
+        png = train_report.plot_loss(train_log, eval_log, Path(tmp) / "loss.png")
         storage.write_bytes(storage.join(plan.run_uri, "loss.png"), png.read_bytes(), **fs_kw)
     dataset_files = {}
     for split, uri in plan.dataset_files.items():
         data = storage.read_bytes(uri, **fs_kw)
-        import hashlib
-
         dataset_files[split] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(),
                                 "rows": data.count(b"\n")}
     manifest = {
@@ -507,8 +331,8 @@ def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs
         "ray": {"num_workers": config.train.num_workers, "use_gpu": config.train.use_gpu,
                 "resources_per_worker": config.train.resources_per_worker,
                 "accelerator_type": config.train.accelerator_type, "max_failures": config.train.max_failures},
-        "versions": _versions(),
-        "git_sha": _git_sha(config.root),
+        "versions": train_report.versions(),
+        "git_sha": train_report.git_sha(config.root),
         "metrics": {
             "train_loss": train_log[-1]["loss"] if train_log else None,
             "eval_loss": eval_log[-1]["eval_loss"] if eval_log else None,

@@ -168,3 +168,28 @@ def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
     assert resumed["resume_step"] >= checkpoint_step >= 1
     manifest = json.loads((store / "runs" / run_id / "manifest.json").read_text())
     assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
+
+
+def test_a_run_whose_workers_keep_failing_ends_with_a_clear_error(local_model, local_config, tmp_path):
+    """Every attempt fails inside LLaMA-Factory (a template it does not have): after the restarts
+    train.max_failures allows, the CLI ends with one line that says why and exits 1, with no
+    manifest and no Ray process left behind."""
+    store = tmp_path / "store"
+    env = storage_env(store)
+    run_in_env("train", "data", "--profile", "local", env=env)
+    run_id = "ff-" + uuid.uuid4().hex[:8]
+    temp_dir = f"/tmp/r-{run_id[:8]}"
+    result = subprocess.run(
+        [str(VENV / "train/bin/e2e-llm"), "train", "--profile", "local", "--run-id", run_id, *SMOKE,
+         "--set", "template=no_such_template", "--ray-temp-dir", temp_dir],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    restarts = local_config.train.max_failures
+    assert error and f"training failed (after {restarts} restart(s) allowed by train.max_failures)" in error[0], \
+        result.stderr[-3000:]
+    assert error[0].endswith("ValueError: Template no_such_template does not exist. "
+                             "(the workers' tracebacks are above)"), error[0]
+    assert result.stderr.rstrip().endswith(error[0])  # the last thing the user reads
+    assert not (store / "runs" / run_id / "manifest.json").exists()
+    assert _no_ray_processes_left(temp_dir)

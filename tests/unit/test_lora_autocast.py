@@ -92,7 +92,7 @@ def test_autocast_training_reads_the_trainer_precision_flags():
 
 
 def test_every_training_of_ours_runs_with_it():
-    from e2e_llm.train import training_callbacks
+    from e2e_llm.train_worker import training_callbacks
 
     names = [type(cb).__qualname__ for cb in training_callbacks()]  # the worker's and the benches' direct runs'
     assert names.count(type(lora_autocast.make_callback()).__qualname__) == 1

@@ -106,21 +106,21 @@ def test_closing_evaluation_is_read_from_all_results(tmp_path):
     """The local recipe evaluates once, after training: that eval_loss is only in all_results.json."""
     import json
 
-    from e2e_llm.train import _read_log
+    from e2e_llm.train_report import read_log
 
     history = [{"step": 2, "loss": 2.5}, {"step": 4, "loss": 1.5}, {"step": 4, "train_runtime": 9.0}]
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": history}))
-    train, evals = _read_log(str(tmp_path), {})
+    train, evals = read_log(str(tmp_path), {})
     assert [h["loss"] for h in train] == [2.5, 1.5] and evals == []
 
     (tmp_path / "all_results.json").write_text(json.dumps({"eval_loss": 1.25, "train_loss": 2.0}))
-    train, evals = _read_log(str(tmp_path), {})
+    train, evals = read_log(str(tmp_path), {})
     assert evals == [{"step": 4, "eval_loss": 1.25}]
 
     # an in-training evaluation at the last step is not counted twice
     history.append({"step": 4, "eval_loss": 1.25})
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": history}))
-    assert len(_read_log(str(tmp_path), {})[1]) == 1
+    assert len(read_log(str(tmp_path), {})[1]) == 1
 
 
 def test_plan_records_the_machine_dtype_and_derives_precision_keys(profile, local_config, local_model):
@@ -151,3 +151,13 @@ def test_a_gpu_recipe_may_not_contradict_the_dtype(profile, tmp_path):
                                train__use_gpu=True, train__resources_per_worker={"CPU": 1, "GPU": 1}))
     with pytest.raises(TrainError, match="bf16: True contradicts the training dtype float16 on cuda"):
         plan_run(config)
+
+
+def test_a_failed_runs_error_names_the_workers_exception():
+    from e2e_llm.train import failure_cause
+
+    ray_message = ("Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\nTraceback (most recent call "
+                   "last):\n  File \"x.py\", line 1, in f\n... (Output truncated) ...\nValueError: Template t does "
+                   "not exist.\n\n")
+    assert failure_cause(RuntimeError(ray_message)) == "ValueError: Template t does not exist."
+    assert failure_cause(RuntimeError("")) == "RuntimeError"

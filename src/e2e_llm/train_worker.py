@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What runs inside each Ray Train worker of ``e2e-llm train`` (``e2e_llm.train`` starts them):
+resume from Ray Train's checkpoint, run LLaMA-Factory with the callbacks our layer adds, report
+every saved checkpoint to Ray Train, and publish the adapter from rank 0. Each worker appends what
+happened to ``events.jsonl`` in the run's work dir (``e2e_llm.train_report`` reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from e2e_llm import storage
+from e2e_llm.adapters import missing_adapter_files
+
+EVENTS_FILE = "events.jsonl"
+
+
+def append_event(work_dir: Path, **event: Any) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    event.setdefault("time", time.time())
+    with open(work_dir / EVENTS_FILE, "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def training_callbacks() -> list:
+    """What our layer adds to LLaMA-Factory's training besides Ray Train's checkpoint report
+    (the benches' direct runs add the same, so both sides of a comparison train alike)."""
+    from e2e_llm import lora_autocast
+
+    return [lora_autocast.make_callback()]
+
+
+def report_callback(work_dir: Path, rank: int, world_size: int):
+    """A transformers TrainerCallback reporting each saved checkpoint to Ray Train."""
+    import ray.train
+    from transformers import TrainerCallback
+
+    class RayTrainReport(TrainerCallback):
+        def __init__(self) -> None:
+            self.last_logs: dict[str, float] = {}
+            self.start = time.monotonic()
+            self.start_step: int | None = None
+            self.start_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step
+            self.start_tokens = state.num_input_tokens_seen or 0
+            self.start = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            self.last_logs.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if rank == 0 and "loss" in logs:
+                elapsed = time.monotonic() - self.start
+                done = state.global_step - (self.start_step or 0)
+                tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
+                eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+                print(f"[train] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                      f"tok/s {tokens / max(elapsed, 1e-9):.0f} eta {eta:.0f}s", flush=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            metrics = {"global_step": state.global_step, "epoch": state.epoch or 0.0, **self.last_logs}
+            checkpoint = None
+            if rank == 0 and ckpt_dir.is_dir():
+                checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+            # Every rank reports (it is a barrier); only rank 0 carries the checkpoint files.
+            ray.train.report(metrics, checkpoint=checkpoint)
+            if rank == 0:
+                append_event(work_dir, event="checkpoint", step=state.global_step, world_size=world_size)
+
+    return RayTrainReport()
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker: resume from Ray's checkpoint, train, publish the adapter."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    work_dir = Path(cfg["work_dir"])
+    args = dict(cfg["args"])
+    fs_kw = cfg["fs_kw"]
+
+    # Dataset: workers read a local copy (object storage is downloaded per node).
+    dataset_uri = cfg["dataset_uri"]
+    if storage.is_remote(dataset_uri):
+        local_data = work_dir / "data"
+        storage.download_dir(dataset_uri, local_data, **fs_kw)
+        args["dataset_dir"] = str(local_data)
+    else:
+        args["dataset_dir"] = dataset_uri
+
+    resume_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+            resume_step = int(state["global_step"])
+            target = Path(args["output_dir"]) / f"checkpoint-{resume_step}"
+            if rank == 0 or not target.exists():
+                shutil.copytree(ckpt, target, dirs_exist_ok=True)
+        args["resume_from_checkpoint"] = str(target)
+    append_event(work_dir, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
+                  resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
+
+    from e2e_llm.compat.llamafactory import run_training
+
+    run_training(args, [report_callback(work_dir, rank, world_size), *training_callbacks()])
+
+    if rank == 0:
+        output = Path(args["output_dir"])
+        run_uri = cfg["run_uri"]
+        missing = missing_adapter_files(output)
+        if missing:
+            # Ray Train ends the run with it (the driver raises it as a TrainError).
+            raise RuntimeError(f"training finished without {missing} in {output}")
+        staging = work_dir / "publish"
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "adapter").mkdir(parents=True)
+        for name in os.listdir(output):
+            src = output / name
+            if src.is_file() and (name.startswith(("adapter_", "tokenizer", "special_tokens", "chat_template"))
+                                  or name in ("README.md",)):
+                shutil.copy2(src, staging / "adapter" / name)
+        for name in ("trainer_log.jsonl", "trainer_state.json", "all_results.json"):
+            if (output / name).is_file():
+                shutil.copy2(output / name, staging / name)
+        if (output / "runs").is_dir():  # transformers' default TensorBoard logging dir
+            shutil.copytree(output / "runs", staging / "tensorboard")
+        if storage.is_remote(run_uri):
+            storage.upload_dir(staging, run_uri, **fs_kw)
+        else:
+            for item in staging.iterdir():
+                dest = Path(run_uri) / item.name
+                if dest.is_dir():
+                    shutil.rmtree(dest)
+                shutil.move(str(item), dest)
+        append_event(work_dir, event="finished", rank=rank, world_size=world_size)
