@@ -38,8 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _device  # noqa: E402
 
@@ -213,7 +211,9 @@ def run_point(spec_file: Path) -> int:
     import torch
 
     spec = json.loads(spec_file.read_text())
-    recipe = yaml.safe_load(RECIPE.read_text())
+    from e2e_llm.compat.llamafactory import read_recipe_file
+
+    recipe = read_recipe_file(RECIPE)
     args = dict(recipe)
     args.update({k: v for k, v in spec["overrides"].items() if k not in PROMPT_KEYS})
     args["lora_target"] = _lora_target(str(args["lora_target"]))
@@ -295,7 +295,9 @@ def run(ns: argparse.Namespace) -> int:
                WANDB_DISABLED="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(ns.threads))
     if ns.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    recipe = yaml.safe_load(RECIPE.read_text())
+    from e2e_llm.compat.llamafactory import read_recipe_file
+
+    recipe = read_recipe_file(RECIPE)
     unknown = set(ns.only or ()) - set(GRID)
     if unknown:
         raise SystemExit(f"unknown point(s) {sorted(unknown)}; have {list(GRID)}")

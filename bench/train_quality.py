@@ -154,8 +154,9 @@ def build_model(work: Path, env: dict[str, str], log: Path) -> tuple[Path, dict]
 
 def train_child(spec_file: Path) -> int:
     import torch
-    import yaml
     from transformers import TrainerCallback
+
+    from e2e_llm.compat.llamafactory import read_recipe_file
 
     spec = json.loads(spec_file.read_text())
     deadline = spec["deadline"]
@@ -176,7 +177,7 @@ def train_child(spec_file: Path) -> int:
             marks.update(end=time.time(), steps=state.global_step, max_steps=state.max_steps,
                          tokens=state.num_input_tokens_seen, epoch=state.epoch)
 
-    args = yaml.safe_load(RECIPE.read_text())
+    args = read_recipe_file(RECIPE)
     for key in ("max_samples", "eval_steps", "per_device_eval_batch_size", "save_steps", "save_total_limit"):
         args.pop(key, None)
     args.update(
@@ -201,9 +202,10 @@ def train_child(spec_file: Path) -> int:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    import yaml
+    """``key=value`` items as `e2e-llm train --set` (and LLaMA-Factory's command line) reads them."""
+    from e2e_llm.compat.llamafactory import read_overrides
 
-    return {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in items)}
+    return read_overrides(items)
 
 
 def run(ns: argparse.Namespace) -> int:

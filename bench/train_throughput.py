@@ -218,8 +218,9 @@ def profile_summary(events, wall_s: float, steps: int, top: int = 25) -> dict:
 def run_variant(spec_file: Path) -> int:
     """Child process: one recipe through LLaMA-Factory, timed with a Trainer callback."""
     import torch
-    import yaml
     from transformers import TrainerCallback
+
+    from e2e_llm.compat.llamafactory import read_recipe_file
 
     spec = json.loads(spec_file.read_text())
     totals = _install_token_counter()
@@ -234,7 +235,7 @@ def run_variant(spec_file: Path) -> int:
                 torch.cuda.synchronize()
             self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen, totals["all"]))
 
-    recipe = yaml.safe_load((RECIPES / spec["recipe"]).read_text())
+    recipe = read_recipe_file(RECIPES / spec["recipe"])
     args = dict(recipe)
     args.update(spec["overrides"])
     for key in ("eval_steps", "per_device_eval_batch_size", "save_steps", "save_total_limit", "num_train_epochs"):

@@ -24,6 +24,8 @@ import json
 import os
 import tempfile
 import time
+import types
+import typing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,41 +52,72 @@ class TrainError(RuntimeError):
 # Recipe handling (driver side, before any worker starts)
 
 
-def llamafactory_keys() -> set[str]:
-    from e2e_llm.compat.llamafactory import recipe_keys
-
-    return recipe_keys()
-
-
 def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read a native LLaMA-Factory recipe and check every key exists in LLaMA-Factory."""
+    """Read a native LLaMA-Factory recipe as LLaMA-Factory reads it, apply ``overrides``, and check
+    every key and every number or flag against LLaMA-Factory's arguments: a mistake fails here,
+    naming where it came from, not in every worker after ``train.max_failures`` restarts."""
+    from e2e_llm.compat.llamafactory import read_recipe_file, recipe_field_types
+
     if not path.is_file():
         raise TrainError(f"{path}: training recipe not found")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    try:
+        recipe = read_recipe_file(path) or {}
+    except yaml.YAMLError as exc:  # OmegaConf reads with PyYAML, stricter: a duplicate key is an error
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        raise TrainError(f"{where}: not a readable recipe: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(recipe, dict):
         raise TrainError(f"{path}: a recipe is a mapping of LLaMA-Factory keys")
-    recipe.update(overrides or {})
-    known = llamafactory_keys()
-    for key in recipe:
+    fields = recipe_field_types()
+    check_recipe_values(recipe, fields, str(path))
+    check_recipe_values(overrides or {}, fields, "--set")
+    return {**recipe, **(overrides or {})}
+
+
+def check_recipe_values(values: dict[str, Any], fields: dict[str, Any], where: str) -> None:
+    """Each key is LLaMA-Factory's and not a Ray setting; a number or flag has its field's type."""
+    for key, value in values.items():
         if key in RAY_KEYS:
-            raise TrainError(f"{path}: {key!r} is a Ray setting; set train.num_workers/resources_per_worker "
+            raise TrainError(f"{where}: {key!r} is a Ray setting; set train.num_workers/resources_per_worker "
                              "in the profile instead (Ray Train runs the workers)")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TrainError(f"{path}: unknown LLaMA-Factory key {key!r}{hint}")
-    return recipe
+            raise TrainError(f"{where}: unknown LLaMA-Factory key {key!r}{hint}")
+        expected = _scalar_kinds(fields[key])
+        if expected and not any(_is_kind(value, kind) for kind in expected):
+            names = " or ".join(kind.__name__ if kind is not type(None) else "null" for kind in expected)
+            raise TrainError(f"{where}: {key!r} must be {names}, got {value!r}")
+
+
+def _scalar_kinds(annotation: Any) -> tuple[type, ...]:
+    """(float,), (int, NoneType), ... for a field typed with numbers, flags and None only; () for
+    any other type (strings, enums, literals, unions with them: LLaMA-Factory checks those)."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    if all(arg in (float, int, bool, type(None)) for arg in args):
+        return args
+    return ()
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:  # an integer is a fine float (learning_rate: 1); a flag is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs with YAML-typed values (for smoke runs: max_samples=32)."""
-    out: dict[str, Any] = {}
+    """``key=value`` pairs, read as LLaMA-Factory reads them after its recipe on its command line
+    (for smoke runs: max_samples=32; learning_rate=2e-4 is a float)."""
+    from e2e_llm.compat.llamafactory import read_overrides
+
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
             raise TrainError(f"override {item!r} is not key=value")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return read_overrides([item.strip() for item in items])
 
 
 def new_run_id() -> str:

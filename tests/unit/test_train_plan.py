@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Bad training input fails before any worker starts, with a clear message."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,62 @@ def test_a_failed_runs_error_names_the_workers_exception():
                    "not exist.\n\n")
     assert failure_cause(RuntimeError(ray_message)) == "ValueError: Template t does not exist."
     assert failure_cause(RuntimeError("")) == "RuntimeError"
+
+
+def _with_line(recipe_text: str, line: str) -> str:
+    """The recipe with ``line``'s key set to its value (the key's own line replaced, or added)."""
+    key = line.split(":", 1)[0]
+    kept = [old for old in recipe_text.splitlines() if not old.startswith(f"{key}:")]
+    return "\n".join([*kept, line]) + "\n"
+
+
+def test_numbers_are_read_as_llamafactory_reads_them(profile, tmp_path):
+    """``1e-4`` is a float to LLaMA-Factory's own reader (PyYAML reads a string, which crashed every
+    worker): in the recipe file and on the command line alike."""
+    from e2e_llm.train import parse_overrides, plan_run
+
+    config = _ingested(profile())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_with_line(config.path(config.train.recipe).read_text(), "learning_rate: 1e-4"))
+    config.train.recipe = str(recipe)
+    assert plan_run(config).args["learning_rate"] == 1e-4
+    overrides = parse_overrides(["learning_rate=2e-4", "max_samples=32", "template=qwen"])
+    assert overrides == {"learning_rate": 2e-4, "max_samples": 32, "template": "qwen"}
+    assert plan_run(config, overrides=overrides).args["learning_rate"] == 2e-4
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("learning_rate=abc", "--set: 'learning_rate' must be float, got 'abc'"),
+    ("max_steps=10.5", "--set: 'max_steps' must be int, got 10.5"),
+    ("bf16=maybe", "--set: 'bf16' must be bool, got 'maybe'"),
+    ("lora_rnak=8", "--set: unknown LLaMA-Factory key 'lora_rnak'"),  # the override, not the recipe file
+])
+def test_a_mistyped_value_fails_before_any_worker_names_where_it_came_from(profile, override, message):
+    from e2e_llm.train import TrainError, parse_overrides, plan_run
+
+    with pytest.raises(TrainError, match=re.escape(message)):
+        plan_run(_ingested(profile()), overrides=parse_overrides([override]))
+
+
+def test_a_mistyped_value_in_the_recipe_names_the_recipe(profile, tmp_path):
+    from e2e_llm.train import TrainError, plan_run
+
+    config = _ingested(profile())
+    recipe = tmp_path / "recipe.yaml"
+    text = config.path(config.train.recipe).read_text()
+    recipe.write_text(_with_line(text, "num_train_epochs: three"))
+    config.train.recipe = str(recipe)
+    with pytest.raises(TrainError, match=re.escape(f"{recipe}: 'num_train_epochs' must be float, got 'three'")):
+        plan_run(config)
+    recipe.write_text("lora_rank: [8\n")
+    with pytest.raises(TrainError, match=re.escape(f"{recipe}, line 2: not a readable recipe: did not find")):
+        plan_run(config)
+    recipe.write_text("lora_rank: 8\nlora_rank: 16\n")  # PyYAML kept the last one silently
+    with pytest.raises(TrainError, match=re.escape(f"{recipe}, line 2: not a readable recipe: found duplicate key")):
+        plan_run(config)
+
+
+def test_optional_numbers_may_be_null(profile):
+    from e2e_llm.train import parse_overrides, plan_run
+
+    assert plan_run(_ingested(profile()), overrides=parse_overrides(["max_samples=null"])).args["max_samples"] is None

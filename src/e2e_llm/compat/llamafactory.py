@@ -29,7 +29,8 @@ RUN_EXP = Entry(
         "the Ray keys first)")
 ARGUMENT_CLASSES = [
     Entry("llamafactory.hparams", name,
-          why="the recipe keys LLaMA-Factory accepts: an unknown key fails before any worker starts "
+          why="the recipe keys LLaMA-Factory accepts and their types: an unknown key or a mistyped number "
+              "fails before any worker starts "
               "(formerly read from the private llamafactory.hparams.parser._TRAIN_ARGS)")
     for name in ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningArguments", "GeneratingArguments")
 ]
@@ -41,11 +42,33 @@ def check() -> list[str]:
     return problems(ENTRIES, __name__)
 
 
-def recipe_keys() -> set[str]:
-    """Every key a LLaMA-Factory training recipe may set (fields of its argument dataclasses)."""
+def recipe_field_types() -> dict[str, Any]:
+    """Every key a LLaMA-Factory training recipe may set (fields of its argument dataclasses), with
+    the type its dataclass declares for it."""
     import dataclasses
+    import typing
 
-    return {f.name for entry in ARGUMENT_CLASSES for f in dataclasses.fields(resolve(entry, __name__))}
+    types: dict[str, Any] = {}
+    for entry in ARGUMENT_CLASSES:
+        cls = resolve(entry, __name__)
+        hints = typing.get_type_hints(cls)
+        types.update({f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)})
+    return types
+
+
+def read_recipe_file(path) -> Any:
+    """A recipe file as ``llamafactory-cli train <recipe>`` reads it (``llamafactory.hparams.read_args``:
+    OmegaConf's YAML, in which ``1e-4`` is a float; PyYAML reads it as a string)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def read_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` items as ``llamafactory-cli train <recipe> key=value ...`` reads them."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.from_cli(items))
 
 
 def use_ray_enabled(environ: dict[str, str] | None = None) -> bool:
