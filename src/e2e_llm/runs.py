@@ -60,7 +60,15 @@ def _local_copy(config: PipelineConfig, uri: str, key: str) -> Path:
 
 
 def resolve_adapter(config: PipelineConfig, ref: str) -> tuple[Path, dict[str, Any] | None]:
-    """(local adapter dir, its manifest or None) for a path, run id or ``latest``."""
+    """(local adapter dir, its manifest or None) for a path, run id or ``latest``; an
+    :class:`AdapterNotFound` names ``ref``."""
+    try:
+        return _resolve_adapter(config, ref)
+    except AdapterNotFound as exc:
+        raise AdapterNotFound(f"adapter {ref!r}: {exc}") from None
+
+
+def _resolve_adapter(config: PipelineConfig, ref: str) -> tuple[Path, dict[str, Any] | None]:
     path = Path(ref).expanduser()
     if path.exists():
         manifest_path = path.parent / "manifest.json"
@@ -69,9 +77,11 @@ def resolve_adapter(config: PipelineConfig, ref: str) -> tuple[Path, dict[str, A
     if ref == "latest":
         manifest = latest_manifest(config)
     else:
+        if "/" in ref or ref.startswith((".", "~")):  # meant as a folder, not a run id
+            raise AdapterNotFound(f"no such folder {path}")
         uri = storage.join(config.storage_uri("runs"), ref, "manifest.json")
         if not storage.exists(uri, **config.storage_kw()):
-            raise AdapterNotFound(f"adapter {ref!r}: not a path, not 'latest', and no run {ref!r} under "
+            raise AdapterNotFound(f"not a folder, not 'latest', and no run {ref!r} under "
                                   f"{config.storage_uri('runs')}")
         manifest = json.loads(storage.read_text(uri, **config.storage_kw()))
     return _local_copy(config, manifest["adapter_uri"], manifest["run_id"]), manifest

@@ -238,3 +238,37 @@ def test_one_dataset_block_per_engine_batch():
     from e2e_llm.batch.pipeline import num_blocks
 
     assert [num_blocks(n, 32) for n in (1, 32, 33, 200, 714)] == [1, 1, 2, 7, 23]
+
+
+@pytest.mark.parametrize("ref", ["nope", "latest"])
+def test_an_adapter_that_is_not_there_is_named_once(config, tmp_path, ref):
+    from e2e_llm.batch import resolve_adapter
+    from e2e_llm.runs import AdapterNotFound
+    from e2e_llm.runs import resolve_adapter as resolve_run_adapter
+    from e2e_llm.store import StoreError, find_training_adapter
+
+    model = str(fake_model(tmp_path / "models"))
+    for call, error in ((lambda: resolve_adapter(config, ref, model), BatchError),
+                        (lambda: resolve_run_adapter(config, ref), AdapterNotFound),
+                        (lambda: find_training_adapter(config, ref), StoreError)):
+        with pytest.raises(error) as caught:
+            call()
+        message = str(caught.value)
+        assert message.startswith(f"adapter {ref!r}: ") and message.count(repr(ref)) == (2 if ref == "nope" else 1), \
+            message
+
+
+def test_publish_names_a_wrong_adapter_before_it_needs_the_store(project_root, monkeypatch, capsys, tmp_path):
+    from e2e_llm.cli import main
+    from e2e_llm.store import AdapterStore, StoreError
+
+    def store_down(self):
+        raise StoreError("the store is down")
+
+    monkeypatch.chdir(project_root)
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path))
+    monkeypatch.setattr(AdapterStore, "require_reachable", store_down)
+    assert main(["publish", "--profile", "local", "--adapter", str(tmp_path / "gone")]) == 1
+    assert f"adapter {str(tmp_path / 'gone')!r}" in capsys.readouterr().err
+    assert main(["publish", "--profile", "local", "--list"]) == 1
+    assert "the store is down" in capsys.readouterr().err

@@ -56,6 +56,9 @@ def test_misses_arriving_together_share_one_read_each_begun_after_they_came_in()
     assert "late-v1" in snapshot.adapters and snapshot.latest["late"] == "late-v1"
 
 
+THREAD_START_SLACK_S = 0.03
+
+
 def test_reads_for_misses_begin_at_least_the_interval_apart(monkeypatch):
     monkeypatch.setattr(snapshot_module, "MISS_READ_INTERVAL_S", 0.1)
     store = FakeStore()
@@ -67,7 +70,10 @@ def test_reads_for_misses_begin_at_least_the_interval_apart(monkeypatch):
 
     asyncio.run(scenario())
     gaps = [b - a for a, b in zip(store.read_starts, store.read_starts[1:])]
-    assert len(store.read_starts) == 4 and min(gaps) >= 0.1, gaps
+    # The snapshot spaces the reads it begins; the fake store sees each one in its worker thread, a
+    # moment later, and on a loaded machine that moment varies (4.5 ms seen): allow for it. Reads
+    # not spaced at all would be ~1 ms apart.
+    assert len(store.read_starts) == 4 and min(gaps) >= 0.1 - THREAD_START_SLACK_S, gaps
 
 
 def test_with_the_store_down_waiting_misses_share_the_failed_read_and_the_last_snapshot_stays():

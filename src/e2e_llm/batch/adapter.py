@@ -117,8 +117,8 @@ def resolve_adapter(config: PipelineConfig, ref: str | None, model_path: str) ->
 
         try:
             path, manifest = resolve_run_adapter(config, ref)
-        except LookupError as exc:
-            raise BatchError(f"adapter {ref!r}: {exc}") from None
+        except LookupError as exc:  # it names the adapter
+            raise BatchError(str(exc)) from None
     else:
         parent_manifest = path.resolve().parent / MANIFEST_FILE
         if parent_manifest.is_file():

@@ -34,16 +34,17 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_profile(args.profile)
     store = AdapterStore.from_config(config)
+    if not args.list and not args.adapter:
+        print("error: --adapter is required (a folder, a run id or 'latest')", file=sys.stderr)
+        return 2
     try:
+        if not args.list:  # what is to be published first: a wrong --adapter is the user's first error
+            adapter_dir, manifest = find_training_adapter(config, args.adapter)
         store.require_reachable()
         if args.list:
             print(json.dumps({"store": store.uri, "versions": store.versions(),
                               "aliases": {k: v.to_dict() for k, v in store.aliases().items()}}, indent=2))
             return 0
-        if not args.adapter:
-            print("error: --adapter is required (a folder, a run id or 'latest')", file=sys.stderr)
-            return 2
-        adapter_dir, manifest = find_training_adapter(config, args.adapter)
         adapter_id = store.publish(adapter_dir, name=args.name or config.data.dataset, version=args.version,
                                    alias=args.alias, manifest=manifest,
                                    max_rank=serving_max_lora_rank(config))
