@@ -15,8 +15,10 @@
   lowest slot F1, with input, prediction and reference.
 
 A prediction of ``None`` is a row the engine failed on (an error row): it counts as wrong
-everywhere and in ``n_errors``; nothing is dropped. Report writers produce ``metrics.json``,
-``report.md`` and a PNG chart, optionally compared with a previous run's metrics or manifest.
+everywhere and in ``n_errors``. Only an error row without a reference (a line the batch could not
+read as JSON) cannot be scored: it is counted in ``n_unscored`` and stays in the predictions.
+Report writers produce ``metrics.json``, ``report.md`` and a PNG chart, optionally compared with a
+previous run's metrics or manifest.
 Pure Python apart from the chart (matplotlib, imported when drawn).
 """
 
@@ -43,6 +45,10 @@ CHART_FILE = "metrics.png"
 
 class EvaluationError(ValueError):
     """Inputs that cannot be evaluated (length mismatch, invalid reference, unreadable file)."""
+
+
+class Unlabelled(EvaluationError):
+    """Rows without references to score against (a row that was read has none)."""
 
 
 def _ratio(num: float, den: float) -> float:
@@ -195,25 +201,37 @@ def read_results(uri: str | Path) -> list[dict[str, Any]]:
 
 def evaluate_rows(task: TaskSchema, rows: list[dict[str, Any]], source: str = "results", **kw: Any) -> dict[str, Any]:
     """Evaluate result rows: prediction from ``prediction``/``generated_text``, reference from
-    ``reference``/``output``; rows with a non-empty ``error`` count as failed predictions."""
+    ``reference``/``output``; rows with a non-empty ``error`` count as failed predictions. A row
+    with an error and no string reference (a line the batch could not read) cannot be scored: it is
+    left out and counted in ``n_unscored``. Any other row without a reference: :class:`Unlabelled`."""
     if not rows:
         raise EvaluationError(f"{source}: no rows to evaluate")
     columns = set().union(*(r.keys() for r in rows))
     pred_col = _pick(columns, PREDICTION_COLUMNS, "prediction", source)
-    ref_col = _pick(columns, REFERENCE_COLUMNS, "reference", source)
     input_col = _pick(columns, INPUT_COLUMNS, "input", source, required=False)
     error_col = _pick(columns, ERROR_COLUMNS, "error", source, required=False)
+    try:
+        ref_col = _pick(columns, REFERENCE_COLUMNS, "reference", source)
+    except EvaluationError as exc:
+        raise Unlabelled(str(exc)) from None
     predictions, references, inputs = [], [], []
+    unscored = 0
     for i, row in enumerate(rows):
         ref = row.get(ref_col)
-        if not isinstance(ref, str):
-            raise EvaluationError(f"{source}: row {i + 1}: field {ref_col!r} missing or not a string")
         failed = error_col is not None and row.get(error_col)
+        if not isinstance(ref, str):
+            if failed:
+                unscored += 1
+                continue
+            raise (EvaluationError if ref is not None else Unlabelled)(
+                f"{source}: row {i + 1}: field {ref_col!r} missing or not a string")
         pred = row.get(pred_col)
         predictions.append(None if failed or not isinstance(pred, str) else pred)
         references.append(ref)
         inputs.append(str(row.get(input_col, "")) if input_col else "")
-    return evaluate(task, predictions, references, inputs if input_col else None, **kw)
+    if not references:
+        raise Unlabelled(f"{source}: no row has a reference ({ref_col!r})")
+    return {**evaluate(task, predictions, references, inputs if input_col else None, **kw), "n_unscored": unscored}
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,6 +277,8 @@ def metrics_table(metrics: dict[str, Any], comparison: dict[str, dict[str, float
         lines = ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {metrics[k]:.3f} |" for k in HEADLINE]
     lines.append(f"| rows | {metrics['n']} |" + (" | |" * 2 if comparison else ""))
     lines.append(f"| engine errors | {metrics['n_errors']} |" + (" | |" * 2 if comparison else ""))
+    if metrics.get("n_unscored"):
+        lines.append(f"| unreadable rows, not scored | {metrics['n_unscored']} |" + (" | |" * 2 if comparison else ""))
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 N_PIPELINE = 20
+UNREADABLE = '{"input": "cut off'
 N_EQUIV = 50
 
 
@@ -57,7 +58,8 @@ def val_rows(viggo_dir, viggo_task):
 
 @pytest.fixture(scope="module")
 def pipeline_run(ray_instance, batch_config, local_model, trained_adapter, val_rows, tmp_path_factory):
-    """20 val rows (with an extra id column), a row without input, an overlong prompt."""
+    """20 val rows (with an extra id column), a row without input, an overlong prompt, and last a
+    line that is not JSON."""
     from e2e_llm.batch import run_batch
 
     rows = [dict(r, id=f"val-{i}") for i, r in enumerate(val_rows[:N_PIPELINE])]
@@ -65,39 +67,40 @@ def pipeline_run(ray_instance, batch_config, local_model, trained_adapter, val_r
     rows.append({"instruction": val_rows[0]["instruction"], "input": "word " * 2000,
                  "output": val_rows[0]["output"], "id": "too-long"})
     path = tmp_path_factory.mktemp("batch-input") / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + UNREADABLE + "\n")
     result = run_batch(batch_config, split=str(path), adapter_ref=str(trained_adapter), run_id="it")
     return rows, result
 
 
 def test_every_input_row_comes_out_once_with_its_columns(pipeline_run):
     rows, result = pipeline_run
-    assert len(result.rows) == len(rows) == N_PIPELINE + 2
-    assert [r["id"] for r in result.rows] == [r["id"] for r in rows]
+    assert len(result.rows) == len(rows) + 1 == N_PIPELINE + 3
+    assert [r["id"] for r in result.rows[:-1]] == [r["id"] for r in rows]
     for out, row in zip(result.rows, rows):
         for key, value in row.items():
             assert out[key] == value, key
         assert {"generated_text", "num_input_tokens", "num_generated_tokens", "error"} <= out.keys()
+    assert result.rows[-1]["raw"] == UNREADABLE and "invalid JSON" in result.rows[-1]["error"]
     counts = result.manifest["rows"]
     assert {k: counts[k] for k in ("in", "out", "errors", "invalid_input", "engine_errors")} == {
-        "in": 22, "out": 22, "errors": 2, "invalid_input": 1, "engine_errors": 1}
+        "in": 23, "out": 23, "errors": 3, "invalid_input": 2, "engine_errors": 1}
     assert counts["truncated"] == sum(r["truncated"] for r in result.rows)
 
 
 def test_bad_rows_become_error_rows_not_crashes(pipeline_run):
     _, result = pipeline_run
-    by_id = {r["id"]: r for r in result.rows}
+    by_id = {r.get("id"): r for r in result.rows}
     assert "field 'input' missing or empty" in by_id["no-input"]["error"]
     assert "maximum context length" in by_id["too-long"]["error"]
     assert by_id["too-long"]["generated_text"] is None
-    good = [r for r in result.rows if r["id"].startswith("val-")]
+    good = [r for r in result.rows if r.get("id", "").startswith("val-")]
     assert all(r["error"] is None and r["num_generated_tokens"] > 0 for r in good)
 
 
 def test_structured_outputs_are_valid_meaning_representations(pipeline_run, viggo_task):
     _, result = pipeline_run
     # Every output the model finished is valid; one cut off at max_tokens cannot be.
-    finished = [r for r in result.rows if r["id"].startswith("val-") and not r["truncated"]]
+    finished = [r for r in result.rows if r.get("id", "").startswith("val-") and not r["truncated"]]
     invalid = [r["generated_text"] for r in finished if viggo_task.try_parse(r["generated_text"]) is None]
     assert finished and not invalid
     assert result.metrics["valid_mr_rate"] >= len(finished) / (N_PIPELINE + 2)
@@ -109,7 +112,8 @@ def test_run_folder_holds_predictions_metrics_report_chart_manifest(pipeline_run
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "metrics.json", "metrics.png",
                                                      "predictions.jsonl", "report.md"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n"] == 22 and metrics["n_errors"] == 2
+    # The line that is not JSON has no reference: the other 22 are scored, it is counted apart.
+    assert (metrics["n"], metrics["n_errors"], metrics["n_unscored"]) == (22, 2, 1)
     assert "## Worst errors" in (out / "report.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["adapter"]["mode"] == "merged"
@@ -126,7 +130,7 @@ def test_evaluate_cli_on_the_results_file_gives_the_same_metrics(pipeline_run, t
     assert main(["evaluate", "--profile", "local", "--results", str(Path(result.out_uri) / "predictions.jsonl"),
                  "--output", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("exact_match", "slot_f1", "valid_mr_rate", "function_accuracy", "n_errors"):
+    for key in ("exact_match", "slot_f1", "valid_mr_rate", "function_accuracy", "n", "n_errors", "n_unscored"):
         assert again[key] == result.metrics[key]
 
 

@@ -83,17 +83,21 @@ def test_rows_without_input_are_kept_and_flagged_with_file_and_line(config, tmp_
         "not json",
         [1, 2],
         {"input": "ok", "instruction": 3},
+        {"input": "ok", "output": 5},
+        {"input": "ok", "output": None},  # no reference: fine (unlabelled)
     ]
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     data = load_rows(config, str(path))
-    assert len(data.rows) == 6  # nothing dropped
-    assert [r["_line"] for r in data.rows] == [1, 2, 3, 4, 5, 6]
+    assert len(data.rows) == 8  # nothing dropped
+    assert [r["_line"] for r in data.rows] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert data.rows[0]["id"] == 7 and 1 not in data.invalid
     assert data.invalid[2].endswith("rows.jsonl:2: field 'input' missing or empty")
     assert "rows.jsonl:3: field 'input'" in data.invalid[3]
     assert "rows.jsonl:4: invalid JSON" in data.invalid[4]
     assert "rows.jsonl:5: row must be a JSON object" in data.invalid[5]
     assert "field 'instruction' must be a string" in data.invalid[6]
+    assert "rows.jsonl:7: field 'output' (the reference) must be a string" in data.invalid[7]
+    assert 8 not in data.invalid
     assert load_rows(config, str(path), limit=2).rows[-1]["_line"] == 2
 
 
@@ -272,3 +276,4 @@ def test_publish_names_a_wrong_adapter_before_it_needs_the_store(project_root, m
     assert f"adapter {str(tmp_path / 'gone')!r}" in capsys.readouterr().err
     assert main(["publish", "--profile", "local", "--list"]) == 1
     assert "the store is down" in capsys.readouterr().err
+

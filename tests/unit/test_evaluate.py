@@ -216,3 +216,22 @@ def test_evaluate_cli_on_a_results_file(tmp_path, capsys, project_root, monkeypa
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "metrics.png").is_file()
     assert main(["evaluate", "--profile", "local", "--results", str(tmp_path / "none.jsonl")]) == 1
     assert "results file not found" in capsys.readouterr().err
+
+
+def test_a_line_that_could_not_be_read_is_left_out_and_counted(viggo_task):
+    """A batch's error row for a line that is not JSON has no reference: the rest are scored."""
+    from e2e_llm.evaluate import Unlabelled
+
+    good = [{"_line": 1, "input": "a", "output": REF, "generated_text": REF, "error": None},
+            {"_line": 3, "input": "b", "output": REF, "generated_text": "nonsense", "error": None}]
+    unreadable = {"_line": 2, "raw": "{bad", "generated_text": None, "error": "rows.jsonl:2: invalid JSON"}
+    no_input = {"_line": 4, "output": REF, "generated_text": None, "error": "rows.jsonl:4: no input"}
+    m = evaluate_rows(viggo_task, [good[0], unreadable, good[1], no_input])
+    assert (m["n"], m["n_errors"], m["n_unscored"], m["exact_match"]) == (3, 1, 1, 1 / 3)
+    with pytest.raises(Unlabelled, match="row 2: field 'output' missing"):  # read, but no reference
+        evaluate_rows(viggo_task, [good[0], {"input": "c", "generated_text": REF, "error": None}])
+    with pytest.raises(Unlabelled, match="no row has a reference"):
+        evaluate_rows(viggo_task, [good[0] | {"output": None, "error": "x"}, unreadable])
+    with pytest.raises(EvaluationError) as caught:  # a reference that is not text is bad data, not unlabelled
+        evaluate_rows(viggo_task, [good[0], good[1] | {"output": 5}])
+    assert not isinstance(caught.value, Unlabelled)

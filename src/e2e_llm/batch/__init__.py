@@ -11,7 +11,8 @@ chat (system = ``instruction``, user = ``input``), generates with vLLM through
 Nothing is lost: rows in = rows out. A row without a usable ``input`` never reaches the
 engine and comes out with ``error`` set; a row the engine fails on (a prompt longer than
 ``max_model_len``, ...) comes out with the engine's error. Error rows count as wrong in the
-metrics and are counted in ``n_errors``.
+metrics and are counted in ``n_errors``; a line that is not JSON has no reference to score and is
+counted in ``n_unscored`` (``e2e_llm.evaluate.evaluate_rows``).
 
 An adapter is applied in one of two ways (``batch.adapter_mode``):
 

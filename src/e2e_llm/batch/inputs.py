@@ -68,6 +68,8 @@ def load_rows(config: PipelineConfig, uri: str, limit: int | None = None) -> Inp
                 reason = f"{uri}:{number}: field 'input' missing or empty"
             elif "instruction" in row and not isinstance(row["instruction"], str):
                 reason = f"{uri}:{number}: field 'instruction' must be a string"
+            elif row.get("output") is not None and not isinstance(row["output"], str):
+                reason = f"{uri}:{number}: field 'output' (the reference) must be a string"
             else:
                 reason = ""
         if reason:

@@ -37,7 +37,7 @@ def run_batch(
     out_uri: str | None = None,
 ) -> BatchResult:
     """Resolve inputs, generate with ray.data.llm, write predictions, metrics, report, manifest."""
-    from e2e_llm.evaluate import HEADLINE, EvaluationError, evaluate_rows, write_reports
+    from e2e_llm.evaluate import HEADLINE, EvaluationError, Unlabelled, evaluate_rows, write_reports
     from e2e_llm.model import prepared_dtype, resolve_model_path
     from e2e_llm.precision import batch_dtype
 
@@ -99,11 +99,13 @@ def run_batch(
     }
     if previous:
         context["compared with"] = previous[0]
-    if all(isinstance(r.get("output"), str) for r in rows):
-        try:
-            metrics = evaluate_rows(task, rows, source=split_uri)
-        except EvaluationError as exc:
-            raise BatchError(str(exc)) from None
+    try:
+        metrics = evaluate_rows(task, rows, source=split_uri)
+    except Unlabelled:
+        pass  # predictions only
+    except EvaluationError as exc:
+        raise BatchError(str(exc)) from None
+    if metrics:
         write_reports(metrics, out_uri, title=f"Batch evaluation: {name}", context=context,
                       previous=previous[1] if previous else None, storage_kw=config.storage_kw())
     errors = sum(1 for r in rows if r["error"])
@@ -138,7 +140,7 @@ def run_batch(
         "timing": {"seconds": round(time.time() - started, 1), "generate_seconds": round(gen_seconds, 1),
                    "rows_per_s": round(len(engine_rows) / gen_seconds, 3) if engine_rows and gen_seconds else None},
         "outputs": {"predictions": storage.join(out_uri, PREDICTIONS_FILE)},
-        "metrics": {k: metrics[k] for k in (*HEADLINE, "n", "n_errors")} if metrics else None,
+        "metrics": {k: metrics[k] for k in (*HEADLINE, "n", "n_errors", "n_unscored")} if metrics else None,
         "previous_run": previous[0] if previous else None,
         "versions": library_versions(),
     }

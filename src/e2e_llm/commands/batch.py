@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if result.metrics:
         print(metrics_table(result.metrics, compare(result.metrics, result.previous) if result.previous else None))
     else:
-        print("no references (`output`) in the data: predictions written, no metrics")
+        print("no metrics: not every readable row has a reference (`output`); predictions written")
     print(f"written: {result.out_uri}")
     return 0
