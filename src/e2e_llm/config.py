@@ -10,6 +10,7 @@ working directory.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -25,6 +26,10 @@ PROJECT_ROOT_ENV = "E2E_LLM_ROOT"
 # Replaces the storage of any profile, the adapter store included (see storage_root_override):
 # isolates test and CI runs from a user's artifacts.
 STORAGE_ROOT_ENV = "E2E_LLM_STORAGE_ROOT"
+# Names clients put in `model=` (base model ids, adapter names and versions, aliases): ':' joins
+# <base>:<adapter> and '/' separates URL and folder parts, so neither may appear in one.
+API_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+API_NAME_RULE = "use letters, digits, '.', '_' or '-' (no ':' or '/')"
 
 
 class ConfigError(ValueError):
@@ -141,6 +146,14 @@ class ModelConfig(Strict):
     # auto: each stage picks what its device runs fast (e2e_llm.precision: bf16 on a CPU only with
     # native AVX512_BF16/AMX, else float32; bf16 on a GPU that has it); a dtype here pins it.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+    @field_validator("id")
+    @classmethod
+    def _api_name(cls, model_id: str) -> str:
+        if not API_NAME_RE.match(model_id):
+            raise ValueError(f"{model_id!r}: {API_NAME_RULE}; it is the model's name in the API "
+                             "(<id>:<adapter>) and its cache folder")
+        return model_id
 
     @field_validator("source")
     @classmethod

@@ -30,6 +30,7 @@ from e2e_llm.config import (
     load_yaml_model,
     project_root,
 )
+from e2e_llm.validate_common import DNS1035
 
 DEPLOY_FILE = Path("configs/deploy.yaml")
 # <ray X.Y.Z>-py<NNN>-<platform>[-<content id>]: rayproject's {version}-{python}-{platform} tag
@@ -37,7 +38,6 @@ DEPLOY_FILE = Path("configs/deploy.yaml")
 IMAGE_TAG = re.compile(
     r"^(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d{2,3})-(?P<platform>cpu|cu\d{3}|gpu)(?:-(?P<release>[\w.]+))?$"
 )
-DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 

@@ -40,12 +40,11 @@ from typing import Any
 
 from e2e_llm import cas, storage
 from e2e_llm.adapters import AdapterError, require_adapter_files
-from e2e_llm.config import PipelineConfig
+from e2e_llm.config import API_NAME_RE, API_NAME_RULE, PipelineConfig
 
 INDEX = "index.json"
 ALIASES = "aliases.json"
 MANIFEST = "manifest.json"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_CLAIMS = 100  # version numbers tried by one publish before giving up
 
 
@@ -81,8 +80,8 @@ def _base_model_id(manifest: dict[str, Any]) -> str | None:
 
 
 def _check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value):
-        raise StoreError(f"{kind} {value!r}: use letters, digits, '.', '_' or '-' (no ':' or '/')")
+    if not API_NAME_RE.match(value):
+        raise StoreError(f"{kind} {value!r}: {API_NAME_RULE}")
     return value
 
 

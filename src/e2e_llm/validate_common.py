@@ -19,6 +19,8 @@ CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.
              "RayCluster": "ray.io_rayclusters.yaml"}
 CORE_KINDS = {"Namespace", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap", "Secret", "Service"}
 RAY_NODE_TEMPLATE = ("rayClusterSpec", "rayClusterConfig")
+# Kubernetes' DNS-1035 label: what KubeRay requires of RayJob/RayService/RayCluster names.
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def _fmt(path: Iterable[Any]) -> str:

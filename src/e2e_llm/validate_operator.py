@@ -4,18 +4,16 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
 
-from e2e_llm.validate_common import _int, _name, _version_tuple
+from e2e_llm.validate_common import DNS1035, _int, _name, _version_tuple
 
 UPGRADE_TYPES = ("NewCluster", "None", "NewClusterWithIncrementalUpgrade")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 MAX_CLUSTER_NAME = 53          # KubeRay MaxRayClusterNameLength
 MAX_JOB_OR_SERVICE_NAME = 47   # MaxRayJobNameLength / MaxRayServiceNameLength (cluster name - 6)
-DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MIN_TOKEN_AUTH_RAY = (2, 52, 0)
 
 

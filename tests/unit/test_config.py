@@ -45,6 +45,19 @@ def test_unsupported_storage_scheme_is_rejected(write_profile):
         load_profile(str(path))
 
 
+@pytest.mark.parametrize("model_id", ["qwen:7b", "org/model", "has space", "-lead"])
+def test_a_model_id_clients_could_not_call_is_rejected(write_profile, model_id):
+    """``<id>:<adapter>`` is how clients name an adapter, and the id is a cache folder: the rule
+    adapter names and aliases follow (e2e_llm.store) holds for it too."""
+    from e2e_llm.store import StoreError, _check_name
+
+    path = write_profile(lambda d: d["model"].update(id=model_id))
+    with pytest.raises(ConfigError, match=r"model\.id: .*use letters, digits, '\.', '_' or '-' \(no ':' or '/'\)"):
+        load_profile(str(path))
+    with pytest.raises(StoreError):  # one rule for every name in `model=`
+        _check_name("alias", model_id)
+
+
 def test_unknown_profile_lists_available(project_root):
     with pytest.raises(ConfigError, match="available: cluster, local"):
         load_profile("nope", root=project_root)

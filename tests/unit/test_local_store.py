@@ -89,3 +89,22 @@ def test_serve_refused_for_a_missing_api_key_starts_no_store(monkeypatch):
     args = argparse.Namespace(profile="local", host=None, port=None, publish=None, then=None, ray_temp_dir=None)
     assert serve_command.run(args) == 2
     assert not endpoint_reachable(endpoint)
+
+
+def test_serve_refused_for_a_model_not_prepared_starts_nothing(monkeypatch, tmp_path, capsys):
+    """Before any store or Ray starts: the model folder the replicas would load is missing."""
+    from e2e_llm.commands import serve as serve_command
+    from e2e_llm.config import load_profile
+
+    port = free_tcp_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    config = load_profile("local")
+    config.storage.endpoint_url = endpoint
+    monkeypatch.setattr("e2e_llm.config.load_profile", lambda *a, **k: config)
+    monkeypatch.setenv("E2E_LLM_CACHE", str(tmp_path / "empty-cache"))
+    started = []
+    monkeypatch.setattr(serve_command, "_serve", lambda *a: started.append(a) or 0)
+    args = argparse.Namespace(profile="local", host=None, port=None, publish=None, then=None, ray_temp_dir=None)
+    assert serve_command.run(args) == 1
+    assert f"model {config.model.id!r} is not prepared" in capsys.readouterr().err
+    assert not started and not endpoint_reachable(endpoint)

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from e2e_llm.adapters import AdapterError
     from e2e_llm.config import load_profile
     from e2e_llm.local_s3 import LocalS3Error, is_loopback, start
+    from e2e_llm.model import ModelError, resolve_model_path
     from e2e_llm.publish import publish_once
     from e2e_llm.serve import ServeError
     from e2e_llm.storage import is_remote, s3_endpoint
@@ -51,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
         print(f"error: serve.auth.enabled but ${config.serve.auth.api_key_env} is not set", file=sys.stderr)
         return 2
+    try:
+        resolve_model_path(config.model, root=config.root)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     store = AdapterStore.from_config(config)
     endpoint = s3_endpoint(config.storage.endpoint_url)
     moto = None
