@@ -38,6 +38,7 @@ PREDICTION_COLUMNS = ("prediction", "generated_text")
 REFERENCE_COLUMNS = ("reference", "output")
 INPUT_COLUMNS = ("input",)
 ERROR_COLUMNS = ("error",)
+RESULT_SUFFIXES = (".jsonl", ".json", ".parquet")
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 CHART_FILE = "metrics.png"
@@ -166,12 +167,20 @@ def _pick(columns: Iterable[str], candidates: Sequence[str], what: str, source: 
 
 
 def read_results(uri: str | Path) -> list[dict[str, Any]]:
-    """Rows of a results file or folder: JSONL (``.jsonl``/``.json``) or Parquet, local or remote."""
+    """Rows of a results file or folder: JSONL (``.jsonl``; ``.json`` may also hold one JSON array
+    of rows) or Parquet, local or remote; a folder of ``.jsonl``/``.parquet`` parts."""
     from e2e_llm import storage
 
     uri = str(uri)
-    if not uri.endswith((".jsonl", ".json", ".parquet")):
-        parts = [n for n in storage.list_dir(uri) if n.endswith((".jsonl", ".parquet")) and not n.startswith(".")]
+    if not uri.endswith(RESULT_SUFFIXES):
+        if storage.exists(uri) and not storage.is_remote(uri) and Path(uri).is_file():
+            raise EvaluationError(f"{uri}: not a results file: use {', '.join(RESULT_SUFFIXES)} or a folder of "
+                                  ".jsonl/.parquet parts")
+        try:
+            names = storage.list_dir(uri)
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        parts = [n for n in names if n.endswith((".jsonl", ".parquet")) and not n.startswith(".")]
         if parts:
             return [row for name in parts for row in read_results(storage.join(uri, name))]
         if storage.exists(uri) and not storage.is_remote(uri) and Path(uri).is_dir():
@@ -182,11 +191,29 @@ def read_results(uri: str | Path) -> list[dict[str, Any]]:
     if uri.endswith(".parquet"):
         import io
 
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(data)).to_pylist()
+        try:
+            return pq.read_table(io.BytesIO(data)).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise EvaluationError(f"{uri}: not a readable Parquet file ({exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise EvaluationError(f"{uri}:{line}: not UTF-8 text") from None
+    if uri.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EvaluationError(f"{uri}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise EvaluationError(f"{uri}: row {number} of the array must be a JSON object")
+        return rows
     rows = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -202,6 +202,28 @@ def test_results_file_problems_name_the_file_and_line(viggo_task, tmp_path):
         evaluate_rows(viggo_task, [], source="empty.jsonl")
     with pytest.raises(EvaluationError, match="not found"):
         read_results(tmp_path / "missing.jsonl")
+    csv = tmp_path / "rows.csv"
+    csv.write_text("output,prediction\n")
+    with pytest.raises(EvaluationError, match=r"rows.csv: not a results file: use .jsonl, .json, .parquet"):
+        read_results(csv)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"output": "a"}\n{"output": "caf\xe9"}\n')
+    with pytest.raises(EvaluationError, match=r"latin.jsonl:2: not UTF-8"):
+        read_results(latin)
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(EvaluationError, match=r"fake.parquet: not a readable Parquet file"):
+        read_results(fake)
+
+
+def test_a_json_file_may_hold_one_array_of_rows(viggo_task, tmp_path):
+    rows = [{"output": "inform(name[A])", "prediction": "inform(name[A])"}] * 2
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows, indent=2))
+    assert read_results(path) == rows
+    path.write_text(json.dumps([rows[0], 3]))
+    with pytest.raises(EvaluationError, match="row 2 of the array must be a JSON object"):
+        read_results(path)
 
 
 def test_evaluate_cli_on_a_results_file(tmp_path, capsys, project_root, monkeypatch):
