@@ -108,3 +108,26 @@ def test_serve_refused_for_a_model_not_prepared_starts_nothing(monkeypatch, tmp_
     assert serve_command.run(args) == 1
     assert f"model {config.model.id!r} is not prepared" in capsys.readouterr().err
     assert not started and not endpoint_reachable(endpoint)
+
+
+def test_serve_refused_for_a_port_in_use_starts_nothing(monkeypatch, capsys):
+    import socket
+
+    from e2e_llm.commands import serve as serve_command
+    from e2e_llm.config import load_profile
+
+    endpoint = f"http://127.0.0.1:{free_tcp_port()}"
+    config = load_profile("local")
+    config.storage.endpoint_url = endpoint
+    monkeypatch.setattr("e2e_llm.config.load_profile", lambda *a, **k: config)
+    started = []
+    monkeypatch.setattr(serve_command, "_serve", lambda *a: started.append(a) or 0)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        args = argparse.Namespace(profile="local", host="127.0.0.1", port=port, publish=None, then=None,
+                                  ray_temp_dir=None)
+        assert serve_command.run(args) == 1
+    assert f"127.0.0.1:{port} is in use by another program" in capsys.readouterr().err
+    assert not started and not endpoint_reachable(endpoint)

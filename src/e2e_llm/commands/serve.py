@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from e2e_llm.config import load_profile
     from e2e_llm.local_s3 import LocalS3Error, is_loopback, start
     from e2e_llm.model import ModelError, resolve_model_path
+    from e2e_llm.ports import port_taken
     from e2e_llm.publish import publish_once
     from e2e_llm.serve import ServeError
     from e2e_llm.storage import is_remote, s3_endpoint
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         resolve_model_path(config.model, root=config.root)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if port_taken(host, port):
+        print(f"error: {host}:{port} is in use by another program: stop it, or serve elsewhere with --port "
+              "(or serve.port in the profile)", file=sys.stderr)
         return 1
     store = AdapterStore.from_config(config)
     endpoint = s3_endpoint(config.storage.endpoint_url)
