@@ -461,8 +461,10 @@ def train(ns: argparse.Namespace) -> int:
         if ns.dry_run:
             sets.update(max_samples=64, cutoff_len=256, per_device_train_batch_size=2, save_steps=2, eval_steps=2,
                         enable_liger_kernel=False, preprocessing_num_workers=1, dataloader_num_workers=0)
-    for k, v in ns.set:
-        sets[k] = yaml.safe_load(v)
+    if ns.set:  # read as `e2e-llm train --set` reads them
+        from e2e_llm.compat.llamafactory import read_overrides
+
+        sets.update(read_overrides([f"{k}={v}" for k, v in ns.set]))
     report["profile"] = yaml.safe_load(prof.read_text())
     report["profile_vs_cluster"] = profile_diff(
         yaml.safe_load((ROOT / "configs" / "profiles" / "cluster.yaml").read_text()), report["profile"])
