@@ -2,7 +2,7 @@
 """What runs inside each Ray Train worker of ``e2e-llm train`` (``e2e_llm.train`` starts them):
 resume from Ray Train's checkpoint, run LLaMA-Factory with the callbacks our layer adds, report
 every saved checkpoint to Ray Train, and publish the adapter from rank 0. Each worker appends what
-happened to ``events.jsonl`` in the run's work dir (``e2e_llm.train_report`` reads it).
+happened to ``events.jsonl`` in the run's work dir (the manifest counts attempts from it).
 """
 
 from __future__ import annotations
