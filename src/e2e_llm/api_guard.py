@@ -46,6 +46,9 @@ SAMPLING_RANGES = (
     ("frequency_penalty", -2.0, 2.0, True),
     ("top_logprobs", 0, 20, True),
 )
+# The status a request is recorded with when its client went away before the answer was complete
+# (nginx's 499; never sent: there is no one to send it to). Says nothing about the server's health.
+CLIENT_CLOSED_REQUEST = 499
 JSON_METHODS = ("POST", "PUT", "PATCH")
 # Routes answered without a key: the proxy's probes and the app's readiness (/-/preflight needs one).
 OPEN_PATHS = ("/-/healthz", "/-/routes", "/-/ready")

@@ -25,13 +25,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from e2e_llm.api_guard import CLIENT_CLOSED_REQUEST
 from e2e_llm.canary_gates import AliasState, Answer, PreflightResult, RouterConflict, VersionStats
 from e2e_llm.canary_policy import QualityPolicy
 
 REQUESTS = "ray_e2e_llm_requests_total"
 LATENCY_BUCKET = "ray_e2e_llm_request_latency_seconds_bucket"
 # Answers that say nothing about the version's health.
-NOT_ERRORS = {401, 403, 429}
+NOT_ERRORS = {401, 403, 429, CLIENT_CLOSED_REQUEST}
 
 
 def is_error(status: str | int, count_client_errors: bool = True) -> bool:

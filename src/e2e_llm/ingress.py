@@ -26,7 +26,9 @@ fine-tuned model needs in production.
   replica has loaded: 503 with the reason (``e2e_llm.server``), until the store is back.
 - A request whose engine replica died before it sent anything is retried once (within
   ``serve.retry.deadline_s``); a stream cut after it started ends with an error event, never
-  with ``[DONE]``.
+  with ``[DONE]``. A client that goes away before its answer is complete (streamed or not) gets
+  its engine request aborted (Serve cancels it, vLLM aborts it) and is recorded as status 499,
+  neither an error nor a latency.
 - ``GET /-/ready``: readiness of this app (engine answers a health check; adapter store
   readable), 503 while the engine is not. Serve's ``/-/healthz`` only says the proxy is up.
 - Once constructed, the replica freezes its startup heap out of the garbage collector
@@ -60,6 +62,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from vllm.exceptions import VLLMClientError, VLLMNotFoundError
 
 from e2e_llm.api_guard import (
+    CLIENT_CLOSED_REQUEST,
     ApiKeyMiddleware,
     BodyGuard,
     Limits,
@@ -150,7 +153,8 @@ class E2EIngress(OpenAiIngress):
             "e2e_llm_requests", description="Requests by model, alias, adapter version and HTTP status.",
             tag_keys=tags + ("status",))
         self._m_errors = metrics.Counter(
-            "e2e_llm_request_errors", description="Failed requests (status >= 400) by version and code.",
+            "e2e_llm_request_errors", description="Failed requests (status >= 400; not 499, a client that "
+            "left mid-stream) by version and code.",
             tag_keys=tags + ("code",))
         self._m_latency = metrics.Histogram(
             "e2e_llm_request_latency_seconds", description="End-to-end request latency (stream: until the last chunk).",
@@ -240,6 +244,8 @@ class E2EIngress(OpenAiIngress):
 
     def _record(self, labels: dict[str, str], code: int, start: float, stream: bool) -> None:
         self._m_requests.inc(tags={**labels, "status": str(code)})
+        if code == CLIENT_CLOSED_REQUEST:  # neither an error nor a latency: the client left
+            return
         if code >= 400:
             self._m_errors.inc(tags={**labels, "code": str(code)})
         self._m_latency.observe(time.monotonic() - start, tags={**labels, "stream": str(stream).lower()})
@@ -296,6 +302,9 @@ class E2EIngress(OpenAiIngress):
                                        fallback=None, gone=False)
                 labels, start = route.labels(), time.monotonic()
                 response = await self._attempt(route, body, call_method, request, start)
+        except asyncio.CancelledError:  # the client went away before the answer (the engine aborts it)
+            self._record(labels, CLIENT_CLOSED_REQUEST, start, stream)
+            raise
         except UnknownModel as exc:
             self._record(labels, status.HTTP_404_NOT_FOUND, start, stream)
             return error_response(status.HTTP_404_NOT_FOUND, str(exc), param="model")
@@ -336,8 +345,10 @@ class E2EIngress(OpenAiIngress):
 
     async def _observed(self, chunks, labels: dict[str, str], start: float):
         """Pass a stream through, recording its outcome. A stream cut by a failure ends with an
-        OpenAI error event and no ``[DONE]``: clients must not read it as complete."""
-        code, done = 200, False
+        OpenAI error event and no ``[DONE]``: clients must not read it as complete. A client that
+        goes away mid-stream closes this generator (Serve then cancels the engine's request, which
+        vLLM aborts): recorded as :data:`CLIENT_CLOSED_REQUEST`."""
+        code, done, ended = 200, False, False
         try:
             async for chunk in chunks:
                 text = chunk if isinstance(chunk, str) else bytes(chunk).decode("utf-8", "replace")
@@ -345,16 +356,17 @@ class E2EIngress(OpenAiIngress):
                     code = 500
                 done = done or "data: [DONE]" in text
                 yield chunk
+            ended = True  # by the engine (a failure below is recorded as such, whether or not the client stays)
             if not done:
                 code = 503
                 yield sse_error(503, "the stream ended before the engine finished; the answer is incomplete")
         except Exception as exc:  # noqa: BLE001  the response has started: report in-band
-            code = 503 if isinstance(exc, REPLICA_FAILURES) else 500
+            code, ended = (503 if isinstance(exc, REPLICA_FAILURES) else 500), True
             logger.error("e2e-llm: stream for %s cut: %s: %s", labels["model"], type(exc).__name__, exc)
             yield sse_error(code, f"the stream was cut: the engine replica failed ({type(exc).__name__}); "
                                   "the answer is incomplete, retry the request", type="StreamInterrupted")
         finally:
-            self._record(labels, code, start, True)
+            self._record(labels, code if ended else CLIENT_CLOSED_REQUEST, start, True)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         return await self._serve(body, "chat", request)

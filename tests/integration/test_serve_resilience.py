@@ -109,6 +109,38 @@ def test_store_down_gives_503_for_an_unloaded_adapter_and_it_loads_once_the_stor
     assert adapter in serve_app.store.adapter_ids() and serve_app.alias in serve_app.store.aliases()
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_before_the_answer_frees_the_engine_and_is_recorded_as_499(serve_app, stream):
+    """The connection closed during a 900-token answer (streamed: after two tokens; not streamed:
+    a client's 1 s read timeout): the engine aborts the request (it does not generate the rest for
+    no one), and the ingress records status 499."""
+    app = serve_app
+    max_tokens = 900
+    tokens_before = app.metric("ray_vllm_generation_tokens_total")
+    left_before = app.metric("ray_e2e_llm_requests_total", status="499")
+    body = {"model": app.model_id, "messages": HI, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0.0, "stream": stream}
+    url = f"{app.openai_base_url}/chat/completions"
+    if stream:
+        with httpx.stream("POST", url, json=body, headers=app.headers, timeout=120) as response:
+            assert response.status_code == 200
+            tokens = 0
+            for line in response.iter_lines():
+                tokens += line.startswith("data: ") and '"content"' in line
+                if tokens >= 2:
+                    break  # leaving the block closes the connection with the answer unread
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, headers=app.headers, timeout=httpx.Timeout(120, read=1))
+    app.wait_engine_queue(at_most=0, timeout=180)
+    _wait("the ingress to record the request as 499",
+          lambda: app.metric("ray_e2e_llm_requests_total", status="499") > left_before, 60)
+    generated = app.metric("ray_vllm_generation_tokens_total") - tokens_before
+    # At least one token counted (the counter is live: it is exported as it moves); far fewer than
+    # the answer's 900: the abort reached the engine within moments, not at the end.
+    assert 1 <= generated < max_tokens // 2, generated
+
+
 def _stream(app, i, first_content: threading.Event | None = None):
     """A streamed chat: ("done", n) if it ended with [DONE], ("error", n) if with an error event
     after n content chunks, ("cut", n) if it just stopped (never acceptable). ``first_content`` is

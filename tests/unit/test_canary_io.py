@@ -82,7 +82,8 @@ def test_several_endpoints_are_added_up():
 
 
 @pytest.mark.parametrize("status,counted", [("200", False), ("500", True), ("503", True), ("404", True),
-                                            ("400", True), ("401", False), ("429", False), ("", True)])
+                                            ("400", True), ("401", False), ("429", False), ("", True),
+                                            ("499", False)])  # the client left mid-stream
 def test_which_statuses_are_errors(status, counted):
     assert is_error(status) is counted
 

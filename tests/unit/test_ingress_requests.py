@@ -178,3 +178,80 @@ def test_ready_reports_engine_and_store_and_is_503_while_the_engine_is_down(api,
     api.engine.healthy = False
     down = api.client.get("/-/ready")
     assert down.status_code == 503 and down.json()["engines"][BASE].startswith("unavailable")
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, *args, tags=None):
+        self.calls.append(tags)
+
+    def observe(self, value, tags=None):
+        self.calls.append(tags)
+
+
+def test_a_stream_is_recorded_by_how_it_ended_and_a_client_that_left_is_499(api):
+    """Engine finished: 200; engine failed: 503 (even if the client then leaves); client left
+    mid-stream: 499, counted as a request but neither as an error nor in the latency SLO."""
+    import asyncio
+
+    from ray import exceptions as ray_exceptions
+
+    ingress = api.ingress
+    ingress._m_requests, ingress._m_errors, ingress._m_latency = _Recorder(), _Recorder(), _Recorder()
+    labels = {"model": BASE, "alias": "", "version": ""}
+
+    async def engine(fail: bool = False):
+        yield "data: {}\n\n"
+        if fail:
+            raise ray_exceptions.ActorDiedError()
+        yield "data: [DONE]\n\n"
+
+    async def consume(chunks, leave_after: int | None = None):
+        stream = ingress._observed(chunks, labels, 0.0)
+        read = 0
+        async for _ in stream:
+            read += 1
+            if read == leave_after:
+                await stream.aclose()  # what Starlette does when the client disconnects
+                return
+
+    asyncio.run(consume(engine()))
+    asyncio.run(consume(engine(), leave_after=1))
+    asyncio.run(consume(engine(fail=True), leave_after=2))  # read the error event, then left
+    assert [c["status"] for c in ingress._m_requests.calls] == ["200", "499", "503"]
+    assert [c["code"] for c in ingress._m_errors.calls] == ["503"]
+    assert len(ingress._m_latency.calls) == 2  # not the 499
+
+
+def test_a_request_whose_client_left_before_the_answer_is_recorded_as_499(api, monkeypatch):
+    """Not streamed: the client went away while the engine worked; Serve cancels the handler."""
+    import asyncio
+
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+
+    ingress = api.ingress
+    ingress._m_requests, ingress._m_errors, ingress._m_latency = _Recorder(), _Recorder(), _Recorder()
+
+    working = None
+
+    async def engine_at_work(*args, **kwargs):
+        working.set()
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(ingress, "_call_engine", engine_at_work)
+    body = ChatCompletionRequest(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+
+    async def client_leaves():
+        nonlocal working
+        working = asyncio.Event()
+        task = asyncio.create_task(ingress._serve(body, "chat", None))
+        await asyncio.wait_for(working.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(client_leaves())
+    assert [c["status"] for c in ingress._m_requests.calls] == ["499"]
+    assert not ingress._m_errors.calls and not ingress._m_latency.calls
