@@ -33,11 +33,8 @@ fine-tuned model needs in production.
   readable), 503 while the engine is not. Serve's ``/-/healthz`` only says the proxy is up.
 - Once constructed, the replica freezes its startup heap out of the garbage collector
   (``e2e_llm.replica_heap``), as vLLM's own server does.
-- Per-version metrics through ``ray.util.metrics`` (exported on Ray's metrics port):
-  ``e2e_llm_requests`` (model, alias, version, status), ``e2e_llm_request_errors``
-  (model, alias, version, code), ``e2e_llm_request_latency_seconds`` (model, alias,
-  version, stream) -- the canary's SLO gate reads these -- and ``e2e_llm_request_fallbacks``
-  (model, alias, version = the candidate, code = its error).
+- Per-version metrics on Ray's metrics port (requests by status, errors, latency, fallbacks,
+  retries; the canary's SLO gate reads them): ``e2e_llm.ingress_metrics``.
 
 This module imports Ray at the top; ``e2e_llm.serve.build_app`` imports it lazily.
 """
@@ -57,7 +54,6 @@ from ray import exceptions as ray_exceptions
 from ray.serve import exceptions as serve_exceptions
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
-from ray.util import metrics
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from vllm.exceptions import VLLMClientError, VLLMNotFoundError
 
@@ -83,6 +79,7 @@ from e2e_llm.compat.ray_serve import (
     mode_transport,
     with_mode_transport,
 )
+from e2e_llm.ingress_metrics import IngressMetrics
 from e2e_llm.replica_heap import freeze_startup_heap
 from e2e_llm.serve_preflight import GRACE_S, PreflightRequest, describe, timed_out, verdict
 from e2e_llm.store import AdapterStore
@@ -91,7 +88,6 @@ from e2e_llm.store_snapshot import StoreSnapshot, StoreUnreachable
 logger = logging.getLogger("ray.serve")
 Found = TypeVar("Found")
 
-LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 # The engine replica (or its node) died under the request: nothing was sent yet, safe to retry.
 REPLICA_FAILURES = (ray_exceptions.RayActorError, ray_exceptions.WorkerCrashedError, ray_exceptions.NodeDiedError,
                     serve_exceptions.ReplicaUnavailableError)
@@ -143,31 +139,12 @@ class E2EIngress(OpenAiIngress):
         if auth_enabled:
             app_key_check(api_key_env)
         self._store = AdapterStore(store_uri, store_endpoint_url, store_region)
-        self._snapshot = StoreSnapshot(self._store, on_read_error=lambda: self._m_refresh_errors.inc())
+        self._snapshot = StoreSnapshot(self._store, on_read_error=lambda: self._metrics.refresh_errors.inc())
         self._limits = Limits.from_args(limits)
         self._retry_deadline_s = retry_deadline_s
         self._refresh_s = alias_refresh_s
         self._random = random.Random()
-        tags = ("model", "alias", "version")
-        self._m_requests = metrics.Counter(
-            "e2e_llm_requests", description="Requests by model, alias, adapter version and HTTP status.",
-            tag_keys=tags + ("status",))
-        self._m_errors = metrics.Counter(
-            "e2e_llm_request_errors", description="Failed requests (status >= 400; not 499, a client that "
-            "left mid-stream) by version and code.",
-            tag_keys=tags + ("code",))
-        self._m_latency = metrics.Histogram(
-            "e2e_llm_request_latency_seconds", description="End-to-end request latency (stream: until the last chunk).",
-            boundaries=LATENCY_BUCKETS_S, tag_keys=tags + ("stream",))
-        self._m_refresh_errors = metrics.Counter(
-            "e2e_llm_alias_refresh_errors", description="Failed reads of the alias records from the adapter store.")
-        self._m_retries = metrics.Counter(
-            "e2e_llm_request_retries", description="Requests retried once after their engine replica died.",
-            tag_keys=("model",))
-        self._m_fallbacks = metrics.Counter(
-            "e2e_llm_request_fallbacks", description="Alias requests whose candidate failed before any token, "
-            "answered by the stable version instead (version: the candidate; code: its error).",
-            tag_keys=tags + ("code",))
+        self._metrics = IngressMetrics()
         freeze_startup_heap()
 
     # -- store snapshot --------------------------------------------------------------------
@@ -243,12 +220,7 @@ class E2EIngress(OpenAiIngress):
     # -- request path ----------------------------------------------------------------------
 
     def _record(self, labels: dict[str, str], code: int, start: float, stream: bool) -> None:
-        self._m_requests.inc(tags={**labels, "status": str(code)})
-        if code == CLIENT_CLOSED_REQUEST:  # neither an error nor a latency: the client left
-            return
-        if code >= 400:
-            self._m_errors.inc(tags={**labels, "code": str(code)})
-        self._m_latency.observe(time.monotonic() - start, tags={**labels, "stream": str(stream).lower()})
+        self._metrics.record(labels, code, time.monotonic() - start, stream)
 
     async def _call_engine(self, body, call_method: str, request: Request, start: float) -> Response:
         """The engine's response; once more if its replica died before answering (see module doc)."""
@@ -260,7 +232,7 @@ class E2EIngress(OpenAiIngress):
                 raise
             logger.warning("e2e-llm: engine replica failed before answering %s after %.1f s (%s); retrying once",
                            body.model, waited, type(exc).__name__)
-            self._m_retries.inc(tags={"model": str(body.model).partition(":")[0]})
+            self._metrics.retries.inc(tags={"model": str(body.model).partition(":")[0]})
             return await self._process_llm_request(body, call_method=call_method, raw_request=request)
 
     @staticmethod
@@ -273,7 +245,7 @@ class E2EIngress(OpenAiIngress):
     def _record_fallback(self, route: Route, code: int, exc: Exception, start: float, stream: bool) -> None:
         logger.warning("e2e-llm: alias %s: candidate %s failed before any token (%s, %s); answering from stable %s",
                        route.alias, route.version, code, describe(exc), route.fallback)
-        self._m_fallbacks.inc(tags={**route.labels(), "code": str(code)})
+        self._metrics.fallbacks.inc(tags={**route.labels(), "code": str(code)})
         self._record(route.labels(), status.HTTP_502_BAD_GATEWAY, start, stream)
 
     async def _attempt(self, route: Route, body, call_method: str, request: Request, start: float) -> Response:

@@ -34,21 +34,21 @@ def api(tmp_path, monkeypatch):
     api.ingress._snapshot.loaded_at = float("-inf")
     api.names["candidate"] = candidate
     api.models = {role: f"{BASE}:{api.names[role]}" for role in ("adapter", "candidate")}
-    for name in ("_m_requests", "_m_errors", "_m_latency", "_m_fallbacks"):
-        setattr(api.ingress, name, FakeCounter())
+    for name in ("requests", "errors", "latency", "fallbacks"):
+        setattr(api.ingress._metrics, name, FakeCounter())
     return api
 
 
 def requests_by_version(api) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for _, tags in api.ingress._m_requests.seen:
+    for _, tags in api.ingress._metrics.requests.seen:
         out.setdefault(tags["version"], []).append(tags["status"])
     return out
 
 
 def gate_view(api, count_client_errors: bool):
     """What the SLO gate's scrape makes of the requests counter (canary_io)."""
-    samples = [(REQUESTS, tags, value) for value, tags in api.ingress._m_requests.seen]
+    samples = [(REQUESTS, tags, value) for value, tags in api.ingress._metrics.requests.seen]
     return stats_from_samples(samples, "viggo", count_client_errors)
 
 
@@ -74,7 +74,7 @@ def test_a_failing_candidate_is_answered_by_stable_and_counted_against_the_candi
         assert response.json()["model"] == api.models["adapter"]  # stable's answer
     assert [model for _, model in api.engine.calls] == [api.models["candidate"], api.models["adapter"]]
     assert requests_by_version(api) == {api.names["candidate"]: ["502"], api.names["adapter"]: ["200"]}
-    [(_, fallback)] = api.ingress._m_fallbacks.seen
+    [(_, fallback)] = api.ingress._metrics.fallbacks.seen
     assert fallback["version"] == api.names["candidate"] and fallback["alias"] == "viggo"
     assert fallback["code"] in ("404", "500")
     # the SLO gate sees a candidate error, even when it ignores client errors; stable is clean
@@ -91,7 +91,7 @@ def test_a_candidate_gone_from_the_store_is_answered_by_stable_without_calling_i
         assert response.status_code == 200 and response.json()["model"] == api.models["adapter"]
     assert [model for _, model in api.engine.calls] == [api.models["adapter"]] * 3
     assert requests_by_version(api)[api.names["candidate"]] == ["502"] * 3
-    assert {tags["code"] for _, tags in api.ingress._m_fallbacks.seen} == {"404"}
+    assert {tags["code"] for _, tags in api.ingress._metrics.fallbacks.seen} == {"404"}
 
 
 def test_fallback_happens_once_then_stables_error_is_the_answer(api):
@@ -107,7 +107,7 @@ def test_a_request_the_engine_refuses_is_not_replayed_on_stable(api):
     long = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}  # the fake's context check: 400
     response = post(api, "/v1/chat/completions", long)
     assert response.status_code == 400 and len(api.engine.calls) == 1
-    assert api.ingress._m_fallbacks.seen == []
+    assert api.ingress._metrics.fallbacks.seen == []
     assert requests_by_version(api) == {api.names["candidate"]: ["400"]}
 
 
@@ -115,7 +115,7 @@ def test_an_explicit_version_is_never_swapped_for_another(api):
     api.engine.broken[api.models["candidate"]] = load_failure(api.models["candidate"])
     response = post(api, "/v1/chat/completions", {**CHAT, "model": api.models["candidate"]})
     assert response.status_code == 500 and len(api.engine.calls) == 1
-    assert api.ingress._m_fallbacks.seen == []
+    assert api.ingress._metrics.fallbacks.seen == []
 
 
 def test_a_failing_stable_is_not_replayed_either(api):

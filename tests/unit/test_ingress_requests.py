@@ -199,7 +199,8 @@ def test_a_stream_is_recorded_by_how_it_ended_and_a_client_that_left_is_499(api)
     from ray import exceptions as ray_exceptions
 
     ingress = api.ingress
-    ingress._m_requests, ingress._m_errors, ingress._m_latency = _Recorder(), _Recorder(), _Recorder()
+    metrics = ingress._metrics
+    metrics.requests, metrics.errors, metrics.latency = _Recorder(), _Recorder(), _Recorder()
     labels = {"model": BASE, "alias": "", "version": ""}
 
     async def engine(fail: bool = False):
@@ -220,9 +221,9 @@ def test_a_stream_is_recorded_by_how_it_ended_and_a_client_that_left_is_499(api)
     asyncio.run(consume(engine()))
     asyncio.run(consume(engine(), leave_after=1))
     asyncio.run(consume(engine(fail=True), leave_after=2))  # read the error event, then left
-    assert [c["status"] for c in ingress._m_requests.calls] == ["200", "499", "503"]
-    assert [c["code"] for c in ingress._m_errors.calls] == ["503"]
-    assert len(ingress._m_latency.calls) == 2  # not the 499
+    assert [c["status"] for c in metrics.requests.calls] == ["200", "499", "503"]
+    assert [c["code"] for c in metrics.errors.calls] == ["503"]
+    assert len(metrics.latency.calls) == 2  # not the 499
 
 
 def test_a_request_whose_client_left_before_the_answer_is_recorded_as_499(api, monkeypatch):
@@ -232,7 +233,8 @@ def test_a_request_whose_client_left_before_the_answer_is_recorded_as_499(api, m
     from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 
     ingress = api.ingress
-    ingress._m_requests, ingress._m_errors, ingress._m_latency = _Recorder(), _Recorder(), _Recorder()
+    metrics = ingress._metrics
+    metrics.requests, metrics.errors, metrics.latency = _Recorder(), _Recorder(), _Recorder()
 
     working = None
 
@@ -253,5 +255,5 @@ def test_a_request_whose_client_left_before_the_answer_is_recorded_as_499(api, m
             await task
 
     asyncio.run(client_leaves())
-    assert [c["status"] for c in ingress._m_requests.calls] == ["499"]
-    assert not ingress._m_errors.calls and not ingress._m_latency.calls
+    assert [c["status"] for c in metrics.requests.calls] == ["499"]
+    assert not metrics.errors.calls and not metrics.latency.calls
