@@ -86,6 +86,14 @@ def install_wheels() -> dict[str, str]:
     return env
 
 
+def use_project_src() -> None:
+    """Make this checkout's ``e2e_llm`` importable in a child process on the GPU machine, where it
+    is not installed (the carried wheels are LLaMA-Factory's stack, not the project)."""
+    src = str(ROOT / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+
+
 def gpu_name() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],

@@ -462,6 +462,7 @@ def train(ns: argparse.Namespace) -> int:
             sets.update(max_samples=64, cutoff_len=256, per_device_train_batch_size=2, save_steps=2, eval_steps=2,
                         enable_liger_kernel=False, preprocessing_num_workers=1, dataloader_num_workers=0)
     if ns.set:  # read as `e2e-llm train --set` reads them
+        _device.use_project_src()
         from e2e_llm.compat.llamafactory import read_overrides
 
         sets.update(read_overrides([f"{k}={v}" for k, v in ns.set]))

@@ -211,6 +211,7 @@ def run_point(spec_file: Path) -> int:
     import torch
 
     spec = json.loads(spec_file.read_text())
+    _device.use_project_src()
     from e2e_llm.compat.llamafactory import read_recipe_file
 
     recipe = read_recipe_file(RECIPE)
@@ -295,6 +296,7 @@ def run(ns: argparse.Namespace) -> int:
                WANDB_DISABLED="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(ns.threads))
     if ns.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    _device.use_project_src()
     from e2e_llm.compat.llamafactory import read_recipe_file
 
     recipe = read_recipe_file(RECIPE)

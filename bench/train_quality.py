@@ -119,7 +119,7 @@ def stash(_: argparse.Namespace) -> int:
 
 def convert(gguf_path: Path, out: Path, dtype: str) -> None:
     """Child process: e2e_llm.model's conversion (no pydantic needed), in the local copy's dtype."""
-    sys.path.insert(0, str(_device.ROOT / "src"))
+    _device.use_project_src()
     from e2e_llm.model import convert_gguf
 
     convert_gguf(gguf_path, out, dtype)
@@ -156,6 +156,7 @@ def train_child(spec_file: Path) -> int:
     import torch
     from transformers import TrainerCallback
 
+    _device.use_project_src()
     from e2e_llm.compat.llamafactory import read_recipe_file
 
     spec = json.loads(spec_file.read_text())
@@ -203,6 +204,7 @@ def train_child(spec_file: Path) -> int:
 
 def parse_overrides(items: list[str]) -> dict:
     """``key=value`` items as `e2e-llm train --set` (and LLaMA-Factory's command line) reads them."""
+    _device.use_project_src()
     from e2e_llm.compat.llamafactory import read_overrides
 
     return read_overrides(items)

@@ -220,6 +220,7 @@ def run_variant(spec_file: Path) -> int:
     import torch
     from transformers import TrainerCallback
 
+    _device.use_project_src()
     from e2e_llm.compat.llamafactory import read_recipe_file
 
     spec = json.loads(spec_file.read_text())
@@ -278,7 +279,6 @@ def run_variant(spec_file: Path) -> int:
     clock = Clock()
     callbacks = [clock]
     if not spec.get("peft_input_casts"):  # as `e2e-llm train` trains: what its worker adds besides Ray's report
-        sys.path.insert(0, str(_device.ROOT / "src"))
         from e2e_llm.train_worker import training_callbacks
 
         callbacks += training_callbacks()
