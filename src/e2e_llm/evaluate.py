@@ -173,7 +173,7 @@ def read_results(uri: str | Path) -> list[dict[str, Any]]:
 
     uri = str(uri)
     if not uri.endswith(RESULT_SUFFIXES):
-        if storage.exists(uri) and not storage.is_remote(uri) and Path(uri).is_file():
+        if not storage.is_remote(uri) and Path(uri).is_file():
             raise EvaluationError(f"{uri}: not a results file: use {', '.join(RESULT_SUFFIXES)} or a folder of "
                                   ".jsonl/.parquet parts")
         try:
@@ -183,7 +183,7 @@ def read_results(uri: str | Path) -> list[dict[str, Any]]:
         parts = [n for n in names if n.endswith((".jsonl", ".parquet")) and not n.startswith(".")]
         if parts:
             return [row for name in parts for row in read_results(storage.join(uri, name))]
-        if storage.exists(uri) and not storage.is_remote(uri) and Path(uri).is_dir():
+        if not storage.is_remote(uri) and Path(uri).is_dir():
             raise EvaluationError(f"{uri}: folder holds no .jsonl or .parquet files")
     if not storage.exists(uri):
         raise EvaluationError(f"{uri}: results file not found")
