@@ -42,6 +42,16 @@ from e2e_llm.train_worker import EVENTS_FILE, train_loop_per_worker
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
             "ray_storage_path", "resources_per_worker", "placement_strategy")
+# LLaMA-Factory keys `e2e-llm train` sets for each run, and where a user changes them instead.
+PROFILE_KEYS = {
+    "model_name_or_path": "model.source in the profile",
+    "dataset": "data.dataset and train.train_split in the profile",
+    "eval_dataset": "data.dataset and train.eval_split in the profile",
+    "dataset_dir": "the profile's storage (`e2e-llm data` writes it)",
+    "output_dir": "storage.root in the profile (runs/<run id>)",
+    "overwrite_output_dir": "the run id: a rerun with the same --run-id resumes, a new one starts fresh",
+    "resume_from_checkpoint": "--run-id (the run to resume)",
+}
 
 
 class TrainError(RuntimeError):
@@ -80,6 +90,9 @@ def check_recipe_values(values: dict[str, Any], fields: dict[str, Any], where: s
         if key in RAY_KEYS:
             raise TrainError(f"{where}: {key!r} is a Ray setting; set train.num_workers/resources_per_worker "
                              "in the profile instead (Ray Train runs the workers)")
+        if key in PROFILE_KEYS and where == "--set":  # a recipe may keep them, to run it alone too
+            raise TrainError(f"{where}: {key!r} is set for each run by e2e-llm train; change "
+                             f"{PROFILE_KEYS[key]} instead")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -136,6 +149,8 @@ class TrainPlan:
     recipe_path: str
     dataset_files: dict[str, str]
     dtype: dict[str, Any] = dataclasses.field(default_factory=dict)  # DtypeChoice.as_dict()
+    # Recipe keys whose values this run does not use (PROFILE_KEYS), for a notice.
+    replaced_keys: list[str] = dataclasses.field(default_factory=list)
 
 
 def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None,
@@ -175,7 +190,7 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
     else:
         work_dir = str(Path(run_uri) / "work")
 
-    args = dict(recipe)
+    args = {key: value for key, value in recipe.items() if key not in PROFILE_KEYS}
     args.update(
         model_name_or_path=model_path,
         dataset=f"{config.data.dataset}-{tc.train_split}",
@@ -187,6 +202,7 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
     else:
         args.pop("eval_strategy", None)
         args.pop("do_eval", None)
+    replaced = [key for key in PROFILE_KEYS if key in recipe and args.get(key) != recipe[key]]
     # Observability: effective (non-padding) tokens for tokens/s; LLaMA-Factory then logs them.
     # With neat_packing the attention mask is LLaMA-Factory's 4-D additive one, which transformers'
     # non_padding count sums into a large negative number (seen on the GPU recipes): count every
@@ -195,7 +211,7 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
     choice = training_dtype(config, recipe_path, recipe, model_path)
     args.update(llamafactory_precision(choice))
     return TrainPlan(run_id, run_uri, work_dir, dataset_uri, args, str(recipe_path), dataset_files,
-                     dtype=choice.as_dict())
+                     dtype=choice.as_dict(), replaced_keys=replaced)
 
 
 def training_dtype(config: PipelineConfig, recipe_path: Path, recipe: dict[str, Any], model_path: str):
@@ -290,6 +306,9 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     print(f"[train] run {plan.run_id}: {config.train.num_workers} Ray Train workers, outputs in {plan.run_uri}",
           flush=True)
     print(f"[train] dtype: {plan.dtype['dtype']} on {plan.dtype['device']} ({plan.dtype['reason']})", flush=True)
+    if plan.replaced_keys:
+        print(f"[train] not used from {plan.recipe_path}: {', '.join(plan.replaced_keys)} (set for each run "
+              "from the profile and the run id)", flush=True)
     start = time.time()
     try:
         tc = config.train

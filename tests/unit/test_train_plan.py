@@ -221,3 +221,42 @@ def test_optional_numbers_may_be_null(profile):
     from e2e_llm.train import parse_overrides, plan_run
 
     assert plan_run(_ingested(profile()), overrides=parse_overrides(["max_samples=null"])).args["max_samples"] is None
+
+
+def test_keys_each_run_sets_are_refused_on_the_command_line(profile):
+    """``--set model_name_or_path=...`` would otherwise be overwritten by the profile's model without
+    a word: it names what to change instead."""
+    from e2e_llm.train import TrainError, parse_overrides, plan_run
+
+    config = _ingested(profile())
+    for override, instead in (("model_name_or_path=Qwen/Qwen2.5-7B-Instruct", "model.source in the profile"),
+                              ("output_dir=/tmp/out", "storage.root in the profile"),
+                              ("resume_from_checkpoint=/tmp/ckpt", "--run-id")):
+        with pytest.raises(TrainError, match=re.escape(f"is set for each run by e2e-llm train; change {instead}")):
+            plan_run(config, overrides=parse_overrides([override]))
+
+
+def test_a_recipe_written_for_llamafactory_cli_trains_on_the_profiles_model_and_data(profile, tmp_path):
+    """A recipe copied from LLaMA-Factory's examples names its own model, dataset, output and
+    checkpoint. The run uses the profile's (a stale resume_from_checkpoint would resume another run)
+    and names the keys it did not use."""
+    from e2e_llm.model import resolve_model_path
+    from e2e_llm.train import plan_run
+
+    config = _ingested(profile(train__eval_split=None))
+    assert plan_run(config).replaced_keys == []  # our own recipes leave them to the profile
+    recipe = tmp_path / "recipe.yaml"
+    text = config.path(config.train.recipe).read_text()
+    for line in ("model_name_or_path: Qwen/Qwen2.5-7B-Instruct", "dataset: alpaca_en_demo",
+                 "eval_dataset: alpaca_en_demo", "dataset_dir: data", "output_dir: saves/qwen/lora/sft",
+                 "resume_from_checkpoint: saves/qwen/lora/sft/checkpoint-100"):
+        text = _with_line(text, line)
+    recipe.write_text(text)
+    config.train.recipe = str(recipe)
+    plan = plan_run(config)
+    assert plan.replaced_keys == ["model_name_or_path", "dataset", "eval_dataset", "dataset_dir", "output_dir",
+                                  "resume_from_checkpoint"]
+    assert plan.args["model_name_or_path"] == resolve_model_path(config.model, root=config.root)
+    assert plan.args["dataset"] == "viggo-train" and plan.args["output_dir"].startswith(plan.work_dir)
+    for key in ("eval_dataset", "dataset_dir", "resume_from_checkpoint"):  # no eval split; set in the worker
+        assert key not in plan.args
