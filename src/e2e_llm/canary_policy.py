@@ -206,11 +206,16 @@ def canary_set_text(rows: Sequence[dict[str, str]]) -> str:
 
 def write_canary_set(rows: Sequence[dict[str, Any]], task, n: int, path: Path, version: str,
                      count_tokens: Callable[[str], int]) -> dict[str, Any]:
-    """Select and write the canary set; returns the policy's ``canary_set`` block for it."""
+    """Select and write the canary set; returns the policy's ``canary_set`` block for it. A version
+    is immutable: a policy pins its file by sha256, so other rows under an existing file's name
+    are refused (the same rows again are fine)."""
     picked = select_canary_rows(rows, task, n)
     if len(picked) < n:
         raise ConfigError(f"only {len(picked)} rows available for a canary set of {n}")
     text = canary_set_text(picked)
+    if path.is_file() and (old := _sha256(path.read_text(encoding="utf-8"))) != _sha256(text):
+        raise ConfigError(f"{path} exists with other rows (sha256 {old}): a canary set version never "
+                          "changes, since a policy pins it by sha256; pick a new --version (or --output)")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return {"path": str(path), "version": version, "sha256": _sha256(text), "rows": len(picked),

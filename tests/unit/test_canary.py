@@ -4,6 +4,7 @@ manual commands, and recovery from a kill between any two of its side effects.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -1006,6 +1007,15 @@ def test_committed_canary_set_regenerates_from_the_clean_val_split(tmp_path, loc
                             lambda text: 1)
     assert spec["sha256"] == policy.canary_set.sha256
     assert len(load_canary_set(policy, ROOT, local_config.data.system_prompt)) == policy.canary_set.rows
+
+    # The same version again: the same file. Other rows under its name: refused, the file kept.
+    assert write_canary_set(read_jsonl(val), viggo_task, policy.canary_set.rows, tmp_path / "set.jsonl", "v2",
+                            lambda text: 1) == spec
+    with pytest.raises(ConfigError, match=r"set.jsonl exists with other rows .* pick a new --version"):
+        other_prompt = [{**row, "instruction": "Another prompt."} for row in read_jsonl(val)]
+        write_canary_set(other_prompt, viggo_task, policy.canary_set.rows, tmp_path / "set.jsonl", "v2",
+                         lambda text: 1)
+    assert hashlib.sha256((tmp_path / "set.jsonl").read_bytes()).hexdigest() == policy.canary_set.sha256
 
 
 def test_a_canary_set_asking_with_another_system_prompt_is_rejected_naming_the_line(tmp_path):

@@ -7,6 +7,7 @@ validation rows, written as JSONL (default configs/canary/<dataset>-<version>.js
 from __future__ import annotations
 
 import argparse
+import sys
 
 import yaml
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_profile(args.profile)
     split = Path(config.storage_uri("data", config.data.dataset, f"{args.split}.jsonl"))
     if not split.is_file():
-        print(f"error: {split} not found: run `e2e-llm data --profile {args.profile}` first")
+        print(f"error: {split} not found: run `e2e-llm data --profile {args.profile}` first", file=sys.stderr)
         return 1
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model, root=config.root))
     output = Path(args.output) if args.output else config.root / "configs" / "canary" / \
