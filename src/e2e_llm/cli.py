@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from e2e_llm.config import ConfigError
 
-# Exit status of any subcommand when its profile or another config file is invalid.
+# Exit status of a subcommand that cannot start: its profile or another config file is invalid, or
+# this environment lacks what it needs.
 CONFIG_ERROR = 2
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,6 +44,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "canary-set": ("e2e_llm.commands.canary_set", "make the versioned canary set from held-out rows"),
 }
 
+# Subcommands that need a library only one of the two pinned environments has (README,
+# "Environments"): subcommand -> (module, library, environment).
+NEEDS_ENVIRONMENT: dict[str, tuple[str, str, str]] = {
+    "train": ("llamafactory", "LLaMA-Factory", "train"),
+    "batch": ("vllm", "vLLM", "serve"),
+    "serve": ("vllm", "vLLM", "serve"),
+}
+
+
+def wrong_environment(command: str) -> str | None:
+    """Why ``command`` cannot run in this Python, or None. Without the check the run fails late:
+    ``batch`` after Ray started, in an engine actor; ``train`` in a traceback about imports."""
+    if command not in NEEDS_ENVIRONMENT:
+        return None
+    module, library, environment = NEEDS_ENVIRONMENT[command]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return (f"e2e-llm {command} needs {library}, which this Python ({sys.executable}) does not have: run it "
+            f"from the {environment} environment (.venv/{environment}/bin/e2e-llm, made by `make env`; "
+            f"the {environment} image in a cluster)")
+
 
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="local", help="profile name under configs/profiles or a path")
@@ -60,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if problem := wrong_environment(args.command):
+        print(f"error: {problem}", file=sys.stderr)
+        return CONFIG_ERROR
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:
