@@ -118,12 +118,10 @@ ADAPTER ?= latest
 # publish: VERSION defaults to the next vN; ALIAS (e.g. viggo) is created or moved to it.
 VERSION ?=
 ALIAS ?=
-# The local profile's adapter store endpoint (storage.endpoint_url in configs/profiles/local.yaml).
-STORE_PORT ?= 9321
 
 .PHONY: store publish serve e2e-serve
-store: env-serve ## Run the local adapter store (S3 on loopback, kept in .e2e/local/s3) in the foreground.
-	$(SERVE_ENV)/bin/python -m e2e_llm.local_s3 -H 127.0.0.1 -p $(STORE_PORT) --data-dir .e2e/local/s3
+store: env-serve ## Run PROFILE's adapter store (S3 on its loopback endpoint, kept in <storage root>/s3) in the foreground.
+	$(SERVE_ENV)/bin/python -m e2e_llm.local_s3 --profile $(PROFILE)
 
 publish: env-serve ## Publish ADAPTER to PROFILE's adapter store (VERSION=, ALIAS=viggo).
 	$(SERVE_CLI) publish --profile $(PROFILE) --adapter $(ADAPTER) $(if $(VERSION),--version $(VERSION)) $(if $(ALIAS),--alias $(ALIAS))

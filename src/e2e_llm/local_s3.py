@@ -12,7 +12,8 @@ Two properties the rest of the project relies on:
   SIGINT/SIGTERM. A crash loses at most the last second of writes; a clean stop loses nothing.
 
 Usage:
-    python -m e2e_llm.local_s3 -H 127.0.0.1 -p 9321 --data-dir .e2e/local/s3   (make store)
+    python -m e2e_llm.local_s3 --profile local     (make store: the profile's endpoint and <storage root>/s3)
+    python -m e2e_llm.local_s3 -H 127.0.0.1 -p 9321 --data-dir /tmp/s3
 :func:`start` runs it in the background (``e2e-llm serve`` on the local profile, the tests).
 """
 
@@ -28,6 +29,9 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
 SYNC_S = 1.0
+# The mirror's own requests carry this in their User-Agent and are not logged: in the foreground
+# (`make store`) they would print two lines a second over the requests that matter.
+MIRROR_AGENT = "e2e-llm-store-mirror"
 READY = "e2e-llm local S3 ready"
 
 
@@ -89,9 +93,22 @@ def serialized_writes(app):
 
 def _client(endpoint: str):
     import boto3
+    from botocore.config import Config
 
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                        aws_secret_access_key="testing")
+                        aws_secret_access_key="testing", config=Config(user_agent_extra=MIRROR_AGENT))
+
+
+def _request_handler():
+    """moto's request handler, silent for the mirror's own requests."""
+    from moto.server import MotoRequestHandler
+
+    class Handler(MotoRequestHandler):
+        def log_request(self, *args, **kwargs):
+            if MIRROR_AGENT not in self.headers.get("User-Agent", ""):
+                super().log_request(*args, **kwargs)
+
+    return Handler
 
 
 def restore(s3, data_dir: Path) -> int:
@@ -131,12 +148,12 @@ def sync(s3, data_dir: Path, seen: dict[tuple[str, str], str]) -> None:
 def serve(host: str, port: int, data_dir: Path | None = None) -> None:
     """Run the server in the foreground (moto's own app and request handler, as ``moto_server``),
     mirrored to ``data_dir`` when given; prints ``READY`` once it answers."""
-    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
     os.environ.setdefault("MOTO_PORT", str(port))  # as moto_server does (URLs it generates)
     app = serialized_writes(DomainDispatcherApplication(create_backend_app))
-    server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    server = make_server(host, port, app, threaded=True, request_handler=_request_handler())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -233,12 +250,41 @@ def start(endpoint: str, *, data_dir: str | Path | None = None, python: str | No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e_llm.local_s3", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", help="serve this profile's adapter store: host and port from its S3 endpoint, "
+                                          "contents kept where `e2e-llm serve` keeps them (<storage root>/s3)")
     parser.add_argument("-H", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=9321)
     parser.add_argument("--data-dir", type=Path, help="keep the contents here across restarts (default: memory)")
     args = parser.parse_args(argv)
+    if args.profile:
+        from e2e_llm.config import ConfigError
+
+        try:
+            args.host, args.port, args.data_dir = profile_store(args.profile)
+        except (ConfigError, LocalS3Error) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     serve(args.host, args.port, args.data_dir)
     return 0
+
+
+def profile_store(profile: str) -> tuple[str, int, Path]:
+    """Host, port and data folder of ``profile``'s local adapter store, as ``e2e-llm serve`` starts it."""
+    from e2e_llm.config import load_profile
+    from e2e_llm.storage import s3_endpoint
+    from e2e_llm.store import StoreError, local_store_dir
+
+    config = load_profile(profile)
+    endpoint = s3_endpoint(config.storage.endpoint_url)
+    if not endpoint or not is_loopback(endpoint):
+        raise LocalS3Error(f"{config.source_file}: the adapter store's S3 endpoint ({endpoint or 'the provider'}) "
+                           "is not on loopback: nothing to run here")
+    try:
+        data_dir = local_store_dir(config)
+    except StoreError as exc:
+        raise LocalS3Error(str(exc)) from None
+    url = urlparse(endpoint)
+    return url.hostname, url.port or 80, data_dir
 
 
 if __name__ == "__main__":

@@ -131,3 +131,36 @@ def test_serve_refused_for_a_port_in_use_starts_nothing(monkeypatch, capsys):
         assert serve_command.run(args) == 1
     assert f"127.0.0.1:{port} is in use by another program" in capsys.readouterr().err
     assert not started and not endpoint_reachable(endpoint)
+
+
+def test_the_store_in_the_foreground_logs_clients_requests_not_its_own_mirroring(tmp_path):
+    """`make store` prints each request; the mirror's own (two a second) would bury them."""
+    import subprocess
+    import sys
+    import time
+
+    from e2e_llm.local_s3 import READY, SYNC_S, _client
+
+    port = free_tcp_port()
+    proc = subprocess.Popen([sys.executable, "-m", "e2e_llm.local_s3", "-p", str(port), "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith(READY)
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket="logged")
+        client.put_object(Bucket="logged", Key="k", Body=b"v")
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "logged" / "k").exists():  # mirrored: the mirror has made requests
+            assert time.monotonic() < deadline, "the mirror never wrote the object"
+            time.sleep(SYNC_S / 4)
+        assert _client(f"http://127.0.0.1:{port}").list_buckets()["Buckets"]  # a mirror-agent request
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    requests = [line for line in err.splitlines() if "HTTP/1.1" in line]
+    assert any('"PUT /logged HTTP/1.1" 200' in line for line in requests)
+    assert any('"PUT /logged/k HTTP/1.1" 200' in line for line in requests)
+    assert not any('"GET / HTTP/1.1"' in line for line in requests), requests  # list_buckets: the mirror's
