@@ -170,8 +170,7 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     run_dir = Path(config.storage_uri("e2e", run_id))
     choice = model_dtype(config)
     result = E2EResult(run_id=run_id, run_dir=str(run_dir), dtype=choice.as_dict())
-    # the serve stage's client asks with this profile's system prompt (examples/openai_client.py)
-    env = {**os.environ, **QUIET_ENV, "E2E_LLM_PROFILE": profile}
+    env = {**os.environ, **QUIET_ENV}
     echo(banner(f"e2e {run_id}: profile {profile}"))
     echo(f"dtype: {choice.dtype} ({choice.reason}); model.dtype: {config.model.dtype} in the profile")
     echo(f"full logs: {run_dir}/<stage>.log")
@@ -261,13 +260,14 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
     if result.adapter_batch:
         lines.append(f"  predictions  {result.adapter_batch['outputs']['predictions']}")
     lines.append(f"  logs         {result.run_dir}/<stage>.log")
+    make_profile = "" if profile == "local" else f" PROFILE={profile}"
     lines += ["", "next:",
-              f"  serve it:      make serve ADAPTER={result.run_id}   (OpenAI API on "
+              f"  serve it:      make serve{make_profile} ADAPTER={result.run_id}   (OpenAI API on "
               f"http://{config.serve.host}:{config.serve.port}/v1; Ctrl-C stops)",
               f"  query it:      {'' if profile == 'local' else f'E2E_LLM_PROFILE={profile} '}"
-              ".venv/serve/bin/python examples/openai_client.py   "
+              ".venv/serve/bin/python examples/openai_client.py [SENTENCE]   "
               f"(model {config.model.id}:{config.data.dataset})",
-              f"  all val rows:  make batch-local ADAPTER={result.run_id}   "
+              f"  all val rows:  make batch-local{make_profile} ADAPTER={result.run_id}   "
               f"(e2e-llm batch --profile {profile} --adapter {result.run_id} --split val)"]
     if rows is None:
         lines.pop()

@@ -69,6 +69,13 @@ def test_summary_puts_base_and_adapter_side_by_side(config):
     assert "| exact_match | 0.000 | 0.310 |" in text and "| slot_f1 | 0.001 | 0.720 |" in text
     assert "| total | 500 |" in text and "reused run b0" in text
     assert "make batch-local ADAPTER=r1" in text and "examples/openai_client.py" in text
+    assert "make serve ADAPTER=r1" in text and "E2E_LLM_PROFILE" not in text
+
+    # Another profile's next commands name it: `make serve` alone would serve the local one.
+    other = summary(result, config, 200, "/work/profiles/home.yaml")
+    assert "make serve PROFILE=/work/profiles/home.yaml ADAPTER=r1" in other
+    assert "make batch-local PROFILE=/work/profiles/home.yaml ADAPTER=r1" in other
+    assert "E2E_LLM_PROFILE=/work/profiles/home.yaml .venv/serve/bin/python examples/openai_client.py" in other
 
 
 def test_quiet_env_never_touches_error_output():

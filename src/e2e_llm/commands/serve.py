@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="HTTP host (default: serve.host)")
     parser.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
     parser.add_argument("--then", metavar="COMMAND",
-                        help="once ready, run COMMAND (env: E2E_LLM_BASE_URL, E2E_LLM_MODEL), then shut down "
+                        help="once ready, run COMMAND (env: E2E_LLM_BASE_URL, E2E_LLM_MODEL, E2E_LLM_PROFILE), then shut down "
                              "and exit with its status")
     parser.add_argument("--ray-temp-dir", default=os.environ.get("RAY_TMPDIR"),
                         help="temp dir for a local Ray instance (short path; default $RAY_TMPDIR)")
@@ -115,7 +115,8 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
             base_url = f"http://{host}:{port}{config.serve.route_prefix.rstrip('/')}/v1"
             print(f"serving {config.model.id} at {base_url} (model=\"{model}\"); Ctrl-C to stop", flush=True)
             if args.then:
-                env = {**os.environ, "E2E_LLM_BASE_URL": base_url, "E2E_LLM_MODEL": model}
+                env = {**os.environ, "E2E_LLM_BASE_URL": base_url, "E2E_LLM_MODEL": model,
+                       "E2E_LLM_PROFILE": args.profile}  # the client asks as this profile's adapters were trained
                 code = subprocess.run(shlex.split(args.then), env=env, check=False).returncode
             else:
                 while not stop.wait(0.5):
