@@ -302,10 +302,11 @@ def metrics_table(metrics: dict[str, Any], comparison: dict[str, dict[str, float
             lines.append(f"| {key} | {metrics[key]:.3f} | {prev} | {delta} |")
     else:
         lines = ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {metrics[k]:.3f} |" for k in HEADLINE]
-    lines.append(f"| rows | {metrics['n']} |" + (" | |" * 2 if comparison else ""))
-    lines.append(f"| engine errors | {metrics['n_errors']} |" + (" | |" * 2 if comparison else ""))
+    counts = [("rows", metrics["n"]), ("engine errors", metrics["n_errors"])]
     if metrics.get("n_unscored"):
-        lines.append(f"| unreadable rows, not scored | {metrics['n_unscored']} |" + (" | |" * 2 if comparison else ""))
+        counts.append(("unreadable rows, not scored", metrics["n_unscored"]))
+    empty = " |" * (lines[0].count("|") - 3)  # the columns a count leaves empty
+    lines += [f"| {name} | {count} |{empty}" for name, count in counts]
     return "\n".join(lines)
 
 

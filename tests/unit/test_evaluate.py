@@ -13,6 +13,7 @@ from e2e_llm.evaluate import (
     evaluate,
     evaluate_rows,
     load_previous,
+    metrics_table,
     read_results,
     render_report,
     write_reports,
@@ -140,6 +141,10 @@ def test_comparison_with_previous_metrics_and_manifest(viggo_task, tmp_path):
         assert diff["exact_match"] == {"current": 0.5, "previous": 0.0, "delta": 0.5}
     report = render_report(now, comparison=compare(now, before))
     assert "| exact_match | 0.500 | 0.000 | +0.500 |" in report
+    for comparison in (None, compare(now, before)):  # every row of the table has the header's columns
+        table = metrics_table({**now, "n_unscored": 1}, comparison).splitlines()
+        assert {line.count("|") for line in table} == {table[0].count("|")}
+        assert table[-3:][0].startswith("| rows | 2 |") and table[-1].startswith("| unreadable rows, not scored | 1 |")
     write_reports(now, tmp_path / "cmp", previous=before)
     assert json.loads((tmp_path / "cmp" / "metrics.json").read_text())["comparison"]["slot_f1"]["delta"] == 0.5
 

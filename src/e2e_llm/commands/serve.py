@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="HTTP host (default: serve.host)")
     parser.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
     parser.add_argument("--then", metavar="COMMAND",
-                        help="once ready, run COMMAND (env: E2E_LLM_BASE_URL, E2E_LLM_MODEL, E2E_LLM_PROFILE), then shut down "
-                             "and exit with its status")
+                        help="once ready, run COMMAND (env: E2E_LLM_BASE_URL, E2E_LLM_MODEL, E2E_LLM_PROFILE), "
+                             "then shut down and exit with its status")
     parser.add_argument("--ray-temp-dir", default=os.environ.get("RAY_TMPDIR"),
                         help="temp dir for a local Ray instance (short path; default $RAY_TMPDIR)")
 
