@@ -434,7 +434,7 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
     store = AdapterStore.from_config(config)
     store.require_reachable()
     task = config.task_schema()
-    rows = load_canary_set(policy, config.root, config.data.system_prompt)
+    rows = load_canary_set(policy, config.root, config.data.system_prompt, task)
     prober = metrics = preflight = traffic = None
     if for_gates:
         api_key = os.environ.get(config.serve.auth.api_key_env) if config.serve.auth.enabled else None

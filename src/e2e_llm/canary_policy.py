@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from e2e_llm.config import ConfigError, Strict, load_yaml_model
+from e2e_llm.task import MRError, TaskSchema
 
 DEFAULT_POLICY = "configs/canary.yaml"
 QUALITY_METRICS = ("exact_match", "slot_f1", "valid_mr_rate", "function_accuracy")
@@ -222,10 +223,13 @@ def write_canary_set(rows: Sequence[dict[str, Any]], task, n: int, path: Path, v
             "max_reference_tokens": max(count_tokens(r["output"]) for r in picked)}
 
 
-def load_canary_set(policy: CanaryPolicy, root: Path, system_prompt: str | None = None) -> list[dict[str, str]]:
+def load_canary_set(policy: CanaryPolicy, root: Path, system_prompt: str | None = None,
+                    task: TaskSchema | None = None) -> list[dict[str, str]]:
     """The policy's canary rows, after checking the file against the recorded sha256 and, where
     the profile sets ``data.system_prompt``, that every row asks with it (as the adapters were
-    trained): a set made before the prompt changed would score every candidate as broken."""
+    trained): a set made before the prompt changed would score every candidate as broken. So
+    would a set made for another task (the default policy's is VIGGO's): with ``task``, every
+    reference must be one of its meaning representations."""
     spec = policy.canary_set
     path = Path(spec.path) if Path(spec.path).is_absolute() else root / spec.path
     if not path.is_file():
@@ -242,6 +246,13 @@ def load_canary_set(policy: CanaryPolicy, root: Path, system_prompt: str | None 
         if system_prompt and row["instruction"] != system_prompt:
             raise ConfigError(f"{path}:{number}: instruction is not the profile's data.system_prompt "
                               f"{system_prompt!r}; remake the set with `e2e-llm canary-set`")
+        if task is not None:
+            try:
+                task.parse(row["output"])
+            except MRError as exc:
+                raise ConfigError(f"{path}:{number}: output is not a meaning representation of the profile's task "
+                                  f"{task.name!r} ({exc}); make this task's set with `e2e-llm canary-set` and "
+                                  "point canary.policy at a policy for it") from None
         rows.append(row)
     if len(rows) != spec.rows:
         raise ConfigError(f"{path}: {len(rows)} rows, policy says canary_set.rows {spec.rows}")

@@ -70,8 +70,8 @@ def require_reachable(endpoint: str | None, what: str) -> None:
     if endpoint and is_loopback(endpoint):
         local_credentials()
         if not endpoint_reachable(endpoint):
-            raise LocalS3Error(f"no S3 server at {endpoint} for {what}: start one with "
-                               "`make store` (or let `e2e-llm serve --publish ...` start it)")
+            raise LocalS3Error(f"no S3 server at {endpoint} for {what}: start one with `make store` "
+                               "(PROFILE=... for another profile's), or let `e2e-llm serve --publish ...` start it")
 
 
 # -- the server process -----------------------------------------------------------------------

@@ -1034,6 +1034,20 @@ def test_a_canary_set_asking_with_another_system_prompt_is_rejected_naming_the_l
         load_canary_set(load_policy(path), ROOT, "Write the MR.")
 
 
+def test_a_canary_set_made_for_another_task_is_rejected_naming_the_line(local_config, viggo_task):
+    """A profile for another task that keeps the default policy would score every candidate on
+    VIGGO rows, and roll every one back: the set's references must be the profile's task's."""
+    from e2e_llm.task import TaskSchema
+
+    home = TaskSchema.model_validate({"name": "home", "functions": {"set_state": {}},
+                                      "attributes": {"device": {}, "state": {"values": ["on", "off"]}}})
+    policy = load_policy(ROOT / "configs/canary.yaml")
+    assert len(load_canary_set(policy, ROOT, local_config.data.system_prompt, viggo_task)) == policy.canary_set.rows
+    with pytest.raises(ConfigError, match=r"viggo-v2.jsonl:1: output is not a meaning representation of the "
+                                          r"profile's task 'home' \(.*\); make this task's set"):
+        load_canary_set(policy, ROOT, local_config.data.system_prompt, home)
+
+
 # -- the shipped policy on the local profile, and the exit status ---------------------------------
 
 
