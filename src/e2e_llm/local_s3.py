@@ -32,6 +32,8 @@ SYNC_S = 1.0
 # The mirror's own requests carry this in their User-Agent and are not logged: in the foreground
 # (`make store`) they would print two lines a second over the requests that matter.
 MIRROR_AGENT = "e2e-llm-store-mirror"
+# Not an S3 path (no bucket may start with "_"): where the server says which store it keeps.
+INFO_PATH = "/_e2e-llm/store"
 READY = "e2e-llm local S3 ready"
 
 
@@ -89,6 +91,36 @@ def serialized_writes(app):
             return list(app(environ, start_response))
 
     return wrapped
+
+
+def with_store_info(app, data_dir: Path | None):
+    """WSGI middleware: ``GET INFO_PATH`` says where this server keeps its objects, so a second
+    pipeline whose profile names the same endpoint can tell another profile's store from its own."""
+    import json
+
+    body = json.dumps({"data_dir": str(data_dir.resolve()) if data_dir is not None else None}).encode()
+
+    def wrapped(environ, start_response):
+        if environ.get("PATH_INFO") == INFO_PATH and environ.get("REQUEST_METHOD") == "GET":
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        return app(environ, start_response)
+
+    return wrapped
+
+
+def running_store(endpoint: str, timeout: float = 5.0) -> dict | None:
+    """What the e2e-llm store at ``endpoint`` says of itself; None for another S3 server or one too
+    busy to answer (nothing to compare then)."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(endpoint.rstrip("/") + INFO_PATH, timeout=timeout) as response:
+            info = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "data_dir" in info else None
 
 
 def _client(endpoint: str):
@@ -152,7 +184,7 @@ def serve(host: str, port: int, data_dir: Path | None = None) -> None:
     from werkzeug.serving import make_server
 
     os.environ.setdefault("MOTO_PORT", str(port))  # as moto_server does (URLs it generates)
-    app = serialized_writes(DomainDispatcherApplication(create_backend_app))
+    app = with_store_info(serialized_writes(DomainDispatcherApplication(create_backend_app)), data_dir)
     server = make_server(host, port, app, threaded=True, request_handler=_request_handler())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stop = threading.Event()
@@ -238,11 +270,19 @@ def start(endpoint: str, *, data_dir: str | Path | None = None, python: str | No
           timeout: float = 60.0) -> LocalS3Process | None:
     """Start the server on the loopback endpoint's port (``python``: the interpreter, default this
     one; ``data_dir``: where its contents are kept across restarts) and wait until it answers.
-    Returns the process (the caller stops it), or None if one already answers there."""
+    Returns the process (the caller stops it), or None if one already answers there. One that
+    keeps another store (another profile on the same endpoint, or one in memory) is an error:
+    this profile's adapters would be written into it."""
     if not is_loopback(endpoint):
         raise LocalS3Error(f"{endpoint}: only a loopback endpoint can be started locally")
     local_credentials()
     if endpoint_reachable(endpoint):
+        wanted = str(Path(data_dir).resolve()) if data_dir is not None else None
+        if (info := running_store(endpoint)) is not None and info["data_dir"] != wanted:
+            raise LocalS3Error(
+                f"the S3 server at {endpoint} keeps another store ({info['data_dir'] or 'in memory'}), not "
+                f"this profile's ({wanted or 'in memory'}): stop it, or give this profile a port of its own "
+                "in storage.endpoint_url")
         return None
     url = urlparse(endpoint)
     return LocalS3Process(url.hostname, url.port or 80, data_dir, python or sys.executable).start(timeout)

@@ -75,6 +75,47 @@ def test_an_empty_data_dir_starts_an_empty_store(tmp_path, monkeypatch):
         server.stop()
 
 
+def test_a_second_profile_on_the_same_endpoint_is_refused_not_written_into_the_first_ones_store(tmp_path):
+    """Two pipelines at once, both profiles naming one local endpoint: the second `e2e-llm serve`
+    would publish into the first one's store (and lose it when that stops). It is refused."""
+    from e2e_llm.local_s3 import LocalS3Error, running_store, start
+
+    first = LocalStoreProcess("127.0.0.1", free_tcp_port(), tmp_path / "first").start()
+    try:
+        assert running_store(first.endpoint) == {"data_dir": str((tmp_path / "first").resolve())}
+        assert start(first.endpoint, data_dir=tmp_path / "first") is None  # its own store: reused
+        with pytest.raises(LocalS3Error, match=rf"the S3 server at {first.endpoint} keeps another store "
+                                               rf"\({tmp_path}/first\), not this profile's \({tmp_path}/second\)"):
+            start(first.endpoint, data_dir=tmp_path / "second")
+        with pytest.raises(LocalS3Error, match="not this profile's \\(in memory\\)"):
+            start(first.endpoint)
+    finally:
+        first.stop()
+    assert not (tmp_path / "second").exists()
+
+
+def test_serve_on_an_endpoint_another_profiles_store_holds_starts_nothing(monkeypatch, tmp_path, capsys):
+    from e2e_llm.commands import serve as serve_command
+    from e2e_llm.config import load_profile
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    other = LocalStoreProcess("127.0.0.1", free_tcp_port(), tmp_path / "other-profile").start()
+    try:
+        config = load_profile("local")
+        config.storage.endpoint_url = other.endpoint
+        monkeypatch.setattr("e2e_llm.config.load_profile", lambda *a, **k: config)
+        started = []
+        monkeypatch.setattr(serve_command, "_serve", lambda *a: started.append(a) or 0)
+        args = argparse.Namespace(profile="local", host="127.0.0.1", port=free_tcp_port(), publish="latest",
+                                  then=None, ray_temp_dir=None)
+        assert serve_command.run(args) == 1
+        assert f"error: the S3 server at {other.endpoint} keeps another store" in capsys.readouterr().err
+        assert not started
+    finally:
+        other.stop()
+
+
 def test_serve_refused_for_a_missing_api_key_starts_no_store(monkeypatch):
     from e2e_llm.commands import serve as serve_command
     from e2e_llm.config import load_profile
