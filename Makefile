@@ -121,7 +121,7 @@ ALIAS ?=
 
 .PHONY: store publish serve e2e-serve
 store: env-serve ## Run PROFILE's adapter store (S3 on its loopback endpoint, kept in <storage root>/s3) in the foreground.
-	$(SERVE_ENV)/bin/python -m e2e_llm.local_s3 --profile $(PROFILE)
+	$(SERVE_CLI) store --profile $(PROFILE)
 
 publish: env-serve ## Publish ADAPTER to PROFILE's adapter store (VERSION=, ALIAS=viggo).
 	$(SERVE_CLI) publish --profile $(PROFILE) --adapter $(ADAPTER) $(if $(VERSION),--version $(VERSION)) $(if $(ALIAS),--alias $(ALIAS))

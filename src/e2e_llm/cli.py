@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "wait-service": ("e2e_llm.commands.wait_service", "wait for a service rollout's real end (or fail with why)"),
     "image": ("e2e_llm.commands.image", "build a container image with whichever engine answers (docker/podman)"),
     "publish": ("e2e_llm.commands.publish", "publish a trained adapter to the adapter store, set an alias"),
+    "store": ("e2e_llm.commands.store", "run a profile's local adapter store (S3 on loopback) in the foreground"),
     "serve": ("e2e_llm.commands.serve", "run the OpenAI-compatible Ray Serve LLM app (multi-LoRA, auth, aliases)"),
     "canary": ("e2e_llm.commands.canary", "roll an adapter version out behind an alias, gated on quality and SLOs"),
     "promote": ("e2e_llm.commands.promote", "promote the unfinished canary's candidate to stable now"),
@@ -50,6 +51,7 @@ NEEDS_ENVIRONMENT: dict[str, tuple[str, str, str]] = {
     "train": ("llamafactory", "LLaMA-Factory", "train"),
     "batch": ("vllm", "vLLM", "serve"),
     "serve": ("vllm", "vLLM", "serve"),
+    "store": ("moto", "moto", "serve"),
 }
 
 

@@ -12,7 +12,7 @@ Two properties the rest of the project relies on:
   SIGINT/SIGTERM. A crash loses at most the last second of writes; a clean stop loses nothing.
 
 Usage:
-    python -m e2e_llm.local_s3 --profile local     (make store: the profile's endpoint and <storage root>/s3)
+    e2e-llm store --profile local     (make store: the profile's endpoint, kept in <storage root>/s3)
     python -m e2e_llm.local_s3 -H 127.0.0.1 -p 9321 --data-dir /tmp/s3
 :func:`start` runs it in the background (``e2e-llm serve`` on the local profile, the tests).
 """
@@ -290,41 +290,12 @@ def start(endpoint: str, *, data_dir: str | Path | None = None, python: str | No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e_llm.local_s3", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", help="serve this profile's adapter store: host and port from its S3 endpoint, "
-                                          "contents kept where `e2e-llm serve` keeps them (<storage root>/s3)")
     parser.add_argument("-H", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=9321)
     parser.add_argument("--data-dir", type=Path, help="keep the contents here across restarts (default: memory)")
     args = parser.parse_args(argv)
-    if args.profile:
-        from e2e_llm.config import ConfigError
-
-        try:
-            args.host, args.port, args.data_dir = profile_store(args.profile)
-        except (ConfigError, LocalS3Error) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     serve(args.host, args.port, args.data_dir)
     return 0
-
-
-def profile_store(profile: str) -> tuple[str, int, Path]:
-    """Host, port and data folder of ``profile``'s local adapter store, as ``e2e-llm serve`` starts it."""
-    from e2e_llm.config import load_profile
-    from e2e_llm.storage import s3_endpoint
-    from e2e_llm.store import StoreError, local_store_dir
-
-    config = load_profile(profile)
-    endpoint = s3_endpoint(config.storage.endpoint_url)
-    if not endpoint or not is_loopback(endpoint):
-        raise LocalS3Error(f"{config.source_file}: the adapter store's S3 endpoint ({endpoint or 'the provider'}) "
-                           "is not on loopback: nothing to run here")
-    try:
-        data_dir = local_store_dir(config)
-    except StoreError as exc:
-        raise LocalS3Error(str(exc)) from None
-    url = urlparse(endpoint)
-    return url.hostname, url.port or 80, data_dir
 
 
 if __name__ == "__main__":

@@ -398,6 +398,20 @@ def fetch_adapter(config: PipelineConfig, ref: str, local_dir: str | Path) -> tu
     return path, json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
 
 
+def local_store_address(config: PipelineConfig) -> tuple[str, int, Path]:
+    """Host, port and folder of ``config``'s local adapter store, as ``e2e-llm serve`` starts it."""
+    from urllib.parse import urlparse
+
+    from e2e_llm.local_s3 import is_loopback
+
+    endpoint = storage.s3_endpoint(config.storage.endpoint_url)
+    if not endpoint or not is_loopback(endpoint):
+        raise StoreError(f"{config.source_file}: the adapter store's S3 endpoint ({endpoint or 'the provider'}) "
+                         "is not on loopback: no local store to run")
+    url = urlparse(endpoint)
+    return url.hostname, url.port or 80, local_store_dir(config)
+
+
 def local_store_dir(config: PipelineConfig) -> Path:
     """Where the local S3 server keeps its objects: ``<storage root>/s3`` (local roots only)."""
     root = config.storage.root

@@ -72,25 +72,25 @@ def test_only_a_loopback_endpoint_is_started():
         start("http://10.1.2.3:9000")
 
 
-def test_make_store_serves_the_profiles_store_where_e2e_llm_serve_keeps_it(project_root, monkeypatch, tmp_path):
+def test_make_store_serves_the_profiles_store_where_e2e_llm_serve_keeps_it(project_root, monkeypatch, tmp_path,
+                                                                          capsys):
     """`make store PROFILE=...` and `e2e-llm serve` run one store: the profile's endpoint and
     <storage root>/s3, so adapters published through one are there for the other."""
+    from e2e_llm.cli import main
     from e2e_llm.config import load_profile
-    from e2e_llm.local_s3 import main, profile_store
-    from e2e_llm.store import local_store_dir
+    from e2e_llm.store import local_store_address, local_store_dir
 
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "E2E_LLM_STORAGE_ROOT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(project_root / "configs")  # any folder of the project
-    assert profile_store("local") == ("127.0.0.1", 9321, project_root / ".e2e/local/s3")
+    assert local_store_address(load_profile("local")) == ("127.0.0.1", 9321, project_root / ".e2e/local/s3")
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9555")  # the environment wins, as for serve
     monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path))
-    host, port, data_dir = profile_store("local")
-    assert (host, port, data_dir) == ("127.0.0.1", 9555, tmp_path / "s3") == \
-        ("127.0.0.1", 9555, local_store_dir(load_profile("local")))
+    config = load_profile("local")
+    assert local_store_address(config) == ("127.0.0.1", 9555, tmp_path / "s3") == \
+        ("127.0.0.1", 9555, local_store_dir(config))
 
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    with pytest.raises(LocalS3Error, match="cluster.yaml: the adapter store's S3 endpoint .* is not on loopback"):
-        profile_store("cluster")
-    assert main(["--profile", "cluster"]) == 2
+    assert main(["store", "--profile", "cluster"]) == 1
+    assert "cluster.yaml: the adapter store's S3 endpoint (the provider) is not on loopback" in capsys.readouterr().err
