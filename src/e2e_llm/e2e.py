@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +164,9 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
             echo=print) -> E2EResult:
     """Run the stages in order (stopping at the first failure) and return what they produced."""
     from e2e_llm.precision import model_dtype
+    from e2e_llm.runs import new_run_id
 
-    run_id = run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_id = run_id or new_run_id()
     run_dir = Path(config.storage_uri("e2e", run_id))
     choice = model_dtype(config)
     result = E2EResult(run_id=run_id, run_dir=str(run_dir), dtype=choice.as_dict())

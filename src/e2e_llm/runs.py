@@ -9,12 +9,21 @@ adapter store has one) a published name/alias.
 from __future__ import annotations
 
 import json
+import secrets
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from e2e_llm import storage
 from e2e_llm.adapters import AdapterError, missing_adapter_files, require_adapter_files
 from e2e_llm.config import PipelineConfig
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A new run's id (training, batch, e2e): its UTC start time, so ids sort by start, and four
+    random hex digits, so two pipelines started in the same second (a CI matrix, two people on one
+    bucket) never write into one run folder."""
+    return f"{now or datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 class AdapterNotFound(LookupError):

@@ -36,6 +36,7 @@ from e2e_llm import storage, train_report
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 from e2e_llm.precision import llamafactory_precision
+from e2e_llm.runs import new_run_id
 from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
 from e2e_llm.train_worker import EVENTS_FILE, train_loop_per_worker
 
@@ -131,10 +132,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise TrainError(f"override {item!r} is not key=value")
     return read_overrides([item.strip() for item in items])
-
-
-def new_run_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 @dataclasses.dataclass

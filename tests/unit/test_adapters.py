@@ -54,3 +54,16 @@ def test_serving_max_rank_follows_the_recipe_and_publishing_refuses_larger_adapt
     big = adapter_dir(tmp_path / "r32", rank=32)
     with pytest.raises(StoreError, match="rank 32 exceeds the serving max_lora_rank 16"):
         AdapterStore(str(tmp_path / "store")).publish(big, name="viggo", max_rank=serving_max_lora_rank(config))
+
+
+def test_runs_started_in_the_same_second_get_their_own_ids():
+    """Two pipelines started at once (a CI matrix, two people on one bucket) must not share a run
+    folder; ids still sort by start time."""
+    from datetime import UTC, datetime
+
+    from e2e_llm.runs import new_run_id
+
+    same_second = datetime(2026, 12, 6, 11, 30, 18, tzinfo=UTC)
+    ids = {new_run_id(same_second) for _ in range(50)}
+    assert len(ids) > 45 and all(i.startswith("20261206-113018-") for i in ids)
+    assert new_run_id(datetime(2026, 12, 6, 11, 30, 19, tzinfo=UTC)) > max(ids)

@@ -23,6 +23,7 @@ from e2e_llm.batch.merge import merged_model_source
 from e2e_llm.batch.pipeline import engine_kwargs, generate, sampling_params
 from e2e_llm.batch.upload import lora_source
 from e2e_llm.config import PipelineConfig
+from e2e_llm.runs import new_run_id
 
 
 def run_batch(
@@ -65,9 +66,8 @@ def run_batch(
     if lora is not None and lora.loading_path:
         state = f"uploaded from {adapter.path}" if lora.uploaded else "already in storage, not uploaded"
         print(f"[batch] LoRA adapter: {lora.source} ({state})", flush=True)
-    now = datetime.now(UTC)
     name = Path(split_uri).stem if split not in config.data.splits else split
-    run_id = run_id or f"{now:%Y%m%d-%H%M%S}-{name}-{adapter.sha256[:8] if adapter else 'base'}-{mode}"
+    run_id = run_id or f"{new_run_id()}-{name}-{adapter.sha256[:8] if adapter else 'base'}-{mode}"
     out_uri = out_uri or config.storage_uri("batch", run_id)
 
     engine_rows = [r for r in data.rows if r["_line"] not in data.invalid]

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="e2e-llm of the train environment (LLaMA-Factory)")
     parser.add_argument("--serve-cli", default=shutil.which("e2e-llm") or "e2e-llm",
                         help="e2e-llm of the serve environment (vLLM)")
-    parser.add_argument("--run-id", help="run id (default: a UTC timestamp)")
+    parser.add_argument("--run-id", help="run id (default: the UTC start time and 4 random hex digits)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ from e2e_llm.cli import add_profile_argument
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_argument(parser)
-    parser.add_argument("--run-id", help="run id (default: a UTC timestamp); reuse one to resume it")
+    parser.add_argument("--run-id", help="run id (default: the UTC start time and 4 random hex digits); reuse one "
+                                         "to resume it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a LLaMA-Factory recipe key, e.g. --set max_samples=32")
     parser.add_argument("--ray-temp-dir", help="temp dir for a Ray instance started by this command")
