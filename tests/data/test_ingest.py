@@ -230,3 +230,19 @@ def test_without_system_prompt_each_rows_instruction_is_kept(tmp_path, viggo_tas
     _ingest(tmp_path, viggo_task, {"train.jsonl": (_line(instruction="Keep me.") + "\n").encode()})
     assert read_jsonl(tmp_path / "out/train.jsonl")[0]["instruction"] == "Keep me."
     assert json.loads((tmp_path / "out/ingest_report.json").read_text())["system_prompt"] is None
+
+
+def test_a_source_folder_that_is_not_there_names_the_profile_field_and_what_it_should_hold(
+        write_profile, tmp_path, capsys, monkeypatch):
+    """A clone without ../shared beside it: the data stage says which setting to change."""
+    from e2e_llm.cli import main
+
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path / "store"))
+    path = write_profile(lambda d: d["data"].update(source=str(tmp_path / "no-such-folder")))
+    assert main(["data", "--profile", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path}/no-such-folder (data.source in {path}) is not a folder" in err
+    assert "holding train.jsonl, val.jsonl, test.jsonl" in err
+    assert main(["data", "--profile", str(path), "--source", str(tmp_path / "elsewhere")]) == 1
+    assert f"{tmp_path}/elsewhere (--source) is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()

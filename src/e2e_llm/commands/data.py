@@ -30,6 +30,11 @@ def run(args: argparse.Namespace) -> int:
     source = args.source or config.data.source
     if not source.startswith(("http://", "https://")):
         source = str(config.path(source))
+        if not Path(source).is_dir():  # e.g. a clone without ../shared beside it
+            where = "--source" if args.source else f"data.source in {config.source_file}"
+            print(f"error: {source} ({where}) is not a folder: point it at a folder or an http(s) base URL "
+                  f"holding {', '.join(config.data.splits.values())}", file=sys.stderr)
+            return 1
     output_uri = args.output or config.storage_uri("data", config.data.dataset)
     remote = storage.is_remote(output_uri)
     # Object storage: build locally, then upload the finished folder.
