@@ -59,6 +59,10 @@ class TrainError(RuntimeError):
     """A training run that cannot start or did not finish; raised before workers start when possible."""
 
 
+class TrainInterrupted(TrainError):
+    """Ctrl-C: Ray Train aborted the run. Its checkpoints stay for a rerun with the same run id."""
+
+
 # ---------------------------------------------------------------------------------------
 # Recipe handling (driver side, before any worker starts)
 
@@ -248,6 +252,24 @@ def failure_cause(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def resume_hint(plan: TrainPlan) -> str:
+    """How to go on with an unfinished run, from the checkpoints its workers recorded (on this
+    machine; a remote run's worker folders are elsewhere)."""
+    events = Path(plan.work_dir) / EVENTS_FILE
+    since = "its last checkpoint"
+    if events.is_file():
+        steps = []
+        for line in events.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:  # a line cut by the interruption
+                continue
+            if event.get("event") == "checkpoint":
+                steps.append(event["step"])
+        since = f"its last checkpoint (step {max(steps)})" if steps else "the start (no checkpoint yet)"
+    return f"rerun with --run-id {plan.run_id} to resume from {since}"
+
+
 def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
     """Connect to $RAY_ADDRESS (clusters) or start a local instance; returns True if we started it."""
     import ray
@@ -337,6 +359,10 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
         except TrainingFailedError as exc:  # Ray Train v2 raises what v1 returned in result.error
             raise TrainError(f"training failed (after {tc.max_failures} restart(s) allowed by train.max_failures): "
                              f"{failure_cause(exc)} (the workers' tracebacks are above)") from exc
+        except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, then exits from inside fit() (status 0)
+            raise TrainInterrupted(f"interrupted; {resume_hint(plan)}") from None
+        except ray.exceptions.ActorDiedError as exc:  # its controller gone another way
+            raise TrainError(f"Ray Train's controller died ({failure_cause(exc)}); {resume_hint(plan)}") from None
         if result.error:
             raise TrainError(f"training failed: {result.error}")
     finally:

@@ -158,9 +158,14 @@ def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
     snapshot = store / "runs" / run_id / "checkpoint_manager_snapshot.json"
     _wait_for(lambda: _registered_steps(snapshot.read_text), proc, log)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C / preemption
-    proc.wait(timeout=120)
+    # Not Ray Train's exit status 0 (`train && publish` would go on): the shell's 130, and how to go on.
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     assert not (store / "runs" / run_id / "manifest.json").exists()
     checkpoint_step = max(_registered_steps(snapshot.read_text))
+    last_line = log.read_text().rstrip().splitlines()[-1]
+    assert last_line.startswith(f"error: interrupted; rerun with --run-id {run_id} to resume from its last "
+                                "checkpoint (step "), last_line
+    assert int(last_line.rsplit("step ", 1)[1].rstrip(")")) >= 1
 
     second = _start_training(run_id, env, tmp_path / "second.log")
     assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]

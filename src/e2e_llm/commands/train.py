@@ -13,6 +13,9 @@ import sys
 
 from e2e_llm.cli import add_profile_argument
 
+# A shell's status for a program ended by Ctrl-C (128 + SIGINT): `train && publish` stops there.
+INTERRUPTED = 130
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_argument(parser)
@@ -25,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.config import load_profile
-    from e2e_llm.train import TrainError, parse_overrides, run_training
+    from e2e_llm.train import TrainError, TrainInterrupted, parse_overrides, run_training
 
     config = load_profile(args.profile)
     try:
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                                 ray_temp_dir=args.ray_temp_dir)
     except TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return INTERRUPTED if isinstance(exc, TrainInterrupted) else 1
     m = manifest["metrics"]
     print(json.dumps({"run_id": manifest["run_id"], "adapter": manifest["adapter_uri"], **m}, indent=2))
     return 0
