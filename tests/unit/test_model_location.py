@@ -50,3 +50,43 @@ def test_a_command_run_from_a_subfolder_uses_the_project_cache(local_config, mon
     monkeypatch.setenv("E2E_LLM_CACHE", str(tmp_path / "elsewhere"))
     assert model_location(local_config.model, root=local_config.root) == str(
         tmp_path / "elsewhere" / "models" / local_config.model.id)
+
+
+def test_two_pipelines_preparing_the_model_at_once_convert_it_once(tmp_path, monkeypatch):
+    """A first `make e2e` beside another: they shared one temporary folder, each deleting what the
+    other was writing. Now one converts while the other waits, then finds the model."""
+    import threading
+    import time
+
+    from e2e_llm import model as model_module
+    from e2e_llm.model import prepare_model, prepared_dtype
+
+    gguf = tmp_path / "cache" / "pypi" / "pkg" / "m.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF")
+    conversions = []
+
+    def convert(_gguf, dest, dtype):
+        conversions.append(dtype)
+        time.sleep(0.3)  # long enough for the other preparer to arrive
+        (dest / "model.safetensors").write_text(dtype)
+
+    monkeypatch.setattr(model_module, "convert_gguf", convert)
+    config = ModelConfig(id="m", source="pypi:pkg/m.gguf")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(prepare_model(config, tmp_path / "cache",
+                                                                            dtype="float32")))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    out = tmp_path / "cache" / "models" / "m"
+    assert results == [out, out] and conversions == ["float32"] and prepared_dtype(out) == "float32"
+
+    # Another dtype replaces it whole, and leaves no temporary or set-aside folder behind.
+    with open(out / "model.safetensors") as reader:  # a process still reading the old one
+        assert prepare_model(config, tmp_path / "cache", dtype="bfloat16") == out
+        assert reader.read() == "float32"
+    assert prepared_dtype(out) == "bfloat16" and (out / "model.safetensors").read_text() == "bfloat16"
+    assert sorted(p.name for p in out.parent.iterdir()) == [".m.lock", "m"]

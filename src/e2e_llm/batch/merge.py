@@ -28,7 +28,7 @@ def merged_model_name(config: PipelineConfig, adapter: Adapter, dtype: str | Non
 def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, cache_dir: Path | None = None,
                      dtype: str | None = None) -> Path:
     """Fold the adapter into the base weights once (fp32 merge, saved in the engine dtype)."""
-    from e2e_llm.model import default_cache_dir
+    from e2e_llm.model import default_cache_dir, replace_dir
     from e2e_llm.precision import batch_dtype, torch_dtype
 
     dtype_name = dtype or batch_dtype(config).dtype
@@ -52,9 +52,11 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
     (tmp / MERGED_MARKER).write_text(json.dumps({"base": model_path, "adapter": str(adapter.path),
                                                  "adapter_sha256": adapter.sha256, "dtype": dtype_name}) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    if (out / MERGED_MARKER).is_file():  # another batch run merged the same adapter meanwhile, and may read it
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(tmp, out)
     return out
 
 
