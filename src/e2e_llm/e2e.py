@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,13 +103,39 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
                                 env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
                                 bufsize=1, errors="replace")
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if terminal.show(line):
-                echo(line.rstrip("\n"))
+
+        with _ctrl_c_waits_for(name, echo):
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if terminal.show(line):
+                    echo(line.rstrip("\n"))
         returncode = proc.wait()
     return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path), terminal.hidden_total)
+
+
+@contextmanager
+def _ctrl_c_waits_for(stage: str, echo) -> Iterator[None]:
+    """Ctrl-C reaches the stage too (one process group): keep reading its output while it stops on
+    its own terms (training says how to resume), instead of leaving mid-line; a second Ctrl-C
+    leaves at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    presses = 0
+
+    def on_ctrl_c(signum, frame):
+        nonlocal presses
+        presses += 1
+        if presses > 1:
+            raise KeyboardInterrupt
+        echo(f"--- {stage}: Ctrl-C; waiting for the stage to stop (Ctrl-C again to leave now)")
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _closing_line(stage: StageResult) -> str:

@@ -111,3 +111,24 @@ def test_stages_are_numbered_in_the_order_they_run(config, tmp_path):
     assert [b[0] for b in banners] == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
     assert [b[1].rstrip(":") for b in banners] == ["data", "model", "train", "batch", "base", "serve"]
     assert result.ok and [s.name for s in result.stages] == ["data", "model", "train", "batch", "base", "serve"]
+
+
+def test_ctrl_c_lets_the_stage_stop_on_its_own_terms_and_keeps_what_it_says(tmp_path):
+    """Ctrl-C reaches e2e and its stage at once: the stage's last words (training's "rerun with
+    --run-id ... to resume") reach the terminal and the log, and the stage's status is kept."""
+    script = ("import os, signal, sys, time\n"
+              "def stop(*_):\n"
+              "    print('error: interrupted; rerun with --run-id r1 to resume'); sys.exit(130)\n"
+              "signal.signal(signal.SIGINT, stop)\n"
+              "print('training', flush=True)\n"
+              "os.kill(os.getppid(), signal.SIGINT)  # the terminal signals both processes\n"
+              "time.sleep(0.5)\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "time.sleep(30)\n")
+    shown = []
+    result = run_stage("train", [sys.executable, "-c", script], tmp_path / "train.log", env={}, echo=shown.append)
+    assert result.returncode == 130
+    assert shown[-1] == "error: interrupted; rerun with --run-id r1 to resume"
+    assert any(line.startswith("--- train: Ctrl-C; waiting for the stage to stop") for line in shown[:-1])
+    assert "training" in shown
+    assert (tmp_path / "train.log").read_text().splitlines()[-1] == shown[-1]
