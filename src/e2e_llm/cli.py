@@ -23,6 +23,8 @@ from e2e_llm.config import ConfigError
 # Exit status of a subcommand that cannot start: its profile or another config file is invalid, or
 # this environment lacks what it needs.
 CONFIG_ERROR = 2
+# A shell's status for a program ended by Ctrl-C (128 + SIGINT): `e2e-llm train && ...` stops there.
+INTERRUPTED = 130
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("e2e_llm.commands.data", "fetch, validate and write the task's dataset splits"),

@@ -209,6 +209,20 @@ def test_batch_cli_reports_bad_input_without_starting_an_engine(project_root, mo
     assert "gone" in capsys.readouterr().err
 
 
+def test_batch_cli_interrupted_says_nothing_was_written_and_exits_130(project_root, monkeypatch, capsys, tmp_path):
+    """Ctrl-C was a Ray Data traceback with status 1."""
+    import e2e_llm.batch
+    from e2e_llm.cli import INTERRUPTED, main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e_llm.batch, "run_batch", interrupted)
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path))
+    assert main(["batch", "--profile", "local", "--adapter", "none"]) == INTERRUPTED == 130
+    assert capsys.readouterr().err == "error: interrupted; no results were written (a rerun starts over)\n"
+
+
 def test_store_alias_resolves_to_the_published_adapter(config, s3_server, tmp_path, monkeypatch):
     import uuid
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from e2e_llm.cli import add_profile_argument
+from e2e_llm.cli import INTERRUPTED, add_profile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     except (BatchError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # results are written once every row is back: there is nothing to resume
+        print("error: interrupted; no results were written (a rerun starts over)", file=sys.stderr)
+        return INTERRUPTED
     m = result.manifest
     rows = m["rows"]
     print(f"rows in {rows['in']} = out {rows['out']} (errors: {rows['errors']}, of which invalid input "

@@ -11,10 +11,7 @@ import argparse
 import json
 import sys
 
-from e2e_llm.cli import add_profile_argument
-
-# A shell's status for a program ended by Ctrl-C (128 + SIGINT): `train && publish` stops there.
-INTERRUPTED = 130
+from e2e_llm.cli import INTERRUPTED, add_profile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
