@@ -17,15 +17,18 @@ Run layout under ``<storage>/runs/<run_id>/``: Ray Train's ``checkpoint_*`` dirs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
 import os
+import signal
 import tempfile
 import time
 import types
 import typing
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,11 @@ class TrainError(RuntimeError):
 
 
 class TrainInterrupted(TrainError):
-    """Ctrl-C: Ray Train aborted the run. Its checkpoints stay for a rerun with the same run id."""
+    """Ctrl-C or SIGTERM: Ray Train aborted the run. Its checkpoints stay for a rerun with the same run id."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,6 +277,29 @@ def resume_hint(plan: TrainPlan) -> str:
     return f"rerun with --run-id {plan.run_id} to resume from {since}"
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """While Ray Train runs: SIGTERM (a cancelled job, a preempted or stopped pod, `kill`) takes
+    Ctrl-C's path, Ray Train's graceful abort that keeps the run's checkpoints. Left to Ray, the
+    driver printed a crash dump and died with SIGABRT (status 134). Yields the SIGTERMs seen."""
+    import threading
+
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def on_sigterm(signum, frame):
+        seen.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
     """Connect to $RAY_ADDRESS (clusters) or start a local instance; returns True if we started it."""
     import ray
@@ -355,12 +385,15 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
             run_config=run_config,
         )
         try:
-            result = trainer.fit()
+            with _sigterm_as_ctrl_c() as terminated:
+                result = trainer.fit()
         except TrainingFailedError as exc:  # Ray Train v2 raises what v1 returned in result.error
             raise TrainError(f"training failed (after {tc.max_failures} restart(s) allowed by train.max_failures): "
                              f"{failure_cause(exc)} (the workers' tracebacks are above)") from exc
         except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, then exits from inside fit() (status 0)
-            raise TrainInterrupted(f"interrupted; {resume_hint(plan)}") from None
+            how = "terminated (SIGTERM)" if terminated else "interrupted"
+            raise TrainInterrupted(f"{how}; {resume_hint(plan)}",
+                                   signal.SIGTERM if terminated else signal.SIGINT) from None
         except ray.exceptions.ActorDiedError as exc:  # its controller gone another way
             raise TrainError(f"Ray Train's controller died ({failure_cause(exc)}); {resume_hint(plan)}") from None
         if result.error:

@@ -175,6 +175,30 @@ def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
     assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
 
 
+def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, tmp_path):
+    """A cancelled job, a stopped pod or `kill`: left to Ray, the driver printed a crash dump and
+    died with SIGABRT (134). It now takes Ctrl-C's graceful abort: 143, how to resume, no Ray left."""
+    store = tmp_path / "store"
+    env = storage_env(store)
+    run_in_env("train", "data", "--profile", "local", env=env)
+    run_id = "st-" + uuid.uuid4().hex[:8]
+    log = tmp_path / "train.log"
+    proc = _start_training(run_id, env, log)
+    snapshot = store / "runs" / run_id / "checkpoint_manager_snapshot.json"
+    _wait_for(lambda: _registered_steps(snapshot.read_text), proc, log)
+    proc.send_signal(signal.SIGTERM)  # the driver alone, as a job runner or the kubelet does
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.rstrip().splitlines()[-1].startswith(
+        f"error: terminated (SIGTERM); rerun with --run-id {run_id} to resume from its last checkpoint (step ")
+    assert "SIGTERM received at time" not in text  # no crash dump
+    assert not (store / "runs" / run_id / "manifest.json").exists()
+    deadline = time.monotonic() + 60
+    while not _no_ray_processes_left(f"/tmp/r-{run_id[:8]}"):
+        assert time.monotonic() < deadline, "Ray processes outlived the aborted run"
+        time.sleep(1)
+
+
 def test_a_run_whose_workers_keep_failing_ends_with_a_clear_error(local_model, local_config, tmp_path):
     """Every attempt fails inside LLaMA-Factory (a template it does not have): after the restarts
     train.max_failures allows, the CLI ends with one line that says why and exits 1, with no

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from e2e_llm.cli import INTERRUPTED, add_profile_argument
+from e2e_llm.cli import add_profile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                                 ray_temp_dir=args.ray_temp_dir)
     except TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return INTERRUPTED if isinstance(exc, TrainInterrupted) else 1
+        return 128 + exc.signum if isinstance(exc, TrainInterrupted) else 1
     m = manifest["metrics"]
     print(json.dumps({"run_id": manifest["run_id"], "adapter": manifest["adapter_uri"], **m}, indent=2))
     return 0
