@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,12 +99,13 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         # Unbuffered: the stage's stdout and stderr lines keep their order in one stream.
+        # Its own session: a Ctrl-C or SIGTERM reaches the stage once, from _signals_stop_the_stage.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
-                                bufsize=1, errors="replace")
+                                bufsize=1, errors="replace", start_new_session=True)
         assert proc.stdout is not None
 
-        with _ctrl_c_waits_for(name, echo):
+        with _signals_stop_the_stage(name, proc, echo):
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
@@ -115,27 +116,37 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
 
 
 @contextmanager
-def _ctrl_c_waits_for(stage: str, echo) -> Iterator[None]:
-    """Ctrl-C reaches the stage too (one process group): keep reading its output while it stops on
-    its own terms (training says how to resume), instead of leaving mid-line; a second Ctrl-C
-    leaves at once."""
+def _signals_stop_the_stage(stage: str, proc: subprocess.Popen, echo) -> Iterator[None]:
+    """Ctrl-C or SIGTERM to e2e goes on to the stage's process group, as a terminal's Ctrl-C would
+    (training then aborts and says how to resume), and e2e keeps reading its output until it stops,
+    instead of leaving mid-line with the stage still running. A second one kills the stage's group
+    and leaves at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    presses = 0
+    received = 0
 
-    def on_ctrl_c(signum, frame):
-        nonlocal presses
-        presses += 1
-        if presses > 1:
+    def forward(signum, frame):
+        nonlocal received
+        received += 1
+        if received > 1:
+            _signal_group(proc, signal.SIGKILL)
             raise KeyboardInterrupt
-        echo(f"--- {stage}: Ctrl-C; waiting for the stage to stop (Ctrl-C again to leave now)")
+        echo(f"--- {stage}: {signal.Signals(signum).name}; waiting for the stage to stop "
+             "(Ctrl-C again to kill it and leave now)")
+        _signal_group(proc, signum)
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    with suppress(ProcessLookupError):  # already gone
+        os.killpg(proc.pid, signum)
 
 
 def _closing_line(stage: StageResult) -> str:
