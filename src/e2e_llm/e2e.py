@@ -117,10 +117,10 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
 
 @contextmanager
 def _signals_stop_the_stage(stage: str, proc: subprocess.Popen, echo) -> Iterator[None]:
-    """Ctrl-C or SIGTERM to e2e goes on to the stage's process group, as a terminal's Ctrl-C would
-    (training then aborts and says how to resume), and e2e keeps reading its output until it stops,
-    instead of leaving mid-line with the stage still running. A second one kills the stage's group
-    and leaves at once."""
+    """Ctrl-C or SIGTERM to e2e goes on to the stage's command (training then aborts and says how to
+    resume), and e2e keeps reading its output until it stops, instead of leaving mid-line with the
+    stage still running. Not to its whole process group: a SIGTERM there also stopped the stage's
+    Ray daemons under its graceful abort. A second one kills the group and leaves at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -134,7 +134,7 @@ def _signals_stop_the_stage(stage: str, proc: subprocess.Popen, echo) -> Iterato
             raise KeyboardInterrupt
         echo(f"--- {stage}: {signal.Signals(signum).name}; waiting for the stage to stop "
              "(Ctrl-C again to kill it and leave now)")
-        _signal_group(proc, signum)
+        proc.send_signal(signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
