@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,56 @@ def serve_start_kwargs(config: PipelineConfig, host: str, port: int) -> dict[str
         kwargs["controller_options"] = {"runtime_env": {"env_vars": {
             CONTROL_LOOP_INTERVAL_ENV: str(config.serve.control_loop_interval_s)}}}
     return kwargs
+
+
+class DeployInterrupted(RuntimeError):
+    """``stop`` was set (Ctrl-C, SIGTERM) before the app was up."""
+
+
+def run_app(config: PipelineConfig, app: Any, stop: threading.Event, echo=print, poll_s: float = 5.0) -> None:
+    """``serve.run`` the app, saying why it is not up yet, and giving up when ``stop`` is set.
+
+    Serve deploys in silence: a replica it cannot place (``serve.min_replicas: 2`` where the CPUs
+    hold one engine) kept `e2e-llm serve` waiting for ever, deaf to Ctrl-C. Each new status message
+    of a deployment (``serve.status()``: the resources a replica needs and those available) is
+    echoed while ``serve.run`` waits in a thread."""
+    from ray import serve
+
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.run(app, name=config.serve.app_name, route_prefix=config.serve.route_prefix)
+        except BaseException as exc:  # noqa: BLE001  re-raised in the caller's thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=deploy, name="e2e-llm-deploy", daemon=True).start()
+    said: dict[str, str] = {}
+    while not done.wait(poll_s):
+        if stop.is_set():
+            raise DeployInterrupted(f"stopped before the app {config.serve.app_name!r} was up")
+        for name, message in deployment_messages(config.serve.app_name).items():
+            if said.get(name) != message:
+                said[name] = message
+                echo(f"[serve] {name}: {message}")
+    if failure:
+        raise failure[0]
+
+
+def deployment_messages(app_name: str) -> dict[str, str]:
+    """Each deployment of ``app_name`` with a status message now (Serve's own words), by name."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001  the controller busy or starting: ask again next time
+        return {}
+    if app is None:
+        return {}
+    return {name: d.message for name, d in app.deployments.items() if d.message}
 
 
 def _with_runtime_endpoint(args: dict[str, Any]) -> dict[str, Any]:

@@ -259,3 +259,54 @@ def test_the_access_log_setting_reaches_the_ingress_and_engine_deployments(proje
         else:
             assert engine["logging_config"]["enable_access_log"] is False
             assert ingress.logging_config["enable_access_log"] is False
+
+
+def _app_status(messages: dict[str, str]):
+    from types import SimpleNamespace
+
+    deployments = {name: SimpleNamespace(message=message) for name, message in messages.items()}
+    return SimpleNamespace(applications={"llm": SimpleNamespace(deployments=deployments)})
+
+
+def test_deploying_says_why_the_app_is_not_up_yet_and_gives_up_when_stopped(local_config, monkeypatch):
+    """`serve.min_replicas: 2` on 2 cores: Serve waits for CPUs in silence, and `e2e-llm serve`
+    waited with it, deaf to Ctrl-C. Serve's own status messages are now echoed as they change,
+    and a stop (Ctrl-C, SIGTERM) ends the wait."""
+    import threading
+
+    from ray import serve
+
+    from e2e_llm.serve import DeployInterrupted, run_app
+
+    scheduled = "1 replicas that have taken more than 30s to be scheduled. Resources required for each replica: " \
+                '[{"CPU": 2.0}], total resources available: {}.'
+    statuses = iter([{}, {"E2ELLMServer": "1 replicas that have taken more than 30s to initialize."},
+                     {"E2ELLMServer": "1 replicas that have taken more than 30s to initialize."},
+                     {"E2ELLMServer": scheduled, "Ingress": ""}])
+    release = threading.Event()
+    monkeypatch.setattr(serve, "status", lambda: _app_status(next(statuses, {"E2ELLMServer": scheduled})))
+    monkeypatch.setattr(serve, "run", lambda app, **kw: release.wait(60))
+    shown = []
+    stop = threading.Event()
+
+    def echo(line):
+        shown.append(line)
+        if len(shown) == 2:
+            stop.set()  # Ctrl-C once the user has read why
+
+    with pytest.raises(DeployInterrupted, match="stopped before the app 'llm' was up"):
+        run_app(local_config, object(), stop, echo=echo, poll_s=0.01)
+    release.set()
+    assert shown == ["[serve] E2ELLMServer: 1 replicas that have taken more than 30s to initialize.",
+                     f"[serve] E2ELLMServer: {scheduled}"]
+
+    # Up: returns; a deploy that failed: its error, in the caller's thread.
+    monkeypatch.setattr(serve, "run", lambda app, **kw: None)
+    run_app(local_config, object(), threading.Event(), echo=shown.append, poll_s=0.01)
+
+    def broken(app, **kw):
+        raise RuntimeError("replica crashed")
+
+    monkeypatch.setattr(serve, "run", broken)
+    with pytest.raises(RuntimeError, match="replica crashed"):
+        run_app(local_config, object(), threading.Event(), echo=shown.append, poll_s=0.01)

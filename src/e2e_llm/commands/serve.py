@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 
-from e2e_llm.cli import add_profile_argument
+from e2e_llm.cli import INTERRUPTED, add_profile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,17 +98,21 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
     from ray import serve
 
     from e2e_llm.local_ray import LocalRay
-    from e2e_llm.serve import app_args, build_app, ray_init_kwargs, serve_start_kwargs
+    from e2e_llm.serve import DeployInterrupted, app_args, build_app, ray_init_kwargs, run_app, serve_start_kwargs
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     code = 0
     with LocalRay(config) as local_ray:  # before ray.init: Ray's processes inherit its environment
         ray.init(**ray_init_kwargs(config, temp_dir=args.ray_temp_dir))
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own SIGTERM handler
+            signal.signal(sig, lambda *_: stop.set())
         try:
             serve.start(**serve_start_kwargs(config, host, port))
-            serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
+            try:
+                run_app(config, build_app(app_args(config)), stop, echo=lambda line: print(line, flush=True))
+            except DeployInterrupted as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                return INTERRUPTED
             if pinning := local_ray.pin():
                 print(f"Ray's processes run on CPUs {sorted(pinning.ray_cpus)}, the engine's worker on "
                       f"{sorted(pinning.engine_cpus)} (serve.isolate_engine_cpus)", flush=True)
