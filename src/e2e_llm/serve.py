@@ -238,13 +238,18 @@ class DeployInterrupted(RuntimeError):
     """``stop`` was set (Ctrl-C, SIGTERM) before the app was up."""
 
 
+class DeployFailed(RuntimeError):
+    """Serve gave up on the app (a replica that kept failing to start); why was echoed before."""
+
+
 def run_app(config: PipelineConfig, app: Any, stop: threading.Event, echo=print, poll_s: float = 5.0) -> None:
     """``serve.run`` the app, saying why it is not up yet, and giving up when ``stop`` is set.
 
     Serve deploys in silence: a replica it cannot place (``serve.min_replicas: 2`` where the CPUs
     hold one engine) kept `e2e-llm serve` waiting for ever, deaf to Ctrl-C. Each new status message
-    of a deployment (``serve.status()``: the resources a replica needs and those available) is
-    echoed while ``serve.run`` waits in a thread."""
+    of a deployment (``serve.status()``: the resources a replica needs and those available, a
+    replica's start-up error) is echoed while ``serve.run`` waits in a thread. Raises
+    :class:`DeployInterrupted` or :class:`DeployFailed`."""
     from ray import serve
 
     done = threading.Event()
@@ -268,6 +273,9 @@ def run_app(config: PipelineConfig, app: Any, stop: threading.Event, echo=print,
                 said[name] = message
                 echo(f"[serve] {name}: {message}")
     if failure:
+        if isinstance(failure[0], Exception):
+            raise DeployFailed(f"Serve could not start the app: {failure[0]} (each replica's error is above, "
+                               "after [serve])") from failure[0]
         raise failure[0]
 
 

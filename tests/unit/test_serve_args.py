@@ -276,7 +276,7 @@ def test_deploying_says_why_the_app_is_not_up_yet_and_gives_up_when_stopped(loca
 
     from ray import serve
 
-    from e2e_llm.serve import DeployInterrupted, run_app
+    from e2e_llm.serve import DeployFailed, DeployInterrupted, run_app
 
     scheduled = "1 replicas that have taken more than 30s to be scheduled. Resources required for each replica: " \
                 '[{"CPU": 2.0}], total resources available: {}.'
@@ -308,5 +308,6 @@ def test_deploying_says_why_the_app_is_not_up_yet_and_gives_up_when_stopped(loca
         raise RuntimeError("replica crashed")
 
     monkeypatch.setattr(serve, "run", broken)
-    with pytest.raises(RuntimeError, match="replica crashed"):
+    with pytest.raises(DeployFailed, match=r"Serve could not start the app: replica crashed \(each replica's error is "
+                                           r"above, after \[serve\]\)"):
         run_app(local_config, object(), threading.Event(), echo=shown.append, poll_s=0.01)

@@ -98,7 +98,15 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
     from ray import serve
 
     from e2e_llm.local_ray import LocalRay
-    from e2e_llm.serve import DeployInterrupted, app_args, build_app, ray_init_kwargs, run_app, serve_start_kwargs
+    from e2e_llm.serve import (
+        DeployFailed,
+        DeployInterrupted,
+        app_args,
+        build_app,
+        ray_init_kwargs,
+        run_app,
+        serve_start_kwargs,
+    )
 
     stop = threading.Event()
     code = 0
@@ -113,6 +121,9 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
             except DeployInterrupted as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 return INTERRUPTED
+            except DeployFailed as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                return 1
             if pinning := local_ray.pin():
                 print(f"Ray's processes run on CPUs {sorted(pinning.ray_cpus)}, the engine's worker on "
                       f"{sorted(pinning.engine_cpus)} (serve.isolate_engine_cpus)", flush=True)
