@@ -370,8 +370,8 @@ def test_preflight_against_nothing_listening_is_a_rejection_not_a_crash():
 
 def _fake_adapter(path: Path, rank: int = 8) -> Path:
     path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": "base"}))
-    (path / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": "smollm2-135m"}))
+    (path / "adapter_model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")  # no tensors
     return path
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2e_llm.adapters import ADAPTER_FILES, AdapterError, require_adapter_files
+from e2e_llm.adapters import ADAPTER_FILES, AdapterError, check_fits_base
 from e2e_llm.batch.inputs import BatchError
 from e2e_llm.batch.manifest import MANIFEST_FILE
 from e2e_llm.config import PipelineConfig
@@ -27,13 +27,6 @@ class Adapter:
     manifest: dict[str, Any] | None = None
 
 
-def _model_names(config: PipelineConfig, model_path: str) -> set[str]:
-    names = {config.model.id.lower(), Path(model_path.rstrip("/")).name.lower()}
-    if config.model.source.startswith("hf:"):
-        names.add(config.model.source.removeprefix("hf:").rsplit("/", 1)[-1].lower())
-    return names
-
-
 def adapter_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     for name in ADAPTER_FILES:  # what LoRA mode uploads
@@ -42,56 +35,14 @@ def adapter_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-
-
 def check_adapter(config: PipelineConfig, path: Path, model_path: str,
                   manifest: dict[str, Any] | None = None) -> Adapter:
-    """Validate an adapter folder against the profile's base model; raise BatchError if it
-    is missing, malformed or made for another base (by name and by tensor shapes)."""
-    if not path.is_dir():
-        raise BatchError(f"adapter {path}: directory not found")
+    """The adapter folder, checked against the profile's base model (``adapters.check_fits_base``);
+    raises BatchError naming what is missing, malformed or made for another base."""
     try:
-        require_adapter_files(path)
+        rank, base = check_fits_base(config, path, model_path, manifest)
     except AdapterError as exc:
-        raise BatchError(f"adapter {exc}") from None
-    try:
-        adapter_config = json.loads((path / "adapter_config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise BatchError(f"{path / 'adapter_config.json'}: invalid JSON: {exc.msg}") from None
-    rank = int(adapter_config.get("r") or 0)
-    if rank <= 0:
-        raise BatchError(f"{path / 'adapter_config.json'}: field 'r' missing (LoRA rank)")
-    base = adapter_config.get("base_model_name_or_path")
-    manifest_base = ((manifest or {}).get("base_model") or {}).get("id")
-    wanted = _model_names(config, model_path)
-    for label, value in (("adapter_config.json base_model_name_or_path", base), ("run manifest base_model.id",
-                                                                                  manifest_base)):
-        if value and Path(str(value).rstrip("/")).name.lower() not in wanted and str(value).lower() not in wanted:
-            raise BatchError(f"adapter {path} was trained for another base model: {label} is {value!r}, "
-                             f"profile {config.profile!r} uses {config.model.id!r} ({model_path})")
-    # Shapes: a LoRA A matrix is [r, in_features]; in_features must exist in the base model.
-    base_config_path = Path(model_path) / "config.json"
-    if base_config_path.is_file():
-        hf = json.loads(base_config_path.read_text())
-        dims = {hf.get("hidden_size"), hf.get("intermediate_size")}
-        heads, kv = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
-        if heads and hf.get("hidden_size"):
-            head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-            dims |= {heads * head_dim, (kv or heads) * head_dim}
-        layers = hf.get("num_hidden_layers")
-        for key, shape in _safetensors_shapes(path / "adapter_model.safetensors").items():
-            if "lora_A" in key and len(shape) == 2 and shape[1] not in dims:
-                raise BatchError(f"adapter {path} does not fit base model {config.model.id!r}: {key} has input "
-                                 f"size {shape[1]}, the model's layers take {sorted(d for d in dims if d)}")
-            layer = int(key.split(".layers.")[1].split(".")[0]) if ".layers." in key else None
-            if layers is not None and layer is not None and layer >= layers:
-                raise BatchError(f"adapter {path} does not fit base model {config.model.id!r}: {key} targets "
-                                 f"layer {layer}, the model has {layers}")
+        raise BatchError(str(exc)) from None
     return Adapter(path=path, sha256=adapter_sha256(path), rank=rank, base_model=base, manifest=manifest)
 
 

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.adapters import AdapterError
     from e2e_llm.config import load_profile
-    from e2e_llm.serve import serving_max_lora_rank
+    from e2e_llm.publish import publish_new
     from e2e_llm.store import AdapterStore, StoreError, find_training_adapter
 
     config = load_profile(args.profile)
@@ -45,9 +45,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"store": store.uri, "versions": store.versions(),
                               "aliases": {k: v.to_dict() for k, v in store.aliases().items()}}, indent=2))
             return 0
-        adapter_id = store.publish(adapter_dir, name=args.name or config.data.dataset, version=args.version,
-                                   alias=args.alias, manifest=manifest,
-                                   max_rank=serving_max_lora_rank(config))
+        adapter_id = publish_new(config, store, adapter_dir, manifest, name=args.name, version=args.version,
+                                 alias=args.alias)
     except (StoreError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
