@@ -245,6 +245,31 @@ def test_evaluate_cli_on_a_results_file(tmp_path, capsys, project_root, monkeypa
     assert "results file not found" in capsys.readouterr().err
 
 
+def test_evaluating_a_batch_runs_predictions_keeps_the_runs_files_and_checks_its_task(tmp_path, capsys, project_root,
+                                                                                     monkeypatch):
+    """Evaluate wrote over the run's own metrics.json and report, and with the default profile scored
+    another task's predictions against VIGGO's schema (valid_mr_rate 0.000, without a word)."""
+    from e2e_llm.cli import main
+
+    monkeypatch.chdir(project_root)
+    run = tmp_path / "batch" / "r1"
+    run.mkdir(parents=True)
+    row = {"input": "x", "output": "inform(name[A])", "generated_text": "inform(name[A])"}
+    (run / "predictions.jsonl").write_text(json.dumps(row) + "\n")
+    (run / "metrics.json").write_text('{"the run": "its own"}')
+    manifest = {"kind": "batch", "profile": "home", "task": {"name": "home", "schema": "tasks/home.yaml"}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["evaluate", "--profile", "local", "--results", str(run / "predictions.jsonl")]) == 1
+    assert ("predictions of a batch run for task 'home' (profile 'home'); this profile's task is 'viggo': pass "
+            "that run's --profile") in capsys.readouterr().err
+
+    (run / "manifest.json").write_text(json.dumps({**manifest, "task": {"name": "viggo"}}))
+    assert main(["evaluate", "--profile", "local", "--results", str(run / "predictions.jsonl")]) == 0
+    assert f"written: {run}/evaluate/metrics.json" in capsys.readouterr().out
+    assert (run / "metrics.json").read_text() == '{"the run": "its own"}'
+    assert json.loads((run / "evaluate" / "metrics.json").read_text())["exact_match"] == 1.0
+
+
 def test_a_line_that_could_not_be_read_is_left_out_and_counted(viggo_task):
     """A batch's error row for a line that is not JSON has no reference: the rest are scored."""
     from e2e_llm.evaluate import Unlabelled

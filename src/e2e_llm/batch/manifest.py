@@ -15,6 +15,8 @@ from e2e_llm.config import PipelineConfig
 PREDICTIONS_FILE = "predictions.jsonl"
 
 MANIFEST_FILE = "manifest.json"
+# The manifest's "kind": what tells a batch run's folder from any other.
+BATCH_KIND = "batch"
 
 
 @dataclass
@@ -35,6 +37,16 @@ def library_versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
+
+
+def batch_run_beside(folder: str) -> dict[str, Any] | None:
+    """The manifest of the batch run whose folder ``folder`` is, or None (no run's folder)."""
+    uri = storage.join(folder, MANIFEST_FILE)
+    try:
+        manifest = json.loads(storage.read_text(uri))
+    except (FileNotFoundError, NotADirectoryError, ValueError, OSError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("kind") == BATCH_KIND else None
 
 
 def previous_batch_metrics(config: PipelineConfig, split_uri: str, exclude: str) -> tuple[str, dict] | None:

@@ -13,6 +13,7 @@ from e2e_llm import storage
 from e2e_llm.batch.adapter import resolve_adapter
 from e2e_llm.batch.inputs import BatchError, load_rows, resolve_split
 from e2e_llm.batch.manifest import (
+    BATCH_KIND,
     MANIFEST_FILE,
     PREDICTIONS_FILE,
     BatchResult,
@@ -110,7 +111,7 @@ def run_batch(
                       previous=previous[1] if previous else None, storage_kw=config.storage_kw())
     errors = sum(1 for r in rows if r["error"])
     manifest = {
-        "kind": "batch",
+        "kind": BATCH_KIND,
         "run_id": run_id,
         "profile": config.profile,
         "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
@@ -129,6 +130,8 @@ def run_batch(
             "training_run": (adapter.manifest or {}).get("run_id"),
         },
         "data": {"split": split, "uri": split_uri, "sha256": data.sha256},
+        # What the metrics were scored by (`e2e-llm evaluate` on these predictions checks it).
+        "task": {"name": task.name, "schema": config.data.task},
         # The regex by its hash: it decides the output, so an earlier run with another grammar is
         # not the same sampling (e2e_llm.e2e reuses a base-model run only on equal sampling).
         "sampling": sampling_params(config, task, structured) | ({"structured_outputs": _regex_id(task)}

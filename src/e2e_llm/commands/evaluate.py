@@ -2,7 +2,9 @@
 """Evaluate a results file alone (JSONL or Parquet, a file or a folder of parts, local or
 object storage): strict exact match, function accuracy, slot precision/recall/F1, valid-MR
 rate, per-function figures and the worst errors. Writes metrics.json, report.md and
-metrics.png beside the results (or into --output) and prints the metrics table.
+metrics.png beside the results (a batch run's predictions: into <run>/evaluate/, the run's own
+files stay; or into --output) and prints the metrics table. A batch run's predictions are scored
+with the task it was run for: another profile's task is an error.
 
 Rows need a prediction (``prediction`` or ``generated_text``) and a reference (``reference``
 or ``output``); ``input`` is shown in the worst errors; rows with an ``error`` count as wrong.
@@ -27,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from e2e_llm import storage
+    from e2e_llm.batch.manifest import batch_run_beside
     from e2e_llm.config import load_profile
     from e2e_llm.evaluate import (
         EvaluationError,
@@ -41,13 +44,21 @@ def run(args: argparse.Namespace) -> int:
     config = load_profile(args.profile)
     task = config.task_schema()
     results = args.results
-    if args.output:
-        out_dir = args.output
-    elif results.endswith((".jsonl", ".json", ".parquet")):
-        out_dir = results.rsplit("/", 1)[0] if storage.is_remote(results) else str(Path(results).resolve().parent)
+    if results.endswith((".jsonl", ".json", ".parquet")):
+        folder = results.rsplit("/", 1)[0] if storage.is_remote(results) else str(Path(results).resolve().parent)
     else:
-        out_dir = results
+        folder = results
+    out_dir = args.output or folder
     try:
+        run = batch_run_beside(folder)
+        if run is not None:
+            scored_by = (run.get("task") or {}).get("name")
+            if scored_by and scored_by != task.name:
+                raise EvaluationError(f"{results}: predictions of a batch run for task {scored_by!r} (profile "
+                                      f"{run.get('profile')!r}); this profile's task is {task.name!r}: pass that "
+                                      "run's --profile")
+            if not args.output:  # the run's own metrics, report and chart stay as the run wrote them
+                out_dir = storage.join(folder, "evaluate")
         rows = read_results(results)
         metrics = evaluate_rows(task, rows, source=results, worst_k=args.worst)
         previous = load_previous(args.previous) if args.previous else None
