@@ -259,6 +259,22 @@ def failure_cause(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def workers_do_not_fit(config: PipelineConfig, available: dict[str, float]) -> str | None:
+    """Why the profile's worker group can never start on a Ray instance of ``available`` resources,
+    or None. Ray Train would wait for them, fail after 60 s and try again, for ever."""
+    tc = config.train
+    per_worker = dict(tc.resources_per_worker) or {"CPU": 1.0}
+    if tc.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    for resource, amount in per_worker.items():
+        needed = amount * tc.num_workers
+        if needed > available.get(resource, 0.0):
+            return (f"{config.source_file}: train.num_workers {tc.num_workers} x {resource} {amount:g} a worker "
+                    f"(resources_per_worker) = {needed:g} {resource}, and this machine's Ray instance has "
+                    f"{available.get(resource, 0.0):g}: lower them, or set RAY_ADDRESS to a cluster that has them")
+    return None
+
+
 def resume_hint(plan: TrainPlan) -> str:
     """How to go on with an unfinished run, from the checkpoints its workers recorded (on this
     machine; a remote run's worker folders are elsewhere)."""
@@ -361,6 +377,9 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     start = time.time()
     try:
         tc = config.train
+        fixed_size = started_ray and not os.environ.get("RAY_ADDRESS")  # our own instance: nothing scales up
+        if fixed_size and (problem := workers_do_not_fit(config, ray.cluster_resources())):
+            raise TrainError(problem)
         scaling = ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,

@@ -260,3 +260,19 @@ def test_a_recipe_written_for_llamafactory_cli_trains_on_the_profiles_model_and_
     assert plan.args["dataset"] == "viggo-train" and plan.args["output_dir"].startswith(plan.work_dir)
     for key in ("eval_dataset", "dataset_dir", "resume_from_checkpoint"):  # no eval split; set in the worker
         assert key not in plan.args
+
+
+def test_a_worker_group_this_machines_ray_cannot_hold_fails_at_once(profile):
+    """2 workers x 2 CPUs on a 2-CPU local Ray: Ray Train waited 60 s, failed, and tried again for
+    ever. It is an error naming the profile's numbers before any worker is asked for."""
+    from e2e_llm.train import workers_do_not_fit
+
+    config = profile(train__resources_per_worker={"CPU": 2})
+    problem = workers_do_not_fit(config, {"CPU": 2.0, "memory": 1e10})
+    assert problem == (f"{config.source_file}: train.num_workers 2 x CPU 2 a worker (resources_per_worker) = 4 CPU, "
+                       "and this machine's Ray instance has 2: lower them, or set RAY_ADDRESS to a cluster that "
+                       "has them")
+    assert workers_do_not_fit(config, {"CPU": 4.0}) is None
+    gpu = profile(train__use_gpu=True, train__resources_per_worker={"CPU": 1})
+    assert "= 2 GPU, and this machine's Ray instance has 0" in workers_do_not_fit(gpu, {"CPU": 2.0})
+    assert workers_do_not_fit(profile(), {"CPU": 2.0}) is None  # the local profile as shipped
