@@ -39,6 +39,7 @@ from e2e_llm import storage, train_report
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 from e2e_llm.precision import llamafactory_precision
+from e2e_llm.ray_address import RAY_ADDRESS_ENV, unreachable_ray_address
 from e2e_llm.runs import new_run_id
 from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
 from e2e_llm.train_worker import EVENTS_FILE, train_loop_per_worker
@@ -322,9 +323,11 @@ def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    if problem := unreachable_ray_address():
+        raise TrainError(problem)
     # The setup hook drops known-noise log records in every worker (e2e_llm.logs says which, and why).
     runtime_env = {"env_vars": worker_env(config), "worker_process_setup_hook": "e2e_llm.logs.quiet_known_noise"}
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get(RAY_ADDRESS_ENV):
         ray.init(runtime_env=runtime_env)
         return True
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": runtime_env,
@@ -377,7 +380,7 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     start = time.time()
     try:
         tc = config.train
-        fixed_size = started_ray and not os.environ.get("RAY_ADDRESS")  # our own instance: nothing scales up
+        fixed_size = started_ray and not os.environ.get(RAY_ADDRESS_ENV)  # our own instance: nothing scales up
         if fixed_size and (problem := workers_do_not_fit(config, ray.cluster_resources())):
             raise TrainError(problem)
         scaling = ScalingConfig(

@@ -15,6 +15,7 @@ from e2e_llm.batch.adapter import Adapter
 from e2e_llm.batch.inputs import BatchError
 from e2e_llm.batch.upload import LoraSource
 from e2e_llm.config import PipelineConfig
+from e2e_llm.ray_address import RAY_ADDRESS_ENV, unreachable_ray_address
 from e2e_llm.serve import CPU_ENGINE_ENV
 
 
@@ -167,7 +168,9 @@ def start_ray(config: PipelineConfig, temp_dir: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS") or config.batch.num_gpus_per_engine > 0:
+    if problem := unreachable_ray_address():
+        raise BatchError(problem)
+    if os.environ.get(RAY_ADDRESS_ENV) or config.batch.num_gpus_per_engine > 0:
         ray.init()
         return
     temp_dir = temp_dir or os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="rb-", dir="/tmp")

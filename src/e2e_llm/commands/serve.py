@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from e2e_llm.model import ModelError, resolve_model_path
     from e2e_llm.ports import port_taken
     from e2e_llm.publish import publish_once
+    from e2e_llm.ray_address import unreachable_ray_address
     from e2e_llm.serve import ServeError
     from e2e_llm.storage import is_remote, s3_endpoint
     from e2e_llm.store import AdapterStore, StoreError, find_training_adapter, local_store_dir
@@ -57,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         resolve_model_path(config.model, root=config.root)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if problem := unreachable_ray_address():
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     if port_taken(host, port):
         print(f"error: {host}:{port} is in use by another program: stop it, or serve elsewhere with --port "

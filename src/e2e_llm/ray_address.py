@@ -1,0 +1,30 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The Ray cluster a command joins: ``$RAY_ADDRESS`` when set (a job on a cluster, or one started by
+hand), else an instance the command starts on this machine. A ``$RAY_ADDRESS`` left over from other
+work, where nothing listens any more, made ``ray.init`` retry for minutes, printing only GCS
+warnings; :func:`unreachable_ray_address` says so at once."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def unreachable_ray_address(environ: Mapping[str, str] | None = None, timeout: float = 5.0) -> str | None:
+    """Why ``$RAY_ADDRESS`` cannot be joined (nothing listens at its host and port), or None: unset,
+    ``auto``/``local`` (Ray's own lookups), a form this check does not read, or something listens."""
+    address = (os.environ if environ is None else environ).get(RAY_ADDRESS_ENV, "").strip()
+    if address in ("", "auto", "local"):
+        return None
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return None  # Ray says what it makes of it
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return (f"${RAY_ADDRESS_ENV}={address}: no Ray cluster listens there ({exc.strerror or exc}); unset it to "
+                "run on a Ray instance of this machine, or start that cluster")
