@@ -147,16 +147,23 @@ def test_killed_worker_is_restarted_and_resumes_from_s3_checkpoint(s3_server, lo
     assert _no_ray_processes_left(f"/tmp/r-{run_id[:8]}")
 
 
-def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
+def _training_past_a_checkpoint(tmp_path: Path, prefix: str):
+    """A smoke training run started in the background, once Ray Train has registered a checkpoint:
+    (its storage root, environment, run id, process, log, checkpoint snapshot)."""
     store = tmp_path / "store"
     env = storage_env(store)
     run_in_env("train", "data", "--profile", "local", env=env)
-    run_id = "ir-" + uuid.uuid4().hex[:8]
+    run_id = f"{prefix}-" + uuid.uuid4().hex[:8]
     log = tmp_path / "first.log"
     proc = _start_training(run_id, env, log)
-    events_path = store / "runs" / run_id / "work" / "events.jsonl"
     snapshot = store / "runs" / run_id / "checkpoint_manager_snapshot.json"
     _wait_for(lambda: _registered_steps(snapshot.read_text), proc, log)
+    return store, env, run_id, proc, log, snapshot
+
+
+def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
+    store, env, run_id, proc, log, snapshot = _training_past_a_checkpoint(tmp_path, "ir")
+    events_path = store / "runs" / run_id / "work" / "events.jsonl"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C / preemption
     # Not Ray Train's exit status 0 (`train && publish` would go on): the shell's 130, and how to go on.
     assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
@@ -178,14 +185,7 @@ def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
 def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, tmp_path):
     """A cancelled job, a stopped pod or `kill`: left to Ray, the driver printed a crash dump and
     died with SIGABRT (134). It now takes Ctrl-C's graceful abort: 143, how to resume, no Ray left."""
-    store = tmp_path / "store"
-    env = storage_env(store)
-    run_in_env("train", "data", "--profile", "local", env=env)
-    run_id = "st-" + uuid.uuid4().hex[:8]
-    log = tmp_path / "train.log"
-    proc = _start_training(run_id, env, log)
-    snapshot = store / "runs" / run_id / "checkpoint_manager_snapshot.json"
-    _wait_for(lambda: _registered_steps(snapshot.read_text), proc, log)
+    store, _, run_id, proc, log, _ = _training_past_a_checkpoint(tmp_path, "st")
     proc.send_signal(signal.SIGTERM)  # the driver alone, as a job runner or the kubelet does
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     text = log.read_text()
