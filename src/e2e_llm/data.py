@@ -23,9 +23,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from e2e_llm.task import MRError, TaskSchema
+
+if TYPE_CHECKING:
+    from e2e_llm.config import PipelineConfig
 
 ALPACA_FIELDS = ("instruction", "input", "output")
 # LLaMA-Factory alpaca column mapping that puts `instruction` in the system turn: the
@@ -67,6 +70,7 @@ class IngestReport:
     output_dir: str
     splits: list[SplitReport] = field(default_factory=list)
     system_prompt: str | None = None  # every row's instruction, when the profile sets one
+    task: dict[str, str] | None = None  # the schema the rows were validated with: name, fingerprint
 
     @property
     def rows_in(self) -> int:
@@ -84,7 +88,35 @@ class IngestReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"output_dir": self.output_dir, "splits": [asdict(s) for s in self.splits],
-                "system_prompt": self.system_prompt}
+                "system_prompt": self.system_prompt, "task": self.task}
+
+
+REPORT_FILE = "ingest_report.json"
+
+
+def task_fingerprint(task: TaskSchema) -> str:
+    """The schema's content, not its file's layout: comments and key order do not change it."""
+    return hashlib.sha256(json.dumps(task.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ingest_mismatch(config: PipelineConfig) -> str | None:
+    """Why the dataset ``e2e-llm data`` wrote for ``config`` is not what the profile now asks for,
+    or None (also when there is none yet). A profile's ``data.system_prompt`` or task schema edited
+    after the data stage would otherwise train and score on rows asked and validated the old way."""
+    from e2e_llm import storage
+
+    uri = config.storage_uri("data", config.data.dataset, REPORT_FILE)
+    if not storage.exists(uri, **config.storage_kw()):
+        return None
+    report = json.loads(storage.read_text(uri, **config.storage_kw()))
+    redo = f"rerun `e2e-llm data --profile {config.profile}`"
+    if report.get("system_prompt") != config.data.system_prompt:
+        return (f"the dataset was written with data.system_prompt {report.get('system_prompt')!r} and the profile "
+                f"now says {config.data.system_prompt!r}: {redo}")
+    written_with = report.get("task")  # None: written before the report recorded it
+    if written_with and written_with.get("sha256") != task_fingerprint(config.task_schema()):
+        return f"the dataset was validated with another version of the task schema {config.data.task}: {redo}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,7 +331,8 @@ def ingest(
     """
     output_dir = Path(output_dir)
     raw_dir = output_dir / "raw"
-    report = IngestReport(str(output_dir), system_prompt=system_prompt)
+    report = IngestReport(str(output_dir), system_prompt=system_prompt,
+                          task={"name": task.name, "sha256": task_fingerprint(task)})
     all_rejects: list[Reject] = []
     written: list[str] = []
     for split, filename in splits.items():
@@ -322,7 +355,7 @@ def ingest(
         raise IngestError(f"required split(s) {missing} not configured in data.splits")
     write_atomic(output_dir / "rejects.jsonl", jsonl([asdict(r) for r in all_rejects]))
     write_atomic(output_dir / "dataset_info.json", json.dumps(dataset_info(dataset, written), indent=2) + "\n")
-    write_atomic(output_dir / "ingest_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    write_atomic(output_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 

@@ -164,6 +164,7 @@ class TrainPlan:
 
 def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None,
              work_root: Path | None = None) -> TrainPlan:
+    from e2e_llm.data import ingest_mismatch
     from e2e_llm.model import ModelError, resolve_model_path
 
     tc = config.train
@@ -184,6 +185,8 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
     info_uri = storage.join(dataset_uri, "dataset_info.json")
     if not storage.exists(info_uri, **config.storage_kw()):
         raise TrainError(f"dataset not found at {dataset_uri}: run `e2e-llm data --profile {config.profile}` first")
+    if problem := ingest_mismatch(config):
+        raise TrainError(f"{dataset_uri}: {problem}")
     info = json.loads(storage.read_text(info_uri, **config.storage_kw()))
     splits = [tc.train_split] + ([tc.eval_split] if tc.eval_split else [])
     dataset_files = {}

@@ -65,6 +65,11 @@ def test_split_names_resolve_to_clean_files_and_unknown_names_fail(config):
     val.parent.mkdir(parents=True)
     val.write_text('{"input": "x"}\n')
     assert resolve_split(config, "val") == str(val)
+    # Written before the profile's system prompt changed: scoring would ask the old way.
+    (val.parent / "ingest_report.json").write_text(json.dumps({"system_prompt": "An older prompt."}))
+    with pytest.raises(BatchError, match=r"split 'val': the dataset was written with data.system_prompt 'An older "
+                                         r"prompt.' and the profile now says .*: rerun `e2e-llm data"):
+        resolve_split(config, "val")
 
 
 def test_empty_dataset_is_a_clear_error(config, tmp_path):

@@ -32,7 +32,8 @@ def _ingested(config):
     from e2e_llm.data import ingest
 
     ingest(source=str(config.path(config.data.source)), splits={"train": "train.jsonl", "val": "val.jsonl"},
-           output_dir=Path(config.storage_uri("data", "viggo")), task=config.task_schema(), dataset="viggo")
+           output_dir=Path(config.storage_uri("data", "viggo")), task=config.task_schema(), dataset="viggo",
+           system_prompt=config.data.system_prompt)  # as `e2e-llm data` writes it
     return config
 
 
@@ -276,3 +277,24 @@ def test_a_worker_group_this_machines_ray_cannot_hold_fails_at_once(profile):
     gpu = profile(train__use_gpu=True, train__resources_per_worker={"CPU": 1})
     assert "= 2 GPU, and this machine's Ray instance has 0" in workers_do_not_fit(gpu, {"CPU": 2.0})
     assert workers_do_not_fit(profile(), {"CPU": 2.0}) is None  # the local profile as shipped
+
+
+def test_a_dataset_written_before_the_profile_changed_is_refused(profile, tmp_path):
+    """`data.system_prompt` or the task schema edited after `e2e-llm data`: training would learn to
+    answer the old prompt, or rows validated by the old schema. It names what changed and the fix."""
+    from e2e_llm.train import TrainError, plan_run
+
+    config = _ingested(profile())
+    plan_run(config)
+    config.data.system_prompt = "A new prompt."
+    with pytest.raises(TrainError, match=re.escape("the dataset was written with data.system_prompt 'Write the "
+                                                   "meaning representation of the sentence.' and the profile now "
+                                                   "says 'A new prompt.': rerun `e2e-llm data --profile local`")):
+        plan_run(config)
+
+    config = _ingested(profile())
+    task = tmp_path / "task.yaml"
+    task.write_text(config.path(config.data.task).read_text().replace("  recommend: {}\n", ""))
+    config.data.task = str(task)
+    with pytest.raises(TrainError, match="validated with another version of the task schema .*task.yaml: rerun"):
+        plan_run(config)

@@ -12,6 +12,7 @@ from typing import Any
 
 from e2e_llm import storage
 from e2e_llm.config import PipelineConfig
+from e2e_llm.data import ingest_mismatch
 
 
 class BatchError(RuntimeError):
@@ -27,6 +28,8 @@ def resolve_split(config: PipelineConfig, split: str) -> str:
             optional = "; the source may not ship this split" if split not in config.data.required_splits else ""
             raise BatchError(f"split {split!r}: {uri} not found (run `e2e-llm data --profile {config.profile}`"
                              f"{optional})")
+        if problem := ingest_mismatch(config):
+            raise BatchError(f"split {split!r}: {problem}")
         return uri
     if split.endswith((".jsonl", ".json")) or "/" in split or "://" in split:
         uri = split if "://" in split else str(Path(split).expanduser().resolve())
