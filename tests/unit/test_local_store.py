@@ -104,6 +104,7 @@ def test_serve_on_an_endpoint_another_profiles_store_holds_starts_nothing(monkey
     try:
         config = load_profile("local")
         config.storage.endpoint_url = other.endpoint
+        config.serve.metrics_export_port = free_tcp_port()  # whatever else runs on this machine
         monkeypatch.setattr("e2e_llm.config.load_profile", lambda *a, **k: config)
         started = []
         monkeypatch.setattr(serve_command, "_serve", lambda *a: started.append(a) or 0)
@@ -171,6 +172,33 @@ def test_serve_refused_for_a_port_in_use_starts_nothing(monkeypatch, capsys):
                                   ray_temp_dir=None)
         assert serve_command.run(args) == 1
     assert f"127.0.0.1:{port} is in use by another program" in capsys.readouterr().err
+    assert not started and not endpoint_reachable(endpoint)
+
+
+def test_serve_beside_another_on_the_metrics_port_starts_nothing(monkeypatch, capsys):
+    """A second `e2e-llm serve` (another profile) on this machine: Ray's metrics agent could not bind
+    serve.metrics_export_port, and Ray said "the node timed out during startup" a minute later."""
+    import socket
+
+    from e2e_llm.commands import serve as serve_command
+    from e2e_llm.config import load_profile
+
+    endpoint = f"http://127.0.0.1:{free_tcp_port()}"
+    config = load_profile("local")
+    config.storage.endpoint_url = endpoint
+    monkeypatch.setattr("e2e_llm.config.load_profile", lambda *a, **k: config)
+    started = []
+    monkeypatch.setattr(serve_command, "_serve", lambda *a: started.append(a) or 0)
+    with socket.socket() as first_app_metrics:
+        first_app_metrics.bind(("", 0))
+        first_app_metrics.listen()
+        config.serve.metrics_export_port = first_app_metrics.getsockname()[1]
+        args = argparse.Namespace(profile="local", host="127.0.0.1", port=free_tcp_port(), publish=None, then=None,
+                                  ray_temp_dir=None)
+        assert serve_command.run(args) == 1
+    err = capsys.readouterr().err
+    assert f"error: port {config.serve.metrics_export_port} (serve.metrics_export_port" in err
+    assert "e.g. another `e2e-llm serve`: give this profile another one in" in err
     assert not started and not endpoint_reachable(endpoint)
 
 

@@ -66,6 +66,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {host}:{port} is in use by another program: stop it, or serve elsewhere with --port "
               "(or serve.port in the profile)", file=sys.stderr)
         return 1
+    metrics_port = config.serve.metrics_export_port
+    if metrics_port and port_taken("", metrics_port):  # Ray's metrics agent listens on every interface
+        # Another `e2e-llm serve` on this machine, most likely: Ray's agent would fail to bind it and
+        # Ray report "the node timed out during startup" a minute later.
+        print(f"error: port {metrics_port} (serve.metrics_export_port, where the canary reads Ray's metrics) is in "
+              f"use by another program, e.g. another `e2e-llm serve`: give this profile another one in "
+              f"{config.source_file}", file=sys.stderr)
+        return 1
     store = AdapterStore.from_config(config)
     endpoint = s3_endpoint(config.storage.endpoint_url)
     moto = None
