@@ -434,9 +434,10 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
     store = AdapterStore.from_config(config)
     store.require_reachable()
     task = config.task_schema()
-    rows = load_canary_set(policy, config.root, config.data.system_prompt, task)
+    rows: list[dict[str, str]] = []  # a rollback or a promotion scores nothing: a broken set must not stop it
     prober = metrics = preflight = traffic = None
     if for_gates:
+        rows = load_canary_set(policy, config.root, config.data.system_prompt, task)
         api_key = os.environ.get(config.serve.auth.api_key_env) if config.serve.auth.enabled else None
         url = base_url or default_base_url(config)
         prober = OpenAIProber(url, config.model.id, api_key=api_key, output_regex=task.output_regex())

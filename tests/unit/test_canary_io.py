@@ -23,6 +23,7 @@ from e2e_llm.canary_io import (
     resolve_candidate,
     rollout_log_uri,
 )
+from e2e_llm.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -240,6 +241,19 @@ def test_synthetic_traffic_comes_from_the_profile_unless_the_flag_says_otherwise
     assert open_controller(config, synthetic_clients=0)[0].traffic is None
     assert open_controller(config, synthetic_clients=3)[0].traffic.clients == 3
     assert open_controller(config, for_gates=False)[0].traffic is None
+
+
+def test_a_rollback_or_promotion_does_not_need_a_valid_canary_set(config):
+    """Rolling back in an emergency must not fail on the canary set (changed since the policy pinned
+    it, or made for another task): only the gates score it."""
+    from e2e_llm.canary_io import open_controller
+
+    config.storage.endpoint_url = None
+    config.data.system_prompt = "A prompt the set was not asked with."
+    with pytest.raises(ConfigError, match="instruction is not the profile's data.system_prompt"):
+        open_controller(config)
+    controller, _ = open_controller(config, for_gates=False)
+    assert controller.rows == []
 
 
 def test_the_synthetic_clients_flag_takes_the_profile_settings_bounds(capsys):
