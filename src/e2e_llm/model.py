@@ -125,6 +125,7 @@ def _prepare(model: ModelConfig, cache: Path, out: Path, package: str, gguf_name
     gguf_path = matches[0]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would follow the model into place
     try:
         convert_gguf(gguf_path, tmp, dtype)
         (tmp / READY_MARKER).write_text(json.dumps({"id": model.id, "source": model.source,
