@@ -152,9 +152,9 @@ def test_serve_refused_for_a_model_not_prepared_starts_nothing(monkeypatch, tmp_
     assert not started and not endpoint_reachable(endpoint)
 
 
-def test_serve_refused_for_a_port_in_use_starts_nothing(monkeypatch, capsys):
-    import socket
-
+def _serve_that_records_a_start(monkeypatch):
+    """`e2e-llm serve` on the local profile with its store on a free loopback port, its app start
+    replaced by a record: (the command module, the profile, the store endpoint, the starts)."""
     from e2e_llm.commands import serve as serve_command
     from e2e_llm.config import load_profile
 
@@ -164,6 +164,13 @@ def test_serve_refused_for_a_port_in_use_starts_nothing(monkeypatch, capsys):
     monkeypatch.setattr("e2e_llm.config.load_profile", lambda *a, **k: config)
     started = []
     monkeypatch.setattr(serve_command, "_serve", lambda *a: started.append(a) or 0)
+    return serve_command, config, endpoint, started
+
+
+def test_serve_refused_for_a_port_in_use_starts_nothing(monkeypatch, capsys):
+    import socket
+
+    serve_command, config, endpoint, started = _serve_that_records_a_start(monkeypatch)
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
@@ -180,15 +187,7 @@ def test_serve_beside_another_on_the_metrics_port_starts_nothing(monkeypatch, ca
     serve.metrics_export_port, and Ray said "the node timed out during startup" a minute later."""
     import socket
 
-    from e2e_llm.commands import serve as serve_command
-    from e2e_llm.config import load_profile
-
-    endpoint = f"http://127.0.0.1:{free_tcp_port()}"
-    config = load_profile("local")
-    config.storage.endpoint_url = endpoint
-    monkeypatch.setattr("e2e_llm.config.load_profile", lambda *a, **k: config)
-    started = []
-    monkeypatch.setattr(serve_command, "_serve", lambda *a: started.append(a) or 0)
+    serve_command, config, endpoint, started = _serve_that_records_a_start(monkeypatch)
     with socket.socket() as first_app_metrics:
         first_app_metrics.bind(("", 0))
         first_app_metrics.listen()
