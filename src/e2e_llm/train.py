@@ -42,7 +42,7 @@ from e2e_llm.precision import llamafactory_precision
 from e2e_llm.ray_address import RAY_ADDRESS_ENV, unreachable_ray_address
 from e2e_llm.runs import new_run_id
 from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
-from e2e_llm.train_worker import EVENTS_FILE, train_loop_per_worker
+from e2e_llm.train_worker import read_events, train_loop_per_worker
 
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
@@ -282,17 +282,10 @@ def workers_do_not_fit(config: PipelineConfig, available: dict[str, float]) -> s
 def resume_hint(plan: TrainPlan) -> str:
     """How to go on with an unfinished run, from the checkpoints its workers recorded (on this
     machine; a remote run's worker folders are elsewhere)."""
-    events = Path(plan.work_dir) / EVENTS_FILE
+    events = read_events(Path(plan.work_dir))
     since = "its last checkpoint"
-    if events.is_file():
-        steps = []
-        for line in events.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:  # a line cut by the interruption
-                continue
-            if event.get("event") == "checkpoint":
-                steps.append(event["step"])
+    if events is not None:
+        steps = [event["step"] for event in events if event.get("event") == "checkpoint"]
         since = f"its last checkpoint (step {max(steps)})" if steps else "the start (no checkpoint yet)"
     return f"rerun with --run-id {plan.run_id} to resume from {since}"
 
@@ -434,10 +427,7 @@ def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs
     train_log, eval_log = train_report.read_log(plan.run_uri, fs_kw)
     state = json.loads(storage.read_text(storage.join(plan.run_uri, "trainer_state.json"), **fs_kw))
     tokens = state.get("num_input_tokens_seen") or 0
-    events = []
-    events_path = Path(plan.work_dir) / EVENTS_FILE
-    if events_path.is_file():
-        events = [json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
+    events = read_events(Path(plan.work_dir)) or []
     starts = [e for e in events if e["event"] == "start" and e["rank"] == 0]
     runtimes = [h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h]
     train_seconds = runtimes[-1] if runtimes else 0.0  # the final entry covers the whole (resumed) run

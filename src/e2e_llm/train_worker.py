@@ -27,6 +27,21 @@ def append_event(work_dir: Path, **event: Any) -> None:
         f.write(json.dumps(event) + "\n")
 
 
+def read_events(work_dir: Path) -> list[dict[str, Any]] | None:
+    """The events the workers appended, or None where there is no events file (a remote run's
+    worker folders are on its nodes). A line cut by an interruption is left out."""
+    path = work_dir / EVENTS_FILE
+    if not path.is_file():
+        return None
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
 def training_callbacks() -> list:
     """What our layer adds to LLaMA-Factory's training besides Ray Train's checkpoint report
     (the benches' direct runs add the same, so both sides of a comparison train alike)."""

@@ -48,23 +48,21 @@ def run(args: argparse.Namespace) -> int:
         folder = results.rsplit("/", 1)[0] if storage.is_remote(results) else str(Path(results).resolve().parent)
     else:
         folder = results
-    out_dir = args.output or folder
     try:
         run = batch_run_beside(folder)
-        if run is not None:
-            scored_by = (run.get("task") or {}).get("name")
-            if scored_by and scored_by != task.name:
-                raise EvaluationError(f"{results}: predictions of a batch run for task {scored_by!r} (profile "
-                                      f"{run.get('profile')!r}); this profile's task is {task.name!r}: pass that "
-                                      "run's --profile")
-            if not args.output:  # the run's own metrics, report and chart stay as the run wrote them
-                out_dir = storage.join(folder, "evaluate")
+        scored_by = ((run or {}).get("task") or {}).get("name")
+        if scored_by and scored_by != task.name:
+            raise EvaluationError(f"{results}: predictions of a batch run for task {scored_by!r} (profile "
+                                  f"{run.get('profile')!r}); this profile's task is {task.name!r}: pass that "
+                                  "run's --profile")
         rows = read_results(results)
         metrics = evaluate_rows(task, rows, source=results, worst_k=args.worst)
         previous = load_previous(args.previous) if args.previous else None
     except EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    # A batch run's own metrics, report and chart stay as the run wrote them.
+    out_dir = args.output or (storage.join(folder, "evaluate") if run else folder)
     paths = write_reports(metrics, out_dir, title=f"Evaluation of {results}",
                           context={"results": results, "task": task.name, "profile": config.profile},
                           previous=previous)
