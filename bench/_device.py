@@ -27,32 +27,34 @@ DATA_DIR = DEVICE_DIR / "viggo"
 RESULTS = ROOT / "bench" / "results.jsonl"
 SITE = Path("/tmp/e2e-site")
 
-# LLaMA-Factory 0.9.5 and what the GPU image lacks (it has torch, transformers, peft,
-# accelerate, pyarrow, pandas...). Versions match images/train/requirements.lock where the
-# lock has them; liger-kernel is for the fused-kernel variant, gguf for the SmolLM2 model.
-WHEELS = (
-    "llamafactory==0.9.5",
-    "datasets==4.0.0",
-    "dill==0.3.8",
-    "multiprocess==0.70.16",
-    "trl==0.24.0",
-    "omegaconf==2.4.0",
-    "antlr4-python3-runtime==4.13.2",
-    "fire==0.7.1",
-    "tyro==0.8.14",
-    "docstring-parser==0.18.0",
-    "shtab==1.13.0",
-    "termcolor==3.3.0",
-    "liger-kernel==0.8.5",
-    "gguf==0.19.0",
-)
+TRAIN_LOCK = ROOT / "images" / "train" / "requirements.lock"
+# LLaMA-Factory and what the GPU image lacks (it has torch, transformers, peft, accelerate,
+# pyarrow, pandas...), at the train lock's versions (train_lock_specs); liger-kernel is for the
+# fused-kernel variant, gguf for the SmolLM2 model.
+WHEELS = ("llamafactory", "datasets", "dill", "multiprocess", "trl", "omegaconf", "fire", "tyro", "docstring-parser",
+          "shtab", "termcolor", "liger-kernel", "gguf")
+
+
+def train_lock_specs(names: tuple[str, ...]) -> list[str]:
+    """``name==version`` for each name, at the version images/train/requirements.lock pins (the
+    one pin list: a lock bump reaches the GPU machine too); an error naming any it does not pin."""
+    use_project_src()
+    from e2e_llm.images import canonical_name, lock_pins
+
+    pins = lock_pins(TRAIN_LOCK)
+    missing = [name for name in names if canonical_name(name) not in pins]
+    if missing:
+        raise SystemExit(f"{TRAIN_LOCK.relative_to(ROOT)} pins no {', '.join(missing)}: the GPU machine installs "
+                         f"what the train image installs")
+    return [f"{name}=={pins[canonical_name(name)]}" for name in names]
 
 
 def download_wheels() -> None:
     WHEELS_DIR.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
            "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-           "--platform", "manylinux_2_17_x86_64", "--platform", "any", "-d", str(WHEELS_DIR), *WHEELS]
+           "--platform", "manylinux_2_17_x86_64", "--platform", "any", "-d", str(WHEELS_DIR),
+           *train_lock_specs(WHEELS)]
     subprocess.run(cmd, check=True)
 
 

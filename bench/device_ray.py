@@ -87,13 +87,11 @@ PARCEL_LIMIT = 60 * 2**20
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL_MODEL = ROOT / ".cache" / "models" / "smollm2-135m"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-# On top of _device.WHEELS: Ray, what e2e_llm and Ray Train import, and the train lock's pins of
-# what LLaMA-Factory 0.9.5 checks (images/train/requirements.lock).
+# On top of _device.WHEELS: Ray, what e2e_llm and Ray Train import, and what LLaMA-Factory checks
+# the versions of (the image's transformers, peft... are not the train lock's).
 EXTRA_WHEELS = (
-    "ray==2.60.0", "transformers==5.6.0", "tokenizers==0.22.2", "accelerate==1.11.0", "peft==0.18.1",
-    "pydantic==2.12.3", "pydantic_core==2.41.4", "annotated-types==0.8.0", "typing-inspection==0.4.5",
-    "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1",
-    "tensorboardX==2.6.5",
+    "ray", "transformers", "tokenizers", "accelerate", "peft", "pydantic", "pydantic_core", "annotated-types",
+    "typing-inspection", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "tensorboardX",
 )
 # Environment of every device process (children, Ray and its workers inherit it).
 DEVICE_ENV = {
@@ -175,7 +173,7 @@ def prepare(ns: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
            "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
            "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "--platform", "any",
-           "-d", str(wheels), *_device.WHEELS, *EXTRA_WHEELS]
+           "-d", str(wheels), *_device.train_lock_specs(_device.WHEELS + EXTRA_WHEELS)]
     subprocess.run(cmd, check=True)
     ray_wheel = next(wheels.glob("ray-*.whl"))
     with zipfile.ZipFile(ray_wheel) as z:

@@ -38,7 +38,6 @@ from e2e_llm.config import ConfigError
 from e2e_llm.validate_common import CRD_FILES, KUBERAY_CRDS, load_documents
 from e2e_llm.validate_cross import CrossContext, check_cross
 from e2e_llm.validate_lint import (
-    _lock_pins,
     check_containerfile,
     check_no_secrets,
     kustomize_build,
@@ -56,7 +55,7 @@ from e2e_llm.validate_schema import (
 from e2e_llm.validate_serve import check_anyscale, check_applications, check_import_path, check_serve_config
 
 __all__ = [
-    "CRD_FILES", "KUBERAY_CRDS", "CrdsMissing", "_lock_pins", "check_anyscale", "check_applications", "check_cel",
+    "CRD_FILES", "KUBERAY_CRDS", "CrdsMissing", "check_anyscale", "check_applications", "check_cel",
     "check_containerfile", "check_core_objects", "check_crd_schema", "check_cross", "check_extra_kinds",
     "check_import_path",
     "check_kinds_covered", "check_no_secrets", "check_operator_rules", "check_serve_config", "kustomize_build",

@@ -46,14 +46,14 @@ class CrossContext:
 
     @classmethod
     def from_deploy(cls, deploy: Any) -> CrossContext:
-        from e2e_llm.validate_lint import _lock_pins
+        from e2e_llm.images import lock_pins
 
         root = deploy._root
         locks = {}
         for name, image in (("train", deploy.images.train), ("serve", deploy.images.serve)):
             lock = root / "images" / name / "requirements.lock"
             if lock.is_file():
-                locks[image.repository] = _lock_pins(lock).get("ray", "")
+                locks[image.repository] = lock_pins(lock).get("ray", "")
         return cls(root=root, ray_locks=locks,
                    accelerators={k: dict(v.node_selector) for k, v in deploy.accelerators.items()},
                    external=deploy.external_objects())

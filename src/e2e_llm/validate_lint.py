@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from e2e_llm.images import lock_pins
 from e2e_llm.validate_common import _bin, _fmt, _name
 
 
@@ -117,16 +118,6 @@ def _secret_values(doc: Any, where: str, path: tuple[Any, ...] = ()) -> list[str
 # Containerfiles
 
 
-def _lock_pins(lock: Path) -> dict[str, str]:
-    pins = {}
-    for line in lock.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "==" in line:
-            name, version = line.split("==", 1)
-            pins[name.lower()] = version
-    return pins
-
-
 def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) -> list[str]:
     """hadolint clean; a pinned base image (no latest/digest-less bare name) whose Ray version
     matches the lock's ``ray`` pin; installs the lock file with pip and nothing unpinned."""
@@ -141,7 +132,7 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) 
     parser = DockerfileParser(fileobj=io.BytesIO(text.encode()))
     base = parser.baseimage or ""
     tag = base.rsplit("/", 1)[-1].partition(":")[2]
-    pins = _lock_pins(lock)
+    pins = lock_pins(lock)
     if not tag or tag == "latest":
         problems.append(f"{path}: FROM {base}: base image tag must be pinned")
     else:

