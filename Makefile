@@ -39,6 +39,7 @@ help: ## Show this help.
 $(TRAIN_ENV)/.stamp: images/train/requirements.lock pyproject.toml
 	rm -rf $(TRAIN_ENV) && $(PYTHON) -m venv $(TRAIN_ENV)
 	$(TRAIN_ENV)/bin/pip install -q --upgrade pip
+	images/install-torch-cpu.sh $(TRAIN_ENV) images/train/requirements.lock
 	$(TRAIN_ENV)/bin/pip install -q -r images/train/requirements.lock
 	$(TRAIN_ENV)/bin/pip uninstall -q -y torchvision
 	# LLaMA-Factory imports torchaudio at top level; its PyPI wheel links libc10_cuda.so.
@@ -50,6 +51,7 @@ $(TRAIN_ENV)/.stamp: images/train/requirements.lock pyproject.toml
 $(SERVE_ENV)/.stamp: images/serve/requirements.lock images/serve/requirements-dev.lock pyproject.toml
 	rm -rf $(SERVE_ENV) && $(PYTHON) -m venv $(SERVE_ENV)
 	$(SERVE_ENV)/bin/pip install -q --upgrade pip
+	images/install-torch-cpu.sh $(SERVE_ENV) images/serve/requirements.lock
 	$(SERVE_ENV)/bin/pip install -q -r images/serve/requirements.lock -r images/serve/requirements-dev.lock
 	$(SERVE_ENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(SERVE_ENV)/bin/pip install -q --no-deps -e .

