@@ -90,6 +90,16 @@ def test_no_cpu_build_anywhere_fails_and_a_lock_without_torch_is_named(fake_env)
     assert result.returncode == 1 and f"{lock} pins no torch" in result.stderr
 
 
+def test_machines_where_pypis_torch_is_the_cpu_build_install_it_from_the_lock(fake_env):
+    tmp_path, _, run = fake_env
+    fake_bin = tmp_path / "fake-bin"
+    fake_bin.mkdir()
+    (fake_bin / "uname").write_text("#!/bin/sh\necho arm64\n")  # macOS on Apple silicon
+    (fake_bin / "uname").chmod(0o755)
+    result, installed = run(PATH=f"{fake_bin}:/usr/bin:/bin")  # no CPU build anywhere: not needed
+    assert result.returncode == 0 and installed == [] and result.stderr == ""
+
+
 def test_make_env_installs_the_cpu_torch_before_each_lock():
     makefile = (ROOT / "Makefile").read_text()
     for env, lock in (("TRAIN_ENV", "images/train/requirements.lock"), ("SERVE_ENV", "images/serve/requirements.lock")):
