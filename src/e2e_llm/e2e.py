@@ -78,6 +78,7 @@ class E2EResult:
     base_batch: dict[str, Any] | None = None
     base_cached: bool = False
     ok: bool = False
+    refused: list[str] = field(default_factory=list)  # why no stage ran (the machine is not ready)
 
     @property
     def seconds(self) -> float:
@@ -205,7 +206,9 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
             echo=print) -> E2EResult:
     """Run the stages in order (stopping at the first failure) and return what they produced."""
     from e2e_llm.precision import model_dtype
+    from e2e_llm.ray_address import unreachable_ray_address
     from e2e_llm.runs import new_run_id
+    from e2e_llm.serve import start_refusals
 
     run_id = run_id or new_run_id()
     run_dir = Path(config.storage_uri("e2e", run_id))
@@ -213,6 +216,15 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     result = E2EResult(run_id=run_id, run_dir=str(run_dir), dtype=choice.as_dict())
     env = {**os.environ, **QUIET_ENV}
     echo(banner(f"e2e {run_id}: profile {profile}"))
+    # What would stop a stage minutes in (the serve stage's ports after training) is asked now.
+    ray_problem = unreachable_ray_address()
+    result.refused = [*([ray_problem] if ray_problem else []),
+                      *(f"the serve stage could not start: {message}"
+                        for _, message in start_refusals(config, config.serve.host, config.serve.port))]
+    if result.refused:
+        for reason in result.refused:
+            echo(f"error: {reason}")
+        return result
     echo(f"dtype: {choice.dtype} ({choice.reason}); model.dtype: {config.model.dtype} in the profile")
     echo(f"full logs: {run_dir}/<stage>.log")
 
@@ -269,6 +281,8 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
 
 def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile: str) -> str:
     """The closing table: stage times, base vs adapter metrics, artifacts, next commands."""
+    if result.refused:
+        return "\n".join([banner(f"summary: e2e {result.run_id} refused before its first stage"), *result.refused])
     lines = [banner(f"summary: e2e {result.run_id} {'finished' if result.ok else 'FAILED'} "
                     f"in {result.seconds / 60:.1f} min"),
              f"dtype {result.dtype['dtype']} ({result.dtype['reason']})", "",
@@ -322,5 +336,6 @@ def write_summary(result: E2EResult, text: str) -> None:
     data = {"run_id": result.run_id, "ok": result.ok, "seconds": result.seconds, "dtype": result.dtype,
             "stages": {s.name: s.seconds for s in result.stages},
             "metrics": (result.adapter_batch or {}).get("metrics"),
-            "base_metrics": (result.base_batch or {}).get("metrics"), "base_cached": result.base_cached}
+            "base_metrics": (result.base_batch or {}).get("metrics"), "base_cached": result.base_cached,
+            "refused": result.refused}
     (run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")

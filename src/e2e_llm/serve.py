@@ -234,6 +234,28 @@ def serve_start_kwargs(config: PipelineConfig, host: str, port: int) -> dict[str
     return kwargs
 
 
+def start_refusals(config: PipelineConfig, host: str, port: int) -> list[tuple[int, str]]:
+    """Why serving ``config`` on ``host:port`` cannot start on this machine now, as (exit code,
+    message): ``e2e-llm serve`` refuses with the first before it starts anything, and ``make e2e``
+    asks before its first stage, not after training. Empty: nothing in the way."""
+    from e2e_llm.ports import port_taken
+
+    refusals = []
+    if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
+        refusals.append((2, f"serve.auth.enabled but ${config.serve.auth.api_key_env} is not set"))
+    if port_taken(host, port):
+        refusals.append((1, f"{host}:{port} is in use by another program: stop it, or serve elsewhere with "
+                            f"serve.port in {config.source_file} (e2e-llm serve: --port)"))
+    metrics_port = config.serve.metrics_export_port
+    if metrics_port and port_taken("", metrics_port):  # Ray's metrics agent listens on every interface
+        # Another `e2e-llm serve` on this machine, most likely: Ray's agent would fail to bind it and
+        # Ray report "the node timed out during startup" a minute later.
+        refusals.append((1, f"port {metrics_port} (serve.metrics_export_port, where the canary reads Ray's metrics) "
+                            f"is in use by another program, e.g. another `e2e-llm serve`: give this profile "
+                            f"another one in {config.source_file}"))
+    return refusals
+
+
 class DeployInterrupted(RuntimeError):
     """``stop`` was set (Ctrl-C, SIGTERM) before the app was up."""
 

@@ -11,11 +11,15 @@ import time
 import pytest
 
 from e2e_llm.e2e import QUIET_ENV, E2EResult, StageResult, find_base_run, run_stage, summary
+from e2e_llm.ports import free_tcp_port
 
 
 @pytest.fixture()
 def config(local_config, tmp_path, monkeypatch):
     monkeypatch.setattr(local_config.storage, "root", str(tmp_path / "store"))
+    # Whatever else runs on this machine (a served app on 8000) is not in the way.
+    monkeypatch.setattr(local_config.serve, "port", free_tcp_port())
+    monkeypatch.setattr(local_config.serve, "metrics_export_port", free_tcp_port())
     return local_config
 
 
@@ -113,6 +117,39 @@ def test_stages_are_numbered_in_the_order_they_run(config, tmp_path):
     assert [b[0] for b in banners] == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
     assert [b[1].rstrip(":") for b in banners] == ["data", "model", "train", "batch", "base", "serve"]
     assert result.ok and [s.name for s in result.stages] == ["data", "model", "train", "batch", "base", "serve"]
+
+
+def test_a_machine_where_the_serve_stage_could_not_start_is_refused_before_the_first_stage(config, tmp_path,
+                                                                                          monkeypatch):
+    """A program on serve.port (an `e2e-llm serve` of the last adapter, another dev server) failed
+    the serve stage after ~10 minutes of training and batch; so did a missing API key."""
+    import socket
+
+    from e2e_llm.e2e import run_e2e, write_summary
+
+    cli = tmp_path / "fake-cli"
+    cli.write_text(f"#!{sys.executable}\nraise SystemExit('a stage ran')\n")
+    cli.chmod(0o755)
+    monkeypatch.setattr(config.serve.auth, "enabled", True)
+    monkeypatch.delenv(config.serve.auth.api_key_env, raising=False)
+    with socket.socket() as other:
+        other.bind((config.serve.host, 0))
+        other.listen()
+        monkeypatch.setattr(config.serve, "port", other.getsockname()[1])
+        shown = []
+        result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
+    assert not result.ok and result.stages == []
+    errors = [line for line in shown if line.startswith("error: ")]
+    assert errors == [f"error: the serve stage could not start: serve.auth.enabled but "
+                      f"${config.serve.auth.api_key_env} is not set",
+                      f"error: the serve stage could not start: {config.serve.host}:{config.serve.port} is in use by "
+                      f"another program: stop it, or serve elsewhere with serve.port in {config.source_file} "
+                      f"(e2e-llm serve: --port)"]
+    text = summary(result, config, 10, "local")
+    assert "refused before its first stage" in text and f"{config.serve.host}:{config.serve.port} is in use" in text
+    write_summary(result, text)
+    assert json.loads((tmp_path / "store" / "e2e" / result.run_id / "summary.json").read_text())["refused"] == [
+        e.removeprefix("error: ") for e in errors]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -41,19 +41,19 @@ def run(args: argparse.Namespace) -> int:
     from e2e_llm.config import load_profile
     from e2e_llm.local_s3 import LocalS3Error, is_loopback, start
     from e2e_llm.model import ModelError, resolve_model_path
-    from e2e_llm.ports import port_taken
     from e2e_llm.publish import publish_once
     from e2e_llm.ray_address import unreachable_ray_address
-    from e2e_llm.serve import ServeError
+    from e2e_llm.serve import ServeError, start_refusals
     from e2e_llm.storage import is_remote, s3_endpoint
     from e2e_llm.store import AdapterStore, StoreError, find_training_adapter, local_store_dir
 
     config = load_profile(args.profile)
     host, port = args.host or config.serve.host, args.port or config.serve.port
     # Refuse before starting anything (a local S3 server included).
-    if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
-        print(f"error: serve.auth.enabled but ${config.serve.auth.api_key_env} is not set", file=sys.stderr)
-        return 2
+    if refusals := start_refusals(config, host, port):
+        code, message = refusals[0]
+        print(f"error: {message}", file=sys.stderr)
+        return code
     try:
         resolve_model_path(config.model, root=config.root)
     except ModelError as exc:
@@ -61,18 +61,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if problem := unreachable_ray_address():
         print(f"error: {problem}", file=sys.stderr)
-        return 1
-    if port_taken(host, port):
-        print(f"error: {host}:{port} is in use by another program: stop it, or serve elsewhere with --port "
-              "(or serve.port in the profile)", file=sys.stderr)
-        return 1
-    metrics_port = config.serve.metrics_export_port
-    if metrics_port and port_taken("", metrics_port):  # Ray's metrics agent listens on every interface
-        # Another `e2e-llm serve` on this machine, most likely: Ray's agent would fail to bind it and
-        # Ray report "the node timed out during startup" a minute later.
-        print(f"error: port {metrics_port} (serve.metrics_export_port, where the canary reads Ray's metrics) is in "
-              f"use by another program, e.g. another `e2e-llm serve`: give this profile another one in "
-              f"{config.source_file}", file=sys.stderr)
         return 1
     store = AdapterStore.from_config(config)
     endpoint = s3_endpoint(config.storage.endpoint_url)
