@@ -46,18 +46,18 @@ host-check:
 	@command -v $(PYTHON) >/dev/null || { echo "make env: $(PYTHON) not found: install Python 3.11 or set" \
 	  "PYTHON= to one" >&2; exit 1; }
 
-$(TRAIN_ENV)/.stamp: images/train/requirements.lock pyproject.toml | host-check
+$(TRAIN_ENV)/.stamp: images/train/requirements.lock images/train/requirements-dev.lock pyproject.toml | host-check
 	rm -rf $(TRAIN_ENV) && $(PYTHON) -m venv $(TRAIN_ENV)
 	$(TRAIN_ENV)/bin/pip install -q --upgrade pip
 	images/install-torch-cpu.sh $(TRAIN_ENV) images/train/requirements.lock
-	$(TRAIN_ENV)/bin/pip install -q -r images/train/requirements.lock
+	$(TRAIN_ENV)/bin/pip install -q -r images/train/requirements.lock -r images/train/requirements-dev.lock
 	$(TRAIN_ENV)/bin/pip uninstall -q -y torchvision
 	# LLaMA-Factory imports torchaudio at top level; its PyPI wheel links libc10_cuda.so.
 	rm -f $(TRAIN_ENV)/lib/python3.*/site-packages/torchaudio/lib/*.so
 	$(TRAIN_ENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-# The serve environment = the serve image's runtime pins + the dev/test/deploy tools' pins.
+# Each environment = its image's runtime pins + the dev/test/deploy tools' pins (requirements-dev.lock).
 $(SERVE_ENV)/.stamp: images/serve/requirements.lock images/serve/requirements-dev.lock pyproject.toml | host-check
 	rm -rf $(SERVE_ENV) && $(PYTHON) -m venv $(SERVE_ENV)
 	$(SERVE_ENV)/bin/pip install -q --upgrade pip
@@ -67,11 +67,13 @@ $(SERVE_ENV)/.stamp: images/serve/requirements.lock images/serve/requirements-de
 	$(SERVE_ENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: env env-train env-serve
+.PHONY: env env-train env-serve lock
 env: ## Create both pinned environments (.venv/train, .venv/serve), downloading in parallel.
 	$(MAKE) -j2 env-train env-serve
 env-train: $(TRAIN_ENV)/.stamp ## Create the train environment (LLaMA-Factory + Ray Train).
 env-serve: $(SERVE_ENV)/.stamp ## Create the serve environment (vLLM + Ray Data/Serve).
+lock: host-check ## Re-resolve IMAGE=train|serve's lock files from images/IMAGE/requirements*.in (an upgrade: edit those, then this).
+	$(PYTHON) images/lock.py $(IMAGE) --python $(PYTHON)
 
 ##@ Local pipeline
 
@@ -191,6 +193,11 @@ ifneq ($(filter wait logs,$(MAKECMDGOALS)),)
 ifeq ($(filter $(STAGE),train batch serve),)
 $(error STAGE must be train, batch or serve (got '$(STAGE)'))
 endif
+endif
+endif
+ifneq ($(filter lock,$(MAKECMDGOALS)),)
+ifeq ($(filter $(IMAGE),train serve),)
+$(error IMAGE must be train or serve (got '$(IMAGE)'))
 endif
 endif
 ifneq ($(filter image,$(MAKECMDGOALS)),)

