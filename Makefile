@@ -336,7 +336,7 @@ test: env ## Run the test suite in both environments, then print time per tier.
 	bash tests/run.sh $(PYTEST_ARGS)
 
 lint: env-serve ## Lint the Python sources.
-	$(SERVE_ENV)/bin/ruff check src tests bench
+	$(SERVE_ENV)/bin/ruff check src tests bench images
 
 clean: ## Remove run outputs (.e2e) but keep environments and the model cache.
 	rm -rf .e2e

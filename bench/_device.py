@@ -39,7 +39,7 @@ def train_lock_specs(names: tuple[str, ...]) -> list[str]:
     """``name==version`` for each name, at the version images/train/requirements.lock pins (the
     one pin list: a lock bump reaches the GPU machine too); an error naming any it does not pin."""
     use_project_src()
-    from e2e_llm.images import canonical_name, lock_pins
+    from e2e_llm.pins import canonical_name, lock_pins
 
     pins = lock_pins(TRAIN_LOCK)
     missing = [name for name in names if canonical_name(name) not in pins]

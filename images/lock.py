@@ -22,21 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 IMAGES = Path(__file__).resolve().parent
+sys.path.insert(0, str(IMAGES.parent / "src"))
+from e2e_llm.pins import canonical_name  # noqa: E402  (standard library only)
+
 # Set up by the venv or base image, pinned in no lock.
 BOOTSTRAP = {"pip", "setuptools", "wheel"}
 # The scratch venv sees only what is installed in it (not a checkout's src/ on $PYTHONPATH).
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-
-
-def _name(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _venv(where: Path, python: str) -> Path:
@@ -62,9 +60,9 @@ def resolve(venv: Path, requirements: list[Path], constraints: list[Path], repor
                                capture_output=True, text=True, check=True, env=CLEAN_ENV).stdout
     for line in installed.splitlines():
         name, version = line.split()
-        if _name(name) not in BOOTSTRAP and _name(name) not in {_name(n) for n in pins}:
+        if canonical_name(name) not in BOOTSTRAP and canonical_name(name) not in {canonical_name(n) for n in pins}:
             pins[name] = version.split("+", 1)[0]
-    return {name: version for name, version in pins.items() if _name(name) not in BOOTSTRAP}
+    return {name: version for name, version in pins.items() if canonical_name(name) not in BOOTSTRAP}
 
 
 def write_lock(path: Path, pins: dict[str, str], source: str, env: str, previous: Path) -> None:
@@ -104,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if (folder / "requirements-dev.in").is_file():
             together = resolve(venv, [folder / "requirements.in", folder / "requirements-dev.in"],
                                [out / "requirements.lock", *args.constraint], Path(tmp) / "dev.json")
-            runtime_names = {_name(n) for n in runtime}
-            dev = {name: version for name, version in together.items() if _name(name) not in runtime_names}
+            runtime_names = {canonical_name(n) for n in runtime}
+            dev = {name: version for name, version in together.items() if canonical_name(name) not in runtime_names}
             write_lock(out / "requirements-dev.lock", dev, f"images/{args.env}/requirements-dev.in", args.env,
                        folder / "requirements-dev.lock")
             print(f"{out / 'requirements-dev.lock'}: {len(dev)} pins")

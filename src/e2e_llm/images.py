@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shlex
 import subprocess
 import tempfile
@@ -39,22 +38,6 @@ CONTAINERFILES = {
     "serve": "images/serve/Containerfile",
     "serve-cpu": "images/serve/Containerfile.cpu",
 }
-
-
-def canonical_name(name: str) -> str:
-    """A distribution's name as pip compares them (PEP 503): ``Pydantic_Core`` -> ``pydantic-core``."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def lock_pins(lock: Path) -> dict[str, str]:
-    """The ``name==version`` lines of a lock file, by :func:`canonical_name`."""
-    pins = {}
-    for line in lock.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            pins[canonical_name(name.strip())] = version.strip()
-    return pins
 
 
 class ImageIdentityError(ConfigError):

@@ -46,7 +46,7 @@ class CrossContext:
 
     @classmethod
     def from_deploy(cls, deploy: Any) -> CrossContext:
-        from e2e_llm.images import lock_pins
+        from e2e_llm.pins import lock_pins
 
         root = deploy._root
         locks = {}

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from e2e_llm.images import lock_pins
+from e2e_llm.pins import lock_pins
 from e2e_llm.validate_common import _bin, _fmt, _name
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from e2e_llm.images import canonical_name, lock_pins
+from e2e_llm.pins import canonical_name, lock_pins
 from e2e_llm.render import APP_DIR
 from e2e_llm.validate import check_containerfile
 

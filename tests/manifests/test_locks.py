@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 from packaging.requirements import Requirement
 
-from e2e_llm.images import canonical_name, lock_pins
+from e2e_llm.pins import canonical_name, lock_pins
 
 LOCKED = [(image, stem) for image in ("train", "serve") for stem in ("requirements", "requirements-dev")]
 

@@ -14,7 +14,7 @@ from manifest_cache import cluster_config, deploy, rendered
 from e2e_llm import cli
 from e2e_llm.config import ConfigError
 from e2e_llm.deploy import load_deploy
-from e2e_llm.images import lock_pins
+from e2e_llm.pins import lock_pins
 from e2e_llm.render import HEADER, RENDERED_DIRS, check, write
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from e2e_llm.config import load_profile
-from e2e_llm.images import lock_pins
+from e2e_llm.pins import lock_pins
 
 
 def _device_ray(project_root):
