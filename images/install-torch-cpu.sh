@@ -14,11 +14,8 @@ case "$(uname -m)" in
   *) exit 0 ;;
 esac
 index=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-version=$(sed -n 's/^torch==\([^ #;]*\).*/\1/p' "$lock")
-if [ -z "$version" ]; then
-  echo "$lock pins no torch (a line torch==X)" >&2
-  exit 1
-fi
+# -I: the script's own folder (src/e2e_llm) stays off sys.path, where its modules could shadow the stdlib.
+version=$("$venv/bin/python" -I "$(dirname "$0")/../src/e2e_llm/pins.py" "$lock" torch)
 spec="torch==${version%%+*}+cpu"
 if "$venv/bin/pip" install -q --no-deps "$spec" 2>/dev/null; then
   exit 0

@@ -5,6 +5,7 @@ names compare. Standard library only: ``images/lock.py`` uses it before any envi
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 
@@ -22,3 +23,19 @@ def lock_pins(lock: Path) -> dict[str, str]:
             name, version = line.split("==", 1)
             pins[canonical_name(name.strip())] = version.strip()
     return pins
+
+
+def main(argv: list[str]) -> int:
+    """``python pins.py LOCK NAME``: NAME's version in LOCK (images/install-torch-cpu.sh, before
+    any environment has e2e-llm installed)."""
+    lock, name = Path(argv[0]), argv[1]
+    version = lock_pins(lock).get(canonical_name(name))
+    if not version:
+        print(f"{lock} pins no {name} (a line {name}==X)", file=sys.stderr)
+        return 1
+    print(version)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -45,6 +45,7 @@ def fake_env(tmp_path):
     pip = tmp_path / "venv" / "bin" / "pip"
     pip.write_text(f'#!/bin/sh\nexec {sys.executable} -m pip "$@" --target {target}\n')
     pip.chmod(0o755)
+    (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
     lock = tmp_path / "requirements.lock"
     lock.write_text("filelock==3.20.3\ntorch==2.13.0\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PIP_CONFIG_FILE": "/dev/null",
