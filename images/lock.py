@@ -29,10 +29,8 @@ from pathlib import Path
 
 IMAGES = Path(__file__).resolve().parent
 sys.path.insert(0, str(IMAGES.parent / "src"))
-from e2e_llm.pins import canonical_name  # noqa: E402  (standard library only)
+from e2e_llm.pins import BOOTSTRAP, canonical_name  # noqa: E402  (standard library only)
 
-# Set up by the venv or base image, pinned in no lock.
-BOOTSTRAP = {"pip", "setuptools", "wheel"}
 # The scratch venv sees only what is installed in it (not a checkout's src/ on $PYTHONPATH).
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 
@@ -58,9 +56,10 @@ def resolve(venv: Path, requirements: list[Path], constraints: list[Path], repor
                                 "import importlib.metadata as m\n"
                                 "for d in m.distributions(): print(d.metadata['Name'], d.version)"],
                                capture_output=True, text=True, check=True, env=CLEAN_ENV).stdout
+    resolved = {canonical_name(n) for n in pins}
     for line in installed.splitlines():
         name, version = line.split()
-        if canonical_name(name) not in BOOTSTRAP and canonical_name(name) not in {canonical_name(n) for n in pins}:
+        if canonical_name(name) not in BOOTSTRAP | resolved:
             pins[name] = version.split("+", 1)[0]
     return {name: version for name, version in pins.items() if canonical_name(name) not in BOOTSTRAP}
 

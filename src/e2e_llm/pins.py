@@ -8,6 +8,9 @@ import re
 import sys
 from pathlib import Path
 
+# Set up by the venv or the base image: pinned in no lock.
+BOOTSTRAP = frozenset({"pip", "setuptools", "wheel"})
+
 
 def canonical_name(name: str) -> str:
     """A distribution's name as pip compares them (PEP 503): ``Pydantic_Core`` -> ``pydantic-core``."""

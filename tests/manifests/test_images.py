@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from e2e_llm.pins import canonical_name, lock_pins
+from e2e_llm.pins import BOOTSTRAP, canonical_name, lock_pins
 from e2e_llm.render import APP_DIR
 from e2e_llm.validate import check_containerfile
 
@@ -68,8 +68,6 @@ def test_broken_containerfile_is_rejected(tmp_path, edit, expected):
 SERVE_LOCK, SERVE_DEV_LOCK = ROOT / "images/serve/requirements.lock", ROOT / "images/serve/requirements-dev.lock"
 # Installed by the lock but removed after install (CUDA-only on a CPU machine): not in the env.
 REMOVED_AFTER_INSTALL = {"torchvision", "torchaudio", "torchcodec", "triton"}
-# Provided by the venv / base image, pinned in neither lock (as before the split).
-BOOTSTRAP = {"pip", "setuptools", "wheel"}
 
 
 def test_serve_image_lock_holds_no_test_or_deploy_tools():
