@@ -24,7 +24,6 @@ if not VENV.is_absolute():
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
 
 # -- per-tier timings -------------------------------------------------------------------

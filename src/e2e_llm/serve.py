@@ -43,7 +43,17 @@ RAY_WORKER_NICENESS_ENV = "RAY_worker_niceness"
 # daemons (GCS, raylet, agents) and to every other process on a small CPU box: 0.82x plain vLLM's
 # throughput on 2 AVX2 cores; bench/RESULTS.md "serve_latency_vs_vllm". Proxy, controller and
 # ingress stay at 15, below the engine.
-CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_WAIT_POLICY": "PASSIVE", RAY_WORKER_NICENESS_ENV: "0"}
+CPU_ENGINE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", RAY_WORKER_NICENESS_ENV: "0"}
+# A CPU engine's KV cache, vLLM's engine argument ``kv_cache_memory_bytes`` unless the profile's
+# engine_kwargs set it: vLLM's CPU default asks for 92% of the machine's memory and fails on any
+# machine running something else. Not vLLM's VLLM_CPU_KVCACHE_SPACE: that environment variable
+# overrides the engine argument, and a profile that lowered it for a small machine went unheard.
+CPU_KV_CACHE_BYTES = 2 * 2**30
+
+
+def cpu_engine_kwargs() -> dict[str, Any]:
+    """Engine arguments every CPU engine (batch and serve) starts from; the profile's win."""
+    return {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
 
 
 # Ray Serve's setting for its controller's loop period (documented; default 0.1 s).
@@ -99,6 +109,8 @@ def engine_kwargs(config: PipelineConfig) -> dict[str, Any]:
     }
     if serve.num_gpus_per_replica > 1:
         kwargs["tensor_parallel_size"] = serve.num_gpus_per_replica
+    if serve_device(config) == "cpu":
+        kwargs.update(cpu_engine_kwargs())
     kwargs.update(serve.engine_kwargs)
     return kwargs
 
@@ -234,15 +246,18 @@ def serve_start_kwargs(config: PipelineConfig, host: str, port: int) -> dict[str
     return kwargs
 
 
-def start_refusals(config: PipelineConfig, host: str, port: int) -> list[tuple[int, str]]:
+def start_refusals(config: PipelineConfig, host: str, port: int, ports: bool = True) -> list[tuple[int, str]]:
     """Why serving ``config`` on ``host:port`` cannot start on this machine now, as (exit code,
     message): ``e2e-llm serve`` refuses with the first before it starts anything, and ``make e2e``
-    asks before its first stage, not after training. Empty: nothing in the way."""
+    asks before its first stage, not after training (``ports=False``: not the ports, which another
+    pipeline's serve stage holds until its turn ends). Empty: nothing in the way."""
     from e2e_llm.ports import port_taken
 
     refusals = []
     if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
         refusals.append((2, f"serve.auth.enabled but ${config.serve.auth.api_key_env} is not set"))
+    if not ports:
+        return refusals
     if port_taken(host, port):
         refusals.append((1, f"{host}:{port} is in use by another program: stop it, or serve elsewhere with "
                             f"serve.port in {config.source_file} (e2e-llm serve: --port)"))

@@ -127,7 +127,7 @@ def test_a_cpu_engine_gets_the_serving_replicas_cpu_settings(config):
 
     assert config.batch.num_gpus_per_engine == 0
     env = processor_config(config, "/models/m", None, "merged").runtime_env["env_vars"]
-    assert env == CPU_ENGINE_ENV and env["VLLM_CPU_KVCACHE_SPACE"]
+    assert env == CPU_ENGINE_ENV and env["OMP_WAIT_POLICY"] == "PASSIVE"
     config.batch.num_gpus_per_engine = 1
     assert not processor_config(config, "/models/m", None, "merged").runtime_env
 

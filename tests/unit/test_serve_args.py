@@ -41,7 +41,7 @@ def test_the_ingress_replica_gets_the_store_endpoint_and_region(project_root, mo
     env = app_args(config)["ingress_deployment_config"]["ray_actor_options"]["runtime_env"]["env_vars"]
     assert {env[n] for n in ENDPOINT_ENV} == {config.storage.endpoint_url}
     assert env["AWS_DEFAULT_REGION"] == config.storage.region
-    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # engine-only settings stay on the engine
+    assert "OMP_WAIT_POLICY" not in env  # engine-only settings stay on the engine
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1234")
     moved = _with_runtime_endpoint(app_args(config))
     ingress_env = moved["ingress_deployment_config"]["ray_actor_options"]["runtime_env"]["env_vars"]
@@ -311,3 +311,24 @@ def test_deploying_says_why_the_app_is_not_up_yet_and_gives_up_when_stopped(loca
     with pytest.raises(DeployFailed, match=r"Serve could not start the app: replica crashed \(each replica's error is "
                                            r"above, after \[serve\]\)"):
         run_app(local_config, object(), threading.Event(), echo=shown.append, poll_s=0.01)
+
+
+def test_a_cpu_engine_gets_its_kv_cache_as_an_engine_argument_the_profile_can_lower(project_root, monkeypatch):
+    """vLLM's VLLM_CPU_KVCACHE_SPACE overrides the engine argument: set for every CPU engine, it
+    made a profile's kv_cache_memory_bytes (a small machine's) go unheard."""
+    from e2e_llm.batch.pipeline import engine_kwargs as batch_engine_kwargs
+    from e2e_llm.serve import CPU_ENGINE_ENV, CPU_KV_CACHE_BYTES, engine_kwargs
+
+    monkeypatch.delenv("E2E_LLM_STORAGE_ROOT", raising=False)
+    assert not any(key.startswith("VLLM_CPU_KVCACHE") for key in CPU_ENGINE_ENV)
+    local = load_profile("local", root=project_root)
+    assert engine_kwargs(local)["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
+    assert batch_engine_kwargs(local, None, "merged")["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
+    local.serve.engine_kwargs["kv_cache_memory_bytes"] = 2**29
+    local.batch.engine_kwargs["kv_cache_memory_bytes"] = 2**28
+    assert engine_kwargs(local)["kv_cache_memory_bytes"] == 2**29
+    assert app_args(local)["llm_configs"][0]["engine_kwargs"]["kv_cache_memory_bytes"] == 2**29
+    assert batch_engine_kwargs(local, None, "merged")["kv_cache_memory_bytes"] == 2**28
+    cluster = load_profile("cluster", root=project_root)  # GPUs: vLLM's gpu_memory_utilization decides
+    assert "kv_cache_memory_bytes" not in engine_kwargs(cluster)
+    assert "kv_cache_memory_bytes" not in batch_engine_kwargs(cluster, None, "merged")

@@ -16,7 +16,7 @@ from e2e_llm.batch.inputs import BatchError
 from e2e_llm.batch.upload import LoraSource
 from e2e_llm.config import PipelineConfig
 from e2e_llm.ray_address import RAY_ADDRESS_ENV, unreachable_ray_address
-from e2e_llm.serve import CPU_ENGINE_ENV
+from e2e_llm.serve import CPU_ENGINE_ENV, cpu_engine_kwargs
 
 
 def sampling_params(config: PipelineConfig, task, structured: bool | None = None) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def sampling_params(config: PipelineConfig, task, structured: bool | None = None
 
 
 def engine_kwargs(config: PipelineConfig, adapter: Adapter | None, mode: str) -> dict[str, Any]:
-    from e2e_llm.precision import batch_dtype
+    from e2e_llm.precision import batch_device, batch_dtype
 
     kwargs: dict[str, Any] = {
         "max_model_len": config.model.max_model_len,
@@ -41,6 +41,8 @@ def engine_kwargs(config: PipelineConfig, adapter: Adapter | None, mode: str) ->
     }
     if adapter is not None and mode == "lora":
         kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(adapter.rank), max_loras=1)
+    if batch_device(config) == "cpu":
+        kwargs.update(cpu_engine_kwargs())
     kwargs.update(config.batch.engine_kwargs)
     return kwargs
 
@@ -87,7 +89,9 @@ def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter
                      lora_path: str | None = None):
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    cpu_only = config.batch.num_gpus_per_engine == 0
+    from e2e_llm.precision import batch_device
+
+    cpu_only = batch_device(config) == "cpu"
     kwargs: dict[str, Any] = dict(
         model_source=model_source,
         engine_kwargs=engine_kwargs(config, adapter, mode),
@@ -105,8 +109,7 @@ def processor_config(config: PipelineConfig, model_source: str, adapter: Adapter
     # Every stage's actors (engine, chat template) get it: they download model_source themselves.
     env = engine_env(config, model_source, lora_path)
     if cpu_only:
-        # The serving replicas' CPU engine settings (a fixed KV cache instead of vLLM's 92% of the
-        # machine's memory, which fails on any machine running something else; passive OpenMP).
+        # The serving replicas' CPU engine environment (passive OpenMP, normal priority).
         env = {**CPU_ENGINE_ENV, **env}
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
