@@ -3,7 +3,7 @@
 stage's output kept out of the terminal (they still go to the stage's log file).
 
 :data:`KNOWN_NOISE` is installed with Ray's public
-``runtime_env={"worker_process_setup_hook": ...}`` (see :func:`e2e_llm.train.worker_env`), so it
+``runtime_env={"worker_process_setup_hook": ...}`` (see :func:`e2e_llm.train_worker.setup_process`), so it
 runs in every worker and actor of the job before they log. :class:`TerminalFilter` is what
 ``e2e-llm e2e`` echoes a stage's lines through. Each entry says why its records are noise;
 anything not listed, and any line that names an error, still reaches the terminal.

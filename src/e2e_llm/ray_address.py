@@ -28,3 +28,14 @@ def unreachable_ray_address(environ: Mapping[str, str] | None = None, timeout: f
     except OSError as exc:
         return (f"${RAY_ADDRESS_ENV}={address}: no Ray cluster listens there ({exc.strerror or exc}); unset it to "
                 "run on a Ray instance of this machine, or start that cluster")
+
+
+def name_own_instance() -> None:
+    """In a process of a Ray instance (a worker or actor): ``$RAY_ADDRESS`` = that instance's GCS,
+    unless set. Ray's State API called without an address (Ray Train's PlacementGroupCleaner does,
+    every few seconds) otherwise looks for Ray instances among the machine's processes, and where
+    another one runs (a second pipeline, an ``e2e-llm serve``) fails with "Found multiple active Ray
+    instances": its thread died with that traceback on the terminal, and the cleaner with it."""
+    import ray
+
+    os.environ.setdefault(RAY_ADDRESS_ENV, ray.get_runtime_context().gcs_address)

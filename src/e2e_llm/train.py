@@ -321,8 +321,7 @@ def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
         return False
     if problem := unreachable_ray_address():
         raise TrainError(problem)
-    # The setup hook drops known-noise log records in every worker (e2e_llm.logs says which, and why).
-    runtime_env = {"env_vars": worker_env(config), "worker_process_setup_hook": "e2e_llm.logs.quiet_known_noise"}
+    runtime_env = {"env_vars": worker_env(config), "worker_process_setup_hook": "e2e_llm.train_worker.setup_process"}
     if os.environ.get(RAY_ADDRESS_ENV):
         ray.init(runtime_env=runtime_env)
         return True

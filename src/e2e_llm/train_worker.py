@@ -20,6 +20,18 @@ from e2e_llm.adapters import missing_adapter_files
 EVENTS_FILE = "events.jsonl"
 
 
+def setup_process() -> None:
+    """Ray's ``worker_process_setup_hook`` for every process of a training job (controller,
+    workers, Ray Train's own actors): known-noise log records dropped (:mod:`e2e_llm.logs` says
+    which, and why), and the process's own Ray instance named for Ray's State API
+    (:func:`e2e_llm.ray_address.name_own_instance`)."""
+    from e2e_llm.logs import quiet_known_noise
+    from e2e_llm.ray_address import name_own_instance
+
+    quiet_known_noise()
+    name_own_instance()
+
+
 def append_event(work_dir: Path, **event: Any) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     event.setdefault("time", time.time())
