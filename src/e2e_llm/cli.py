@@ -17,6 +17,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import traceback
 
 from e2e_llm.config import ConfigError
 
@@ -57,6 +58,23 @@ NEEDS_ENVIRONMENT: dict[str, tuple[str, str, str]] = {
 }
 
 
+def memory_settings(command: str) -> str | None:
+    """What most of ``command``'s memory is and the profile settings that lower it, for the line
+    that says the out-of-memory killer struck (:func:`e2e_llm.memory.oom_note`); None for the
+    commands that start no training or engine here."""
+    from e2e_llm.serve import CPU_KV_CACHE_BYTES
+
+    kv_cache = (f"{CPU_KV_CACHE_BYTES / 2**30:g} GiB on CPU unless set; a CPU engine also holds the model in "
+                f"its dtype")
+    return {
+        "train": "each of train.num_workers holds the model, its LoRA optimizer state and a batch's activations: "
+                 "fewer workers, or the recipe's per_device_train_batch_size or cutoff_len",
+        "batch": f"the engine's KV cache, kv_cache_memory_bytes in batch.engine_kwargs ({kv_cache})",
+        "serve": f"each replica's KV cache, kv_cache_memory_bytes in serve.engine_kwargs ({kv_cache})",
+        "model": "the conversion holds the model in memory twice (GGUF and safetensors)",
+    }.get(command)
+
+
 def wrong_environment(command: str) -> str | None:
     """Why ``command`` cannot run in this Python, or None. Without the check the run fails late:
     ``batch`` after Ray started, in an engine actor; ``train`` in a traceback about imports."""
@@ -90,11 +108,27 @@ def main(argv: list[str] | None = None) -> int:
     if problem := wrong_environment(args.command):
         print(f"error: {problem}", file=sys.stderr)
         return CONFIG_ERROR
+    from e2e_llm.memory import headroom, oom_kills, oom_note
+
+    lower = memory_settings(args.command)
+    kills, at_start = (oom_kills(), headroom()) if lower else (None, None)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return CONFIG_ERROR
+    except Exception:
+        # A process killed for lack of memory fails the command with words that never say so
+        # (vLLM: "Engine core initialization failed. See root cause above"): the note comes last.
+        if note := oom_note(kills, f"e2e-llm {args.command}", lower, at_start):
+            traceback.print_exc()
+            print(note, file=sys.stderr)
+            return 1
+        raise
+    if code not in (0, INTERRUPTED) and (
+            note := oom_note(kills, f"e2e-llm {args.command}", lower, at_start)):
+        print(note, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

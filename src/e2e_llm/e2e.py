@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,9 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
     """Run one stage command: every line to ``log_path``, and to the terminal unless it is
     known noise (:class:`e2e_llm.logs.TerminalFilter`)."""
     from e2e_llm.logs import TerminalFilter
+    from e2e_llm.memory import headroom, oom_kills
 
+    kills, at_start = oom_kills(), headroom()
     terminal = TerminalFilter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -113,7 +115,21 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
                 if terminal.show(line):
                     echo(line.rstrip("\n"))
         returncode = proc.wait()
+        if returncode < 0:
+            # The stage's command itself was killed (its own note, e2e_llm.cli, never came).
+            note = _killed_note(name, kills, at_start)
+            if note:
+                log.write(note + "\n")
+                echo(note)
     return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path), terminal.hidden_total)
+
+
+def _killed_note(stage: str, kills: int | None, at_start) -> str | None:
+    from e2e_llm.cli import memory_settings
+    from e2e_llm.memory import oom_note
+
+    command = "batch" if stage == "base" else stage  # each stage is the e2e-llm command of its name
+    return oom_note(kills, f"the {stage} stage", memory_settings(command), at_start)
 
 
 @contextmanager
@@ -205,10 +221,12 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
             python: str | None = None, client: str | None = None, run_id: str | None = None,
             echo=print) -> E2EResult:
     """Run the stages in order (stopping at the first failure) and return what they produced."""
+    from e2e_llm.memory import headroom
     from e2e_llm.precision import model_dtype
     from e2e_llm.ray_address import unreachable_ray_address
     from e2e_llm.runs import new_run_id
     from e2e_llm.serve import start_refusals
+    from e2e_llm.serve_turns import holder, serve_turn
 
     run_id = run_id or new_run_id()
     run_dir = Path(config.storage_uri("e2e", run_id))
@@ -218,14 +236,20 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     echo(banner(f"e2e {run_id}: profile {profile}"))
     # What would stop a stage minutes in (the serve stage's ports after training) is asked now.
     ray_problem = unreachable_ray_address()
+    host, port = config.serve.host, config.serve.port
+    serving = holder(host, port)  # another pipeline's serve stage: this one's waits its turn
     result.refused = [*([ray_problem] if ray_problem else []),
                       *(f"the serve stage could not start: {message}"
-                        for _, message in start_refusals(config, config.serve.host, config.serve.port))]
+                        for _, message in start_refusals(config, host, port, ports=serving is None))]
     if result.refused:
         for reason in result.refused:
             echo(f"error: {reason}")
         return result
+    if serving:
+        echo(f"{serving} is in its serve stage on {host}:{port}; this run's serve stage will wait its turn")
     echo(f"dtype: {choice.dtype} ({choice.reason}); model.dtype: {config.model.dtype} in the profile")
+    if room := headroom():
+        echo(f"memory: {room.describe()}")
     echo(f"full logs: {run_dir}/<stage>.log")
 
     limit = ["--limit", str(rows)] if rows else []
@@ -248,7 +272,8 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     for i, (name, what, cmd) in enumerate(plan):
         n = i + 1 + (i > STAGES.index("batch"))
         echo(banner(f"{n}/{total} {name}: {what}"))
-        stage = run_stage(name, cmd, run_dir / f"{name}.log", env, echo)
+        with serve_turn(host, port, run_id, echo) if name == "serve" else nullcontext():
+            stage = run_stage(name, cmd, run_dir / f"{name}.log", env, echo)
         result.stages.append(stage)
         echo(_closing_line(stage))
         if stage.returncode != 0:

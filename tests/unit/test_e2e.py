@@ -4,8 +4,10 @@ the known-noise log filter."""
 
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -178,3 +180,45 @@ def test_a_signal_to_e2e_stops_the_stage_on_its_own_terms_and_keeps_what_it_says
     assert "training" in shown
     assert (tmp_path / "train.log").read_text().splitlines()[-1] == shown[-1]
     assert {s: signal.getsignal(s) for s in before} == before  # e2e's handlers are gone again
+
+
+def test_two_pipelines_take_turns_at_the_serve_stage_instead_of_failing_the_second(config, tmp_path, monkeypatch):
+    """Two `make e2e` of one profile started together trained side by side, then the second's serve
+    stage found the first's app on serve.port and failed 13 minutes in. It waits its turn; a
+    pipeline started while the other serves is not refused for the port either."""
+    import socket
+
+    from e2e_llm.e2e import run_e2e
+    from e2e_llm.serve_turns import holder, serve_turn
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the turn files of this test only
+    log = tmp_path / "served"
+    cli = tmp_path / "fake-cli"
+    cli.write_text(f"#!{sys.executable}\nimport sys\n"
+                   f"if sys.argv[1] == 'serve': open({str(log)!r}, 'a').write('second\\n')\n")
+    cli.chmod(0o755)
+    shown: list[str] = []
+    with socket.socket() as first_app:  # the first pipeline's app on the port, in its serve turn
+        first_app.bind((config.serve.host, 0))
+        first_app.listen()
+        monkeypatch.setattr(config.serve, "port", first_app.getsockname()[1])
+        host, port = config.serve.host, config.serve.port
+        with serve_turn(host, port, "first", echo=shown.append):
+            assert holder(host, port) == f"e2e first (pid {os.getpid()})"
+            second = threading.Thread(target=lambda: shown.append(run_e2e(
+                config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)))
+            second.start()
+            deadline = time.monotonic() + 30
+            while not any(str(line).startswith("waiting for e2e first") for line in shown):
+                assert second.is_alive() and time.monotonic() < deadline, shown
+                time.sleep(0.05)
+            assert not log.exists()  # its serve stage has not run while the first one serves
+            log.write_text("first\n")
+        first_app.close()
+        second.join(timeout=30)
+    result = shown[-1]
+    assert result.ok and not result.refused, shown
+    assert (f"e2e first (pid {os.getpid()}) is in its serve stage on {host}:{port}; "
+            "this run's serve stage will wait its turn") in shown
+    assert log.read_text().splitlines() == ["first", "second"]
+    assert holder(host, port) is None

@@ -1,0 +1,152 @@
+# SPDX-License-Identifier: Apache-2.0
+"""How much memory this process may still use, and whether the kernel killed a process for lack of it.
+
+A laptop or a container often has less memory than ``make e2e`` peaks at (README). Where it runs
+out, the kernel's out-of-memory killer ends a process (the engine's, most often) and the stage
+fails with that process's last words, which never mention memory: vLLM's "Engine core
+initialization failed. See root cause above" with no root cause above. What is asked here lets
+``make e2e`` say so (:mod:`e2e_llm.e2e`).
+
+Linux only (as the project is): ``/proc/meminfo``, ``/proc/vmstat`` and the memory cgroup, v1 or
+v2, that ``/proc/self/cgroup`` names. Every reader returns ``None`` where the file is not there
+or not readable, never raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+# cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number.
+_V1_NO_LIMIT = 2**62
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """Memory this process may still take: the machine's available memory, or less where a
+    cgroup (a container, a systemd slice) limits it."""
+
+    available: int  # bytes
+    machine_available: int
+    cgroup_limit: int | None = None
+
+    def describe(self) -> str:
+        text = f"{self.available / GIB:.1f} GiB available"
+        if self.cgroup_limit is not None:
+            text += f" (a memory limit of {self.cgroup_limit / GIB:.1f} GiB applies: cgroup)"
+        return text
+
+
+def headroom(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> Headroom | None:
+    """Available memory (``MemAvailable``), less where this process's memory cgroup allows less:
+    its limit minus what the cgroup holds that cannot be reclaimed (page cache that is not in
+    use can)."""
+    machine = _meminfo_available(proc / "meminfo")
+    if machine is None:
+        return None
+    limit_and_used = _cgroup_limit_and_used(proc / "self" / "cgroup", cgroup_root)
+    if limit_and_used is None:
+        return Headroom(machine, machine)
+    limit, used = limit_and_used
+    return Headroom(max(0, min(machine, limit - used)), machine, limit)
+
+
+def oom_kills(proc: Path = Path("/proc")) -> int | None:
+    """Processes the kernel's out-of-memory killer has ended since boot, on the whole machine
+    (a cgroup's own limit included), as ``/proc/vmstat`` counts them (Linux >= 4.13)."""
+    return _read_key(proc / "vmstat", "oom_kill")
+
+
+def _meminfo_available(path: Path) -> int | None:
+    kib = _read_key(path, "MemAvailable:")
+    return None if kib is None else kib * 1024
+
+
+def _read_key(path: Path, key: str) -> int | None:
+    """The integer after ``key`` on its line of a ``key value`` file (meminfo, vmstat, memory.stat)."""
+    try:
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == key:
+                return int(parts[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for none
+
+
+def _cgroup_limit_and_used(self_cgroup: Path, root: Path) -> tuple[int, int] | None:
+    """(limit, unreclaimable use) of the tightest memory cgroup this process is in, or None."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        hierarchy, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):  # v1
+            folder = _cgroup_folder(root / "memory", path)
+            if folder is None:
+                return None
+            # The effective limit: this cgroup's or an ancestor's, whichever is tighter.
+            limit = _read_key(folder / "memory.stat", "hierarchical_memory_limit")
+            used = _read_int(folder / "memory.usage_in_bytes")
+            if limit is None or used is None or limit >= _V1_NO_LIMIT:
+                return None
+            return limit, used - (_read_key(folder / "memory.stat", "total_inactive_file") or 0)
+        if hierarchy == "0" and controllers == "":  # v2, unless a v1 memory line comes first
+            v2 = _v2_limit_and_used(root, path)
+            if v2 is not None:
+                return v2
+    return None
+
+
+def _v2_limit_and_used(root: Path, path: str) -> tuple[int, int] | None:
+    folder = _cgroup_folder(root, path)
+    if folder is None or not (folder / "memory.current").exists():
+        return None
+    tightest = None
+    node = folder
+    while True:  # a limit may be set on any ancestor; the tightest headroom wins
+        limit, used = _read_int(node / "memory.max"), _read_int(node / "memory.current")
+        if limit is not None and used is not None:
+            used -= _read_key(node / "memory.stat", "inactive_file") or 0
+            if tightest is None or limit - used < tightest[0] - tightest[1]:
+                tightest = (limit, used)
+        if node == root or node.parent == node:
+            return tightest
+        node = node.parent
+
+
+def _cgroup_folder(mount: Path, path: str) -> Path | None:
+    """Where ``path`` (from /proc/self/cgroup) is under ``mount``. In a container with its own
+    cgroup namespace the path reads "/" and the mount is the container's cgroup itself."""
+    folder = mount / path.lstrip("/")
+    if folder.is_dir():
+        return folder
+    return mount if mount.is_dir() else None
+
+
+def oom_note(kills_before: int | None, what: str, lower: str | None = None,
+             at_start: Headroom | None = None) -> str | None:
+    """The line to end a failed ``what`` with when the out-of-memory killer ended a process since
+    ``kills_before`` was read (:func:`oom_kills`); None when it did not, or it cannot be told."""
+    kills_now = oom_kills()
+    if kills_before is None or kills_now is None or kills_now <= kills_before:
+        return None
+    n = kills_now - kills_before
+    text = (f"error: {what} failed, and meanwhile the kernel's out-of-memory killer ended {n} "
+            f"process{'es' if n > 1 else ''} on this machine: most likely this one's, for lack of memory")
+    if at_start is not None:
+        text += f" ({at_start.describe()} when it started)"
+    text += ". Free memory (other programs), or lower what it takes"
+    return text + (f": {lower}" if lower else "")
