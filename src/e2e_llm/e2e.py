@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,7 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
             python: str | None = None, client: str | None = None, run_id: str | None = None,
             echo=print) -> E2EResult:
     """Run the stages in order (stopping at the first failure) and return what they produced."""
+    from e2e_llm.cli import INTERRUPTED
     from e2e_llm.memory import headroom
     from e2e_llm.precision import model_dtype
     from e2e_llm.ray_address import unreachable_ray_address
@@ -272,7 +273,14 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     for i, (name, what, cmd) in enumerate(plan):
         n = i + 1 + (i > STAGES.index("batch"))
         echo(banner(f"{n}/{total} {name}: {what}"))
-        with serve_turn(host, port, run_id, echo) if name == "serve" else nullcontext():
+        with ExitStack() as turn:
+            if name == "serve":
+                try:
+                    turn.enter_context(serve_turn(host, port, run_id, echo))
+                except KeyboardInterrupt:
+                    echo("--- serve: Ctrl-C while it waited for its turn; not run")
+                    result.stages.append(StageResult(name, 0.0, INTERRUPTED, str(run_dir / f"{name}.log")))
+                    return result
             stage = run_stage(name, cmd, run_dir / f"{name}.log", env, echo)
         result.stages.append(stage)
         echo(_closing_line(stage))

@@ -222,3 +222,36 @@ def test_two_pipelines_take_turns_at_the_serve_stage_instead_of_failing_the_seco
             "this run's serve stage will wait its turn") in shown
     assert log.read_text().splitlines() == ["first", "second"]
     assert holder(host, port) is None
+
+
+def test_ctrl_c_while_the_serve_stage_waits_its_turn_ends_the_run_with_its_summary(config, tmp_path, monkeypatch):
+    import fcntl
+
+    from e2e_llm.e2e import run_e2e
+    from e2e_llm.serve_turns import turn_file
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    cli = tmp_path / "fake-cli"
+    cli.write_text(f"#!{sys.executable}\n")
+    cli.chmod(0o755)
+    monkeypatch.setattr(config.serve, "port", free_tcp_port())
+    shown: list[str] = []
+
+    def interrupt_the_wait():
+        deadline = time.monotonic() + 30
+        while not any(line.startswith("waiting for ") for line in shown) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    fd = os.open(turn_file(config.serve.host, config.serve.port), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another pipeline's turn
+        os.write(fd, b"e2e other (pid 1)")
+        threading.Thread(target=interrupt_the_wait, daemon=True).start()
+        result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
+    finally:
+        os.close(fd)
+    assert f"waiting for e2e other (pid 1) to finish its serve stage on {config.serve.host}:{config.serve.port}" in shown
+    assert shown[-1] == "--- serve: Ctrl-C while it waited for its turn; not run"
+    assert not result.ok and [(s.name, s.returncode) for s in result.stages][-1] == ("serve", 130)
+    assert "FAILED" in summary(result, config, 10, "local")
