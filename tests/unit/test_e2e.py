@@ -251,7 +251,8 @@ def test_ctrl_c_while_the_serve_stage_waits_its_turn_ends_the_run_with_its_summa
         result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
     finally:
         os.close(fd)
-    assert f"waiting for e2e other (pid 1) to finish its serve stage on {config.serve.host}:{config.serve.port}" in shown
+    where = f"{config.serve.host}:{config.serve.port}"
+    assert f"waiting for e2e other (pid 1) to finish its serve stage on {where}" in shown
     assert shown[-1] == "--- serve: Ctrl-C while it waited for its turn; not run"
     assert not result.ok and [(s.name, s.returncode) for s in result.stages][-1] == ("serve", 130)
     assert "FAILED" in summary(result, config, 10, "local")
