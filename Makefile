@@ -20,7 +20,6 @@ export E2E_LLM_CACHE ?= $(CURDIR)/.cache
 # Busy-waiting OpenMP threads make CPU training ~10x slower on a shared 2-core machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
-export VLLM_CPU_KVCACHE_SPACE ?= 2
 export DISABLE_VERSION_CHECK ?= 1
 
 ##@ General

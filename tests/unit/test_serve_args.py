@@ -321,6 +321,8 @@ def test_a_cpu_engine_gets_its_kv_cache_as_an_engine_argument_the_profile_can_lo
 
     monkeypatch.delenv("E2E_LLM_STORAGE_ROOT", raising=False)
     assert not any(key.startswith("VLLM_CPU_KVCACHE") for key in CPU_ENGINE_ENV)
+    for path in ("Makefile", "images/serve/Containerfile.cpu"):  # what `make e2e` and the CPU image set
+        assert "VLLM_CPU_KVCACHE_SPACE" not in (project_root / path).read_text(), path
     local = load_profile("local", root=project_root)
     assert engine_kwargs(local)["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
     assert batch_engine_kwargs(local, None, "merged")["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
