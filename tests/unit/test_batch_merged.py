@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,45 @@ def test_driver_env_is_restored_after_building_the_processor(monkeypatch):
         assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://x"
         assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"  # already set: kept
     assert "AWS_ENDPOINT_URL_S3" not in os.environ and os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
+
+
+def test_the_merged_cache_keeps_the_adapters_used_last_and_drops_the_rest_once_idle(tmp_path):
+    """Every `make e2e` merged a new adapter (~0.5 GB) into .cache/merged, and nothing removed
+    any: 13 of them, 6.6 GB, after a day here."""
+    from e2e_llm.batch.merge import KEEP_MERGED, MERGED_IDLE_S, MERGED_MARKER, prune_merged_cache
+
+    now = 1_000_000.0
+    ages = {"a": 10, "b": 20, "c": 30, "d": MERGED_IDLE_S + 40, "e": MERGED_IDLE_S + 50, "f": 60}
+    for name, age in ages.items():  # f: used a minute ago, the 4th most recent: an engine may still load it
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"w")
+        (tmp_path / name / MERGED_MARKER).write_text("{}")
+        os.utime(tmp_path / name / MERGED_MARKER, (now - age, now - age))
+    stale_tmp, fresh_tmp = tmp_path / "x-f32.tmp123", tmp_path / "y-f32.tmp456"  # merges that died / run now
+    for folder, age in ((stale_tmp, MERGED_IDLE_S + 1), (fresh_tmp, 5)):
+        folder.mkdir()
+        os.utime(folder, (now - age, now - age))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert KEEP_MERGED == 3
+    removed = prune_merged_cache(tmp_path, now=now)
+    assert sorted(p.name for p in removed) == ["d", "e", "x-f32.tmp123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "f", "notes.txt", "y-f32.tmp456"]
+    later = prune_merged_cache(tmp_path, now=now + MERGED_IDLE_S)  # f and the merge that ran then, once idle
+    assert sorted(p.name for p in later) == ["f", "y-f32.tmp456"]
+    assert prune_merged_cache(tmp_path / "missing") == []
+
+
+def test_using_a_cached_merge_makes_it_recent_and_prunes_the_rest(config, tmp_path):
+    from e2e_llm.batch import Adapter
+    from e2e_llm.batch.merge import MERGED_IDLE_S, MERGED_MARKER, merged_model_dir, merged_model_name
+
+    adapter = Adapter(path=tmp_path, sha256="ab" * 32, rank=16, base_model=None)
+    cache = tmp_path / "cache"
+    hit = cache / "merged" / merged_model_name(config, adapter, "float32")
+    old = time.time() - 2 * MERGED_IDLE_S
+    for i, folder in enumerate([hit] + [cache / "merged" / f"old-{i}" for i in range(4)]):
+        folder.mkdir(parents=True)
+        (folder / MERGED_MARKER).write_text("{}")
+        os.utime(folder / MERGED_MARKER, (old - i, old - i))
+    assert merged_model_dir(config, adapter, "/unused", cache_dir=cache, dtype="float32") == hit
+    assert sorted(p.name for p in (cache / "merged").iterdir()) == sorted([hit.name, "old-0", "old-1"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ from e2e_llm.batch.upload import upload_once
 from e2e_llm.config import PipelineConfig
 
 MERGED_MARKER = "e2e_llm_merged.json"
+# The local cache keeps the merged checkpoints of the adapters used last: one per trained adapter
+# (~0.5 GB for SmolLM2 in fp32) piled up at every `make e2e` (6.6 GB after a day's work here).
+# Scoring the last few runs again merges nothing; an older one goes once no engine can still be
+# loading it (an engine reads its checkpoint at start, and a batch run starts its engines within
+# minutes; a rerun merges it again, in seconds for SmolLM2).
+KEEP_MERGED = 3
+MERGED_IDLE_S = 3600
 
 
 def merged_model_name(config: PipelineConfig, adapter: Adapter, dtype: str | None = None) -> str:
@@ -34,6 +42,8 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     dtype_name = dtype or batch_dtype(config).dtype
     out = (cache_dir or default_cache_dir(config.root)) / "merged" / merged_model_name(config, adapter, dtype_name)
     if (out / MERGED_MARKER).is_file():
+        os.utime(out / MERGED_MARKER)  # used now: the cache's recency
+        prune_merged_cache(out.parent)
         return out
     import shutil
 
@@ -57,7 +67,41 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         replace_dir(tmp, out)
+    prune_merged_cache(out.parent)
     return out
+
+
+def prune_merged_cache(root: Path, keep: int = KEEP_MERGED, idle_s: float = MERGED_IDLE_S,
+                       now: float | None = None) -> list[Path]:
+    """Remove the merged checkpoints under ``root`` beyond the ``keep`` used last (by their
+    marker's time), and unfinished merges, where untouched for ``idle_s``; returns what went.
+    A folder is renamed aside before it is deleted: a reader never finds it half gone."""
+    import shutil
+
+    now = time.time() if now is None else now
+
+    def mtime(path: Path) -> float | None:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # gone meanwhile
+            return None
+
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    used = {p: mtime(p / MERGED_MARKER) for p in folders}
+    finished = sorted((p for p in folders if used[p] is not None), key=lambda p: used[p], reverse=True)
+    unfinished = [(p, mtime(p)) for p in folders if used[p] is None and ".tmp" in p.name]
+    removed = []
+    for folder, last in [(p, used[p]) for p in finished[keep:]] + unfinished:
+        if last is None or now - last < idle_s:
+            continue
+        aside = folder.with_name(f".{folder.name}.pruned-{os.getpid()}")
+        try:
+            os.replace(folder, aside)
+        except OSError:  # another run pruned it first
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 @dataclass
