@@ -168,4 +168,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 if dest.is_dir():
                     shutil.rmtree(dest)
                 shutil.move(str(item), dest)
+        # The HF Trainer's checkpoints here are what Ray Train persisted at each report (the run's
+        # checkpoint_* folders keep the last ones): once the adapter is out, a second copy of each
+        # (~60 MB for SmolLM2, three per `make e2e`) only filled the disk.
+        for checkpoint in output.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
         append_event(work_dir, event="finished", rank=rank, world_size=world_size)

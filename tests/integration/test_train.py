@@ -81,6 +81,9 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     assert manifest["dtype"]["dtype"] in ("bfloat16", "float32") and manifest["dtype"]["reason"]
     assert (trained_adapter.parent / "loss.png").stat().st_size > 1000
     assert list((trained_adapter.parent / "tensorboard").rglob("events.out.tfevents*"))
+    # Checkpoints once: Ray Train's in the run folder, not also the HF Trainer's in its work dir.
+    assert list(trained_adapter.parent.glob("checkpoint_*/adapter_model.safetensors"))
+    assert not list((trained_adapter.parent / "work" / "output").glob("checkpoint-*"))
 
 
 def test_the_tokenizer_saved_beside_the_adapter_is_the_base_models(trained_adapter, local_model):
