@@ -65,6 +65,7 @@ class StageResult:
     returncode: int
     log: str
     hidden: int = 0  # known-noise lines only in the log (e2e_llm.logs.TERMINAL_NOISE)
+    peak_bytes: int | None = None  # the stage's process tree, anonymous memory, sampled each second
 
 
 @dataclass
@@ -93,7 +94,7 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
     """Run one stage command: every line to ``log_path``, and to the terminal unless it is
     known noise (:class:`e2e_llm.logs.TerminalFilter`)."""
     from e2e_llm.logs import TerminalFilter
-    from e2e_llm.memory import headroom, oom_kills
+    from e2e_llm.memory import PeakSampler, headroom, oom_kills
 
     kills, at_start = oom_kills(), headroom()
     terminal = TerminalFilter()
@@ -107,7 +108,7 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
                                 env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
                                 bufsize=1, errors="replace", start_new_session=True)
         assert proc.stdout is not None
-
+        sampler = PeakSampler(proc.pid).start()
         with _signals_stop_the_stage(name, proc, echo):
             for line in proc.stdout:
                 log.write(line)
@@ -115,13 +116,15 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
                 if terminal.show(line):
                     echo(line.rstrip("\n"))
         returncode = proc.wait()
+        peak = sampler.stop()
         if returncode < 0:
             # The stage's command itself was killed (its own note, e2e_llm.cli, never came).
             note = _killed_note(name, kills, at_start)
             if note:
                 log.write(note + "\n")
                 echo(note)
-    return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path), terminal.hidden_total)
+    return StageResult(name, round(time.monotonic() - start, 1), returncode, str(log_path), terminal.hidden_total,
+                       peak)
 
 
 def _killed_note(stage: str, kills: int | None, at_start) -> str | None:
@@ -319,9 +322,9 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
     lines = [banner(f"summary: e2e {result.run_id} {'finished' if result.ok else 'FAILED'} "
                     f"in {result.seconds / 60:.1f} min"),
              f"dtype {result.dtype['dtype']} ({result.dtype['reason']})", "",
-             "| stage | seconds |", "| --- | ---: |"]
-    lines += [f"| {s.name} | {s.seconds:.0f} |" for s in result.stages]
-    lines.append(f"| total | {result.seconds:.0f} |")
+             "| stage | seconds | peak memory |", "| --- | ---: | ---: |"]
+    lines += [f"| {s.name} | {s.seconds:.0f} | {_gib(s.peak_bytes)} |" for s in result.stages]
+    lines.append(f"| total | {result.seconds:.0f} | {_gib(max((s.peak_bytes or 0 for s in result.stages), default=0))} |")
     adapter = (result.adapter_batch or {}).get("metrics")
     base = (result.base_batch or {}).get("metrics")
     if adapter:
@@ -362,12 +365,17 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
     return "\n".join(lines)
 
 
+def _gib(n: int | None) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "-"
+
+
 def write_summary(result: E2EResult, text: str) -> None:
     run_dir = Path(result.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.md").write_text(text.lstrip("\n") + "\n")
     data = {"run_id": result.run_id, "ok": result.ok, "seconds": result.seconds, "dtype": result.dtype,
             "stages": {s.name: s.seconds for s in result.stages},
+            "peak_memory_bytes": {s.name: s.peak_bytes for s in result.stages},
             "metrics": (result.adapter_batch or {}).get("metrics"),
             "base_metrics": (result.base_batch or {}).get("metrics"), "base_cached": result.base_cached,
             "refused": result.refused}

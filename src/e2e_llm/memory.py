@@ -150,3 +150,59 @@ def oom_note(kills_before: int | None, what: str, lower: str | None = None,
         text += f" ({at_start.describe()} when it started)"
     text += ". Free memory (other programs), or lower what it takes"
     return text + (f": {lower}" if lower else "")
+
+
+def tree_anonymous_bytes(root_pid: int, proc: Path = Path("/proc")) -> int:
+    """Anonymous resident memory (``RssAnon``: what only swap could free) of ``root_pid`` and all
+    its descendants, Ray's processes and vLLM's engine included. File pages are left out: they
+    are shared between processes and the kernel can drop them."""
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += (_read_key(proc / str(pid) / "status", "RssAnon:") or 0) * 1024
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+class PeakSampler:
+    """The largest :func:`tree_anonymous_bytes` of a process tree, sampled every ``interval_s`` in a
+    thread between :meth:`start` and :meth:`stop` (which returns it, or None where /proc says
+    nothing)."""
+
+    def __init__(self, root_pid: int, interval_s: float = 1.0):
+        import threading
+
+        self.root_pid, self.interval_s = root_pid, interval_s
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="e2e-llm-memory", daemon=True)
+
+    def start(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+    def _run(self) -> None:
+        while True:
+            try:
+                now = tree_anonymous_bytes(self.root_pid)
+            except (OSError, ValueError, IndexError):
+                now = 0
+            if now:
+                self.peak = max(self.peak or 0, now)
+            if self._stop.wait(self.interval_s):
+                return

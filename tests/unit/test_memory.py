@@ -5,6 +5,7 @@ failed. See root cause above", and no root cause above."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -186,3 +187,47 @@ def test_a_stage_command_killed_outright_gets_the_note_from_e2e(monkeypatch, tmp
     assert shown[-1].startswith("error: the train stage failed, and meanwhile the kernel's out-of-memory killer")
     assert shown[-1].endswith("fewer workers, or the recipe's per_device_train_batch_size or cutoff_len")
     assert (tmp_path / "train.log").read_text().splitlines()[-1] == shown[-1]
+
+
+HOG = ("import subprocess, sys, time\n"
+       "hog = bytearray({mib} * 2**20)  # zero pages are not resident until written\n"
+       "hog[::4096] = b'x' * len(hog[::4096])\n"
+       "{child}"
+       "print('ready', flush=True)\n"
+       "time.sleep({sleep})\n")
+
+
+def test_a_process_trees_anonymous_memory_counts_its_descendants():
+    from e2e_llm.memory import tree_anonymous_bytes
+
+    grandchild = HOG.format(mib=96, child="", sleep=30)
+    child = HOG.format(mib=64, sleep=30, child=(
+        f"g = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdout=subprocess.PIPE, text=True)\n"
+        "g.stdout.readline()\n"))
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        alone = (memory._read_key(Path(f"/proc/{proc.pid}/status"), "RssAnon:") or 0) * 1024
+        tree = tree_anonymous_bytes(proc.pid)
+        assert 64 * 2**20 <= alone < 64 * 2**20 + 64 * 2**20
+        assert tree >= alone + 96 * 2**20
+    finally:
+        for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), 9)
+        proc.kill()
+        proc.wait()
+
+
+def test_each_stage_reports_its_peak_memory_in_the_summary(tmp_path, config):
+    from e2e_llm.e2e import E2EResult, run_stage, summary, write_summary
+
+    hog = HOG.format(mib=128, child="", sleep=2.5)
+    stage = run_stage("batch", [sys.executable, "-c", hog], tmp_path / "batch.log", env={}, echo=lambda line: None)
+    assert stage.returncode == 0 and 128 * 2**20 <= stage.peak_bytes < 512 * 2**20
+    result = E2EResult("r1", str(tmp_path / "r1"), {"dtype": "float32", "reason": "test"}, stages=[stage])
+    text = summary(result, config, 10, "local")
+    assert "| stage | seconds | peak memory |" in text
+    assert f"| batch | {stage.seconds:.0f} | {stage.peak_bytes / 2**30:.1f} GiB |" in text
+    write_summary(result, text)
+    assert json.loads((tmp_path / "r1" / "summary.json").read_text())["peak_memory_bytes"] == {
+        "batch": stage.peak_bytes}
