@@ -324,7 +324,8 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
              f"dtype {result.dtype['dtype']} ({result.dtype['reason']})", "",
              "| stage | seconds | peak memory |", "| --- | ---: | ---: |"]
     lines += [f"| {s.name} | {s.seconds:.0f} | {_gib(s.peak_bytes)} |" for s in result.stages]
-    lines.append(f"| total | {result.seconds:.0f} | {_gib(max((s.peak_bytes or 0 for s in result.stages), default=0))} |")
+    peak = max((s.peak_bytes or 0 for s in result.stages), default=0)  # stages run one after another
+    lines.append(f"| total | {result.seconds:.0f} | {_gib(peak)} |")
     adapter = (result.adapter_batch or {}).get("metrics")
     base = (result.base_batch or {}).get("metrics")
     if adapter:
