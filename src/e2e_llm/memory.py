@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""How much memory this process may still use, and whether the kernel killed a process for lack of it.
+"""How much memory this process may still use, how much a process tree holds, and whether the
+kernel killed a process for lack of it.
 
 A laptop or a container often has less memory than ``make e2e`` peaks at (README). Where it runs
 out, the kernel's out-of-memory killer ends a process (the engine's, most often) and the stage
 fails with that process's last words, which never mention memory: vLLM's "Engine core
 initialization failed. See root cause above" with no root cause above. What is asked here lets
-``make e2e`` say so (:mod:`e2e_llm.e2e`).
+``make e2e`` and the stage commands say so (:mod:`e2e_llm.e2e`, :mod:`e2e_llm.cli`), and the e2e
+summary give each stage's peak.
 
 Linux only (as the project is): ``/proc/meminfo``, ``/proc/vmstat`` and the memory cgroup, v1 or
 v2, that ``/proc/self/cgroup`` names. Every reader returns ``None`` where the file is not there
