@@ -39,6 +39,13 @@ def _write(config, run_id, manifest):
     path.write_text(json.dumps({"run_id": run_id, **manifest}))
 
 
+
+@pytest.fixture(autouse=True)
+def _turn_files_in_tmp(tmp_path, monkeypatch):
+    """The serve-turn lock files (e2e_llm.serve_turns) these tests make stay in their tmp dir."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+
+
 def test_base_run_is_reused_only_when_everything_that_decides_its_output_matches(config):
     adapter_run = _manifest(adapter={"sha256": "f00"})
     assert find_base_run(config, adapter_run) is None
@@ -191,7 +198,6 @@ def test_two_pipelines_take_turns_at_the_serve_stage_instead_of_failing_the_seco
     from e2e_llm.e2e import run_e2e
     from e2e_llm.serve_turns import holder, serve_turn
 
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the turn files of this test only
     log = tmp_path / "served"
     cli = tmp_path / "fake-cli"
     cli.write_text(f"#!{sys.executable}\nimport sys\n"
@@ -230,26 +236,33 @@ def test_ctrl_c_while_the_serve_stage_waits_its_turn_ends_the_run_with_its_summa
     from e2e_llm.e2e import run_e2e
     from e2e_llm.serve_turns import turn_file
 
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     cli = tmp_path / "fake-cli"
     cli.write_text(f"#!{sys.executable}\n")
     cli.chmod(0o755)
     monkeypatch.setattr(config.serve, "port", free_tcp_port())
     shown: list[str] = []
 
+    fd = os.open(turn_file(config.serve.host, config.serve.port), os.O_RDWR | os.O_CREAT)
+    ended = threading.Event()
+
     def interrupt_the_wait():
         deadline = time.monotonic() + 30
         while not any(line.startswith("waiting for ") for line in shown) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
+        if not ended.wait(30):  # the wait did not end: let it, so that the test fails instead of hanging
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
-    fd = os.open(turn_file(config.serve.host, config.serve.port), os.O_RDWR | os.O_CREAT)
+    # Python's own Ctrl-C handler, as in `e2e-llm e2e` (a Ray started earlier in this process sets another).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another pipeline's turn
         os.write(fd, b"e2e other (pid 1)")
         threading.Thread(target=interrupt_the_wait, daemon=True).start()
         result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
     finally:
+        ended.set()
+        signal.signal(signal.SIGINT, previous)
         os.close(fd)
     where = f"{config.serve.host}:{config.serve.port}"
     assert f"waiting for e2e other (pid 1) to finish its serve stage on {where}" in shown
