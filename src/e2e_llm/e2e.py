@@ -108,8 +108,9 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
                                 env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
                                 bufsize=1, errors="replace", start_new_session=True)
         assert proc.stdout is not None
-        sampler = PeakSampler(proc.pid).start()
         with _signals_stop_the_stage(name, proc, echo):
+            # After the handlers: a thread's start waits for it, and a Ctrl-C meanwhile went unforwarded.
+            sampler = PeakSampler(proc.pid).start()
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
