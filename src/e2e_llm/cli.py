@@ -60,11 +60,12 @@ NEEDS_ENVIRONMENT: dict[str, tuple[str, str, str]] = {
 
 def memory_settings(command: str) -> str | None:
     """What most of ``command``'s memory is and the profile settings that lower it, for the line
-    that says the out-of-memory killer struck (:func:`e2e_llm.memory.oom_note`); None for the
+    that says the out-of-memory killer struck (:meth:`e2e_llm.memory.OomWatch.note`); None for the
     commands that start no training or engine here."""
+    from e2e_llm.memory import GIB
     from e2e_llm.serve import CPU_KV_CACHE_BYTES
 
-    kv_cache = (f"{CPU_KV_CACHE_BYTES / 2**30:g} GiB on CPU unless set; a CPU engine also holds the model in "
+    kv_cache = (f"{CPU_KV_CACHE_BYTES / GIB:g} GiB on CPU unless set; a CPU engine also holds the model in "
                 f"its dtype")
     return {
         "train": "each of train.num_workers holds the model, its LoRA optimizer state and a batch's activations: "
@@ -108,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if problem := wrong_environment(args.command):
         print(f"error: {problem}", file=sys.stderr)
         return CONFIG_ERROR
-    from e2e_llm.memory import headroom, oom_kills, oom_note
+    from e2e_llm.memory import OomWatch
 
     lower = memory_settings(args.command)
-    kills, at_start = (oom_kills(), headroom()) if lower else (None, None)
+    watch = OomWatch.start() if lower else OomWatch(None)  # no kill count: no note
+
+    def oom_note() -> str | None:
+        return watch.note(f"e2e-llm {args.command}", lower)
+
     try:
         code = int(args._run(args) or 0)
     except ConfigError as exc:
@@ -120,13 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         # A process killed for lack of memory fails the command with words that never say so
         # (vLLM: "Engine core initialization failed. See root cause above"): the note comes last.
-        if note := oom_note(kills, f"e2e-llm {args.command}", lower, at_start):
+        if note := oom_note():
             traceback.print_exc()
             print(note, file=sys.stderr)
             return 1
         raise
-    if code not in (0, INTERRUPTED) and (
-            note := oom_note(kills, f"e2e-llm {args.command}", lower, at_start)):
+    if code not in (0, INTERRUPTED) and (note := oom_note()):
         print(note, file=sys.stderr)
     return code
 

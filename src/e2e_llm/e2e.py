@@ -94,9 +94,9 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
     """Run one stage command: every line to ``log_path``, and to the terminal unless it is
     known noise (:class:`e2e_llm.logs.TerminalFilter`)."""
     from e2e_llm.logs import TerminalFilter
-    from e2e_llm.memory import PeakSampler, headroom, oom_kills
+    from e2e_llm.memory import OomWatch, PeakSampler
 
-    kills, at_start = oom_kills(), headroom()
+    watch = OomWatch.start()
     terminal = TerminalFilter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -120,7 +120,7 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
         peak = sampler.stop()
         if returncode < 0:
             # The stage's command itself was killed (its own note, e2e_llm.cli, never came).
-            note = _killed_note(name, kills, at_start)
+            note = _killed_note(name, watch)
             if note:
                 log.write(note + "\n")
                 echo(note)
@@ -128,12 +128,11 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str], ec
                        peak)
 
 
-def _killed_note(stage: str, kills: int | None, at_start) -> str | None:
+def _killed_note(stage: str, watch) -> str | None:
     from e2e_llm.cli import memory_settings
-    from e2e_llm.memory import oom_note
 
     command = "batch" if stage == "base" else stage  # each stage is the e2e-llm command of its name
-    return oom_note(kills, f"the {stage} stage", memory_settings(command), at_start)
+    return watch.note(f"the {stage} stage", memory_settings(command))
 
 
 @contextmanager
@@ -368,7 +367,9 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
 
 
 def _gib(n: int | None) -> str:
-    return f"{n / 2**30:.1f} GiB" if n else "-"
+    from e2e_llm.memory import GIB
+
+    return f"{n / GIB:.1f} GiB" if n else "-"
 
 
 def write_summary(result: E2EResult, text: str) -> None:

@@ -138,20 +138,31 @@ def _cgroup_folder(mount: Path, path: str) -> Path | None:
     return mount if mount.is_dir() else None
 
 
-def oom_note(kills_before: int | None, what: str, lower: str | None = None,
-             at_start: Headroom | None = None) -> str | None:
-    """The line to end a failed ``what`` with when the out-of-memory killer ended a process since
-    ``kills_before`` was read (:func:`oom_kills`); None when it did not, or it cannot be told."""
-    kills_now = oom_kills()
-    if kills_before is None or kills_now is None or kills_now <= kills_before:
-        return None
-    n = kills_now - kills_before
-    text = (f"error: {what} failed, and meanwhile the kernel's out-of-memory killer ended {n} "
-            f"process{'es' if n > 1 else ''} on this machine: most likely this one's, for lack of memory")
-    if at_start is not None:
-        text += f" ({at_start.describe()} when it started)"
-    text += ". Free memory (other programs), or lower what it takes"
-    return text + (f": {lower}" if lower else "")
+@dataclass(frozen=True)
+class OomWatch:
+    """The out-of-memory kill count and the headroom when something (a command, a stage) started:
+    :meth:`note` tells, once it has failed, whether the killer struck meanwhile."""
+
+    kills: int | None
+    at_start: Headroom | None = None
+
+    @classmethod
+    def start(cls) -> OomWatch:
+        return cls(oom_kills(), headroom())
+
+    def note(self, what: str, lower: str | None = None) -> str | None:
+        """The line to end the failed ``what`` with when the out-of-memory killer ended a process
+        since :meth:`start`; None when it did not, or it cannot be told."""
+        kills_now = oom_kills()
+        if self.kills is None or kills_now is None or kills_now <= self.kills:
+            return None
+        n = kills_now - self.kills
+        text = (f"error: {what} failed, and meanwhile the kernel's out-of-memory killer ended {n} "
+                f"process{'es' if n > 1 else ''} on this machine: most likely this one's, for lack of memory")
+        if self.at_start is not None:
+            text += f" ({self.at_start.describe()} when it started)"
+        text += ". Free memory (other programs), or lower what it takes"
+        return text + (f": {lower}" if lower else "")
 
 
 def tree_anonymous_bytes(root_pid: int, proc: Path = Path("/proc")) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from e2e_llm import memory
-from e2e_llm.memory import GIB, headroom, oom_kills, oom_note
+from e2e_llm.memory import GIB, OomWatch, headroom, oom_kills
 
 
 def _proc(tmp_path: Path, available_kib: int, cgroup: str, oom_kill: int = 3) -> Path:
@@ -83,15 +83,15 @@ def test_unreadable_files_mean_unknown_not_an_error(tmp_path):
 def test_the_note_names_the_kills_the_headroom_at_start_and_what_to_lower(monkeypatch):
     counts = iter([7])
     monkeypatch.setattr(memory, "oom_kills", lambda: next(counts))
-    note = oom_note(5, "e2e-llm batch", "kv_cache_memory_bytes in batch.engine_kwargs",
-                    memory.Headroom(3 * GIB, 20 * GIB, 5 * GIB))
+    note = OomWatch(5, memory.Headroom(3 * GIB, 20 * GIB, 5 * GIB)).note(
+        "e2e-llm batch", "kv_cache_memory_bytes in batch.engine_kwargs")
     assert note == ("error: e2e-llm batch failed, and meanwhile the kernel's out-of-memory killer ended 2 processes "
                     "on this machine: most likely this one's, for lack of memory (3.0 GiB available (a memory limit "
                     "of 5.0 GiB applies: cgroup) when it started). Free memory (other programs), or lower what it "
                     "takes: kv_cache_memory_bytes in batch.engine_kwargs")
     monkeypatch.setattr(memory, "oom_kills", lambda: 5)
-    assert oom_note(5, "x") is None  # no kill: no note
-    assert oom_note(None, "x") is None  # unknown before: no guess
+    assert OomWatch(5).note("x") is None  # no kill: no note
+    assert OomWatch(None).note("x") is None  # unknown before: no guess
 
 
 def _memory_cgroup(limit: int) -> tuple[Path, str] | None:
