@@ -286,7 +286,7 @@ wait: env-serve ## Wait for STAGE=train|batch to succeed or the service rollout'
 ifeq ($(TARGET),anyscale)
 	$(if $(filter serve,$(STAGE)),$(SERVE_CLI) wait-service --target anyscale --env $(DEPLOY_ENV) --timeout $(WAIT_TIMEOUT),$(ANYSCALE) job wait -n $(DEPLOY_NAME)-$(STAGE)-$(DEPLOY_ENV) -s SUCCEEDED -t $(WAIT_TIMEOUT))
 else
-	$(if $(filter serve,$(STAGE)),$(SERVE_CLI) wait-service --target k8s --env $(DEPLOY_ENV) --timeout $(WAIT_TIMEOUT),$(KUBECTL) wait rayjob/$(DEPLOY_NAME)-$(STAGE) -n $(NAMESPACE) --for=jsonpath='{.status.jobStatus}'=SUCCEEDED --timeout=$(WAIT_TIMEOUT)s)
+	$(if $(filter serve,$(STAGE)),$(SERVE_CLI) wait-service --target k8s --env $(DEPLOY_ENV) --timeout $(WAIT_TIMEOUT),$(SERVE_CLI) wait-job --stage $(STAGE) --env $(DEPLOY_ENV) --timeout $(WAIT_TIMEOUT))
 endif
 
 logs: env-serve ## Print (follow) the logs of STAGE=train|batch|serve on TARGET.

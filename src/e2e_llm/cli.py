@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("e2e_llm.commands.validate", "offline validation ladder for every rendered and hand-written manifest"),
     "preflight": ("e2e_llm.commands.preflight", "check credentials and cluster access for a deploy target"),
     "wait-service": ("e2e_llm.commands.wait_service", "wait for a service rollout's real end (or fail with why)"),
+    "wait-job": ("e2e_llm.commands.wait_job", "wait for a RayJob to succeed (or fail at once with KubeRay's reason)"),
     "image": ("e2e_llm.commands.image", "build a container image with whichever engine answers (docker/podman)"),
     "publish": ("e2e_llm.commands.publish", "publish a trained adapter to the adapter store, set an alias"),
     "store": ("e2e_llm.commands.store", "run a profile's local adapter store (S3 on loopback) in the foreground"),

@@ -171,10 +171,20 @@ class JobStage(Strict):
 class Jobs(Strict):
     max_retries: int = Field(2, ge=0)
     timeout_s: int = Field(86400, gt=0)
+    # RayJob preRunningDeadlineSeconds: a job not running by then (a pod that cannot be scheduled,
+    # pulled or admitted) fails and frees its nodes, instead of holding them until timeout_s.
+    start_timeout_s: int = Field(3600, gt=0)
     ttl_seconds_after_finished: int = Field(3600, ge=0)
     submission_mode: Literal[SUBMISSION_MODES] = "K8sJobMode"  # type: ignore[valid-type]
     train: JobStage = JobStage()
     batch: JobStage = JobStage()
+
+    @model_validator(mode="after")
+    def _starts_within_timeout(self) -> Jobs:
+        if self.start_timeout_s >= self.timeout_s:
+            raise ValueError(f"start_timeout_s ({self.start_timeout_s}) must be less than timeout_s "
+                             f"({self.timeout_s}): the job's whole run includes its start")
+        return self
 
 
 class Canary(Strict):

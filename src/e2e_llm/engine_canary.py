@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from e2e_llm import kuberay
 from e2e_llm.canary import AliasState, PreflightResult, VersionStats
 from e2e_llm.canary_io import LATENCY_BUCKET, REQUESTS, add_sample
+from e2e_llm.env_tools import find_tool
 from e2e_llm.rollout_wait import Check, anyscale_rollout, rayservice_upgrade, wait_until
 
 PRIMARY, CANARY = "primary", "canary"
@@ -212,11 +213,11 @@ class KubeRayPlatform:
     group_label = "ray_io_cluster"
 
     def __init__(self, *, name: str, namespace: str, env: str = "prod", rev: str = "HEAD~1",
-                 kubectl: str = "kubectl", root: Path | None = None,
+                 kubectl: str | None = None, root: Path | None = None,
                  run: Callable[[list[str]], subprocess.CompletedProcess] | None = None,
                  image: str | None = None, wait: Callable[[Callable[[], Check]], Check] | None = None):
         self.name, self.namespace, self.env, self.rev = name, namespace, env, rev
-        self.kubectl = kubectl
+        self.kubectl = kubectl or find_tool("kubectl") or "kubectl"  # the pinned one, as the Makefile's
         self.root = Path(root) if root else Path.cwd()
         self.run = run or kuberay.run_command
         self.image = image  # the image the applied spec names: the upgrade ends on it

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Wait for a service rollout's real end, or say clearly why it did not end.
+"""Wait for a service rollout's or a job's real end, or say clearly why it did not end.
 
 ``kubectl wait --for=condition=Ready`` is true on the *old* cluster while a KubeRay upgrade
 runs, so Ready alone says nothing about the new spec. A RayService upgrade (KubeRay v1.7,
@@ -15,6 +15,13 @@ It has failed when ``Ready`` has reason ``InitializingTimeout``, or an applicati
 ``DEPLOY_FAILED``/``UNHEALTHY`` on the pending cluster. The condition types and reasons are the
 operator's (``rayservice_types.go``); the status field names are the CRD's
 (``../shared/k8s/crds/kuberay-v1.7.0/ray.io_rayservices.yaml``).
+
+A RayJob (KubeRay v1.7, ``ray.io/v1`` RayJob ``status``) has succeeded when ``status.jobStatus``
+is ``SUCCEEDED``, and has failed when ``status.jobDeploymentStatus`` is ``Failed`` or
+``ValidationFailed``, with ``status.reason`` saying where: ``PreRunningDeadlineExceeded`` (not
+running by ``preRunningDeadlineSeconds``: a pod that cannot be scheduled, pulled or admitted),
+``SubmissionFailed``, ``DeadlineExceeded``, ``AppFailed``, ``ValidationFailed``. A failed attempt
+that ``backoffLimit`` retries is ``Retrying``, not failed.
 
 An Anyscale rollout has ended when the service is ``RUNNING`` with the expected version at the
 expected weight (the canary at its percent, or the new primary alone at 100), and has failed on
@@ -35,6 +42,7 @@ READY, UPGRADE_IN_PROGRESS = "Ready", "UpgradeInProgress"
 INITIALIZING_TIMEOUT = "InitializingTimeout"
 APP_FAILED = ("DEPLOY_FAILED", "UNHEALTHY")
 ANYSCALE_FAILED = ("UNHEALTHY", "SYSTEM_FAILURE", "TERMINATED", "TERMINATING")
+JOB_FAILED = ("Failed", "ValidationFailed")
 
 
 class RolloutStuck(RuntimeError):
@@ -124,9 +132,25 @@ def anyscale_rollout(status: Any, canary_percent: int | None = None, previous: s
     return Check(True, f"{name}: {state}, version {new.name} RUNNING at {new.weight}%")
 
 
+def rayjob_run(rayjob: dict[str, Any]) -> Check:
+    """Where a RayJob's run stands, from ``kubectl get rayjob -o json``."""
+    name = f"RayJob {(rayjob.get('metadata') or {}).get('name', '?')}"
+    status = rayjob.get("status") or {}
+    deployment, job = status.get("jobDeploymentStatus") or "New", status.get("jobStatus") or "-"
+    line = f"{name}: {deployment}, job {job}"
+    if status.get("failed"):
+        line += f", {status['failed']} failed attempt(s)"
+    if job == "SUCCEEDED":
+        return Check(True, line)
+    if deployment in JOB_FAILED:
+        why = ": ".join(part for part in (status.get("reason"), status.get("message")) if part)
+        return Check(False, f"{line} ({why or 'no reason given'})", failed=True)
+    return Check(False, line)
+
+
 def wait_until(check: Callable[[], Check], *, timeout_s: float, poll_s: float = 10.0,
                clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-               out: Callable[[str], None] = print) -> Check:
+               out: Callable[[str], None] = print, what: str = "rollout") -> Check:
     """Poll ``check`` until done; raise :class:`RolloutStuck` on failure or after ``timeout_s``
     with the last status in the message. Prints each new status line once."""
     deadline = clock() + timeout_s
@@ -139,7 +163,7 @@ def wait_until(check: Callable[[], Check], *, timeout_s: float, poll_s: float = 
         if result.done:
             return result
         if result.failed:
-            raise RolloutStuck(f"rollout failed: {result.detail}")
+            raise RolloutStuck(f"{what} failed: {result.detail}")
         if clock() >= deadline:
-            raise RolloutStuck(f"rollout not finished after {timeout_s:.0f}s: {result.detail}")
+            raise RolloutStuck(f"{what} not finished after {timeout_s:.0f}s: {result.detail}")
         sleep(min(poll_s, max(deadline - clock(), 0.0)))

@@ -211,7 +211,7 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
 
 def serve_mode_env(config: PipelineConfig, *, local: bool = False) -> dict[str, str]:
     """Environment every process of a Ray instance that serves ``config`` needs from its start
-    (``serve.high_throughput``): in the serving cluster's containers (e2e_llm.render), or
+    (``serve.high_throughput``): in the serving cluster's containers (e2e_llm.render_kuberay), or
     (``local``) in ``os.environ`` before ``ray.init`` where e2e-llm starts Ray itself, the mode's
     fixed ports then free ones of this machine."""
     if not config.serve.high_throughput:

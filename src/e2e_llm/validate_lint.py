@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
+from e2e_llm.env_tools import require_tool
 from e2e_llm.pins import lock_pins
-from e2e_llm.validate_common import _bin, _fmt, _name
+from e2e_llm.validate_common import _fmt, _name
 
 
 def lint_yaml(paths: Iterable[Path], config_file: Path) -> list[str]:
@@ -35,7 +36,8 @@ def lint_yaml(paths: Iterable[Path], config_file: Path) -> list[str]:
 
 
 def kustomize_build(overlay: Path) -> list[dict[str, Any]]:
-    result = subprocess.run([_bin("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
+    result = subprocess.run([require_tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True,
+                            check=False)
     if result.returncode != 0:
         raise ValueError(f"{overlay}: kubectl kustomize failed: {result.stderr.strip()}")
     return [d for d in yaml.safe_load_all(result.stdout) if d]
@@ -125,7 +127,7 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) 
 
     text = path.read_text(encoding="utf-8")
     problems = []
-    result = subprocess.run([_bin("hadolint"), "--no-color", "-"], input=text, capture_output=True, text=True,
+    result = subprocess.run([require_tool("hadolint"), "--no-color", "-"], input=text, capture_output=True, text=True,
                             check=False)
     if result.returncode != 0:
         problems += [f"{path}: hadolint: {line.removeprefix('-:')}" for line in result.stdout.splitlines() if line]
@@ -160,5 +162,11 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) 
                 problems.append(f"{path}: RUN pip install {' '.join(unpinned)}: unpinned (install the lock file)")
             if "-r" not in args and "." not in args:
                 problems.append(f"{path}: RUN {command.strip()}: installs packages outside the lock file")
+    users = [i["value"].strip() for i in parser.structure if i["instruction"] == "USER"]
+    user = users[-1].partition(":")[0] if users else ""
+    if not user.isdigit() or int(user) == 0:
+        # runAsNonRoot (the rendered pods' securityContext) can only be checked against a numeric user.
+        problems.append(f"{path}: USER {user or '(none)'}: the image must end with a numeric non-root USER "
+                        "(the pods run with runAsNonRoot)")
     return problems
 

@@ -81,8 +81,9 @@ def check_operator_rules(doc: dict[str, Any]) -> list[str]:
             problems.append(f"{name}: spec.backoffLimit: incompatible with InteractiveMode")
         if backoff < 0:
             problems.append(f"{name}: spec.backoffLimit: must be non-negative")
-        if _int(spec.get("activeDeadlineSeconds"), 1) <= 0:
-            problems.append(f"{name}: spec.activeDeadlineSeconds: must be a positive integer")
+        for field in ("activeDeadlineSeconds", "preRunningDeadlineSeconds"):
+            if _int(spec.get(field), 1) <= 0:
+                problems.append(f"{name}: spec.{field}: must be a positive integer")
         if mode == "SidecarMode" and (spec.get("submitterPodTemplate") or spec.get("submitterConfig")):
             problems.append(f"{name}: spec.submissionMode: SidecarMode supports no submitterPodTemplate/Config")
         if not str(spec.get("entrypoint", "")).strip() and mode != "InteractiveMode":

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 from e2e_llm.pins import BOOTSTRAP, canonical_name, lock_pins
-from e2e_llm.render import APP_DIR
+from e2e_llm.render_common import APP_DIR
 from e2e_llm.validate import check_containerfile
 
 CONTAINERFILES = sorted(ROOT.glob("images/*/Containerfile*"))
@@ -55,6 +55,9 @@ TRAIN_RAY = lock_pins(ROOT / "images/train/requirements.lock")["ray"]
     (lambda t: t.replace("COPY images/train/requirements.lock", "COPY images/train/other.lock"),
      "COPY of images/train/requirements.lock missing"),
     (lambda t: t + "RUN apt-get install -y curl\n", "hadolint"),
+    # The pods' runAsNonRoot can only be checked against a numeric user.
+    (lambda t: t + "USER ray\n", "USER ray: the image must end with a numeric non-root USER"),
+    (lambda t: t + "USER 0\n", "USER 0: the image must end with a numeric non-root USER"),
 ])
 def test_broken_containerfile_is_rejected(tmp_path, edit, expected):
     broken = tmp_path / "Containerfile"

@@ -124,6 +124,24 @@ BROKEN = {
                               "spec.rayClusterSpec.rayVersion: authOptions.mode 'token' needs Ray >= 2.52.0"),
     "name too long": (_rayjob, ["metadata", "name"], "e2e-llm-" + "x" * 50,
                       "metadata.name: must be a DNS-1035 label of at most 47 characters"),
+    "pre-running deadline not positive": (_rayjob, ["spec", "preRunningDeadlineSeconds"], 0,
+                                          "spec.preRunningDeadlineSeconds: must be a positive integer"),
+    # 4c. the pods KubeRay creates, at the Pod Security level "restricted"
+    "default submitter pod": (_rayjob, ["spec", "submitterPodTemplate"], _DELETE,
+                              "submitter pod (KubeRay's default template: set spec.submitterPodTemplate): "
+                              "spec.imagePullSecrets: pulls its image without the head's ghcr-pull"),
+    "submitter without seccomp": (_rayjob, ["spec", "submitterPodTemplate", "spec", "securityContext"], _DELETE,
+                                  "submitter pod: spec.containers[ray-job-submitter].securityContext.seccompProfile"),
+    "privileged worker": (_rayjob, [*WORKER0, "template", "spec", "containers", 0, "securityContext", "privileged"],
+                          True, "spec.containers[ray-worker].securityContext.privileged: must be unset or false"),
+    "worker may escalate (init container too)": (
+        _rayjob, [*WORKER0, "template", "spec", "containers", 0, "securityContext", "allowPrivilegeEscalation"], True,
+        "spec.initContainers[wait-gcs-ready].securityContext.allowPrivilegeEscalation: must be false"),
+    "autoscaler without securityContext": (_rayservice, ["spec", "rayClusterConfig", "autoscalerOptions"], _DELETE,
+                                           "head pod: spec.containers[autoscaler].securityContext.capabilities.drop"),
+    "hostPath volume": (_rayjob, [*WORKER0, "template", "spec", "volumes", 0],
+                        {"name": "shared", "hostPath": {"path": "/data"}},
+                        "spec.volumes[shared].hostPath: not allowed (baseline)"),
     # 4. Serve config through Ray's schema + imports
     "import_path does not import": (_rayservice, ["spec", "serveConfigV2"], "IMPORT",
                                     "import_path 'e2e_llm.nope:build_app' does not import"),
@@ -268,3 +286,25 @@ def test_strict_schema_handles_the_kubernetes_extensions():
     assert any("'typo' was unexpected" in m for m in messages)
     assert any("is less than the minimum" in m for m in messages)
     assert any("1.5 is not valid under any of the given schemas" in m for m in messages)
+
+
+# -- Pod Security: the namespaces enforce "restricted", the ladder checks at their level ----
+
+
+def test_every_overlay_namespace_enforces_the_restricted_pod_security_standard():
+    from e2e_llm.validate_pod_security import namespace_levels
+
+    for env, docs in built().items():
+        assert namespace_levels(docs) == {f"e2e-llm-{env}": "restricted"}, env
+
+
+def test_pods_are_checked_at_the_level_their_namespace_enforces():
+    namespace = find(built()["dev"], "Namespace")
+    job = _set(_rayjob(), ["spec", "submitterPodTemplate", "spec", "securityContext"], {"runAsNonRoot": True})
+    restricted = validate_documents([namespace, job], crd_dir())
+    assert any("submitter pod: spec.containers[ray-job-submitter].securityContext.seccompProfile" in p
+               for p in restricted), restricted
+    namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] = "baseline"
+    assert validate_documents([namespace, job], crd_dir()) == []  # seccomp is a "restricted" rule only
+    hostpath = _set(job, [*WORKER0, "template", "spec", "volumes", 0], {"name": "shared", "hostPath": {"path": "/x"}})
+    assert any("hostPath: not allowed (baseline)" in p for p in validate_documents([namespace, hostpath], crd_dir()))

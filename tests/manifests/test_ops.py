@@ -53,6 +53,7 @@ def test_makefile_guards_stop_before_running_anything(args, message):
     (["batch", "TARGET=anyscale"], "anyscale job submit -f jobs/batch.yaml --name e2e-llm-batch-dev"),
     (["status", "TARGET=k8s"], "kubectl get rayjob,rayservice,raycluster -n e2e-llm-dev"),
     (["wait", "STAGE=serve", "TARGET=k8s", "DEPLOY_ENV=prod"], "e2e-llm wait-service --target k8s --env prod"),
+    (["wait", "STAGE=train", "TARGET=k8s", "DEPLOY_ENV=prod"], "e2e-llm wait-job --stage train --env prod"),
     (["canary-engine", "TARGET=anyscale", "DEPLOY_ENV=prod", "PROMETHEUS_URL=http://p:9090"],
      "canary --profile cluster --platform anyscale --env prod --rev HEAD~1 --prometheus-url http://p:9090"),
     (["down", "TARGET=k8s", "DEPLOY_ENV=prod"], "kubectl delete -k k8s/overlays/prod"),
@@ -215,7 +216,7 @@ def test_preflight_k8s_checks_needed_secrets_and_a_storage_class_for_the_shared_
 
     monkeypatch.setenv("E2E_LLM_ROOT", str(ROOT))
     monkeypatch.setattr(preflight, "_kubectl", cluster)
-    monkeypatch.setattr(preflight, "_tool", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(preflight, "find_tool", lambda name: f"/usr/bin/{name}")
     code = cli.main(["preflight", "--target", "k8s", "--env", "prod", "--stage", stage])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("preflight (k8s, prod): ")]
     assert code == (3 if lines else 0)

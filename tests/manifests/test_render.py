@@ -4,18 +4,20 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import yaml
 from conftest import ROOT
-from manifest_cache import cluster_config, deploy, rendered
+from manifest_cache import built, cluster_config, deploy, find, rendered
 
 from e2e_llm import cli
 from e2e_llm.config import ConfigError
 from e2e_llm.deploy import load_deploy
 from e2e_llm.pins import lock_pins
-from e2e_llm.render import HEADER, RENDERED_DIRS, check, write
+from e2e_llm.render import RENDERED_DIRS, check, write
+from e2e_llm.render_common import HEADER
 
 
 def _yaml(rel: str):
@@ -119,6 +121,48 @@ def test_secrets_are_referenced_by_name_only():
         assert "kind: Secret" not in text, rel
 
 
+def test_every_pod_runs_as_the_bundle_identity_and_the_submitter_pulls_like_the_head():
+    """Every pod template (Ray nodes and the RayJob submitter) runs under the bundle's service
+    account and pull secret with the restricted security context; the submitter (KubeRay's
+    default has none of these) uses the head's image."""
+    from e2e_llm.render_kuberay import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT
+
+    dep = deploy()
+    for rel in ("k8s/base/rayjob-train.yaml", "k8s/base/rayjob-batch.yaml", "k8s/base/rayservice-llm.yaml"):
+        doc = _yaml(rel)
+        spec = doc["spec"]
+        cluster = spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+        templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        if doc["kind"] == "RayJob":
+            assert spec["preRunningDeadlineSeconds"] == dep.jobs.start_timeout_s < spec["activeDeadlineSeconds"]
+            submitter = spec["submitterPodTemplate"]
+            assert submitter["spec"]["containers"][0]["image"] == \
+                cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+            assert submitter["spec"]["restartPolicy"] == "Never"
+            assert "command" not in submitter["spec"]["containers"][0]  # KubeRay writes `ray job submit`
+            templates.append(submitter)
+        for template in templates:
+            pod = template["spec"]
+            assert pod["serviceAccountName"] == dep.name, rel
+            assert pod["imagePullSecrets"] == [{"name": dep.secrets.registry.kubernetes}], rel
+            assert pod["securityContext"] == POD_SECURITY_CONTEXT, rel
+            assert [c["securityContext"] for c in pod["containers"]] == [CONTAINER_SECURITY_CONTEXT], rel
+    prod = find(built()["prod"], "RayService")["spec"]["rayClusterConfig"]
+    assert prod["autoscalerOptions"]["securityContext"] == CONTAINER_SECURITY_CONTEXT
+
+
+def test_the_pods_group_matches_the_images_user():
+    """fsGroup gives the images' user the shared volume: the group must be that user's (the
+    rayproject/ray base image's `ray`, uid 1000, group `users`)."""
+    from e2e_llm.render_kuberay import RAY_USER_GROUP
+
+    for path in sorted((ROOT / "images").glob("*/Containerfile*")):
+        users = re.findall(r"^USER (\S+)", path.read_text(), flags=re.M)
+        assert users[-1] == "1000", path
+        assert "FROM rayproject/ray:" in path.read_text(), path  # whose user 1000 is in group 100
+    assert RAY_USER_GROUP == 100
+
+
 def test_anyscale_service_uses_the_query_token_and_never_gets_the_app_key():
     # One bearer check per target: Anyscale's query token there (the app key is not in the
     # service's environment, so the app's check is off); the Secret-fed app key on KubeRay.
@@ -170,6 +214,7 @@ def _deploy_with(tmp_path, mutate):
     (lambda d: d["service"]["canary"].update(step_size_percent=50, max_surge_percent=20),
      r"service\.canary: .*step_size_percent \(50\) must be <= max_surge_percent \(20\)"),
     (lambda d: d["jobs"].update(submission_mode="K8sMode"), r"jobs\.submission_mode: Input should be"),
+    (lambda d: d["jobs"].update(start_timeout_s=86400), r"jobs: .*start_timeout_s \(86400\) must be less than"),
     (lambda d: d["compute"]["head"].update(memory="32 gigs"), r"compute\.head\.memory: .*quantity"),
     (lambda d: d["secrets"]["hf_token"].update(value="hf_abc"), r"secrets\.hf_token\.value: unknown key"),
 ])
@@ -194,7 +239,8 @@ def test_anyscale_service_without_query_token_is_rejected_while_auth_is_on(tmp_p
 
 
 def test_serves_high_throughput_mode_reaches_every_pod_of_the_serving_cluster_only():
-    from e2e_llm.render import anyscale_job, anyscale_service, rayjob, rayservice
+    from e2e_llm.render import anyscale_job, anyscale_service
+    from e2e_llm.render_kuberay import rayjob, rayservice
     from e2e_llm.serve import HIGH_THROUGHPUT_ENV
 
     config, dep = cluster_config().model_copy(deep=True), deploy()

@@ -198,7 +198,8 @@ def applies(kube: FakeKube) -> list[list[str]]:
 
 def test_kuberay_canary_applies_once_and_rolls_back_to_the_previous_revision(tmp_path, policy):
     kube = FakeKube()
-    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, env="prod", rev="HEAD", root=ROOT, run=kube.run)
+    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, env="prod", rev="HEAD", root=ROOT, run=kube.run,
+                               kubectl="kubectl")
     clock = Clock()
     traffic = Traffic(platform, clock, canary_errors=0.5)
     outcome = controller(tmp_path, policy, platform, traffic, clock).run(CANARY)
@@ -232,7 +233,7 @@ def test_kuberay_healthy_upgrade_is_left_to_the_operator(tmp_path, policy):
         clock.sleep(s)
         kube.percent = min(100, kube.percent + 40)
 
-    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, run=kube.run,
+    platform = KubeRayPlatform(name="e2e-llm", namespace=SERVICE, run=kube.run, kubectl="kubectl",
                                wait=lambda check: wait_until(check, timeout_s=600, poll_s=60, clock=clock.now,
                                                              sleep=operator_timer, out=lambda s: None))
     policy = policy.model_copy(update={"steps": platform_steps(policy.steps, "k8s")})
@@ -302,7 +303,8 @@ def test_engine_controller_from_the_cluster_profile(tmp_path, project_root):
     config.storage.adapters = str(tmp_path / "store")
     kube = FakeKube()
     ctl = open_engine_controller(config, platform="k8s", env="prod",
-                                 platform_impl=KubeRayPlatform(name="e2e-llm", namespace=SERVICE, run=kube.run))
+                                 platform_impl=KubeRayPlatform(name="e2e-llm", namespace=SERVICE, run=kube.run,
+                                                                kubectl="kubectl"))
     assert ctl.policy.alias == "e2e-llm-prod-k8s"
     assert ctl.log.uri.endswith("rollouts-e2e-llm-prod-k8s.jsonl")
     assert ctl.prober is None

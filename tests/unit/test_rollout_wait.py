@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from e2e_llm.rollout_wait import RolloutStuck, anyscale_rollout, rayservice_upgrade, wait_until
+from e2e_llm.rollout_wait import RolloutStuck, anyscale_rollout, rayjob_run, rayservice_upgrade, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDED = list(yaml.safe_load_all((Path(__file__).parent / "recorded/rayservice-upgrade.yaml").read_text()))
@@ -86,6 +87,77 @@ def test_a_stuck_upgrade_times_out_with_the_last_status():
         _wait([APPLIED, AT_10, AT_50], timeout_s=600)
     assert str(info.value).startswith("rollout not finished after 600s:")
     assert "pending cluster e2e-llm-bbbbb at 50% traffic" in str(info.value)
+
+
+# -- RayJob ---------------------------------------------------------------------------------
+
+
+def _rayjob(deployment, job=None, **status):
+    return {"metadata": {"name": "e2e-llm-train"},
+            "status": {"jobDeploymentStatus": deployment, **({"jobStatus": job} if job else {}), **status}}
+
+
+PRE_RUNNING_FAILED = _rayjob("Failed", reason="PreRunningDeadlineExceeded",
+                             message="The RayJob has passed the preRunningDeadlineSeconds.")
+
+
+@pytest.mark.parametrize("rayjob, done, failed, detail", [
+    ({"metadata": {"name": "e2e-llm-train"}}, False, False, "RayJob e2e-llm-train: New, job -"),
+    (_rayjob("Initializing"), False, False, "RayJob e2e-llm-train: Initializing, job -"),
+    (_rayjob("Running", "RUNNING"), False, False, "Running, job RUNNING"),
+    (_rayjob("Retrying", "FAILED", failed=1), False, False, "Retrying, job FAILED, 1 failed attempt(s)"),
+    (_rayjob("Complete", "SUCCEEDED"), True, False, "Complete, job SUCCEEDED"),
+    (PRE_RUNNING_FAILED, False, True,
+     "Failed, job - (PreRunningDeadlineExceeded: The RayJob has passed the preRunningDeadlineSeconds.)"),
+    (_rayjob("Failed", "FAILED", reason="AppFailed", failed=3), False, True,
+     "Failed, job FAILED, 3 failed attempt(s) (AppFailed)"),
+    (_rayjob("ValidationFailed"), False, True, "ValidationFailed, job - (no reason given)"),
+])
+def test_rayjob_state(rayjob, done, failed, detail):
+    check = rayjob_run(rayjob)
+    assert (check.done, check.failed) == (done, failed)
+    assert detail in check.detail
+
+
+def test_wait_job_fails_at_once_with_kuberays_reason(monkeypatch, capsys):
+    """`make wait STAGE=train TARGET=k8s`: a RayJob whose pods could not start fails at its
+    preRunningDeadlineSeconds, and the wait ends there (kubectl wait on jobStatus sat out the timeout)."""
+    from e2e_llm import cli, kuberay
+
+    states = iter([_rayjob("Initializing"), PRE_RUNNING_FAILED, _rayjob("Complete", "SUCCEEDED")])
+    commands = []
+
+    def fake_run(cmd):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(next(states)), "")
+    monkeypatch.setattr(kuberay, "run_command", fake_run)
+    code = cli.main(["wait-job", "--stage", "train", "--env", "prod", "--poll", "0", "--timeout", "60"])
+    captured = capsys.readouterr()
+    assert code == 3
+    assert "error: job failed: RayJob e2e-llm-train: Failed, job - (PreRunningDeadlineExceeded" in captured.err
+    assert len(commands) == 2 and commands[0][1:] == ["get", "rayjob", "e2e-llm-train", "-n", "e2e-llm-prod",
+                                                      "-o", "json"]
+    assert Path(commands[0][0]).parent == Path(sys.executable).parent  # the pinned kubectl, not PATH's
+
+
+def test_wait_job_returns_when_the_job_succeeded(monkeypatch, capsys):
+    from e2e_llm import cli, kuberay
+
+    states = iter([_rayjob("Running", "RUNNING"), _rayjob("Complete", "SUCCEEDED")])
+    monkeypatch.setattr(kuberay, "run_command",
+                        lambda cmd: subprocess.CompletedProcess(cmd, 0, json.dumps(next(states)), ""))
+    assert cli.main(["wait-job", "--stage", "batch", "--poll", "0"]) == 0
+    assert "Complete, job SUCCEEDED" in capsys.readouterr().out
+
+
+def test_kuberay_platform_runs_the_pinned_kubectl():
+    """The engine canary and wait-service run the kubectl of this environment (as the Makefile
+    and preflight do), not whichever one PATH holds, or none."""
+    from e2e_llm.engine_canary import KubeRayPlatform
+
+    platform = KubeRayPlatform(name="e2e-llm", namespace="e2e-llm-prod")
+    assert platform.kubectl == str(Path(sys.executable).parent / "kubectl")
+    assert KubeRayPlatform(name="x", namespace="y", kubectl="/opt/k").kubectl == "/opt/k"
 
 
 # -- Anyscale -------------------------------------------------------------------------------
@@ -209,6 +281,7 @@ def _kuberay(kube):
     def factory(clock):
         kube.clock = clock
         return KubeRayPlatform(name="e2e-llm", namespace="e2e-llm-prod", rev="HEAD", run=kube.run, image=NEW,
+                               kubectl="kubectl",
                                wait=lambda check: wait_until(check, timeout_s=900, poll_s=60, clock=clock.now,
                                                              sleep=clock.sleep, out=print))
     return factory

