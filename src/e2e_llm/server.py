@@ -17,8 +17,9 @@
   The first chunks (role, first token) go out at once; grouping starts after them, and with
   ``stream_batching_messages_per_s`` set the interval grows with the replica's open streams (up to
   ``stream_batching_max_interval_ms``), so the per-message cost of the hops stays bounded.
-- Adapters are downloaded into one folder per adapter store (``lora_cache_dir``), not Ray's one
-  folder per machine, where two apps whose stores both hold a ``viggo-v1`` overwrite each other.
+- Adapters are downloaded into one folder per adapter store (``lora_cache_dir``, in the user's own
+  temp folder), not Ray's one folder per machine, where two apps whose stores both hold a
+  ``viggo-v1`` overwrite each other.
 - Where ``serve.isolate_engine_cpus`` moved Ray's processes off the engine's CPUs
   (``e2e_llm.cpu_pinning``), a replica puts itself back on them before vLLM starts.
 - Once up, the replica freezes its startup heap out of the garbage collector, as vLLM's own server
@@ -36,8 +37,10 @@ hook, which that override calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 
 from ray import serve
@@ -67,11 +70,27 @@ def store_problem(adapter_uri: str) -> str | None:
 
 def lora_cache_dir(store_uri: str, endpoint: str | None) -> str:
     """Where replicas reading the adapter store ``store_uri`` (at S3 ``endpoint``) keep downloaded
-    adapters: one folder per store. Versions are immutable within a store (claimed once, see
-    e2e_llm.publish), so replicas of one store may share a folder; another store's version of the
-    same name (a second pipeline or test app on this machine) must not land in it."""
+    adapters: one folder per store, in this user's own temp folder (:func:`own_temp_dir`).
+    Versions are immutable within a store (claimed once, see e2e_llm.publish), so replicas of one
+    store may share a folder; another store's version of the same name (a second pipeline or test
+    app on this machine) must not land in it."""
     key = hashlib.sha256(f"{endpoint or ''}|{store_uri.rstrip('/')}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "e2e-llm", "lora-cache", key)
+    return os.path.join(own_temp_dir("e2e-llm"), "lora-cache", key)
+
+
+def own_temp_dir(name: str) -> str:
+    """``<temp dir>/<name>-<uid>``, this user's alone (mode 0700), made if missing. On a machine
+    several people use, a shared ``/tmp/<name>`` belongs to whoever made it first: the others
+    could not write there, and files in it that someone else can write would be loaded as
+    adapter weights. A folder of that name that another user owns or may write is refused."""
+    path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise PermissionError(f"{path} is not this user's own folder (owner uid {info.st_uid}, mode "
+                              f"{stat.filemode(info.st_mode)}): remove it, or point TMPDIR elsewhere")
+    return path
 
 
 class E2ELLMServer(PatchedLLMServer):
