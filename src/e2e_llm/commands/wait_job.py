@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-EXIT_STUCK = 3
+from e2e_llm.commands.wait_service import add_wait_arguments, wait_exit_code
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=("train", "batch"), required=True)
-    parser.add_argument("--env", choices=("dev", "prod"), default="dev")
-    parser.add_argument("--timeout", type=float, default=7200.0, help="seconds before giving up (default 7200)")
-    parser.add_argument("--poll", type=float, default=15.0, help="seconds between status reads")
+    add_wait_arguments(parser, 7200.0)
 
 
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.deploy import load_deploy
     from e2e_llm.env_tools import require_tool
     from e2e_llm.kuberay import run_command
-    from e2e_llm.rollout_wait import RolloutStuck, rayjob_run, wait_until
+    from e2e_llm.rollout_wait import rayjob_run
 
     deploy = load_deploy()
     cmd = [require_tool("kubectl"), "get", "rayjob", f"{deploy.name}-{args.stage}", "-n",
@@ -37,9 +34,4 @@ def run(args: argparse.Namespace) -> int:
 
     def check():
         return rayjob_run(json.loads(run_command(cmd).stdout))
-    try:
-        wait_until(check, timeout_s=args.timeout, poll_s=args.poll, what="job")
-    except RolloutStuck as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STUCK
-    return 0
+    return wait_exit_code(check, args, what="job")

@@ -16,17 +16,35 @@ import sys
 EXIT_STUCK = 3
 
 
+def add_wait_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> None:
+    """--env, --timeout, --poll: shared with ``e2e-llm wait-job``."""
+    parser.add_argument("--env", choices=("dev", "prod"), default="dev")
+    parser.add_argument("--timeout", type=float, default=timeout_s,
+                        help=f"seconds before giving up (default {timeout_s:.0f})")
+    parser.add_argument("--poll", type=float, default=15.0, help="seconds between status reads")
+
+
+def wait_exit_code(check, args: argparse.Namespace, what: str = "rollout") -> int:
+    """0 once ``check`` says done; EXIT_STUCK with the reason on stderr when it failed or timed out."""
+    from e2e_llm.rollout_wait import RolloutStuck, wait_until
+
+    try:
+        wait_until(check, timeout_s=args.timeout, poll_s=args.poll, what=what)
+    except RolloutStuck as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STUCK
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=("anyscale", "k8s"), required=True)
-    parser.add_argument("--env", choices=("dev", "prod"), default="dev")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up (default 1800)")
-    parser.add_argument("--poll", type=float, default=15.0, help="seconds between status reads")
+    add_wait_arguments(parser, 1800.0)
 
 
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.deploy import load_deploy
     from e2e_llm.engine_canary import KubeRayPlatform
-    from e2e_llm.rollout_wait import RolloutStuck, anyscale_rollout, wait_until
+    from e2e_llm.rollout_wait import anyscale_rollout
 
     deploy = load_deploy()
     name = f"{deploy.name}-{args.env}"
@@ -38,9 +56,4 @@ def run(args: argparse.Namespace) -> int:
 
         def check():
             return anyscale_rollout(anyscale.service.status(name=name))
-    try:
-        wait_until(check, timeout_s=args.timeout, poll_s=args.poll)
-    except RolloutStuck as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STUCK
-    return 0
+    return wait_exit_code(check, args)
