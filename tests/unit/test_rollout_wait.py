@@ -150,6 +150,28 @@ def test_wait_job_returns_when_the_job_succeeded(monkeypatch, capsys):
     assert "Complete, job SUCCEEDED" in capsys.readouterr().out
 
 
+def test_wait_job_retries_a_failed_kubectl_call_and_stops_when_the_job_is_gone(monkeypatch, capsys):
+    """kubectl failing is a status line: the API server busy for a moment is asked again, the
+    RayJob gone (NotFound) ends the wait with exit 3; no traceback either way."""
+    from e2e_llm import cli, kuberay
+
+    def failing(stderr):
+        def run(cmd):
+            raise subprocess.CalledProcessError(1, cmd, "", stderr)
+        return run
+    answers = iter([failing("Unable to connect to the server: net/http: TLS handshake timeout"),
+                    lambda cmd: subprocess.CompletedProcess(cmd, 0, json.dumps(_rayjob("Complete", "SUCCEEDED")), "")])
+    monkeypatch.setattr(kuberay, "run_command", lambda cmd: next(answers)(cmd))
+    assert cli.main(["wait-job", "--stage", "train", "--poll", "0"]) == 0
+    assert "kubectl get rayjob e2e-llm-train: Unable to connect to the server" in capsys.readouterr().out
+
+    monkeypatch.setattr(kuberay, "run_command", failing(
+        'Error from server (NotFound): rayjobs.ray.io "e2e-llm-train" not found'))
+    assert cli.main(["wait-job", "--stage", "train", "--poll", "0"]) == 3
+    assert ("error: job failed: kubectl get rayjob e2e-llm-train: Error from server (NotFound)"
+            in capsys.readouterr().err)
+
+
 def test_kuberay_platform_runs_the_pinned_kubectl():
     """The engine canary and wait-service run the kubectl of this environment (as the Makefile
     and preflight do), not whichever one PATH holds, or none."""

@@ -11,6 +11,7 @@ Usage: e2e-llm wait-service --target anyscale|k8s [--env dev|prod] [--timeout 18
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 EXIT_STUCK = 3
@@ -25,11 +26,20 @@ def add_wait_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> Non
 
 
 def wait_exit_code(check, args: argparse.Namespace, what: str = "rollout") -> int:
-    """0 once ``check`` says done; EXIT_STUCK with the reason on stderr when it failed or timed out."""
-    from e2e_llm.rollout_wait import RolloutStuck, wait_until
+    """0 once ``check`` says done; EXIT_STUCK with the reason on stderr when it failed or timed out.
+    A kubectl call that fails is a status line, not a traceback: the object gone (NotFound) ends
+    the wait, anything else (the API server busy for a moment) is tried again at the next poll."""
+    from e2e_llm.rollout_wait import Check, RolloutStuck, wait_until
 
+    def guarded() -> Check:
+        try:
+            return check()
+        except subprocess.CalledProcessError as exc:
+            lines = (exc.stderr or "").strip().splitlines() or [f"exit status {exc.returncode}"]
+            command = " ".join(str(part) for part in exc.cmd[1:4])
+            return Check(False, f"kubectl {command}: {lines[-1]}", failed="(NotFound)" in lines[-1])
     try:
-        wait_until(check, timeout_s=args.timeout, poll_s=args.poll, what=what)
+        wait_until(guarded, timeout_s=args.timeout, poll_s=args.poll, what=what)
     except RolloutStuck as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STUCK
