@@ -51,19 +51,28 @@ def strict_schema(node: Any) -> Any:
 @functools.cache
 def crd_schema(crd_dir: Path, kind: str, version: str = "v1") -> dict[str, Any]:
     crd = yaml.safe_load((crd_dir / CRD_FILES[kind]).read_text(encoding="utf-8"))
-    for v in crd["spec"]["versions"]:
-        if v["name"] == version:
-            return v["schema"]["openAPIV3Schema"]
-    raise KeyError(f"{kind} {version} not in {crd_dir / CRD_FILES[kind]}")
+    schema = version_schema(crd, version)
+    if schema is None:
+        raise KeyError(f"{kind} {version} not in {crd_dir / CRD_FILES[kind]}")
+    return schema
+
+
+def version_schema(crd: dict[str, Any], version: str) -> dict[str, Any] | None:
+    """The ``openAPIV3Schema`` of ``version`` in a CRD object (a file's, or a cluster's)."""
+    return next((v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version), None)
 
 
 def check_crd_schema(doc: dict[str, Any], crd_dir: Path) -> list[str]:
-    from jsonschema import Draft7Validator
-
     api, kind = doc.get("apiVersion", ""), doc.get("kind", "")
     if kind not in CRD_FILES or not api.startswith("ray.io/"):
         return [f"{_name(doc)}: not a KubeRay kind (apiVersion {api!r})"]
-    schema = crd_schema(crd_dir, kind, api.split("/", 1)[1])
+    return schema_problems(doc, crd_schema(crd_dir, kind, api.split("/", 1)[1]))
+
+
+def schema_problems(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """``doc`` against a CRD version's ``openAPIV3Schema``, unknown fields rejected."""
+    from jsonschema import Draft7Validator
+
     validator = Draft7Validator(strict_schema(schema))
     problems = []
     for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):

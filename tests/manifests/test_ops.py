@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, SHARED
 
 from e2e_llm import cli
 from e2e_llm.deploy import load_deploy
+from e2e_llm.validate_common import CRD_FILES, KUBERAY_CRDS
 
 BIN = Path(sys.executable).parent
 
@@ -171,10 +172,12 @@ def test_preflight_k8s_with_an_unreachable_cluster_fails_clearly(tmp_path, monke
 
 
 class FakeCluster:
-    """Answers preflight's kubectl calls: CRDs present, the given Secrets, StorageClasses, PVC."""
+    """Answers preflight's kubectl calls: CRDs present (KubeRay's v1.7 ones, or with the fields
+    ``old_operator`` names left out), the given Secrets, StorageClasses, PVC."""
 
-    def __init__(self, secrets=(), classes=(), pvc_phase=None):
+    def __init__(self, secrets=(), classes=(), pvc_phase=None, old_operator=None):
         self.secrets, self.classes, self.pvc_phase = set(secrets), list(classes), pvc_phase
+        self.old_operator = old_operator or {}
 
     def __call__(self, kubectl, *args):
         ok = lambda out="": subprocess.CompletedProcess(args, 0, out, "")  # noqa: E731
@@ -182,7 +185,13 @@ class FakeCluster:
         if args[:2] == ("config", "current-context"):
             return ok("prod-cluster\n")
         if args[:2] == ("get", "crd"):
-            return ok()
+            kind = {"rayjobs.ray.io": "RayJob", "rayservices.ray.io": "RayService"}.get(args[2])
+            if kind is None:
+                return ok(json.dumps({"metadata": {"name": args[2]}}))
+            crd = yaml.safe_load((SHARED / KUBERAY_CRDS / CRD_FILES[kind]).read_text())
+            for field in self.old_operator.get(kind, ()):  # a KubeRay from before that field
+                del crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][field]
+            return ok(json.dumps(crd))
         if args[:2] == ("get", "secret"):
             return ok() if args[2] in self.secrets else missing
         if args[:2] == ("get", "pvc"):
@@ -209,6 +218,14 @@ def _class(name, provisioner, default=False):
     (FakeCluster({"ghcr-pull"}, [_class("efs", "efs.csi.aws.com")]), "train",
      ["no default StorageClass and storage.volume.storage_class is null"]),
     (FakeCluster({"ghcr-pull"}, [_class("gp3", "ebs.csi.aws.com", default=True)], pvc_phase="Bound"), "train", []),
+    # A KubeRay operator older than v1.7: its CRDs lack fields the manifests set.
+    (FakeCluster({"ghcr-pull"}, [_class("efs", "efs.csi.aws.com", default=True)],
+                 old_operator={"RayJob": ["preRunningDeadlineSeconds"]}), "train",
+     ["RayJob/e2e-llm-train: spec.preRunningDeadlineSeconds: unknown field, in the cluster's rayjobs.ray.io CRD: "
+      "its KubeRay is older than the v1.7"]),
+    (FakeCluster({"ghcr-pull", "e2e-llm-api-key"}, [_class("efs", "efs.csi.aws.com", default=True)],
+                 old_operator={"RayJob": ["preRunningDeadlineSeconds"], "RayService": ["upgradeStrategy"]}),
+     "service", ["RayService/e2e-llm: spec.upgradeStrategy: unknown field, in the cluster's rayservices.ray.io CRD"]),
 ])
 def test_preflight_k8s_checks_needed_secrets_and_a_storage_class_for_the_shared_volume(
         monkeypatch, capsys, cluster, stage, lines):

@@ -2,7 +2,9 @@
 """Check, before a deploy command runs, that the target can be reached: for Anyscale, the CLI
 and its credentials (ANYSCALE_CLI_TOKEN or ~/.anyscale/credentials.json) and, for the service,
 the API key variable; for KubeRay, kubectl, a current context, a reachable API server, the
-KubeRay CRDs (and for prod the Gateway API and Prometheus Operator CRDs the prod overlay uses),
+KubeRay CRDs, new enough for the manifests (the stage's RayJob/RayService as the overlay builds
+them, against the cluster's own CRD schema), for prod the Gateway API and Prometheus Operator CRDs
+the prod overlay uses,
 the Secrets the manifests need (configs/deploy.yaml secrets: the API key for the service, the
 registry pull secret; optional ones are not required), and a StorageClass that can provide the
 shared volume's access mode (unless its PVC is already Bound).
@@ -24,7 +26,8 @@ from e2e_llm.env_tools import find_tool
 
 ANYSCALE_TOKEN_ENV = "ANYSCALE_CLI_TOKEN"
 ANYSCALE_CREDENTIALS = Path("~/.anyscale/credentials.json")
-KUBERAY_CRDS = ("rayjobs.ray.io", "rayservices.ray.io")
+KUBERAY_CRD_OF = {"RayJob": "rayjobs.ray.io", "RayService": "rayservices.ray.io"}
+KUBERAY_CRDS = tuple(KUBERAY_CRD_OF.values())
 # What the prod overlay's components need on the cluster.
 PROD_CRDS = {
     "gateways.gateway.networking.k8s.io": "Gateway API (the canary component's incremental upgrades)",
@@ -126,6 +129,32 @@ def storage_problems(kubectl: str, namespace: str, volume) -> list[str]:
     return []
 
 
+def crd_version_problems(deploy, env: str, stage: str, installed: dict[str, dict]) -> list[str]:
+    """The stage's RayJob/RayService, as the overlay builds them, against the cluster's own KubeRay
+    CRDs: an operator older than the v1.7 they are written for lacks fields they set (an apply
+    refuses them, or drops them unseen where validation is off: preRunningDeadlineSeconds, say)."""
+    from e2e_llm.validate_lint import kustomize_build
+    from e2e_llm.validate_schema import schema_problems, version_schema
+
+    try:
+        docs = kustomize_build(deploy.root / "k8s" / "overlays" / env)
+    except (ValueError, FileNotFoundError) as exc:
+        return [str(exc)]
+    wanted = {"train": {f"{deploy.name}-train"}, "batch": {f"{deploy.name}-batch"}, "service": {deploy.name}}
+    names = wanted.get(stage, set().union(*wanted.values()))
+    problems = []
+    for doc in docs:
+        crd = installed.get(KUBERAY_CRD_OF.get(doc.get("kind", ""), ""))
+        if crd is None or doc["metadata"]["name"] not in names:
+            continue
+        version = doc["apiVersion"].split("/", 1)[1]
+        schema = version_schema(crd, version)
+        found = schema_problems(doc, schema) if schema else [f"{doc['kind']}: no {doc['apiVersion']} version"]
+        problems += [f"{p}, in the cluster's {crd['metadata']['name']} CRD: its KubeRay is older than the "
+                     "v1.7 these manifests are written for (upgrade the operator and its CRDs)" for p in found]
+    return problems
+
+
 def k8s_problems(env: str, stage: str) -> list[str]:
     kubectl = find_tool("kubectl")
     if not kubectl:
@@ -138,9 +167,11 @@ def k8s_problems(env: str, stage: str) -> list[str]:
     if env == "prod" and stage in ("service", "any"):
         needed.update(PROD_CRDS)
     problems = []
+    installed: dict[str, dict] = {}
     for crd, what in needed.items():
-        result = _kubectl(kubectl, "get", "crd", crd, "--request-timeout=15s", "-o", "name")
+        result = _kubectl(kubectl, "get", "crd", crd, "--request-timeout=15s", "-o", "json")
         if result.returncode == 0:
+            installed[crd] = json.loads(result.stdout)
             continue
         err = result.stderr.strip()
         if "NotFound" in err or "not found" in err:
@@ -151,6 +182,7 @@ def k8s_problems(env: str, stage: str) -> list[str]:
 
     deploy = load_deploy()
     namespace = f"{deploy.name}-{env}"
+    problems += crd_version_problems(deploy, env, stage, installed)
     problems += secret_problems(kubectl, namespace, needed_secrets(deploy, stage))
     problems += storage_problems(kubectl, namespace, deploy.storage.volume)
     return problems
