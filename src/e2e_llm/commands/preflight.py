@@ -133,6 +133,7 @@ def crd_version_problems(deploy, env: str, stage: str, installed: dict[str, dict
     """The stage's RayJob/RayService, as the overlay builds them, against the cluster's own KubeRay
     CRDs: an operator older than the v1.7 they are written for lacks fields they set (an apply
     refuses them, or drops them unseen where validation is off: preRunningDeadlineSeconds, say)."""
+    from e2e_llm.render_common import COMPONENT_LABEL
     from e2e_llm.validate_lint import kustomize_build
     from e2e_llm.validate_schema import schema_problems, version_schema
 
@@ -140,12 +141,11 @@ def crd_version_problems(deploy, env: str, stage: str, installed: dict[str, dict
         docs = kustomize_build(deploy.root / "k8s" / "overlays" / env)
     except (ValueError, FileNotFoundError) as exc:
         return [str(exc)]
-    wanted = {"train": {f"{deploy.name}-train"}, "batch": {f"{deploy.name}-batch"}, "service": {deploy.name}}
-    names = wanted.get(stage, set().union(*wanted.values()))
+    component = {"service": "serve", "any": None}.get(stage, stage)  # what `make <stage>` applies
     problems = []
     for doc in docs:
         crd = installed.get(KUBERAY_CRD_OF.get(doc.get("kind", ""), ""))
-        if crd is None or doc["metadata"]["name"] not in names:
+        if crd is None or component not in (None, doc["metadata"]["labels"].get(COMPONENT_LABEL)):
             continue
         version = doc["apiVersion"].split("/", 1)[1]
         schema = version_schema(crd, version)
