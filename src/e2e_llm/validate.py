@@ -46,7 +46,7 @@ from e2e_llm.validate_lint import (
     lint_yaml,
 )
 from e2e_llm.validate_operator import check_operator_rules
-from e2e_llm.validate_pod_security import LEVELS, check_kuberay_pods, namespace_levels
+from e2e_llm.validate_pod_security import check_kuberay_pods, enforced_level
 from e2e_llm.validate_schema import (
     check_cel,
     check_core_objects,
@@ -105,11 +105,8 @@ def validate_documents(docs: list[dict[str, Any]], crd_dir: Path, where: str = "
                        context: CrossContext | None = None) -> list[str]:
     """Steps 3-5 and 7 for built (kustomized) documents, and the cross-object checks when a
     ``context`` (from configs/deploy.yaml) is given."""
-    problems = check_kinds_covered(docs)
-    # The pods must pass what their namespace enforces; without one (the base alone), the
-    # standard the bundle is built to ("restricted", e2e_llm.render_kuberay).
-    levels = set(namespace_levels(docs).values())
-    level = max(levels, key=LEVELS.index) if levels else "restricted"
+    level, problems = enforced_level(docs)  # the pods must pass what their namespace enforces
+    problems += check_kinds_covered(docs)
     for doc in docs:
         problems += check_extra_kinds(doc)
         if doc.get("kind") in ("RayJob", "RayService"):

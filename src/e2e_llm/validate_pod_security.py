@@ -113,6 +113,20 @@ def namespace_levels(docs: list[dict[str, Any]]) -> dict[str, str]:
             for d in docs if d.get("kind") == "Namespace"}
 
 
+def enforced_level(docs: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The level a build's pods must meet: the strictest its namespaces enforce; without a
+    namespace (the base alone), the one the bundle is built to ("restricted",
+    e2e_llm.render_kuberay). A level the admission controller does not know is a problem naming
+    the namespace, and the pods are held to "restricted" meanwhile."""
+    levels = namespace_levels(docs)
+    problems = [f"Namespace/{name}: metadata.labels.{ENFORCE_LABEL}: {level!r} is not one of {', '.join(LEVELS)}"
+                for name, level in sorted(levels.items()) if level not in LEVELS]
+    known = [level for level in levels.values() if level in LEVELS]
+    if problems or not known:
+        return "restricted", problems
+    return max(known, key=LEVELS.index), []
+
+
 # ---------------------------------------------------------------------------------------
 # Pod Security Standards
 

@@ -308,3 +308,14 @@ def test_pods_are_checked_at_the_level_their_namespace_enforces():
     assert validate_documents([namespace, job], crd_dir()) == []  # seccomp is a "restricted" rule only
     hostpath = _set(job, [*WORKER0, "template", "spec", "volumes", 0], {"name": "shared", "hostPath": {"path": "/x"}})
     assert any("hostPath: not allowed (baseline)" in p for p in validate_documents([namespace, hostpath], crd_dir()))
+
+
+def test_an_unknown_pod_security_level_is_named_and_the_pods_held_to_restricted():
+    namespace = find(built()["dev"], "Namespace")
+    namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] = "restrcted"
+    job = _set(_rayjob(), ["spec", "submitterPodTemplate", "spec", "securityContext"], {"runAsNonRoot": True})
+    problems = validate_documents([namespace, job], crd_dir())
+    assert ("Namespace/e2e-llm-dev: metadata.labels.pod-security.kubernetes.io/enforce: 'restrcted' is not one of "
+            "privileged, baseline, restricted") in problems
+    assert any("submitter pod: spec.containers[ray-job-submitter].securityContext.seccompProfile" in p
+               for p in problems), problems
