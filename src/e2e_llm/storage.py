@@ -127,6 +127,20 @@ def list_dir(uri: str, **kw: Any) -> list[str]:
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
+def tree_version(uri: str, **kw: Any) -> str:
+    """A digest of the files under ``uri`` (relative path, size and modification time of each):
+    it changes when any file is written again, without reading their content."""
+    import hashlib
+    import json
+
+    from pyarrow.fs import FileSelector
+
+    fs, path = filesystem(uri, **kw)
+    infos = fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True))
+    files = sorted((posixpath.relpath(i.path, path), i.size, i.mtime_ns) for i in infos if i.is_file)
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
 def upload_dir(local_dir: str | Path, uri: str, **kw: Any) -> str:
     """Copy a local directory tree to ``uri`` (any supported scheme)."""
     from pyarrow import fs as pafs

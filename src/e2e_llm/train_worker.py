@@ -3,6 +3,13 @@
 resume from Ray Train's checkpoint, run LLaMA-Factory with the callbacks our layer adds, report
 every saved checkpoint to Ray Train, and publish the adapter from rank 0. Each worker appends what
 happened to ``events.jsonl`` in the run's work dir (the manifest counts attempts from it).
+
+Several workers can share one machine's work dir (a node with several GPUs, the local profile's
+two CPU workers), and a restarted worker group finds what its last attempt left there. So what a
+worker reads from the work dir is made once per machine and never trusted half-made
+(:func:`fill_once`), and the only checkpoint a run resumes from is the one Ray Train registered:
+an HF checkpoint folder left in the output dir may be cut off mid-save, and on every node but
+rank 0's it holds only that rank's RNG state.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +27,12 @@ from e2e_llm import storage
 from e2e_llm.adapters import missing_adapter_files
 
 EVENTS_FILE = "events.jsonl"
+# Folders of the work dir that fill_once makes: the dataset (remote storage) and the checkpoint
+# the run resumes from.
+DATASET_DIR = "dataset"
+RESUME_DIR = "resume"
+# How long a worker waits for another worker of its machine to download the dataset or the checkpoint.
+FILL_TIMEOUT_S = 3600.0
 
 
 def setup_process() -> None:
@@ -52,6 +67,74 @@ def read_events(work_dir: Path) -> list[dict[str, Any]] | None:
         except ValueError:
             continue
     return events
+
+
+def fill_once(folder: Path, name: str, fill: Callable[[Path], None], timeout_s: float = FILL_TIMEOUT_S) -> Path:
+    """``folder/name``, made by ``fill`` once however many processes of this machine ask at once:
+    under an exclusive lock one process fills a temporary folder and renames it into place; the
+    others wait for the lock and find it there. Only a finished fill is renamed in, so a folder
+    found there is complete; what else is in ``folder`` (other names, a fill cut off by a crash)
+    is removed by the next fill."""
+    from e2e_llm.cas import locked
+
+    target = folder / name
+    if target.is_dir():
+        return target
+    with locked(folder, timeout_s=timeout_s):
+        if target.is_dir():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():
+            remove(old)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
+        try:
+            fill(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def local_dataset(dataset_uri: str, work_dir: Path, fs_kw: dict[str, Any]) -> Path:
+    """The dataset as a local folder: object storage is downloaded once per machine (each version
+    of it, :func:`e2e_llm.storage.tree_version`); a local path is read where it is."""
+    if not storage.is_remote(dataset_uri):
+        return Path(dataset_uri)
+    version = storage.tree_version(dataset_uri, **fs_kw)
+    return fill_once(work_dir / DATASET_DIR, version, lambda tmp: storage.download_dir(dataset_uri, tmp, **fs_kw))
+
+
+def restore_checkpoint(checkpoint: Any, work_dir: Path) -> tuple[Path, int]:
+    """Ray Train's ``checkpoint`` as a local folder the HF Trainer resumes from (once per machine,
+    named after Ray's checkpoint), and its step."""
+
+    def copy(tmp: Path) -> None:
+        with checkpoint.as_directory() as ckpt:
+            shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
+
+    local = fill_once(work_dir / RESUME_DIR, Path(checkpoint.path).name, copy)
+    return local, int(json.loads((local / "trainer_state.json").read_text())["global_step"])
+
+
+def clear_earlier_attempts(output: Path, resuming: bool) -> None:
+    """What an earlier attempt left in the HF output dir that could be taken for this attempt's:
+    every ``checkpoint-*`` folder (else LLaMA-Factory resumes on its own from the newest, which Ray
+    Train may never have registered), and, for a run starting from step 0, everything (a final
+    adapter there makes LLaMA-Factory refuse the folder). Safe while other workers of this machine
+    run: none of this attempt writes there before every worker has passed this point (the
+    first save needs a training step from each)."""
+    if not output.is_dir():
+        return
+    for entry in output.iterdir():
+        if not resuming or entry.name.startswith("checkpoint-"):
+            remove(entry)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def training_callbacks() -> list:
@@ -114,25 +197,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     args = dict(cfg["args"])
     fs_kw = cfg["fs_kw"]
 
-    # Dataset: workers read a local copy (object storage is downloaded per node).
-    dataset_uri = cfg["dataset_uri"]
-    if storage.is_remote(dataset_uri):
-        local_data = work_dir / "data"
-        storage.download_dir(dataset_uri, local_data, **fs_kw)
-        args["dataset_dir"] = str(local_data)
-    else:
-        args["dataset_dir"] = dataset_uri
-
+    args["dataset_dir"] = str(local_dataset(cfg["dataset_uri"], work_dir, fs_kw))
     resume_step = 0
     checkpoint = ray.train.get_checkpoint()
+    clear_earlier_attempts(Path(args["output_dir"]), resuming=checkpoint is not None)
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt:
-            state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
-            resume_step = int(state["global_step"])
-            target = Path(args["output_dir"]) / f"checkpoint-{resume_step}"
-            if rank == 0 or not target.exists():
-                shutil.copytree(ckpt, target, dirs_exist_ok=True)
-        args["resume_from_checkpoint"] = str(target)
+        resume_from, resume_step = restore_checkpoint(checkpoint, work_dir)
+        args["resume_from_checkpoint"] = str(resume_from)
     append_event(work_dir, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
                   resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
 
@@ -173,4 +244,5 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # (~60 MB for SmolLM2, three per `make e2e`) only filled the disk.
         for checkpoint in output.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.rmtree(work_dir / RESUME_DIR, ignore_errors=True)
         append_event(work_dir, event="finished", rank=rank, world_size=world_size)

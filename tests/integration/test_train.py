@@ -185,6 +185,28 @@ def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
     assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
 
 
+def test_a_checkpoint_ray_train_never_registered_is_not_resumed(local_model, tmp_path):
+    """A run killed while the HF Trainer was saving its first checkpoint leaves a folder Ray Train
+    never registered, here as a kill left it (only rank 1's RNG state written). LLaMA-Factory
+    resumed from it on its own, found no checkpoint there, and every rerun failed the same way."""
+    store = tmp_path / "store"
+    env = storage_env(store)
+    run_in_env("train", "data", "--profile", "local", env=env)
+    run_id = "nr-" + uuid.uuid4().hex[:8]
+    cut_off = store / "runs" / run_id / "work" / "output" / "checkpoint-4"
+    cut_off.mkdir(parents=True)
+    (cut_off / "rng_state_1.pth").write_bytes(b"cut off mid-save")
+    log = tmp_path / "train.log"
+    proc = _start_training(run_id, env, log)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert "Resuming training from" not in log.read_text()
+    starts = [e for e in _events(store / "runs" / run_id / "work" / "events.jsonl") if e["event"] == "start"]
+    assert [e["resume_step"] for e in starts] == [0, 0]  # both workers, one attempt, from step 0
+    manifest = json.loads((store / "runs" / run_id / "manifest.json").read_text())
+    assert manifest["attempts"] == 1
+    assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
+
+
 def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, tmp_path):
     """A cancelled job, a stopped pod or `kill`: left to Ray, the driver printed a crash dump and
     died with SIGABRT (134). It now takes Ctrl-C's graceful abort: 143, how to resume, no Ray left."""
