@@ -365,8 +365,10 @@ def _run_summary(run: Path) -> dict:
     state = json.loads((run / "trainer_state.json").read_text())
     runtime = [h["train_runtime"] for h in state["log_history"] if "train_runtime" in h]
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
-    events = [json.loads(x) for x in (run / "work" / "events.jsonl").read_text().splitlines()] \
-        if (run / "work" / "events.jsonl").is_file() else []
+    _device.use_project_src()
+    from e2e_llm.train_worker import read_events
+
+    events = read_events(str(run), {})
     return {"global_step": state["global_step"], "max_steps": state["max_steps"],
             "train_runtime": runtime[-1] if runtime else None,
             "checkpoints": sorted(p.name for p in run.glob("checkpoint_*")),
@@ -380,7 +382,7 @@ def _pack(out: Path, name: str, run: Path, extra: list[Path]) -> None:
     """Artifacts back in one file ($OUT keeps 8 files): run files without checkpoints and work dir."""
     with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
         for item in ("adapter", "manifest.json", "loss.png", "trainer_log.jsonl", "trainer_state.json",
-                     "all_results.json", "work/events.jsonl"):
+                     "all_results.json", "events"):
             if (run / item).exists():  # a 7B adapter (80 MB) is over what $OUT returns: its sha256 instead
                 tar.add(run / item, arcname=item,
                         filter=lambda ti: None if ti.size > 12 * 2**20 else ti)
@@ -494,12 +496,14 @@ def train(ns: argparse.Namespace) -> int:
     killed: dict = {}
 
     def killer(stop: threading.Event) -> None:
-        events = run / "work" / "events.jsonl"
+        _device.use_project_src()
+        from e2e_llm.train_worker import read_events
+
         while not stop.is_set():
             time.sleep(0.5)
-            if killed or not events.is_file():
+            if killed:
                 continue
-            rows = [json.loads(x) for x in events.read_text().splitlines() if x.strip()]
+            rows = read_events(str(run), {})
             ckpts = [e["step"] for e in rows if e["event"] == "checkpoint"]
             starts = [e for e in rows if e["event"] == "start" and e["rank"] == 0]
             if starts and ckpts and max(ckpts) >= ns.kill_after:

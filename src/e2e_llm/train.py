@@ -12,7 +12,7 @@ runs is ``e2e_llm.train_worker``; what the manifest is read from, ``e2e_llm.trai
 
 Run layout under ``<storage>/runs/<run_id>/``: Ray Train's ``checkpoint_*`` dirs and state,
 ``adapter/`` (vLLM-loadable: adapter_config.json + adapter_model.safetensors),
-``manifest.json``, ``loss.png``, ``trainer_log.jsonl``, ``tensorboard/``, ``events.jsonl``.
+``manifest.json``, ``loss.png``, ``trainer_log.jsonl``, ``tensorboard/``, ``events/``.
 """
 
 from __future__ import annotations
@@ -279,14 +279,13 @@ def workers_do_not_fit(config: PipelineConfig, available: dict[str, float]) -> s
     return None
 
 
-def resume_hint(plan: TrainPlan) -> str:
-    """How to go on with an unfinished run, from the checkpoints its workers recorded (on this
-    machine; a remote run's worker folders are elsewhere)."""
-    events = read_events(Path(plan.work_dir))
-    since = "its last checkpoint"
-    if events is not None:
-        steps = [event["step"] for event in events if event.get("event") == "checkpoint"]
-        since = f"its last checkpoint (step {max(steps)})" if steps else "the start (no checkpoint yet)"
+def resume_hint(plan: TrainPlan, fs_kw: dict[str, Any]) -> str:
+    """How to go on with an unfinished run, from the checkpoints its workers recorded."""
+    try:
+        steps = [event["step"] for event in read_events(plan.run_uri, fs_kw) if event.get("event") == "checkpoint"]
+    except Exception:  # noqa: BLE001  the storage itself failing: the hint without the step
+        return f"rerun with --run-id {plan.run_id} to resume from its last checkpoint"
+    since = f"its last checkpoint (step {max(steps)})" if steps else "the start (no checkpoint yet)"
     return f"rerun with --run-id {plan.run_id} to resume from {since}"
 
 
@@ -409,10 +408,11 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
                              f"{failure_cause(exc)} (the workers' tracebacks are above)") from exc
         except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, then exits from inside fit() (status 0)
             how = "terminated (SIGTERM)" if terminated else "interrupted"
-            raise TrainInterrupted(f"{how}; {resume_hint(plan)}",
+            raise TrainInterrupted(f"{how}; {resume_hint(plan, fs_kw)}",
                                    signal.SIGTERM if terminated else signal.SIGINT) from None
         except ray.exceptions.ActorDiedError as exc:  # its controller gone another way
-            raise TrainError(f"Ray Train's controller died ({failure_cause(exc)}); {resume_hint(plan)}") from None
+            raise TrainError(f"Ray Train's controller died ({failure_cause(exc)}); "
+                             f"{resume_hint(plan, fs_kw)}") from None
         if result.error:
             raise TrainError(f"training failed: {result.error}")
     finally:
@@ -426,7 +426,7 @@ def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs
     train_log, eval_log = train_report.read_log(plan.run_uri, fs_kw)
     state = json.loads(storage.read_text(storage.join(plan.run_uri, "trainer_state.json"), **fs_kw))
     tokens = state.get("num_input_tokens_seen") or 0
-    events = read_events(Path(plan.work_dir)) or []
+    events = read_events(plan.run_uri, fs_kw)
     starts = [e for e in events if e["event"] == "start" and e["rank"] == 0]
     runtimes = [h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h]
     train_seconds = runtimes[-1] if runtimes else 0.0  # the final entry covers the whole (resumed) run

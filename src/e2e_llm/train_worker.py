@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """What runs inside each Ray Train worker of ``e2e-llm train`` (``e2e_llm.train`` starts them):
 resume from Ray Train's checkpoint, run LLaMA-Factory with the callbacks our layer adds, report
-every saved checkpoint to Ray Train, and publish the adapter from rank 0. Each worker appends what
-happened to ``events.jsonl`` in the run's work dir (the manifest counts attempts from it).
+every saved checkpoint to Ray Train, and publish the adapter from rank 0. Each worker records what
+happened in the run's storage (``events/``, :func:`append_event`): the manifest counts attempts
+from it, and the driver, on a cluster's head node, sees no worker's disk.
 
 Several workers can share one machine's work dir (a node with several GPUs, the local profile's
 two CPU workers), and a restarted worker group finds what its last attempt left there. So what a
@@ -26,7 +27,7 @@ from typing import Any
 from e2e_llm import storage
 from e2e_llm.adapters import missing_adapter_files
 
-EVENTS_FILE = "events.jsonl"
+EVENTS_DIR = "events"
 # Folders of the work dir that fill_once makes: the dataset (remote storage) and the checkpoint
 # the run resumes from.
 DATASET_DIR = "dataset"
@@ -47,24 +48,25 @@ def setup_process() -> None:
     name_own_instance()
 
 
-def append_event(work_dir: Path, **event: Any) -> None:
-    work_dir.mkdir(parents=True, exist_ok=True)
+def events_uri(run_uri: str) -> str:
+    return storage.join(run_uri, EVENTS_DIR)
+
+
+def append_event(run_uri: str, fs_kw: dict[str, Any], **event: Any) -> None:
+    """Record ``event`` in the run's storage, one object each (object storage cannot append;
+    workers on several nodes write at once)."""
     event.setdefault("time", time.time())
-    with open(work_dir / EVENTS_FILE, "a") as f:
-        f.write(json.dumps(event) + "\n")
+    name = f"{time.time_ns():020d}-{event.get('rank', 0)}-{os.getpid()}-{event['event']}.json"
+    storage.write_text(storage.join(events_uri(run_uri), name), json.dumps(event) + "\n", **fs_kw)
 
 
-def read_events(work_dir: Path) -> list[dict[str, Any]] | None:
-    """The events the workers appended, or None where there is no events file (a remote run's
-    worker folders are on its nodes). A line cut by an interruption is left out."""
-    path = work_dir / EVENTS_FILE
-    if not path.is_file():
-        return None
+def read_events(run_uri: str, fs_kw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's events, oldest first; one that cannot be read or parsed is left out."""
     events = []
-    for line in path.read_text().splitlines():
+    for name in storage.list_dir(events_uri(run_uri), **fs_kw):
         try:
-            events.append(json.loads(line))
-        except ValueError:
+            events.append(json.loads(storage.read_text(storage.join(events_uri(run_uri), name), **fs_kw)))
+        except (OSError, ValueError):
             continue
     return events
 
@@ -145,7 +147,7 @@ def training_callbacks() -> list:
     return [lora_autocast.make_callback()]
 
 
-def report_callback(work_dir: Path, rank: int, world_size: int):
+def report_callback(run_uri: str, fs_kw: dict[str, Any], rank: int, world_size: int):
     """A transformers TrainerCallback reporting each saved checkpoint to Ray Train."""
     import ray.train
     from transformers import TrainerCallback
@@ -182,7 +184,7 @@ def report_callback(work_dir: Path, rank: int, world_size: int):
             # Every rank reports (it is a barrier); only rank 0 carries the checkpoint files.
             ray.train.report(metrics, checkpoint=checkpoint)
             if rank == 0:
-                append_event(work_dir, event="checkpoint", step=state.global_step, world_size=world_size)
+                append_event(run_uri, fs_kw, event="checkpoint", step=state.global_step, world_size=world_size)
 
     return RayTrainReport()
 
@@ -193,7 +195,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    work_dir = Path(cfg["work_dir"])
+    work_dir, run_uri = Path(cfg["work_dir"]), cfg["run_uri"]
     args = dict(cfg["args"])
     fs_kw = cfg["fs_kw"]
 
@@ -204,16 +206,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint is not None:
         resume_from, resume_step = restore_checkpoint(checkpoint, work_dir)
         args["resume_from_checkpoint"] = str(resume_from)
-    append_event(work_dir, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
-                  resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
+    append_event(run_uri, fs_kw, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
+                 resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
 
     from e2e_llm.compat.llamafactory import run_training
 
-    run_training(args, [report_callback(work_dir, rank, world_size), *training_callbacks()])
+    run_training(args, [report_callback(run_uri, fs_kw, rank, world_size), *training_callbacks()])
 
     if rank == 0:
         output = Path(args["output_dir"])
-        run_uri = cfg["run_uri"]
         missing = missing_adapter_files(output)
         if missing:
             # Ray Train ends the run with it (the driver raises it as a TrainError).
@@ -245,4 +246,4 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for checkpoint in output.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
         shutil.rmtree(work_dir / RESUME_DIR, ignore_errors=True)
-        append_event(work_dir, event="finished", rank=rank, world_size=world_size)
+        append_event(run_uri, fs_kw, event="finished", rank=rank, world_size=world_size)

@@ -21,10 +21,11 @@ pytestmark = [pytest.mark.train, pytest.mark.slow]
 SMOKE = ["--set", "max_samples=32", "--set", "save_steps=1"]  # 16 steps of 2 workers x 1 row (the recipe's batch)
 
 
-def _events(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _events(run_uri: str | Path) -> list[dict]:
+    """What the run's workers recorded, read from its storage as the driver reads it."""
+    from e2e_llm.train_worker import read_events
+
+    return read_events(str(run_uri), {})
 
 
 def _start_training(run_id: str, env: dict, log: Path) -> subprocess.Popen:
@@ -130,14 +131,16 @@ def test_killed_worker_is_restarted_and_resumes_from_s3_checkpoint(s3_server, lo
     run_in_env("train", "data", "--profile", "local", env=env)
     log = tmp_path / "train.log"
     proc = _start_training(run_id, env, log)
-    events_path = Path("/tmp/e2e-llm-work") / run_id / "events.jsonl"
+    run_uri = f"s3://e2e-ft/{run_id}-store/runs/{run_id}"
     snapshot = f"e2e-ft/{run_id}-store/runs/{run_id}/checkpoint_manager_snapshot.json"
     registered = _wait_for(lambda: _registered_steps(lambda: s3.open_input_stream(snapshot).read()), proc, log)
-    victim = next(e for e in _events(events_path) if e["event"] == "start" and e["rank"] == 1)
+    victim = _wait_for(lambda: next((e for e in _events(run_uri) if e["event"] == "start" and e["rank"] == 1), None),
+                       proc, log)
     os.kill(victim["pid"], signal.SIGKILL)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
 
-    events = _events(events_path)
+    # In the run's storage, where a driver on a cluster's head node finds them (no worker's disk).
+    events = _events(run_uri)
     starts = [e for e in events if e["event"] == "start" and e["rank"] == 0]
     assert len(starts) == 2, events
     assert starts[1]["world_size"] == 2
@@ -166,7 +169,6 @@ def _training_past_a_checkpoint(tmp_path: Path, prefix: str):
 
 def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
     store, env, run_id, proc, log, snapshot = _training_past_a_checkpoint(tmp_path, "ir")
-    events_path = store / "runs" / run_id / "work" / "events.jsonl"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C / preemption
     # Not Ray Train's exit status 0 (`train && publish` would go on): the shell's 130, and how to go on.
     assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
@@ -179,7 +181,7 @@ def test_interrupted_run_resumes_on_rerun(local_model, tmp_path):
 
     second = _start_training(run_id, env, tmp_path / "second.log")
     assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    resumed = [e for e in _events(events_path) if e["event"] == "start" and e["rank"] == 0][-1]
+    resumed = [e for e in _events(store / "runs" / run_id) if e["event"] == "start" and e["rank"] == 0][-1]
     assert resumed["resume_step"] >= checkpoint_step >= 1
     manifest = json.loads((store / "runs" / run_id / "manifest.json").read_text())
     assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
@@ -200,7 +202,7 @@ def test_a_checkpoint_ray_train_never_registered_is_not_resumed(local_model, tmp
     proc = _start_training(run_id, env, log)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert "Resuming training from" not in log.read_text()
-    starts = [e for e in _events(store / "runs" / run_id / "work" / "events.jsonl") if e["event"] == "start"]
+    starts = [e for e in _events(store / "runs" / run_id) if e["event"] == "start"]
     assert [e["resume_step"] for e in starts] == [0, 0]  # both workers, one attempt, from step 0
     manifest = json.loads((store / "runs" / run_id / "manifest.json").read_text())
     assert manifest["attempts"] == 1

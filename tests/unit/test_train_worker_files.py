@@ -152,3 +152,29 @@ def test_earlier_attempts_cannot_be_taken_for_this_ones(tmp_path):
     clear_earlier_attempts(output, resuming=False)  # from step 0: nothing of before
     assert list(output.iterdir()) == []
     clear_earlier_attempts(tmp_path / "missing", resuming=False)
+
+
+def test_events_from_every_node_are_read_from_the_runs_storage(tmp_path, s3_server):
+    """The driver runs on a cluster's head node, which sees no worker's disk: what the workers
+    record goes to the run's storage, where the manifest and the resume hint read it."""
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    from e2e_llm.train import resume_hint
+    from e2e_llm.train_worker import append_event, read_events
+
+    bucket = f"ev-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    run_uri = f"s3://{bucket}/runs/r1"
+    plan = types.SimpleNamespace(run_id="r1", run_uri=run_uri, work_dir=str(tmp_path / "not-on-this-machine"))
+    assert resume_hint(plan, {}) == "rerun with --run-id r1 to resume from the start (no checkpoint yet)"
+    with ThreadPoolExecutor(4) as pool:  # four workers starting at once
+        list(pool.map(lambda rank: append_event(run_uri, {}, event="start", rank=rank, world_size=4), range(4)))
+    append_event(run_uri, {}, event="checkpoint", step=20, world_size=4)
+    append_event(run_uri, {}, event="checkpoint", step=40, world_size=4)
+    events = read_events(run_uri, {})
+    assert sorted(e["rank"] for e in events if e["event"] == "start") == [0, 1, 2, 3]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [20, 40]
+    assert resume_hint(plan, {}) == "rerun with --run-id r1 to resume from its last checkpoint (step 40)"
