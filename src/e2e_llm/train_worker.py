@@ -191,6 +191,7 @@ def report_callback(run_uri: str, fs_kw: dict[str, Any], rank: int, world_size: 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Runs in each Ray Train worker: resume from Ray's checkpoint, train, publish the adapter."""
+    import ray
     import ray.train
 
     ctx = ray.train.get_context()
@@ -207,7 +208,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         resume_from, resume_step = restore_checkpoint(checkpoint, work_dir)
         args["resume_from_checkpoint"] = str(resume_from)
     append_event(run_uri, fs_kw, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
-                 resume_step=resume_step, attempt_checkpoint=checkpoint.path if checkpoint else None)
+                 node=ray.get_runtime_context().get_node_id(), resume_step=resume_step,
+                 attempt_checkpoint=checkpoint.path if checkpoint else None)
 
     from e2e_llm.compat.llamafactory import run_training
 

@@ -153,6 +153,104 @@ def test_killed_worker_is_restarted_and_resumes_from_s3_checkpoint(s3_server, lo
     assert _no_ray_processes_left(f"/tmp/r-{run_id[:8]}")
 
 
+def _ray_node_ports(worker_ports: str) -> list[str]:
+    """Every port a Ray node opens, free ones: two nodes share this machine's address."""
+    from e2e_llm.ports import free_tcp_port
+
+    flags = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+    ports = [arg for flag in flags for arg in (flag, str(free_tcp_port()))]
+    low, high = worker_ports.split("-")
+    return [*ports, "--min-worker-port", low, "--max-worker-port", high]
+
+
+@pytest.fixture()
+def two_node_cluster(tmp_path, s3_server):
+    """A Ray cluster of two nodes on this machine, one CPU each, the second in a mount namespace of
+    its own with its own /tmp: as two machines of a cluster, each node has its own disk."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs t /tmp"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace of our own here (needs root): {probe.stderr.strip()}")
+    from e2e_llm.ports import free_tcp_port
+
+    ray = str(VENV / "train/bin/ray")
+    # Ray turns token authentication on for a head started where ~/.ray/auth_token exists (any local
+    # ray.init() writes one), and the joining node would not send it.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    tag = uuid.uuid4().hex[:8]
+    head_tmp, node_tmp, gcs = f"/tmp/r-head-{tag}", f"/tmp/r-node-{tag}", free_tcp_port()
+    common = ["--num-cpus", "1", "--object-store-memory", str(300 * 2**20), "--disable-usage-stats"]
+    subprocess.run([ray, "start", "--head", "--port", str(gcs), "--include-dashboard", "false",
+                    "--ray-client-server-port", str(free_tcp_port()), "--temp-dir", head_tmp, *common,
+                    *_ray_node_ports("23000-23499")], env=env, check=True, capture_output=True, timeout=180)
+    node_cmd = " ".join([ray, "start", "--address", f"127.0.0.1:{gcs}", "--temp-dir", node_tmp, "--block", *common,
+                         *_ray_node_ports("23500-23999")])
+    node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                             f"mount -t tmpfs t /tmp && exec {node_cmd}"], env=env, start_new_session=True,
+                            stdout=open(tmp_path / "node.log", "w"), stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{gcs}"
+    count = (f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
+             "print(sum(n['Alive'] for n in ray.nodes()))")
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run([str(VENV / "train/bin/python"), "-c", count], env=env, capture_output=True,
+                             text=True).stdout.strip() != "2":
+            assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()[-2000:]
+            time.sleep(2)
+        yield address, env, node.pid
+    finally:
+        os.killpg(node.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", node_tmp])
+        subprocess.run(["pkill", "-9", "-f", head_tmp])
+
+
+def _in_mount_namespace_of(pid: int, other: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink(f"/proc/{other}/ns/mnt")
+    except OSError:
+        return False
+
+
+def test_a_worker_restarted_on_another_node_resumes_from_ray_trains_checkpoint(two_node_cluster, s3_server,
+                                                                                local_model, tmp_path):
+    """Two workers on two nodes with their own disks, checkpoints in S3; the worker on the second
+    node is SIGKILLed after the first registered checkpoint. On every node but rank 0's, the HF
+    checkpoint folder of a step holds only that rank's RNG state: a restarted worker that took it
+    for the checkpoint found none there ("Can't find a valid checkpoint"), and the group failed
+    again until the ranks happened to swap nodes. On a cluster the driver (here on the head node)
+    saw none of the workers' events: the manifest said 1 attempt after 3."""
+    from pyarrow import fs
+
+    address, env, node_pid = two_node_cluster
+    s3 = fs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
+                         region="us-east-1", allow_bucket_creation=True)
+    bucket = "mn-" + uuid.uuid4().hex[:8]
+    s3.create_dir(bucket)
+    run_id = "mn-" + uuid.uuid4().hex[:8]
+    env = storage_env(f"s3://{bucket}/store", RAY_ADDRESS=address, **{k: env[k] for k in ("RAY_AUTH_MODE",)})
+    run_in_env("train", "data", "--profile", "local", env=env)
+    log = tmp_path / "train.log"
+    cmd = [str(VENV / "train/bin/e2e-llm"), "train", "--profile", "local", "--run-id", run_id, *SMOKE]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    snapshot = f"{bucket}/store/runs/{run_id}/checkpoint_manager_snapshot.json"
+    _wait_for(lambda: _registered_steps(lambda: s3.open_input_stream(snapshot).read()), proc, log)
+    run_uri = f"s3://{bucket}/store/runs/{run_id}"
+    victim = next(e for e in _events(run_uri) if e["event"] == "start" and _in_mount_namespace_of(e["pid"], node_pid))
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+
+    assert "Can't find a valid checkpoint" not in log.read_text()
+    starts = [e for e in _events(run_uri) if e["event"] == "start"]
+    assert len({e["node"] for e in starts}) == 2  # the workers ran on both nodes
+    second = starts[2:]
+    assert len(second) == 2 and all(e["resume_step"] >= 1 for e in second), starts  # one restart, resumed
+    manifest = json.loads(s3.open_input_stream(f"{run_uri.removeprefix('s3://')}/manifest.json").read())
+    assert manifest["attempts"] == 2
+    assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
+
+
 def _training_past_a_checkpoint(tmp_path: Path, prefix: str):
     """A smoke training run started in the background, once Ray Train has registered a checkpoint:
     (its storage root, environment, run id, process, log, checkpoint snapshot)."""
