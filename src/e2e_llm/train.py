@@ -44,6 +44,9 @@ from e2e_llm.runs import new_run_id
 from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
 from e2e_llm.train_worker import read_events, train_loop_per_worker
 
+# Each node's folder for a run on remote storage (dataset and checkpoint copies, the HF output dir):
+# the node's own disk, as the run's storage is elsewhere.
+REMOTE_WORK_ROOT = Path("/tmp/e2e-llm-work")
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
             "ray_storage_path", "resources_per_worker", "placement_strategy")
@@ -198,7 +201,7 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
 
     run_uri = config.storage_uri("runs", run_id)
     if storage.is_remote(run_uri):
-        work_dir = str((work_root or Path("/tmp/e2e-llm-work")) / run_id)
+        work_dir = str((work_root or REMOTE_WORK_ROOT) / run_id)
     else:
         work_dir = str(Path(run_uri) / "work")
 

@@ -5,6 +5,7 @@ and resume of an interrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
+
+from e2e_llm.train import REMOTE_WORK_ROOT
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 SMOKE = ["--set", "max_samples=32", "--set", "save_steps=1"]  # 16 steps of 2 workers x 1 row (the recipe's batch)
@@ -167,8 +170,11 @@ def _ray_node_ports(worker_ports: str) -> list[str]:
 @pytest.fixture()
 def two_node_cluster(tmp_path, s3_server):
     """A Ray cluster of two nodes on this machine, one CPU each, the second in a mount namespace of
-    its own with its own /tmp: as two machines of a cluster, each node has its own disk."""
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs t /tmp"],
+    its own where the workers' folder (``/tmp/e2e-llm-work``) is an empty tmpfs: as two machines of a
+    cluster, each node has its own disk there (the rest of /tmp stays shared: the checkout may be in it)."""
+    REMOTE_WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    mount = f"mount -t tmpfs e2e-node {REMOTE_WORK_ROOT}"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mount],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"no mount namespace of our own here (needs root): {probe.stderr.strip()}")
@@ -187,7 +193,7 @@ def two_node_cluster(tmp_path, s3_server):
     node_cmd = " ".join([ray, "start", "--address", f"127.0.0.1:{gcs}", "--temp-dir", node_tmp, "--block", *common,
                          *_ray_node_ports("23500-23999")])
     node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c",
-                             f"mount -t tmpfs t /tmp && exec {node_cmd}"], env=env, start_new_session=True,
+                             f"{mount} && exec {node_cmd}"], env=env, start_new_session=True,
                             stdout=open(tmp_path / "node.log", "w"), stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{gcs}"
     count = (f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
@@ -200,7 +206,8 @@ def two_node_cluster(tmp_path, s3_server):
             time.sleep(2)
         yield address, env, node.pid
     finally:
-        os.killpg(node.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", node_tmp])
         subprocess.run(["pkill", "-9", "-f", head_tmp])
 
