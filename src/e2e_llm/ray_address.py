@@ -39,3 +39,34 @@ def name_own_instance() -> None:
     import ray
 
     os.environ.setdefault(RAY_ADDRESS_ENV, ray.get_runtime_context().gcs_address)
+
+
+def nodes_not_seeing(folder: str, timeout_s: float = 120.0) -> list[str]:
+    """The alive nodes of the connected Ray cluster on which a file just written into the local
+    ``folder`` is not there (their node ids): a folder on this machine's disk, or another machine's
+    folder of the same path, rather than one filesystem shared by every node."""
+    import uuid
+    from pathlib import Path
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:
+        return []
+    probe = Path(folder) / f".e2e-llm-shared-{uuid.uuid4().hex}"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("written by the driver\n")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(probe))
+                for node in nodes]
+        return [node for node, seen in zip(nodes, ray.get(refs, timeout=timeout_s), strict=True) if not seen]
+    except ray.exceptions.GetTimeoutError:  # a node that does not answer: no way to tell, training will
+        return []
+    finally:
+        probe.unlink(missing_ok=True)

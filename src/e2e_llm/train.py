@@ -282,6 +282,24 @@ def workers_do_not_fit(config: PipelineConfig, available: dict[str, float]) -> s
     return None
 
 
+def storage_not_shared(config: PipelineConfig) -> str | None:
+    """Why the profile's local storage root will not do on the Ray cluster joined: every worker
+    reads the dataset and writes checkpoints there, so each node must see the same folder. Without
+    this a worker on another node failed on the dataset path, every restart again, after loading
+    the model."""
+    if storage.is_remote(config.storage.root):
+        return None
+    from e2e_llm.ray_address import nodes_not_seeing
+
+    root = config.storage_uri("runs")
+    if missing := nodes_not_seeing(root):
+        return (f"storage.root {config.storage.root} ({root}) is not shared by the Ray cluster at "
+                f"${RAY_ADDRESS_ENV}: {len(missing)} of its nodes ({', '.join(n[:12] for n in missing)}) do not "
+                "see a file written there. Ray Train needs storage every node reaches: s3://, gs://, or one "
+                "shared filesystem mounted at the same path on every node")
+    return None
+
+
 def resume_hint(plan: TrainPlan, fs_kw: dict[str, Any]) -> str:
     """How to go on with an unfinished run, from the checkpoints its workers recorded."""
     try:
@@ -377,6 +395,8 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     start = time.time()
     try:
         tc = config.train
+        if os.environ.get(RAY_ADDRESS_ENV) and (problem := storage_not_shared(config)):
+            raise TrainError(problem)
         fixed_size = started_ray and not os.environ.get(RAY_ADDRESS_ENV)  # our own instance: nothing scales up
         if fixed_size and (problem := workers_do_not_fit(config, ray.cluster_resources())):
             raise TrainError(problem)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -256,6 +257,33 @@ def test_a_worker_restarted_on_another_node_resumes_from_ray_trains_checkpoint(t
     manifest = json.loads(s3.open_input_stream(f"{run_uri.removeprefix('s3://')}/manifest.json").read())
     assert manifest["attempts"] == 2
     assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
+
+
+def test_a_local_storage_root_other_nodes_cannot_see_is_refused(two_node_cluster, local_model, tmp_path):
+    """A profile's local storage.root on a Ray cluster whose other nodes have their own disk there:
+    their workers failed on the dataset path after loading the model, at every restart."""
+    address, cluster_env, _ = two_node_cluster
+    own_folder = REMOTE_WORK_ROOT / f"store-{uuid.uuid4().hex[:8]}"  # the second node has its own there
+    env = storage_env(own_folder, RAY_ADDRESS=address, RAY_AUTH_MODE=cluster_env["RAY_AUTH_MODE"])
+    try:
+        run_in_env("train", "data", "--profile", "local", env=env)
+        seen = subprocess.run(
+            [str(VENV / "train/bin/python"), "-c",
+             f"import json, ray; ray.init(address='{address}', logging_level='ERROR'); "
+             "from e2e_llm.ray_address import nodes_not_seeing; "
+             f"print(json.dumps([len(nodes_not_seeing('{tmp_path}')), len(nodes_not_seeing('{own_folder}'))]))"],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert seen.stdout.strip().splitlines()[-1] == "[0, 1]", seen.stderr[-2000:]  # /tmp is shared, that is not
+        result = subprocess.run([str(VENV / "train/bin/e2e-llm"), "train", "--profile", "local", *SMOKE], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=600)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output[-3000:]
+        assert output.rstrip().splitlines()[-1].startswith(
+            f"error: storage.root {own_folder} ({own_folder}/runs) is not shared by the Ray cluster at "
+            "$RAY_ADDRESS: 1 of its nodes ("), output[-3000:]
+        assert "RayTrainWorker" not in output  # before any worker loaded the model
+    finally:
+        shutil.rmtree(own_folder, ignore_errors=True)
 
 
 def _training_past_a_checkpoint(tmp_path: Path, prefix: str):
