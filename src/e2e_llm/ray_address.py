@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
@@ -45,9 +47,6 @@ def nodes_not_seeing(folder: str, timeout_s: float = 120.0) -> list[str]:
     """The alive nodes of the connected Ray cluster on which a file just written into the local
     ``folder`` is not there (their node ids): a folder on this machine's disk, or another machine's
     folder of the same path, rather than one filesystem shared by every node."""
-    import uuid
-    from pathlib import Path
-
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -66,7 +65,7 @@ def nodes_not_seeing(folder: str, timeout_s: float = 120.0) -> list[str]:
         refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(probe))
                 for node in nodes]
         return [node for node, seen in zip(nodes, ray.get(refs, timeout=timeout_s), strict=True) if not seen]
-    except ray.exceptions.GetTimeoutError:  # a node that does not answer: no way to tell, training will
+    except ray.exceptions.GetTimeoutError:  # a node that does not answer: no way to tell; training goes on
         return []
     finally:
         probe.unlink(missing_ok=True)

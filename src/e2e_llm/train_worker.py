@@ -62,10 +62,10 @@ def append_event(run_uri: str, fs_kw: dict[str, Any], **event: Any) -> None:
 
 def read_events(run_uri: str, fs_kw: dict[str, Any]) -> list[dict[str, Any]]:
     """The run's events, oldest first; one that cannot be read or parsed is left out."""
-    events = []
-    for name in storage.list_dir(events_uri(run_uri), **fs_kw):
+    uri, events = events_uri(run_uri), []
+    for name in storage.list_dir(uri, **fs_kw):
         try:
-            events.append(json.loads(storage.read_text(storage.join(events_uri(run_uri), name), **fs_kw)))
+            events.append(json.loads(storage.read_text(storage.join(uri, name), **fs_kw)))
         except (OSError, ValueError):
             continue
     return events

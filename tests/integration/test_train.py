@@ -236,7 +236,7 @@ def test_a_worker_restarted_on_another_node_resumes_from_ray_trains_checkpoint(t
     bucket = "mn-" + uuid.uuid4().hex[:8]
     s3.create_dir(bucket)
     run_id = "mn-" + uuid.uuid4().hex[:8]
-    env = storage_env(f"s3://{bucket}/store", RAY_ADDRESS=address, **{k: env[k] for k in ("RAY_AUTH_MODE",)})
+    env = storage_env(f"s3://{bucket}/store", RAY_ADDRESS=address, RAY_AUTH_MODE=env["RAY_AUTH_MODE"])
     run_in_env("train", "data", "--profile", "local", env=env)
     log = tmp_path / "train.log"
     cmd = [str(VENV / "train/bin/e2e-llm"), "train", "--profile", "local", "--run-id", run_id, *SMOKE]
