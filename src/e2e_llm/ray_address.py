@@ -43,29 +43,38 @@ def name_own_instance() -> None:
     os.environ.setdefault(RAY_ADDRESS_ENV, ray.get_runtime_context().gcs_address)
 
 
+def on_every_node(fn, *args, timeout_s: float = 120.0) -> dict[str, object] | None:
+    """``fn(*args)`` run once on each alive node of the connected Ray cluster, as a task that takes
+    no CPU (it runs beside a busy worker group): its result by node id, or None where some node did
+    not answer within ``timeout_s``."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
+            for node in nodes]
+    try:
+        return dict(zip(nodes, ray.get(refs, timeout=timeout_s), strict=True))
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):  # a node gone or not answering
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        return None
+
+
 def nodes_not_seeing(folder: str, timeout_s: float = 120.0) -> list[str]:
     """The alive nodes of the connected Ray cluster on which a file just written into the local
     ``folder`` is not there (their node ids): a folder on this machine's disk, or another machine's
     folder of the same path, rather than one filesystem shared by every node."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    if len(nodes) < 2:
+    if sum(node["Alive"] for node in ray.nodes()) < 2:
         return []
     probe = Path(folder) / f".e2e-llm-shared-{uuid.uuid4().hex}"
     probe.parent.mkdir(parents=True, exist_ok=True)
     probe.write_text("written by the driver\n")
-
-    @ray.remote(num_cpus=0)
-    def sees(path: str) -> bool:
-        return os.path.exists(path)
-
     try:
-        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(probe))
-                for node in nodes]
-        return [node for node, seen in zip(nodes, ray.get(refs, timeout=timeout_s), strict=True) if not seen]
-    except ray.exceptions.GetTimeoutError:  # a node that does not answer: no way to tell; training goes on
-        return []
+        seen = on_every_node(os.path.exists, str(probe), timeout_s=timeout_s)
     finally:
         probe.unlink(missing_ok=True)
+    return [node for node, there in (seen or {}).items() if not there]  # no answer: no way to tell; training goes on

@@ -37,17 +37,15 @@ hook, which that override calls.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
-import stat
-import tempfile
 
 from ray import serve
 
 from e2e_llm import storage
 from e2e_llm.compat.ray_serve import OpenAIHTTPException, PatchedLLMServer
 from e2e_llm.cpu_pinning import settle_off_engine_workers, widen_to_engine_cpus
+from e2e_llm.node_temp import own_temp_dir
 from e2e_llm.replica_heap import freeze_startup_heap
 from e2e_llm.serve_preflight import answer_once, report
 
@@ -75,22 +73,7 @@ def lora_cache_dir(store_uri: str, endpoint: str | None) -> str:
     store may share a folder; another store's version of the same name (a second pipeline or test
     app on this machine) must not land in it."""
     key = hashlib.sha256(f"{endpoint or ''}|{store_uri.rstrip('/')}".encode()).hexdigest()[:16]
-    return os.path.join(own_temp_dir("e2e-llm"), "lora-cache", key)
-
-
-def own_temp_dir(name: str) -> str:
-    """``<temp dir>/<name>-<uid>``, this user's alone (mode 0700), made if missing. On a machine
-    several people use, a shared ``/tmp/<name>`` belongs to whoever made it first: the others
-    could not write there, and files in it that someone else can write would be loaded as
-    adapter weights. A folder of that name that another user owns or may write is refused."""
-    path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise PermissionError(f"{path} is not this user's own folder (owner uid {info.st_uid}, mode "
-                              f"{stat.filemode(info.st_mode)}): remove it, or point TMPDIR elsewhere")
-    return path
+    return os.path.join(own_temp_dir(), "lora-cache", key)
 
 
 class E2ELLMServer(PatchedLLMServer):

@@ -8,7 +8,7 @@ torch process group (gloo on CPU, NCCL on GPU) and each worker runs LLaMA-Factor
 with ``ray.train.report``. Ray Train therefore persists checkpoints to the profile's
 storage, restarts a failed worker group from the latest one (``FailureConfig``), and a rerun
 with the same run id resumes from it. This module plans the run and drives it; what each worker
-runs is ``e2e_llm.train_worker``; what the manifest is read from, ``e2e_llm.train_report``.
+runs is ``e2e_llm.train_worker``; the manifest it writes, ``e2e_llm.train_report``.
 
 Run layout under ``<storage>/runs/<run_id>/``: Ray Train's ``checkpoint_*`` dirs and state,
 ``adapter/`` (vLLM-loadable: adapter_config.json + adapter_model.safetensors),
@@ -20,16 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import json
 import os
 import signal
-import tempfile
 import time
 import types
 import typing
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +36,13 @@ from e2e_llm import storage, train_report
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 from e2e_llm.precision import llamafactory_precision
-from e2e_llm.ray_address import RAY_ADDRESS_ENV, unreachable_ray_address
+from e2e_llm.ray_address import RAY_ADDRESS_ENV, nodes_not_seeing, on_every_node, unreachable_ray_address
 from e2e_llm.runs import new_run_id
 from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
-from e2e_llm.train_worker import read_events, train_loop_per_worker
+from e2e_llm.train_worker import TRAIN_WORK_DIR, read_events, remove_node_work_dir, train_loop_per_worker
 
 # Each node's folder for a run on remote storage (dataset and checkpoint copies, the HF output dir):
 # the node's own disk, as the run's storage is elsewhere.
-REMOTE_WORK_ROOT = Path("/tmp/e2e-llm-work")
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
             "ray_storage_path", "resources_per_worker", "placement_strategy")
@@ -155,7 +151,7 @@ class TrainPlan:
 
     run_id: str
     run_uri: str
-    work_dir: str
+    work_dir: str | None  # None: each node's own (object storage), train_worker.node_work_dir
     dataset_uri: str
     args: dict[str, Any]
     recipe_path: str
@@ -165,8 +161,7 @@ class TrainPlan:
     replaced_keys: list[str] = dataclasses.field(default_factory=list)
 
 
-def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None,
-             work_root: Path | None = None) -> TrainPlan:
+def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None) -> TrainPlan:
     from e2e_llm.data import ingest_mismatch
     from e2e_llm.model import ModelError, resolve_model_path
 
@@ -200,16 +195,14 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
         dataset_files[split] = storage.join(dataset_uri, info[name]["file_name"])
 
     run_uri = config.storage_uri("runs", run_id)
-    if storage.is_remote(run_uri):
-        work_dir = str((work_root or REMOTE_WORK_ROOT) / run_id)
-    else:
-        work_dir = str(Path(run_uri) / "work")
+    # The workers' folder (HF output dir, dataset copy): with local storage the run's own folder;
+    # with object storage a folder on each node's own disk, resolved on the node.
+    work_dir = None if storage.is_remote(run_uri) else str(Path(run_uri) / "work")
 
     args = {key: value for key, value in recipe.items() if key not in PROFILE_KEYS}
     args.update(
         model_name_or_path=model_path,
         dataset=f"{config.data.dataset}-{tc.train_split}",
-        output_dir=str(Path(work_dir) / "output"),
         overwrite_output_dir=False,
     )
     if tc.eval_split:
@@ -289,8 +282,6 @@ def storage_not_shared(config: PipelineConfig) -> str | None:
     the model."""
     if storage.is_remote(config.storage.root):
         return None
-    from e2e_llm.ray_address import nodes_not_seeing
-
     root = config.storage_uri("runs")
     if missing := nodes_not_seeing(root):
         return (f"storage.root {config.storage.root} ({root}) is not shared by the Ray cluster at "
@@ -308,6 +299,24 @@ def resume_hint(plan: TrainPlan, fs_kw: dict[str, Any]) -> str:
         return f"rerun with --run-id {plan.run_id} to resume from its last checkpoint"
     since = f"its last checkpoint (step {max(steps)})" if steps else "the start (no checkpoint yet)"
     return f"rerun with --run-id {plan.run_id} to resume from {since}"
+
+
+def clear_work_dirs(plan: TrainPlan, timeout_s: float = 30.0) -> None:
+    """The run's work dir removed from every node once Ray Train is done with it (finished, failed
+    or stopped: a rerun resumes from the run's storage, never from there). With remote storage it is
+    on each node's own disk, where a long-lived cluster kept every run's dataset copy and HF outputs
+    until the disk filled. With local storage it is the run's own folder, and stays."""
+    if plan.work_dir is not None:
+        return
+    try:
+        cleared = on_every_node(remove_node_work_dir, plan.run_id, timeout_s=timeout_s)
+    except Exception as exc:  # noqa: BLE001  never in place of the run's own outcome
+        cleared, why = None, f": {exc}"
+    else:
+        why = f" within {timeout_s:g} s"
+    if cleared is None:
+        print(f"[train] warning: the run's workers' folder ({TRAIN_WORK_DIR}/{plan.run_id} in each node's "
+              f"temp folder) not removed from every node{why}", flush=True)
 
 
 @contextlib.contextmanager
@@ -417,8 +426,8 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
                                    checkpoint_config=CheckpointConfig(num_to_keep=2))
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"args": plan.args, "work_dir": plan.work_dir, "run_uri": plan.run_uri,
-                               "dataset_uri": plan.dataset_uri, "fs_kw": fs_kw},
+            train_loop_config={"args": plan.args, "work_dir": plan.work_dir, "run_id": plan.run_id,
+                               "run_uri": plan.run_uri, "dataset_uri": plan.dataset_uri, "fs_kw": fs_kw},
             scaling_config=scaling,
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             run_config=run_config,
@@ -439,60 +448,8 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
         if result.error:
             raise TrainError(f"training failed: {result.error}")
     finally:
+        clear_work_dirs(plan)
         if started_ray:
             ray.shutdown()
-    manifest = write_manifest(config, plan, wall_time=time.time() - start, fs_kw=fs_kw)
-    return manifest
-
-
-def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs_kw: dict[str, Any]) -> dict:
-    train_log, eval_log = train_report.read_log(plan.run_uri, fs_kw)
-    state = json.loads(storage.read_text(storage.join(plan.run_uri, "trainer_state.json"), **fs_kw))
-    tokens = state.get("num_input_tokens_seen") or 0
-    events = read_events(plan.run_uri, fs_kw)
-    starts = [e for e in events if e["event"] == "start" and e["rank"] == 0]
-    runtimes = [h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h]
-    train_seconds = runtimes[-1] if runtimes else 0.0  # the final entry covers the whole (resumed) run
-    with tempfile.TemporaryDirectory() as tmp:
-        png = train_report.plot_loss(train_log, eval_log, Path(tmp) / "loss.png")
-        storage.write_bytes(storage.join(plan.run_uri, "loss.png"), png.read_bytes(), **fs_kw)
-    dataset_files = {}
-    for split, uri in plan.dataset_files.items():
-        data = storage.read_bytes(uri, **fs_kw)
-        dataset_files[split] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(),
-                                "rows": data.count(b"\n")}
-    manifest = {
-        "kind": "e2e-llm/train-run",
-        "run_id": plan.run_id,
-        "status": "completed",
-        "profile": config.profile,
-        "finished_at": datetime.now(UTC).isoformat(),
-        "base_model": {"id": config.model.id, "source": config.model.source,
-                       "path": plan.args["model_name_or_path"]},
-        "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files},
-        "recipe": plan.recipe_path,
-        "dtype": plan.dtype,  # the training dtype and why (CPU capability / GPU)
-        "training_args": plan.args,
-        "ray": {"num_workers": config.train.num_workers, "use_gpu": config.train.use_gpu,
-                "resources_per_worker": config.train.resources_per_worker,
-                "accelerator_type": config.train.accelerator_type, "max_failures": config.train.max_failures},
-        "versions": train_report.versions(),
-        "git_sha": train_report.git_sha(config.root),
-        "metrics": {
-            "train_loss": train_log[-1]["loss"] if train_log else None,
-            "eval_loss": eval_log[-1]["eval_loss"] if eval_log else None,
-            "global_step": state.get("global_step"),
-            "max_steps": state.get("max_steps"),
-            "tokens_seen": tokens,
-            # transformers' non-padding count sums a 4-D neat-packing mask into nonsense (negative):
-            # record no figure rather than a wrong one.
-            "tokens_per_second": tokens / train_seconds if tokens > 0 and train_seconds else None,
-            "wall_time_s": round(wall_time, 1),
-        },
-        "attempts": len(starts),
-        "adapter_uri": storage.join(plan.run_uri, "adapter"),
-        "loss_curve": storage.join(plan.run_uri, "loss.png"),
-        "tensorboard": storage.join(plan.run_uri, "tensorboard"),
-    }
-    storage.write_text(storage.join(plan.run_uri, "manifest.json"), json.dumps(manifest, indent=2) + "\n", **fs_kw)
+    manifest = train_report.write_manifest(config, plan, wall_time=time.time() - start, fs_kw=fs_kw)
     return manifest

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What a finished ``e2e-llm train`` run's manifest is made of (``e2e_llm.train.write_manifest``):
+"""A finished ``e2e-llm train`` run's manifest (:func:`write_manifest`) and what it is made of:
 its loss history from LLaMA-Factory's ``trainer_state.json`` / ``all_results.json``, the loss
 curve (``loss.png``), the versions of the training stack and the project's git sha.
 """
@@ -7,12 +7,20 @@ curve (``loss.png``), the versions of the training stack and the project's git s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import subprocess
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from e2e_llm import storage
+from e2e_llm.train_worker import read_events
+
+if TYPE_CHECKING:
+    from e2e_llm.config import PipelineConfig
+    from e2e_llm.train import TrainPlan
 
 
 def git_sha(root: Path) -> str | None:
@@ -68,3 +76,59 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
+
+
+def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs_kw: dict[str, Any]) -> dict:
+    train_log, eval_log = read_log(plan.run_uri, fs_kw)
+    state = json.loads(storage.read_text(storage.join(plan.run_uri, "trainer_state.json"), **fs_kw))
+    tokens = state.get("num_input_tokens_seen") or 0
+    events = read_events(plan.run_uri, fs_kw)
+    starts = [e for e in events if e["event"] == "start" and e["rank"] == 0]
+    training_args = dict(plan.args)
+    if starts and "output_dir" in starts[-1]:  # as the workers had it: on each node's own disk with object storage
+        training_args["output_dir"] = starts[-1]["output_dir"]
+    runtimes = [h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h]
+    train_seconds = runtimes[-1] if runtimes else 0.0  # the final entry covers the whole (resumed) run
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_loss(train_log, eval_log, Path(tmp) / "loss.png")
+        storage.write_bytes(storage.join(plan.run_uri, "loss.png"), png.read_bytes(), **fs_kw)
+    dataset_files = {}
+    for split, uri in plan.dataset_files.items():
+        data = storage.read_bytes(uri, **fs_kw)
+        dataset_files[split] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(),
+                                "rows": data.count(b"\n")}
+    manifest = {
+        "kind": "e2e-llm/train-run",
+        "run_id": plan.run_id,
+        "status": "completed",
+        "profile": config.profile,
+        "finished_at": datetime.now(UTC).isoformat(),
+        "base_model": {"id": config.model.id, "source": config.model.source,
+                       "path": plan.args["model_name_or_path"]},
+        "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files},
+        "recipe": plan.recipe_path,
+        "dtype": plan.dtype,  # the training dtype and why (CPU capability / GPU)
+        "training_args": training_args,
+        "ray": {"num_workers": config.train.num_workers, "use_gpu": config.train.use_gpu,
+                "resources_per_worker": config.train.resources_per_worker,
+                "accelerator_type": config.train.accelerator_type, "max_failures": config.train.max_failures},
+        "versions": versions(),
+        "git_sha": git_sha(config.root),
+        "metrics": {
+            "train_loss": train_log[-1]["loss"] if train_log else None,
+            "eval_loss": eval_log[-1]["eval_loss"] if eval_log else None,
+            "global_step": state.get("global_step"),
+            "max_steps": state.get("max_steps"),
+            "tokens_seen": tokens,
+            # transformers' non-padding count sums a 4-D neat-packing mask into nonsense (negative):
+            # record no figure rather than a wrong one.
+            "tokens_per_second": tokens / train_seconds if tokens > 0 and train_seconds else None,
+            "wall_time_s": round(wall_time, 1),
+        },
+        "attempts": len(starts),
+        "adapter_uri": storage.join(plan.run_uri, "adapter"),
+        "loss_curve": storage.join(plan.run_uri, "loss.png"),
+        "tensorboard": storage.join(plan.run_uri, "tensorboard"),
+    }
+    storage.write_text(storage.join(plan.run_uri, "manifest.json"), json.dumps(manifest, indent=2) + "\n", **fs_kw)
+    return manifest

@@ -26,8 +26,11 @@ from typing import Any
 
 from e2e_llm import storage
 from e2e_llm.adapters import missing_adapter_files
+from e2e_llm.node_temp import own_temp_dir
 
 EVENTS_DIR = "events"
+# With object storage, runs' workers' folders on each node: <own temp dir>/train-work/<run id>.
+TRAIN_WORK_DIR = "train-work"
 # Folders of the work dir that fill_once makes: the dataset (remote storage) and the checkpoint
 # the run resumes from.
 DATASET_DIR = "dataset"
@@ -46,6 +49,20 @@ def setup_process() -> None:
 
     quiet_known_noise()
     name_own_instance()
+
+
+def node_work_root() -> Path:
+    """Where runs' workers keep their files on the node this runs on, with object storage: in this
+    user's own temp folder there (:mod:`e2e_llm.node_temp`: ``TMPDIR`` of that node, else ``/tmp``)."""
+    return Path(own_temp_dir()) / TRAIN_WORK_DIR
+
+
+def node_work_dir(run_id: str) -> Path:
+    return node_work_root() / run_id
+
+
+def remove_node_work_dir(run_id: str) -> None:
+    remove(node_work_dir(run_id))
 
 
 def events_uri(run_uri: str) -> str:
@@ -196,8 +213,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    work_dir, run_uri = Path(cfg["work_dir"]), cfg["run_uri"]
-    args = dict(cfg["args"])
+    run_uri = cfg["run_uri"]
+    work_dir = Path(cfg["work_dir"]) if cfg["work_dir"] else node_work_dir(cfg["run_id"])
+    args = dict(cfg["args"], output_dir=str(work_dir / "output"))
     fs_kw = cfg["fs_kw"]
 
     args["dataset_dir"] = str(local_dataset(cfg["dataset_uri"], work_dir, fs_kw))
@@ -208,7 +226,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         resume_from, resume_step = restore_checkpoint(checkpoint, work_dir)
         args["resume_from_checkpoint"] = str(resume_from)
     append_event(run_uri, fs_kw, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
-                 node=ray.get_runtime_context().get_node_id(), resume_step=resume_step,
+                 node=ray.get_runtime_context().get_node_id(), output_dir=args["output_dir"], resume_step=resume_step,
                  attempt_checkpoint=checkpoint.path if checkpoint else None)
 
     from e2e_llm.compat.llamafactory import run_training

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
 
-from e2e_llm.train import REMOTE_WORK_ROOT
+from e2e_llm.train_worker import node_work_dir, node_work_root
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 SMOKE = ["--set", "max_samples=32", "--set", "save_steps=1"]  # 16 steps of 2 workers x 1 row (the recipe's batch)
@@ -140,8 +140,10 @@ def test_killed_worker_is_restarted_and_resumes_from_s3_checkpoint(s3_server, lo
     registered = _wait_for(lambda: _registered_steps(lambda: s3.open_input_stream(snapshot).read()), proc, log)
     victim = _wait_for(lambda: next((e for e in _events(run_uri) if e["event"] == "start" and e["rank"] == 1), None),
                        proc, log)
+    assert (node_work_dir(run_id) / "dataset").is_dir()  # S3 storage: the workers' copy on this node's disk
     os.kill(victim["pid"], signal.SIGKILL)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert not node_work_dir(run_id).exists()  # removed once the run is done
 
     # In the run's storage, where a driver on a cluster's head node finds them (no worker's disk).
     events = _events(run_uri)
@@ -171,10 +173,12 @@ def _ray_node_ports(worker_ports: str) -> list[str]:
 @pytest.fixture()
 def two_node_cluster(tmp_path, s3_server):
     """A Ray cluster of two nodes on this machine, one CPU each, the second in a mount namespace of
-    its own where the workers' folder (``/tmp/e2e-llm-work``) is an empty tmpfs: as two machines of a
-    cluster, each node has its own disk there (the rest of /tmp stays shared: the checkout may be in it)."""
-    REMOTE_WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    mount = f"mount -t tmpfs e2e-node {REMOTE_WORK_ROOT}"
+    its own where the workers' folder (``train_worker.node_work_root``) is an empty tmpfs: as two
+    machines of a cluster, each node has its own disk there (the rest of /tmp stays shared: the
+    checkout may be in it)."""
+    work_root = node_work_root()
+    work_root.mkdir(parents=True, exist_ok=True)
+    mount = f"mount -t tmpfs -o mode=0700 e2e-node {work_root}"
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mount],
                            capture_output=True, text=True)
     if probe.returncode != 0:
@@ -246,8 +250,13 @@ def test_a_worker_restarted_on_another_node_resumes_from_ray_trains_checkpoint(t
     _wait_for(lambda: _registered_steps(lambda: s3.open_input_stream(snapshot).read()), proc, log)
     run_uri = f"s3://{bucket}/store/runs/{run_id}"
     victim = next(e for e in _events(run_uri) if e["event"] == "start" and _in_mount_namespace_of(e["pid"], node_pid))
+    # The second node's workers' folder as its processes see it (its own tmpfs).
+    second_node_work_dir = Path(f"/proc/{node_pid}/root{node_work_dir(run_id)}")
+    assert (second_node_work_dir / "dataset").is_dir()
     os.kill(victim["pid"], signal.SIGKILL)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    # A long-lived cluster's nodes kept each run's dataset copy and outputs until their disks filled.
+    assert not second_node_work_dir.exists() and not node_work_dir(run_id).exists()
 
     assert "Can't find a valid checkpoint" not in log.read_text()
     starts = [e for e in _events(run_uri) if e["event"] == "start"]
@@ -263,7 +272,7 @@ def test_a_local_storage_root_other_nodes_cannot_see_is_refused(two_node_cluster
     """A profile's local storage.root on a Ray cluster whose other nodes have their own disk there:
     their workers failed on the dataset path after loading the model, at every restart."""
     address, cluster_env, _ = two_node_cluster
-    own_folder = REMOTE_WORK_ROOT / f"store-{uuid.uuid4().hex[:8]}"  # the second node has its own there
+    own_folder = node_work_root() / f"store-{uuid.uuid4().hex[:8]}"  # the second node has its own there
     env = storage_env(own_folder, RAY_ADDRESS=address, RAY_AUTH_MODE=cluster_env["RAY_AUTH_MODE"])
     try:
         run_in_env("train", "data", "--profile", "local", env=env)
@@ -359,14 +368,18 @@ def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, tmp_path):
         time.sleep(1)
 
 
-def test_a_run_whose_workers_keep_failing_ends_with_a_clear_error(local_model, local_config, tmp_path):
+def test_a_run_whose_workers_keep_failing_ends_with_a_clear_error(local_model, local_config, s3_server, tmp_path):
     """Every attempt fails inside LLaMA-Factory (a template it does not have): after the restarts
     train.max_failures allows, the CLI ends with one line that says why and exits 1, with no
-    manifest and no Ray process left behind."""
-    store = tmp_path / "store"
-    env = storage_env(store)
-    run_in_env("train", "data", "--profile", "local", env=env)
+    manifest, no Ray process and no workers' folder (S3 storage: on each node's disk) left behind."""
+    from pyarrow import fs
+
     run_id = "ff-" + uuid.uuid4().hex[:8]
+    s3 = fs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
+                         region="us-east-1", allow_bucket_creation=True)
+    s3.create_dir("e2e-ft")
+    env = storage_env(f"s3://e2e-ft/{run_id}-store")
+    run_in_env("train", "data", "--profile", "local", env=env)
     temp_dir = f"/tmp/r-{run_id[:8]}"
     result = subprocess.run(
         [str(VENV / "train/bin/e2e-llm"), "train", "--profile", "local", "--run-id", run_id, *SMOKE,
@@ -380,5 +393,9 @@ def test_a_run_whose_workers_keep_failing_ends_with_a_clear_error(local_model, l
     assert error[0].endswith("ValueError: Template no_such_template does not exist. "
                              "(the workers' tracebacks are above)"), error[0]
     assert result.stderr.rstrip().endswith(error[0])  # the last thing the user reads
-    assert not (store / "runs" / run_id / "manifest.json").exists()
+    assert "not removed from every node" not in result.stdout
+    run_path = f"e2e-ft/{run_id}-store/runs/{run_id}"
+    assert s3.get_file_info(f"{run_path}/events").type == fs.FileType.Directory  # the workers did start
+    assert s3.get_file_info(f"{run_path}/manifest.json").type == fs.FileType.NotFound
+    assert not node_work_dir(run_id).exists()
     assert _no_ray_processes_left(temp_dir)

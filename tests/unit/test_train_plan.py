@@ -258,8 +258,9 @@ def test_a_recipe_written_for_llamafactory_cli_trains_on_the_profiles_model_and_
     assert plan.replaced_keys == ["model_name_or_path", "dataset", "eval_dataset", "dataset_dir", "output_dir",
                                   "resume_from_checkpoint"]
     assert plan.args["model_name_or_path"] == resolve_model_path(config.model, root=config.root)
-    assert plan.args["dataset"] == "viggo-train" and plan.args["output_dir"].startswith(plan.work_dir)
-    for key in ("eval_dataset", "dataset_dir", "resume_from_checkpoint"):  # no eval split; set in the worker
+    assert plan.args["dataset"] == "viggo-train"
+    # No eval split; the rest set in the worker.
+    for key in ("eval_dataset", "dataset_dir", "output_dir", "resume_from_checkpoint"):
         assert key not in plan.args
 
 
@@ -298,3 +299,32 @@ def test_a_dataset_written_before_the_profile_changed_is_refused(profile, tmp_pa
     config.data.task = str(task)
     with pytest.raises(TrainError, match="validated with another version of the task schema .*task.yaml: rerun"):
         plan_run(config)
+
+
+def test_the_work_dir_is_cleared_from_the_nodes_only_where_it_is_their_own_disk(monkeypatch, capsys):
+    """Remote storage puts each run's work dir on every node's own disk, local storage in the run's
+    folder: only the first is removed when the run is done, and a node that does not answer (or a
+    cluster already gone) leaves a warning, never an error in place of the run's own outcome."""
+    from e2e_llm import train
+
+    asked = []
+
+    def no_answer(fn, run_id, timeout_s):
+        asked.append(run_id)
+        return None
+
+    def cluster_gone(fn, run_id, timeout_s):
+        raise ConnectionError("GCS unreachable")
+
+    remote = train.TrainPlan("r1", "s3://b/runs/r1", None, "s3://b/data", {}, "recipe.yaml", {})
+    local = train.TrainPlan("r2", "/data/runs/r2", "/data/runs/r2/work", "/data/data", {}, "recipe.yaml", {})
+    monkeypatch.setattr(train, "on_every_node", no_answer)
+    train.clear_work_dirs(local)
+    assert asked == [] and capsys.readouterr().out == ""
+    train.clear_work_dirs(remote, timeout_s=5)
+    assert asked == ["r1"]
+    assert ("warning: the run's workers' folder (train-work/r1 in each node's temp folder) not removed from "
+            "every node within 5 s") in capsys.readouterr().out
+    monkeypatch.setattr(train, "on_every_node", cluster_gone)
+    train.clear_work_dirs(remote)
+    assert "not removed from every node: GCS unreachable" in capsys.readouterr().out
