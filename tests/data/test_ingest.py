@@ -246,3 +246,38 @@ def test_a_source_folder_that_is_not_there_names_the_profile_field_and_what_it_s
     assert main(["data", "--profile", str(path), "--source", str(tmp_path / "elsewhere")]) == 1
     assert f"{tmp_path}/elsewhere (--source) is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_object_storage_leaves_no_local_copy_behind(write_profile, tmp_path, monkeypatch, s3_server, broken):
+    """With object storage the data stage builds the dataset in a temporary folder and uploads it:
+    each run left that folder (the whole dataset, raw files included) in /tmp, a failed one too."""
+    import tempfile
+    import uuid
+
+    import boto3
+
+    from conftest import ROOT
+
+    from e2e_llm import storage
+    from e2e_llm.cli import main
+
+    bucket = f"dt-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", f"s3://{bucket}/store")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    source = tmp_path / "source"
+    source.mkdir()
+    shared = ROOT.parent / "shared" / "data" / "viggo"
+    for name in ("train.jsonl", "val.jsonl"):
+        lines = (shared / name).read_text().splitlines()[:20]
+        (source / name).write_text("\n".join(lines) + "\n")
+    if broken:  # a split the profile requires is missing: the stage fails after making its folder
+        (source / "val.jsonl").unlink()
+    path = write_profile(lambda d: d["data"].update(source=str(source), task=str(ROOT / d["data"]["task"])))
+    assert main(["data", "--profile", str(path)]) == (1 if broken else 0)
+    uploaded = storage.exists(f"s3://{bucket}/store/data/viggo/dataset_info.json")
+    assert uploaded is not broken
+    assert list(temp.iterdir()) == []

@@ -7,6 +7,7 @@ clean alpaca JSONL, rejects.jsonl and LLaMA-Factory's dataset_info.json under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -37,24 +38,27 @@ def run(args: argparse.Namespace) -> int:
             return 1
     output_uri = args.output or config.storage_uri("data", config.data.dataset)
     remote = storage.is_remote(output_uri)
-    # Object storage: build locally, then upload the finished folder.
-    output = Path(tempfile.mkdtemp(prefix="e2e-data-")) if remote else Path(output_uri)
-    try:
-        report = ingest(
-            source=source,
-            splits=config.data.splits,
-            output_dir=output,
-            task=config.task_schema(),
-            dataset=config.data.dataset,
-            fmt=config.data.format,
-            required=config.data.required_splits,
-            system_prompt=config.data.system_prompt,
-        )
-    except IngestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if remote:
-        storage.upload_dir(output, output_uri, endpoint_url=config.storage.endpoint_url, region=config.storage.region)
+    with contextlib.ExitStack() as stack:
+        # Object storage: build in a temporary folder (removed after), then upload the finished folder.
+        output = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="e2e-data-"))) if remote \
+            else Path(output_uri)
+        try:
+            report = ingest(
+                source=source,
+                splits=config.data.splits,
+                output_dir=output,
+                task=config.task_schema(),
+                dataset=config.data.dataset,
+                fmt=config.data.format,
+                required=config.data.required_splits,
+                system_prompt=config.data.system_prompt,
+            )
+        except IngestError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if remote:
+            storage.upload_dir(output, output_uri, endpoint_url=config.storage.endpoint_url,
+                               region=config.storage.region)
     print(report.table())
     if report.system_prompt:
         print(f"instruction of every row replaced by data.system_prompt: {report.system_prompt!r}")
