@@ -13,14 +13,24 @@ import subprocess
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from e2e_llm import storage
 from e2e_llm.train_worker import read_events
 
 if TYPE_CHECKING:
     from e2e_llm.config import PipelineConfig
-    from e2e_llm.train import TrainPlan
+
+
+class PlannedRun(Protocol):
+    """What the manifest reads of ``e2e_llm.train.TrainPlan`` (which imports this module)."""
+
+    run_id: str
+    run_uri: str
+    args: dict[str, Any]
+    recipe_path: str
+    dataset_files: dict[str, str]
+    dtype: dict[str, Any]
 
 
 def git_sha(root: Path) -> str | None:
@@ -78,7 +88,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(config: PipelineConfig, plan: TrainPlan, wall_time: float, fs_kw: dict[str, Any]) -> dict:
+def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, fs_kw: dict[str, Any]) -> dict:
     train_log, eval_log = read_log(plan.run_uri, fs_kw)
     state = json.loads(storage.read_text(storage.join(plan.run_uri, "trainer_state.json"), **fs_kw))
     tokens = state.get("num_input_tokens_seen") or 0

@@ -256,7 +256,6 @@ def test_object_storage_leaves_no_local_copy_behind(write_profile, tmp_path, mon
     import uuid
 
     import boto3
-
     from conftest import ROOT
 
     from e2e_llm import storage
