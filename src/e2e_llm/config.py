@@ -257,6 +257,15 @@ class ServeRetry(Strict):
     deadline_s: float = Field(60.0, ge=0)
 
 
+class AdapterCache(Strict):
+    # Adapter versions a serving machine keeps downloaded, per adapter store: after each download
+    # the least recently used beyond max_versions that no request needed for min_idle_s are removed,
+    # and downloaded again when asked for (e2e_llm.lora_disk_cache). Unbounded, a long-running
+    # service filled its node's disk with every version ever published.
+    max_versions: int = Field(16, ge=1)
+    min_idle_s: float = Field(600.0, ge=0)
+
+
 class ServeConfig(Strict):
     app_name: str = "llm"
     route_prefix: str = "/"
@@ -303,6 +312,7 @@ class ServeConfig(Strict):
     metrics_export_port: int | None = Field(None, ge=1, le=65535)
     limits: ServeLimits = ServeLimits()
     retry: ServeRetry = ServeRetry()
+    adapter_cache: AdapterCache = AdapterCache()
 
     @field_validator("max_replicas")
     @classmethod
@@ -311,6 +321,15 @@ class ServeConfig(Strict):
         if least is not None and most < least:
             raise ValueError(f"must be >= serve.min_replicas ({least})")
         return most
+
+    @field_validator("adapter_cache")
+    @classmethod
+    def _room_for_the_loaded(cls, cache: AdapterCache, info) -> AdapterCache:
+        slots = info.data.get("max_num_adapters_per_replica")
+        if slots is not None and cache.max_versions < slots:
+            raise ValueError(f"max_versions {cache.max_versions} must be >= serve.max_num_adapters_per_replica "
+                             f"({slots}): the adapters a replica holds would be downloaded again and again")
+        return cache
 
     @field_validator("stream_batching_max_interval_ms")
     @classmethod

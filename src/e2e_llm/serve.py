@@ -26,6 +26,7 @@ from typing import Any
 
 from e2e_llm.adapters import vllm_max_lora_rank
 from e2e_llm.config import PipelineConfig
+from e2e_llm.lora_disk_cache import adapter_cache_settings
 from e2e_llm.model import model_location
 from e2e_llm.ports import free_tcp_port
 from e2e_llm.precision import serve_device
@@ -173,9 +174,9 @@ def app_args(config: PipelineConfig) -> dict[str, Any]:
         llm_config["callback_config"] = {"callback_class": "e2e_llm.compat.ray_serve:LocalModelCallback"}
     batching = {key: getattr(serve, key) for key in ("stream_batching_interval_ms", *PACING_KEYS)
                 if getattr(serve, key) is not None}
-    if batching:
-        # Ray reads the interval; e2e_llm.server's replica reads the rest (e2e_llm.stream_pacing).
-        llm_config["experimental_configs"] = batching
+    # Ray reads the interval; e2e_llm.server's replica reads the rest (e2e_llm.stream_pacing) and
+    # the adapter cache's limits (e2e_llm.lora_disk_cache).
+    llm_config["experimental_configs"] = {**batching, **adapter_cache_settings(serve.adapter_cache)}
     if cpu:
         llm_config["accelerator_config"] = {"kind": "cpu"}
     elif serve.accelerator_type:

@@ -230,6 +230,60 @@ def _constructed_loader_roots(monkeypatch, server_cls, store_uri: str) -> list:
     return roots
 
 
+def test_the_profiles_adapter_cache_limits_give_the_pruned_loader_checked_before_each_load(monkeypatch,
+                                                                                            adapter_request):
+    """serve.adapter_cache reaches the replica's loader, and a request for an adapter first has its
+    folder checked (and downloaded again where pruned) before Serve's multiplexer and the engine
+    look at it."""
+    from ray.llm._internal.serve.core.server import llm_server
+    from ray.serve.llm import LLMConfig
+
+    from e2e_llm.config import AdapterCache
+    from e2e_llm.lora_disk_cache import adapter_cache_settings
+    from e2e_llm.server import E2ELLMServer
+
+    monkeypatch.setattr(llm_server, "push_telemetry_report_for_all_models", lambda **_: None)
+    config = LLMConfig(model_loading_config={"model_id": "base"},
+                       lora_config={"dynamic_lora_loading_path": "s3://b/adapters"},
+                       experimental_configs=adapter_cache_settings(AdapterCache(max_versions=3, min_idle_s=5)))
+    server = E2ELLMServer.__new__(E2ELLMServer)
+    asyncio.run(E2ELLMServer.__init__(server, config, engine_cls=_IdleEngine))
+    loader = server._lora_loader
+    assert isinstance(loader, compat.PrunedLoraLoader) and (loader.max_versions, loader.min_idle_s) == (3, 5)
+    assert loader.lora_root.endswith(os.path.basename(server.lora_cache_root(config)))
+
+    calls = []
+
+    async def ensure_on_disk(model_id):
+        calls.append(("ensure", model_id))
+
+    async def load_model(model_id):
+        calls.append(("load", model_id))
+        return model_id
+
+    async def resolve_lora(disk):
+        calls.append(("engine", disk))
+
+    monkeypatch.setattr(loader, "ensure_on_disk", ensure_on_disk)
+    server._load_model, server.engine = load_model, SimpleNamespace(resolve_lora=resolve_lora)
+    asyncio.run(server._maybe_resolve_lora_from_multiplex())
+    assert calls == [("ensure", "viggo-v2"), ("load", "viggo-v2"), ("engine", "viggo-v2")]
+
+    async def store_down(model_id):
+        raise OSError("connection refused")
+
+    async def adapter_load_failed(model_id, exc):
+        calls.append(("failed", model_id, str(exc)))
+
+    calls.clear()
+    monkeypatch.setattr(loader, "ensure_on_disk", store_down)
+    monkeypatch.setattr(server, "adapter_load_failed", adapter_load_failed)
+    with pytest.raises(OSError):
+        asyncio.run(server._maybe_resolve_lora_from_multiplex())
+    # A pruned version the store cannot give back fails as an unloaded one does (503 naming the store).
+    assert calls == [("failed", "viggo-v2", "connection refused")]
+
+
 def test_adapters_download_into_one_folder_per_store_not_rays_one_per_machine(monkeypatch):
     from e2e_llm.server import E2ELLMServer, lora_cache_dir
 

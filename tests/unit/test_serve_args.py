@@ -122,12 +122,13 @@ def test_stream_pacing_settings_reach_the_engine_replica(project_root):
     config.serve.stream_batching_interval_ms = 500
     config.serve.stream_batching_messages_per_s = 32
     config.serve.stream_batching_max_interval_ms = 2000
+    cache = {"adapter_cache_max_versions": 16, "adapter_cache_min_idle_s": 600.0}  # serve.adapter_cache
     assert app_args(config)["llm_configs"][0]["experimental_configs"] == {
         "stream_batching_interval_ms": 500, "stream_batching_messages_per_s": 32,
-        "stream_batching_max_interval_ms": 2000}
+        "stream_batching_max_interval_ms": 2000, **cache}
     config.serve.stream_batching_interval_ms = None
     config.serve.stream_batching_messages_per_s = config.serve.stream_batching_max_interval_ms = None
-    assert "experimental_configs" not in app_args(config)["llm_configs"][0]  # Ray's defaults
+    assert app_args(config)["llm_configs"][0]["experimental_configs"] == cache  # Ray's batching defaults
 
 
 TOGETHER = "set stream_batching_messages_per_s and stream_batching_max_interval_ms together"
@@ -149,6 +150,17 @@ def test_inconsistent_stream_pacing_settings_are_refused_naming_the_key(settings
 
     with pytest.raises(ConfigError, match=rf"serve\.stream_batching_max_interval_ms.*{message}"):
         load_profile(str(write_profile(edit)))
+
+
+def test_an_adapter_cache_smaller_than_the_replicas_adapter_slots_is_refused_naming_the_key(write_profile):
+    def edit(d):
+        d["serve"].update(max_num_adapters_per_replica=4, adapter_cache={"max_versions": 3})
+
+    with pytest.raises(ConfigError, match=r"serve\.adapter_cache.*max_versions 3 must be >= "
+                                          r"serve\.max_num_adapters_per_replica \(4\)"):
+        load_profile(str(write_profile(edit)))
+    path = write_profile(lambda d: d["serve"].update(adapter_cache={"max_versions": 4, "min_idle_s": 0}))
+    assert load_profile(str(path)).serve.adapter_cache.min_idle_s == 0
 
 
 def test_fewer_max_than_min_replicas_is_refused_naming_the_key(write_profile):

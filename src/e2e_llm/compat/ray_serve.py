@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Ray Serve LLM (Ray 2.60) beyond its public API: the names ``ray.serve.llm`` does not export
-and the two ``LLMServer`` overrides that work around Ray 2.60 bugs.
+"""Ray Serve LLM (Ray 2.60) beyond its public API: the names ``ray.serve.llm`` does not export,
+the two ``LLMServer`` overrides that work around Ray 2.60 bugs, and the LoRA loader with a bounded
+disk cache (``PrunedLoraLoader``).
 
 Public names (``ray.serve.llm.LLMServer``, ``LLMConfig``, ``build_llm_deployment``,
 ``ray.serve.llm.ingress.OpenAiIngress`` / ``make_fastapi_ingress``,
@@ -12,17 +13,20 @@ run ``pytest tests/unit/test_compat_ray_serve.py``: it names each entry that mov
 from __future__ import annotations
 
 import asyncio
-import functools
+import time
 from collections import defaultdict
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from ray import serve
 from ray.serve.llm import LLMServer
 
 from e2e_llm.compat import Entry, problems, resolve
+from e2e_llm.lora_disk_cache import is_complete, limits_from_settings, mark_used, prune
 from e2e_llm.stream_pacing import PACING_KEYS, StreamPacer
 
 _OPENAI_MODELS = "ray.llm._internal.serve.core.configs.openai_api_models"
+_LORA_SERVE_UTILS = "ray.llm._internal.serve.utils.lora_serve_utils"
 _INGRESS = "ray.llm._internal.serve.core.ingress.ingress"
 
 DEFAULT_ENDPOINTS_ENTRY = Entry(
@@ -58,11 +62,23 @@ GRPC_BY_DEFAULT = Entry(
         "environment was set (e2e-llm serve, the bench, the tests) gave the ingress Ray actor calls instead; "
         "the ingress re-reads the transport in its own process (with_mode_transport)")
 LORA_LOADER = Entry(
-    "ray.llm._internal.serve.utils.lora_serve_utils", "LoraModelLoader",
+    _LORA_SERVE_UTILS, "LoraModelLoader",
     params=("lora_root", "download_timeout_s", "max_tries"),
     why="every LLMServer on a machine downloads adapters into one folder (/tmp/ray/llm/lora/cache/<version>): "
         "two apps whose stores both hold a version of the same name overwrite each other's weights there; "
         "PatchedLLMServer gives the loader a folder of the subclass's choosing (lora_cache_root)")
+LORA_LOAD_MODEL = Entry(
+    _LORA_SERVE_UTILS, "LoraModelLoader.load_model", params=("self", "lora_model_id", "lora_mirror_config"),
+    why="overridden: each adapter's folder and source are recorded, and the cache pruned after a download "
+        "(Ray never removes a downloaded version: a long-running service filled its disk; e2e_llm.lora_disk_cache)")
+LORA_DOWNLOAD = Entry(
+    _LORA_SERVE_UTILS, "LoraModelLoader._download_lora", params=("self", "lora_mirror_config"),
+    why="downloads a pruned adapter again into the folder Ray and vLLM keep its path of")
+LORA_DOWNLOAD_LOCK = Entry(
+    "ray.llm._internal.common.utils.lora_utils", "sync_files_with_lock",
+    params=("bucket_uri", "local_path", "timeout", "substrings_to_include"),
+    why="downloads into a folder under the lock '<folder>.lock' (filelock); pruning takes the same lock, so it "
+        "never removes a folder being downloaded into (download_lock)")
 SERVER_INIT = Entry(
     "ray.serve.llm", "LLMServer.__init__", params=("self", "llm_config", "engine_cls", "model_downloader"),
     why="the model_downloader argument is where the LoRA loader with our folder is injected")
@@ -103,8 +119,8 @@ CALLBACK_CTX = Entry(
 ENTRIES = [DEFAULT_ENDPOINTS_ENTRY, INIT, MODEL_CARD, MODEL_LIST, OPENAI_HTTP_EXCEPTION,
            TO_MODEL_METADATA, DEPLOYMENT_DEFAULTS, RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL,
            PROCESS_REQUEST, WORKER_NICENESS, CONTROL_LOOP_INTERVAL, GRPC_BY_DEFAULT, LORA_LOADER, SERVER_INIT,
-           CALLBACK_BASE, CALLBACK_HOOK, CALLBACK_CTX]
-OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM]
+           CALLBACK_BASE, CALLBACK_HOOK, CALLBACK_CTX, LORA_LOAD_MODEL, LORA_DOWNLOAD, LORA_DOWNLOAD_LOCK]
+OVERRIDES = [RESOLVE_LORA, BATCH_OUTPUT_STREAM, LORA_LOAD_MODEL]
 
 
 def serve_constants_source() -> str:
@@ -134,7 +150,7 @@ def check() -> list[str]:
 
 
 for _entry in (RESOLVE_LORA, BATCH_OUTPUT_STREAM, BATCH_INTERVAL, PROCESS_REQUEST, SERVER_INIT, CALLBACK_HOOK,
-               CALLBACK_CTX):
+               CALLBACK_CTX, LORA_LOAD_MODEL, LORA_DOWNLOAD, LORA_DOWNLOAD_LOCK):
     resolve(_entry, __name__)  # fail at import, not silently at the first request
 DEFAULT_ENDPOINTS = resolve(DEFAULT_ENDPOINTS_ENTRY, __name__)
 fastapi_app = resolve(INIT, __name__)
@@ -150,17 +166,80 @@ CallbackBase = resolve(CALLBACK_BASE, __name__)
 UNBATCHED_HEAD = 2
 
 
+def download_lock(folder: str) -> str:
+    """The lock file Ray's downloads into ``folder`` hold (LORA_DOWNLOAD_LOCK)."""
+    return folder + ".lock"
+
+
+class PrunedLoraLoader(LoraModelLoader):
+    """Ray's LoRA loader with a bounded disk cache (``e2e_llm.lora_disk_cache``): after each
+    download the folder is pruned to ``max_versions`` (LORA_LOAD_MODEL), and before each request
+    the adapter's folder is marked used and, where pruning removed it, downloaded again into the
+    same path (LORA_DOWNLOAD): Ray and vLLM keep that path, and vLLM reloads the weights from it
+    after its own LoRA cache evicted them."""
+
+    def __init__(self, *, lora_root: str, max_versions: int, min_idle_s: float, **options: Any):
+        super().__init__(lora_root=lora_root, **options)
+        self.max_versions, self.min_idle_s = max_versions, min_idle_s
+        self._sources: dict[str, tuple[str, Any]] = {}  # model id -> (its folder, Ray's mirror config)
+        self._checked: dict[str, float] = {}  # model id -> when ensure_on_disk last marked it used
+
+    async def load_model(self, lora_model_id: str, lora_mirror_config: Any):
+        new = lora_model_id not in self._sources
+        disk = await super().load_model(lora_model_id, lora_mirror_config)
+        self._sources[lora_model_id] = (disk.local_path, lora_mirror_config)
+        if new:
+            self._checked[lora_model_id] = time.time()
+            await asyncio.to_thread(self._prune_after_download, disk.local_path)
+        return disk
+
+    def _prune_after_download(self, folder: str) -> None:
+        mark_used(folder)
+        prune(self.lora_root, self.max_versions, self.min_idle_s, download_lock)
+
+    async def ensure_on_disk(self, model_id: str) -> None:
+        """Before a request for ``model_id``: its folder marked used, and downloaded again where it
+        was pruned. A folder marked used is not pruned for ``min_idle_s``, so this touches the disk at
+        most twice in that time per adapter."""
+        checked_at = time.time()
+        if model_id not in self._sources or checked_at - self._checked[model_id] < self.min_idle_s / 2:
+            return
+        await asyncio.to_thread(self._ensure_on_disk, *self._sources[model_id])
+        self._checked[model_id] = checked_at  # only once there: a failed download is tried again
+
+    def _ensure_on_disk(self, folder: str, mirror_config: Any) -> None:
+        from filelock import FileLock
+
+        with FileLock(download_lock(folder)):  # pruning checks a folder's last use under this lock
+            mark_used(folder)
+            complete = is_complete(folder)
+        if not complete:
+            self._download_lora(mirror_config)
+            self._prune_after_download(folder)
+
+
 class PatchedLLMServer(LLMServer):
-    """``ray.serve.llm.LLMServer`` with the two Ray 2.60 workarounds (``OVERRIDES``)."""
+    """``ray.serve.llm.LLMServer`` with the two Ray 2.60 workarounds (``RESOLVE_LORA``,
+    ``BATCH_OUTPUT_STREAM``) and the adapters' own folder (``lora_cache_root``), pruned where the
+    app sets ``serve.adapter_cache`` (``PrunedLoraLoader``)."""
 
     _lora_locks: defaultdict[str, asyncio.Lock] | None = None
+    _lora_loader: PrunedLoraLoader | None = None
 
     async def __init__(self, llm_config, **kwargs):
         # LORA_LOADER: adapters are downloaded into the folder lora_cache_root names, not Ray's
-        # one folder per machine.
+        # one folder per machine, and pruned there (PrunedLoraLoader) where the app sets limits.
         root = self.lora_cache_root(llm_config)
         if root is not None and kwargs.get("model_downloader") is None:
-            kwargs["model_downloader"] = functools.partial(LoraModelLoader, lora_root=root)
+            limits = limits_from_settings(llm_config.experimental_configs)
+
+            def loader(**options):
+                if limits is None:
+                    return LoraModelLoader(lora_root=root, **options)
+                self._lora_loader = PrunedLoraLoader(lora_root=root, **limits, **options)
+                return self._lora_loader
+
+            kwargs["model_downloader"] = loader
         await super().__init__(llm_config, **kwargs)
 
     def lora_cache_root(self, llm_config) -> str | None:
@@ -176,6 +255,8 @@ class PatchedLLMServer(LLMServer):
             self._lora_locks = defaultdict(asyncio.Lock)
         async with self._lora_locks[model_id]:
             try:
+                if self._lora_loader is not None:  # the engine may read its folder again (vLLM reloads)
+                    await self._lora_loader.ensure_on_disk(model_id)
                 return await super()._maybe_resolve_lora_from_multiplex()
             except Exception as exc:
                 await self.adapter_load_failed(model_id, exc)
