@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from e2e_llm import lru_folders
 from e2e_llm.adapters import missing_adapter_files
 
-REMOVING = ".removing-"
 # LLMConfig.experimental_configs keys the replica reads the profile's serve.adapter_cache from.
 SETTINGS_PREFIX = "adapter_cache_"
 
@@ -48,13 +45,6 @@ def is_complete(folder: str) -> bool:
     return os.path.isdir(folder) and not missing_adapter_files(Path(folder))
 
 
-def last_use(folder: str) -> float:
-    try:
-        return os.stat(folder).st_mtime
-    except FileNotFoundError:
-        return float("-inf")
-
-
 def mark_used(folder: str) -> None:
     with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the next request downloads it again
         os.utime(folder)
@@ -62,31 +52,12 @@ def mark_used(folder: str) -> None:
 
 def prune(root: str, max_versions: int, min_idle_s: float, lock_path: Callable[[str], str]) -> list[str]:
     """Remove the adapter folders of ``root`` beyond the ``max_versions`` most recently used that
-    nobody used for ``min_idle_s``; returns their names. A folder is renamed away under the lock
-    its downloads take (``lock_path(folder)``, skipped while held) and only then deleted, so a
-    folder under an adapter's name is never half there."""
-    from filelock import FileLock, Timeout
+    nobody used for ``min_idle_s``, each under the lock its downloads take (``lock_path(folder)``;
+    skipped while held), where a request marks its folder used too (:mod:`e2e_llm.lru_folders`).
+    Returns their names."""
+    from filelock import FileLock
 
-    try:
-        entries = [entry for entry in os.scandir(root) if entry.is_dir()]
-    except FileNotFoundError:
-        return []
-    for entry in entries:
-        if entry.name.startswith(REMOVING):  # a removal cut off by a crash
-            shutil.rmtree(entry.path, ignore_errors=True)
-    folders = [entry for entry in entries if not entry.name.startswith(".")]
-    folders.sort(key=lambda entry: last_use(entry.path), reverse=True)
-    removed = []
-    for entry in folders[max_versions:]:
-        try:
-            with FileLock(lock_path(entry.path), timeout=0):
-                # Read under the lock: a request marks its folder used under it too.
-                if time.time() - last_use(entry.path) < min_idle_s:
-                    continue
-                doomed = os.path.join(root, f"{REMOVING}{entry.name}-{uuid.uuid4().hex[:8]}")
-                os.rename(entry.path, doomed)
-        except (Timeout, FileNotFoundError):  # being downloaded into, or gone already
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)
-        removed.append(entry.name)
-    return removed
+    def download_lock(folder: Path) -> FileLock:
+        return FileLock(lock_path(str(folder)), timeout=0)
+
+    return [p.name for p in lru_folders.prune(Path(root), max_versions, min_idle_s, guard=download_lock)]

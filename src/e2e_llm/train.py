@@ -41,8 +41,6 @@ from e2e_llm.runs import new_run_id
 from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
 from e2e_llm.train_worker import TRAIN_WORK_DIR, read_events, remove_node_work_dir, train_loop_per_worker
 
-# Each node's folder for a run on remote storage (dataset and checkpoint copies, the HF output dir):
-# the node's own disk, as the run's storage is elsewhere.
 # LLaMA-Factory's own Ray settings: the profile's `train` section replaces them.
 RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "master_addr", "master_port", "ray_run_name",
             "ray_storage_path", "resources_per_worker", "placement_strategy")

@@ -153,6 +153,7 @@ def test_killed_worker_is_restarted_and_resumes_from_s3_checkpoint(s3_server, lo
     assert starts[1]["resume_step"] >= min(registered) >= 1  # resumed past the checkpoint, not from zero
     manifest = json.loads(s3.open_input_stream(f"e2e-ft/{run_id}-store/runs/{run_id}/manifest.json").read())
     assert manifest["attempts"] == 2
+    assert manifest["training_args"]["output_dir"] == str(node_work_dir(run_id) / "output")  # as the workers had it
     assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
     info = s3.get_file_info(f"e2e-ft/{run_id}-store/runs/{run_id}/adapter/adapter_model.safetensors")
     assert info.size > 0

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e_llm.lora_disk_cache import REMOVING, is_complete, limits_from_settings, prune
+from e2e_llm.lora_disk_cache import is_complete, limits_from_settings, prune
+from e2e_llm.lru_folders import ASIDE
 
 
 def _lock(folder: str) -> str:
@@ -51,7 +52,7 @@ def test_a_folder_used_lately_or_being_downloaded_into_stays(tmp_path):
 
 def test_a_removal_cut_off_by_a_crash_is_finished_and_no_half_folder_keeps_a_name(tmp_path):
     _adapters(tmp_path, ["v1"], [0])
-    (tmp_path / f"{REMOVING}v0-1234").mkdir()
+    (tmp_path / f"{ASIDE}v0-1234").mkdir()
     assert prune(str(tmp_path), max_versions=1, min_idle_s=0, lock_path=_lock) == []
     assert [p.name for p in tmp_path.iterdir()] == ["v1"]
     assert prune(str(tmp_path / "missing"), max_versions=1, min_idle_s=0, lock_path=_lock) == []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,34 +73,16 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
 def prune_merged_cache(root: Path, keep: int = KEEP_MERGED, idle_s: float = MERGED_IDLE_S,
                        now: float | None = None) -> list[Path]:
     """Remove the merged checkpoints under ``root`` beyond the ``keep`` used last (by their
-    marker's time), and unfinished merges, where untouched for ``idle_s``; returns what went.
-    A folder is renamed aside before it is deleted: a reader never finds it half gone."""
-    import shutil
+    marker's time), and unfinished merges, where untouched for ``idle_s``; returns what went
+    (:mod:`e2e_llm.lru_folders`)."""
+    from e2e_llm import lru_folders
 
-    now = time.time() if now is None else now
+    def used(folder: Path) -> float | None:
+        return lru_folders.mtime(folder / MERGED_MARKER)
 
-    def mtime(path: Path) -> float | None:
-        try:
-            return path.stat().st_mtime
-        except OSError:  # gone meanwhile
-            return None
-
-    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
-    used = {p: mtime(p / MERGED_MARKER) for p in folders}
-    finished = sorted((p for p in folders if used[p] is not None), key=lambda p: used[p], reverse=True)
-    unfinished = [(p, mtime(p)) for p in folders if used[p] is None and ".tmp" in p.name]
-    removed = []
-    for folder, last in [(p, used[p]) for p in finished[keep:]] + unfinished:
-        if last is None or now - last < idle_s:
-            continue
-        aside = folder.with_name(f".{folder.name}.pruned-{os.getpid()}")
-        try:
-            os.replace(folder, aside)
-        except OSError:  # another run pruned it first
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
-        removed.append(folder)
-    return removed
+    removed = lru_folders.prune(root, keep, idle_s, last_use=used, now=now)
+    unfinished = [p for p in root.iterdir() if p.is_dir() and ".tmp" in p.name] if root.is_dir() else []
+    return removed + [p for p in unfinished if used(p) is None and lru_folders.remove_if_idle(p, idle_s, now=now)]
 
 
 @dataclass
