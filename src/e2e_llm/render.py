@@ -44,6 +44,7 @@ from e2e_llm.render_kuberay import (
     service_account,
     shared_volume,
 )
+from e2e_llm.render_openshift import openshift_patches
 
 # Directories fully owned by render: a file there that render does not produce is drift.
 RENDERED_DIRS = ("jobs", "services", "k8s/base", "k8s/components")
@@ -145,6 +146,10 @@ def render_files(deploy: DeployConfig) -> dict[str, str]:
     files["k8s/components/canary/kustomization.yaml"] = document(
         {**kustomization([], component=True), "patches": [{"path": "upgrade-strategy.yaml"}]},
         "Component: RayService NewClusterWithIncrementalUpgrade. Usage: components: [../../components/canary]")
+    files["k8s/components/openshift/kustomization.yaml"] = document(
+        {**kustomization([], component=True), "patches": openshift_patches([doc for doc, _ in base.values()])},
+        "Component: Ray pods OpenShift's restricted-v2 SCC admits (no fsGroup of our own). "
+        "Usage: components: [../../components/openshift]")
     files["k8s/components/monitoring/podmonitor.yaml"] = document(
         pod_monitor(deploy, config), "Prometheus Operator PodMonitor for Ray metrics of every Ray pod.")
     files["k8s/components/monitoring/grafana-dashboard.yaml"] = document(

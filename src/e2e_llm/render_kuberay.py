@@ -26,7 +26,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # Every Ray pod meets the Pod Security Standard "restricted", which the overlays' namespaces
 # enforce; e2e_llm.validate_pod_security checks each pod KubeRay makes from these templates,
 # its own containers included. The images run as rayproject/ray's user (USER 1000, checked by
-# check_containerfile), whose group is "users" (100): fsGroup gives it the shared volume.
+# check_containerfile), whose group is "users" (100): fsGroup gives it the shared volume (on
+# OpenShift, which assigns its own, k8s/components/openshift removes it: e2e_llm.render_openshift).
 RAY_USER_GROUP = 100
 POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "fsGroup": RAY_USER_GROUP, "fsGroupChangePolicy": "OnRootMismatch",
                         "seccompProfile": {"type": "RuntimeDefault"}}

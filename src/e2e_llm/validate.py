@@ -13,7 +13,8 @@ broken manifest fails with a message that says what to fix:
    ``check_serve_config``: ``serveConfigV2`` through Ray Serve's ``ServeDeploySchema``, every
    ``import_path`` imported, every LLM config through ``ray.serve.llm.LLMConfig``; and
    ``check_kuberay_pods``: every pod KubeRay makes from them (its own containers included) is
-   admitted at the namespace's Pod Security level and pulls with the head's secrets.
+   admitted at the namespace's Pod Security level and pulls with the head's secrets, and
+   ``check_openshift_pods``: a document asking for OpenShift's restricted-v2 SCC sets nothing it assigns.
 5. ``check_core_objects``: core objects and every pod template with ``kubernetes-validate --strict``.
 6. ``check_anyscale``: Anyscale YAMLs through the SDK's ``JobConfig``/``ServiceConfig``.
 7. ``check_no_secrets``: no secret values, placeholder tokens, ``latest`` tags or unpinned archives.
@@ -46,7 +47,7 @@ from e2e_llm.validate_lint import (
     lint_yaml,
 )
 from e2e_llm.validate_operator import check_operator_rules
-from e2e_llm.validate_pod_security import check_kuberay_pods, enforced_level
+from e2e_llm.validate_pod_security import check_kuberay_pods, check_openshift_pods, enforced_level
 from e2e_llm.validate_schema import (
     check_cel,
     check_core_objects,
@@ -61,6 +62,7 @@ __all__ = [
     "CRD_FILES", "KUBERAY_CRDS", "CrdsMissing", "check_anyscale", "check_applications", "check_cel",
     "check_containerfile", "check_core_objects", "check_crd_schema", "check_cross", "check_extra_kinds",
     "check_kuberay_pods",
+    "check_openshift_pods",
     "check_import_path",
     "check_kinds_covered", "check_no_secrets", "check_operator_rules", "check_serve_config", "kustomize_build",
     "lint_yaml", "load_documents", "overlays", "rendered_yaml_files", "strict_schema", "validate_all",
@@ -114,6 +116,7 @@ def validate_documents(docs: list[dict[str, Any]], crd_dir: Path, where: str = "
             problems += check_cel(doc, crd_dir)
             problems += check_operator_rules(doc)
             problems += check_kuberay_pods(doc, level)
+            problems += check_openshift_pods(doc)
             if doc["kind"] == "RayService":
                 problems += check_serve_config(doc)
     problems += check_core_objects(docs)

@@ -120,6 +120,26 @@ def _secret_values(doc: Any, where: str, path: tuple[Any, ...] = ()) -> list[str
 # Containerfiles
 
 
+# The base image's HOME (rayproject/ray's `ray` user).
+IMAGE_HOME = "/home/ray"
+
+
+def _group_zero_writable(path: Path, parser) -> list[str]:
+    """OpenShift runs the image under an arbitrary uid in group 0 (restricted-v2,
+    e2e_llm.render_openshift): HOME and the project folder (the last WORKDIR) must be writable by
+    group 0, or the first write there (a cache, a merged checkpoint) fails."""
+    workdirs = [i["value"].strip() for i in parser.structure if i["instruction"] == "WORKDIR"]
+    runs = [i["value"] for i in parser.structure if i["instruction"] == "RUN"]
+    problems = []
+    for folder in dict.fromkeys([IMAGE_HOME, *workdirs[-1:]]):
+        owned = any(re.search(rf"chgrp (-R )?0 ([^&;]* )?{re.escape(folder)}(\s|$)", run) for run in runs)
+        writable = any(re.search(rf"chmod (-R )?g=u ([^&;]* )?{re.escape(folder)}(\s|$)", run) for run in runs)
+        if not (owned and writable):
+            problems.append(f"{path}: {folder}: not writable by group 0 (`chgrp 0` and `chmod g=u`): OpenShift runs "
+                            "the image under an arbitrary uid in group 0")
+    return problems
+
+
 def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) -> list[str]:
     """hadolint clean; a pinned base image (no latest/digest-less bare name) whose Ray version
     matches the lock's ``ray`` pin; installs the lock file with pip and nothing unpinned."""
@@ -162,6 +182,7 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) 
                 problems.append(f"{path}: RUN pip install {' '.join(unpinned)}: unpinned (install the lock file)")
             if "-r" not in args and "." not in args:
                 problems.append(f"{path}: RUN {command.strip()}: installs packages outside the lock file")
+    problems += _group_zero_writable(path, parser)
     users = [i["value"].strip() for i in parser.structure if i["instruction"] == "USER"]
     user = users[-1].partition(":")[0] if users else ""
     if not user.isdigit() or int(user) == 0:

@@ -106,6 +106,37 @@ def check_kuberay_pods(doc: dict[str, Any], level: str = "restricted") -> list[s
     return problems
 
 
+def check_openshift_pods(doc: dict[str, Any]) -> list[str]:
+    """For a document whose pod templates ask for OpenShift's restricted-v2 SCC (the ``openshift``
+    component, e2e_llm.render_openshift): every template asks for it, and no pod KubeRay creates
+    from them names a value restricted-v2 assigns from the namespace's ranges (it refuses the pod)."""
+    from e2e_llm.render_openshift import (
+        REQUIRED_SCC,
+        REQUIRED_SCC_ANNOTATION,
+        SCC_ASSIGNED_CONTAINER_FIELDS,
+        SCC_ASSIGNED_POD_FIELDS,
+        pod_templates,
+    )
+
+    asked = {path: ((template.get("metadata") or {}).get("annotations") or {}).get(REQUIRED_SCC_ANNOTATION)
+             for path, template in pod_templates(doc)}
+    if not any(asked.values()):
+        return []
+    problems = [f"{_name(doc)}: {path}/metadata/annotations: {REQUIRED_SCC_ANNOTATION} is {scc!r}, not "
+                f"{REQUIRED_SCC!r} as the other pod templates' (its pods may get another SCC)"
+                for path, scc in asked.items() if scc != REQUIRED_SCC]
+    assigned = f"{REQUIRED_SCC} assigns it from the namespace's range and refuses a pod that sets one"
+    for what, pod in kuberay_pods(doc):
+        context = pod.get("securityContext") or {}
+        problems += [f"{_name(doc)}: {what}: spec.securityContext.{field}: {assigned}"
+                     for field in SCC_ASSIGNED_POD_FIELDS if field in context]
+        for where, container in _containers(pod):
+            context = container.get("securityContext") or {}
+            problems += [f"{_name(doc)}: {what}: {where}.securityContext.{field}: {assigned}"
+                         for field in SCC_ASSIGNED_CONTAINER_FIELDS if field in context]
+    return problems
+
+
 def namespace_levels(docs: list[dict[str, Any]]) -> dict[str, str]:
     """Namespace name -> the Pod Security level it enforces (its label; absent: privileged)."""
     return {(d.get("metadata") or {}).get("name", "?"):

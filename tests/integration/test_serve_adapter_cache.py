@@ -19,7 +19,11 @@ def test_an_adapter_pruned_from_disk_is_served_again_after_the_engine_evicted_it
     finds its adapter evicted from the engine and pruned from disk. vLLM reloads an adapter from
     the folder it was first loaded from, so without the loader downloading it again there, the
     third request failed; with it, each adapter answers as it first did and one version stays."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    from e2e_llm.serve import MODE_FIXED_PORTS_ENV
+
+    # Not the ports this process's own app (the session's shared one, when it runs) holds.
+    env = {key: value for key, value in os.environ.items() if key not in MODE_FIXED_PORTS_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
     result = subprocess.run([str(VENV / "serve/bin/python"), str(ROOT / "tests/adapter_cache_app.py"), str(ROOT),
                              str(local_model), s3_server, str(tmp_path)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

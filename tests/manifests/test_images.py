@@ -58,6 +58,11 @@ TRAIN_RAY = lock_pins(ROOT / "images/train/requirements.lock")["ray"]
     # The pods' runAsNonRoot can only be checked against a numeric user.
     (lambda t: t + "USER ray\n", "USER ray: the image must end with a numeric non-root USER"),
     (lambda t: t + "USER 0\n", "USER 0: the image must end with a numeric non-root USER"),
+    # OpenShift runs the image under an arbitrary uid in group 0.
+    (lambda t: t.replace("chgrp 0 /home/ray && chmod g=u /home/ray", "true"),
+     "/home/ray: not writable by group 0"),
+    (lambda t: t.replace("chmod -R g=u /home/ray/e2e-llm", "chmod -R g+r /home/ray/e2e-llm"),
+     "/home/ray/e2e-llm: not writable by group 0"),
 ])
 def test_broken_containerfile_is_rejected(tmp_path, edit, expected):
     broken = tmp_path / "Containerfile"
