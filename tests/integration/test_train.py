@@ -352,17 +352,32 @@ def test_a_checkpoint_ray_train_never_registered_is_not_resumed(local_model, tmp
     assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
 
 
-def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, tmp_path):
+def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, s3_server, tmp_path):
     """A cancelled job, a stopped pod or `kill`: left to Ray, the driver printed a crash dump and
-    died with SIGABRT (134). It now takes Ctrl-C's graceful abort: 143, how to resume, no Ray left."""
-    store, _, run_id, proc, log, _ = _training_past_a_checkpoint(tmp_path, "st")
+    died with SIGABRT (134). It now takes Ctrl-C's graceful abort: 143, how to resume, no Ray left,
+    and (object storage) no workers' folder left on the node: a rerun resumes from the storage."""
+    from pyarrow import fs
+
+    s3 = fs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
+                         region="us-east-1", allow_bucket_creation=True)
+    s3.create_dir("e2e-ft")
+    run_id = "st-" + uuid.uuid4().hex[:8]
+    env = storage_env(f"s3://e2e-ft/{run_id}-store")
+    run_in_env("train", "data", "--profile", "local", env=env)
+    log = tmp_path / "train.log"
+    proc = _start_training(run_id, env, log)
+    run_path = f"e2e-ft/{run_id}-store/runs/{run_id}"
+    _wait_for(lambda: _registered_steps(lambda: s3.open_input_stream(f"{run_path}/checkpoint_manager_snapshot.json")
+                                        .read()), proc, log)
+    assert (node_work_dir(run_id) / "dataset").is_dir()
     proc.send_signal(signal.SIGTERM)  # the driver alone, as a job runner or the kubelet does
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     text = log.read_text()
     assert text.rstrip().splitlines()[-1].startswith(
         f"error: terminated (SIGTERM); rerun with --run-id {run_id} to resume from its last checkpoint (step ")
     assert "SIGTERM received at time" not in text  # no crash dump
-    assert not (store / "runs" / run_id / "manifest.json").exists()
+    assert s3.get_file_info(f"{run_path}/manifest.json").type == fs.FileType.NotFound
+    assert not node_work_dir(run_id).exists()
     deadline = time.monotonic() + 60
     while not _no_ray_processes_left(f"/tmp/r-{run_id[:8]}"):
         assert time.monotonic() < deadline, "Ray processes outlived the aborted run"
