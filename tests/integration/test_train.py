@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -191,11 +192,20 @@ def two_node_cluster(tmp_path, s3_server):
     # ray.init() writes one), and the joining node would not send it.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     tag = uuid.uuid4().hex[:8]
-    head_tmp, node_tmp, gcs = f"/tmp/r-head-{tag}", f"/tmp/r-node-{tag}", free_tcp_port()
+    head_tmp, node_tmp = f"/tmp/r-head-{tag}", f"/tmp/r-node-{tag}"
     common = ["--num-cpus", "1", "--object-store-memory", str(300 * 2**20), "--disable-usage-stats"]
-    subprocess.run([ray, "start", "--head", "--port", str(gcs), "--include-dashboard", "false",
-                    "--ray-client-server-port", str(free_tcp_port()), "--temp-dir", head_tmp, *common,
-                    *_ray_node_ports("23000-23499")], env=env, check=True, capture_output=True, timeout=180)
+    for _ in range(3):  # a free port picked here may be taken before Ray binds it: pick again
+        gcs = free_tcp_port()
+        head = subprocess.run([ray, "start", "--head", "--port", str(gcs), "--include-dashboard", "false",
+                               "--ray-client-server-port", str(free_tcp_port()), "--temp-dir", head_tmp, *common,
+                               *_ray_node_ports("23000-23499")], env=env, capture_output=True, text=True, timeout=180)
+        if head.returncode == 0:
+            break
+        warnings.warn(f"ray start --head failed, trying other ports:\n{(head.stdout + head.stderr)[-1500:]}",
+                      stacklevel=1)
+        subprocess.run(["pkill", "-9", "-f", head_tmp])
+    else:
+        pytest.fail(f"ray start --head failed 3 times:\n{(head.stdout + head.stderr)[-3000:]}")
     node_cmd = " ".join([ray, "start", "--address", f"127.0.0.1:{gcs}", "--temp-dir", node_tmp, "--block", *common,
                          *_ray_node_ports("23500-23999")])
     node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c",
