@@ -122,18 +122,30 @@ def test_latest_is_resolved_from_manifests_not_mtimes(trained_adapter, tmp_path)
         os.environ.pop("E2E_LLM_STORAGE_ROOT")
 
 
+def _s3(endpoint: str):
+    """pyarrow's S3 filesystem on the session's loopback store, as the tests read the runs' storage."""
+    from pyarrow import fs
+
+    return fs.S3FileSystem(endpoint_override=endpoint.removeprefix("http://"), scheme="http", region="us-east-1",
+                           allow_bucket_creation=True)
+
+
+def _s3_run(endpoint: str, prefix: str):
+    """A new run id whose storage root is in the loopback S3 store, the dataset ingested there:
+    (the S3 filesystem, the run id, the environment that points the CLI at that root)."""
+    s3 = _s3(endpoint)
+    s3.create_dir("e2e-ft")
+    run_id = f"{prefix}-" + uuid.uuid4().hex[:8]
+    env = storage_env(f"s3://e2e-ft/{run_id}-store")
+    run_in_env("train", "data", "--profile", "local", env=env)
+    return s3, run_id, env
+
+
 def test_killed_worker_is_restarted_and_resumes_from_s3_checkpoint(s3_server, local_model, tmp_path):
     """SIGKILL a Ray Train worker after the first checkpoint: Ray Train restarts the group with
     world size 2, training resumes past the checkpoint (not from step 0), and the run finishes,
     with checkpoints, data and the adapter all in S3 (loopback server)."""
-    from pyarrow import fs
-
-    s3 = fs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
-                         region="us-east-1", allow_bucket_creation=True)
-    s3.create_dir("e2e-ft")
-    run_id = "ft-" + uuid.uuid4().hex[:8]
-    env = storage_env(f"s3://e2e-ft/{run_id}-store")
-    run_in_env("train", "data", "--profile", "local", env=env)
+    s3, run_id, env = _s3_run(s3_server, "ft")
     log = tmp_path / "train.log"
     proc = _start_training(run_id, env, log)
     run_uri = f"s3://e2e-ft/{run_id}-store/runs/{run_id}"
@@ -243,11 +255,9 @@ def test_a_worker_restarted_on_another_node_resumes_from_ray_trains_checkpoint(t
     for the checkpoint found none there ("Can't find a valid checkpoint"), and the group failed
     again until the ranks happened to swap nodes. On a cluster the driver (here on the head node)
     saw none of the workers' events: the manifest said 1 attempt after 3."""
-    from pyarrow import fs
 
     address, env, node_pid = two_node_cluster
-    s3 = fs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
-                         region="us-east-1", allow_bucket_creation=True)
+    s3 = _s3(s3_server)
     bucket = "mn-" + uuid.uuid4().hex[:8]
     s3.create_dir(bucket)
     run_id = "mn-" + uuid.uuid4().hex[:8]
@@ -368,12 +378,7 @@ def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, s3_server, tmp_path)
     and (object storage) no workers' folder left on the node: a rerun resumes from the storage."""
     from pyarrow import fs
 
-    s3 = fs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
-                         region="us-east-1", allow_bucket_creation=True)
-    s3.create_dir("e2e-ft")
-    run_id = "st-" + uuid.uuid4().hex[:8]
-    env = storage_env(f"s3://e2e-ft/{run_id}-store")
-    run_in_env("train", "data", "--profile", "local", env=env)
+    s3, run_id, env = _s3_run(s3_server, "st")
     log = tmp_path / "train.log"
     proc = _start_training(run_id, env, log)
     run_path = f"e2e-ft/{run_id}-store/runs/{run_id}"
@@ -400,12 +405,7 @@ def test_a_run_whose_workers_keep_failing_ends_with_a_clear_error(local_model, l
     manifest, no Ray process and no workers' folder (S3 storage: on each node's disk) left behind."""
     from pyarrow import fs
 
-    run_id = "ff-" + uuid.uuid4().hex[:8]
-    s3 = fs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http",
-                         region="us-east-1", allow_bucket_creation=True)
-    s3.create_dir("e2e-ft")
-    env = storage_env(f"s3://e2e-ft/{run_id}-store")
-    run_in_env("train", "data", "--profile", "local", env=env)
+    s3, run_id, env = _s3_run(s3_server, "ff")
     temp_dir = f"/tmp/r-{run_id[:8]}"
     result = subprocess.run(
         [str(VENV / "train/bin/e2e-llm"), "train", "--profile", "local", "--run-id", run_id, *SMOKE,
