@@ -81,8 +81,9 @@ def prune_merged_cache(root: Path, keep: int = KEEP_MERGED, idle_s: float = MERG
         return lru_folders.mtime(folder / MERGED_MARKER)
 
     removed = lru_folders.prune(root, keep, idle_s, last_use=used, now=now)
-    unfinished = [p for p in root.iterdir() if p.is_dir() and ".tmp" in p.name] if root.is_dir() else []
-    return removed + [p for p in unfinished if used(p) is None and lru_folders.remove_if_idle(p, idle_s, now=now)]
+    unfinished = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and ".tmp" in p.name
+                  and used(p) is None] if root.is_dir() else []
+    return removed + [p for p in unfinished if lru_folders.remove_if_idle(p, idle_s, now=now)]
 
 
 @dataclass
