@@ -122,9 +122,12 @@ def ray_accelerator_type(gpu: str) -> str | None:
 
 
 def gpu_profile(model_source: str, storage_root: str, num_workers: int = 1, accelerator_type: str | None = "H200",
-                recipe: str | None = None, base: Path | None = None) -> dict:
-    """configs/profiles/cluster.yaml with only what the device forces changed (see module doc)."""
+                recipe: str | None = None, base: Path | None = None, dtype: str | None = None) -> dict:
+    """configs/profiles/cluster.yaml with only what the device forces changed (see module doc), and
+    ``model.dtype`` when a run asks for another (float16: what V100/T4 users pin)."""
     profile = yaml.safe_load((base or ROOT / "configs" / "profiles" / "cluster.yaml").read_text())
+    if dtype:
+        profile["model"]["dtype"] = dtype
     profile["profile"] = "cluster-gpu-device"
     profile["model"]["source"] = model_source
     profile["storage"] = {"root": storage_root}
@@ -319,9 +322,10 @@ def _storage(name: str) -> Path:
     return root
 
 
-def _write_profile(name: str, model: Path, root: Path, recipe: str | None, dry_run: bool) -> Path:
+def _write_profile(name: str, model: Path, root: Path, recipe: str | None, dry_run: bool,
+                   dtype: str | None = None) -> Path:
     accelerator = None if dry_run else ray_accelerator_type(_device.gpu_name())
-    prof = gpu_profile(str(model), str(root), recipe=recipe, accelerator_type=accelerator)
+    prof = gpu_profile(str(model), str(root), recipe=recipe, accelerator_type=accelerator, dtype=dtype)
     if dry_run:  # CPU plumbing check: what a CPU-only machine forces on top
         prof["train"].update(use_gpu=False, resources_per_worker={"CPU": 1})
     path = WORK / "gpu-profiles" / f"{name}.yaml"  # not in a dir named profiles: the root is the cwd's
@@ -442,14 +446,17 @@ def train(ns: argparse.Namespace) -> int:
     report: dict = {"scenario": ns.scenario, "machine": _device.gpu_name(), "date": _device.today(),
                     "dry_run": ns.dry_run}
     run_id = f"{ns.scenario}-{int(time.time())}"
+    if ns.dtype:
+        report["dtype"] = ns.dtype
     if ns.scenario == "quality":
         model = smollm2_dir()
         root = _storage("quality")
-        prof = _write_profile("quality", model, root, "configs/recipes/smollm2_lora_sft_local.yaml", ns.dry_run)
+        prof = _write_profile("quality", model, root, "configs/recipes/smollm2_lora_sft_local.yaml", ns.dry_run,
+                              ns.dtype)
         sets = {"max_samples": 64 if ns.dry_run else None, "num_train_epochs": 3.0,
                 "per_device_train_batch_size": 16, "logging_steps": 25, "save_steps": 100}
-        if not ns.dry_run:
-            sets["bf16"] = True
+        if not ns.dry_run:  # the direct run's mixed precision, as e2e-llm derives it from model.dtype
+            sets["fp16" if ns.dtype == "float16" else "bf16"] = True
         else:
             sets["max_steps"] = 4
             sets["save_steps"] = 2
@@ -626,19 +633,22 @@ def record(ns: argparse.Namespace) -> int:
             if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
                 print("quality: the adapter's weights did not come back (over _pack's size limit): not scored")
                 continue
-            adapter = train_quality.EVAL_DIR / f"adapter-ray-{report['date']}"
+            dtype = f"-{report['dtype']}" if report.get("dtype") else ""
+            adapter = train_quality.EVAL_DIR / f"adapter-ray-{report['date']}{dtype}"
             if not adapter.is_dir():
                 shutil.copytree(run_dir / "adapter", adapter)
             base = _recorded_base()
-            tuned = train_quality.batch_eval(str(adapter), f"ray-{report['date']}", None)
+            tuned = train_quality.batch_eval(str(adapter), adapter.name.removeprefix("adapter-"), None)
             m = report["ray"]
             settings = (f"SmolLM2-135M-Instruct LoRA r8 through `e2e-llm train` (Ray Train TorchTrainer, use_gpu, "
                         f"NCCL, 1 worker) on {report['machine']}: smollm2 recipe with {report['sets']}, "
                         f"{m['global_step']} steps = {report['sets'].get('num_train_epochs')} epochs on 5103 rows; "
                         f"val 714 rows, `e2e-llm batch` (local "
                         f"profile: vLLM CPU, merged adapter, structured output); baseline = base model as recorded")
+            suffix = "" if report.get("dtype", "bfloat16") == "bfloat16" else f"-{report['dtype']}"
             for metric in QUALITY_METRICS:
-                lines.append({"bench": "quality_val", "metric": f"{metric}/ray-train", "value": round(tuned[metric], 4),
+                lines.append({"bench": "quality_val", "metric": f"{metric}/ray-train{suffix}",
+                              "value": round(tuned[metric], 4),
                               "baseline": base.get(metric),
                               "ratio": round(tuned[metric] / base[metric], 3) if base.get(metric) else None,
                               **common, "settings": settings})
@@ -667,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-after", type=int, default=20, help="kill: SIGKILL once this checkpoint is reported")
     p.add_argument("--load-check", action="store_true", help="load the adapter with peft afterwards")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    p.add_argument("--dtype", choices=("bfloat16", "float16"),
+                   help="quality: the profile's model.dtype (float16: the path V100/T4 users pin)")
     p.add_argument("--dry-run", action="store_true", help="CPU plumbing check (tiny model, gloo)")
     p = sub.add_parser("record", help="append results (here)")
     p.add_argument("files")

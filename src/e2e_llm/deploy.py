@@ -33,11 +33,24 @@ from e2e_llm.config import (
 from e2e_llm.validate_common import DNS1035
 
 DEPLOY_FILE = Path("configs/deploy.yaml")
-# <ray X.Y.Z>-py<NNN>-<platform>[-<content id>]: rayproject's {version}-{python}-{platform} tag
-# scheme; deploy.yaml names the base part, the content id is appended at render time.
+# <ray X.Y.Z>-py<NNN>-<platform>[-aarch64][-<content id>]: rayproject's
+# {version}-{python}-{platform}[-{architecture}] tag scheme, where only aarch64 images name their
+# machine (no suffix: x86_64); deploy.yaml names the base part, the content id is appended at render time.
 IMAGE_TAG = re.compile(
-    r"^(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d{2,3})-(?P<platform>cpu|cu\d{3}|gpu)(?:-(?P<release>[\w.]+))?$"
+    r"^(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d{2,3})-(?P<platform>cpu|cu\d{3}|gpu)(?:-(?P<arch>aarch64))?"
+    r"(?:-(?P<release>[\w.]+))?$"
 )
+# The machine an image tag is built for -> Kubernetes' kubernetes.io/arch label; one entry per
+# machine the locks are made for (e2e_llm.lock_platforms.MACHINES).
+KUBERNETES_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+# Node labels the pods' machine sets (from the image tags): an accelerator's selector must not.
+NODE_PLATFORM_LABELS = ("kubernetes.io/arch", "kubernetes.io/os")
+
+
+def tag_machine(tag: str) -> str | None:
+    """The machine an image tag (base or content-addressed) is built for; None if not our scheme."""
+    m = IMAGE_TAG.match(tag)
+    return (m["arch"] or "x86_64") if m else None
 QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 
@@ -59,9 +72,9 @@ class ImageRef(Strict):
         m = IMAGE_TAG.match(value)
         if not m or m["release"]:
             raise ValueError(
-                f"tag {value!r} must look like <ray X.Y.Z>-py<NNN>-<cpu|cuNNN|gpu> (e.g. 2.60.0-py311-cu128): "
-                "the content id of the image is appended at render time (e2e_llm.images), never typed; "
-                "`latest` and bare versions are not pinned")
+                f"tag {value!r} must look like <ray X.Y.Z>-py<NNN>-<cpu|cuNNN|gpu>[-aarch64] "
+                "(e.g. 2.60.0-py311-cu128): the content id of the image is appended at render time "
+                "(e2e_llm.images), never typed; `latest` and bare versions are not pinned")
         return value
 
     def content_tag(self, root: Path, containerfile: str, platform: str | None = None) -> str:
@@ -72,7 +85,7 @@ class ImageRef(Strict):
         base = self.tag
         if platform:
             m = IMAGE_TAG.match(base)
-            base = f"{m['ray']}-py{m['py']}-{platform}"
+            base = f"{m['ray']}-py{m['py']}-{platform}" + (f"-{m['arch']}" if m["arch"] else "")
         return image_identity(root, containerfile).tag(base)
 
     @property
@@ -84,6 +97,16 @@ class ImageRef(Strict):
     def python_tag(self) -> str:
         return "py" + IMAGE_TAG.match(self.tag)["py"]
 
+    @property
+    def machine(self) -> str:
+        """x86_64 or aarch64: what the image runs on (the tag's architecture part)."""
+        return tag_machine(self.tag)
+
+    @property
+    def kubernetes_arch(self) -> str:
+        """The ``kubernetes.io/arch`` of the nodes the image can run on."""
+        return KUBERNETES_ARCH[self.machine]
+
 
 class Images(Strict):
     train: ImageRef
@@ -94,6 +117,14 @@ class Images(Strict):
 class Accelerator(Strict):
     node_selector: dict[str, str] = Field(min_length=1)
     anyscale: str  # accelerator resource name in Anyscale compute configs
+
+    @field_validator("node_selector")
+    @classmethod
+    def _no_platform_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        if taken := sorted(set(value) & set(NODE_PLATFORM_LABELS)):
+            raise ValueError(f"{', '.join(taken)}: every pod selects these from its image's tag (an aarch64 "
+                             "image is <ray>-py<NNN>-<platform>-aarch64); leave them out here")
+        return value
 
 
 class PodSize(Strict):
@@ -238,12 +269,16 @@ class DeployConfig(RootedFile):
                  self.secrets.registry.kubernetes]
         return {("Secret", name) for name in names if name}
 
+    def image(self, name: str) -> ImageRef:
+        """The base image of ``name`` (train, serve or serve-cpu: the serve one)."""
+        return self.images.train if name == "train" else self.images.serve
+
     def image_ref(self, name: str) -> str:
         """The content-addressed reference of image ``name`` (train, serve or serve-cpu), as
         every rendered manifest names it: ``<repository>:<base tag>-<content id>``."""
         from e2e_llm.images import CONTAINERFILES
 
-        image = self.images.train if name == "train" else self.images.serve
+        image = self.image(name)
         tag = image.content_tag(self._root, CONTAINERFILES[name], "cpu" if name == "serve-cpu" else None)
         return f"{image.repository}:{tag}"
 

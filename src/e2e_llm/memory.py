@@ -54,10 +54,28 @@ def headroom(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgrou
     return Headroom(max(0, min(machine, limit - used)), machine, limit)
 
 
-def oom_kills(proc: Path = Path("/proc")) -> int | None:
-    """Processes the kernel's out-of-memory killer has ended since boot, on the whole machine
-    (a cgroup's own limit included), as ``/proc/vmstat`` counts them (Linux >= 4.13)."""
-    return _read_key(proc / "vmstat", "oom_kill")
+@dataclass(frozen=True)
+class OomCount:
+    """Processes the kernel's out-of-memory killer has ended, and where they were counted."""
+
+    kills: int
+    scope: str  # "this machine" or "memory cgroup <path>"
+
+
+def oom_kills(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> OomCount | None:
+    """Out-of-memory kills among this process's own memory cgroup (a container, a CI job's
+    slice; any kind of out-of-memory killer), so that another tenant's kill on a shared machine
+    is not taken for ours; where no such cgroup can be read (the host's root cgroup), the whole
+    machine's since boot, as ``/proc/vmstat`` counts them (Linux >= 4.13)."""
+    found = _memory_cgroup(proc / "self" / "cgroup", cgroup_root)
+    if found is not None:
+        version, folder, path = found
+        # v2 memory.events counts the cgroup's subtree; v1 memory.oom_control the cgroup alone.
+        kills = _read_key(folder / ("memory.events" if version == 2 else "memory.oom_control"), "oom_kill")
+        if kills is not None:
+            return OomCount(kills, f"memory cgroup {path}")
+    kills = _read_key(proc / "vmstat", "oom_kill")
+    return None if kills is None else OomCount(kills, "this machine")
 
 
 def _meminfo_available(path: Path) -> int | None:
@@ -85,8 +103,9 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for none
 
 
-def _cgroup_limit_and_used(self_cgroup: Path, root: Path) -> tuple[int, int] | None:
-    """(limit, unreclaimable use) of the tightest memory cgroup this process is in, or None."""
+def _memory_cgroup(self_cgroup: Path, root: Path) -> tuple[int, Path, str] | None:
+    """(1 or 2, folder, path) of the memory cgroup this process is in: the v1 memory hierarchy's,
+    else the v2 one where it has the memory controller; None where neither can be read."""
     try:
         lines = self_cgroup.read_text().splitlines()
     except OSError:
@@ -97,25 +116,31 @@ def _cgroup_limit_and_used(self_cgroup: Path, root: Path) -> tuple[int, int] | N
         hierarchy, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):  # v1
             folder = _cgroup_folder(root / "memory", path)
-            if folder is None:
-                return None
-            # The effective limit: this cgroup's or an ancestor's, whichever is tighter.
-            limit = _read_key(folder / "memory.stat", "hierarchical_memory_limit")
-            used = _read_int(folder / "memory.usage_in_bytes")
-            if limit is None or used is None or limit >= _V1_NO_LIMIT:
-                return None
-            return limit, used - (_read_key(folder / "memory.stat", "total_inactive_file") or 0)
+            return None if folder is None else (1, folder, path)
         if hierarchy == "0" and controllers == "":  # v2, unless a v1 memory line comes first
-            v2 = _v2_limit_and_used(root, path)
-            if v2 is not None:
-                return v2
+            folder = _cgroup_folder(root, path)
+            if folder is not None and (folder / "memory.current").exists():
+                return 2, folder, path
     return None
 
 
-def _v2_limit_and_used(root: Path, path: str) -> tuple[int, int] | None:
-    folder = _cgroup_folder(root, path)
-    if folder is None or not (folder / "memory.current").exists():
+def _cgroup_limit_and_used(self_cgroup: Path, root: Path) -> tuple[int, int] | None:
+    """(limit, unreclaimable use) of the tightest memory cgroup this process is in, or None."""
+    found = _memory_cgroup(self_cgroup, root)
+    if found is None:
         return None
+    version, folder, _ = found
+    if version == 2:
+        return _v2_limit_and_used(root, folder)
+    # The effective limit: this cgroup's or an ancestor's, whichever is tighter.
+    limit = _read_key(folder / "memory.stat", "hierarchical_memory_limit")
+    used = _read_int(folder / "memory.usage_in_bytes")
+    if limit is None or used is None or limit >= _V1_NO_LIMIT:
+        return None
+    return limit, used - (_read_key(folder / "memory.stat", "total_inactive_file") or 0)
+
+
+def _v2_limit_and_used(root: Path, folder: Path) -> tuple[int, int] | None:
     tightest = None
     node = folder
     while True:  # a limit may be set on any ancestor; the tightest headroom wins
@@ -143,7 +168,7 @@ class OomWatch:
     """The out-of-memory kill count and the headroom when something (a command, a stage) started:
     :meth:`note` tells, once it has failed, whether the killer struck meanwhile."""
 
-    kills: int | None
+    kills: OomCount | None
     at_start: Headroom | None = None
 
     @classmethod
@@ -153,12 +178,13 @@ class OomWatch:
     def note(self, what: str, lower: str | None = None) -> str | None:
         """The line to end the failed ``what`` with when the out-of-memory killer ended a process
         since :meth:`start`; None when it did not, or it cannot be told."""
-        kills_now = oom_kills()
-        if self.kills is None or kills_now is None or kills_now <= self.kills:
+        now = oom_kills()
+        if self.kills is None or now is None or now.scope != self.kills.scope or now.kills <= self.kills.kills:
             return None
-        n = kills_now - self.kills
+        n = now.kills - self.kills.kills
+        where = "on this machine" if now.scope == "this machine" else f"in this command's {now.scope}"
         text = (f"error: {what} failed, and meanwhile the kernel's out-of-memory killer ended {n} "
-                f"process{'es' if n > 1 else ''} on this machine: most likely this one's, for lack of memory")
+                f"process{'es' if n > 1 else ''} {where}: most likely this one's, for lack of memory")
         if self.at_start is not None:
             text += f" ({self.at_start.describe()} when it started)"
         text += ". Free memory (other programs), or lower what it takes"

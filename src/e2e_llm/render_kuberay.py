@@ -76,6 +76,16 @@ def _container_security() -> dict[str, Any]:
     return copy.deepcopy(CONTAINER_SECURITY_CONTEXT)
 
 
+def _node_selector(deploy: DeployConfig, image: str, accelerator: str | None = None) -> dict[str, str]:
+    """Linux nodes of the machine ``image`` (train/serve) is built for, and the accelerator's. A pod
+    without it may land on an arm64 node of a mixed cluster (Graviton node pools, Karpenter picking
+    the cheapest) and fail there with "exec format error"."""
+    selector = {"kubernetes.io/os": "linux", "kubernetes.io/arch": deploy.image(image).kubernetes_arch}
+    if accelerator:
+        selector |= deploy.accelerators[accelerator].node_selector
+    return selector
+
+
 def _pod(deploy: DeployConfig, config: PipelineConfig, stage: str, container: str, image: str,
          resources: dict[str, Any], shm: str | None = None, accelerator: str | None = None,
          gpu: bool = False) -> dict[str, Any]:
@@ -100,8 +110,7 @@ def _pod(deploy: DeployConfig, config: PipelineConfig, stage: str, container: st
         }],
         "volumes": volumes,
     }
-    if accelerator:
-        spec["nodeSelector"] = dict(deploy.accelerators[accelerator].node_selector)
+    spec["nodeSelector"] = _node_selector(deploy, stage_image(stage), accelerator)
     if gpu:
         spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     return {"spec": spec}
@@ -160,6 +169,7 @@ def submitter_template(deploy: DeployConfig, stage: str) -> dict[str, Any]:
             "resources": copy.deepcopy(SUBMITTER_RESOURCES),
             "securityContext": _container_security(),
         }],
+        "nodeSelector": _node_selector(deploy, stage_image(stage)),
     }
     return {"spec": spec}
 

@@ -160,5 +160,6 @@ def validate_all(root: Path, shared: Path) -> dict[str, list[str]]:
     for path in sorted((root / "images").glob("*/Containerfile*")):
         image = images.get(path.parent.name)
         report["containerfiles"] += check_containerfile(path, path.parent / "requirements.lock",
-                                                        image.ray_version if image else None)
+                                                        image.ray_version if image else None,
+                                                        image.machine if image else None)
     return report

@@ -6,6 +6,10 @@ single-object check because each object is valid alone.
   it runs (head and every worker group, after overlays, so an ``images:`` bump that leaves
   ``rayVersion`` behind is caught) and the ``ray`` pin of that image's lock file.
 - Image skew: head and all worker groups of one cluster run the same image.
+- Node machine: every pod template (head, workers, RayJob submitter) selects Linux nodes of the
+  machine its image's tag is built for (``kubernetes.io/arch``; an overlay that moves the image to
+  an ``-aarch64`` tag must move the selector too), or a pod lands on the other machine's nodes and
+  fails with "exec format error".
 - GPUs: ``nvidia.com/gpu`` requests equal limits; a worker group on GPU nodes (GPU node selector
   or toleration) requests GPUs; Serve's ``accelerator_type`` has a GPU worker group on that
   accelerator's nodes; Serve ``max_replicas`` x GPUs per replica fits in the GPU worker groups'
@@ -302,11 +306,48 @@ def check_references(docs: list[dict[str, Any]], ctx: CrossContext) -> list[str]
     return problems
 
 
+def _required_arch(template: dict[str, Any]) -> set[str] | None:
+    """The ``kubernetes.io/arch`` values a pod template requires (nodeSelector, or a required
+    node affinity term), None when it requires none."""
+    spec = (template or {}).get("spec") or {}
+    if arch := (spec.get("nodeSelector") or {}).get("kubernetes.io/arch"):
+        return {str(arch)}
+    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    for term in required.get("nodeSelectorTerms") or []:
+        for expr in term.get("matchExpressions") or []:
+            if expr.get("key") == "kubernetes.io/arch" and expr.get("operator") == "In":
+                return {str(v) for v in expr.get("values") or []}
+    return None
+
+
+def check_node_arch(doc: dict[str, Any]) -> list[str]:
+    from e2e_llm.deploy import KUBERNETES_ARCH, tag_machine
+
+    problems = []
+    for path, template in _pod_templates(doc):
+        containers = _containers(template)
+        image = str(containers[0].get("image", "")) if containers else ""
+        machine = tag_machine(image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2])
+        if machine is None:
+            continue
+        want, required = KUBERNETES_ARCH[machine], _required_arch(template)
+        at = f"{_name(doc)}: {_fmt(path)}.spec"
+        if required is None:
+            problems.append(f"{at}.nodeSelector: no kubernetes.io/arch: {want} for {image} ({machine}): on a cluster "
+                            "with nodes of another machine the pod can land there and fail with exec format error")
+        elif required != {want}:
+            problems.append(f"{at}: requires kubernetes.io/arch {sorted(required)}, but {image} is built for "
+                            f"{machine} ({want}): move both together")
+    return problems
+
+
 def check_cross(docs: list[dict[str, Any]], ctx: CrossContext) -> list[str]:
     """Every cross-object check over one built overlay."""
     problems = []
     for doc in docs:
         problems += check_ray_versions(doc, ctx)
+        problems += check_node_arch(doc)
         problems += check_gpus(doc, ctx)
         problems += check_serve_capacity(doc, ctx)
         problems += check_entrypoint(doc, ctx)

@@ -140,10 +140,14 @@ def _group_zero_writable(path: Path, parser) -> list[str]:
     return problems
 
 
-def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) -> list[str]:
+def check_containerfile(path: Path, lock: Path, ray_version: str | None = None,
+                        machine: str | None = None) -> list[str]:
     """hadolint clean; a pinned base image (no latest/digest-less bare name) whose Ray version
-    matches the lock's ``ray`` pin; installs the lock file with pip and nothing unpinned."""
+    matches the lock's ``ray`` pin and whose machine (``-aarch64`` or not) is the rendered tag's,
+    which the pods' node selectors follow; installs the lock file with pip and nothing unpinned."""
     from dockerfile_parse import DockerfileParser
+
+    from e2e_llm.deploy import tag_machine
 
     text = path.read_text(encoding="utf-8")
     problems = []
@@ -164,6 +168,9 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None) 
         if ray_version and base_ray != ray_version:
             problems.append(
                 f"{path}: FROM {base}: Ray {base_ray} != rayVersion {ray_version} of the rendered image tag")
+        if machine and (built_for := tag_machine(tag.partition("@")[0])) and built_for != machine:
+            problems.append(f"{path}: FROM {base}: a {built_for} base, but configs/deploy.yaml's tag is for {machine} "
+                            "(the pods select nodes of that machine)")
     lock_rel = f"{lock.parent.name}/{lock.name}"
     copies = [i["value"] for i in parser.structure if i["instruction"] == "COPY"]
     if not any(lock_rel in c for c in copies):

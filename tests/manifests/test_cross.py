@@ -156,6 +156,16 @@ MUTATIONS = {
     "PodMonitor interval not a duration": (
         lambda d: _obj(d, "PodMonitor")["spec"]["podMetricsEndpoints"][0].update(interval="15 seconds"),
         "spec.podMetricsEndpoints[0].interval: '15 seconds' does not match"),
+    "serving cluster moved to aarch64 images, its pods left on amd64 nodes": (
+        lambda d: [_set_image(d, "RayService", None, path, "2.60.0-py311-cu128-aarch64-dddddddddddd")
+                   for path in (HEAD, SERVE_WORKER)],
+        "RayService/e2e-llm: spec.rayClusterConfig.headGroupSpec.template.spec: requires kubernetes.io/arch "
+        "['amd64'], but ghcr.io/e2e-llm/e2e-llm-serve:2.60.0-py311-cu128-aarch64-dddddddddddd is built for "
+        "aarch64 (arm64)"),
+    "a pod that may land on nodes of any machine": (
+        lambda d: _get(_obj(d, "RayJob", "e2e-llm-train"), ["spec", "submitterPodTemplate", "spec"])[
+            "nodeSelector"].pop("kubernetes.io/arch"),
+        "RayJob/e2e-llm-train: spec.submitterPodTemplate.spec.nodeSelector: no kubernetes.io/arch: amd64"),
     "a kind no schema checks": (
         lambda d: d.append({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                             "metadata": {"name": "llm"}, "spec": {"parentRefs": [{"name": "gw"}]}}),

@@ -24,7 +24,10 @@ def test_there_is_a_train_a_serve_and_a_cpu_serve_containerfile():
 @pytest.mark.parametrize("path", CONTAINERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_containerfile_is_lint_clean_and_installs_its_lock(path):
     ray_version = lock_pins(path.parent / "requirements.lock")["ray"]
-    assert check_containerfile(path, path.parent / "requirements.lock", ray_version) == []
+    assert check_containerfile(path, path.parent / "requirements.lock", ray_version, "x86_64") == []
+    # deploy.yaml's tag says aarch64 (the pods select arm64 nodes): this x86_64 base is named.
+    (problem,) = check_containerfile(path, path.parent / "requirements.lock", ray_version, "aarch64")
+    assert "a x86_64 base, but configs/deploy.yaml's tag is for aarch64" in problem
     text = path.read_text()
     assert f"WORKDIR {APP_DIR}" in text and f"E2E_LLM_ROOT={APP_DIR}" in text
     assert "pip install --no-cache-dir --no-deps ." in text  # the project itself, without touching pins

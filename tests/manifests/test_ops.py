@@ -127,7 +127,8 @@ def test_image_skips_a_client_whose_daemon_does_not_answer(tmp_path, monkeypatch
     calls = (tmp_path / "podman.calls").read_text().splitlines()
     image = load_deploy(root=ROOT).image_ref("serve-cpu")
     assert re.fullmatch(r"ghcr\.io/e2e-llm/e2e-llm-serve:2\.60\.0-py311-cpu-[0-9a-f]{12}", image)
-    assert calls == ["info", f"manifest inspect {image}", f"build -f images/serve/Containerfile.cpu -t {image} .",
+    build = f"build --platform linux/amd64 -f images/serve/Containerfile.cpu -t {image} ."
+    assert calls == ["info", f"manifest inspect {image}", build,
                      f"push {image}", f"manifest inspect --verbose {image}"]
     recorded = json.loads(digest_file.read_text())
     assert recorded == {"image": "serve-cpu", "ref": image, "digest": "ghcr.io/e2e-llm/e2e-llm-serve@sha256:abc"}

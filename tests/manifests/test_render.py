@@ -96,7 +96,9 @@ def test_worker_groups_follow_the_profile():
     limits = train["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == str(int(config.train.resources_per_worker["GPU"]))
     assert limits["cpu"] == str(int(config.train.resources_per_worker["CPU"]))
-    assert train["template"]["spec"]["nodeSelector"] == dep.accelerators[config.train.accelerator_type].node_selector
+    assert train["template"]["spec"]["nodeSelector"] == {
+        "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+        **dep.accelerators[config.train.accelerator_type].node_selector}
 
     serve = _yaml("k8s/base/rayservice-llm.yaml")["spec"]["rayClusterConfig"]
     group = serve["workerGroupSpecs"][0]
@@ -149,6 +151,33 @@ def test_every_pod_runs_as_the_bundle_identity_and_the_submitter_pulls_like_the_
             assert [c["securityContext"] for c in pod["containers"]] == [CONTAINER_SECURITY_CONTEXT], rel
     prod = find(built()["prod"], "RayService")["spec"]["rayClusterConfig"]
     assert prod["autoscalerOptions"]["securityContext"] == CONTAINER_SECURITY_CONTEXT
+
+
+def test_every_pod_selects_linux_nodes_of_its_images_machine(tmp_path):
+    """Head, workers and the RayJob submitter select kubernetes.io/arch from the image tag (no
+    suffix: amd64, rayproject's ``-aarch64``: arm64) and Linux, beside the accelerator's labels:
+    on a cluster with Graviton (arm64) or Windows nodes a pod without them can land there."""
+    from e2e_llm.render_kuberay import rayjob, rayservice
+    from e2e_llm.validate_common import _pod_templates
+
+    for rel in ("k8s/base/rayjob-train.yaml", "k8s/base/rayjob-batch.yaml", "k8s/base/rayservice-llm.yaml"):
+        templates = _pod_templates(_yaml(rel))
+        assert len(templates) == (3 if "rayjob" in rel else 2)
+        for _, template in templates:
+            selector = template["spec"]["nodeSelector"]
+            assert (selector["kubernetes.io/os"], selector["kubernetes.io/arch"]) == ("linux", "amd64"), rel
+
+    def to_aarch64(data):
+        for image in ("train", "serve"):
+            data["images"][image]["tag"] += "-aarch64"  # rayproject/ray:2.60.0-py311-cu128-aarch64
+    arm = load_deploy(_deploy_with(tmp_path, to_aarch64), root=ROOT)
+    config = arm.pipeline()
+    for doc in (rayjob(arm, config, "train"), rayjob(arm, config, "batch"), rayservice(arm, config)):
+        for _, template in _pod_templates(doc):
+            assert template["spec"]["nodeSelector"]["kubernetes.io/arch"] == "arm64"
+            assert re.search(r":2\.60\.0-py311-cu128-aarch64-[0-9a-f]{12}$", template["spec"]["containers"][0]["image"])
+    assert re.search(r":2\.60\.0-py311-cpu-aarch64-[0-9a-f]{12}$", arm.image_ref("serve-cpu"))
+    assert arm.images.serve.ray_version == "2.60.0"
 
 
 def test_the_pods_group_matches_the_images_user():
@@ -217,6 +246,9 @@ def _deploy_with(tmp_path, mutate):
     (lambda d: d["jobs"].update(start_timeout_s=86400), r"jobs: .*start_timeout_s \(86400\) must be less than"),
     (lambda d: d["compute"]["head"].update(memory="32 gigs"), r"compute\.head\.memory: .*quantity"),
     (lambda d: d["secrets"]["hf_token"].update(value="hf_abc"), r"secrets\.hf_token\.value: unknown key"),
+    (lambda d: d["accelerators"]["L4"]["node_selector"].update({"kubernetes.io/arch": "arm64"}),
+     r"accelerators\.L4\.node_selector: .*kubernetes\.io/arch: every pod selects these from its image's tag"),
+    (lambda d: d["images"]["serve"].update(tag="2.60.0-py311-cu128-arm64"), r"images\.serve\.tag: .*\[-aarch64\]"),
 ])
 def test_deploy_config_errors_name_the_field(tmp_path, mutate, message):
     with pytest.raises(ConfigError, match=message):

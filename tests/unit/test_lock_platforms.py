@@ -124,3 +124,12 @@ def test_the_oldest_glibc_is_the_one_lock_py_checks_wheels_for():
     for machine in MACHINES:
         tags = lock_script.WHEEL_PLATFORMS[machine]
         assert tags[0] == f"manylinux_2_{OLDEST_GLIBC[1]}_{machine}" and f"manylinux2014_{machine}" in tags
+
+
+def test_every_machine_the_locks_are_made_for_has_an_image_arch():
+    from e2e_llm.deploy import KUBERNETES_ARCH, tag_machine
+
+    assert set(KUBERNETES_ARCH) == set(MACHINES)
+    assert tag_machine("2.60.0-py311-cu128") == "x86_64" and tag_machine("2.60.0-py311-cpu-aarch64-0123abcd4567") \
+        == "aarch64"
+    assert tag_machine("latest") is None

@@ -73,6 +73,20 @@ def test_in_a_cgroup_namespace_the_mount_is_the_containers_own_cgroup(tmp_path):
     assert headroom(proc, tmp_path / "cg").available == 3 * GIB
 
 
+def test_kills_are_counted_in_this_processs_memory_cgroup_where_it_has_one(tmp_path):
+    """Another tenant's kill on a shared machine (another CI job, another user's container) is not
+    taken for ours: the own cgroup's count when there is one (v1 or v2), else the machine's."""
+    proc = _proc(tmp_path, 2**20, "4:memory:/ci/job\n0::/\n", oom_kill=40)
+    _write(tmp_path / "cg" / "memory" / "ci" / "job", memory_oom_control="oom_kill_disable 0\noom_kill 2\n")
+    assert oom_kills(proc, tmp_path / "cg") == memory.OomCount(2, "memory cgroup /ci/job")
+    proc = _proc(tmp_path / "v2", 2**20, "0::/pod/ctr\n", oom_kill=40)
+    _write(tmp_path / "v2" / "cg" / "pod" / "ctr", memory_current="1", memory_events="low 0\noom 1\noom_kill 1\n")
+    assert oom_kills(proc, tmp_path / "v2" / "cg") == memory.OomCount(1, "memory cgroup /pod/ctr")
+    proc = _proc(tmp_path / "host", 2**20, "0::/\n", oom_kill=40)  # the host's root cgroup: no memory.events
+    (tmp_path / "host" / "cg").mkdir()
+    assert oom_kills(proc, tmp_path / "host" / "cg") == memory.OomCount(40, "this machine")
+
+
 def test_unreadable_files_mean_unknown_not_an_error(tmp_path):
     assert headroom(tmp_path / "nothing", tmp_path / "cg") is None
     assert oom_kills(tmp_path / "nothing") is None
@@ -81,17 +95,20 @@ def test_unreadable_files_mean_unknown_not_an_error(tmp_path):
 
 
 def test_the_note_names_the_kills_the_headroom_at_start_and_what_to_lower(monkeypatch):
-    counts = iter([7])
+    counts = iter([memory.OomCount(7, "this machine")])
     monkeypatch.setattr(memory, "oom_kills", lambda: next(counts))
-    note = OomWatch(5, memory.Headroom(3 * GIB, 20 * GIB, 5 * GIB)).note(
+    note = OomWatch(memory.OomCount(5, "this machine"), memory.Headroom(3 * GIB, 20 * GIB, 5 * GIB)).note(
         "e2e-llm batch", "kv_cache_memory_bytes in batch.engine_kwargs")
     assert note == ("error: e2e-llm batch failed, and meanwhile the kernel's out-of-memory killer ended 2 processes "
                     "on this machine: most likely this one's, for lack of memory (3.0 GiB available (a memory limit "
                     "of 5.0 GiB applies: cgroup) when it started). Free memory (other programs), or lower what it "
                     "takes: kv_cache_memory_bytes in batch.engine_kwargs")
-    monkeypatch.setattr(memory, "oom_kills", lambda: 5)
-    assert OomWatch(5).note("x") is None  # no kill: no note
+    monkeypatch.setattr(memory, "oom_kills", lambda: memory.OomCount(5, "this machine"))
+    assert OomWatch(memory.OomCount(5, "this machine")).note("x") is None  # no kill: no note
     assert OomWatch(None).note("x") is None  # unknown before: no guess
+    monkeypatch.setattr(memory, "oom_kills", lambda: memory.OomCount(6, "memory cgroup /ci/job"))
+    assert "ended 1 process in this command's memory cgroup /ci/job: most likely this one's" in OomWatch(
+        memory.OomCount(5, "memory cgroup /ci/job")).note("x")
 
 
 def _memory_cgroup(limit: int) -> tuple[Path, str] | None:
@@ -116,7 +133,8 @@ def _memory_cgroup(limit: int) -> tuple[Path, str] | None:
 
 def test_a_process_the_kernel_kills_in_a_memory_limited_cgroup_is_counted_and_the_limit_is_read():
     """On the real kernel: a child in a 96 MiB cgroup sees that limit as its headroom, then takes
-    512 MiB and is killed; /proc/vmstat counts it (a cgroup's kill, not the machine's)."""
+    512 MiB and is killed; its cgroup counts the kill, and this process's own count (another
+    cgroup's, where it has one) does not take it for one of ours."""
     made = _memory_cgroup(96 * 2**20)
     if made is None:
         pytest.skip("no memory cgroup can be made here (needs root and a memory controller)")
@@ -130,19 +148,23 @@ def test_a_process_the_kernel_kills_in_a_memory_limited_cgroup_is_counted_and_th
              "print('survived', flush=True)\n")
     try:
         before = oom_kills()
+        counter = folder / ("memory.oom_control" if version == "v1" else "memory.events")
         src = str(Path(memory.__file__).resolve().parents[1])
         done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": src})
         limit, available = (int(x) for x in done.stdout.split()[:2])
         assert limit == 96 * 2**20 and 0 < available <= limit, (version, done.stdout, done.stderr)
         assert done.returncode == -9 and "survived" not in done.stdout
-        assert oom_kills() > before
+        assert memory._read_key(counter, "oom_kill") == 1, counter.read_text()
+        after = oom_kills()
+        assert after.scope == before.scope
+        assert after.kills > before.kills if before.scope == "this machine" else after.kills == before.kills
     finally:
         folder.rmdir()
 
 
 def _kills_during(monkeypatch, before: int, after: int) -> None:
-    counts = iter([before, after])
+    counts = iter([memory.OomCount(before, "this machine"), memory.OomCount(after, "this machine")])
     monkeypatch.setattr(memory, "oom_kills", lambda: next(counts))
 
 

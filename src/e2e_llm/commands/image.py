@@ -53,10 +53,14 @@ def find_engine() -> tuple[str | None, list[str]]:
     return None, notes
 
 
-def image_ref(name: str) -> str:
+def image_ref(name: str) -> tuple[str, str]:
+    """The content-addressed reference of ``name`` and the platform to build it for: the machine
+    its tag names, which the rendered pods select, whatever machine builds it (an Apple silicon
+    Mac, an arm64 CI runner)."""
     from e2e_llm.deploy import load_deploy
 
-    return load_deploy().image_ref(name)
+    deploy = load_deploy()
+    return deploy.image_ref(name), f"linux/{deploy.image(name).kubernetes_arch}"
 
 
 def _out(engine: str, *args: str) -> subprocess.CompletedProcess:
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from e2e_llm.images import CONTAINERFILES
 
     containerfile = CONTAINERFILES[args.name]
-    ref = image_ref(args.name)
+    ref, platform = image_ref(args.name)
     if args.print_ref:
         print(ref)
         return 0
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.push and not args.dry_run and _out(engine, "manifest", "inspect", ref).returncode == 0:
         print(f"{ref} is already in the registry: content-addressed tags are never overwritten, nothing to build")
         return _record_digest(engine, ref, args)
-    commands = [[engine, "build", "-f", containerfile, "-t", ref, "."]]
+    commands = [[engine, "build", "--platform", platform, "-f", containerfile, "-t", ref, "."]]
     if args.push:
         commands.append([engine, "push", ref])
     for command in commands:
