@@ -37,6 +37,9 @@ def test_gpu_profile_differs_from_cluster_only_in_forced_keys(project_root, tmp_
     assert config.train.use_gpu and config.train.num_workers == 1
     assert config.train.accelerator_type == "H200"
     assert config.storage_uri("runs") == str(tmp_path / "store" / "runs")
+    # the float16 run (what V100/T4 users pin) changes model.dtype and nothing else
+    fp16 = dr.gpu_profile(str(tmp_path / "model"), str(tmp_path / "store"), dtype="float16")
+    assert dr.profile_diff(prof, fp16) == ["model.dtype"] and fp16["model"]["dtype"] == "float16"
 
 
 def test_profile_diff_reports_any_other_change(project_root):
