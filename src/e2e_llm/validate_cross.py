@@ -80,11 +80,15 @@ def _gpus(container: dict[str, Any], kind: str = "limits") -> int:
         return 0
 
 
+def _image_tag(image: str) -> str:
+    """The tag of an image reference (``registry:5000/repo:tag@sha256:...`` -> ``tag``)."""
+    return image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
+
+
 def _image_ray(image: str) -> str | None:
     from e2e_llm.deploy import IMAGE_TAG
 
-    tag = image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
-    m = IMAGE_TAG.match(tag)
+    m = IMAGE_TAG.match(_image_tag(image))
     return m["ray"] if m else None
 
 
@@ -328,7 +332,7 @@ def check_node_arch(doc: dict[str, Any]) -> list[str]:
     for path, template in _pod_templates(doc):
         containers = _containers(template)
         image = str(containers[0].get("image", "")) if containers else ""
-        machine = tag_machine(image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2])
+        machine = tag_machine(_image_tag(image))
         if machine is None:
             continue
         want, required = KUBERNETES_ARCH[machine], _required_arch(template)
