@@ -47,6 +47,11 @@ KUBERNETES_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 NODE_PLATFORM_LABELS = ("kubernetes.io/arch", "kubernetes.io/os")
 
 
+def reference_tag(image: str) -> str:
+    """The tag of an image reference (``registry:5000/repo:tag@sha256:...`` -> ``tag``; '' if none)."""
+    return image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
+
+
 def tag_machine(tag: str) -> str | None:
     """The machine an image tag (base or content-addressed) is built for; None if not our scheme."""
     m = IMAGE_TAG.match(tag)

@@ -80,15 +80,10 @@ def _gpus(container: dict[str, Any], kind: str = "limits") -> int:
         return 0
 
 
-def _image_tag(image: str) -> str:
-    """The tag of an image reference (``registry:5000/repo:tag@sha256:...`` -> ``tag``)."""
-    return image.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2]
-
-
 def _image_ray(image: str) -> str | None:
-    from e2e_llm.deploy import IMAGE_TAG
+    from e2e_llm.deploy import IMAGE_TAG, reference_tag
 
-    m = IMAGE_TAG.match(_image_tag(image))
+    m = IMAGE_TAG.match(reference_tag(image))
     return m["ray"] if m else None
 
 
@@ -326,13 +321,13 @@ def _required_arch(template: dict[str, Any]) -> set[str] | None:
 
 
 def check_node_arch(doc: dict[str, Any]) -> list[str]:
-    from e2e_llm.deploy import KUBERNETES_ARCH, tag_machine
+    from e2e_llm.deploy import KUBERNETES_ARCH, reference_tag, tag_machine
 
     problems = []
     for path, template in _pod_templates(doc):
         containers = _containers(template)
         image = str(containers[0].get("image", "")) if containers else ""
-        machine = tag_machine(_image_tag(image))
+        machine = tag_machine(reference_tag(image))
         if machine is None:
             continue
         want, required = KUBERNETES_ARCH[machine], _required_arch(template)

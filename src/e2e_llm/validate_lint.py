@@ -147,7 +147,7 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None,
     which the pods' node selectors follow; installs the lock file with pip and nothing unpinned."""
     from dockerfile_parse import DockerfileParser
 
-    from e2e_llm.deploy import tag_machine
+    from e2e_llm.deploy import reference_tag, tag_machine
 
     text = path.read_text(encoding="utf-8")
     problems = []
@@ -157,7 +157,7 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None,
         problems += [f"{path}: hadolint: {line.removeprefix('-:')}" for line in result.stdout.splitlines() if line]
     parser = DockerfileParser(fileobj=io.BytesIO(text.encode()))
     base = parser.baseimage or ""
-    tag = base.rsplit("/", 1)[-1].partition(":")[2]
+    tag = reference_tag(base)
     pins = lock_pins(lock)
     if not tag or tag == "latest":
         problems.append(f"{path}: FROM {base}: base image tag must be pinned")
@@ -168,7 +168,7 @@ def check_containerfile(path: Path, lock: Path, ray_version: str | None = None,
         if ray_version and base_ray != ray_version:
             problems.append(
                 f"{path}: FROM {base}: Ray {base_ray} != rayVersion {ray_version} of the rendered image tag")
-        if machine and (built_for := tag_machine(tag.partition("@")[0])) and built_for != machine:
+        if machine and (built_for := tag_machine(tag)) and built_for != machine:
             problems.append(f"{path}: FROM {base}: a {built_for} base, but configs/deploy.yaml's tag is for {machine} "
                             "(the pods select nodes of that machine)")
     lock_rel = f"{lock.parent.name}/{lock.name}"
