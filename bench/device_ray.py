@@ -468,8 +468,10 @@ def train(ns: argparse.Namespace) -> int:
         if ns.dry_run:
             sets.update(max_samples=64, cutoff_len=256, per_device_train_batch_size=2, save_steps=2, eval_steps=2,
                         enable_liger_kernel=False, preprocessing_num_workers=1, dataloader_num_workers=0)
-    if ns.set:  # read as `e2e-llm train --set` reads them
+    if ns.set:  # read as `e2e-llm train --set` reads them (OmegaConf: from the carried wheels)
         _device.use_project_src()
+        if _device.SITE.is_dir() and str(_device.SITE) not in sys.path:
+            sys.path.insert(0, str(_device.SITE))
         from e2e_llm.compat.llamafactory import read_overrides
 
         sets.update(read_overrides([f"{k}={v}" for k, v in ns.set]))
