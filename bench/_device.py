@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEVICE_DIR = ROOT / ".device"
 WHEELS_DIR = DEVICE_DIR / "wheels"
 DATA_DIR = DEVICE_DIR / "viggo"
+LOCAL_DATA_DIR = DEVICE_DIR / "viggo-local"
 RESULTS = ROOT / "bench" / "results.jsonl"
 SITE = Path("/tmp/e2e-site")
 
@@ -58,28 +59,31 @@ def download_wheels() -> None:
     subprocess.run(cmd, check=True)
 
 
-def write_dataset() -> None:
+def write_dataset(like: str = "cluster") -> Path:
     """The VIGGO splits as the training stage sees them (e2e-llm data: alpaca rows plus
-    dataset_info.json with system=instruction, prompt=input, response=output), as the cluster
-    profile asks for them: VIGGO's own instruction, not the local profile's short system prompt
-    (the training stage refuses a dataset written for another one)."""
+    dataset_info.json with system=instruction, prompt=input, response=output), as profile ``like``
+    asks for them: the cluster's VIGGO instruction (``DATA_DIR``) or the local profile's short
+    system prompt (``LOCAL_DATA_DIR``; the training stage refuses a dataset written for another one)."""
     import yaml
 
     cli = Path(sys.executable).with_name("e2e-llm")
     if not cli.exists():
         cli = Path(shutil.which("e2e-llm") or "e2e-llm")
     profile = yaml.safe_load((ROOT / "configs" / "profiles" / "local.yaml").read_text())
-    cluster = yaml.safe_load((ROOT / "configs" / "profiles" / "cluster.yaml").read_text())
-    profile["data"]["system_prompt"] = cluster["data"].get("system_prompt")
-    profile_path = DEVICE_DIR / "viggo-data.yaml"  # not in a dir named profiles: paths resolve from the cwd
+    dest = LOCAL_DATA_DIR if like == "local" else DATA_DIR
+    if like == "cluster":
+        cluster = yaml.safe_load((ROOT / "configs" / "profiles" / "cluster.yaml").read_text())
+        profile["data"]["system_prompt"] = cluster["data"].get("system_prompt")
+    profile_path = DEVICE_DIR / f"{dest.name}-data.yaml"  # not in a dir named profiles: paths resolve from the cwd
     DEVICE_DIR.mkdir(parents=True, exist_ok=True)
     profile_path.write_text(yaml.safe_dump(profile, sort_keys=False))
-    tmp = DEVICE_DIR / "viggo.tmp"
+    tmp = DEVICE_DIR / f"{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run([str(cli), "data", "--profile", str(profile_path), "--output", str(tmp)], check=True, cwd=ROOT)
     shutil.rmtree(tmp / "raw", ignore_errors=True)  # the untouched source copies are not needed there
-    shutil.rmtree(DATA_DIR, ignore_errors=True)
-    tmp.rename(DATA_DIR)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 def install_wheels() -> dict[str, str]:

@@ -190,10 +190,14 @@ def prepare(ns: argparse.Namespace) -> int:
     for name in ("src", "bench", "configs"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(ROOT / "pyproject.toml", repo / "pyproject.toml")
-    data = ROOT / ".device" / "viggo"
-    if not data.is_dir():
+    if not _device.DATA_DIR.is_dir():
         _device.write_dataset()
-    shutil.copytree(data, repo / ".device" / "viggo")
+    shutil.copytree(_device.DATA_DIR, repo / ".device" / _device.DATA_DIR.name)
+    # the local profile's splits (train_cpu_threads.py), compressed: 7 MB of JSON lines is ~1 MB
+    if not _device.LOCAL_DATA_DIR.is_dir():
+        _device.write_dataset("local")
+    with tarfile.open(repo / ".device" / f"{_device.LOCAL_DATA_DIR.name}.tar.gz", "w:gz") as tar:
+        tar.add(_device.LOCAL_DATA_DIR, arcname=_device.LOCAL_DATA_DIR.name)
     (repo / ".device" / "tok").mkdir(parents=True)
     for name in TOKENIZER_FILES:
         shutil.copy2(LOCAL_MODEL / name, repo / ".device" / "tok" / name)
@@ -382,8 +386,19 @@ def _run_summary(run: Path) -> dict:
             "checkpoint_events": [e["step"] for e in events if e["event"] == "checkpoint"]}
 
 
+PART_BYTES = 12 * 2**20  # under the 16 MiB a file $OUT returns
+SPLIT_UP_TO = 3 * PART_BYTES  # a SmolLM2 adapter (19.6 MB in float32) comes back in parts; a 7B one's (80 MB) does not
+
+
 def _pack(out: Path, name: str, run: Path, extra: list[Path]) -> None:
-    """Artifacts back in one file ($OUT keeps 8 files): run files without checkpoints and work dir."""
+    """Artifacts back in one file ($OUT keeps 8 files): run files without checkpoints and work dir.
+    Adapter weights over a part's size travel beside it in parts (``<name>.<file>.<i>``) where
+    they fit what $OUT returns; their sha256 is in the tar either way (``adapter-sha256/``)."""
+    for f in sorted((run / "adapter").glob("*.safetensors")) if (run / "adapter").is_dir() else []:
+        if PART_BYTES < f.stat().st_size <= SPLIT_UP_TO:
+            data = f.read_bytes()
+            for i in range(0, len(data), PART_BYTES):
+                (out / f"{name}.{f.name}.{i // PART_BYTES}").write_bytes(data[i:i + PART_BYTES])
     with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
         for item in ("adapter", "manifest.json", "loss.png", "trainer_log.jsonl", "trainer_state.json",
                      "all_results.json", "events"):
@@ -632,7 +647,14 @@ def record(ns: argparse.Namespace) -> int:
             run_dir = Path(ns.extract or "/tmp/e2e-gpu-quality")
             with tarfile.open(files / "quality.tar.gz") as tar:
                 tar.extractall(run_dir, filter="data")
-            if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+            weights = run_dir / "adapter" / "adapter_model.safetensors"
+            parts = sorted(files.glob(f"quality.{weights.name}.*"), key=lambda p: int(p.suffix[1:]))
+            if not weights.is_file() and parts:
+                weights.write_bytes(b"".join(p.read_bytes() for p in parts))
+                expected = (run_dir / "adapter-sha256" / weights.name).read_text().split()[0]
+                if sha256(weights) != expected:
+                    raise SystemExit(f"{weights}: joined from {len(parts)} parts, sha256 differs from the device's")
+            if not weights.is_file():
                 print("quality: the adapter's weights did not come back (over _pack's size limit): not scored")
                 continue
             # a run in another dtype than the quality runs' bf16 is named after it (adapter folder, metrics)

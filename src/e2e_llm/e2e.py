@@ -340,9 +340,11 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
     train = result.train or {}
     m = train.get("metrics", {})
     if train:
-        loss = m.get("train_loss")
+        loss, which = m.get("train_loss"), ""
+        if loss is None and m.get("train_loss_mean") is not None:  # shorter than one logging window
+            loss, which = m["train_loss_mean"], " (mean over the run)"
         lines += ["", f"training: {m.get('global_step')} steps, train loss "
-                      f"{f'{loss:.4f}' if isinstance(loss, float) else loss}, "
+                      f"{f'{loss:.4f}' if isinstance(loss, float) else loss}{which}, "
                       f"{m.get('wall_time_s')} s, {m.get('tokens_per_second') or 0:.0f} tok/s"]
     lines += ["", "artifacts:"]
     if train:

@@ -10,7 +10,7 @@ initialization failed. See root cause above" with no root cause above. What is a
 summary give each stage's peak.
 
 Linux only (as the project is): ``/proc/meminfo``, ``/proc/vmstat`` and the memory cgroup, v1 or
-v2, that ``/proc/self/cgroup`` names. Every reader returns ``None`` where the file is not there
+v2, that ``/proc/self/cgroup`` names (:mod:`e2e_llm.cgroups`). Every reader returns ``None`` where the file is not there
 or not readable, never raises.
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from e2e_llm.cgroups import Cgroup, own_cgroup, read_int, read_key, up_to_mount
 
 GIB = 2**30
 # cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number.
@@ -69,59 +71,23 @@ def oom_kills(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgro
     machine's since boot, as ``/proc/vmstat`` counts them (Linux >= 4.13)."""
     found = _memory_cgroup(proc / "self" / "cgroup", cgroup_root)
     if found is not None:
-        version, folder, path = found
         # v2 memory.events counts the cgroup's subtree; v1 memory.oom_control the cgroup alone.
-        kills = _read_key(folder / ("memory.events" if version == 2 else "memory.oom_control"), "oom_kill")
+        events = "memory.events" if found.version == 2 else "memory.oom_control"
+        kills = read_key(found.folder / events, "oom_kill")
         if kills is not None:
-            return OomCount(kills, f"memory cgroup {path}")
-    kills = _read_key(proc / "vmstat", "oom_kill")
+            return OomCount(kills, f"memory cgroup {found.path}")
+    kills = read_key(proc / "vmstat", "oom_kill")
     return None if kills is None else OomCount(kills, "this machine")
 
 
 def _meminfo_available(path: Path) -> int | None:
-    kib = _read_key(path, "MemAvailable:")
+    kib = read_key(path, "MemAvailable:")
     return None if kib is None else kib * 1024
 
 
-def _read_key(path: Path, key: str) -> int | None:
-    """The integer after ``key`` on its line of a ``key value`` file (meminfo, vmstat, memory.stat)."""
-    try:
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == key:
-                return int(parts[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for none
-
-
-def _memory_cgroup(self_cgroup: Path, root: Path) -> tuple[int, Path, str] | None:
-    """(1 or 2, folder, path) of the memory cgroup this process is in: the v1 memory hierarchy's,
-    else the v2 one where it has the memory controller; None where neither can be read."""
-    try:
-        lines = self_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.count(":") < 2:
-            continue
-        hierarchy, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):  # v1
-            folder = _cgroup_folder(root / "memory", path)
-            return None if folder is None else (1, folder, path)
-        if hierarchy == "0" and controllers == "":  # v2, unless a v1 memory line comes first
-            folder = _cgroup_folder(root, path)
-            if folder is not None and (folder / "memory.current").exists():
-                return 2, folder, path
-    return None
+def _memory_cgroup(self_cgroup: Path, root: Path) -> Cgroup | None:
+    """The memory cgroup this process is in: v1's, else v2's where it has the memory controller."""
+    return own_cgroup("memory", self_cgroup, root, v2_marker="memory.current")
 
 
 def _cgroup_limit_and_used(self_cgroup: Path, root: Path) -> tuple[int, int] | None:
@@ -129,38 +95,25 @@ def _cgroup_limit_and_used(self_cgroup: Path, root: Path) -> tuple[int, int] | N
     found = _memory_cgroup(self_cgroup, root)
     if found is None:
         return None
-    version, folder, _ = found
-    if version == 2:
-        return _v2_limit_and_used(root, folder)
+    if found.version == 2:
+        return _v2_limit_and_used(found)
     # The effective limit: this cgroup's or an ancestor's, whichever is tighter.
-    limit = _read_key(folder / "memory.stat", "hierarchical_memory_limit")
-    used = _read_int(folder / "memory.usage_in_bytes")
+    limit = read_key(found.folder / "memory.stat", "hierarchical_memory_limit")
+    used = read_int(found.folder / "memory.usage_in_bytes")
     if limit is None or used is None or limit >= _V1_NO_LIMIT:
         return None
-    return limit, used - (_read_key(folder / "memory.stat", "total_inactive_file") or 0)
+    return limit, used - (read_key(found.folder / "memory.stat", "total_inactive_file") or 0)
 
 
-def _v2_limit_and_used(root: Path, folder: Path) -> tuple[int, int] | None:
+def _v2_limit_and_used(found: Cgroup) -> tuple[int, int] | None:
     tightest = None
-    node = folder
-    while True:  # a limit may be set on any ancestor; the tightest headroom wins
-        limit, used = _read_int(node / "memory.max"), _read_int(node / "memory.current")
+    for node in up_to_mount(found):  # a limit may be set on any ancestor; the tightest headroom wins
+        limit, used = read_int(node / "memory.max"), read_int(node / "memory.current")
         if limit is not None and used is not None:
-            used -= _read_key(node / "memory.stat", "inactive_file") or 0
+            used -= read_key(node / "memory.stat", "inactive_file") or 0
             if tightest is None or limit - used < tightest[0] - tightest[1]:
                 tightest = (limit, used)
-        if node == root or node.parent == node:
-            return tightest
-        node = node.parent
-
-
-def _cgroup_folder(mount: Path, path: str) -> Path | None:
-    """Where ``path`` (from /proc/self/cgroup) is under ``mount``. In a container with its own
-    cgroup namespace the path reads "/" and the mount is the container's cgroup itself."""
-    folder = mount / path.lstrip("/")
-    if folder.is_dir():
-        return folder
-    return mount if mount.is_dir() else None
+    return tightest
 
 
 @dataclass(frozen=True)
@@ -208,7 +161,7 @@ def tree_anonymous_bytes(root_pid: int, proc: Path = Path("/proc")) -> int:
     total, todo = 0, [root_pid]
     while todo:
         pid = todo.pop()
-        total += (_read_key(proc / str(pid) / "status", "RssAnon:") or 0) * 1024
+        total += (read_key(proc / str(pid) / "status", "RssAnon:") or 0) * 1024
         todo.extend(children.get(pid, ()))
     return total
 

@@ -225,9 +225,12 @@ def serve_mode_env(config: PipelineConfig, *, local: bool = False) -> dict[str, 
 
 def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict[str, Any]:
     """``ray.init`` options for a local Ray instance that serves ``config`` (``e2e-llm serve``
-    and bench/serve_latency.py): no dashboard, and a fixed metrics port
-    (``serve.metrics_export_port``) the canary's SLO gate can scrape."""
-    return {"_temp_dir": temp_dir, "include_dashboard": False,
+    and bench/serve_latency.py): the CPUs this process can use (:mod:`e2e_llm.host_cpus`), no
+    dashboard, and a fixed metrics port (``serve.metrics_export_port``) the canary's SLO gate can
+    scrape."""
+    from e2e_llm.host_cpus import usable_cpus
+
+    return {"num_cpus": usable_cpus(), "_temp_dir": temp_dir, "include_dashboard": False,
             "_metrics_export_port": config.serve.metrics_export_port}
 
 

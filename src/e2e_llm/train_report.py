@@ -41,9 +41,13 @@ def git_sha(root: Path) -> str | None:
         return None
 
 
-def read_log(run_uri: str, fs_kw: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    state_uri = storage.join(run_uri, "trainer_state.json")
-    state = json.loads(storage.read_text(state_uri, **fs_kw))
+def read_state(run_uri: str, fs_kw: dict[str, Any]) -> dict[str, Any]:
+    """The HF Trainer's ``trainer_state.json`` the run published."""
+    return json.loads(storage.read_text(storage.join(run_uri, "trainer_state.json"), **fs_kw))
+
+
+def read_log(state: dict[str, Any], run_uri: str, fs_kw: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(train, eval) log entries of a run's trainer state, with the closing evaluation."""
     history = state.get("log_history", [])
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
@@ -89,16 +93,17 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, fs_kw: dict[str, Any]) -> dict:
-    train_log, eval_log = read_log(plan.run_uri, fs_kw)
-    state = json.loads(storage.read_text(storage.join(plan.run_uri, "trainer_state.json"), **fs_kw))
+    state = read_state(plan.run_uri, fs_kw)
+    train_log, eval_log = read_log(state, plan.run_uri, fs_kw)
     tokens = state.get("num_input_tokens_seen") or 0
     events = read_events(plan.run_uri, fs_kw)
     starts = [e for e in events if e["event"] == "start" and e["rank"] == 0]
     training_args = dict(plan.args)
     if starts and "output_dir" in starts[-1]:  # as the workers had it: on each node's own disk with object storage
         training_args["output_dir"] = starts[-1]["output_dir"]
-    runtimes = [h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h]
-    train_seconds = runtimes[-1] if runtimes else 0.0  # the final entry covers the whole (resumed) run
+    # The final entry (train_runtime, train_loss) covers the whole (resumed) run.
+    closing = [h for h in state.get("log_history", []) if "train_runtime" in h]
+    train_seconds = closing[-1]["train_runtime"] if closing else 0.0
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_loss(train_log, eval_log, Path(tmp) / "loss.png")
         storage.write_bytes(storage.join(plan.run_uri, "loss.png"), png.read_bytes(), **fs_kw)
@@ -125,7 +130,10 @@ def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, f
         "versions": versions(),
         "git_sha": git_sha(config.root),
         "metrics": {
+            # the last logging window's mean; none for a run shorter than logging_steps
             "train_loss": train_log[-1]["loss"] if train_log else None,
+            # the Trainer's mean over the whole run (of the last attempt, where one resumed)
+            "train_loss_mean": closing[-1].get("train_loss") if closing else None,
             "eval_loss": eval_log[-1]["eval_loss"] if eval_log else None,
             "global_step": state.get("global_step"),
             "max_steps": state.get("max_steps"),
@@ -136,6 +144,8 @@ def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, f
             "wall_time_s": round(wall_time, 1),
         },
         "attempts": len(starts),
+        # each worker's compute threads (train.cpu_threads_per_worker), as rank 0 had them
+        "cpu_threads_per_worker": starts[-1].get("threads") if starts else None,
         "adapter_uri": storage.join(plan.run_uri, "adapter"),
         "loss_curve": storage.join(plan.run_uri, "loss.png"),
         "tensorboard": storage.join(plan.run_uri, "tensorboard"),

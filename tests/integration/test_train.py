@@ -20,6 +20,7 @@ import pytest
 import yaml
 from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
 
+from e2e_llm.host_cpus import cpu_budget, threads_per_process
 from e2e_llm.train_worker import node_work_dir, node_work_root
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
@@ -83,7 +84,10 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     metrics = manifest["metrics"]
     assert metrics["global_step"] == metrics["max_steps"] > 0
     assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["tokens_per_second"] > 0
+    assert metrics["train_loss_mean"] > 0  # the Trainer's mean over the run
     assert manifest["ray"]["num_workers"] == 2
+    # each worker computed with its share of this machine's CPUs (train.cpu_threads_per_worker: auto)
+    assert manifest["cpu_threads_per_worker"] == threads_per_process(cpu_budget(), 2)
     assert manifest["dtype"]["dtype"] in ("bfloat16", "float32") and manifest["dtype"]["reason"]
     assert (trained_adapter.parent / "loss.png").stat().st_size > 1000
     assert list((trained_adapter.parent / "tensorboard").rglob("events.out.tfevents*"))

@@ -155,7 +155,7 @@ def test_a_process_the_kernel_kills_in_a_memory_limited_cgroup_is_counted_and_th
         limit, available = (int(x) for x in done.stdout.split()[:2])
         assert limit == 96 * 2**20 and 0 < available <= limit, (version, done.stdout, done.stderr)
         assert done.returncode == -9 and "survived" not in done.stdout
-        assert memory._read_key(counter, "oom_kill") == 1, counter.read_text()
+        assert memory.read_key(counter, "oom_kill") == 1, counter.read_text()
         after = oom_kills()
         assert after.scope == before.scope
         assert after.kills > before.kills if before.scope == "this machine" else after.kills == before.kills
@@ -229,7 +229,7 @@ def test_a_process_trees_anonymous_memory_counts_its_descendants():
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        alone = (memory._read_key(Path(f"/proc/{proc.pid}/status"), "RssAnon:") or 0) * 1024
+        alone = (memory.read_key(Path(f"/proc/{proc.pid}/status"), "RssAnon:") or 0) * 1024
         tree = tree_anonymous_bytes(proc.pid)
         assert 64 * 2**20 <= alone < 64 * 2**20 + 64 * 2**20
         assert tree >= alone + 96 * 2**20

@@ -8,6 +8,7 @@ import pytest
 
 from e2e_llm.compat import resolve
 from e2e_llm.config import ConfigError, load_profile
+from e2e_llm.host_cpus import usable_cpus
 from e2e_llm.serve import ENDPOINT_ENV, RAY_WORKER_NICENESS_ENV, _with_runtime_endpoint, app_args, ray_init_kwargs
 
 
@@ -113,7 +114,7 @@ def test_a_gpu_engine_replica_keeps_rays_worker_niceness(project_root):
 def test_local_ray_is_started_without_dashboard_and_with_the_profiles_metrics_port(project_root):
     config = load_profile("local", root=project_root)
     kwargs = ray_init_kwargs(config, temp_dir="/tmp/r-x")
-    assert kwargs == {"_temp_dir": "/tmp/r-x", "include_dashboard": False,
+    assert kwargs == {"num_cpus": usable_cpus(), "_temp_dir": "/tmp/r-x", "include_dashboard": False,
                       "_metrics_export_port": config.serve.metrics_export_port}
 
 

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Bad training input fails before any worker starts, with a clear message."""
 
+import os
 import re
 from pathlib import Path
 
@@ -108,21 +109,21 @@ def test_closing_evaluation_is_read_from_all_results(tmp_path):
     """The local recipe evaluates once, after training: that eval_loss is only in all_results.json."""
     import json
 
-    from e2e_llm.train_report import read_log
+    from e2e_llm.train_report import read_log, read_state
 
     history = [{"step": 2, "loss": 2.5}, {"step": 4, "loss": 1.5}, {"step": 4, "train_runtime": 9.0}]
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": history}))
-    train, evals = read_log(str(tmp_path), {})
+    train, evals = read_log(read_state(str(tmp_path), {}), str(tmp_path), {})
     assert [h["loss"] for h in train] == [2.5, 1.5] and evals == []
 
     (tmp_path / "all_results.json").write_text(json.dumps({"eval_loss": 1.25, "train_loss": 2.0}))
-    train, evals = read_log(str(tmp_path), {})
+    train, evals = read_log(read_state(str(tmp_path), {}), str(tmp_path), {})
     assert evals == [{"step": 4, "eval_loss": 1.25}]
 
     # an in-training evaluation at the last step is not counted twice
     history.append({"step": 4, "eval_loss": 1.25})
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": history}))
-    assert len(read_log(str(tmp_path), {})[1]) == 1
+    assert len(read_log(read_state(str(tmp_path), {}), str(tmp_path), {})[1]) == 1
 
 
 def test_plan_records_the_machine_dtype_and_derives_precision_keys(profile, local_config, local_model):
@@ -328,3 +329,37 @@ def test_the_work_dir_is_cleared_from_the_nodes_only_where_it_is_their_own_disk(
     monkeypatch.setattr(train, "on_every_node", cluster_gone)
     train.clear_work_dirs(remote)
     assert "not removed from every node: GCS unreachable" in capsys.readouterr().out
+
+
+def test_cpu_workers_compute_with_an_even_share_of_the_nodes_cpus_unless_told(profile, monkeypatch):
+    """train.cpu_threads_per_worker: auto shares the node's usable CPUs among its workers, within
+    what each reserved from Ray; a number is used as given; GPU workers keep Ray's setting."""
+    import torch
+
+    from e2e_llm import host_cpus
+    from e2e_llm.train import thread_setting
+    from e2e_llm.train_worker import set_threads
+
+    local = profile()
+    assert thread_setting(local) == {"per_worker": "auto", "reserved": None}  # the local profile reserves no count
+    assert thread_setting(profile(train__resources_per_worker={"CPU": 4}))["reserved"] == 4
+    assert thread_setting(profile(train__cpu_threads_per_worker=3))["per_worker"] == 3
+    assert thread_setting(profile(train__use_gpu=True, train__resources_per_worker={"CPU": 8, "GPU": 1})) == {
+        "per_worker": None, "reserved": 8}
+    with pytest.raises(ValueError, match="cpu_threads_per_worker"):
+        profile(train__cpu_threads_per_worker=0)
+
+    monkeypatch.setattr(host_cpus, "cpu_budget", lambda: host_cpus.CpuBudget(tuple(range(16))))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray sets it for a worker that reserved 1 CPU
+    before = torch.get_num_threads()
+    try:
+        assert set_threads({"per_worker": "auto", "reserved": None}, 2) == (
+            8, "auto: 16 CPUs on this node, 2 workers there")
+        assert torch.get_num_threads() == 8 and os.environ["OMP_NUM_THREADS"] == "8"
+        assert set_threads({"per_worker": "auto", "reserved": 4.0}, 2) == (
+            4, "auto: 16 CPUs on this node, 2 workers there, 4 CPUs reserved each")
+        assert set_threads({"per_worker": 3, "reserved": None}, 2) == (3, "train.cpu_threads_per_worker")
+        assert torch.get_num_threads() == 3
+        assert set_threads({"per_worker": None, "reserved": 8}, 1) is None and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
