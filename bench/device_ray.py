@@ -665,11 +665,14 @@ def record(ns: argparse.Namespace) -> int:
             base = _recorded_base()
             tuned = train_quality.batch_eval(str(adapter), adapter.name.removeprefix("adapter-"), None)
             m = report["ray"]
-            settings = (f"SmolLM2-135M-Instruct LoRA r8 through `e2e-llm train` (Ray Train TorchTrainer, use_gpu, "
-                        f"NCCL, 1 worker) on {report['machine']}: smollm2 recipe with {report['sets']}, "
-                        f"{m['global_step']} steps = {report['sets'].get('num_train_epochs')} epochs on 5103 rows; "
-                        f"val 714 rows, `e2e-llm batch` (local "
-                        f"profile: vLLM CPU, merged adapter, structured output); baseline = base model as recorded")
+            rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+            args = json.loads((run_dir / "manifest.json").read_text())["training_args"]
+            settings = (f"SmolLM2-135M-Instruct LoRA r{rank} through `e2e-llm train` (Ray Train TorchTrainer, "
+                        f"use_gpu, NCCL, 1 worker) on {report['machine']}: smollm2 recipe (lr "
+                        f"{args.get('learning_rate')}) with {report['sets']}, {m['global_step']} steps = "
+                        f"{report['sets'].get('num_train_epochs')} epochs on 5103 rows; val 714 rows asking with "
+                        f"VIGGO's own instruction as in training, `e2e-llm batch` (local profile: vLLM CPU, "
+                        f"merged adapter, structured output); baseline = base model as recorded")
             for metric in QUALITY_METRICS:
                 lines.append({"bench": "quality_val", "metric": f"{metric}/ray-train{suffix}",
                               "value": round(tuned[metric], 4),

@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""CPU training on a machine with more cores than ours, or fewer than it shows: `e2e-llm train`
-of the local profile with each worker's compute threads at 1 (what the local profile gave every
-machine before session 34: ``resources_per_worker: {CPU: 1}``) against ``auto``
-(``train.cpu_threads_per_worker``: the usable CPUs shared among the workers), and optionally the
-same inside a cgroup CPU quota (a container's ``--cpus``), where ``auto`` follows the quota and a
-quota-blind count (the affinity's share) is the baseline.
+"""CPU training threads on a machine with more cores than ours, or fewer than it shows: `e2e-llm
+train` of the local profile with each worker's CPU reservation (``train.resources_per_worker.CPU``,
+which sets its OpenMP / torch threads) at 1 (the local profile's) and more, and optionally inside a
+cgroup CPU quota (a container's ``--cpus``).
 
 Each setting is one unchanged `e2e-llm train` of the local profile with only the model source,
-the storage root and ``train.cpu_threads_per_worker`` changed, ``--set max_steps=N``; step time is
-the steady part (TensorBoard wall times of the logged steps after the first). Both sides run in
-one call, back to back, on the same machine.
+the storage root and ``resources_per_worker`` changed, ``--set max_steps=N``; step time is the
+steady part (TensorBoard wall times of the logged steps after the first). All settings run in one
+call, back to back, on the same machine. Inside a quota, a setting whose workers reserve more
+CPUs than the quota leaves is refused by `e2e-llm train` before any worker starts (the report
+keeps the message). The session-34 figures in bench/RESULTS.md ("train_cpu_threads") came from
+this script's first version (commit db0bc95), which set the threads through a profile key that
+was then dropped, and could also force more threads than a quota leaves.
 
     # here (train env), or on the GPU machine with the GPU hidden after device_ray.py's setup:
-    python bench/train_cpu_threads.py run --steps 48 --out /tmp/cpu-threads [--device] \
-        [--quota 4 --quota-threads 8]
+    python bench/train_cpu_threads.py run --steps 48 --cpus 1 4 8 --out /tmp/cpu-threads [--device] \
+        [--quota 4 --quota-cpus 1 2]
     # here: table, bench/results.jsonl rows (train_cpu_threads), from the report
     .venv/serve/bin/python bench/train_cpu_threads.py record /tmp/cpu-threads/report.json
 """
@@ -53,7 +55,7 @@ def _environment(device: bool) -> tuple[dict[str, str], Path, Path]:
     return env, ROOT / ".cache" / "models" / "smollm2-135m", Path("/tmp") / "e2e-cpu-threads"
 
 
-def _profile(work: Path, name: str, model: Path, threads: int | str) -> Path:
+def _profile(work: Path, name: str, model: Path, cpus: int) -> Path:
     profile = yaml.safe_load((ROOT / "configs" / "profiles" / "local.yaml").read_text())
     root = work / "store" / name
     data = root / "data" / profile["data"]["dataset"]
@@ -67,7 +69,7 @@ def _profile(work: Path, name: str, model: Path, threads: int | str) -> Path:
         shutil.copytree(source, data)
     profile["model"]["source"] = str(model)
     profile["storage"]["root"] = str(root)
-    profile["train"]["cpu_threads_per_worker"] = threads
+    profile["train"]["resources_per_worker"] = {"CPU": cpus}
     path = work / "cpu-profiles" / f"{name}.yaml"  # not in a dir named profiles: paths resolve from the cwd
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(profile, sort_keys=False))
@@ -89,12 +91,12 @@ def _cpu_cgroup(cpus: float) -> Path:
     return v2 / name
 
 
-def _train(name: str, threads: int | str, ns: argparse.Namespace, env: dict, model: Path, work: Path,
+def _train(name: str, cpus: int, ns: argparse.Namespace, env: dict, model: Path, work: Path,
            cgroup: Path | None) -> dict:
     from device_ray import _steady, _tb_times
 
     run_id = f"{name}-{uuid.uuid4().hex[:4]}"
-    profile = _profile(work, name, model, threads)
+    profile = _profile(work, name, model, cpus)
     cmd = [sys.executable, "-m", "e2e_llm.cli", "train", "--profile", str(profile), "--run-id", run_id,
            "--ray-temp-dir", str(work / "ray"), "--set", f"max_steps={ns.steps}"]
     if cgroup is not None:  # the command and all it starts (Ray, the workers) inside the quota
@@ -105,15 +107,16 @@ def _train(name: str, threads: int | str, ns: argparse.Namespace, env: dict, mod
     with log.open("w") as fh:
         rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
     wall = time.monotonic() - t
-    run = Path(yaml.safe_load(profile.read_text())["storage"]["root"]) / "runs" / run_id
+    row = {"name": name, "threads": cpus, "quota": ns.quota if cgroup else None, "wall_s": round(wall, 1)}
     if rc != 0:
-        raise SystemExit(f"{name}: rc {rc}\n{_device.log_tail(log, 30)}")
+        refused = next((x for x in log.read_text().splitlines() if "resources_per_worker" in x), None)
+        if refused is None:
+            raise SystemExit(f"{name}: rc {rc}\n{_device.log_tail(log, 30)}")
+        return {**row, "refused": refused.strip(), "steady": None}
+    run = Path(yaml.safe_load(profile.read_text())["storage"]["root"]) / "runs" / run_id
     manifest = json.loads((run / "manifest.json").read_text())
     steady = _steady(_tb_times(run / "tensorboard"), skip=0)
-    line = next((x for x in log.read_text().splitlines() if "compute threads a worker:" in x), "")
-    return {"name": name, "setting": threads, "quota": ns.quota if cgroup else None, "wall_s": round(wall, 1),
-            "threads": manifest.get("cpu_threads_per_worker"), "threads_line": line.strip(),
-            "dtype": manifest["dtype"], "metrics": manifest["metrics"],
+    return {**row, "dtype": manifest["dtype"], "metrics": manifest["metrics"],
             "steady": {"first": steady[0], "last": steady[1], "seconds": steady[2],
                        "s_per_step": steady[2] / (steady[1] - steady[0])} if steady else None}
 
@@ -136,9 +139,8 @@ def run(ns: argparse.Namespace) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     report = {"date": _device.today(), "steps": ns.steps, "machine": machine(), "runs": []}
-    for threads in ns.threads:
-        report["runs"].append(_train(f"t{threads}", int(threads) if threads.isdigit() else threads, ns, env,
-                                     model, work, None))
+    for cpus in ns.cpus:
+        report["runs"].append(_train(f"t{cpus}", cpus, ns, env, model, work, None))
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -149,9 +151,8 @@ def run(ns: argparse.Namespace) -> int:
             report["quota_error"] = repr(exc)
         else:
             try:
-                for threads in ("auto", str(ns.quota_threads)):
-                    report["runs"].append(_train(f"q{ns.quota:g}-t{threads}", int(threads) if threads.isdigit()
-                                                 else threads, ns, env, model, work, cgroup))
+                for cpus in ns.quota_cpus:
+                    report["runs"].append(_train(f"q{ns.quota:g}-t{cpus}", cpus, ns, env, model, work, cgroup))
             finally:
                 cgroup.rmdir()
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -164,6 +165,9 @@ def table(report: dict) -> None:
     print("| run | quota | threads a worker | s/step (steady) | manifest wall_time_s | command s | train loss (mean) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in report["runs"]:
+        if r.get("refused"):
+            print(f"| {r['name']} | {r['quota'] or '-'} | {r['threads']} | refused: {r['refused']} | | | |")
+            continue
         steady = f"{r['steady']['s_per_step']:.3f}" if r["steady"] else "-"
         m = r["metrics"]
         print(f"| {r['name']} | {r['quota'] or '-'} | {r['threads']} | {steady} | "
@@ -173,26 +177,28 @@ def table(report: dict) -> None:
 def record(ns: argparse.Namespace) -> int:
     report = json.loads(Path(ns.report).read_text())
     table(report)
-    runs = {r["name"]: r for r in report["runs"]}
+    ran = [r for r in report["runs"] if r.get("steady")]
     m = report["machine"]
     where = f"{m['cpu_model']}, {m['usable']}, torch capability {m['cpu_capability']}"
     rows = []
 
-    def row(metric: str, value_run: str, baseline_run: str, what: str) -> None:
-        if value_run in runs and baseline_run in runs and runs[value_run]["steady"] and runs[baseline_run]["steady"]:
-            value = 1 / runs[value_run]["steady"]["s_per_step"]
-            baseline = 1 / runs[baseline_run]["steady"]["s_per_step"]
-            rows.append({"bench": "train_cpu_threads", "metric": metric, "value": round(value, 4),
-                         "baseline": round(baseline, 4), "ratio": round(value / baseline, 3),
-                         "machine": f"{where}; {what}", "date": report["date"]})
+    def row(metric: str, value_run: dict, baseline_run: dict, what: str) -> None:
+        value, baseline = (1 / r["steady"]["s_per_step"] for r in (value_run, baseline_run))
+        rows.append({"bench": "train_cpu_threads", "metric": metric, "value": round(value, 4),
+                     "baseline": round(baseline, 4), "ratio": round(value / baseline, 3),
+                     "machine": f"{where}; {what}", "date": report["date"]})
 
-    row("steps_per_s_auto_vs_1_thread", "tauto", "t1",
-        f"auto {runs.get('tauto', {}).get('threads')} vs 1 thread a worker, 2 workers, {report['steps']} steps")
-    quota = [r for r in report["runs"] if r["quota"]]
-    if len(quota) == 2:
-        auto, blind = quota
-        row("steps_per_s_auto_vs_affinity_share_under_quota", auto["name"], blind["name"],
-            f"inside a {auto['quota']:g}-CPU quota: auto {auto['threads']} vs {blind['threads']} threads a worker")
+    free = [r for r in ran if not r["quota"]]
+    one = next((r for r in free if r["threads"] == 1), None)
+    for r in free:
+        if one and r is not one:
+            row(f"steps_per_s_{r['threads']}_vs_1_thread_a_worker", r, one,
+                f"2 workers, {report['steps']} steps, steady steps {r['steady']['first']}-{r['steady']['last']}")
+    quota = sorted((r for r in ran if r["quota"]), key=lambda r: r["threads"])
+    if len(quota) >= 2:
+        few, many = quota[0], quota[-1]
+        row(f"steps_per_s_under_quota_{few['threads']}_vs_{many['threads']}_threads_a_worker", few, many,
+            f"inside a {few['quota']:g}-CPU quota, 2 workers, {report['steps']} steps")
     for r in rows:
         print(json.dumps(r))
     _device.append_results(rows)
@@ -204,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run")
     p.add_argument("--steps", type=int, default=48)
-    p.add_argument("--threads", nargs="+", default=["1", "auto"], help="settings to run without a quota")
-    p.add_argument("--quota", type=float, help="then auto and --quota-threads inside a cgroup of this many CPUs")
-    p.add_argument("--quota-threads", type=int, default=8, help="the quota-blind count (the affinity's share)")
+    p.add_argument("--cpus", nargs="+", type=int, default=[1, 4], help="CPUs (threads) a worker, without a quota")
+    p.add_argument("--quota", type=float, help="then --quota-cpus inside a cgroup of this many CPUs")
+    p.add_argument("--quota-cpus", nargs="+", type=int, default=[1, 2])
     p.add_argument("--device", action="store_true", help="on the GPU machine after device_ray.py setup")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=run)

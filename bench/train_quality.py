@@ -254,12 +254,19 @@ EVAL_DIR = _device.ROOT / ".e2e" / "bench" / "quality"
 
 
 def batch_eval(adapter: str, name: str, limit: int | None) -> dict:
-    """`e2e-llm batch` (ray.data.llm + vLLM on CPU, the local profile) on val, then its metrics.json."""
-    out = EVAL_DIR / (f"batch-{name}" + ("" if limit is None else f"-limit{limit}"))
+    """`e2e-llm batch` (ray.data.llm + vLLM on CPU, the local profile) on the val rows the GPU
+    quality runs' dataset holds (``_device.DATA_DIR``: VIGGO's own instruction, which they train
+    with), then its metrics.json. Not the local profile's val split: its rows ask with the local
+    short system prompt, and an adapter asked otherwise than it learned scores ~0.16 lower exact
+    match (what sessions 5-33 recorded without noticing; bench/RESULTS.md)."""
+    out = EVAL_DIR / (f"eval-{name}" + ("" if limit is None else f"-limit{limit}"))
     metrics_file = out / "metrics.json"
     if not metrics_file.is_file():
+        if not _device.DATA_DIR.is_dir():
+            _device.write_dataset()
         cli = Path(sys.executable).with_name("e2e-llm")
-        cmd = ["flock", "/tmp/e2e-heavy.lock", str(cli), "batch", "--profile", "local", "--split", "val",
+        cmd = ["flock", "/tmp/e2e-heavy.lock", str(cli), "batch", "--profile", "local",
+               "--split", str(_device.DATA_DIR / "val.jsonl"),
                "--adapter", adapter, "--output", str(out), "--run-id", f"bench-quality-{name}"]
         if limit is not None:
             cmd += ["--limit", str(limit)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from e2e_llm.task import TaskSchema
 
@@ -202,11 +202,6 @@ class TrainConfig(Strict):
     num_workers: int = Field(ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = {}
-    # Threads each CPU worker computes with. auto: the node's usable CPUs (its affinity, or fewer
-    # under a cgroup's CPU quota) shared evenly among the run's workers there, and no more than
-    # resources_per_worker.CPU where that is set (e2e_llm.host_cpus). GPU workers keep Ray's own
-    # setting (their CPU reservation) unless a number is given.
-    cpu_threads_per_worker: PositiveInt | Literal["auto"] = "auto"
     accelerator_type: str | None = None
     max_failures: int = Field(2, ge=0)
     train_split: str = "train"

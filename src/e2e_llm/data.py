@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -362,3 +362,11 @@ def ingest(
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def shared_instruction(rows: Iterable[dict[str, Any]], default: str) -> str | None:
+    """The instruction every row asks with (a row without one asks with ``default``, the task's),
+    or None where they differ: what an adapter trained on the rows learned to be asked (its
+    training manifest records it) and what a batch run asks it with."""
+    seen = {row.get("instruction") or default for row in rows}
+    return seen.pop() if len(seen) == 1 else None

@@ -10,8 +10,8 @@ initialization failed. See root cause above" with no root cause above. What is a
 summary give each stage's peak.
 
 Linux only (as the project is): ``/proc/meminfo``, ``/proc/vmstat`` and the memory cgroup, v1 or
-v2, that ``/proc/self/cgroup`` names (:mod:`e2e_llm.cgroups`). Every reader returns ``None`` where the file is not there
-or not readable, never raises.
+v2, that ``/proc/self/cgroup`` names (:mod:`e2e_llm.cgroups`). Every reader returns ``None``
+where the file is not there or not readable, never raises.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import yaml
 from e2e_llm import storage, train_report
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
-from e2e_llm.host_cpus import usable_cpus
+from e2e_llm.host_cpus import cpu_budget, usable_cpus
 from e2e_llm.precision import llamafactory_precision
 from e2e_llm.ray_address import RAY_ADDRESS_ENV, nodes_not_seeing, on_every_node, unreachable_ray_address
 from e2e_llm.runs import new_run_id
@@ -268,9 +268,12 @@ def workers_do_not_fit(config: PipelineConfig, available: dict[str, float]) -> s
     for resource, amount in per_worker.items():
         needed = amount * tc.num_workers
         if needed > available.get(resource, 0.0):
+            has = f"{available.get(resource, 0.0):g}"
+            if resource == "CPU" and (budget := cpu_budget()).limited:
+                has += f" ({budget.describe()})"
             return (f"{config.source_file}: train.num_workers {tc.num_workers} x {resource} {amount:g} a worker "
                     f"(resources_per_worker) = {needed:g} {resource}, and this machine's Ray instance has "
-                    f"{available.get(resource, 0.0):g}: lower them, or set RAY_ADDRESS to a cluster that has them")
+                    f"{has}: lower them, or set RAY_ADDRESS to a cluster that has them")
     return None
 
 
@@ -374,21 +377,12 @@ def worker_env(config: PipelineConfig) -> dict[str, str]:
     # stdout is not sys.__stdout__ there, so each `[train] step` line was printed twice.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not config.train.use_gpu:
+        # One OpenMP pool per worker sized to its CPU share; more threads only fight each other.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, int(config.train.resources_per_worker.get("CPU", 1)))))
         # On CPU the workers are the job: at Ray's worker niceness 15 its own daemons and any other
         # process preempt them (2 AVX2 cores: 1.80 s a step at 15, 1.60 at 0; bench/RESULTS.md).
         env.setdefault(RAY_WORKER_NICENESS_ENV, "0")
     return env
-
-
-def thread_setting(config: PipelineConfig) -> dict[str, Any]:
-    """What each worker sizes its compute threads from (:func:`e2e_llm.train_worker.set_threads`):
-    ``train.cpu_threads_per_worker``, and the CPUs a worker reserves; None for a GPU worker left
-    at Ray's setting."""
-    tc = config.train
-    per_worker = tc.cpu_threads_per_worker
-    if tc.use_gpu and per_worker == "auto":
-        per_worker = None
-    return {"per_worker": per_worker, "reserved": tc.resources_per_worker.get("CPU")}
 
 
 def run_training(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None,
@@ -435,8 +429,7 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"args": plan.args, "work_dir": plan.work_dir, "run_id": plan.run_id,
-                               "run_uri": plan.run_uri, "dataset_uri": plan.dataset_uri, "fs_kw": fs_kw,
-                               "threads": thread_setting(config)},
+                               "run_uri": plan.run_uri, "dataset_uri": plan.dataset_uri, "fs_kw": fs_kw},
             scaling_config=scaling,
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             run_config=run_config,

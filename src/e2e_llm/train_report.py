@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from e2e_llm import storage
+from e2e_llm.data import shared_instruction
 from e2e_llm.train_worker import read_events
 
 if TYPE_CHECKING:
@@ -107,11 +108,14 @@ def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, f
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_loss(train_log, eval_log, Path(tmp) / "loss.png")
         storage.write_bytes(storage.join(plan.run_uri, "loss.png"), png.read_bytes(), **fs_kw)
-    dataset_files = {}
+    dataset_files, instruction = {}, None
     for split, uri in plan.dataset_files.items():
         data = storage.read_bytes(uri, **fs_kw)
         dataset_files[split] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(),
                                 "rows": data.count(b"\n")}
+        if split == config.train.train_split:
+            rows = (json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip())
+            instruction = shared_instruction(rows, config.task_schema().default_instruction())
     manifest = {
         "kind": "e2e-llm/train-run",
         "run_id": plan.run_id,
@@ -120,7 +124,10 @@ def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, f
         "finished_at": datetime.now(UTC).isoformat(),
         "base_model": {"id": config.model.id, "source": config.model.source,
                        "path": plan.args["model_name_or_path"]},
-        "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files},
+        # the instruction every training row asked with (None: they differ): batch runs asking with
+        # another are refused (e2e_llm.batch.adapter.instruction_mismatch)
+        "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files,
+                    "instruction": instruction},
         "recipe": plan.recipe_path,
         "dtype": plan.dtype,  # the training dtype and why (CPU capability / GPU)
         "training_args": training_args,
@@ -144,8 +151,6 @@ def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, f
             "wall_time_s": round(wall_time, 1),
         },
         "attempts": len(starts),
-        # each worker's compute threads (train.cpu_threads_per_worker), as rank 0 had them
-        "cpu_threads_per_worker": starts[-1].get("threads") if starts else None,
         "adapter_uri": storage.join(plan.run_uri, "adapter"),
         "loss_curve": storage.join(plan.run_uri, "loss.png"),
         "tensorboard": storage.join(plan.run_uri, "tensorboard"),

@@ -206,30 +206,6 @@ def report_callback(run_uri: str, fs_kw: dict[str, Any], rank: int, world_size: 
     return RayTrainReport()
 
 
-def set_threads(setting: dict[str, Any], local_workers: int) -> tuple[int, str] | None:
-    """Size this worker's OpenMP / torch compute threads (:func:`e2e_llm.train.thread_setting`):
-    (threads, why), or None where the setting leaves Ray's. Runs in the worker, so that the node's
-    own CPUs and quota count, and before LLaMA-Factory starts any thread pool."""
-    from e2e_llm.host_cpus import cpu_budget, threads_per_process
-
-    per_worker = setting["per_worker"]
-    if per_worker is None:
-        return None
-    if per_worker == "auto":
-        budget = cpu_budget()
-        threads = threads_per_process(budget, local_workers, setting["reserved"])
-        why = f"auto: {budget.describe()} on this node, {local_workers} workers there"
-        if setting["reserved"]:
-            why += f", {setting['reserved']:g} CPUs reserved each"
-    else:
-        threads, why = int(per_worker), "train.cpu_threads_per_worker"
-    import torch
-
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the pools started after this, and children
-    torch.set_num_threads(threads)
-    return threads, why
-
-
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Runs in each Ray Train worker: resume from Ray's checkpoint, train, publish the adapter."""
     import ray
@@ -242,9 +218,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     args = dict(cfg["args"], output_dir=str(work_dir / "output"))
     fs_kw = cfg["fs_kw"]
 
-    threads = set_threads(cfg["threads"], ctx.get_local_world_size())
-    if rank == 0 and threads:
-        print(f"[train] compute threads a worker: {threads[0]} ({threads[1]})", flush=True)
     args["dataset_dir"] = str(local_dataset(cfg["dataset_uri"], work_dir, fs_kw))
     resume_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -254,7 +227,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         args["resume_from_checkpoint"] = str(resume_from)
     append_event(run_uri, fs_kw, event="start", rank=rank, world_size=world_size, pid=os.getpid(),
                  node=ray.get_runtime_context().get_node_id(), output_dir=args["output_dir"], resume_step=resume_step,
-                 attempt_checkpoint=checkpoint.path if checkpoint else None, threads=threads[0] if threads else None)
+                 attempt_checkpoint=checkpoint.path if checkpoint else None)
 
     from e2e_llm.compat.llamafactory import run_training
 

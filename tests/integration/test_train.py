@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 import warnings
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
+from cpu_cgroup import cpu_cgroup, inside
 
-from e2e_llm.host_cpus import cpu_budget, threads_per_process
 from e2e_llm.train_worker import node_work_dir, node_work_root
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
@@ -79,6 +80,8 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     for key in ("run_id", "base_model", "dataset", "training_args", "versions", "git_sha", "metrics", "adapter_uri"):
         assert manifest[key] is not None, key
     assert manifest["base_model"]["id"] == local_config.model.id
+    # what every training row asked with: batch refuses rows asking otherwise
+    assert manifest["dataset"]["instruction"] == local_config.data.system_prompt
     assert len(manifest["dataset"]["files"]["train"]["sha256"]) == 64
     assert {"llamafactory", "ray", "transformers"} <= set(manifest["versions"])
     metrics = manifest["metrics"]
@@ -86,8 +89,6 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["tokens_per_second"] > 0
     assert metrics["train_loss_mean"] > 0  # the Trainer's mean over the run
     assert manifest["ray"]["num_workers"] == 2
-    # each worker computed with its share of this machine's CPUs (train.cpu_threads_per_worker: auto)
-    assert manifest["cpu_threads_per_worker"] == threads_per_process(cpu_budget(), 2)
     assert manifest["dtype"]["dtype"] in ("bfloat16", "float32") and manifest["dtype"]["reason"]
     assert (trained_adapter.parent / "loss.png").stat().st_size > 1000
     assert list((trained_adapter.parent / "tensorboard").rglob("events.out.tfevents*"))
@@ -318,6 +319,45 @@ def test_a_local_storage_root_other_nodes_cannot_see_is_refused(two_node_cluster
         assert "RayTrainWorker" not in output  # before any worker loaded the model
     finally:
         shutil.rmtree(own_folder, ignore_errors=True)
+
+
+def test_workers_reserving_more_cpus_than_a_containers_limit_are_refused_naming_it(local_model, tmp_path):
+    """Inside a cgroup allowing 1 CPU's worth of time (`docker run --cpus 1`), a worker reserving 2
+    CPUs (2 threads): the local Ray instance got os.cpu_count() CPUs (2 or more), so it started,
+    with more threads than the quota runs at once (2 threads a worker trained 1.30x slower than 1
+    there; bench/RESULTS.md). Now Ray gets what the quota allows and the run is refused before any
+    worker, naming the limit."""
+    cgroup = cpu_cgroup(100000)
+    if cgroup is None:
+        pytest.skip("no cpu cgroup can be made here (needs root and a cpu controller)")
+    env = storage_env(tmp_path / "store")
+    ray_dir = tempfile.mkdtemp(prefix="rq-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    try:
+        run_in_env("train", "data", "--profile", "local", env=env)
+        profile = yaml.safe_load((ROOT / "configs/profiles/local.yaml").read_text())
+        profile["train"].update(num_workers=1, resources_per_worker={"CPU": 2})
+        path = tmp_path / "two-cpus.yaml"
+        path.write_text(yaml.safe_dump(profile))
+        result = subprocess.run(inside(cgroup, [str(VENV / "train/bin/e2e-llm"), "train", "--profile", str(path),
+                                                *SMOKE, "--ray-temp-dir", ray_dir]),
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output[-3000:]
+        assert (f"train.num_workers 1 x CPU 2 a worker (resources_per_worker) = 2 CPU, and this machine's Ray "
+                f"instance has 1 (1 of this machine's {os.cpu_count()} CPUs: a CPU quota of 1 applies (cpu cgroup "
+                f"/{cgroup.name})): lower them") in output, output[-3000:]
+        assert "RayTrainWorker" not in output
+    finally:
+        _wait_for_empty(cgroup)
+        cgroup.rmdir()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _wait_for_empty(cgroup: Path, timeout_s: float = 60) -> None:
+    """Until the cgroup's processes (Ray's, started inside it) are gone."""
+    deadline = time.monotonic() + timeout_s
+    while (cgroup / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _training_past_a_checkpoint(tmp_path: Path, prefix: str):

@@ -296,3 +296,68 @@ def test_publish_names_a_wrong_adapter_before_it_needs_the_store(project_root, m
     assert main(["publish", "--profile", "local", "--list"]) == 1
     assert "the store is down" in capsys.readouterr().err
 
+
+
+def test_rows_asking_otherwise_than_the_adapter_learned_are_named(tmp_path):
+    """An adapter trained on rows asking with one instruction scores ~0.16 lower exact match when
+    asked with another (VIGGO val): batch says so before the engine starts."""
+    from e2e_llm.batch import Adapter
+    from e2e_llm.batch.adapter import instruction_mismatch
+
+    trained = Adapter(path=tmp_path / "adapter", sha256="x", rank=8, base_model=None,
+                      manifest={"run_id": "r1", "dataset": {"instruction": "Long VIGGO instruction."}})
+    short = [{"instruction": "Write the meaning representation.", "input": "a"}] * 3
+    message = instruction_mismatch(trained, short, "Default.", "/d/val.jsonl")
+    assert message == (f"adapter {tmp_path / 'adapter'} was trained on rows asking with the instruction "
+                       "'Long VIGGO instruction.' (training run r1), and every row of /d/val.jsonl asks with "
+                       "'Write the meaning representation.': an adapter asked otherwise than it learned answers "
+                       "worse, so these scores would not be its own. Score it on rows written with its "
+                       "instruction (`e2e-llm data` under a profile whose data.system_prompt is it, or null for "
+                       "the source's own)")
+    same = [{"instruction": "Long VIGGO instruction.", "input": "a"}]
+    assert instruction_mismatch(trained, same, "Default.", "v") is None
+    # a row without an instruction asks with the task's default
+    assert instruction_mismatch(trained, [{"input": "a"}], "Long VIGGO instruction.", "v") is None
+    assert "asks with 'Default.'" in instruction_mismatch(trained, [{"input": "a"}], "Default.", "v")
+    assert instruction_mismatch(trained, [*short, *same], "Default.", "v") is None  # rows ask with several
+    assert instruction_mismatch(trained, [], "Default.", "v") is None
+    older = Adapter(path=tmp_path, sha256="x", rank=8, base_model=None, manifest={"run_id": "r0"})
+    assert instruction_mismatch(older, short, "Default.", "v") is None  # a manifest from before it was recorded
+    assert instruction_mismatch(None, short, "Default.", "v") is None
+    long = Adapter(path=tmp_path, sha256="x", rank=8, base_model=None, manifest={"dataset": {"instruction": "y" * 200}})
+    assert f"instruction '{'y' * 69}…'," in instruction_mismatch(long, short, "Default.", "v")
+
+
+def test_batch_refuses_rows_asking_otherwise_than_the_adapter_learned_unless_told(
+        project_root, monkeypatch, capsys, tmp_path, local_model):
+    """The CLI: refused with exit 1 before any engine starts; --any-instruction scores anyway and
+    the batch manifest says why the scores are not the adapter's own."""
+    import e2e_llm.batch.run
+    from e2e_llm.cli import main
+
+    run = tmp_path / "runs" / "r1"
+    adapter = fake_adapter(run, base=str(local_model))
+    (run / "manifest.json").write_text(json.dumps({"run_id": "r1", "dataset": {"instruction": "Long instruction."}}))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": "Short.", "input": f"s{i}", "output": "inform(name[X])"}) + "\n"
+                            for i in range(3)))
+    generated = []
+
+    def fake_generate(config, engine_rows, **kwargs):
+        generated.append(len(engine_rows))
+        return [{**r, "generated_text": r["output"], "num_input_tokens": 1, "num_generated_tokens": 1,
+                 "truncated": False, "error": None} for r in engine_rows]
+
+    monkeypatch.setattr(e2e_llm.batch.run, "generate", fake_generate)
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path / "storage"))
+    args = ["batch", "--profile", "local", "--adapter", str(adapter), "--split", str(rows), "--mode", "lora"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "trained on rows asking with the instruction 'Long instruction.' (training run r1)" in err
+    assert err.rstrip().endswith("or pass --any-instruction to score it anyway") and generated == []
+
+    assert main([*args, "--any-instruction", "--output", str(tmp_path / "out")]) == 0
+    assert generated == [3]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["instruction_mismatch"].startswith(f"adapter {adapter} was trained on rows asking with")
+    assert "[batch] warning: adapter" in capsys.readouterr().out

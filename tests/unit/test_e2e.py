@@ -85,6 +85,11 @@ def test_summary_puts_base_and_adapter_side_by_side(config):
     assert "| total | 500 |" in text and "reused run b0" in text
     assert "make batch-local ADAPTER=r1" in text and "examples/openai_client.py" in text
     assert "make serve ADAPTER=r1" in text and "E2E_LLM_PROFILE" not in text
+    # a run shorter than one logging window has no windowed loss: the run's mean, named as such
+    result.train["metrics"].update(train_loss=None, train_loss_mean=0.5)
+    text = summary(result, config, 200, "local")
+    assert "training: 128 steps, train loss 0.5000 (mean over the run), 579.6 s" in text
+    result.train["metrics"]["train_loss"] = 0.20777824521064758
 
     # Another profile's next commands name it: `make serve` alone would serve the local one.
     other = summary(result, config, 200, "/work/profiles/home.yaml")

@@ -1,7 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Bad training input fails before any worker starts, with a clear message."""
 
-import os
 import re
 from pathlib import Path
 
@@ -281,6 +280,18 @@ def test_a_worker_group_this_machines_ray_cannot_hold_fails_at_once(profile):
     assert workers_do_not_fit(profile(), {"CPU": 2.0}) is None  # the local profile as shipped
 
 
+def test_a_worker_group_over_a_containers_cpu_limit_is_refused_naming_the_limit(profile, monkeypatch):
+    """Inside `docker run --cpus 2` on a 16-core host the local Ray instance has 2 CPUs (not 16):
+    the refusal says why this machine has fewer CPUs than it shows."""
+    from e2e_llm import host_cpus, train
+
+    monkeypatch.setattr(train, "cpu_budget", lambda: host_cpus.CpuBudget(tuple(range(16)), 16, 2.0, "cpu cgroup /ci"))
+    problem = train.workers_do_not_fit(profile(train__resources_per_worker={"CPU": 2}), {"CPU": 2.0})
+    assert problem.endswith("= 4 CPU, and this machine's Ray instance has 2 (2 of this machine's 16 CPUs: a CPU "
+                            "quota of 2 applies (cpu cgroup /ci)): lower them, or set RAY_ADDRESS to a cluster "
+                            "that has them")
+
+
 def test_a_dataset_written_before_the_profile_changed_is_refused(profile, tmp_path):
     """`data.system_prompt` or the task schema edited after `e2e-llm data`: training would learn to
     answer the old prompt, or rows validated by the old schema. It names what changed and the fix."""
@@ -330,36 +341,3 @@ def test_the_work_dir_is_cleared_from_the_nodes_only_where_it_is_their_own_disk(
     train.clear_work_dirs(remote)
     assert "not removed from every node: GCS unreachable" in capsys.readouterr().out
 
-
-def test_cpu_workers_compute_with_an_even_share_of_the_nodes_cpus_unless_told(profile, monkeypatch):
-    """train.cpu_threads_per_worker: auto shares the node's usable CPUs among its workers, within
-    what each reserved from Ray; a number is used as given; GPU workers keep Ray's setting."""
-    import torch
-
-    from e2e_llm import host_cpus
-    from e2e_llm.train import thread_setting
-    from e2e_llm.train_worker import set_threads
-
-    local = profile()
-    assert thread_setting(local) == {"per_worker": "auto", "reserved": None}  # the local profile reserves no count
-    assert thread_setting(profile(train__resources_per_worker={"CPU": 4}))["reserved"] == 4
-    assert thread_setting(profile(train__cpu_threads_per_worker=3))["per_worker"] == 3
-    assert thread_setting(profile(train__use_gpu=True, train__resources_per_worker={"CPU": 8, "GPU": 1})) == {
-        "per_worker": None, "reserved": 8}
-    with pytest.raises(ValueError, match="cpu_threads_per_worker"):
-        profile(train__cpu_threads_per_worker=0)
-
-    monkeypatch.setattr(host_cpus, "cpu_budget", lambda: host_cpus.CpuBudget(tuple(range(16))))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray sets it for a worker that reserved 1 CPU
-    before = torch.get_num_threads()
-    try:
-        assert set_threads({"per_worker": "auto", "reserved": None}, 2) == (
-            8, "auto: 16 CPUs on this node, 2 workers there")
-        assert torch.get_num_threads() == 8 and os.environ["OMP_NUM_THREADS"] == "8"
-        assert set_threads({"per_worker": "auto", "reserved": 4.0}, 2) == (
-            4, "auto: 16 CPUs on this node, 2 workers there, 4 CPUs reserved each")
-        assert set_threads({"per_worker": 3, "reserved": None}, 2) == (3, "train.cpu_threads_per_worker")
-        assert torch.get_num_threads() == 3
-        assert set_threads({"per_worker": None, "reserved": 8}, 1) is None and torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)

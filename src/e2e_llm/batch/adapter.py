@@ -75,3 +75,29 @@ def resolve_adapter(config: PipelineConfig, ref: str | None, model_path: str) ->
         if parent_manifest.is_file():
             manifest = json.loads(parent_manifest.read_text())
     return check_adapter(config, Path(path).resolve(), model_path, manifest)
+
+
+def _quoted(text: str, width: int = 70) -> str:
+    return repr(text if len(text) <= width else text[:width - 1] + "…")
+
+
+def instruction_mismatch(adapter: Adapter | None, rows: list[dict[str, Any]], default: str,
+                         where: str) -> str | None:
+    """Why ``rows`` would not score ``adapter`` as it answers: its training rows all asked with one
+    instruction (its training manifest's ``dataset.instruction``) and these all ask with another.
+    An adapter asked otherwise than it learned answers worse (VIGGO val, the GPU quality adapter:
+    exact match 0.766 asked with the local profile's short system prompt against 0.927 with VIGGO's
+    own instruction it was trained on; bench/RESULTS.md). None when they agree or either side is
+    unknown (an older manifest, rows with several instructions)."""
+    from e2e_llm.data import shared_instruction
+
+    trained = ((adapter.manifest or {}).get("dataset") or {}).get("instruction") if adapter else None
+    asked = shared_instruction(rows, default) if rows else None
+    if trained is None or asked is None or trained == asked:
+        return None
+    run = (adapter.manifest or {}).get("run_id")
+    return (f"adapter {adapter.path} was trained on rows asking with the instruction {_quoted(trained)}"
+            f"{f' (training run {run})' if run else ''}, and every row of {where} asks with {_quoted(asked)}: "
+            "an adapter asked otherwise than it learned answers worse, so these scores would not be its own. "
+            "Score it on rows written with its instruction (`e2e-llm data` under a profile whose "
+            "data.system_prompt is it, or null for the source's own)")

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from e2e_llm import storage
-from e2e_llm.batch.adapter import resolve_adapter
+from e2e_llm.batch.adapter import instruction_mismatch, resolve_adapter
 from e2e_llm.batch.inputs import BatchError, load_rows, resolve_split
 from e2e_llm.batch.manifest import (
     BATCH_KIND,
@@ -37,8 +37,11 @@ def run_batch(
     limit: int | None = None,
     run_id: str | None = None,
     out_uri: str | None = None,
+    any_instruction: bool = False,
 ) -> BatchResult:
-    """Resolve inputs, generate with ray.data.llm, write predictions, metrics, report, manifest."""
+    """Resolve inputs, generate with ray.data.llm, write predictions, metrics, report, manifest.
+    Rows asking the adapter with another instruction than it was trained with are refused
+    (:func:`~e2e_llm.batch.adapter.instruction_mismatch`) unless ``any_instruction``."""
     from e2e_llm.evaluate import HEADLINE, EvaluationError, Unlabelled, evaluate_rows, write_reports
     from e2e_llm.model import prepared_dtype, resolve_model_path
     from e2e_llm.precision import batch_dtype
@@ -55,6 +58,12 @@ def run_batch(
     model_path = resolve_model_path(config.model, root=config.root)
     adapter = resolve_adapter(config, adapter_ref, model_path)
     data = load_rows(config, split_uri, limit)
+    valid = [r for r in data.rows if r["_line"] not in data.invalid]
+    mismatch = instruction_mismatch(adapter, valid, task.default_instruction(), split_uri)
+    if mismatch and not any_instruction:
+        raise BatchError(f"{mismatch}; or pass --any-instruction to score it anyway")
+    if mismatch:
+        print(f"[batch] warning: {mismatch}", flush=True)
 
     model_source, merged = model_path, None
     if adapter is not None and mode == "merged":
@@ -71,7 +80,7 @@ def run_batch(
     run_id = run_id or f"{new_run_id()}-{name}-{adapter.sha256[:8] if adapter else 'base'}-{mode}"
     out_uri = out_uri or config.storage_uri("batch", run_id)
 
-    engine_rows = [r for r in data.rows if r["_line"] not in data.invalid]
+    engine_rows = valid
     gen_started = time.time()
     generated = (generate(config, engine_rows, model_source=model_source, task=task, adapter=adapter, mode=mode,
                           structured=structured, lora=lora) if engine_rows else [])
@@ -130,6 +139,7 @@ def run_batch(
             "training_run": (adapter.manifest or {}).get("run_id"),
         },
         "data": {"split": split, "uri": split_uri, "sha256": data.sha256},
+        "instruction_mismatch": mismatch,  # scored anyway (--any-instruction): why the scores are not its own
         # What the metrics were scored by (`e2e-llm evaluate` on these predictions checks it).
         "task": {"name": task.name, "schema": config.data.task},
         # The regex by its hash: it decides the output, so an earlier run with another grammar is

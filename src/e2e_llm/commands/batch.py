@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     structured.add_argument("--structured", dest="structured", action="store_true", default=None,
                             help="constrain decoding to the task grammar (default: batch.structured_output)")
     structured.add_argument("--no-structured", dest="structured", action="store_false")
+    parser.add_argument("--any-instruction", action="store_true",
+                        help="score an adapter on rows asking with another instruction than its training rows "
+                             "did (refused otherwise: its scores there are not its own)")
     parser.add_argument("--run-id", help="output folder name under <storage>/batch (default: time-split-adapter-mode)")
     parser.add_argument("--output", help="output folder or URI (default: <storage>/batch/<run id>)")
 
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = run_batch(config, split=args.split, adapter_ref=args.adapter, mode=args.mode,
-                           structured=args.structured, limit=args.limit, run_id=args.run_id, out_uri=args.output)
+                           structured=args.structured, limit=args.limit, run_id=args.run_id, out_uri=args.output,
+                           any_instruction=args.any_instruction)
     except (BatchError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
