@@ -17,8 +17,9 @@ The patches are derived from the rendered base documents, so a template added th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
+
+from e2e_llm.validate_common import json_pointer, pod_templates
 
 REQUIRED_SCC_ANNOTATION = "openshift.io/required-scc"
 REQUIRED_SCC = "restricted-v2"
@@ -27,29 +28,12 @@ SCC_ASSIGNED_POD_FIELDS = ("fsGroup", "runAsUser", "seLinuxOptions")
 SCC_ASSIGNED_CONTAINER_FIELDS = ("runAsUser", "seLinuxOptions")
 
 
-def pod_templates(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """(JSON pointer, template) of every pod template in a document: a mapping whose ``spec``
-    holds ``containers``, whatever key it sits under (``template``, ``submitterPodTemplate``)."""
-    if isinstance(node, dict):
-        if isinstance(node.get("spec"), dict) and "containers" in node["spec"]:
-            yield path, node
-            return
-        for key, value in node.items():
-            yield from pod_templates(value, f"{path}/{_escape(key)}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from pod_templates(value, f"{path}/{i}")
-
-
-def _escape(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
-
-
 def openshift_operations(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The JSON patch that makes ``doc``'s pods restricted-v2's: fields it assigns removed, the
     SCC asked for by name."""
     ops: list[dict[str, Any]] = []
-    for path, template in pod_templates(doc):
+    for keys, template in pod_templates(doc):
+        path = json_pointer(keys)
         spec = template["spec"]
         context = spec.get("securityContext") or {}
         ops += [{"op": "remove", "path": f"{path}/spec/securityContext/{field}"}
@@ -67,7 +51,7 @@ def openshift_operations(doc: dict[str, Any]) -> list[dict[str, Any]]:
             ops.append({"op": "add", "path": f"{path}/metadata/annotations",
                         "value": {REQUIRED_SCC_ANNOTATION: REQUIRED_SCC}})
         else:
-            ops.append({"op": "add", "path": f"{path}/metadata/annotations/{_escape(REQUIRED_SCC_ANNOTATION)}",
+            ops.append({"op": "add", "path": json_pointer([*keys, "metadata", "annotations", REQUIRED_SCC_ANNOTATION]),
                         "value": REQUIRED_SCC})
     return ops
 

@@ -5,7 +5,7 @@ how problems name their object and field, pod templates of Ray kinds."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +47,22 @@ def _int(value: Any, default: int | None = None) -> int | None:
 
 
 
-def _pod_templates(doc: dict[str, Any]) -> list[tuple[list[Any], dict[str, Any]]]:
-    spec = doc.get("spec") or {}
-    out = []
-    for key in RAY_NODE_TEMPLATE:
-        cluster = spec.get(key)
-        if not cluster:
-            continue
-        if (head := cluster.get("headGroupSpec")) and head.get("template"):
-            out.append((["spec", key, "headGroupSpec", "template"], head["template"]))
-        for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
-            if group.get("template"):
-                out.append((["spec", key, "workerGroupSpecs", i, "template"], group["template"]))
-    if spec.get("submitterPodTemplate"):
-        out.append((["spec", "submitterPodTemplate"], spec["submitterPodTemplate"]))
-    return out
+def json_pointer(path: list[Any]) -> str:
+    """The JSON pointer (RFC 6901: "~" and "/" escaped) to ``path``'s keys and list indices."""
+    return "".join("/" + str(key).replace("~", "~0").replace("/", "~1") for key in path)
 
+
+def pod_templates(node: Any, path: tuple = ()) -> Iterator[tuple[list[Any], dict[str, Any]]]:
+    """(path, template) of every pod template in a document: a mapping whose ``spec`` holds
+    ``containers``, whatever key it sits under (a Ray cluster's head and worker groups'
+    ``template``, a RayJob's ``submitterPodTemplate``, a Deployment's ``template``). The path is
+    the keys and list indices that lead to it."""
+    if isinstance(node, dict):
+        if isinstance(node.get("spec"), dict) and "containers" in node["spec"]:
+            yield list(path), node
+            return
+        for key, value in node.items():
+            yield from pod_templates(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from pod_templates(value, (*path, i))

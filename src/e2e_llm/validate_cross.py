@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from e2e_llm.validate_common import RAY_NODE_TEMPLATE, _fmt, _name, _pod_templates
+from e2e_llm.validate_common import RAY_NODE_TEMPLATE, _fmt, _name, pod_templates
 
 GPU = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.product"
@@ -131,7 +131,7 @@ def check_ray_versions(doc: dict[str, Any], ctx: CrossContext) -> list[str]:
 
 def check_gpus(doc: dict[str, Any], ctx: CrossContext) -> list[str]:
     problems = []
-    for path, template in _pod_templates(doc):
+    for path, template in pod_templates(doc):
         at = f"{_name(doc)}: {_fmt(path)}"
         spec = (template or {}).get("spec") or {}
         gpu_total = 0
@@ -296,7 +296,7 @@ def check_references(docs: list[dict[str, Any]], ctx: CrossContext) -> list[str]
     present = {(d.get("kind"), (d.get("metadata") or {}).get("name")) for d in docs}
     problems = []
     for doc in docs:
-        for path, template in _pod_templates(doc):
+        for path, template in pod_templates(doc):
             where = _fmt(path)
             for kind, name, at in _references(template):
                 if (kind, name) not in present and (kind, name) not in ctx.external:
@@ -324,7 +324,7 @@ def check_node_arch(doc: dict[str, Any]) -> list[str]:
     from e2e_llm.deploy import KUBERNETES_ARCH, reference_tag, tag_machine
 
     problems = []
-    for path, template in _pod_templates(doc):
+    for path, template in pod_templates(doc):
         containers = _containers(template)
         image = str(containers[0].get("image", "")) if containers else ""
         machine = tag_machine(reference_tag(image))

@@ -115,11 +115,11 @@ def check_openshift_pods(doc: dict[str, Any]) -> list[str]:
         REQUIRED_SCC_ANNOTATION,
         SCC_ASSIGNED_CONTAINER_FIELDS,
         SCC_ASSIGNED_POD_FIELDS,
-        pod_templates,
     )
+    from e2e_llm.validate_common import json_pointer, pod_templates
 
     asked = {path: ((template.get("metadata") or {}).get("annotations") or {}).get(REQUIRED_SCC_ANNOTATION)
-             for path, template in pod_templates(doc)}
+             for path, template in ((json_pointer(keys), t) for keys, t in pod_templates(doc))}
     if not any(asked.values()):
         return []
     problems = [f"{_name(doc)}: {path}/metadata/annotations: {REQUIRED_SCC_ANNOTATION} is {scc!r}, not "

@@ -13,8 +13,9 @@ import pytest
 from conftest import ROOT
 from manifest_cache import built, crd_dir, find
 
-from e2e_llm.render_openshift import REQUIRED_SCC, REQUIRED_SCC_ANNOTATION, pod_templates
+from e2e_llm.render_openshift import REQUIRED_SCC, REQUIRED_SCC_ANNOTATION
 from e2e_llm.validate import kustomize_build, validate_documents
+from e2e_llm.validate_common import pod_templates
 from e2e_llm.validate_pod_security import check_openshift_pods
 
 KINDS = ("RayJob", "RayService")

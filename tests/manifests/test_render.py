@@ -158,10 +158,10 @@ def test_every_pod_selects_linux_nodes_of_its_images_machine(tmp_path):
     suffix: amd64, rayproject's ``-aarch64``: arm64) and Linux, beside the accelerator's labels:
     on a cluster with Graviton (arm64) or Windows nodes a pod without them can land there."""
     from e2e_llm.render_kuberay import rayjob, rayservice
-    from e2e_llm.validate_common import _pod_templates
+    from e2e_llm.validate_common import pod_templates
 
     for rel in ("k8s/base/rayjob-train.yaml", "k8s/base/rayjob-batch.yaml", "k8s/base/rayservice-llm.yaml"):
-        templates = _pod_templates(_yaml(rel))
+        templates = list(pod_templates(_yaml(rel)))
         assert len(templates) == (3 if "rayjob" in rel else 2)
         for _, template in templates:
             selector = template["spec"]["nodeSelector"]
@@ -173,7 +173,7 @@ def test_every_pod_selects_linux_nodes_of_its_images_machine(tmp_path):
     arm = load_deploy(_deploy_with(tmp_path, to_aarch64), root=ROOT)
     config = arm.pipeline()
     for doc in (rayjob(arm, config, "train"), rayjob(arm, config, "batch"), rayservice(arm, config)):
-        for _, template in _pod_templates(doc):
+        for _, template in pod_templates(doc):
             assert template["spec"]["nodeSelector"]["kubernetes.io/arch"] == "arm64"
             assert re.search(r":2\.60\.0-py311-cu128-aarch64-[0-9a-f]{12}$", template["spec"]["containers"][0]["image"])
     assert re.search(r":2\.60\.0-py311-cpu-aarch64-[0-9a-f]{12}$", arm.image_ref("serve-cpu"))
