@@ -68,7 +68,20 @@ def _set_image(docs, kind, name, path, tag):
     c["image"] = _retag(c["image"], tag)
 
 
+def _add_deployment(docs):
+    """What an overlay might add beside the Ray objects (a gateway, a metrics exporter)."""
+    docs.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "gateway", "namespace": "e2e-llm"},
+                 "spec": {"selector": {"matchLabels": {"app": "gateway"}}, "template": {
+                     "metadata": {"labels": {"app": "gateway"}},
+                     "spec": {"containers": [{"name": "gateway", "image": "nginx:1.27",
+                                              "envFrom": [{"secretRef": {"name": "gateway-keys"}}]}]}}}})
+
+
 MUTATIONS = {
+    "a Deployment from an overlay needs a Secret nobody made": (
+        _add_deployment,
+        "Deployment/gateway: spec.template.spec.containers[0].envFrom[0]: Secret 'gateway-keys' is neither in the "
+        "build nor declared external"),
     "rayVersion bumped, images left behind": (
         lambda d: _obj(d, "RayService")["spec"]["rayClusterConfig"].update(rayVersion="2.61.0"),
         "containers[0].image: image Ray 2.60.0 != spec.rayClusterConfig.rayVersion 2.61.0"),
