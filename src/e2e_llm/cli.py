@@ -94,6 +94,15 @@ def add_profile_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="local", help="profile name under configs/profiles or a path")
 
 
+def ray_temp_dir(value: str) -> str:
+    """argparse type of ``--ray-temp-dir``: refused at once where Ray's sockets would not fit."""
+    from e2e_llm.node_temp import ray_temp_dir_problem
+
+    if problem := ray_temp_dir_problem(value):
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2e-llm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -13,6 +13,10 @@ import tempfile
 
 # The one folder name this project uses in a machine's temp dir (``<name>-<uid>``).
 PROJECT_TEMP_NAME = "e2e-llm"
+# Ray puts its Unix sockets at <temp dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store
+# (64 bytes at most after the temp dir), and a socket path may hold 107 bytes.
+UNIX_SOCKET_PATH_MAX = 107
+RAY_SOCKET_SUFFIX = len("/session_2026-12-07_09-09-09_496422_4194304/sockets/plasma_store")
 
 
 def own_temp_dir(name: str = PROJECT_TEMP_NAME) -> str:
@@ -29,3 +33,16 @@ def own_temp_dir(name: str = PROJECT_TEMP_NAME) -> str:
         raise PermissionError(f"{path} is not this user's own folder (owner uid {info.st_uid}, mode "
                               f"{stat.filemode(info.st_mode)}): remove it, or point TMPDIR elsewhere")
     return path
+
+
+def ray_temp_dir_problem(path: str) -> str | None:
+    """Why Ray cannot start in the temp dir ``path`` (``--ray-temp-dir``, ``RAY_TMPDIR``), or None:
+    its socket paths under it would be too long, which Ray reports only as a traceback from
+    ``ray.init`` ("AF_UNIX path length cannot exceed 107 bytes")."""
+    longest = UNIX_SOCKET_PATH_MAX - RAY_SOCKET_SUFFIX
+    full = os.path.abspath(path)
+    if len(full.encode()) <= longest:
+        return None
+    return (f"{full} is {len(full.encode())} bytes long: Ray's socket paths under it would be over the "
+            f"{UNIX_SOCKET_PATH_MAX} bytes a Unix socket path may hold; use a temp dir of at most {longest} "
+            "(e.g. under /tmp)")

@@ -16,6 +16,7 @@ from e2e_llm.batch.inputs import BatchError
 from e2e_llm.batch.upload import LoraSource
 from e2e_llm.config import PipelineConfig
 from e2e_llm.host_cpus import usable_cpus
+from e2e_llm.node_temp import ray_temp_dir_problem
 from e2e_llm.ray_address import RAY_ADDRESS_ENV, unreachable_ray_address
 from e2e_llm.serve import CPU_ENGINE_ENV, cpu_engine_kwargs
 
@@ -178,6 +179,8 @@ def start_ray(config: PipelineConfig, temp_dir: str | None = None) -> None:
         ray.init()
         return
     temp_dir = temp_dir or os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="rb-", dir="/tmp")
+    if problem := ray_temp_dir_problem(temp_dir):
+        raise BatchError(f"$RAY_TMPDIR: {problem}")
     ray.init(num_cpus=usable_cpus(), _temp_dir=temp_dir, include_dashboard=False,
              log_to_driver=os.environ.get("E2E_LLM_RAY_LOGS", "0") == "1")
 

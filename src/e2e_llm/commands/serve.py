@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 
-from e2e_llm.cli import INTERRUPTED, add_profile_argument
+from e2e_llm.cli import INTERRUPTED, add_profile_argument, ray_temp_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--then", metavar="COMMAND",
                         help="once ready, run COMMAND (env: E2E_LLM_BASE_URL, E2E_LLM_MODEL, E2E_LLM_PROFILE), "
                              "then shut down and exit with its status")
-    parser.add_argument("--ray-temp-dir", default=os.environ.get("RAY_TMPDIR"),
+    parser.add_argument("--ray-temp-dir", default=os.environ.get("RAY_TMPDIR"), type=ray_temp_dir,
                         help="temp dir for a local Ray instance (short path; default $RAY_TMPDIR)")
 
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from e2e_llm.cli import add_profile_argument
+from e2e_llm.cli import add_profile_argument, ray_temp_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "to resume it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a LLaMA-Factory recipe key, e.g. --set max_samples=32")
-    parser.add_argument("--ray-temp-dir", help="temp dir for a Ray instance started by this command")
+    parser.add_argument("--ray-temp-dir", type=ray_temp_dir, help="temp dir for a Ray instance started by this command")
 
 
 def run(args: argparse.Namespace) -> int:
