@@ -257,8 +257,8 @@ def batch_eval(adapter: str, name: str, limit: int | None) -> dict:
     """`e2e-llm batch` (ray.data.llm + vLLM on CPU, the local profile) on the val rows the GPU
     quality runs' dataset holds (``_device.DATA_DIR``: VIGGO's own instruction, which they train
     with), then its metrics.json. Not the local profile's val split: its rows ask with the local
-    short system prompt, and an adapter asked otherwise than it learned scores ~0.16 lower exact
-    match (what sessions 5-33 recorded without noticing; bench/RESULTS.md)."""
+    short system prompt (since session 5), and an adapter asked otherwise than it learned scored
+    0.14-0.16 lower exact match (bench/RESULTS.md, session 34; no recorded row was scored so)."""
     out = EVAL_DIR / (f"eval-{name}" + ("" if limit is None else f"-limit{limit}"))
     metrics_file = out / "metrics.json"
     if not metrics_file.is_file():
