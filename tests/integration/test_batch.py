@@ -49,10 +49,13 @@ def batch_config(local_config, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def val_rows(viggo_dir, viggo_task):
+def val_rows(viggo_dir, viggo_task, local_config):
+    """Val rows as `e2e-llm data` writes them for the local profile: asking with the system prompt
+    the trained adapter learned (batch refuses rows asking otherwise)."""
     from e2e_llm.data import validate_file
 
-    rows, _ = validate_file(viggo_dir / "val.jsonl", viggo_task, "alpaca")
+    rows, _ = validate_file(viggo_dir / "val.jsonl", viggo_task, "alpaca",
+                            system_prompt=local_config.data.system_prompt)
     return rows
 
 

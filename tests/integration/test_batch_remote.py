@@ -67,7 +67,9 @@ def runs(ray_instance, s3_server, local_config, local_model, trained_adapter, vi
     from e2e_llm.data import validate_file
 
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    rows, _ = validate_file(viggo_dir / "val.jsonl", viggo_task, "alpaca")
+    # as `e2e-llm data` writes them: asking with the system prompt the adapter learned
+    rows, _ = validate_file(viggo_dir / "val.jsonl", viggo_task, "alpaca",
+                            system_prompt=local_config.data.system_prompt)
     tmp = tmp_path_factory.mktemp("batch-remote")
     path = tmp / "rows.jsonl"
     path.write_text("".join(json.dumps(dict(r, id=f"val-{i}")) + "\n" for i, r in enumerate(rows[:N_ROWS])))
