@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The CPUs a process can keep busy (e2e_llm.host_cpus): affinity and cgroup CPU quotas, and what
-the Ray instances e2e-llm starts itself are given."""
+"""The CPUs a process can keep busy (e2e_llm.host_cpus): affinity and cgroup CPU quotas, v1 and
+v2, from fake cgroup trees and a real CPU-limited cgroup. What the Ray instances e2e-llm starts
+get from it: tests/unit/test_serve_args.py and the train tier's CPU-quota test."""
 
 from __future__ import annotations
 
