@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,15 @@ def gpu_name() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return "cpu"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ('' where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")), platform.processor())
 
 
 def log_tail(path: Path, n: int) -> str:

@@ -52,6 +52,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from _device import cpu_model
 from cpu_accounting import (  # bench/cpu_accounting.py, paired.py, servers.py and turns.py, beside this script
     cpu_by_role,
     cpu_snapshot,
@@ -230,9 +231,7 @@ def machine_info() -> dict:
     from e2e_llm.precision import choose_dtype, cpu_signals
 
     signals = cpu_signals()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_model": model,
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_model": cpu_model(),
             "cpu_capability": signals.capability, "cpu_bf16_features": list(signals.features),
             "isa_env": {k: os.environ[k] for k in CPU_CAP_ENV if k in os.environ},
             "dtype": choose_dtype("auto", "cpu", signals=signals).line(),

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -126,9 +125,7 @@ def machine() -> dict:
     from e2e_llm.precision import cpu_signals
 
     signals = cpu_signals()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu_model": model, "cpus": os.cpu_count(), "usable": cpu_budget().describe(),
+    return {"cpu_model": _device.cpu_model(), "cpus": os.cpu_count(), "usable": cpu_budget().describe(),
             "cpu_capability": signals.capability, "bf16_features": list(signals.features)}
 
 
