@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cgroup_limits import cpu_cgroup, inside
 from conftest import ROOT, TEST_STORAGE, VENV, run_in_env, storage_env
-from cpu_cgroup import cpu_cgroup, inside
 
 from e2e_llm.train_worker import node_work_dir, node_work_root
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cpu_cgroup import cpu_cgroup
+from cgroup_limits import cpu_cgroup
 
 from e2e_llm import host_cpus
 from e2e_llm.host_cpus import CpuBudget, cpu_budget

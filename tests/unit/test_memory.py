@@ -9,10 +9,10 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
+from cgroup_limits import memory_cgroup
 
 from e2e_llm import memory
 from e2e_llm.memory import GIB, OomWatch, headroom, oom_kills
@@ -111,31 +111,11 @@ def test_the_note_names_the_kills_the_headroom_at_start_and_what_to_lower(monkey
         memory.OomCount(5, "memory cgroup /ci/job")).note("x")
 
 
-def _memory_cgroup(limit: int) -> tuple[Path, str] | None:
-    """A fresh memory cgroup limited to ``limit`` bytes that this process may create, v1 or v2."""
-    name = f"e2e-llm-test-{uuid.uuid4().hex[:8]}"
-    v1 = Path("/sys/fs/cgroup/memory")
-    v2 = Path("/sys/fs/cgroup")
-    try:
-        if (v1 / "memory.limit_in_bytes").exists():
-            (v1 / name).mkdir()
-            (v1 / name / "memory.limit_in_bytes").write_text(str(limit))
-            return v1 / name, "v1"
-        if "memory" in (v2 / "cgroup.subtree_control").read_text().split():
-            (v2 / name).mkdir()
-            (v2 / name / "memory.max").write_text(str(limit))
-            (v2 / name / "memory.swap.max").write_text("0")
-            return v2 / name, "v2"
-    except OSError:
-        return None
-    return None
-
-
 def test_a_process_the_kernel_kills_in_a_memory_limited_cgroup_is_counted_and_the_limit_is_read():
     """On the real kernel: a child in a 96 MiB cgroup sees that limit as its headroom, then takes
     512 MiB and is killed; its cgroup counts the kill, and this process's own count (another
     cgroup's, where it has one) does not take it for one of ours."""
-    made = _memory_cgroup(96 * 2**20)
+    made = memory_cgroup(96 * 2**20)
     if made is None:
         pytest.skip("no memory cgroup can be made here (needs root and a memory controller)")
     folder, version = made
