@@ -206,6 +206,9 @@ class TrainConfig(Strict):
     max_failures: int = Field(2, ge=0)
     train_split: str = "train"
     eval_split: str | None = "val"
+    # Train split rows longer than the recipe's cutoff_len (e2e_llm.train_lengths): refuse the run,
+    # or train on them cut to cutoff_len as LLaMA-Factory does (the manifest counts them).
+    rows_over_cutoff: Literal["refuse", "truncate"] = "refuse"
 
 
 class BatchConfig(Strict):

@@ -32,6 +32,7 @@ class PlannedRun(Protocol):
     recipe_path: str
     dataset_files: dict[str, str]
     dtype: dict[str, Any]
+    row_lengths: dict[str, Any]
 
 
 def git_sha(root: Path) -> str | None:
@@ -127,7 +128,9 @@ def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, f
         # the instruction every training row asked with (None: they differ): batch runs asking with
         # another are refused (e2e_llm.batch.adapter.instruction_mismatch)
         "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files,
-                    "instruction": instruction},
+                    "instruction": instruction,
+                    # the train rows' token counts against cutoff_len (e2e_llm.train_lengths)
+                    "row_lengths": plan.row_lengths},
         "recipe": plan.recipe_path,
         "dtype": plan.dtype,  # the training dtype and why (CPU capability / GPU)
         "training_args": training_args,

@@ -83,6 +83,11 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     # what every training row asked with: batch refuses rows asking otherwise
     assert manifest["dataset"]["instruction"] == local_config.data.system_prompt
     assert len(manifest["dataset"]["files"]["train"]["sha256"]) == 64
+    # every row trained on was counted against cutoff_len, none over it
+    lengths, args = manifest["dataset"]["row_lengths"], manifest["training_args"]
+    assert lengths["checked"] and lengths["over"] == 0 and lengths["cutoff_len"] == args["cutoff_len"]
+    assert lengths["rows"] == min(args["max_samples"], manifest["dataset"]["files"]["train"]["rows"])
+    assert 0 < lengths["longest"] <= args["cutoff_len"]
     assert {"llamafactory", "ray", "transformers"} <= set(manifest["versions"])
     metrics = manifest["metrics"]
     assert metrics["global_step"] == metrics["max_steps"] > 0

@@ -12,6 +12,7 @@ module does not import LLaMA-Factory (the serve environment does not have it).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from e2e_llm.compat import Entry, problems, resolve
@@ -34,7 +35,15 @@ ARGUMENT_CLASSES = [
               "(formerly read from the private llamafactory.hparams.parser._TRAIN_ARGS)")
     for name in ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningArguments", "GeneratingArguments")
 ]
-ENTRIES = [RUN_EXP, *ARGUMENT_CLASSES]
+_LENGTHS_WHY = ("the driver counts each training row's tokens as training will make them (e2e_llm.train_lengths), "
+                "since LLaMA-Factory cuts a row longer than cutoff_len without a word")
+LOAD_TOKENIZER = Entry("llamafactory.model", "load_tokenizer", params=("model_args",), why=_LENGTHS_WHY)
+CHAT_TEMPLATE = Entry("llamafactory.data", "get_template_and_fix_tokenizer", params=("tokenizer", "data_args"),
+                      why=_LENGTHS_WHY)
+ENCODE_ONE_TURN = Entry("llamafactory.data", "Template.encode_oneturn",
+                        params=("self", "tokenizer", "messages", "system", "tools"), why=_LENGTHS_WHY)
+ROLES = Entry("llamafactory.data", "Role", why=_LENGTHS_WHY)
+ENTRIES = [RUN_EXP, *ARGUMENT_CLASSES, LOAD_TOKENIZER, CHAT_TEMPLATE, ENCODE_ONE_TURN, ROLES]
 
 
 def check() -> list[str]:
@@ -54,6 +63,36 @@ def recipe_field_types() -> dict[str, Any]:
         hints = typing.get_type_hints(cls)
         types.update({f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)})
     return types
+
+
+def _argument_class(name: str) -> Any:
+    return resolve(next(e for e in ARGUMENT_CLASSES if e.name == name), __name__)
+
+
+def row_length_counter(args: dict[str, Any]) -> tuple[Callable[[str, str, str], int], int]:
+    """(``count(system, user, assistant)``, cutoff_len): the tokens LLaMA-Factory makes of one
+    training row under the resolved recipe ``args`` (the tokenizer and chat template training
+    loads, its ``efficient_eos`` token counted), and the ``cutoff_len`` it compares them with (the
+    recipe's, or LLaMA-Factory's default)."""
+    import dataclasses
+
+    def own(cls: Any) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in args.items() if key in names})
+
+    tokenizer = resolve(LOAD_TOKENIZER, __name__)(own(_argument_class("ModelArguments")))["tokenizer"]
+    data_args = own(_argument_class("DataArguments"))
+    template = resolve(CHAT_TEMPLATE, __name__)(tokenizer, data_args)
+    resolve(ENCODE_ONE_TURN, __name__)  # checked here; called on the template (a subclass may override it)
+    role = resolve(ROLES, __name__)
+    closing = 1 if template.efficient_eos else 0
+
+    def count(system: str, user: str, assistant: str) -> int:
+        messages = [{"role": role.USER.value, "content": user}, {"role": role.ASSISTANT.value, "content": assistant}]
+        prompt, answer = template.encode_oneturn(tokenizer, messages, system)
+        return len(prompt) + len(answer) + closing
+
+    return count, int(data_args.cutoff_len)
 
 
 def read_recipe_file(path) -> Any:
