@@ -174,12 +174,13 @@ class Controller:
             with _active_lock:
                 _active.discard(self.me["id"])
 
-    def run(self, candidate: str | None = None) -> Outcome:
+    def run(self, candidate: str | None = None, **start_fields: Any) -> Outcome:
         """Start a rollout of ``candidate``, or resume the unfinished one (``candidate`` None or equal).
-        Of two controllers started at once on one alias, one runs and the other raises
-        :class:`CanaryError` (:class:`ConcurrentRolloutError` when it lost the race to the log)."""
+        ``start_fields`` go into a new rollout's start record. Of two controllers started at once
+        on one alias, one runs and the other raises :class:`CanaryError`
+        (:class:`ConcurrentRolloutError` when it lost the race to the log)."""
         with self._active():
-            return self._run(candidate)
+            return self._run(candidate, start_fields)
 
     def rollback(self, reason: str = "manual rollback") -> Outcome:
         """Abort the unfinished rollout, or revert the last promotion to its previous stable."""
@@ -191,7 +192,7 @@ class Controller:
         with self._active():
             return self._promote(reason)
 
-    def _run(self, candidate: str | None) -> Outcome:
+    def _run(self, candidate: str | None, start_fields: dict[str, Any]) -> Outcome:
         rollout = self.current()
         if rollout is not None and not rollout.finished:
             if candidate is not None and candidate != rollout.candidate:
@@ -230,7 +231,8 @@ class Controller:
                      pretraffic=pretraffic,
                      policy=self.policy.digest(), canary_set={"version": self.policy.canary_set.version,
                                                               "sha256": self.policy.canary_set.sha256,
-                                                              "rows": len(self.rows)})
+                                                              "rows": len(self.rows)},
+                     **start_fields)
         synthetic = "" if self.traffic is None else \
             f"; {self.traffic.clients} synthetic clients call the alias in each SLO window"
         self.out(f"rollout {rollout.id}: alias {rollout.alias!r} {rollout.stable} -> {candidate}, "

@@ -454,6 +454,23 @@ def open_controller(config, *, policy_path: str | None = None, alias: str | None
     return controller, store
 
 
+def instruction_mismatch(store, candidate: str, rows: Sequence[dict[str, str]], task) -> str | None:
+    """Why the canary set would not score ``candidate`` as it answers: it was trained on rows asking
+    with another instruction than the set's rows ask with (:func:`e2e_llm.data.asked_otherwise`;
+    the set asks as the profile's clients do), so its quality gate would roll it back for the
+    question it is asked, not for its answers. None when they agree or either side is unknown."""
+    from e2e_llm.data import ASKED_OTHERWISE, asked_otherwise, quoted
+
+    found = asked_otherwise(store.manifest(candidate), list(rows), task.default_instruction())
+    if found is None:
+        return None
+    trained, asked = found
+    return (f"{candidate} was trained on rows asking with the instruction {quoted(trained)}, and every row of the "
+            f"canary set asks with {quoted(asked)}: {ASKED_OTHERWISE}, so the quality gate would judge the "
+            "question, not the adapter. Roll out an adapter trained with the instruction the set (and the "
+            "profile's data.system_prompt) asks with, or pass --any-instruction to gate it on these rows anyway")
+
+
 def resolve_candidate(config, store, ref: str) -> tuple[str, bool]:
     """(adapter id, newly published) for ``--adapter``: a published id or ``<name>:latest``; or a
     trained adapter (folder, run id, ``latest``) published on first use (a rerun with the same

@@ -370,3 +370,25 @@ def shared_instruction(rows: Iterable[dict[str, Any]], default: str) -> str | No
     training manifest records it) and what a batch run asks it with."""
     seen = {row.get("instruction") or default for row in rows}
     return seen.pop() if len(seen) == 1 else None
+
+
+# Why rows asking an adapter otherwise than it learned do not measure it (VIGGO val, the GPU
+# quality adapter: exact match 0.766 asked with the local profile's short system prompt against
+# 0.927 with VIGGO's own instruction it was trained on; bench/RESULTS.md).
+ASKED_OTHERWISE = "an adapter asked otherwise than it learned answers worse"
+
+
+def asked_otherwise(training_manifest: dict[str, Any] | None, rows: list[dict[str, Any]],
+                    default: str) -> tuple[str, str] | None:
+    """(the instruction it was trained with, the one ``rows`` ask with) where an adapter's training
+    rows all asked with one instruction (its training manifest's ``dataset.instruction``) and
+    ``rows`` all ask with another; None when they agree or either side is unknown (an older
+    manifest, rows with several instructions)."""
+    trained = ((training_manifest or {}).get("dataset") or {}).get("instruction")
+    asked = shared_instruction(rows, default) if rows else None
+    return None if trained is None or asked is None or trained == asked else (trained, asked)
+
+
+def quoted(text: str, width: int = 70) -> str:
+    """``text`` in quotes, cut to ``width`` characters (an instruction in a message)."""
+    return repr(text if len(text) <= width else text[:width - 1] + "…")

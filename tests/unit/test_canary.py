@@ -1130,3 +1130,13 @@ def test_exit_status_is_written_once_and_help_readme_and_makefile_agree(project_
     assert "3 rolled back" not in command.__doc__  # the docstring does not keep a second copy
     for result, code in (("promoted", 0), ("rolled_back", 3), ("rejected", 3), ("reverted", 3)):
         assert outcome_code(Outcome("r", result, "", "c", "s")) == code
+
+
+def test_fields_given_at_the_start_are_in_the_start_record_only(world):
+    """`e2e-llm canary --any-instruction` says in the log why the gate scored rows the candidate was
+    not trained with."""
+    w = world(kinds={"viggo-v1": "good", "viggo-v2": "good"})
+    assert w.controller().run("viggo-v2", instruction_mismatch="trained otherwise").result == "promoted"
+    records = w.records()
+    assert records[0]["event"] == "start" and records[0]["instruction_mismatch"] == "trained otherwise"
+    assert all("instruction_mismatch" not in r for r in records[1:])

@@ -500,3 +500,52 @@ def test_make_canary_needs_adapter_and_rollback_target_adapter_is_adapter_level(
     wrong = _make("train", "TARGET=adapter")
     assert wrong.returncode != 0 and "TARGET=adapter applies to make rollback only" in wrong.stderr
     assert "e2e-llm promote --profile local" in _make("promote").stdout
+
+
+VIGGO_OWN = "Given a target sentence construct the underlying meaning representation of the input sentence."
+
+
+def test_a_candidate_trained_with_another_instruction_than_the_canary_set_asks_is_refused(config, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """A cluster-trained adapter (VIGGO's own instruction) rolled out where the set asks with the local
+    prompt: the quality gate would roll it back for the question. Refused before any rollout record;
+    --any-instruction rolls it out, its start record saying why."""
+    from e2e_llm.canary import CanaryError, Controller
+    from e2e_llm.cli import build_parser
+    from e2e_llm.commands import canary as command
+    from e2e_llm.store import AdapterStore
+
+    config.storage.endpoint_url, config.storage.adapters = None, None  # a store on disk
+    store = AdapterStore.from_config(config)
+    asked = config.data.system_prompt
+    store.publish(_fake_adapter(tmp_path / "stable"), name="viggo", alias="viggo",
+                  manifest={"dataset": {"instruction": asked}})
+    gpu = store.publish(_fake_adapter(tmp_path / "gpu"), name="viggo",
+                        manifest={"run_id": "gpu-run", "dataset": {"instruction": VIGGO_OWN}})
+    same = store.publish(_fake_adapter(tmp_path / "local"), name="viggo", manifest={"dataset": {"instruction": asked}})
+    older = store.publish(_fake_adapter(tmp_path / "older"), name="viggo", manifest={})  # before dataset.instruction
+    monkeypatch.setattr("e2e_llm.config.load_profile", lambda *args, **kw: config)
+    started = []
+
+    def run(self, candidate=None, **start_fields):  # where the rollout would begin: stop there, say what it got
+        started.append((candidate, start_fields))
+        raise CanaryError("stopped at the start")
+
+    monkeypatch.setattr(Controller, "run", run)
+
+    def canary(*flags):
+        return command.run(build_parser().parse_args(["canary", "--profile", "local", *flags]))
+
+    assert canary("--adapter", gpu) == command.Exit.ERROR
+    err = capsys.readouterr().err
+    assert f"{gpu} was trained on rows asking with the instruction 'Given a target sentence construct" in err
+    assert f"every row of the canary set asks with {asked!r}" in err and "--any-instruction" in err
+    assert started == [] and store.aliases()["viggo"].candidate is None
+
+    for fine in (same, older):  # the same instruction, or a manifest that does not say
+        assert canary("--adapter", fine) == command.Exit.ERROR and started.pop() == (fine, {})
+
+    assert canary("--adapter", gpu, "--any-instruction") == command.Exit.ERROR
+    candidate, fields = started.pop()
+    assert candidate == gpu and "was trained on rows asking with" in fields["instruction_mismatch"]
+    assert "warning (--any-instruction)" in capsys.readouterr().err

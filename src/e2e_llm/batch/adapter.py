@@ -77,27 +77,20 @@ def resolve_adapter(config: PipelineConfig, ref: str | None, model_path: str) ->
     return check_adapter(config, Path(path).resolve(), model_path, manifest)
 
 
-def _quoted(text: str, width: int = 70) -> str:
-    return repr(text if len(text) <= width else text[:width - 1] + "…")
-
-
 def instruction_mismatch(adapter: Adapter | None, rows: list[dict[str, Any]], default: str,
                          where: str) -> str | None:
-    """Why ``rows`` would not score ``adapter`` as it answers: its training rows all asked with one
-    instruction (its training manifest's ``dataset.instruction``) and these all ask with another.
-    An adapter asked otherwise than it learned answers worse (VIGGO val, the GPU quality adapter:
-    exact match 0.766 asked with the local profile's short system prompt against 0.927 with VIGGO's
-    own instruction it was trained on; bench/RESULTS.md). None when they agree or either side is
-    unknown (an older manifest, rows with several instructions)."""
-    from e2e_llm.data import shared_instruction
+    """Why ``rows`` would not score ``adapter`` as it answers (:func:`e2e_llm.data.asked_otherwise`):
+    they all ask with another instruction than its training rows did. None when they agree or
+    either side is unknown."""
+    from e2e_llm.data import ASKED_OTHERWISE, asked_otherwise, quoted
 
-    trained = ((adapter.manifest or {}).get("dataset") or {}).get("instruction") if adapter else None
-    asked = shared_instruction(rows, default) if rows else None
-    if trained is None or asked is None or trained == asked:
+    found = asked_otherwise(adapter.manifest if adapter else None, rows, default)
+    if found is None:
         return None
+    trained, asked = found
     run = (adapter.manifest or {}).get("run_id")
-    return (f"adapter {adapter.path} was trained on rows asking with the instruction {_quoted(trained)}"
-            f"{f' (training run {run})' if run else ''}, and every row of {where} asks with {_quoted(asked)}: "
-            "an adapter asked otherwise than it learned answers worse, so these scores would not be its own. "
+    return (f"adapter {adapter.path} was trained on rows asking with the instruction {quoted(trained)}"
+            f"{f' (training run {run})' if run else ''}, and every row of {where} asks with {quoted(asked)}: "
+            f"{ASKED_OTHERWISE}, so these scores would not be its own. "
             "Score it on rows written with its instruction (`e2e-llm data` under a profile whose "
             "data.system_prompt is it, or null for the source's own)")

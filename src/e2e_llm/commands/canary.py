@@ -90,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="clients calling the alias during each SLO window of an adapter canary (default: "
                              "the profile's canary.synthetic_traffic.clients; 0: only the users' traffic)")
     parser.add_argument("--status", action="store_true", help="print the latest rollout and exit")
+    parser.add_argument("--any-instruction", action="store_true",
+                        help="roll out a candidate trained with another instruction than the canary set asks with "
+                             "(refused by default: the quality gate would judge the question, not the adapter); "
+                             "the rollout's start record says so")
     engine = parser.add_argument_group("engine/infrastructure canary (new base model, vLLM or Ray version)")
     engine.add_argument("--platform", choices=("anyscale", "k8s"),
                         help="roll the rendered service out through the platform (Anyscale --canary-percent / "
@@ -131,7 +135,7 @@ def run_manual(args: argparse.Namespace, action: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from e2e_llm.canary import CanaryError, format_rollout
-    from e2e_llm.canary_io import open_controller, resolve_candidate
+    from e2e_llm.canary_io import instruction_mismatch, open_controller, resolve_candidate
     from e2e_llm.config import load_profile
     from e2e_llm.store import StoreError
 
@@ -148,12 +152,17 @@ def run(args: argparse.Namespace) -> int:
             rollout = controller.current()
             print(format_rollout(rollout) if rollout else f"no rollouts recorded for alias {controller.policy.alias!r}")
             return Exit.PROMOTED
-        candidate = None
+        candidate, start_fields = None, {}
         if args.adapter:
             candidate, published = resolve_candidate(config, store, args.adapter)
             if published:
                 print(f"published {args.adapter} as {candidate} at {store.adapter_uri(candidate)}", flush=True)
-        outcome = controller.run(candidate)
+            if problem := instruction_mismatch(store, candidate, controller.rows, controller.task):
+                if not args.any_instruction:
+                    raise CanaryError(problem)
+                print(f"warning (--any-instruction): {problem}", file=sys.stderr)
+                start_fields["instruction_mismatch"] = problem
+        outcome = controller.run(candidate, **start_fields)
     except (CanaryError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return Exit.ERROR
