@@ -206,9 +206,12 @@ class TrainConfig(Strict):
     max_failures: int = Field(2, ge=0)
     train_split: str = "train"
     eval_split: str | None = "val"
-    # Train split rows longer than the recipe's cutoff_len (e2e_llm.train_lengths): refuse the run,
+    # Train split rows longer than the recipe's cutoff_len (e2e_llm.train_rows): refuse the run,
     # or train on them cut to cutoff_len as LLaMA-Factory does (the manifest counts them).
     rows_over_cutoff: Literal["refuse", "truncate"] = "refuse"
+    # Training prompts formatted otherwise (the recipe's LLaMA-Factory template) than the engines
+    # ask with (the model's own chat template): refuse the run, or train anyway.
+    prompt_format_mismatch: Literal["refuse", "allow"] = "refuse"
 
 
 class BatchConfig(Strict):

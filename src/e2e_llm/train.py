@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from e2e_llm import storage, train_lengths, train_report
+from e2e_llm import storage, train_report, train_rows
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 from e2e_llm.host_cpus import cpu_budget, usable_cpus
@@ -158,7 +158,7 @@ class TrainPlan:
     dtype: dict[str, Any] = dataclasses.field(default_factory=dict)  # DtypeChoice.as_dict()
     # Recipe keys whose values this run does not use (PROFILE_KEYS), for a notice.
     replaced_keys: list[str] = dataclasses.field(default_factory=list)
-    row_lengths: dict[str, Any] = dataclasses.field(default_factory=dict)  # train_lengths.check
+    training_rows: dict[str, Any] = dataclasses.field(default_factory=dict)  # train_rows.check
 
 
 def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[str, Any] | None = None) -> TrainPlan:
@@ -218,11 +218,11 @@ def plan_run(config: PipelineConfig, run_id: str | None = None, overrides: dict[
     args.setdefault("include_num_input_tokens_seen", "all" if args.get("neat_packing") else "non_padding")
     choice = training_dtype(config, recipe_path, recipe, model_path)
     args.update(llamafactory_precision(choice))
-    row_lengths, refusal = train_lengths.check(config, args, dataset_files[tc.train_split], str(recipe_path))
+    training_rows, refusal = train_rows.check(config, args, dataset_files[tc.train_split], str(recipe_path))
     if refusal:
         raise TrainError(refusal)
     return TrainPlan(run_id, run_uri, work_dir, dataset_uri, args, str(recipe_path), dataset_files,
-                     dtype=choice.as_dict(), replaced_keys=replaced, row_lengths=row_lengths)
+                     dtype=choice.as_dict(), replaced_keys=replaced, training_rows=training_rows)
 
 
 def training_dtype(config: PipelineConfig, recipe_path: Path, recipe: dict[str, Any], model_path: str):
@@ -404,7 +404,7 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
     print(f"[train] run {plan.run_id}: {config.train.num_workers} Ray Train workers, outputs in {plan.run_uri}",
           flush=True)
     print(f"[train] dtype: {plan.dtype['dtype']} on {plan.dtype['device']} ({plan.dtype['reason']})", flush=True)
-    if line := train_lengths.notice(plan.row_lengths):
+    for line in train_rows.notices(plan.training_rows):
         print(f"[train] {line}", flush=True)
     if plan.replaced_keys:
         print(f"[train] not used from {plan.recipe_path}: {', '.join(plan.replaced_keys)} (set for each run "

@@ -32,7 +32,7 @@ class PlannedRun(Protocol):
     recipe_path: str
     dataset_files: dict[str, str]
     dtype: dict[str, Any]
-    row_lengths: dict[str, Any]
+    training_rows: dict[str, Any]
 
 
 def git_sha(root: Path) -> str | None:
@@ -129,8 +129,8 @@ def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, f
         # another are refused (e2e_llm.batch.adapter.instruction_mismatch)
         "dataset": {"name": config.data.dataset, "task": config.data.task, "files": dataset_files,
                     "instruction": instruction,
-                    # the train rows' token counts against cutoff_len (e2e_llm.train_lengths)
-                    "row_lengths": plan.row_lengths},
+                    # the train rows against cutoff_len and the engines' prompt format (e2e_llm.train_rows)
+                    "training_rows": plan.training_rows},
         "recipe": plan.recipe_path,
         "dtype": plan.dtype,  # the training dtype and why (CPU capability / GPU)
         "training_args": training_args,

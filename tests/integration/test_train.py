@@ -83,9 +83,11 @@ def test_shared_adapter_is_vllm_loadable_with_a_complete_manifest(trained_adapte
     # what every training row asked with: batch refuses rows asking otherwise
     assert manifest["dataset"]["instruction"] == local_config.data.system_prompt
     assert len(manifest["dataset"]["files"]["train"]["sha256"]) == 64
-    # every row trained on was counted against cutoff_len, none over it
-    lengths, args = manifest["dataset"]["row_lengths"], manifest["training_args"]
-    assert lengths["checked"] and lengths["over"] == 0 and lengths["cutoff_len"] == args["cutoff_len"]
+    # every row trained on was counted against cutoff_len, none over it, and prompted as the engines ask
+    rows, args = manifest["dataset"]["training_rows"], manifest["training_args"]
+    lengths = rows["lengths"]
+    assert rows["checked"] and lengths["over"] == 0 and lengths["cutoff_len"] == args["cutoff_len"]
+    assert rows["prompt_format"]["mismatch_line"] is None and rows["prompt_format"]["rows"] > 0
     assert lengths["rows"] == min(args["max_samples"], manifest["dataset"]["files"]["train"]["rows"])
     assert 0 < lengths["longest"] <= args["cutoff_len"]
     assert {"llamafactory", "ray", "transformers"} <= set(manifest["versions"])

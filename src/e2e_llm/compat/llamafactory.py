@@ -11,8 +11,8 @@ module does not import LLaMA-Factory (the serve environment does not have it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
 from typing import Any
 
 from e2e_llm.compat import Entry, problems, resolve
@@ -35,14 +35,14 @@ ARGUMENT_CLASSES = [
               "(formerly read from the private llamafactory.hparams.parser._TRAIN_ARGS)")
     for name in ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningArguments", "GeneratingArguments")
 ]
-_LENGTHS_WHY = ("the driver counts each training row's tokens as training will make them (e2e_llm.train_lengths), "
-                "since LLaMA-Factory cuts a row longer than cutoff_len without a word")
-LOAD_TOKENIZER = Entry("llamafactory.model", "load_tokenizer", params=("model_args",), why=_LENGTHS_WHY)
+_ROWS_WHY = ("the driver checks training rows as training will make them (e2e_llm.train_rows): their length "
+             "against cutoff_len, and their prompt against the model's own chat template the engines use")
+LOAD_TOKENIZER = Entry("llamafactory.model", "load_tokenizer", params=("model_args",), why=_ROWS_WHY)
 CHAT_TEMPLATE = Entry("llamafactory.data", "get_template_and_fix_tokenizer", params=("tokenizer", "data_args"),
-                      why=_LENGTHS_WHY)
+                      why=_ROWS_WHY)
 ENCODE_ONE_TURN = Entry("llamafactory.data", "Template.encode_oneturn",
-                        params=("self", "tokenizer", "messages", "system", "tools"), why=_LENGTHS_WHY)
-ROLES = Entry("llamafactory.data", "Role", why=_LENGTHS_WHY)
+                        params=("self", "tokenizer", "messages", "system", "tools"), why=_ROWS_WHY)
+ROLES = Entry("llamafactory.data", "Role", why=_ROWS_WHY)
 ENTRIES = [RUN_EXP, *ARGUMENT_CLASSES, LOAD_TOKENIZER, CHAT_TEMPLATE, ENCODE_ONE_TURN, ROLES]
 
 
@@ -69,12 +69,35 @@ def _argument_class(name: str) -> Any:
     return resolve(next(e for e in ARGUMENT_CLASSES if e.name == name), __name__)
 
 
-def row_length_counter(args: dict[str, Any]) -> tuple[Callable[[str, str, str], int], int]:
-    """(``count(system, user, assistant)``, cutoff_len): the tokens LLaMA-Factory makes of one
-    training row under the resolved recipe ``args`` (the tokenizer and chat template training
-    loads, its ``efficient_eos`` token counted), and the ``cutoff_len`` it compares them with (the
-    recipe's, or LLaMA-Factory's default)."""
-    import dataclasses
+@dataclasses.dataclass(frozen=True)
+class RowEncoder:
+    """Training rows as LLaMA-Factory makes them under a resolved recipe (:func:`row_encoder`)."""
+
+    tokenizer: Any  # as training loads it
+    template: Any  # the recipe's chat template, as training resolves it
+    cutoff_len: int  # the recipe's, or LLaMA-Factory's default
+    roles: Any  # LLaMA-Factory's role names
+
+    def encode(self, system: str, user: str, assistant: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) of one row, before any cut to cutoff_len."""
+        messages = [{"role": self.roles.USER.value, "content": user},
+                    {"role": self.roles.ASSISTANT.value, "content": assistant}]
+        return self.template.encode_oneturn(self.tokenizer, messages, system)
+
+    def length(self, system: str, user: str, assistant: str) -> int:
+        """The row's tokens, the length LLaMA-Factory compares with cutoff_len (its efficient_eos
+        token counted)."""
+        prompt, answer = self.encode(system, user, assistant)
+        return len(prompt) + len(answer) + (1 if self.template.efficient_eos else 0)
+
+    def prompt_text(self, system: str, user: str) -> str:
+        """The row's prompt as training shows it to the model, up to where the answer starts."""
+        prompt, _ = self.encode(system, user, "")
+        return self.tokenizer.decode(prompt, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def row_encoder(args: dict[str, Any]) -> RowEncoder:
+    """The tokenizer and chat template training loads for the resolved recipe ``args``."""
 
     def own(cls: Any) -> Any:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -84,15 +107,7 @@ def row_length_counter(args: dict[str, Any]) -> tuple[Callable[[str, str, str], 
     data_args = own(_argument_class("DataArguments"))
     template = resolve(CHAT_TEMPLATE, __name__)(tokenizer, data_args)
     resolve(ENCODE_ONE_TURN, __name__)  # checked here; called on the template (a subclass may override it)
-    role = resolve(ROLES, __name__)
-    closing = 1 if template.efficient_eos else 0
-
-    def count(system: str, user: str, assistant: str) -> int:
-        messages = [{"role": role.USER.value, "content": user}, {"role": role.ASSISTANT.value, "content": assistant}]
-        prompt, answer = template.encode_oneturn(tokenizer, messages, system)
-        return len(prompt) + len(answer) + closing
-
-    return count, int(data_args.cutoff_len)
+    return RowEncoder(tokenizer, template, int(data_args.cutoff_len), resolve(ROLES, __name__))
 
 
 def read_recipe_file(path) -> Any:
