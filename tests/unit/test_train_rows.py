@@ -223,3 +223,23 @@ def test_a_model_whose_template_adds_text_of_its_own_is_found(local_model, tmp_p
                             AutoTokenizer.from_pretrained(dated), rows, "train.jsonl", "smollm2")
     assert (found.mismatch_line, found.at) == (1, len("<|im_start|>system\n"))
     assert found.training.startswith("Say it.") and found.serving.startswith("Today: 7 Dec 2026")
+
+
+def test_a_model_without_a_chat_template_of_its_own_is_said_to_be_unchecked(profile, local_model, tmp_path):
+    """A base (not instruct) checkpoint: the engines have no chat format to compare with; the run
+    says so and trains."""
+    from e2e_llm.train import plan_run
+    from e2e_llm.train_rows import notices
+
+    base = tmp_path / "base-model"
+    base.mkdir()
+    for item in local_model.iterdir():
+        if item.name not in ("tokenizer_config.json", "chat_template.jinja"):
+            (base / item.name).symlink_to(item)
+    tokenizer_config = json.loads((local_model / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    plan = plan_run(profile(model__source=str(base)), overrides={"max_samples": LONG_LINE - 1})
+    prompts = plan.training_rows["prompt_format"]
+    assert prompts["checked"] is False and "chat_template" in prompts["why"]
+    assert notices(plan.training_rows) == [f"prompt format not compared with the engines' ({prompts['why']})"]
