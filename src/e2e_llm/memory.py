@@ -198,3 +198,28 @@ class PeakSampler:
                 self.peak = max(self.peak or 0, now)
             if self._stop.wait(self.interval_s):
                 return
+
+
+SHM = Path("/dev/shm")
+MIB = 2**20
+
+
+def shm_problem(path: Path = SHM) -> str | None:
+    """Why a vLLM engine on this machine's CPU would fail to start for lack of ``path`` (POSIX
+    shared memory), or None: it checks for :func:`e2e_llm.compat.vllm.engine_shm_bytes` free there
+    and otherwise fails with vLLM's "Engine core initialization failed" and the cause only in a Ray
+    worker's log. A container's default /dev/shm (64 MiB: ``docker run``, a pod) is less."""
+    import shutil
+
+    from e2e_llm.compat.vllm import engine_shm_bytes
+
+    if not path.is_dir():  # vLLM checks only a /dev/shm that is there
+        return None
+    free, need = shutil.disk_usage(path).free, engine_shm_bytes()
+    if free >= need:
+        return None
+    return (f"{path} has {free // MIB} MiB free, and a vLLM engine on CPU checks for {need / MIB:.0f} MiB there "
+            "when it starts (its worker's message queues; with less it fails with \"Engine core initialization "
+            "failed\" and the cause only in a Ray worker's log). A container's default is 64 MiB: run it with "
+            "`--shm-size=1g` (or `--ipc=host`), give a pod an emptyDir with medium: Memory at /dev/shm (the "
+            f"rendered KubeRay pods have one), or remount it larger (`mount -o remount,size=1G {path}`)")

@@ -255,11 +255,14 @@ def start_refusals(config: PipelineConfig, host: str, port: int, ports: bool = T
     message): ``e2e-llm serve`` refuses with the first before it starts anything, and ``make e2e``
     asks before its first stage, not after training (``ports=False``: not the ports, which another
     pipeline's serve stage holds until its turn ends). Empty: nothing in the way."""
+    from e2e_llm.memory import shm_problem
     from e2e_llm.ports import port_taken
 
     refusals = []
     if config.serve.auth.enabled and not os.environ.get(config.serve.auth.api_key_env):
         refusals.append((2, f"serve.auth.enabled but ${config.serve.auth.api_key_env} is not set"))
+    if config.serve.num_gpus_per_replica == 0 and (problem := shm_problem()):  # the engines start here
+        refusals.append((1, problem))
     if not ports:
         return refusals
     if port_taken(host, port):

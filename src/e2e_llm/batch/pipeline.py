@@ -178,6 +178,10 @@ def start_ray(config: PipelineConfig, temp_dir: str | None = None) -> None:
     if os.environ.get(RAY_ADDRESS_ENV) or config.batch.num_gpus_per_engine > 0:
         ray.init()
         return
+    from e2e_llm.memory import shm_problem
+
+    if problem := shm_problem():  # the engines start on this machine
+        raise BatchError(problem)
     temp_dir = temp_dir or os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="rb-", dir="/tmp")
     if problem := ray_temp_dir_problem(temp_dir):
         raise BatchError(f"$RAY_TMPDIR: {problem}")

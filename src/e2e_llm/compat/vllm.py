@@ -39,12 +39,40 @@ CPU_LORA_OPS = [
           params=("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "slice_offset", "slice_size",
                   "add_inputs")),
 ]
-ENTRIES = CPU_LORA_OPS
+# The shared-memory ring buffers between a vLLM engine core and its worker process (the CPU
+# backend always has one: its OpenMP settings need the multiprocess executor).
+MESSAGE_QUEUE = Entry(
+    "vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.__init__",
+    params=("self", "n_reader", "n_local_reader", "local_reader_ranks", "max_chunk_bytes", "max_chunks",
+            "connect_ip"),
+    why="each of an engine's message queues checks /dev/shm's free space for its whole ring buffer when it is "
+        "made, and fails the engine's start with 'Engine core initialization failed' and the cause only in a "
+        "Ray worker's log where a container's default 64 MiB is less: e2e_llm.memory.shm_problem says so "
+        "first, from these defaults")
+ENTRIES = [*CPU_LORA_OPS, MESSAGE_QUEUE]
 
 
 def check() -> list[str]:
     """Messages for every entry a vLLM upgrade broke (empty: all fine)."""
     return problems(ENTRIES, __name__)
+
+
+def engine_shm_bytes() -> int:
+    """The free space in /dev/shm a vLLM engine with a worker process checks for when it starts:
+    its largest message queue's ring buffer (the scheduler's broadcast at
+    ``VLLM_MQ_MAX_CHUNK_BYTES_MB`` a chunk, the worker's answers at ``MessageQueue``'s default chunk
+    size; ``max_chunks`` chunks each, and a byte a chunk for the writer and its one reader). Each
+    queue checks on its own, and their segments fill only as messages are written, so the largest
+    must be free, not their sum (measured on vLLM 0.29: 245 MiB of /dev/shm starts an engine, 170
+    does not)."""
+    import inspect
+
+    import vllm.envs
+
+    defaults = inspect.signature(resolve(MESSAGE_QUEUE, __name__)).parameters
+    chunks, answers = defaults["max_chunks"].default, defaults["max_chunk_bytes"].default
+    largest = max(vllm.envs.VLLM_MQ_MAX_CHUNK_BYTES_MB * 2**20, answers)
+    return (largest + 2) * chunks
 
 
 # Logged once per vLLM process that gets our ops (a child of vLLM's logger, so it shows in the
