@@ -139,9 +139,10 @@ def check(config, args: dict[str, Any], split_uri: str, recipe_path: str) -> tup
     try:
         encoder = row_encoder(args)
         serving_tokenizer = AutoTokenizer.from_pretrained(args["model_name_or_path"])
-    except (OSError, ValueError) as exc:
-        why = f"{type(exc).__name__}: {exc}"[:300]
-        return {"checked": False, "why": why}, None
+    except OSError as exc:
+        return {"checked": False, "why": f"{type(exc).__name__}: {exc}"[:300]}, None
+    except ValueError as exc:  # LLaMA-Factory's, of the recipe (an unknown template): the workers would fail alike
+        return {"checked": False, "why": str(exc)}, f"{recipe_path}: {exc}"
     rows = rows_trained(storage.read_text(split_uri, **config.storage_kw()), args.get("max_samples"))
     lengths = measure_lengths(encoder, rows, split_uri)
     record: dict[str, Any] = {"checked": True, "lengths": {**lengths.as_dict(), "policy": tc.rows_over_cutoff}}

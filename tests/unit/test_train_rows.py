@@ -243,3 +243,11 @@ def test_a_model_without_a_chat_template_of_its_own_is_said_to_be_unchecked(prof
     prompts = plan.training_rows["prompt_format"]
     assert prompts["checked"] is False and "chat_template" in prompts["why"]
     assert notices(plan.training_rows) == [f"prompt format not compared with the engines' ({prompts['why']})"]
+
+
+def test_a_template_llamafactory_does_not_have_is_refused_naming_the_recipe(profile):
+    from e2e_llm.train import TrainError, plan_run
+
+    config = profile()
+    with pytest.raises(TrainError, match=r"smollm2_lora_sft_local\.yaml: Template nonesuch does not exist"):
+        plan_run(config, overrides={"template": "nonesuch", "max_samples": LONG_LINE - 1})
