@@ -457,7 +457,8 @@ def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, s3_server, tmp_path)
 
 
 def test_a_run_whose_workers_keep_failing_ends_with_a_clear_error(local_model, local_config, s3_server, tmp_path):
-    """Every attempt fails inside LLaMA-Factory (a template it does not have): after the restarts
+    """Every attempt fails inside LLaMA-Factory (LoRA on modules the model does not have, which only
+    PEFT finds, in the workers; the driver refuses an unknown template itself): after the restarts
     train.max_failures allows, the CLI ends with one line that says why and exits 1, with no
     manifest, no Ray process and no workers' folder (S3 storage: on each node's disk) left behind."""
     from pyarrow import fs
@@ -466,15 +467,15 @@ def test_a_run_whose_workers_keep_failing_ends_with_a_clear_error(local_model, l
     temp_dir = f"/tmp/r-{run_id[:8]}"
     result = subprocess.run(
         [str(VENV / "train/bin/e2e-llm"), "train", "--profile", "local", "--run-id", run_id, *SMOKE,
-         "--set", "template=no_such_template", "--ray-temp-dir", temp_dir],
+         "--set", "lora_target=no_such_module", "--ray-temp-dir", temp_dir],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 1, result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     restarts = local_config.train.max_failures
     assert error and f"training failed (after {restarts} restart(s) allowed by train.max_failures)" in error[0], \
         result.stderr[-3000:]
-    assert error[0].endswith("ValueError: Template no_such_template does not exist. "
-                             "(the workers' tracebacks are above)"), error[0]
+    assert "ValueError: Target modules {'no_such_module'} not found in the base model" in error[0], error[0]
+    assert error[0].endswith("(the workers' tracebacks are above)"), error[0]
     assert result.stderr.rstrip().endswith(error[0])  # the last thing the user reads
     assert "not removed from every node" not in result.stdout
     run_path = f"e2e-ft/{run_id}-store/runs/{run_id}"
