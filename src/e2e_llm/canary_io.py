@@ -28,6 +28,7 @@ from typing import Any
 from e2e_llm.api_guard import CLIENT_CLOSED_REQUEST
 from e2e_llm.canary_gates import AliasState, Answer, PreflightResult, RouterConflict, VersionStats
 from e2e_llm.canary_policy import QualityPolicy
+from e2e_llm.data import chat_messages
 
 REQUESTS = "ray_e2e_llm_requests_total"
 LATENCY_BUCKET = "ray_e2e_llm_request_latency_seconds_bucket"
@@ -269,11 +270,6 @@ def app_root(base_url: str) -> str:
     """The app's root from its OpenAI base URL (``http://h:8000/v1`` -> ``http://h:8000``)."""
     base = base_url.rstrip("/")
     return base.removesuffix("/v1")
-
-
-def chat_messages(row: dict[str, str]) -> list[dict[str, str]]:
-    """A canary row as chat (system = instruction, user = input), as every probe sends it."""
-    return [{"role": "system", "content": row["instruction"]}, {"role": "user", "content": row["input"]}]
 
 
 # ---------------------------------------------------------------------------------------

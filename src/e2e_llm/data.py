@@ -372,6 +372,14 @@ def shared_instruction(rows: Iterable[dict[str, Any]], default: str) -> str | No
     return seen.pop() if len(seen) == 1 else None
 
 
+def chat_messages(row: dict[str, Any], default_instruction: str = "") -> list[dict[str, str]]:
+    """A row as the engines are asked it (batch, canary probes; training checks its prompt against
+    this): system = its instruction (``default_instruction`` for a row without one), user = its
+    input, the layout LLaMA-Factory trains it in (:data:`ALPACA_COLUMNS`)."""
+    return [{"role": "system", "content": row.get("instruction") or default_instruction},
+            {"role": "user", "content": row["input"]}]
+
+
 # Why rows asking an adapter otherwise than it learned do not measure it (VIGGO val, the GPU
 # quality adapter: exact match 0.766 asked with the local profile's short system prompt against
 # 0.927 with VIGGO's own instruction it was trained on; bench/RESULTS.md).

@@ -27,7 +27,7 @@ import json
 from typing import Any
 
 from e2e_llm import storage
-from e2e_llm.data import ALPACA_COLUMNS
+from e2e_llm.data import ALPACA_COLUMNS, chat_messages
 
 # Rows whose prompts are compared with the engines' format: the format is the template's, so a few
 # rows show it (more would only cost time); rows differ only where a template trims or escapes.
@@ -80,11 +80,11 @@ def measure_lengths(encoder, rows: list[tuple[int, dict[str, Any]]], file: str) 
                       longest, line)
 
 
-def serving_prompt(tokenizer, system: str, user: str) -> str:
-    """A row's prompt as the batch and serving engines make it: the base model's own chat template
-    with the generation prompt (vLLM renders it so, and tokenizes the text as it is)."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def serving_prompt(tokenizer, row: dict[str, Any]) -> str:
+    """A row's prompt as the batch and serving engines make it: its chat messages
+    (:func:`e2e_llm.data.chat_messages`) in the base model's own chat template with the generation
+    prompt (vLLM renders it so, and tokenizes the text as it is)."""
+    return tokenizer.apply_chat_template(chat_messages(row), add_generation_prompt=True, tokenize=False)
 
 
 def compare_prompts(encoder, serving_tokenizer, rows: list[tuple[int, dict[str, Any]]], file: str,
@@ -92,7 +92,7 @@ def compare_prompts(encoder, serving_tokenizer, rows: list[tuple[int, dict[str, 
     compared = rows[:PROMPT_ROWS]
     for number, row in compared:
         system, user, _ = _parts(row)
-        training, serving = encoder.prompt_text(system, user), serving_prompt(serving_tokenizer, system, user)
+        training, serving = encoder.prompt_text(system, user), serving_prompt(serving_tokenizer, row)
         if training != serving:
             at = next((i for i, (a, b) in enumerate(zip(training, serving)) if a != b),
                       min(len(training), len(serving)))

@@ -15,6 +15,7 @@ from e2e_llm.batch.adapter import Adapter
 from e2e_llm.batch.inputs import BatchError
 from e2e_llm.batch.upload import LoraSource
 from e2e_llm.config import PipelineConfig
+from e2e_llm.data import chat_messages
 from e2e_llm.host_cpus import usable_cpus
 from e2e_llm.node_temp import ray_temp_dir_problem
 from e2e_llm.ray_address import RAY_ADDRESS_ENV, unreachable_ray_address
@@ -133,10 +134,7 @@ def _preprocess_fn(task, params: dict[str, Any], lora_model: str | None):
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         out = dict(row)
-        out["messages"] = [
-            {"role": "system", "content": row.get("instruction") or default_instruction},
-            {"role": "user", "content": row["input"]},
-        ]
+        out["messages"] = chat_messages(row, default_instruction)
         out["sampling_params"] = params
         if lora_model:
             out["model"] = lora_model
