@@ -38,9 +38,10 @@ SNIPPET = 60  # characters of each side shown around the first difference
 @dataclasses.dataclass(frozen=True)
 class RowLengths:
     file: str  # the split file the rows were read from
-    cutoff_len: int
+    cutoff_len: int  # the recipe's
+    limit: int  # the most tokens of a row training keeps (cutoff_len, one fewer with packing)
     rows: int  # rows the run trains on
-    over: int  # of them, longer than cutoff_len
+    over: int  # of them, longer than the limit
     longest: int  # tokens of the longest row
     longest_line: int  # its line in ``file``
 
@@ -76,8 +77,14 @@ def _parts(row: dict[str, Any]) -> tuple[str, str, str]:
 def measure_lengths(encoder, rows: list[tuple[int, dict[str, Any]]], file: str) -> RowLengths:
     lengths = [(encoder.length(*_parts(row)), number) for number, row in rows]
     longest, line = max(lengths, default=(0, 0))
-    return RowLengths(file, encoder.cutoff_len, len(rows), sum(n > encoder.cutoff_len for n, _ in lengths),
-                      longest, line)
+    return RowLengths(file, encoder.cutoff_len, encoder.limit, len(rows),
+                      sum(n > encoder.limit for n, _ in lengths), longest, line)
+
+
+def limit_phrase(cutoff_len: int, limit: int) -> str:
+    """The limit as the recipe's cutoff_len, with the tokens LLaMA-Factory keeps back (packing)."""
+    kept = f", of which LLaMA-Factory keeps {limit} tokens of a row under this recipe (packing holds one back)"
+    return f"cutoff_len {cutoff_len}" + (kept if limit != cutoff_len else " tokens")
 
 
 def serving_prompt(tokenizer, row: dict[str, Any]) -> str:
@@ -107,11 +114,11 @@ def suggested_cutoff(longest: int) -> int:
 
 
 def over_cutoff_message(found: RowLengths, recipe_path: str, profile_file: str, max_model_len: int) -> str:
-    fits = suggested_cutoff(found.longest)
+    fits = suggested_cutoff(found.longest + found.cutoff_len - found.limit)
     engines = (f" (more than the profile's model.max_model_len {max_model_len}: raise that too, or the batch and "
                "serving engines refuse prompts that long)" if fits > max_model_len else "")
     return (f"{found.over} of the {found.rows} rows this run trains on {'is' if found.over == 1 else 'are'} longer "
-            f"than the recipe's cutoff_len {found.cutoff_len} tokens (the longest: {found.file} line "
+            f"than the recipe's {limit_phrase(found.cutoff_len, found.limit)} (the longest: {found.file} line "
             f"{found.longest_line}, {found.longest} tokens in the recipe's chat template). LLaMA-Factory would cut "
             "each to cutoff_len without a word (the end of its prompt, of its answer or both) and the adapter would "
             f"learn from the cut rows. Raise cutoff_len to {fits} (`--set cutoff_len={fits}`, or in {recipe_path})"
@@ -169,8 +176,9 @@ def notices(record: dict[str, Any]) -> list[str]:
     lines = []
     lengths, prompts = record["lengths"], record.get("prompt_format") or {}
     if lengths["over"]:
-        lines.append(f"{lengths['over']} of {lengths['rows']} training rows are longer than cutoff_len "
-                     f"{lengths['cutoff_len']} (longest {lengths['longest']} tokens): trained cut to it "
+        phrase = limit_phrase(lengths["cutoff_len"], lengths["limit"])
+        lines.append(f"{lengths['over']} of {lengths['rows']} training rows are longer than {phrase} (longest "
+                     f"{lengths['longest']} tokens): trained cut to it "
                      "(train.rows_over_cutoff: truncate)")
     if prompts.get("checked") is False:
         lines.append(f"prompt format not compared with the engines' ({prompts['why']})")

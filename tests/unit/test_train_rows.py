@@ -76,11 +76,60 @@ def test_a_row_over_cutoff_len_is_refused_naming_its_line_and_the_cutoff_that_fi
     assert str(config.source_file) in message
 
     plan = plan_run(config, overrides={"cutoff_len": suggested})  # what the message says, done
-    assert plan.training_rows["lengths"] == {"file": found[1], "cutoff_len": suggested, "rows": 8, "over": 0,
-                                             "longest": longest, "longest_line": LONG_LINE, "policy": "refuse"}
+    assert plan.training_rows["lengths"] == {"file": found[1], "cutoff_len": suggested, "limit": suggested,
+                                             "rows": 8, "over": 0, "longest": longest, "longest_line": LONG_LINE,
+                                             "policy": "refuse"}
     assert plan.training_rows["prompt_format"]["mismatch_line"] is None
     assert plan.training_rows["prompt_format"]["rows"] == 8 and plan.training_rows["prompt_format"]["template"] == \
         "smollm2"
+
+
+def test_with_packing_the_row_that_fits_is_one_token_shorter_than_cutoff_len(profile):
+    """LLaMA-Factory keeps a row's cutoff_len - 1 tokens with packing (the cluster recipes pack): a
+    row of cutoff_len tokens is cut, and the cutoff_len suggested leaves room for that token."""
+    from e2e_llm.train import TrainError, plan_run
+
+    config = profile()
+    longest = plan_run(config, overrides={"cutoff_len": 2048}).training_rows["lengths"]["longest"]
+    with pytest.raises(TrainError) as refused:
+        plan_run(config, overrides={"cutoff_len": longest, "packing": True})
+    message = str(refused.value)
+    assert (f"is longer than the recipe's cutoff_len {longest}, of which LLaMA-Factory keeps {longest - 1} tokens "
+            "of a row under this recipe (packing holds one back)") in message
+    suggested = -(-(longest + 1) // 64) * 64
+    assert f"--set cutoff_len={suggested}" in message
+    lengths = plan_run(config, overrides={"cutoff_len": longest + 1, "packing": True}).training_rows["lengths"]
+    assert (lengths["cutoff_len"], lengths["limit"], lengths["over"]) == (longest + 1, longest, 0)
+
+
+def test_the_packed_limit_is_what_llamafactorys_packing_keeps_of_a_row(local_model, viggo_dir):
+    """Oracle: LLaMA-Factory's own packed preprocessing (internal: used here only) keeps a row of
+    n tokens whole with cutoff_len n + 1, and cuts it with cutoff_len n, as the limit says."""
+    from llamafactory.data.processor.supervised import PackedSupervisedDatasetProcessor
+    from llamafactory.data.template import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+
+    from e2e_llm.compat.llamafactory import row_encoder
+
+    row = json.loads((viggo_dir / "train.jsonl").read_text().splitlines()[0])
+    parts = (row["instruction"], row["input"], row["output"])
+    n = row_encoder({"model_name_or_path": str(local_model), "template": "smollm2", "cutoff_len": 4096}).length(*parts)
+    tokenizer_module = load_tokenizer(ModelArguments(model_name_or_path=str(local_model)))
+    for cutoff_len in (n, n + 1):
+        recipe = {"template": "smollm2", "cutoff_len": cutoff_len, "packing": True, "neat_packing": True}
+        encoder = row_encoder({"model_name_or_path": str(local_model), **recipe})
+        data_args = DataArguments(**recipe)
+        processor = PackedSupervisedDatasetProcessor(
+            template=get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args),
+            tokenizer=tokenizer_module["tokenizer"], processor=tokenizer_module["processor"], data_args=data_args)
+        made = processor.preprocess_dataset({
+            "_prompt": [[{"role": "user", "content": row["input"]}]],
+            "_response": [[{"role": "assistant", "content": row["output"]}]],
+            "_system": [row["instruction"]], "_tools": [""], "_images": [None], "_videos": [None], "_audios": [None]})
+        kept = sum(made["attention_mask"][0][i] != 0 for i in range(len(made["attention_mask"][0])))
+        assert (encoder.cutoff_len, encoder.limit) == (cutoff_len, cutoff_len - 1)
+        assert kept == min(n, encoder.limit)
 
 
 def test_truncate_trains_on_them_and_says_how_many(profile):
@@ -91,8 +140,8 @@ def test_truncate_trains_on_them_and_says_how_many(profile):
     lengths = plan.training_rows["lengths"]
     assert lengths["over"] == 1 and lengths["policy"] == "truncate"
     [line] = notices(plan.training_rows)
-    assert re.fullmatch(r"1 of 8 training rows are longer than cutoff_len 512 \(longest \d+ tokens\): trained cut "
-                        r"to it \(train\.rows_over_cutoff: truncate\)", line)
+    assert re.fullmatch(r"1 of 8 training rows are longer than cutoff_len 512 tokens \(longest \d+ tokens\): "
+                        r"trained cut to it \(train\.rows_over_cutoff: truncate\)", line)
 
 
 def test_only_the_rows_max_samples_keeps_are_counted(profile):
@@ -157,7 +206,7 @@ def test_the_default_cutoff_len_is_llamafactorys_when_the_recipe_sets_none(local
 def test_the_engines_context_is_named_only_where_the_cutoff_that_fits_exceeds_it():
     from e2e_llm.train_rows import RowLengths, over_cutoff_message
 
-    found = RowLengths("data/train.jsonl", 512, 100, 3, 700, 42)
+    found = RowLengths("data/train.jsonl", 512, 512, 100, 3, 700, 42)
     fits = over_cutoff_message(found, "recipe.yaml", "profile.yaml", max_model_len=4096)
     assert "3 of the 100 rows this run trains on are longer" in fits and "line 42, 700 tokens" in fits
     assert "--set cutoff_len=704" in fits and "max_model_len" not in fits

@@ -76,16 +76,17 @@ class RowEncoder:
     tokenizer: Any  # as training loads it
     template: Any  # the recipe's chat template, as training resolves it
     cutoff_len: int  # the recipe's, or LLaMA-Factory's default
+    limit: int  # the most tokens of a row training keeps: cutoff_len as LLaMA-Factory adjusts it (packing)
     roles: Any  # LLaMA-Factory's role names
 
     def encode(self, system: str, user: str, assistant: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, answer ids) of one row, before any cut to cutoff_len."""
+        """(prompt ids, answer ids) of one row, before any cut to the limit."""
         messages = [{"role": self.roles.USER.value, "content": user},
                     {"role": self.roles.ASSISTANT.value, "content": assistant}]
         return self.template.encode_oneturn(self.tokenizer, messages, system)
 
     def length(self, system: str, user: str, assistant: str) -> int:
-        """The row's tokens, the length LLaMA-Factory compares with cutoff_len (its efficient_eos
+        """The row's tokens, the length LLaMA-Factory compares with the limit (its efficient_eos
         token counted)."""
         prompt, answer = self.encode(system, user, assistant)
         return len(prompt) + len(answer) + (1 if self.template.efficient_eos else 0)
@@ -104,10 +105,13 @@ def row_encoder(args: dict[str, Any]) -> RowEncoder:
         return cls(**{key: value for key, value in args.items() if key in names})
 
     tokenizer = resolve(LOAD_TOKENIZER, __name__)(own(_argument_class("ModelArguments")))["tokenizer"]
-    data_args = own(_argument_class("DataArguments"))
+    data_class = _argument_class("DataArguments")
+    data_args = own(data_class)  # its __post_init__ adjusts cutoff_len (one token fewer with packing)
+    recipe_cutoff = args.get("cutoff_len", next(f.default for f in dataclasses.fields(data_class)
+                                                if f.name == "cutoff_len"))
     template = resolve(CHAT_TEMPLATE, __name__)(tokenizer, data_args)
     resolve(ENCODE_ONE_TURN, __name__)  # checked here; called on the template (a subclass may override it)
-    return RowEncoder(tokenizer, template, int(data_args.cutoff_len), resolve(ROLES, __name__))
+    return RowEncoder(tokenizer, template, int(recipe_cutoff), int(data_args.cutoff_len), resolve(ROLES, __name__))
 
 
 def read_recipe_file(path) -> Any:
