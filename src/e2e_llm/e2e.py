@@ -224,6 +224,7 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
             python: str | None = None, client: str | None = None, run_id: str | None = None,
             echo=print) -> E2EResult:
     """Run the stages in order (stopping at the first failure) and return what they produced."""
+    from e2e_llm.batch.pipeline import local_engines_problem
     from e2e_llm.cli import INTERRUPTED
     from e2e_llm.memory import headroom
     from e2e_llm.precision import model_dtype
@@ -242,9 +243,14 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     ray_problem = unreachable_ray_address()
     host, port = config.serve.host, config.serve.port
     serving = holder(host, port)  # another pipeline's serve stage: this one's waits its turn
+    batch_problem = local_engines_problem(config)
+    serve_problems = [message for _, message in start_refusals(config, host, port, ports=serving is None)]
+    both = batch_problem in serve_problems  # /dev/shm: both stages start engines here
     result.refused = [*([ray_problem] if ray_problem else []),
+                      *([f"the batch{' and serve stages' if both else ' stage'} could not start: {batch_problem}"]
+                        if batch_problem else []),
                       *(f"the serve stage could not start: {message}"
-                        for _, message in start_refusals(config, host, port, ports=serving is None))]
+                        for message in serve_problems if message != batch_problem)]
     if result.refused:
         for reason in result.refused:
             echo(f"error: {reason}")

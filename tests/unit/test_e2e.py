@@ -166,6 +166,29 @@ def test_a_machine_where_the_serve_stage_could_not_start_is_refused_before_the_f
         e.removeprefix("error: ") for e in errors]
 
 
+def test_a_dev_shm_too_small_for_the_engines_is_refused_once_naming_both_stages_that_start_them(
+        config, tmp_path, monkeypatch):
+    """The batch stage would fail first (after training): the refusal names it, not only serve."""
+    from e2e_llm.e2e import run_e2e
+
+    cli = tmp_path / "fake-cli"
+    cli.write_text(f"#!{sys.executable}\nraise SystemExit('a stage ran')\n")
+    cli.chmod(0o755)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("e2e_llm.memory.shm_problem", lambda: "/dev/shm has 64 MiB free")
+    shown = []
+    result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
+    assert result.stages == []
+    assert [line for line in shown if line.startswith("error: ")] == [
+        "error: the batch and serve stages could not start: /dev/shm has 64 MiB free"]
+
+    monkeypatch.setattr(config.serve, "num_gpus_per_replica", 1)  # serving on GPUs elsewhere: batch alone
+    shown.clear()
+    run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
+    assert [line for line in shown if line.startswith("error: ")] == [
+        "error: the batch stage could not start: /dev/shm has 64 MiB free"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_e2e_stops_the_stage_on_its_own_terms_and_keeps_what_it_says(tmp_path, signum):
     """Ctrl-C or SIGTERM to e2e (a terminal, `kill`, a CI timeout) reaches the stage once; its last

@@ -164,6 +164,19 @@ def _finalize_fn(input_columns: list[str], max_tokens: int):
     return finalize
 
 
+def engines_start_here(config: PipelineConfig) -> bool:
+    """Whether the batch engines start on this machine's CPU (no cluster, no GPUs asked for)."""
+    return not os.environ.get(RAY_ADDRESS_ENV) and config.batch.num_gpus_per_engine == 0
+
+
+def local_engines_problem(config: PipelineConfig) -> str | None:
+    """Why the batch engines could not start on this machine now, or None (``make e2e`` asks
+    before its first stage)."""
+    from e2e_llm.memory import shm_problem
+
+    return shm_problem() if engines_start_here(config) else None
+
+
 def start_ray(config: PipelineConfig, temp_dir: str | None = None) -> None:
     """Connect to the cluster (RAY_ADDRESS) or, on a CPU profile, start a private local Ray
     with its own temp dir (several users may share the machine)."""
@@ -173,12 +186,10 @@ def start_ray(config: PipelineConfig, temp_dir: str | None = None) -> None:
         return
     if problem := unreachable_ray_address():
         raise BatchError(problem)
-    if os.environ.get(RAY_ADDRESS_ENV) or config.batch.num_gpus_per_engine > 0:
+    if not engines_start_here(config):
         ray.init()
         return
-    from e2e_llm.memory import shm_problem
-
-    if problem := shm_problem():  # the engines start on this machine
+    if problem := local_engines_problem(config):
         raise BatchError(problem)
     temp_dir = temp_dir or os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="rb-", dir="/tmp")
     if problem := ray_temp_dir_problem(temp_dir):
