@@ -102,6 +102,26 @@ def write_profile(tmp_path):
     return write
 
 
+@pytest.fixture
+def local_profile(tmp_path, monkeypatch):
+    """``local_profile(section__key=value, ...)``: the local profile loaded with those keys changed
+    (written to ``<tmp>/profile.yaml``), its storage root in this test's tmp dir."""
+    from e2e_llm.config import load_profile
+
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path / "store"))
+
+    def load(**changes):
+        data = yaml.safe_load((ROOT / "configs/profiles/local.yaml").read_text())
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            data[section][key] = value
+        path = tmp_path / "profile.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return load_profile(str(path), root=ROOT)
+
+    return load
+
+
 @pytest.fixture(scope="session")
 def viggo_dir() -> Path:
     if not (VIGGO_DIR / "train.jsonl").is_file():

@@ -13,19 +13,8 @@ pytestmark = pytest.mark.train
 
 
 @pytest.fixture()
-def profile(tmp_path, project_root, monkeypatch, local_model):
-    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path / "store"))
-
-    def make(**changes):
-        data = yaml.safe_load((project_root / "configs/profiles/local.yaml").read_text())
-        for dotted, value in changes.items():
-            section, key = dotted.split("__")
-            data[section][key] = value
-        path = tmp_path / "profile.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return load_profile(str(path), root=project_root)
-
-    return make
+def profile(local_profile, local_model):
+    return local_profile
 
 
 def _ingested(config):

@@ -10,9 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
-
-from e2e_llm.config import load_profile
 
 pytestmark = pytest.mark.train
 pytest.importorskip("llamafactory")
@@ -33,20 +30,13 @@ def source(tmp_path, viggo_dir):
 
 
 @pytest.fixture()
-def profile(tmp_path, project_root, monkeypatch, local_model, source):
-    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", str(tmp_path / "store"))
+def profile(local_profile, local_model, source):
+    """The local profile (changed as asked) on ``source``'s rows, ingested as `e2e-llm data` does."""
 
     def make(**changes):
         from e2e_llm.data import ingest
 
-        data = yaml.safe_load((project_root / "configs/profiles/local.yaml").read_text())
-        data["data"]["source"] = str(source)
-        for dotted, value in changes.items():
-            section, key = dotted.split("__")
-            data[section][key] = value
-        path = tmp_path / "profile.yaml"
-        path.write_text(yaml.safe_dump(data))
-        config = load_profile(str(path), root=project_root)
+        config = local_profile(data__source=str(source), **changes)
         ingest(source=str(source), splits={"train": "train.jsonl", "val": "val.jsonl"},
                output_dir=Path(config.storage_uri("data", "viggo")), task=config.task_schema(), dataset="viggo",
                system_prompt=config.data.system_prompt)
