@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import posixpath
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +154,22 @@ def upload_dir(local_dir: str | Path, uri: str, **kw: Any) -> str:
     return uri
 
 
-def download_dir(uri: str, local_dir: str | Path, **kw: Any) -> Path:
+def download_dir(uri: str, local_dir: str | Path, only: Callable[[str], bool] | None = None, **kw: Any) -> Path:
+    """Copy the tree at ``uri`` into ``local_dir``; with ``only``, the files whose path relative to
+    ``uri`` it accepts."""
     from pyarrow import fs as pafs
 
     src_fs, src = filesystem(uri, **kw)
     local = Path(local_dir)
     local.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(src, str(local.resolve()), source_filesystem=src_fs,
-                    destination_filesystem=pafs.LocalFileSystem())
+    if only is None:
+        pafs.copy_files(src, str(local.resolve()), source_filesystem=src_fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return local
+    for info in src_fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        relative = posixpath.relpath(info.path, src)
+        if info.is_file and only(relative):
+            (local / relative).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str((local / relative).resolve()), source_filesystem=src_fs,
+                            destination_filesystem=pafs.LocalFileSystem())
     return local

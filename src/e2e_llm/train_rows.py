@@ -28,6 +28,7 @@ from typing import Any
 
 from e2e_llm import storage
 from e2e_llm.data import ALPACA_COLUMNS, chat_messages
+from e2e_llm.model_mirror import ModelMirrorError, loadable, store_kw
 
 # Rows whose prompts are compared with the engines' format: the format is the template's, so a few
 # rows show it (more would only cost time); rows differ only where a template trims or escapes.
@@ -144,9 +145,10 @@ def check(config, args: dict[str, Any], split_uri: str, recipe_path: str) -> tup
 
     tc = config.train
     try:
-        encoder = row_encoder(args)
-        serving_tokenizer = AutoTokenizer.from_pretrained(args["model_name_or_path"])
-    except OSError as exc:
+        model = loadable(args["model_name_or_path"], store_kw(config), weights=False)  # a URI: its tokenizer here
+        encoder = row_encoder({**args, "model_name_or_path": model})
+        serving_tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ModelMirrorError) as exc:  # no hub or store here, or no model there
         return {"checked": False, "why": f"{type(exc).__name__}: {exc}"[:300]}, None
     except ValueError as exc:  # LLaMA-Factory's, of the recipe (an unknown template): the workers would fail alike
         return {"checked": False, "why": str(exc)}, f"{recipe_path}: {exc}"

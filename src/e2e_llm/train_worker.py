@@ -8,7 +8,7 @@ from it, and the driver, on a cluster's head node, sees no worker's disk.
 Several workers can share one machine's work dir (a node with several GPUs, the local profile's
 two CPU workers), and a restarted worker group finds what its last attempt left there. So what a
 worker reads from the work dir is made once per machine and never trusted half-made
-(:func:`fill_once`), and the only checkpoint a run resumes from is the one Ray Train registered:
+(:func:`e2e_llm.node_temp.fill_once`), and the only checkpoint a run resumes from is the one Ray Train registered:
 an HF checkpoint folder left in the output dir may be cut off mid-save, and on every node but
 rank 0's it holds only that rank's RNG state.
 """
@@ -18,15 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from e2e_llm import storage
 from e2e_llm.adapters import missing_adapter_files
-from e2e_llm.node_temp import own_temp_dir
+from e2e_llm.model_mirror import loadable
+from e2e_llm.node_temp import fill_once, own_temp_dir, remove
 
 EVENTS_DIR = "events"
 # With object storage, runs' workers' folders on each node: <own temp dir>/train-work/<run id>.
@@ -35,8 +34,6 @@ TRAIN_WORK_DIR = "train-work"
 # the run resumes from.
 DATASET_DIR = "dataset"
 RESUME_DIR = "resume"
-# How long a worker waits for another worker of its machine to download the dataset or the checkpoint.
-FILL_TIMEOUT_S = 3600.0
 
 
 def setup_process() -> None:
@@ -88,32 +85,6 @@ def read_events(run_uri: str, fs_kw: dict[str, Any]) -> list[dict[str, Any]]:
     return events
 
 
-def fill_once(folder: Path, name: str, fill: Callable[[Path], None], timeout_s: float = FILL_TIMEOUT_S) -> Path:
-    """``folder/name``, made by ``fill`` once however many processes of this machine ask at once:
-    under an exclusive lock one process fills a temporary folder and renames it into place; the
-    others wait for the lock and find it there. Only a finished fill is renamed in, so a folder
-    found there is complete; what else is in ``folder`` (other names, a fill cut off by a crash)
-    is removed by the next fill."""
-    from e2e_llm.cas import locked
-
-    target = folder / name
-    if target.is_dir():
-        return target
-    with locked(folder, timeout_s=timeout_s):
-        if target.is_dir():
-            return target
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.iterdir():
-            remove(old)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
-        try:
-            fill(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def local_dataset(dataset_uri: str, work_dir: Path, fs_kw: dict[str, Any]) -> Path:
     """The dataset as a local folder: object storage is downloaded once per machine (each version
     of it, :func:`e2e_llm.storage.tree_version`); a local path is read where it is."""
@@ -147,13 +118,6 @@ def clear_earlier_attempts(output: Path, resuming: bool) -> None:
     for entry in output.iterdir():
         if not resuming or entry.name.startswith("checkpoint-"):
             remove(entry)
-
-
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def training_callbacks() -> list:
@@ -219,6 +183,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     fs_kw = cfg["fs_kw"]
 
     args["dataset_dir"] = str(local_dataset(cfg["dataset_uri"], work_dir, fs_kw))
+    args["model_name_or_path"] = loadable(args["model_name_or_path"], cfg["model_kw"])  # a URI: copied here
     resume_step = 0
     checkpoint = ray.train.get_checkpoint()
     clear_earlier_attempts(Path(args["output_dir"]), resuming=checkpoint is not None)

@@ -187,6 +187,33 @@ def equivalence(batch_config, local_model, trained_adapter, val_rows, viggo_task
     return rows, merged, merged_free, lora
 
 
+def test_a_base_model_kept_in_s3_is_merged_from_a_copy_on_this_machine(batch_config, local_model, trained_adapter,
+                                                                       s3_server, tmp_path, monkeypatch):
+    """model.source: s3://... (a mirror for a cluster without the hub): transformers loads a local
+    folder or a hub id only, so the merge reads a copy (e2e_llm.model_mirror); same weights."""
+    import uuid
+
+    from safetensors.torch import load_file
+
+    from e2e_llm import storage
+    from e2e_llm.batch import MERGED_MARKER, check_adapter, merged_model_dir
+
+    storage.filesystem("s3://e2e-models")[0].create_dir("e2e-models")
+    uri = f"s3://e2e-models/{uuid.uuid4().hex[:8]}/{local_model.name}"
+    storage.upload_dir(local_model, uri)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this machine's temp dir: the copy goes there
+    config = batch_config.model_copy(deep=True)
+    config._root = batch_config.root
+    config.model.source = uri
+    adapter = check_adapter(config, trained_adapter.resolve(), uri)
+    from_s3 = merged_model_dir(config, adapter, uri, cache_dir=tmp_path / "cache")
+    from_folder = merged_model_dir(batch_config, adapter, str(local_model))
+    assert json.loads((from_s3 / MERGED_MARKER).read_text())["base"] == uri
+    ours, theirs = load_file(from_s3 / "model.safetensors"), load_file(from_folder / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+    assert list(tmp_path.glob(f"*/models/*/*/{local_model.name}/model.safetensors"))
+
+
 def test_merged_and_lora_paths_agree_under_greedy_decoding(equivalence, viggo_task):
     from e2e_llm.evaluate import evaluate
 

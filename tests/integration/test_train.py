@@ -185,6 +185,45 @@ def test_killed_worker_is_restarted_and_resumes_from_s3_checkpoint(s3_server, lo
     assert _no_ray_processes_left(f"/tmp/r-{run_id[:8]}")
 
 
+def test_a_base_model_kept_in_s3_trains_from_a_copy_on_the_workers_node(s3_server, local_model, tmp_path):
+    """model.source: s3://... (a mirror of a hub model for a cluster without the hub): LLaMA-Factory
+    loads a local folder or a hub id only, so each node's workers copy it there, and the driver
+    checks the rows with a copy of its tokenizer alone. The adapter names its base model as the
+    batch stage checks it."""
+    from e2e_llm import storage
+    from e2e_llm.adapters import check_fits_base
+    from e2e_llm.config import load_profile
+
+    _s3(s3_server).create_dir("e2e-models")
+    uri = f"s3://e2e-models/{uuid.uuid4().hex[:8]}/{local_model.name}"
+    storage.upload_dir(local_model, uri)
+    profile = yaml.safe_load((ROOT / "configs/profiles/local.yaml").read_text())
+    profile["model"]["source"] = uri
+    path = tmp_path / "model-in-s3.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    machine_temp = tmp_path / "machine-temp"  # TMPDIR of the driver and the workers: their copies go there
+    machine_temp.mkdir()
+    env = storage_env(tmp_path / "store", TMPDIR=str(machine_temp))
+    run_in_env("train", "data", "--profile", str(path), env=env)
+    run_id = "s3m-" + uuid.uuid4().hex[:8]
+    run_in_env("train", "train", "--profile", str(path), "--run-id", run_id, "--set", "max_samples=8", "--set",
+               "max_steps=2", "--set", "save_steps=2", "--ray-temp-dir", f"/tmp/r-{run_id[:8]}", env=env, timeout=900)
+
+    run = tmp_path / "store" / "runs" / run_id
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["base_model"]["source"] == uri and manifest["metrics"]["global_step"] == 2
+    rows = manifest["dataset"]["training_rows"]
+    assert rows["checked"] and rows["lengths"]["rows"] == 8 and rows["prompt_format"]["mismatch_line"] is None
+    copies = {p.parent for p in machine_temp.glob(f"*/models/*/*/{local_model.name}/config.json")}
+    with_weights = {c for c in copies if (c / "model.safetensors").is_file()}
+    assert len(copies) == 2 and len(with_weights) == 1, copies  # the tokenizer's (driver) and the workers' node's
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base) == with_weights.pop()
+    config = load_profile(str(path), root=ROOT)
+    assert check_fits_base(config, run / "adapter", uri, manifest)[0] == manifest["training_args"]["lora_rank"]
+    assert _no_ray_processes_left(f"/tmp/r-{run_id[:8]}")
+
+
 def _ray_node_ports(worker_ports: str) -> list[str]:
     """Every port a Ray node opens, free ones: two nodes share this machine's address."""
     from e2e_llm.ports import free_tcp_port

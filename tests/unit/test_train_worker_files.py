@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from e2e_llm import storage
-from e2e_llm.train_worker import RESUME_DIR, clear_earlier_attempts, fill_once, local_dataset, restore_checkpoint
+from e2e_llm.node_temp import fill_once
+from e2e_llm.train_worker import RESUME_DIR, clear_earlier_attempts, local_dataset, restore_checkpoint
 
 CONTENT = b"row\n" * 2000
 

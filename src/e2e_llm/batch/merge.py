@@ -50,15 +50,18 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from e2e_llm.model_mirror import loadable, store_kw
+
     dtype = torch_dtype(dtype_name)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    base_path = loadable(model_path, store_kw(config))  # a URI: copied to this machine
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
     merged = merged.to(dtype)
     merged.config.dtype = dtype
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
     (tmp / MERGED_MARKER).write_text(json.dumps({"base": model_path, "adapter": str(adapter.path),
                                                  "adapter_sha256": adapter.sha256, "dtype": dtype_name}) + "\n")
     if (out / MERGED_MARKER).is_file():  # another batch run merged the same adapter meanwhile, and may read it
