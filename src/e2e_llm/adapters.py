@@ -54,6 +54,23 @@ def _model_names(config: PipelineConfig, model_path: str) -> set[str]:
     return names
 
 
+def _base_config_file(config: PipelineConfig, model_path: str) -> Path | None:
+    """The base model's ``config.json`` where this machine reads it: a local folder's, or an
+    object-store model's (its copy without weights, :mod:`e2e_llm.model_mirror`); None for a hub
+    id, or a store this machine cannot read (the shapes go unchecked, as before any copy)."""
+    from e2e_llm import storage
+
+    if storage.is_remote(model_path):
+        from e2e_llm.model_mirror import ModelMirrorError, local_copy, store_kw
+
+        try:
+            return local_copy(model_path, store_kw(config), weights=False) / "config.json"
+        except (OSError, ModelMirrorError):
+            return None
+    path = Path(model_path) / "config.json"
+    return path if path.is_file() else None
+
+
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
@@ -88,8 +105,8 @@ def check_fits_base(config: PipelineConfig, path: Path, model_path: str,
             raise AdapterError(f"adapter {path} was trained for another base model: {label} is {value!r}, "
                                f"profile {config.profile!r} uses {config.model.id!r} ({model_path})")
     # Shapes: a LoRA A matrix is [r, in_features]; in_features must exist in the base model.
-    base_config_path = Path(model_path) / "config.json"
-    if base_config_path.is_file():
+    base_config_path = _base_config_file(config, model_path)
+    if base_config_path is not None:
         hf = json.loads(base_config_path.read_text())
         dims = {hf.get("hidden_size"), hf.get("intermediate_size")}
         heads, kv = hf.get("num_attention_heads"), hf.get("num_key_value_heads")

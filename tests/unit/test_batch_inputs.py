@@ -120,6 +120,25 @@ def test_adapter_checks_name_files_and_shapes(config, tmp_path):
         check_adapter(config, broken, str(model))
 
 
+def test_an_adapters_shapes_are_checked_against_a_base_model_kept_in_s3(config, tmp_path, s3_server, monkeypatch):
+    """model.source s3://...: the base model's config comes from a copy without weights."""
+    import tempfile
+    import uuid
+
+    from e2e_llm import storage
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the machine's temp dir: the copy goes there
+    storage.filesystem("s3://e2e-models")[0].create_dir("e2e-models")
+    uri = f"s3://e2e-models/{uuid.uuid4().hex[:8]}/smollm2-135m"
+    storage.upload_dir(fake_model(tmp_path / "models"), uri)
+    assert check_adapter(config, fake_adapter(tmp_path / "a", base="smollm2-135m"), uri).rank == 8
+    renamed = fake_adapter(tmp_path / "r", base="smollm2-135m", in_features=3584)
+    with pytest.raises(BatchError, match=r"does not fit base model 'smollm2-135m'.*input size 3584"):
+        check_adapter(config, renamed, uri)
+    # A store this machine cannot read (or no model there): the names are checked, the shapes cannot be.
+    assert check_adapter(config, renamed, uri.replace("e2e-models", "no-such-bucket")).rank == 8
+
+
 def test_adapter_for_another_base_model_is_rejected(config, tmp_path):
     model = fake_model(tmp_path / "models")
     qwen = fake_adapter(tmp_path / "q", base="Qwen/Qwen2.5-7B-Instruct", in_features=3584)
