@@ -8,9 +8,10 @@ from it, and the driver, on a cluster's head node, sees no worker's disk.
 Several workers can share one machine's work dir (a node with several GPUs, the local profile's
 two CPU workers), and a restarted worker group finds what its last attempt left there. So what a
 worker reads from the work dir is made once per machine and never trusted half-made
-(:func:`e2e_llm.node_temp.fill_once`), and the only checkpoint a run resumes from is the one Ray Train registered:
-an HF checkpoint folder left in the output dir may be cut off mid-save, and on every node but
-rank 0's it holds only that rank's RNG state.
+(:func:`e2e_llm.node_temp.fill_once`), and the only checkpoint a run resumes from is the one Ray
+Train registered: an HF checkpoint folder left in the output dir may be cut off mid-save, and on
+every node but rank 0's it holds only that rank's RNG state. A base model kept in object storage
+is copied to the node the same way (:mod:`e2e_llm.model_mirror`).
 """
 
 from __future__ import annotations
