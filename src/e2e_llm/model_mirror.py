@@ -2,8 +2,10 @@
 """A base model kept in object storage (``model.source: s3://...`` or ``gs://...``: a mirror of a
 hub model for a cluster that cannot reach the hub) copied to the machine that loads it with
 transformers: each training worker's node (LLaMA-Factory loads a local folder or a hub id, not a
-URI), the training driver for its row checks (the tokenizer alone), the batch stage's driver
-for a merge, and the adapter checks of batch and publish (the config alone: the shapes it allows). The engines (``ray.data.llm``, ``ray.serve.llm``) download such a source themselves.
+URI), the training driver for its row checks and ``e2e-llm canary-set`` (the tokenizer alone),
+the batch stage's driver for a merge, and the adapter checks of batch and publish (the config
+alone: the shapes it allows). The engines (``ray.data.llm``, ``ray.serve.llm``) download such a
+source themselves.
 
 A copy is made once per machine and version of the files (:func:`e2e_llm.node_temp.fill_once`,
 :func:`e2e_llm.storage.tree_version`) in this user's temp folder there; a newer version of the

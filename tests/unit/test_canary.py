@@ -1140,3 +1140,36 @@ def test_fields_given_at_the_start_are_in_the_start_record_only(world):
     records = w.records()
     assert records[0]["event"] == "start" and records[0]["instruction_mismatch"] == "trained otherwise"
     assert all("instruction_mismatch" not in r for r in records[1:])
+
+
+def test_canary_set_cli_reads_the_split_and_the_tokenizer_from_object_storage(local_profile, local_model, s3_server,
+                                                                               tmp_path, monkeypatch, capsys):
+    """The cluster's layout: the clean split in S3 (the storage root) and the base model mirrored
+    there too (model.source s3://...); the command read a local path for both."""
+    import tempfile
+    import uuid
+
+    from e2e_llm import storage
+    from e2e_llm.cli import main
+    from e2e_llm.model_mirror import is_weights
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the machine's temp dir: the tokenizer's copy
+    bucket = f"cs-{uuid.uuid4().hex[:8]}"
+    storage.filesystem(f"s3://{bucket}")[0].create_dir(bucket)
+    model = f"s3://{bucket}/models/{local_model.name}"
+    for file in local_model.iterdir():
+        if not is_weights(file.name):
+            storage.write_bytes(storage.join(model, file.name), file.read_bytes())
+    local_profile(model__source=model)
+    monkeypatch.setenv("E2E_LLM_STORAGE_ROOT", f"s3://{bucket}/viggo")
+    monkeypatch.chdir(ROOT)
+    profile = str(tmp_path / "profile.yaml")
+    assert main(["canary-set", "--profile", profile, "--version", "v9", "--output", str(tmp_path / "set.jsonl")]) == 1
+    assert "val.jsonl not found: run `e2e-llm data" in capsys.readouterr().err
+    assert main(["data", "--profile", profile]) == 0
+    capsys.readouterr()
+    assert main(["canary-set", "--profile", profile, "--version", "v9", "--output", str(tmp_path / "set.jsonl")]) == 0
+    spec = yaml.safe_load(capsys.readouterr().out)["canary_set"]
+    policy = load_policy(ROOT / "configs/canary.yaml")
+    assert spec["sha256"] == policy.canary_set.sha256 and spec["rows"] == policy.canary_set.rows
+    assert 0 < spec["max_reference_tokens"] < 100

@@ -7,6 +7,7 @@ validation rows, written as JSONL (default configs/canary/<dataset>-<version>.js
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import yaml
@@ -27,20 +28,23 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
+    from e2e_llm import storage
     from e2e_llm.canary import write_canary_set
     from e2e_llm.config import load_profile
-    from e2e_llm.data import read_jsonl
     from e2e_llm.model import resolve_model_path
+    from e2e_llm.model_mirror import loadable, store_kw
 
     config = load_profile(args.profile)
-    split = Path(config.storage_uri("data", config.data.dataset, f"{args.split}.jsonl"))
-    if not split.is_file():
+    split = config.storage_uri("data", config.data.dataset, f"{args.split}.jsonl")  # local or object storage
+    if not storage.exists(split, **config.storage_kw()):
         print(f"error: {split} not found: run `e2e-llm data --profile {args.profile}` first", file=sys.stderr)
         return 1
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model, root=config.root))
+    rows = [json.loads(line) for line in storage.read_text(split, **config.storage_kw()).splitlines() if line.strip()]
+    model = loadable(resolve_model_path(config.model, root=config.root), store_kw(config), weights=False)
+    tokenizer = AutoTokenizer.from_pretrained(model)
     output = Path(args.output) if args.output else config.root / "configs" / "canary" / \
         f"{config.data.dataset}-{args.version}.jsonl"
-    spec = write_canary_set(read_jsonl(split), config.task_schema(), args.rows, output, args.version,
+    spec = write_canary_set(rows, config.task_schema(), args.rows, output, args.version,
                             lambda text: len(tokenizer(text + tokenizer.eos_token)["input_ids"]))
     if output.resolve().is_relative_to(config.root.resolve()):
         spec["path"] = str(output.resolve().relative_to(config.root.resolve()))
