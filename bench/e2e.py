@@ -82,7 +82,7 @@ def run(args) -> int:
                      rows=rows, profile="local")
     text = summary(result, config, rows, "local")
     print(text, flush=True)
-    write_summary(result, text)
+    write_summary(result, text, config.storage_kw())
     if not result.ok:
         return 1
     metric = f"seconds, whole make e2e ({rows or 'all'} val rows)"

@@ -33,6 +33,7 @@ from typing import Any
 
 from e2e_llm import storage
 from e2e_llm.config import PipelineConfig
+from e2e_llm.node_temp import own_temp_dir
 
 # Each knob silences one kind of known noise at its source; none hides errors.
 QUIET_ENV = {
@@ -71,7 +72,7 @@ class StageResult:
 @dataclass
 class E2EResult:
     run_id: str
-    run_dir: str
+    run_dir: str  # the stages' logs and the summary, on this machine
     dtype: dict[str, Any]
     stages: list[StageResult] = field(default_factory=list)
     train: dict[str, Any] | None = None
@@ -80,6 +81,7 @@ class E2EResult:
     base_cached: bool = False
     ok: bool = False
     refused: list[str] = field(default_factory=list)  # why no stage ran (the machine is not ready)
+    run_uri: str = ""  # where they are kept: the storage's e2e/<run id> (run_dir, or object storage)
 
     @property
     def seconds(self) -> float:
@@ -234,9 +236,11 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     from e2e_llm.serve_turns import holder, serve_turn
 
     run_id = run_id or new_run_id()
-    run_dir = Path(config.storage_uri("e2e", run_id))
+    run_uri = config.storage_uri("e2e", run_id)
+    # The stages write their logs here as they go; with object storage write_summary uploads them.
+    run_dir = Path(own_temp_dir()) / "e2e" / run_id if storage.is_remote(run_uri) else Path(run_uri)
     choice = model_dtype(config)
-    result = E2EResult(run_id=run_id, run_dir=str(run_dir), dtype=choice.as_dict())
+    result = E2EResult(run_id=run_id, run_dir=str(run_dir), dtype=choice.as_dict(), run_uri=run_uri)
     env = {**os.environ, **QUIET_ENV}
     echo(banner(f"e2e {run_id}: profile {profile}"))
     # What would stop a stage minutes in (the serve stage's ports after training) is asked now.
@@ -359,7 +363,8 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
                   f"  loss curve   {train.get('loss_curve')}"]
     if result.adapter_batch:
         lines.append(f"  predictions  {result.adapter_batch['outputs']['predictions']}")
-    lines.append(f"  logs         {result.run_dir}/<stage>.log")
+    lines.append(f"  logs         {result.run_dir}/<stage>.log"
+                 + (f" (kept in {result.run_uri})" if storage.is_remote(result.run_uri or result.run_dir) else ""))
     make_profile = "" if profile == "local" else f" PROFILE={profile}"
     lines += ["", "next:",
               f"  serve it:      make serve{make_profile} ADAPTER={result.run_id}   (OpenAI API on "
@@ -380,7 +385,9 @@ def _gib(n: int | None) -> str:
     return f"{n / GIB:.1f} GiB" if n else "-"
 
 
-def write_summary(result: E2EResult, text: str) -> None:
+def write_summary(result: E2EResult, text: str, fs_kw: dict[str, Any] | None = None) -> None:
+    """The summary beside the stages' logs, all uploaded to ``result.run_uri`` when that is in
+    object storage (``fs_kw``: the profile's ``storage_kw()``)."""
     run_dir = Path(result.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.md").write_text(text.lstrip("\n") + "\n")
@@ -391,3 +398,5 @@ def write_summary(result: E2EResult, text: str) -> None:
             "base_metrics": (result.base_batch or {}).get("metrics"), "base_cached": result.base_cached,
             "refused": result.refused}
     (run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+    if result.run_uri and storage.is_remote(result.run_uri):
+        storage.upload_dir(run_dir, result.run_uri, **(fs_kw or {}))

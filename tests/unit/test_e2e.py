@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,6 +188,31 @@ def test_a_dev_shm_too_small_for_the_engines_is_refused_once_naming_both_stages_
     run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
     assert [line for line in shown if line.startswith("error: ")] == [
         "error: the batch stage could not start: /dev/shm has 64 MiB free"]
+
+
+def test_with_object_storage_the_logs_are_written_here_and_kept_there(s3_config, tmp_path, monkeypatch):
+    """A storage root in S3 (MinIO, a bucket): the stages' logs went to a local folder named
+    "s3:" in the working directory. They go to this machine's temp dir, and the summary uploads
+    them with itself to the storage's e2e/<run id>."""
+    from e2e_llm import storage
+    from e2e_llm.e2e import run_e2e, write_summary
+
+    monkeypatch.chdir(tmp_path)
+    cli = tmp_path / "fake-cli"
+    cli.write_text(f"#!{sys.executable}\nprint('stage output')\nraise SystemExit(3)\n")
+    cli.chmod(0o755)
+    result = run_e2e(s3_config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=lambda _: None)
+    assert [s.returncode for s in result.stages] == [3]  # the first stage failed: the run stops there
+    assert result.run_uri == s3_config.storage_uri("e2e", result.run_id) and storage.is_remote(result.run_uri)
+    assert Path(result.run_dir).is_relative_to(tmp_path) and (Path(result.run_dir) / "data.log").is_file()
+    assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
+    text = summary(result, s3_config, 10, "local")
+    assert f"{result.run_dir}/<stage>.log (kept in {result.run_uri})" in text
+    write_summary(result, text, s3_config.storage_kw())
+    kept = storage.list_dir(result.run_uri, **s3_config.storage_kw())
+    assert {"data.log", "summary.md", "summary.json"} <= set(kept)
+    log = storage.read_text(storage.join(result.run_uri, "data.log"), **s3_config.storage_kw())
+    assert "stage output" in log
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

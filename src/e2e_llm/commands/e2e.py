@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
                      run_id=args.run_id)
     text = summary(result, config, rows, args.profile)
     print(text, flush=True)
-    write_summary(result, text)
+    write_summary(result, text, config.storage_kw())
     return 0 if result.ok else 1
