@@ -26,13 +26,14 @@ RAY_SOCKET_SUFFIX = len("/session_2026-12-07_09-09-09_496422_4194304/sockets/pla
 FILL_TIMEOUT_S = 3600.0
 
 
-def own_temp_dir(name: str = PROJECT_TEMP_NAME) -> str:
-    """``<temp dir>/<name>-<uid>``, this user's alone (mode 0700), made if missing. On a machine
+def own_temp_dir(name: str = PROJECT_TEMP_NAME, temp_dir: str | None = None) -> str:
+    """``<temp dir>/<name>-<uid>`` (``temp_dir``: this machine's, else), this user's alone (mode
+    0700), made if missing. On a machine
     several people use, a shared ``/tmp/<name>`` belongs to whoever made it first: the others
     could not write there, and files in it that someone else can write would be loaded as
     adapter weights or training data. A folder of that name that another user owns or may write
     is refused."""
-    path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
+    path = os.path.join(temp_dir or tempfile.gettempdir(), f"{name}-{os.getuid()}")
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     info = os.lstat(path)

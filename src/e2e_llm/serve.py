@@ -75,6 +75,17 @@ LOCAL_HIGH_THROUGHPUT_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "
 # them. Where e2e-llm starts Ray itself each instance takes free ports (one the user set is kept).
 MODE_FIXED_PORTS_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+# And at fixed paths: HAProxy's config, sockets and server state, in a folder per Ray node under
+# /tmp/haproxy-serve, which belongs to whoever on the machine served first: every other user's app
+# failed to start (PermissionError in Serve's HAProxyManager). Where e2e-llm starts Ray itself they
+# go in this user's own temp folder (e2e_llm.node_temp), under the names Ray gives them; a path the
+# user set is kept. The folder setting and the file settings, with each file's name:
+MODE_FILES_DIR_ENV = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"
+MODE_FILES_ENV = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                  "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+                  "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
+MODE_FILES_DIR = "haproxy"  # in this user's own temp folder
+RAY_NODE_ID_HEX = 56  # Ray's node id, the name of each node's folder there
 
 
 class ServeError(RuntimeError):
@@ -220,7 +231,22 @@ def serve_mode_env(config: PipelineConfig, *, local: bool = False) -> dict[str, 
     if not local:
         return dict(HIGH_THROUGHPUT_ENV)
     ports = {name: os.environ.get(name) or str(free_tcp_port()) for name in MODE_FIXED_PORTS_ENV}
-    return {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV, **ports}
+    return {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV, **ports, **mode_files_env()}
+
+
+def mode_files_env() -> dict[str, str]:
+    """HAProxy's files (:data:`MODE_FILES_ENV`) in this user's own temp folder, where no other
+    user's first app has made the folder theirs: ``TMPDIR``'s, or ``/tmp``'s where a socket's path
+    in the other would be longer than a Unix socket path may be."""
+    from e2e_llm.node_temp import UNIX_SOCKET_PATH_MAX, own_temp_dir
+
+    longest = max(len(file) for file in MODE_FILES_ENV.values())
+    folder = os.path.join(own_temp_dir(), MODE_FILES_DIR)
+    if len(folder.encode()) + 2 + RAY_NODE_ID_HEX + longest > UNIX_SOCKET_PATH_MAX:  # <folder>/<node id>/<file>
+        folder = os.path.join(own_temp_dir(temp_dir="/tmp"), MODE_FILES_DIR)
+    folder = os.environ.get(MODE_FILES_DIR_ENV) or folder
+    return {MODE_FILES_DIR_ENV: folder,
+            **{name: os.environ.get(name) or os.path.join(folder, file) for name, file in MODE_FILES_ENV.items()}}
 
 
 def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict[str, Any]:

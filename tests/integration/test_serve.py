@@ -6,8 +6,10 @@ session's one running app (fixture ``serve_app``)."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -122,6 +124,21 @@ def test_the_app_serves_while_other_programs_hold_the_modes_default_ports(serve_
             probe.bind(("", port))
     r = httpx.get(f"{serve_app.base_url}/v1/models", headers=serve_app.headers, timeout=30)
     assert r.status_code == 200 and serve_app.model_id in {m["id"] for m in r.json()["data"]}
+
+
+def test_the_modes_haproxy_keeps_its_files_in_this_users_own_temp_folder(serve_app):
+    """Not Ray's /tmp/haproxy-serve, which belongs to whoever on the machine served first (another
+    user's app failed to start there)."""
+    import ray
+
+    from e2e_llm.node_temp import own_temp_dir
+    from e2e_llm.serve import MODE_FILES_DIR_ENV
+
+    folder = Path(os.environ[MODE_FILES_DIR_ENV])  # set for Ray's processes by LocalRay, as `e2e-llm serve` does
+    assert folder.parent == Path(own_temp_dir())
+    node = folder / ray.get_runtime_context().get_node_id()
+    assert (node / "haproxy.cfg").is_file() and (node / "admin.sock").is_socket()
+    assert f":{serve_app.base_url.rsplit(':', 1)[1]}" in (node / "haproxy.cfg").read_text()  # this app's frontend
 
 
 def test_api_key_required_but_health_and_routes_stay_open(serve_app, val_rows):

@@ -4,6 +4,9 @@ adapter-store settings, and no single engine replica in the cluster profile."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from e2e_llm.compat import resolve
@@ -197,10 +200,19 @@ def test_the_loop_interval_setting_is_the_one_ray_serve_reads():
 
 def test_high_throughput_mode_is_settings_ray_serve_reads_and_only_when_the_profile_asks(project_root, monkeypatch):
     from e2e_llm.compat.ray_serve import serve_constants_source
-    from e2e_llm.serve import HIGH_THROUGHPUT_ENV, LOCAL_HIGH_THROUGHPUT_ENV, MODE_FIXED_PORTS_ENV, serve_mode_env
+    from e2e_llm.serve import (
+        HIGH_THROUGHPUT_ENV,
+        LOCAL_HIGH_THROUGHPUT_ENV,
+        MODE_FILES_DIR_ENV,
+        MODE_FILES_ENV,
+        MODE_FIXED_PORTS_ENV,
+        mode_files_env,
+        serve_mode_env,
+    )
 
     source = serve_constants_source()
-    for name in [*HIGH_THROUGHPUT_ENV, *LOCAL_HIGH_THROUGHPUT_ENV, *MODE_FIXED_PORTS_ENV]:  # read at import
+    for name in [*HIGH_THROUGHPUT_ENV, *LOCAL_HIGH_THROUGHPUT_ENV, *MODE_FIXED_PORTS_ENV, MODE_FILES_DIR_ENV,
+                 *MODE_FILES_ENV]:  # read at import
         assert f'"{name}"' in source, f"{name}: not read by this Ray Serve (renamed?)"
     for name in MODE_FIXED_PORTS_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -209,7 +221,8 @@ def test_high_throughput_mode_is_settings_ray_serve_reads_and_only_when_the_prof
     # a cluster's: its ingress drains as Ray decides, HAProxy has the pod's ports to itself
     assert serve_mode_env(config) == HIGH_THROUGHPUT_ENV
     local = serve_mode_env(config, local=True)
-    assert local == {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV, **{n: local[n] for n in MODE_FIXED_PORTS_ENV}}
+    assert local == {**HIGH_THROUGHPUT_ENV, **LOCAL_HIGH_THROUGHPUT_ENV, **{n: local[n] for n in MODE_FIXED_PORTS_ENV},
+                     **mode_files_env()}
     config.serve.high_throughput = False
     assert serve_mode_env(config) == {}
     assert serve_mode_env(load_profile("cluster", root=project_root)) == {}  # not tried on a cluster yet
@@ -347,3 +360,35 @@ def test_a_cpu_engine_gets_its_kv_cache_as_an_engine_argument_the_profile_can_lo
     cluster = load_profile("cluster", root=project_root)  # GPUs: vLLM's gpu_memory_utilization decides
     assert "kv_cache_memory_bytes" not in engine_kwargs(cluster)
     assert "kv_cache_memory_bytes" not in batch_engine_kwargs(cluster, None, "merged")
+
+
+def test_the_modes_haproxy_files_go_in_this_users_own_temp_folder(tmp_path, monkeypatch):
+    """Ray's default, /tmp/haproxy-serve, belongs to whoever on the machine served first: another
+    user's app failed to start there (reproduced as a second user after a root one)."""
+    import tempfile
+
+    import ray
+
+    from e2e_llm.compat.ray_serve import serve_constants_source
+    from e2e_llm.node_temp import own_temp_dir
+    from e2e_llm.serve import MODE_FILES_DIR_ENV, MODE_FILES_ENV, RAY_NODE_ID_HEX, mode_files_env
+
+    assert len(ray.NodeID.from_random().hex()) == RAY_NODE_ID_HEX  # each node's folder of HAProxy files
+
+    for name in [MODE_FILES_DIR_ENV, *MODE_FILES_ENV]:
+        monkeypatch.delenv(name, raising=False)
+    assert '"/tmp/haproxy-serve/haproxy.cfg"' in serve_constants_source()  # what Ray does without them
+    short = tempfile.mkdtemp(prefix="h-", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", short)  # TMPDIR
+    env = mode_files_env()
+    folder = os.path.join(own_temp_dir(), "haproxy")
+    assert folder.startswith(short)
+    assert env == {MODE_FILES_DIR_ENV: folder,
+                   **{name: os.path.join(folder, file) for name, file in MODE_FILES_ENV.items()}}
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", "/run/me/admin.sock")  # the user's own choice stays
+    assert mode_files_env()["RAY_SERVE_HAPROXY_SOCKET_PATH"] == "/run/me/admin.sock"
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_SOCKET_PATH")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a TMPDIR too long for a socket's path in it
+    assert len(os.path.join(own_temp_dir(), "haproxy", "x" * RAY_NODE_ID_HEX, "metrics.sock")) > 107
+    assert mode_files_env()[MODE_FILES_DIR_ENV] == os.path.join(own_temp_dir(temp_dir="/tmp"), "haproxy")
+    shutil.rmtree(short)
