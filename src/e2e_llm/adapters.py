@@ -61,10 +61,10 @@ def _base_config_file(config: PipelineConfig, model_path: str) -> Path | None:
     from e2e_llm import storage
 
     if storage.is_remote(model_path):
-        from e2e_llm.model_mirror import ModelMirrorError, local_copy, store_kw
+        from e2e_llm.model_mirror import ModelMirrorError, local_copy
 
         try:
-            return local_copy(model_path, store_kw(config), weights=False) / "config.json"
+            return local_copy(model_path, config.object_store_kw(), weights=False) / "config.json"
         except (OSError, ModelMirrorError):
             return None
     path = Path(model_path) / "config.json"

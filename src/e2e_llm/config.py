@@ -396,9 +396,12 @@ class PipelineConfig(RootedFile):
         """Keyword arguments for e2e_llm.storage calls on this profile's storage (every stage's)."""
         from e2e_llm.storage import is_remote
 
-        if is_remote(self.storage.root):
-            return {"endpoint_url": self.storage.endpoint_url, "region": self.storage.region}
-        return {}
+        return self.object_store_kw() if is_remote(self.storage.root) else {}
+
+    def object_store_kw(self) -> dict[str, Any]:
+        """How this profile reads object storage (``storage.endpoint_url``, ``storage.region``),
+        whatever its own storage root is: a local root with a base model kept in S3, say."""
+        return {"endpoint_url": self.storage.endpoint_url, "region": self.storage.region}
 
     def adapters_uri(self) -> str:
         """The adapter store: ``storage.adapters`` or ``<storage root>/adapters``."""

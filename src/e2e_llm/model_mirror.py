@@ -9,8 +9,8 @@ source themselves.
 
 A copy is made once per machine and version of the files (:func:`e2e_llm.node_temp.fill_once`,
 :func:`e2e_llm.storage.tree_version`) in this user's temp folder there; a newer version of the
-same URI replaces it. It is read with the profile's object-store settings (``storage.endpoint_url``,
-``storage.region``); credentials come from the machine's own environment.
+same URI replaces it. It is read with the profile's object-store settings
+(``PipelineConfig.object_store_kw``); credentials come from the machine's own environment.
 """
 
 from __future__ import annotations
@@ -31,12 +31,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 
 class ModelMirrorError(RuntimeError):
     """The URI holds no files this process can read."""
-
-
-def store_kw(config) -> dict[str, Any]:
-    """How a profile's model URI is read: its storage section's object-store settings, whatever
-    its own storage root is (a local root with a model in S3)."""
-    return {"endpoint_url": config.storage.endpoint_url, "region": config.storage.region}
 
 
 def is_weights(relative_path: str) -> bool:

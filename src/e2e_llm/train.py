@@ -36,7 +36,6 @@ from e2e_llm import storage, train_report, train_rows
 from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 from e2e_llm.host_cpus import cpu_budget, usable_cpus
-from e2e_llm.model_mirror import store_kw
 from e2e_llm.precision import llamafactory_precision
 from e2e_llm.ray_address import RAY_ADDRESS_ENV, nodes_not_seeing, on_every_node, unreachable_ray_address
 from e2e_llm.runs import new_run_id
@@ -437,7 +436,7 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
             train_loop_per_worker,
             train_loop_config={"args": plan.args, "work_dir": plan.work_dir, "run_id": plan.run_id,
                                "run_uri": plan.run_uri, "dataset_uri": plan.dataset_uri, "fs_kw": fs_kw,
-                               "model_kw": store_kw(config)},
+                               "model_kw": config.object_store_kw()},
             scaling_config=scaling,
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             run_config=run_config,

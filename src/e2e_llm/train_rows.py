@@ -28,7 +28,7 @@ from typing import Any
 
 from e2e_llm import storage
 from e2e_llm.data import ALPACA_COLUMNS, chat_messages
-from e2e_llm.model_mirror import ModelMirrorError, loadable, store_kw
+from e2e_llm.model_mirror import ModelMirrorError, loadable
 
 # Rows whose prompts are compared with the engines' format: the format is the template's, so a few
 # rows show it (more would only cost time); rows differ only where a template trims or escapes.
@@ -145,7 +145,8 @@ def check(config, args: dict[str, Any], split_uri: str, recipe_path: str) -> tup
 
     tc = config.train
     try:
-        model = loadable(args["model_name_or_path"], store_kw(config), weights=False)  # a URI: its tokenizer here
+        # a model kept in object storage: a copy of its tokenizer here
+        model = loadable(args["model_name_or_path"], config.object_store_kw(), weights=False)
         encoder = row_encoder({**args, "model_name_or_path": model})
         serving_tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ModelMirrorError) as exc:  # no hub or store here, or no model there

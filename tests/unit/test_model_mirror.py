@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from e2e_llm import model_mirror, storage
+from e2e_llm import storage
 from e2e_llm.model_mirror import ModelMirrorError, loadable, local_copy
 
 CHECKPOINT = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}", "chat_template.jinja": b"{{x}}",
@@ -81,5 +81,5 @@ def test_only_object_store_uris_are_copied(machine_temp, tmp_path):
 def test_the_store_settings_are_the_profiles_whatever_its_storage_root(local_config):
     """A model in S3 beside a local storage root is read with storage.endpoint_url and region."""
     assert local_config.storage_kw() == {}
-    assert model_mirror.store_kw(local_config) == {"endpoint_url": local_config.storage.endpoint_url,
+    assert local_config.object_store_kw() == {"endpoint_url": local_config.storage.endpoint_url,
                                                    "region": local_config.storage.region}

@@ -50,10 +50,10 @@ def merged_model_dir(config: PipelineConfig, adapter: Adapter, model_path: str, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from e2e_llm.model_mirror import loadable, store_kw
+    from e2e_llm.model_mirror import loadable
 
     dtype = torch_dtype(dtype_name)
-    base_path = loadable(model_path, store_kw(config))  # a URI: copied to this machine
+    base_path = loadable(model_path, config.object_store_kw())  # a URI: copied to this machine
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
     merged = merged.to(dtype)

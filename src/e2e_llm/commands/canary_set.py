@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from e2e_llm.canary import write_canary_set
     from e2e_llm.config import load_profile
     from e2e_llm.model import resolve_model_path
-    from e2e_llm.model_mirror import loadable, store_kw
+    from e2e_llm.model_mirror import loadable
 
     config = load_profile(args.profile)
     split = config.storage_uri("data", config.data.dataset, f"{args.split}.jsonl")  # local or object storage
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {split} not found: run `e2e-llm data --profile {args.profile}` first", file=sys.stderr)
         return 1
     rows = [json.loads(line) for line in storage.read_text(split, **config.storage_kw()).splitlines() if line.strip()]
-    model = loadable(resolve_model_path(config.model, root=config.root), store_kw(config), weights=False)
+    model = loadable(resolve_model_path(config.model, root=config.root), config.object_store_kw(), weights=False)
     tokenizer = AutoTokenizer.from_pretrained(model)
     output = Path(args.output) if args.output else config.root / "configs" / "canary" / \
         f"{config.data.dataset}-{args.version}.jsonl"
