@@ -100,8 +100,13 @@ def restore_checkpoint(checkpoint: Any, work_dir: Path) -> tuple[Path, int]:
     named after Ray's checkpoint), and its step."""
 
     def copy(tmp: Path) -> None:
-        with checkpoint.as_directory() as ckpt:
-            shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
+        # From its storage, not through Checkpoint.as_directory: Ray's download locks a file in
+        # <temp dir>/_ray_lockfiles, a folder the machine's first Ray Train user owns, and another
+        # user's restarted worker failed there (PermissionError). fill_once copies it once already.
+        from pyarrow import fs as pafs
+
+        pafs.copy_files(checkpoint.path, str(tmp), source_filesystem=checkpoint.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
 
     local = fill_once(work_dir / RESUME_DIR, Path(checkpoint.path).name, copy)
     return local, int(json.loads((local / "trainer_state.json").read_text())["global_step"])

@@ -142,6 +142,26 @@ def test_a_worker_resumes_from_ray_trains_checkpoint_not_what_its_node_holds(tmp
                                                        "trainer_state.json"]
 
 
+def test_a_checkpoint_in_object_storage_is_copied_without_rays_shared_lock_folder(tmp_path, s3_server, monkeypatch):
+    """Ray's Checkpoint.as_directory locks a file in <temp dir>/_ray_lockfiles, which the machine's
+    first Ray Train user owns: a second user's worker restarted from an S3 checkpoint failed there
+    (PermissionError; reproduced as uid 1000 after root). The copy takes no lock of Ray's."""
+    from pyarrow import fs as pafs
+    from ray.train import Checkpoint
+
+    local = _ray_checkpoint(tmp_path, 6).path
+    s3 = storage.filesystem("s3://ckpt")[0]
+    s3.create_dir("ckpt")
+    storage.upload_dir(local, "s3://ckpt/runs/r1/checkpoint_2026-12-06_23-30-01.000001")
+    assert isinstance(s3, pafs.S3FileSystem)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-temp"))  # where Ray's lock folder would be made
+    remote = Checkpoint("ckpt/runs/r1/checkpoint_2026-12-06_23-30-01.000001", filesystem=s3)
+    path, step = restore_checkpoint(remote, tmp_path / "work")
+    assert step == 6
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == {p.name: p.read_bytes() for p in Path(local).iterdir()}
+    assert not (tmp_path / "ray-temp" / "_ray_lockfiles").exists()
+
+
 def test_earlier_attempts_cannot_be_taken_for_this_ones(tmp_path):
     output = tmp_path / "output"
     for name in ("checkpoint-2", "checkpoint-4", "runs"):
