@@ -646,8 +646,11 @@ def record(ns: argparse.Namespace) -> int:
                           "ratio": round(r["ray_tok_s"] / r["direct_tok_s"], 3), **common, "settings": settings})
         if report["scenario"] == "quality":
             run_dir = Path(ns.extract or "/tmp/e2e-gpu-quality")
+            _device.use_project_src()
+            from e2e_llm.archives import extract_all
+
             with tarfile.open(files / "quality.tar.gz") as tar:
-                tar.extractall(run_dir, filter="data")
+                extract_all(tar, run_dir)
             weights = run_dir / "adapter" / "adapter_model.safetensors"
             parts = sorted(files.glob(f"quality.{weights.name}.*"), key=lambda p: int(p.suffix[1:]))
             if not weights.is_file() and parts:

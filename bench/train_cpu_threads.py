@@ -62,7 +62,9 @@ def _profile(work: Path, name: str, model: Path, cpus: int) -> Path:
         packed = _device.LOCAL_DATA_DIR.with_name(f"{_device.LOCAL_DATA_DIR.name}.tar.gz")  # device_ray prepare
         if not _device.LOCAL_DATA_DIR.is_dir() and packed.is_file():
             with tarfile.open(packed) as tar:
-                tar.extractall(_device.LOCAL_DATA_DIR.parent, filter="data")
+                from e2e_llm.archives import extract_all
+
+                extract_all(tar, _device.LOCAL_DATA_DIR.parent)
         source = _device.LOCAL_DATA_DIR if _device.LOCAL_DATA_DIR.is_dir() else _device.write_dataset("local")
         data.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(source, data)

@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from e2e_llm.archives import extract_all
+
 COMPONENT_LABEL = "app.kubernetes.io/component"
 SERVICE_COMPONENTS = ("shared", "serve", "monitoring")
 ROLLBACK_COMPONENTS = ("serve",)
@@ -47,5 +49,5 @@ def rollback_service(root: Path, env: str, rev: str, *, kubectl: str = "kubectl"
         archive = Path(tmp) / "k8s.tar"
         run(["git", "-C", str(root), "archive", "--output", str(archive), rev, "k8s"])
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            extract_all(tar, tmp)
         run(apply_command(Path(tmp) / "k8s" / "overlays" / env, ROLLBACK_COMPONENTS, kubectl))
