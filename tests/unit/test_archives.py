@@ -19,7 +19,7 @@ def _archive(path, members: dict[str, bytes | None], link: str | None = None):
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             if data is None:
-                info.type = tarfile.DIRTYPE
+                info.type, info.mode = tarfile.DIRTYPE, 0o755  # as git archive writes folders
                 tar.addfile(info)
             else:
                 info.size = len(data)
@@ -33,7 +33,9 @@ def _archive(path, members: dict[str, bytes | None], link: str | None = None):
 
 @pytest.fixture(params=["filter", "no filter"])
 def python(request, monkeypatch):
-    """This Python, and one without tarfile's filters (before 3.11.4)."""
+    """This Python's filter (where it has one), and a Python without tarfile's filters (before 3.11.4)."""
+    if request.param == "filter" and not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tarfile filters: the other case is its own")
     if request.param == "no filter":
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
         real = tarfile.TarFile.extractall
@@ -57,7 +59,7 @@ def test_plain_files_and_folders_unpack(python, tmp_path):
 @pytest.mark.parametrize("members,link", [({"../outside.yaml": b"x"}, None), ({"k8s": None}, "/etc/passwd")])
 def test_members_that_would_land_outside_are_refused(python, tmp_path, members, link):
     path = _archive(tmp_path / "a.tar", members, link)
-    with tarfile.open(path) as tar, pytest.raises((UnsafeArchive, tarfile.FilterError)):
+    with tarfile.open(path) as tar, pytest.raises((UnsafeArchive, getattr(tarfile, "FilterError", UnsafeArchive))):
         extract_all(tar, tmp_path / "out")
     assert not (tmp_path / "outside.yaml").exists()
 
