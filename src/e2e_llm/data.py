@@ -359,9 +359,18 @@ def ingest(
     return report
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def parse_jsonl(text: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of each non-blank line of JSONL ``text``. Lines end at "\\n" alone: the
+    rows are written with ``ensure_ascii=False``, so a text may hold U+2028 and the other characters
+    ``str.splitlines`` also breaks at."""
+    return [(number, json.loads(line)) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def read_jsonl(uri: str | Path, **kw: Any) -> list[dict[str, Any]]:
+    """The rows of a JSONL file, local or in object storage (``kw``: :mod:`e2e_llm.storage`'s)."""
+    from e2e_llm import storage
+
+    return [row for _, row in parse_jsonl(storage.read_text(str(uri), **kw))]
 
 
 def shared_instruction(rows: Iterable[dict[str, Any]], default: str) -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from e2e_llm import storage
-from e2e_llm.data import shared_instruction
+from e2e_llm.data import parse_jsonl, shared_instruction
 from e2e_llm.train_worker import read_events
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def write_manifest(config: PipelineConfig, plan: PlannedRun, wall_time: float, f
         dataset_files[split] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(),
                                 "rows": data.count(b"\n")}
         if split == config.train.train_split:
-            rows = (json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip())
+            rows = [row for _, row in parse_jsonl(data.decode("utf-8"))]
             instruction = shared_instruction(rows, config.task_schema().default_instruction())
     manifest = {
         "kind": "e2e-llm/train-run",

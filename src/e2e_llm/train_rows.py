@@ -23,11 +23,10 @@ rows unchecked, said so, rather than stopping the run. The run's manifest record
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from e2e_llm import storage
-from e2e_llm.data import ALPACA_COLUMNS, chat_messages
+from e2e_llm.data import ALPACA_COLUMNS, chat_messages, parse_jsonl
 from e2e_llm.model_mirror import ModelMirrorError, loadable
 
 # Rows whose prompts are compared with the engines' format: the format is the template's, so a few
@@ -66,7 +65,7 @@ class PromptFormat:
 
 def rows_trained(text: str, max_samples: int | None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) of the rows LLaMA-Factory trains on: its first ``max_samples``."""
-    rows = [(number, json.loads(line)) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    rows = parse_jsonl(text)
     return rows[:max_samples] if max_samples else rows
 
 

@@ -87,6 +87,22 @@ def test_bom_and_crlf_are_accepted_and_normalised(tmp_path, viggo_task):
     assert b"\r" not in (tmp_path / "out/train.jsonl").read_bytes()
 
 
+def test_rows_holding_characters_other_line_splitters_break_at_read_back_whole(tmp_path, viggo_task):
+    """Clean rows are written with ensure_ascii=False, so U+2028, U+0085 or \\x1c in a text stays
+    raw in the file: str.splitlines breaks a row there (the training row check, the training
+    manifest and canary-set read with it and failed on such a row)."""
+    from e2e_llm.data import parse_jsonl
+    from e2e_llm.train_rows import rows_trained
+
+    odd = "one\u2028two\u0085three\x1cfour"
+    _ingest(tmp_path, viggo_task, {"train.jsonl": (_line(input=odd) + "\n" + _line() + "\n").encode()})
+    text = (tmp_path / "out/train.jsonl").read_text(encoding="utf-8")
+    assert "\u2028" in text and len(text.splitlines()) > 2  # raw in the file, where splitlines would cut
+    assert [row["input"] for row in read_jsonl(tmp_path / "out/train.jsonl")] == [odd, GOOD["input"]]
+    assert [number for number, _ in parse_jsonl(text)] == [1, 2]
+    assert [(number, row["input"]) for number, row in rows_trained(text, None)] == [(1, odd), (2, GOOD["input"])]
+
+
 def test_empty_file_is_a_clear_error(tmp_path, viggo_task):
     with pytest.raises(IngestError, match="train.jsonl: file is empty"):
         _ingest(tmp_path, viggo_task, {"train.jsonl": b""})

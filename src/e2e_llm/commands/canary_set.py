@@ -7,7 +7,6 @@ validation rows, written as JSONL (default configs/canary/<dataset>-<version>.js
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import yaml
@@ -28,18 +27,19 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from e2e_llm import storage
     from e2e_llm.canary import write_canary_set
     from e2e_llm.config import load_profile
+    from e2e_llm.data import read_jsonl
     from e2e_llm.model import resolve_model_path
     from e2e_llm.model_mirror import loadable
 
     config = load_profile(args.profile)
     split = config.storage_uri("data", config.data.dataset, f"{args.split}.jsonl")  # local or object storage
-    if not storage.exists(split, **config.storage_kw()):
+    try:
+        rows = read_jsonl(split, **config.storage_kw())
+    except FileNotFoundError:
         print(f"error: {split} not found: run `e2e-llm data --profile {args.profile}` first", file=sys.stderr)
         return 1
-    rows = [json.loads(line) for line in storage.read_text(split, **config.storage_kw()).splitlines() if line.strip()]
     model = loadable(resolve_model_path(config.model, root=config.root), config.object_store_kw(), weights=False)
     tokenizer = AutoTokenizer.from_pretrained(model)
     output = Path(args.output) if args.output else config.root / "configs" / "canary" / \
