@@ -225,7 +225,8 @@ def test_a_base_model_kept_in_s3_trains_from_a_copy_on_the_workers_node(s3_serve
 
 
 def _ray_node_ports(worker_ports: str) -> list[str]:
-    """Every port a Ray node opens, free ones: two nodes share this machine's address."""
+    """Every port a Ray node opens, free ones: two nodes share this machine's address. Their
+    workers' ports are in Ray's default range, which free_tcp_port leaves alone, one part each."""
     from e2e_llm.ports import free_tcp_port
 
     flags = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
@@ -261,7 +262,7 @@ def two_node_cluster(tmp_path, s3_server):
         gcs = free_tcp_port()
         head = subprocess.run([ray, "start", "--head", "--port", str(gcs), "--include-dashboard", "false",
                                "--ray-client-server-port", str(free_tcp_port()), "--temp-dir", head_tmp, *common,
-                               *_ray_node_ports("23000-23499")], env=env, capture_output=True, text=True, timeout=180)
+                               *_ray_node_ports("10002-10499")], env=env, capture_output=True, text=True, timeout=180)
         if head.returncode == 0:
             break
         warnings.warn(f"ray start --head failed, trying other ports:\n{(head.stdout + head.stderr)[-1500:]}",
@@ -270,7 +271,7 @@ def two_node_cluster(tmp_path, s3_server):
     else:
         pytest.fail(f"ray start --head failed 3 times:\n{(head.stdout + head.stderr)[-3000:]}")
     node_cmd = " ".join([ray, "start", "--address", f"127.0.0.1:{gcs}", "--temp-dir", node_tmp, "--block", *common,
-                         *_ray_node_ports("23500-23999")])
+                         *_ray_node_ports("10500-10999")])
     node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c",
                              f"{mount} && exec {node_cmd}"], env=env, start_new_session=True,
                             stdout=open(tmp_path / "node.log", "w"), stderr=subprocess.STDOUT)
