@@ -10,7 +10,8 @@ clear error. Nothing is ever overwritten unseen.
 - ``s3://``: conditional PUT (``If-None-Match: *`` creates, ``If-Match: <ETag>`` replaces),
   through boto3 (pyarrow's filesystem cannot send preconditions).
 - ``gs://``: the JSON API's generation preconditions (``ifGenerationMatch``, 0 = must not
-  exist), through google-auth's authorized session (``STORAGE_EMULATOR_HOST`` for an emulator).
+  exist), through google-auth's authorized session (``STORAGE_EMULATOR_HOST`` for an emulator),
+  retried as GCS asks (429: a second write to one object within a second; 5xx; lost connections).
 - local paths: create = hard link of a complete temp file (fails when the name exists);
   replace = under an exclusive ``flock`` on a hidden lock file beside the object (released by
   the kernel if the holder dies), compare the content's sha256, then an atomic rename.
@@ -228,6 +229,14 @@ def _s3_write(bucket: str, key: str, data: bytes, expect: str | None, kw: dict[s
 
 # -- GCS -------------------------------------------------------------------------------------------
 
+# What GCS asks clients to retry, with truncated exponential backoff: 408, 429 (among others, a
+# second write to one object within a second: GCS's per-object limit, which an index updated by
+# several publishers, or a rollout log appended to twice in a second, reaches) and 5xx, and
+# connections that failed or timed out. Conditional requests are safe to retry.
+GCS_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+GCS_BACKOFF_FIRST_S = 1.0
+GCS_BACKOFF_MAX_S = 32.0
+GCS_RETRY_DEADLINE_S = 120.0
 _gcs_lock = threading.Lock()
 _gcs: dict[int, tuple[Any, str]] = {}
 
@@ -240,7 +249,8 @@ def gcs_session() -> tuple[Any, str]:
             if emulator:
                 import requests
 
-                _gcs[os.getpid()] = (requests.Session(), emulator.rstrip("/"))
+                base = emulator if "://" in emulator else f"http://{emulator}"  # host:port alone, as often given
+                _gcs[os.getpid()] = (requests.Session(), base.rstrip("/"))
             else:
                 import google.auth
                 from google.auth.transport.requests import AuthorizedSession
@@ -250,24 +260,68 @@ def gcs_session() -> tuple[Any, str]:
         return _gcs[os.getpid()]
 
 
-def _gcs_read(bucket: str, key: str) -> Versioned:
+@dataclass
+class _GcsResponse:
+    status_code: int
+    content: bytes
+    text: str
+    headers: Any
+    body: Callable[[], Any]
+    ambiguous: bool  # an earlier try may have been applied (a 5xx, or a connection lost or timed out)
+
+
+def _gcs_request(method: str, url: str, what: str, **kw: Any) -> _GcsResponse:
+    """One JSON API request, retried as GCS asks (:data:`GCS_RETRY_STATUS`, connection errors,
+    timeouts) until :data:`GCS_RETRY_DEADLINE_S`; then :class:`StorageError` naming ``what``."""
+    from requests.exceptions import ConnectionError as ConnectionFailed
+    from requests.exceptions import Timeout
+
+    from e2e_llm.storage import CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S
+
     session, base = gcs_session()
-    response = session.get(f"{base}/storage/v1/b/{bucket}/o/{quote(key, safe='')}", params={"alt": "media"})
+    deadline = time.monotonic() + GCS_RETRY_DEADLINE_S
+    delay, tries, ambiguous = GCS_BACKOFF_FIRST_S, 0, False
+    while True:
+        tries += 1
+        try:
+            response = getattr(session, method)(f"{base}{url}", timeout=(CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S),
+                                                **kw)
+        except (ConnectionFailed, Timeout) as exc:
+            last, ambiguous = f"{type(exc).__name__}: {exc}", True
+        else:
+            if response.status_code not in GCS_RETRY_STATUS:
+                return _GcsResponse(response.status_code, response.content, response.text, response.headers,
+                                   response.json, ambiguous)
+            last = f"HTTP {response.status_code} {response.text[:200]}"
+            ambiguous = ambiguous or response.status_code >= 500
+        pause = random.uniform(delay / 2, delay)
+        if time.monotonic() + pause > deadline:
+            raise StorageError(f"{what}: {last} (tried {tries} times in {GCS_RETRY_DEADLINE_S:g} s)")
+        time.sleep(pause)
+        delay = min(delay * 2, GCS_BACKOFF_MAX_S)
+
+
+def _gcs_read(bucket: str, key: str) -> Versioned:
+    what = f"gs://{bucket}/{key}"
+    response = _gcs_request("get", f"/storage/v1/b/{bucket}/o/{quote(key, safe='')}", what, params={"alt": "media"})
     if response.status_code == 404:
         return Versioned(None, None)
     if response.status_code != 200:
-        raise StorageError(f"gs://{bucket}/{key}: HTTP {response.status_code} {response.text[:200]}")
+        raise StorageError(f"{what}: HTTP {response.status_code} {response.text[:200]}")
     return Versioned(response.content, response.headers["x-goog-generation"])
 
 
 def _gcs_write(bucket: str, key: str, data: bytes, expect: str | None) -> str:
-    session, base = gcs_session()
-    response = session.post(f"{base}/upload/storage/v1/b/{bucket}/o", data=data,
+    what = f"gs://{bucket}/{key}"
+    response = _gcs_request("post", f"/upload/storage/v1/b/{bucket}/o", what, data=data,
                             params={"uploadType": "media", "name": key, "ifGenerationMatch": expect or "0"},
                             headers={"Content-Type": "application/octet-stream"})
     if response.status_code == 412:
-        raise PreconditionFailed(f"gs://{bucket}/{key}: " + ("already exists" if expect is None else
-                                                             "changed since it was read"))
+        if response.ambiguous:  # an earlier try may have written it: then it is this write's
+            current = _gcs_read(bucket, key)
+            if current.data == data:
+                return str(current.token)
+        raise PreconditionFailed(f"{what}: " + ("already exists" if expect is None else "changed since it was read"))
     if response.status_code != 200:
-        raise StorageError(f"gs://{bucket}/{key}: HTTP {response.status_code} {response.text[:200]}")
-    return str(response.json()["generation"])
+        raise StorageError(f"{what}: HTTP {response.status_code} {response.text[:200]}")
+    return str(response.body()["generation"])

@@ -19,8 +19,9 @@ from typing import Any
 SUPPORTED = ("file", "s3", "gs")
 # Standard variables naming an S3-compatible endpoint, in the order boto3 reads them.
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-S3_REQUEST_TIMEOUT_S = 30.0
-S3_CONNECT_TIMEOUT_S = 10.0
+# An object store's request and connection timeouts (S3 through pyarrow, GCS's JSON API in e2e_llm.cas).
+REQUEST_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 class StorageError(RuntimeError):
@@ -64,7 +65,7 @@ def filesystem(uri: str, endpoint_url: str | None = None, region: str | None = N
         # cores with an engine can take longer than that to answer, which is slowness, not an outage
         # (an absent store still fails at once: connection refused).
         kwargs: dict[str, Any] = {"region": region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                                  "request_timeout": S3_REQUEST_TIMEOUT_S, "connect_timeout": S3_CONNECT_TIMEOUT_S}
+                                  "request_timeout": REQUEST_TIMEOUT_S, "connect_timeout": CONNECT_TIMEOUT_S}
         if endpoint:
             scheme_part, _, host = endpoint.partition("://")
             kwargs.update(endpoint_override=host or endpoint, scheme=scheme_part if host else "https")

@@ -6,6 +6,7 @@ retrying update, on local paths, on the S3 server (moto on loopback) and on GCS'
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,15 +94,27 @@ class FakeResponse:
 
 
 class FakeGCS:
-    """GCS JSON API media download and upload with ``ifGenerationMatch`` (0 = must not exist)."""
+    """GCS JSON API media download and upload with ``ifGenerationMatch`` (0 = must not exist), and
+    what GCS documents of its failures: a second write to one object within ``write_interval_s``
+    is refused with 429 (GCS: once a second); ``lose_next_responses`` writes are applied, then
+    answered 503 (a response lost after the write); ``down`` answers every request 503."""
 
     def __init__(self):
         self.objects: dict[str, tuple[bytes, int]] = {}
         self.generation = 1000
         self.lock = threading.Lock()
+        self.write_interval_s = 0.0
+        self.last_write: dict[str, float] = {}
+        self.lose_next_responses = 0
+        self.down = False
+        self.statuses: list[int] = []  # every write's answer
+        self.timeouts: list[object] = []  # every request's timeout
 
-    def get(self, url, params=None):
+    def get(self, url, params=None, timeout=None):
+        self.timeouts.append(timeout)
         assert params == {"alt": "media"}
+        if self.down:
+            return FakeResponse(503, b"backendError")
         name = url.split("/storage/v1/b/", 1)[1]
         with self.lock:
             if name not in self.objects:
@@ -109,24 +122,41 @@ class FakeGCS:
             data, generation = self.objects[name]
         return FakeResponse(200, data, {"x-goog-generation": str(generation)})
 
-    def post(self, url, data=None, params=None, headers=None):
+    def post(self, url, data=None, params=None, headers=None, timeout=None):
+        self.timeouts.append(timeout)
+        with self.lock:
+            response = self._post(url, data, params)
+            self.statuses.append(response.status_code)
+            return response
+
+    def _post(self, url, data, params):
+        if self.down:
+            return FakeResponse(503, b"backendError")
         bucket = url.split("/b/", 1)[1].split("/", 1)[0]
         from urllib.parse import quote
 
         name = f"{bucket}/o/{quote(params['name'], safe='')}"
-        with self.lock:
-            current = self.objects.get(name, (None, 0))[1]
-            if int(params["ifGenerationMatch"]) != current:
-                return FakeResponse(412, b"conditionNotMet")
-            self.generation += 1
-            self.objects[name] = (data, self.generation)
-            return FakeResponse(200, body={"generation": str(self.generation)})
+        now = time.monotonic()
+        if now - self.last_write.get(name, -1e9) < self.write_interval_s:
+            return FakeResponse(429, b"rateLimitExceeded")
+        current = self.objects.get(name, (None, 0))[1]
+        if int(params["ifGenerationMatch"]) != current:
+            return FakeResponse(412, b"conditionNotMet")
+        self.generation += 1
+        self.objects[name] = (data, self.generation)
+        self.last_write[name] = now
+        if self.lose_next_responses:
+            self.lose_next_responses -= 1
+            return FakeResponse(503, b"backendError")
+        return FakeResponse(200, body={"generation": str(self.generation)})
 
 
 @pytest.fixture
 def gcs(monkeypatch):
     fake = FakeGCS()
     monkeypatch.setattr(cas, "gcs_session", lambda: (fake, "https://gcs.test"))
+    monkeypatch.setattr(cas, "GCS_BACKOFF_FIRST_S", 0.02)  # GCS's pace, 50x faster
+    monkeypatch.setattr(cas, "GCS_BACKOFF_MAX_S", 0.64)
     return fake
 
 
@@ -152,3 +182,54 @@ def test_gcs_rollout_log_second_writer_fails_without_writing(gcs):
     with pytest.raises(ConcurrentRolloutError, match="changed under this controller"):
         second.append({"event": "start", "by": "second"})
     assert [r["by"] for r in RolloutLog("gs://bucket/rollouts-viggo.jsonl").read()] == ["first"]
+
+
+def test_gcs_writes_to_one_object_faster_than_it_allows_are_retried_and_none_is_lost(gcs):
+    """GCS refuses a second write to one object within a second (429): 4 publishers updating the
+    same index land every update once, waiting as GCS asks, and no update fails."""
+    gcs.write_interval_s = 0.05
+    uri = "gs://bucket/adapters/index.json"
+    cas.write(uri, b"0", None)
+
+    def work(_):
+        for _ in range(3):
+            cas.update(uri, lambda data: str(int(data) + 1).encode())
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+    assert cas.read(uri).data == b"12"
+    assert 429 in gcs.statuses  # the limit was reached, and waited out
+    assert gcs.timeouts and None not in gcs.timeouts  # no request may hang for ever
+
+
+def test_a_gcs_write_whose_answer_was_lost_is_applied_once(gcs):
+    """The write was applied and its answer lost (503): the retry is refused (412, the object
+    moved on), and the write is known as this one's; the counter moves by one, not two."""
+    uri = "gs://bucket/counter.json"
+    cas.write(uri, b"0", None)
+    gcs.lose_next_responses = 1
+    written = cas.update(uri, lambda data: str(int(data) + 1).encode())
+    assert written.data == b"1" and cas.read(uri) == cas.Versioned(b"1", written.token)
+    assert gcs.statuses[-2:] == [503, 412]
+    gcs.lose_next_responses = 1
+    assert cas.create("gs://bucket/other.json", b"first")  # the answer lost: still this create's
+    with pytest.raises(cas.PreconditionFailed, match="already exists"):
+        cas.write("gs://bucket/other.json", b"second", None)  # another writer's create: refused
+    assert cas.read("gs://bucket/other.json").data == b"first"
+
+
+def test_gcs_down_past_the_deadline_is_an_error_naming_the_object(gcs, monkeypatch):
+    monkeypatch.setattr(cas, "GCS_RETRY_DEADLINE_S", 0.3)
+    gcs.down = True
+    with pytest.raises(cas.StorageError,
+                       match=r"gs://bucket/index.json: HTTP 503 backendError \(tried \d+ times in 0.3 s\)"):
+        cas.read("gs://bucket/index.json")
+    gcs.down = False
+    assert cas.read("gs://bucket/index.json").data is None
+
+
+@pytest.mark.parametrize("setting", ["127.0.0.1:9023", "http://127.0.0.1:9023/"])
+def test_a_gcs_emulator_named_with_or_without_its_scheme_is_reached_over_http(setting, monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", setting)
+    monkeypatch.setattr(cas, "_gcs", {})
+    assert cas.gcs_session()[1] == "http://127.0.0.1:9023"
