@@ -222,6 +222,10 @@ def _s3_write(bucket: str, key: str, data: bytes, expect: str | None, kw: dict[s
         code = _s3_code(exc)
         # If-Match on an object that is gone answers NoSuchKey: it changed since it was read.
         if code in _S3_CONFLICT or (expect is not None and code in ("NoSuchKey", "404")):
+            if exc.response.get("ResponseMetadata", {}).get("RetryAttempts"):  # boto3 retried: an earlier
+                current = _s3_read(bucket, key, kw)  # try may have written it, and then it is this write's
+                if current.data == data:
+                    return str(current.token)
             raise PreconditionFailed(f"s3://{bucket}/{key}: " + ("already exists" if expect is None else
                                                                  "changed since it was read")) from None
         raise StorageError(f"s3://{bucket}/{key}: {exc}") from None

@@ -233,3 +233,29 @@ def test_a_gcs_emulator_named_with_or_without_its_scheme_is_reached_over_http(se
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", setting)
     monkeypatch.setattr(cas, "_gcs", {})
     assert cas.gcs_session()[1] == "http://127.0.0.1:9023"
+
+
+def test_an_s3_write_retried_after_its_answer_was_lost_is_applied_once(s3_server):
+    """boto3 retries a PUT whose answer did not come (a timeout, a 5xx): the first try was applied,
+    so the retry is refused (412). That write is known as this one's: the counter moves by one."""
+    import boto3
+
+    bucket = f"cas-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    uri = f"s3://{bucket}/counter.json"
+    cas.write(uri, b"0", None)
+    events = cas._s3({}).meta.events
+    lost = []
+
+    def lose_the_first_answer(response, attempts, **_):
+        if attempts == 1 and response is not None and response[0].status_code == 200:
+            lost.append(response[0].status_code)
+            return 0  # retry at once, as for an answer that never came
+        return None
+
+    events.register_first("needs-retry.s3.PutObject", lose_the_first_answer)
+    try:
+        written = cas.update(uri, lambda data: str(int(data) + 1).encode())
+    finally:
+        events.unregister("needs-retry.s3.PutObject", lose_the_first_answer)
+    assert lost and written.data == b"1" and cas.read(uri) == cas.Versioned(b"1", written.token)
