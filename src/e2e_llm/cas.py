@@ -18,6 +18,10 @@ clear error. Nothing is ever overwritten unseen.
 
 Tokens compare content versions: an ETag, a generation, a sha256. Two writes of identical bytes
 may share a token; that is harmless here, since every new content is computed from what was read.
+For the same reason a write retried after its answer was lost, then refused because the object
+moved on, counts as written when the object holds its bytes: the first try landed (else another
+writer made, from the same record, the same change: a rollout record is unique, an index or alias
+change is the same publish or alias set).
 """
 
 from __future__ import annotations
