@@ -19,7 +19,24 @@ def test_the_loopback_names_join_what_no_proxy_has_where_a_proxy_is_set():
     kept = loopback_bypass({**proxy, "NO_PROXY": ".internal, localhost", "no_proxy": "10.0.0.0/8"})
     assert kept == dict.fromkeys(NO_PROXY_ENV, ".internal,localhost,10.0.0.0/8,127.0.0.1,::1")
     assert loopback_bypass({**proxy, "no_proxy": "127.0.0.1,localhost,::1"}) == {}
-    assert loopback_bypass({**proxy, "NO_PROXY": "*"}) == {}
+    # this machine's addresses (Ray's node address among them) too; gRPC's own list where it has one
+    own = loopback_bypass({**proxy, "no_grpc_proxy": "grpc.corp", "NO_PROXY": "*"}, ["192.0.2.7", "fd00::7"])
+    merged = "*,grpc.corp,127.0.0.1,localhost,::1,192.0.2.7,fd00::7"
+    assert own == dict.fromkeys([*NO_PROXY_ENV, "no_grpc_proxy"], merged)
+
+
+def test_this_machines_addresses_are_its_interfaces_less_link_local_ones():
+    import socket
+
+    from e2e_llm.proxy_env import machine_addresses
+
+    addresses = machine_addresses()
+    assert "127.0.0.1" in addresses
+    assert not any(address.startswith("fe80:") or "%" in address for address in addresses)
+    for address in addresses:  # each is this machine's: a socket binds there
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family) as sock:
+            sock.bind((address, 0))
 
 
 @pytest.fixture
@@ -74,3 +91,40 @@ def test_every_command_goes_past_the_proxy_for_loopback(dead_proxy, tmp_path):
 
     assert cli.main(["data", "--profile", str(tmp_path / "missing.yaml")]) == cli.CONFIG_ERROR
     assert "127.0.0.1" in os.environ["NO_PROXY"].split(",") and "localhost" in os.environ["no_proxy"].split(",")
+
+
+def _grpc_reaches(address: str, timeout: float) -> bool:
+    """Whether a gRPC channel, as Serve's ingress opens one to a replica, gets to a server at
+    ``address`` (gRPC reads the proxy variables itself)."""
+    import asyncio
+
+    from grpc import aio
+
+    async def probe() -> bool:
+        server = aio.server()
+        port = server.add_insecure_port(f"[{address}]:0" if ":" in address else f"{address}:0")
+        await server.start()
+        channel = aio.insecure_channel(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    return asyncio.run(probe())
+
+
+def test_grpc_to_this_machines_address_goes_past_the_proxy_once_bypassed(dead_proxy):
+    """Serve's ingress reached the engine replica at the node's address through the proxy, and
+    retried for ever."""
+    from e2e_llm.proxy_env import machine_addresses
+
+    address = next((a for a in machine_addresses() if a not in ("127.0.0.1", "::1")), None)
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    assert not _grpc_reaches(address, timeout=3)  # through the proxy, where nothing listens
+    bypass_proxy_for_loopback()
+    assert _grpc_reaches(address, timeout=30)

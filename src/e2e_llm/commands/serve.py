@@ -22,6 +22,9 @@ import threading
 
 from e2e_llm.cli import INTERRUPTED, add_profile_argument, ray_temp_dir
 
+# How long the --then command has to end after its SIGINT before it is killed.
+THEN_GRACE_S = 10.0
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_argument(parser)
@@ -132,7 +135,7 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
             if args.then:
                 env = {**os.environ, "E2E_LLM_BASE_URL": base_url, "E2E_LLM_MODEL": model,
                        "E2E_LLM_PROFILE": args.profile}  # the client asks as this profile's adapters were trained
-                code = subprocess.run(shlex.split(args.then), env=env, check=False).returncode
+                code = run_then(shlex.split(args.then), env, stop)
             else:
                 while not stop.wait(0.5):
                     pass
@@ -141,3 +144,21 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
             serve.shutdown()
             ray.shutdown()
     return code
+
+
+def run_then(cmd: list[str], env: dict[str, str], stop: threading.Event) -> int:
+    """Run ``--then``'s command to its end, or until ``stop`` (Ctrl-C or SIGTERM here): it gets a
+    SIGINT then, and is killed after :data:`THEN_GRACE_S`. A signal forwarded to this process alone
+    (`make e2e` forwards Ctrl-C to its stage) did not reach it: a client waiting on an answer kept
+    the stage, and Serve and Ray with it, up for as long as its own timeout."""
+    client = subprocess.Popen(cmd, env=env)
+    while not stop.wait(0.2):
+        if client.poll() is not None:
+            return client.returncode
+    client.send_signal(signal.SIGINT)
+    try:
+        client.wait(THEN_GRACE_S)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        client.wait()
+    return INTERRUPTED
