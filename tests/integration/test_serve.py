@@ -141,6 +141,25 @@ def test_the_modes_haproxy_keeps_its_files_in_this_users_own_temp_folder(serve_a
     assert f":{serve_app.base_url.rsplit(':', 1)[1]}" in (node / "haproxy.cfg").read_text()  # this app's frontend
 
 
+def test_the_apps_live_haproxy_shows_both_signs_of_life_and_is_not_taken_for_left_behind(serve_app):
+    """e2e-llm serve stops an HAProxy of its folder whose parent is no Ray worker and whose node's
+    raylet is gone (e2e_llm.haproxy_leftovers); this Ray's shows both signs, each alone enough."""
+    import psutil
+    import ray
+
+    from e2e_llm.haproxy_leftovers import _parent_is_ray_worker, left_behind, live_nodes
+    from e2e_llm.serve import MODE_FILES_DIR_ENV
+
+    folder = os.environ[MODE_FILES_DIR_ENV]
+    node_config = os.path.join(folder, ray.get_runtime_context().get_node_id(), "haproxy.cfg")
+    ours = [proc for proc in psutil.process_iter(["name", "cmdline"])
+            if proc.info["name"] == "haproxy" and node_config in (proc.info["cmdline"] or [])]
+    assert ours, "no HAProxy runs from this node's folder"
+    assert all(_parent_is_ray_worker(proc) for proc in ours)  # its parent, Serve's HAProxyManager
+    assert ray.get_runtime_context().get_node_id() in live_nodes()  # the raylet's --node_id=
+    assert not {proc.pid for proc in ours} & {proc.pid for proc in left_behind(folder)}
+
+
 def test_api_key_required_but_health_and_routes_stay_open(serve_app, val_rows):
     body = {"model": serve_app.model_id, "messages": messages(val_rows[0]), "max_tokens": 4}
     assert post(serve_app, "/v1/chat/completions", body, headers={}).status_code == 401

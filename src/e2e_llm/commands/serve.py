@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_profile(args.profile)
     host, port = args.host or config.serve.host, args.port or config.serve.port
+    if config.serve.high_throughput:
+        _stop_left_behind_haproxy()
     # Refuse before starting anything (a local S3 server included).
     if refusals := start_refusals(config, host, port):
         code, message = refusals[0]
@@ -144,6 +146,15 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
             serve.shutdown()
             ray.shutdown()
     return code
+
+
+def _stop_left_behind_haproxy() -> None:
+    from e2e_llm.haproxy_leftovers import stop_left_behind
+    from e2e_llm.serve import MODE_FILES_DIR_ENV, mode_files_env
+
+    for stopped in stop_left_behind(mode_files_env()[MODE_FILES_DIR_ENV]):
+        print(f"stopped HAProxy (pid {stopped.pid}, listening on {', '.join(stopped.listening) or 'nothing'}): an "
+              "e2e-llm serve whose Ray instance ended without shutting Serve down left it behind", file=sys.stderr)
 
 
 def run_then(cmd: list[str], env: dict[str, str], stop: threading.Event) -> int:
