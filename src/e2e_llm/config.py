@@ -451,6 +451,25 @@ def storage_root_override(storage: StorageConfig, root: str, source: Path | str 
     return replaced
 
 
+def warn_of_s3_endpoint_override(storage: StorageConfig, source: Path | str = "") -> None:
+    """Warn where ``$AWS_ENDPOINT_URL_S3``/``$AWS_ENDPOINT_URL`` (which replace the profile's endpoint:
+    :func:`e2e_llm.storage.s3_endpoint`) send a profile whose endpoint is its local store on loopback
+    to another machine's: set for the AWS CLI (a MinIO, LocalStack), they made `e2e-llm serve` start
+    no local store and publish there, creating the profile's bucket, without a word."""
+    import warnings
+
+    from e2e_llm.local_s3 import is_loopback
+    from e2e_llm.storage import ENDPOINT_ENV
+
+    if not storage.endpoint_url or not is_loopback(storage.endpoint_url):
+        return
+    name = next((name for name in ENDPOINT_ENV if os.environ.get(name)), None)
+    if name is not None and not is_loopback(os.environ[name]):
+        warnings.warn(f"${name}={os.environ[name]} replaces storage.endpoint_url ({storage.endpoint_url}, a local "
+                      f"store) of {source}: its s3:// storage goes to {os.environ[name]} (unset ${name} for the "
+                      "local store)", UserWarning, stacklevel=3)
+
+
 def load_profile(profile: str, root: Path | None = None) -> PipelineConfig:
     """Load a profile by name (``local``) or path; relative paths resolve against the root."""
     path = profile_path(profile, root)
@@ -460,6 +479,7 @@ def load_profile(profile: str, root: Path | None = None) -> PipelineConfig:
     config = load_yaml_model(PipelineConfig, path)
     if override := os.environ.get(STORAGE_ROOT_ENV):
         config.storage = storage_root_override(config.storage, override, path)
+    warn_of_s3_endpoint_override(config.storage, path)
     config._root = root or (path.parent.parent.parent if path.parent.name == "profiles" else project_root())
     config._source = path
     return config

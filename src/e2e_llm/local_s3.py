@@ -42,7 +42,9 @@ class LocalS3Error(RuntimeError):
 
 
 def is_loopback(endpoint: str) -> bool:
-    return urlparse(endpoint).hostname in ("127.0.0.1", "localhost", "::1")
+    from e2e_llm.ports import LOOPBACK_NAMES
+
+    return urlparse(endpoint).hostname in LOOPBACK_NAMES
 
 
 def endpoint_reachable(endpoint: str, timeout: float = 5.0) -> bool:

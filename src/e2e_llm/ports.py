@@ -14,6 +14,7 @@ IANA_EPHEMERAL_RANGE = (49152, 65535)  # where that file is missing (macOS uses 
 # Ray's default worker ports (`ray start --min-worker-port/--max-worker-port`: 10002-19999).
 RAY_WORKER_PORTS_END = 20000
 PICK_TRIES = 100
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")  # how a URL names this machine's loopback
 _pick = random.SystemRandom()  # not the random module's state, which forked processes share
 
 

@@ -19,11 +19,12 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 
+from e2e_llm.ports import LOOPBACK_NAMES
+
 PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
              "grpc_proxy")
 NO_PROXY_ENV = ("NO_PROXY", "no_proxy")
 NO_GRPC_PROXY_ENV = "no_grpc_proxy"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def machine_addresses() -> list[str]:

@@ -86,6 +86,34 @@ def test_storage_root_override_moves_the_adapter_store_too_and_says_so(project_r
     assert config.storage.endpoint_url == profile.storage.endpoint_url  # endpoint and region stay
 
 
+def test_an_s3_endpoint_in_the_environment_that_sends_the_local_store_elsewhere_is_named(project_root,
+                                                                                        monkeypatch):
+    """AWS_ENDPOINT_URL set for the AWS CLI (a MinIO) replaced the local profile's store on loopback:
+    `e2e-llm serve` started no local store and published to the MinIO, without a word."""
+    import warnings
+
+    import pytest
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://minio.corp.example:9000")
+    with pytest.warns(UserWarning, match=r"^\$AWS_ENDPOINT_URL=https://minio.corp.example:9000 replaces "
+                                         r"storage.endpoint_url \(http://127.0.0.1:9321, a local store\) of "
+                                         r".*local.yaml: its s3:// storage goes to https://minio.corp.example:9000 "
+                                         r"\(unset \$AWS_ENDPOINT_URL for the local store\)$"):
+        config = load_profile("local", root=project_root)
+    from e2e_llm.storage import s3_endpoint
+
+    assert s3_endpoint(config.storage.endpoint_url) == "https://minio.corp.example:9000"  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:45678")  # a local store on another port
+        load_profile("local", root=project_root)
+        monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        load_profile("local", root=project_root)
+
+
 def test_storage_root_override_without_an_adapter_store_is_silent(tmp_path, monkeypatch):
     import warnings
 
