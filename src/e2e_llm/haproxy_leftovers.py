@@ -36,7 +36,7 @@ def _config_file(cmdline: list[str]) -> str | None:
     return None
 
 
-def _parent_is_ray_worker(proc) -> bool:
+def parent_is_ray_worker(proc) -> bool:
     import psutil
 
     try:
@@ -74,7 +74,7 @@ def left_behind(folder: str) -> list:
             if not config.startswith(folder):
                 continue
             node = config.removeprefix(folder).split(os.sep, 1)[0]
-            if node not in nodes and not _parent_is_ray_worker(proc):
+            if node not in nodes and not parent_is_ray_worker(proc):
                 found.append(proc)
         except (psutil.Error, TypeError, AttributeError):
             continue

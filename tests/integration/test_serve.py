@@ -147,7 +147,7 @@ def test_the_apps_live_haproxy_shows_both_signs_of_life_and_is_not_taken_for_lef
     import psutil
     import ray
 
-    from e2e_llm.haproxy_leftovers import _parent_is_ray_worker, left_behind, live_nodes
+    from e2e_llm.haproxy_leftovers import left_behind, live_nodes, parent_is_ray_worker
     from e2e_llm.serve import MODE_FILES_DIR_ENV
 
     folder = os.environ[MODE_FILES_DIR_ENV]
@@ -155,7 +155,7 @@ def test_the_apps_live_haproxy_shows_both_signs_of_life_and_is_not_taken_for_lef
     ours = [proc for proc in psutil.process_iter(["name", "cmdline"])
             if proc.info["name"] == "haproxy" and node_config in (proc.info["cmdline"] or [])]
     assert ours, "no HAProxy runs from this node's folder"
-    assert all(_parent_is_ray_worker(proc) for proc in ours)  # its parent, Serve's HAProxyManager
+    assert all(parent_is_ray_worker(proc) for proc in ours)  # its parent, Serve's HAProxyManager
     assert ray.get_runtime_context().get_node_id() in live_nodes()  # the raylet's --node_id=
     assert not {proc.pid for proc in ours} & {proc.pid for proc in left_behind(folder)}
 
