@@ -316,6 +316,9 @@ def _gcs_read(bucket: str, key: str) -> Versioned:
         return Versioned(None, None)
     if response.status_code != 200:
         raise StorageError(f"{what}: HTTP {response.status_code} {response.text[:200]}")
+    if "x-goog-generation" not in response.headers:  # GCS sends it; some emulators do not
+        raise StorageError(f"{what}: the server sent no x-goog-generation header, which compare-and-swap writes "
+                           "need (an emulator without object generations?)")
     return Versioned(response.content, response.headers["x-goog-generation"])
 
 

@@ -259,3 +259,18 @@ def test_an_s3_write_retried_after_its_answer_was_lost_is_applied_once(s3_server
     finally:
         events.unregister("needs-retry.s3.PutObject", lose_the_first_answer)
     assert lost and written.data == b"1" and cas.read(uri) == cas.Versioned(b"1", written.token)
+
+
+def test_a_gcs_server_without_generations_is_named_not_a_key_error(gcs, monkeypatch):
+    """gcp-storage-emulator answers media downloads without x-goog-generation."""
+    cas.write("gs://bucket/index.json", b"{}", None)
+    real_get = gcs.get
+
+    def without_generation(url, params=None, timeout=None):
+        response = real_get(url, params=params, timeout=timeout)
+        response.headers.pop("x-goog-generation", None)
+        return response
+
+    monkeypatch.setattr(gcs, "get", without_generation)
+    with pytest.raises(cas.StorageError, match="gs://bucket/index.json: the server sent no x-goog-generation header"):
+        cas.read("gs://bucket/index.json")
