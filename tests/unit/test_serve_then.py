@@ -36,7 +36,10 @@ def _stopped_once_waiting(cmd: list[str], waiting) -> int:
 
 def test_a_stop_interrupts_a_command_that_waits(tmp_path):
     waiting, ended = tmp_path / "waiting", tmp_path / "ended"
-    waits = (f"import pathlib, time\ntry:\n    pathlib.Path({str(waiting)!r}).touch()\n    time.sleep(120)\n"
+    # Python leaves SIGINT ignored where it started so (a background job of a script, as CI may run
+    # the suite); a client started from a terminal has its handler, as here.
+    waits = (f"import pathlib, signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+             f"try:\n    pathlib.Path({str(waiting)!r}).touch()\n    time.sleep(120)\n"
              f"except KeyboardInterrupt:\n    pathlib.Path({str(ended)!r}).write_text('interrupted')\n    raise")
     assert _stopped_once_waiting([sys.executable, "-c", waits], waiting.exists) == INTERRUPTED  # (left alone: 0)
     assert ended.read_text() == "interrupted"  # it had its SIGINT
