@@ -459,15 +459,15 @@ def warn_of_s3_endpoint_override(storage: StorageConfig, source: Path | str = ""
     import warnings
 
     from e2e_llm.local_s3 import is_loopback
-    from e2e_llm.storage import ENDPOINT_ENV
+    from e2e_llm.storage import env_s3_endpoint
 
     if not storage.endpoint_url or not is_loopback(storage.endpoint_url):
         return
-    name = next((name for name in ENDPOINT_ENV if os.environ.get(name)), None)
-    if name is not None and not is_loopback(os.environ[name]):
-        warnings.warn(f"${name}={os.environ[name]} replaces storage.endpoint_url ({storage.endpoint_url}, a local "
-                      f"store) of {source}: its s3:// storage goes to {os.environ[name]} (unset ${name} for the "
-                      "local store)", UserWarning, stacklevel=3)
+    if (from_env := env_s3_endpoint()) and not is_loopback(from_env[1]):
+        name, endpoint = from_env
+        warnings.warn(f"${name}={endpoint} replaces storage.endpoint_url ({storage.endpoint_url}, a local store) of "
+                      f"{source}: its s3:// storage goes to {endpoint} (unset ${name} for the local store)",
+                      UserWarning, stacklevel=3)
 
 
 def load_profile(profile: str, root: Path | None = None) -> PipelineConfig:

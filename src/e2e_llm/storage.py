@@ -44,12 +44,19 @@ def is_remote(uri: str) -> bool:
     return split_uri(uri)[0] != "file"
 
 
-def s3_endpoint(profile_endpoint: str | None = None, environ: Any = None) -> str | None:
-    """The S3 endpoint to use: ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``, else the
-    profile's ``storage.endpoint_url``. The environment wins: tests and local servers pick their
-    own port at run time. None: the provider's default."""
+def env_s3_endpoint(environ: Any = None) -> tuple[str, str] | None:
+    """(variable, endpoint) of the environment's S3 endpoint: ``AWS_ENDPOINT_URL_S3``, else
+    ``AWS_ENDPOINT_URL``; None where neither is set."""
     environ = os.environ if environ is None else environ
-    return next((environ[name] for name in ENDPOINT_ENV if environ.get(name)), None) or profile_endpoint
+    return next(((name, environ[name]) for name in ENDPOINT_ENV if environ.get(name)), None)
+
+
+def s3_endpoint(profile_endpoint: str | None = None, environ: Any = None) -> str | None:
+    """The S3 endpoint to use: the environment's (:func:`env_s3_endpoint`), else the profile's
+    ``storage.endpoint_url``. The environment wins: tests and local servers pick their own port at
+    run time. None: the provider's default."""
+    from_env = env_s3_endpoint(environ)
+    return from_env[1] if from_env else profile_endpoint
 
 
 def filesystem(uri: str, endpoint_url: str | None = None, region: str | None = None) -> tuple[Any, str]:
