@@ -357,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="free text stored with the record (what changed)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results.jsonl"))
     args = parser.parse_args(argv)
-    from e2e_llm.proxy_env import bypass_proxy_for_loopback
+    from e2e_llm.proxy_env import bypass_proxy_for_this_machine
 
-    bypass_proxy_for_loopback()  # its clients and servers are on this machine, as the CLI's
+    bypass_proxy_for_this_machine()  # its clients and servers are on this machine, as the CLI's
     if (args.interleave or args.compare) and args.only:
         parser.error("--interleave and --compare run two servers; they cannot be combined with --only")
     try:

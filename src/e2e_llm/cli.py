@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return CONFIG_ERROR
     from e2e_llm.memory import OomWatch
-    from e2e_llm.proxy_env import bypass_proxy_for_loopback
+    from e2e_llm.proxy_env import bypass_proxy_for_this_machine
 
-    bypass_proxy_for_loopback()  # before anything starts a server here or a process that talks to one
+    bypass_proxy_for_this_machine()  # before anything starts a server here or a process that talks to one
     lower = memory_settings(args.command)
     watch = OomWatch.start() if lower else OomWatch(None)  # no kill count: no note
 

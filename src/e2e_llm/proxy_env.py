@@ -42,10 +42,14 @@ def machine_addresses() -> list[str]:
     return sorted(address for address in addresses if "%" not in address and not address.startswith("fe80:"))
 
 
-def loopback_bypass(environ: Mapping[str, str], own: Iterable[str] = ()) -> dict[str, str]:
+def proxy_set(environ: Mapping[str, str]) -> bool:
+    return any(environ.get(name) for name in PROXY_ENV)
+
+
+def this_machine_bypass(environ: Mapping[str, str], own: Iterable[str] = ()) -> dict[str, str]:
     """The ``NO_PROXY``/``no_proxy`` values that add the loopback names and ``own`` (this machine's
     addresses) to what ``environ`` has there; nothing where no proxy is set, or all are there."""
-    if not any(environ.get(name) for name in PROXY_ENV):
+    if not proxy_set(environ):
         return {}
     # gRPC reads no_grpc_proxy instead of no_proxy where it is set, and knows no "*".
     names = [*NO_PROXY_ENV, *(name for name in (NO_GRPC_PROXY_ENV,) if name in environ)]
@@ -57,7 +61,8 @@ def loopback_bypass(environ: Mapping[str, str], own: Iterable[str] = ()) -> dict
     return dict.fromkeys(names, merged)
 
 
-def bypass_proxy_for_loopback() -> None:
-    """:func:`loopback_bypass` into this process's environment, which its children inherit."""
-    if any(os.environ.get(name) for name in PROXY_ENV):
-        os.environ.update(loopback_bypass(os.environ, machine_addresses()))
+def bypass_proxy_for_this_machine() -> None:
+    """:func:`this_machine_bypass` into this process's environment, which its children inherit
+    (this machine's addresses looked up only where a proxy is set)."""
+    if proxy_set(os.environ):
+        os.environ.update(this_machine_bypass(os.environ, machine_addresses()))

@@ -8,19 +8,19 @@ from __future__ import annotations
 import pytest
 
 from e2e_llm.ports import free_tcp_port
-from e2e_llm.proxy_env import NO_PROXY_ENV, PROXY_ENV, bypass_proxy_for_loopback, loopback_bypass
+from e2e_llm.proxy_env import NO_PROXY_ENV, PROXY_ENV, bypass_proxy_for_this_machine, this_machine_bypass
 
 
 def test_the_loopback_names_join_what_no_proxy_has_where_a_proxy_is_set():
-    assert loopback_bypass({}) == {}
-    assert loopback_bypass({"NO_PROXY": "corp.example"}) == {}  # no proxy: nothing to go past
+    assert this_machine_bypass({}) == {}
+    assert this_machine_bypass({"NO_PROXY": "corp.example"}) == {}  # no proxy: nothing to go past
     proxy = {"https_proxy": "http://proxy.corp.example:3128"}
-    assert loopback_bypass(proxy) == dict.fromkeys(NO_PROXY_ENV, "127.0.0.1,localhost,::1")
-    kept = loopback_bypass({**proxy, "NO_PROXY": ".internal, localhost", "no_proxy": "10.0.0.0/8"})
+    assert this_machine_bypass(proxy) == dict.fromkeys(NO_PROXY_ENV, "127.0.0.1,localhost,::1")
+    kept = this_machine_bypass({**proxy, "NO_PROXY": ".internal, localhost", "no_proxy": "10.0.0.0/8"})
     assert kept == dict.fromkeys(NO_PROXY_ENV, ".internal,localhost,10.0.0.0/8,127.0.0.1,::1")
-    assert loopback_bypass({**proxy, "no_proxy": "127.0.0.1,localhost,::1"}) == {}
+    assert this_machine_bypass({**proxy, "no_proxy": "127.0.0.1,localhost,::1"}) == {}
     # this machine's addresses (Ray's node address among them) too; gRPC's own list where it has one
-    own = loopback_bypass({**proxy, "no_grpc_proxy": "grpc.corp", "NO_PROXY": "*"}, ["192.0.2.7", "fd00::7"])
+    own = this_machine_bypass({**proxy, "no_grpc_proxy": "grpc.corp", "NO_PROXY": "*"}, ["192.0.2.7", "fd00::7"])
     merged = "*,grpc.corp,127.0.0.1,localhost,::1,192.0.2.7,fd00::7"
     assert own == dict.fromkeys([*NO_PROXY_ENV, "no_grpc_proxy"], merged)
 
@@ -75,7 +75,7 @@ def _clients(endpoint: str) -> dict[str, object]:
 def test_clients_reach_this_machines_store_past_the_proxy_once_bypassed(s3_server, dead_proxy, monkeypatch):
     through_proxy = _clients(s3_server)
     assert all(isinstance(result, Exception) for result in through_proxy.values()), through_proxy
-    bypass_proxy_for_loopback()
+    bypass_proxy_for_this_machine()
     direct = _clients(s3_server)
     assert all(isinstance(status, int) and status < 500 for status in direct.values()), direct
     import os
@@ -83,7 +83,7 @@ def test_clients_reach_this_machines_store_past_the_proxy_once_bypassed(s3_serve
     assert os.environ["HTTPS_PROXY"] == dead_proxy  # other addresses still go through it
 
 
-def test_every_command_goes_past_the_proxy_for_loopback(dead_proxy, tmp_path):
+def test_every_command_goes_past_the_proxy_for_this_machine(dead_proxy, tmp_path):
     """cli.main bypasses it before the command runs (here one that stops at its profile)."""
     import os
 
@@ -126,5 +126,5 @@ def test_grpc_to_this_machines_address_goes_past_the_proxy_once_bypassed(dead_pr
     if address is None:
         pytest.skip("this machine has no address but loopback")
     assert not _grpc_reaches(address, timeout=3)  # through the proxy, where nothing listens
-    bypass_proxy_for_loopback()
+    bypass_proxy_for_this_machine()
     assert _grpc_reaches(address, timeout=30)
