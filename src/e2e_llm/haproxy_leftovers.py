@@ -46,39 +46,39 @@ def parent_is_ray_worker(proc) -> bool:
         return False
 
 
+def _node_ids(cmdline: list[str]) -> set[str]:
+    """The node a raylet's command line names (its ``--node_id=``), if it is one."""
+    return {arg.removeprefix(RAYLET_NODE_ID_ARG) for arg in cmdline if arg.startswith(RAYLET_NODE_ID_ARG)}
+
+
 def live_nodes() -> set[str]:
-    """The ids of the Ray nodes whose raylet runs on this machine (its ``--node_id=`` argument)."""
+    """The ids of the Ray nodes whose raylet runs on this machine."""
     import psutil
 
-    nodes = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        for arg in proc.info["cmdline"] or []:
-            if arg.startswith(RAYLET_NODE_ID_ARG):
-                nodes.add(arg.removeprefix(RAYLET_NODE_ID_ARG))
-    return nodes
+    return {node for proc in psutil.process_iter(["cmdline"]) for node in _node_ids(proc.info["cmdline"] or [])}
 
 
 def left_behind(folder: str) -> list:
     """This user's HAProxy processes run from a config under ``folder`` (``<folder>/<node
-    id>/...``) whose parent is no Ray worker and whose node has no raylet (``psutil.Process``)."""
+    id>/...``) whose parent is no Ray worker and whose node has no raylet (``psutil.Process``).
+    One pass over the machine's processes finds both the raylets and the HAProxies."""
     import psutil
 
     folder = os.path.join(os.path.abspath(folder), "")
-    nodes = live_nodes()
-    found = []
+    nodes: set[str] = set()
+    ours = []  # (process, its node)
     for proc in psutil.process_iter(["name", "cmdline", "uids"]):
         try:
+            cmdline = proc.info["cmdline"] or []
+            nodes |= _node_ids(cmdline)
             if proc.info["name"] != "haproxy" or proc.info["uids"].real != os.getuid():
                 continue
-            config = os.path.abspath(_config_file(proc.info["cmdline"] or []) or "/")
-            if not config.startswith(folder):
-                continue
-            node = config.removeprefix(folder).split(os.sep, 1)[0]
-            if node not in nodes and not parent_is_ray_worker(proc):
-                found.append(proc)
+            config = os.path.abspath(_config_file(cmdline) or "/")
+            if config.startswith(folder):
+                ours.append((proc, config.removeprefix(folder).split(os.sep, 1)[0]))
         except (psutil.Error, TypeError, AttributeError):
             continue
-    return found
+    return [proc for proc, node in ours if node not in nodes and not parent_is_ray_worker(proc)]
 
 
 def stop_left_behind(folder: str) -> list[LeftBehind]:
