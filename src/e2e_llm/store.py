@@ -33,8 +33,9 @@ import re
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,28 @@ class Alias:
     candidate_weight: float = 0.0
     revision: int = 0
     updated_at: float = field(default_factory=time.time)
+    # Fields of the stored record this version does not know: a newer e2e-llm wrote it (an
+    # upgraded canary controller, while this version's ingress still serves in a rolling
+    # upgrade). Routing goes by the fields above; a change written by this version drops them.
+    unknown: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_record(cls, name: str, record: Any, source: str) -> Alias:
+        """The alias ``name`` as stored in ``source``; fields this version does not know are kept
+        aside (:attr:`unknown`), a record without the ones it needs is a :class:`StoreError`."""
+        if not isinstance(record, dict):
+            raise StoreError(f"{source}: alias {name!r} is not a record: {record!r}")
+        known = {f.name for f in fields(cls)} - {"unknown"}
+        try:
+            alias = cls(**{k: v for k, v in record.items() if k in known},
+                        unknown={k: v for k, v in record.items() if k not in known})
+        except TypeError as exc:
+            raise StoreError(f"{source}: alias {name!r}: {exc}") from None
+        if alias.unknown:
+            warnings.warn(f"{source}: alias {name!r} has fields this e2e-llm does not know "
+                          f"({', '.join(sorted(alias.unknown))}): written by a newer version; routing by "
+                          "stable/candidate/candidate_weight only", UserWarning, stacklevel=2)
+        return alias
 
     def pick(self, draw: float) -> str:
         """The version for a request, given a uniform draw in [0, 1)."""
@@ -71,7 +94,10 @@ class Alias:
         return self.stable
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as stored, unknown fields included."""
+        known = asdict(self)
+        del known["unknown"]
+        return {**self.unknown, **known}
 
 
 def _base_model_id(manifest: dict[str, Any]) -> str | None:
@@ -299,7 +325,8 @@ class AdapterStore:
     # -- aliases -------------------------------------------------------------------------------
 
     def aliases(self) -> dict[str, Alias]:
-        return {k: Alias(**v) for k, v in self._read_json(ALIASES, {}).items()}
+        source = self._uri(ALIASES)
+        return {k: Alias.from_record(k, v, source) for k, v in self._read_json(ALIASES, {}).items()}
 
     def alias_history(self, alias: str) -> list[dict[str, Any]]:
         """Every change of ``alias`` (``alias-history-<alias>.jsonl``), by revision."""
@@ -330,7 +357,7 @@ class AdapterStore:
         done: dict[str, Any] = {}
 
         def change(records: dict[str, Any]) -> dict[str, Any]:
-            current = Alias(**records[alias]) if alias in records else None
+            current = Alias.from_record(alias, records[alias], self._uri(ALIASES)) if alias in records else None
             revision = current.revision if current else 0
             if expected_revision is not None and revision != expected_revision:
                 raise AliasConflict(f"alias {alias!r} is at revision {revision}, not {expected_revision}: "
@@ -348,6 +375,8 @@ class AdapterStore:
         record, previous = done["record"], done["previous"]
         entry = {"alias": alias, "revision": record.revision, "record": record.to_dict(),
                  "previous": previous.to_dict() if previous else None, "by": _writer(), "reason": reason}
+        if previous and previous.unknown:  # what a newer version wrote and this one dropped
+            entry["dropped_fields"] = sorted(previous.unknown)
         try:
             self._append_jsonl(f"alias-history-{alias}.jsonl", entry)
         except StoreError as exc:

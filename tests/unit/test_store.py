@@ -59,12 +59,53 @@ def test_alias_weights_pick_and_revisions(store, tmp_path):
     store.publish(src, name="viggo")
     record = store.set_alias("viggo", stable="viggo-v1", candidate="viggo-v2", candidate_weight=0.25)
     assert record.revision == 2
-    assert store.aliases()["viggo"] == Alias(**record.to_dict())
+    assert store.aliases()["viggo"] == Alias.from_record("viggo", record.to_dict(), "written")
     assert record.pick(0.1) == "viggo-v2" and record.pick(0.3) == "viggo-v1"
     # publishing with --alias moves stable and keeps the running canary split
     store.publish(src, name="viggo", alias="viggo")
     moved = store.aliases()["viggo"]
     assert (moved.stable, moved.candidate, moved.candidate_weight, moved.revision) == ("viggo-v3", "viggo-v2", 0.25, 3)
+
+
+def _store_alias_record(store, alias: str, record: dict) -> None:
+    """Write ``aliases.json`` as another e2e-llm version would."""
+    storage.write_text(storage.join(store.uri, "aliases.json"), json.dumps({alias: record}), **store.storage_kw)
+
+
+def test_an_alias_written_by_a_newer_version_routes_and_is_rewritten_without_what_it_adds(store, tmp_path):
+    # A rolling upgrade: the upgraded canary controller writes a field the still-serving older
+    # ingress does not know. Reading it must not take every alias offline.
+    src = fake_adapter(tmp_path / "a")
+    store.publish(src, name="viggo")
+    store.publish(src, name="viggo")
+    newer = {"stable": "viggo-v1", "candidate": "viggo-v2", "candidate_weight": 0.5, "revision": 4,
+             "updated_at": 1.0, "shadow": "viggo-v2", "shadow_weight": 0.1}
+    _store_alias_record(store, "viggo", newer)
+    with pytest.warns(UserWarning, match=r"alias 'viggo' has fields .*\(shadow, shadow_weight\).*newer version"):
+        alias = store.aliases()["viggo"]
+        assert store.resolve("viggo") == "viggo-v1"
+    assert (alias.stable, alias.candidate, alias.candidate_weight, alias.revision) == ("viggo-v1", "viggo-v2", 0.5, 4)
+    assert alias.pick(0.4) == "viggo-v2"
+    assert alias.to_dict() == newer  # shown as stored
+    # a change by this version keeps the revision order and says what it dropped
+    with pytest.warns(UserWarning, match="newer version"):
+        changed = store.set_alias("viggo", stable="viggo-v2")
+    assert changed.revision == 5 and changed.unknown == {}
+    stored = json.loads(storage.read_text(storage.join(store.uri, "aliases.json"), **store.storage_kw))
+    assert set(stored["viggo"]) == {"stable", "candidate", "candidate_weight", "revision", "updated_at"}
+    last = store.alias_history("viggo")[-1]
+    assert last["dropped_fields"] == ["shadow", "shadow_weight"] and last["previous"] == newer
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"candidate": "viggo-v1"}, "missing 1 required positional argument: 'stable'"),
+    (["viggo-v1"], r"is not a record: \['viggo-v1'\]"),
+])
+def test_an_alias_record_it_cannot_route_by_names_the_file_and_alias(store, tmp_path, record, message):
+    store.publish(fake_adapter(tmp_path / "a"), name="viggo")
+    _store_alias_record(store, "viggo", record)
+    with pytest.raises(StoreError, match=rf"aliases\.json: alias 'viggo'.*{message}"):
+        store.aliases()
 
 
 @pytest.mark.parametrize("kwargs, message", [
