@@ -7,7 +7,9 @@ warnings; :func:`unreachable_ray_address` says so at once."""
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +32,19 @@ def unreachable_ray_address(environ: Mapping[str, str] | None = None, timeout: f
     except OSError as exc:
         return (f"${RAY_ADDRESS_ENV}={address}: no Ray cluster listens there ({exc.strerror or exc}); unset it to "
                 "run on a Ray instance of this machine, or start that cluster")
+
+
+def own_instance_runtime_env() -> dict[str, str]:
+    """What a Ray instance this process starts on this machine needs in its job ``runtime_env`` for
+    its workers to start at all. Ray starts a worker whose job or actor has a runtime_env (every
+    e2e-llm stage's has) as ``bash -c "exec <python> <args>"``, quoting the arguments but not the
+    interpreter's path: from a checkout whose path has a space (``/mnt/c/Users/Jane Doe/...`` on
+    WSL) every worker died at start ("bash: line 1: /mnt/c/Users/Jane: No such file or directory",
+    in the raylet's log only) and the stage waited for ever. Ray documents ``py_executable`` as the
+    command that starts workers, so the path goes there, shell-quoted; Serve's replicas and Ray
+    Data's and Ray Train's actors inherit the job's. Nothing where the path needs no quoting."""
+    quoted = shlex.quote(sys.executable)
+    return {} if quoted == sys.executable else {"py_executable": quoted}
 
 
 def name_own_instance() -> None:

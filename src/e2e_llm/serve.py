@@ -255,9 +255,10 @@ def ray_init_kwargs(config: PipelineConfig, temp_dir: str | None = None) -> dict
     dashboard, and a fixed metrics port (``serve.metrics_export_port``) the canary's SLO gate can
     scrape."""
     from e2e_llm.host_cpus import usable_cpus
+    from e2e_llm.ray_address import own_instance_runtime_env
 
     return {"num_cpus": usable_cpus(), "_temp_dir": temp_dir, "include_dashboard": False,
-            "_metrics_export_port": config.serve.metrics_export_port}
+            "_metrics_export_port": config.serve.metrics_export_port, "runtime_env": own_instance_runtime_env()}
 
 
 def serve_start_kwargs(config: PipelineConfig, host: str, port: int) -> dict[str, Any]:

@@ -37,7 +37,13 @@ from e2e_llm.compat.llamafactory import USE_RAY_ENV
 from e2e_llm.config import PipelineConfig
 from e2e_llm.host_cpus import cpu_budget, usable_cpus
 from e2e_llm.precision import llamafactory_precision
-from e2e_llm.ray_address import RAY_ADDRESS_ENV, nodes_not_seeing, on_every_node, unreachable_ray_address
+from e2e_llm.ray_address import (
+    RAY_ADDRESS_ENV,
+    nodes_not_seeing,
+    on_every_node,
+    own_instance_runtime_env,
+    unreachable_ray_address,
+)
 from e2e_llm.runs import new_run_id
 from e2e_llm.serve import RAY_WORKER_NICENESS_ENV
 from e2e_llm.train_worker import TRAIN_WORK_DIR, read_events, remove_node_work_dir, train_loop_per_worker
@@ -360,7 +366,7 @@ def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
     if os.environ.get(RAY_ADDRESS_ENV):
         ray.init(runtime_env=runtime_env)
         return True
-    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": runtime_env,
+    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {**runtime_env, **own_instance_runtime_env()},
                               "num_cpus": max(usable_cpus(), config.train.num_workers)}
     if ray_temp_dir:
         kwargs["_temp_dir"] = ray_temp_dir

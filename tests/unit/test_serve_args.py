@@ -118,7 +118,7 @@ def test_local_ray_is_started_without_dashboard_and_with_the_profiles_metrics_po
     config = load_profile("local", root=project_root)
     kwargs = ray_init_kwargs(config, temp_dir="/tmp/r-x")
     assert kwargs == {"num_cpus": usable_cpus(), "_temp_dir": "/tmp/r-x", "include_dashboard": False,
-                      "_metrics_export_port": config.serve.metrics_export_port}
+                      "_metrics_export_port": config.serve.metrics_export_port, "runtime_env": {}}
 
 
 def test_stream_pacing_settings_reach_the_engine_replica(project_root):

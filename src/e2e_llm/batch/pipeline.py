@@ -18,7 +18,7 @@ from e2e_llm.config import PipelineConfig
 from e2e_llm.data import chat_messages
 from e2e_llm.host_cpus import usable_cpus
 from e2e_llm.node_temp import ray_temp_dir_problem
-from e2e_llm.ray_address import RAY_ADDRESS_ENV, unreachable_ray_address
+from e2e_llm.ray_address import RAY_ADDRESS_ENV, own_instance_runtime_env, unreachable_ray_address
 from e2e_llm.serve import CPU_ENGINE_ENV, cpu_engine_kwargs
 
 
@@ -195,7 +195,7 @@ def start_ray(config: PipelineConfig, temp_dir: str | None = None) -> None:
     if problem := ray_temp_dir_problem(temp_dir):
         raise BatchError(f"$RAY_TMPDIR: {problem}")
     ray.init(num_cpus=usable_cpus(), _temp_dir=temp_dir, include_dashboard=False,
-             log_to_driver=os.environ.get("E2E_LLM_RAY_LOGS", "0") == "1")
+             runtime_env=own_instance_runtime_env(), log_to_driver=os.environ.get("E2E_LLM_RAY_LOGS", "0") == "1")
 
 
 def num_blocks(rows: int, batch_size: int) -> int:
