@@ -365,6 +365,8 @@ def summary(result: E2EResult, config: PipelineConfig, rows: int | None, profile
         lines.append(f"  predictions  {result.adapter_batch['outputs']['predictions']}")
     lines.append(f"  logs         {result.run_dir}/<stage>.log"
                  + (f" (kept in {result.run_uri})" if storage.is_remote(result.run_uri or result.run_dir) else ""))
+    if not train:  # no adapter to serve or score: the failed stage's log is the next thing to read
+        return "\n".join(lines)
     make_profile = "" if profile == "local" else f" PROFILE={profile}"
     lines += ["", "next:",
               f"  serve it:      make serve{make_profile} ADAPTER={result.run_id}   (OpenAI API on "

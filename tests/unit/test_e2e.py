@@ -99,6 +99,15 @@ def test_summary_puts_base_and_adapter_side_by_side(config):
     assert "E2E_LLM_PROFILE=/work/profiles/home.yaml .venv/serve/bin/python examples/openai_client.py" in other
 
 
+def test_a_run_that_trained_nothing_names_no_adapter_to_serve(config):
+    # Its run id names no adapter: `make serve ADAPTER=<run id>` would fail.
+    result = E2EResult(run_id="r2", run_dir="/runs/e2e/r2", dtype={"dtype": "float32", "reason": "CPU AVX2"},
+                       stages=[StageResult("train", 262.0, 130, "t.log")])
+    text = summary(result, config, 200, "local")
+    assert "FAILED" in text and "/runs/e2e/r2/<stage>.log" in text
+    assert "next:" not in text and "ADAPTER=r2" not in text
+
+
 def test_quiet_env_never_touches_error_output():
     # Each knob names a progress display or an INFO-level dump; none is a log level above WARN.
     assert QUIET_ENV["LLAMAFACTORY_VERBOSITY"] == "WARN"
