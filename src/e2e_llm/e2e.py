@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -269,7 +270,7 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
     limit = ["--limit", str(rows)] if rows else []
     subset = f"first {rows} val rows" if rows else "all val rows"
     batch_id = f"e2e-{run_id}-val{rows or 'all'}"
-    client_cmd = f"{python or sys.executable} {client or 'examples/openai_client.py'}"
+    client_cmd = shlex.join([python or sys.executable, client or "examples/openai_client.py"])  # paths may hold spaces
     plan = [
         ("data", "fetch and validate the dataset", [serve_cli, "data", "--profile", profile]),
         ("model", "prepare the base model", [train_cli, "model", "--profile", profile]),

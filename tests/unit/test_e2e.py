@@ -143,6 +143,25 @@ def test_stages_are_numbered_in_the_order_they_run(config, tmp_path):
     assert result.ok and [s.name for s in result.stages] == ["data", "model", "train", "batch", "base", "serve"]
 
 
+def test_the_serve_stages_client_command_keeps_paths_with_spaces_whole(config, tmp_path):
+    # A checkout under "/mnt/c/Users/Jane Doe" (WSL): `serve --then` splits its command as a shell would.
+    import shlex
+
+    from e2e_llm.e2e import run_e2e
+
+    calls = tmp_path / "calls.jsonl"
+    cli = tmp_path / "fake-cli"
+    cli.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                   f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    cli.chmod(0o755)
+    python = "/mnt/c/Users/Jane Doe/e2e-llm/.venv/serve/bin/python"
+    result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=lambda _: None,
+                     python=python)
+    assert result.ok
+    serve = next(args for args in map(json.loads, calls.read_text().splitlines()) if args[0] == "serve")
+    assert shlex.split(serve[serve.index("--then") + 1]) == [python, "examples/openai_client.py"]
+
+
 def test_a_machine_where_the_serve_stage_could_not_start_is_refused_before_the_first_stage(config, tmp_path,
                                                                                           monkeypatch):
     """A program on serve.port (an `e2e-llm serve` of the last adapter, another dev server) failed
