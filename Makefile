@@ -16,6 +16,8 @@ TRAIN_ENV := $(VENV)/train
 SERVE_ENV := $(VENV)/serve
 TRAIN_CLI := $(TRAIN_ENV)/bin/e2e-llm
 SERVE_CLI := $(SERVE_ENV)/bin/e2e-llm
+# Ray's temp dirs of `make train`/`make serve`, one per user: another user's is not writable.
+RAY_TEMP := /tmp/ray-e2e-$(shell id -u)
 export E2E_LLM_CACHE ?= $(CURDIR)/.cache
 # Busy-waiting OpenMP threads make CPU training ~10x slower on a shared 2-core machine.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -99,7 +101,7 @@ bench-e2e: env ## e2e_wall_time (make e2e timed, with metrics) + cpu_matmul, app
 	flock /tmp/e2e-heavy.lock $(SERVE_ENV)/bin/python bench/e2e.py run $(if $(E2E_ROWS),--rows $(E2E_ROWS))
 
 e2e-train: env-train ## Train a LoRA adapter locally (LLaMA-Factory on Ray Train, 2 CPU workers).
-	$(TRAIN_CLI) train --profile $(PROFILE) --ray-temp-dir /tmp/ray-e2e-train
+	$(TRAIN_CLI) train --profile $(PROFILE) --ray-temp-dir $(RAY_TEMP)-train
 
 ##@ Batch evaluation
 
@@ -139,10 +141,10 @@ publish: env-serve ## Publish ADAPTER to PROFILE's adapter store (VERSION=, ALIA
 	$(SERVE_CLI) publish --profile $(PROFILE) --adapter $(ADAPTER) $(if $(VERSION),--version $(VERSION)) $(if $(ALIAS),--alias $(ALIAS))
 
 serve: env-serve ## Serve PROFILE's model + ADAPTER (OpenAI API on :8000, Ctrl-C stops).
-	$(SERVE_CLI) serve --profile $(PROFILE) $(if $(ADAPTER),--publish $(ADAPTER)) --ray-temp-dir /tmp/ray-e2e-serve
+	$(SERVE_CLI) serve --profile $(PROFILE) $(if $(ADAPTER),--publish $(ADAPTER)) --ray-temp-dir $(RAY_TEMP)-serve
 
 e2e-serve: env-serve ## Start the local service, ask the fine-tuned adapter via the openai client, shut down.
-	$(SERVE_CLI) serve --profile local --publish latest --ray-temp-dir /tmp/ray-e2e-serve \
+	$(SERVE_CLI) serve --profile local --publish latest --ray-temp-dir $(RAY_TEMP)-serve \
 	  --then "$(SERVE_ENV)/bin/python examples/openai_client.py"
 
 ##@ Deploy (TARGET=anyscale|k8s, DEPLOY_ENV=dev|prod)

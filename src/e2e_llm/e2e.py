@@ -275,13 +275,13 @@ def run_e2e(config: PipelineConfig, *, train_cli: str, serve_cli: str, rows: int
         ("data", "fetch and validate the dataset", [serve_cli, "data", "--profile", profile]),
         ("model", "prepare the base model", [train_cli, "model", "--profile", profile]),
         ("train", "LoRA SFT on Ray Train", [train_cli, "train", "--profile", profile, "--run-id", run_id,
-                                           "--ray-temp-dir", f"/tmp/ray-e2e-train-{os.getpid()}"]),
+                                           "--ray-temp-dir", f"/tmp/ray-e2e-{os.getuid()}-train-{os.getpid()}"]),
         ("batch", f"ray.data.llm over the {subset}, adapter merged",
          [serve_cli, "batch", "--profile", profile, "--adapter", run_id, "--split", "val", *limit,
           "--run-id", batch_id]),
         ("serve", "Ray Serve LLM app + one OpenAI-client request",
          [serve_cli, "serve", "--profile", profile, "--publish", run_id,
-          "--ray-temp-dir", f"/tmp/ray-e2e-serve-{os.getpid()}", "--then", client_cmd]),
+          "--ray-temp-dir", f"/tmp/ray-e2e-{os.getuid()}-serve-{os.getpid()}", "--then", client_cmd]),
     ]
     total = len(plan) + 1  # the base-model stage runs right after batch
     for i, (name, what, cmd) in enumerate(plan):

@@ -67,6 +67,14 @@ def test_deploy_targets_run_preflight_then_the_documented_command(args, expected
     assert "--canary-percent 10" in result.stdout or "CANARY_PERCENT" not in " ".join(args)
 
 
+@pytest.mark.parametrize("target, stage", [("e2e-train", "train"), ("serve", "serve"), ("e2e-serve", "serve")])
+def test_local_ray_temp_dirs_are_this_users_own(target, stage):
+    # Another user of the machine made /tmp/ray-e2e-serve first: Ray could not write in it.
+    result = _make("-n", target, "ADAPTER=x")
+    assert result.returncode == 0, result.stderr
+    assert f"--ray-temp-dir /tmp/ray-e2e-{os.getuid()}-{stage}" in result.stdout, result.stdout
+
+
 def test_posix_env_in_the_environment_is_not_the_deploy_environment():
     """ENV is the POSIX shell's startup file: set in the environment it must not break make."""
     env = {**os.environ, "ENV": "/root/.shrc"}

@@ -45,7 +45,7 @@ def test_a_ray_temp_dir_too_long_for_its_sockets_is_refused_before_ray_starts(ca
     from e2e_llm.node_temp import RAY_SOCKET_SUFFIX, UNIX_SOCKET_PATH_MAX, ray_temp_dir_problem
 
     longest = UNIX_SOCKET_PATH_MAX - RAY_SOCKET_SUFFIX
-    assert ray_temp_dir_problem("/tmp/ray-e2e-train-4194304") is None  # what `make e2e` passes
+    assert ray_temp_dir_problem("/tmp/ray-e2e-4294967294-serve-4194304") is None  # what `make e2e` passes
     assert ray_temp_dir_problem("/" + "x" * (longest - 1)) is None
     long = "/tmp/" + "d" * longest
     assert ray_temp_dir_problem(long) == (
