@@ -34,6 +34,7 @@ from typing import Any
 
 from e2e_llm import storage
 from e2e_llm.config import PipelineConfig
+from e2e_llm.hangup import on_stop_signals, restore
 from e2e_llm.node_temp import own_temp_dir
 
 # Each knob silences one kind of known noise at its source; none hides errors.
@@ -140,10 +141,11 @@ def _killed_note(stage: str, watch) -> str | None:
 
 @contextmanager
 def _signals_stop_the_stage(stage: str, proc: subprocess.Popen, echo) -> Iterator[None]:
-    """Ctrl-C or SIGTERM to e2e goes on to the stage's command (training then aborts and says how to
-    resume), and e2e keeps reading its output until it stops, instead of leaving mid-line with the
-    stage still running. Not to its whole process group: a SIGTERM there also stopped the stage's
-    Ray daemons under its graceful abort. A second one kills the group and leaves at once."""
+    """Ctrl-C, SIGTERM or a hangup to e2e goes on to the stage's command (training then aborts and
+    says how to resume; a hangup goes on as SIGTERM: the stage has no terminal to lose), and e2e
+    keeps reading its output until it stops, instead of leaving mid-line with the stage still
+    running. Not to its whole process group: a SIGTERM there also stopped the stage's Ray daemons
+    under its graceful abort. A second one kills the group and leaves at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -157,14 +159,13 @@ def _signals_stop_the_stage(stage: str, proc: subprocess.Popen, echo) -> Iterato
             raise KeyboardInterrupt
         echo(f"--- {stage}: {signal.Signals(signum).name}; waiting for the stage to stop "
              "(Ctrl-C again to kill it and leave now)")
-        proc.send_signal(signum)
+        proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = on_stop_signals(forward)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore(previous)
 
 
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:

@@ -333,25 +333,28 @@ def clear_work_dirs(plan: TrainPlan, timeout_s: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
-    """While Ray Train runs: SIGTERM (a cancelled job, a preempted or stopped pod, `kill`) takes
-    Ctrl-C's path, Ray Train's graceful abort that keeps the run's checkpoints. Left to Ray, the
-    driver printed a crash dump and died with SIGABRT (status 134). Yields the SIGTERMs seen."""
+    """While Ray Train runs: SIGTERM (a cancelled job, a preempted or stopped pod, `kill`) and a
+    hangup take Ctrl-C's path, Ray Train's graceful abort that keeps the run's checkpoints. Left to
+    Ray, SIGTERM made the driver print a crash dump and die with SIGABRT (status 134); a hangup
+    killed it outright. Yields those signals as they come."""
     import threading
+
+    from e2e_llm.hangup import on_stop_signals, restore
 
     seen: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield seen
         return
 
-    def on_sigterm(signum, frame):
+    def as_ctrl_c(signum, frame):
         seen.append(signum)
         signal.raise_signal(signal.SIGINT)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = on_stop_signals(as_ctrl_c, (signal.SIGTERM, signal.SIGHUP))
     try:
         yield seen
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore(previous)
 
 
 def _ensure_ray(config: PipelineConfig, ray_temp_dir: str | None) -> bool:
@@ -454,9 +457,9 @@ def run_training(config: PipelineConfig, run_id: str | None = None, overrides: d
             raise TrainError(f"training failed (after {tc.max_failures} restart(s) allowed by train.max_failures): "
                              f"{failure_cause(exc)} (the workers' tracebacks are above)") from exc
         except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, then exits from inside fit() (status 0)
-            how = "terminated (SIGTERM)" if terminated else "interrupted"
+            how = f"terminated ({signal.Signals(terminated[0]).name})" if terminated else "interrupted"
             raise TrainInterrupted(f"{how}; {resume_hint(plan, fs_kw)}",
-                                   signal.SIGTERM if terminated else signal.SIGINT) from None
+                                   terminated[0] if terminated else signal.SIGINT) from None
         except ray.exceptions.ActorDiedError as exc:  # its controller gone another way
             raise TrainError(f"Ray Train's controller died ({failure_cause(exc)}); "
                              f"{resume_hint(plan, fs_kw)}") from None

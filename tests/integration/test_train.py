@@ -469,10 +469,12 @@ def test_a_checkpoint_ray_train_never_registered_is_not_resumed(local_model, tmp
     assert manifest["metrics"]["global_step"] == manifest["metrics"]["max_steps"]
 
 
-def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, s3_server, tmp_path):
-    """A cancelled job, a stopped pod or `kill`: left to Ray, the driver printed a crash dump and
-    died with SIGABRT (134). It now takes Ctrl-C's graceful abort: 143, how to resume, no Ray left,
-    and (object storage) no workers' folder left on the node: a rerun resumes from the storage."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, s3_server, tmp_path, signum):
+    """A cancelled job, a stopped pod or `kill` (SIGTERM), or a hangup (an SSH connection dropped):
+    left to Ray, the driver printed a crash dump and died with SIGABRT (134), or died at once. It
+    now takes Ctrl-C's graceful abort: 128 + the signal, how to resume, no Ray left, and (object
+    storage) no workers' folder left on the node: a rerun resumes from the storage."""
     from pyarrow import fs
 
     s3, run_id, env = _s3_run(s3_server, "st")
@@ -482,11 +484,12 @@ def test_sigterm_aborts_the_run_as_ctrl_c_does(local_model, s3_server, tmp_path)
     _wait_for(lambda: _registered_steps(lambda: s3.open_input_stream(f"{run_path}/checkpoint_manager_snapshot.json")
                                         .read()), proc, log)
     assert (node_work_dir(run_id) / "dataset").is_dir()
-    proc.send_signal(signal.SIGTERM)  # the driver alone, as a job runner or the kubelet does
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    proc.send_signal(signum)  # the driver alone, as a job runner, the kubelet or a terminal's hangup does
+    assert proc.wait(timeout=120) == 128 + signum, log.read_text()[-3000:]
     text = log.read_text()
     assert text.rstrip().splitlines()[-1].startswith(
-        f"error: terminated (SIGTERM); rerun with --run-id {run_id} to resume from its last checkpoint (step ")
+        f"error: terminated ({signal.Signals(signum).name}); rerun with --run-id {run_id} to resume from its last "
+        "checkpoint (step ")
     assert "SIGTERM received at time" not in text  # no crash dump
     assert s3.get_file_info(f"{run_path}/manifest.json").type == fs.FileType.NotFound
     assert not node_work_dir(run_id).exists()

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Run the OpenAI-compatible serving app (Ray Serve LLM + the e2e-llm ingress) for a profile
-and block until Ctrl-C (or SIGTERM), then shut Serve and Ray down cleanly.
+and block until Ctrl-C (or SIGTERM, or a hangup: e2e_llm.hangup), then shut Serve and Ray down cleanly.
 
 On the local profile the adapter store is an S3 server on loopback: it is started here when
 nothing answers on the profile's endpoint, and `--publish` puts a trained adapter in it first.
@@ -21,6 +21,7 @@ import sys
 import threading
 
 from e2e_llm.cli import INTERRUPTED, add_profile_argument, ray_temp_dir
+from e2e_llm.hangup import on_stop_signals
 
 # How long the --then command has to end after its SIGINT before it is killed.
 THEN_GRACE_S = 10.0
@@ -117,8 +118,7 @@ def _serve(args: argparse.Namespace, config, host: str, port: int, model: str) -
     code = 0
     with LocalRay(config) as local_ray:  # before ray.init: Ray's processes inherit its environment
         ray.init(**ray_init_kwargs(config, temp_dir=args.ray_temp_dir))
-        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own SIGTERM handler
-            signal.signal(sig, lambda *_: stop.set())
+        on_stop_signals(lambda *_: stop.set())  # after ray.init, which sets its own SIGTERM handler
         try:
             serve.start(**serve_start_kwargs(config, host, port))
             try:
