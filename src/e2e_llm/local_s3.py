@@ -9,7 +9,7 @@ Two properties the rest of the project relies on:
 - **Data that survives a restart** (with ``--data-dir``). Moto keeps objects in memory only, so
   every bucket is mirrored to a folder (``<data dir>/<bucket>/<url-quoted key>``): restored
   before the server reports ready, re-synced every ``SYNC_S`` seconds and once more on
-  SIGINT/SIGTERM. A crash loses at most the last second of writes; a clean stop loses nothing.
+  SIGINT/SIGTERM/SIGHUP. A crash loses at most the last second of writes; a clean stop loses nothing.
 
 Usage:
     e2e-llm store --profile local     (make store: the profile's endpoint, kept in <storage root>/s3)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -185,13 +184,14 @@ def serve(host: str, port: int, data_dir: Path | None = None) -> None:
     from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
+    from e2e_llm.hangup import on_stop_signals
+
     os.environ.setdefault("MOTO_PORT", str(port))  # as moto_server does (URLs it generates)
     app = with_store_info(serialized_writes(DomainDispatcherApplication(create_backend_app)), data_dir)
     server = make_server(host, port, app, threaded=True, request_handler=_request_handler())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    on_stop_signals(lambda *_: stop.set())  # a hangup of `make store`'s terminal too: its data mirrored first
     s3, seen, restored = None, {}, 0
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)

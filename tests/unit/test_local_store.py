@@ -65,6 +65,34 @@ def test_published_adapters_aliases_and_logs_survive_a_restart_and_deletes_stay_
         again.stop()
 
 
+def test_a_hangup_of_make_stores_terminal_stops_it_as_ctrl_c_does_its_last_writes_kept(tmp_path, monkeypatch):
+    """`make store` in a terminal that closes (an SSH connection dropped): it died at once, and what
+    was written since its last mirroring (up to a second) was lost."""
+    import signal
+
+    from e2e_llm import storage
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    data = tmp_path / "s3"
+    server = LocalStoreProcess("127.0.0.1", free_tcp_port(), data).start()
+    kw = {"endpoint_url": server.endpoint, "region": "us-east-1"}
+    try:
+        fs, _ = storage.filesystem("s3://hangup/last.txt", **kw)
+        fs.create_dir("hangup")
+        storage.write_text("s3://hangup/last.txt", "written just before", **kw)
+        server.proc.send_signal(signal.SIGHUP)
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        server.terminate()
+    again = LocalStoreProcess("127.0.0.1", server.port, data).start()
+    try:
+        assert storage.read_text("s3://hangup/last.txt", endpoint_url=again.endpoint,
+                                 region="us-east-1") == "written just before"
+    finally:
+        again.stop()
+
+
 def test_an_empty_data_dir_starts_an_empty_store(tmp_path, monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
