@@ -2,9 +2,10 @@
 """The signals that stop a command, and what a hangup adds to them.
 
 A hangup (SIGHUP: the terminal closed, an SSH connection dropped) stops a command as SIGTERM
-does. Left to its default it killed ``e2e-llm e2e``, ``serve`` and ``train`` at once: ``make e2e``'s
-stage, in a session of its own that a hangup does not reach, ran on with its output going nowhere
-and the stages after it never ran; ``e2e-llm serve`` left its HAProxy behind. After a hangup the
+does. Left to its default it killed ``e2e-llm e2e``, ``serve``, ``train`` and ``store`` at once:
+``make e2e``'s stage, in a session of its own that a hangup does not reach, ran on with its output
+going nowhere and the stages after it never ran; the local store lost its last second of writes;
+serve and train ended without their own shutdown. After a hangup the
 terminal is gone and a write to it fails (EIO), so the output streams that were the terminal are
 pointed at ``/dev/null`` first; streams redirected to a file keep writing there.
 """
