@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -252,6 +253,9 @@ def two_node_cluster(tmp_path, s3_server):
     from e2e_llm.ports import free_tcp_port
 
     ray = str(VENV / "train/bin/ray")
+    if shlex.quote(ray) != ray:
+        pytest.skip("a node `ray start`s from a path with a space starts its workers through an unquoted "
+                    "command and they die (a Ray bug); e2e-llm quotes it only for the instances it starts")
     # Ray turns token authentication on for a head started where ~/.ray/auth_token exists (any local
     # ray.init() writes one), and the joining node would not send it.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -270,7 +274,7 @@ def two_node_cluster(tmp_path, s3_server):
         subprocess.run(["pkill", "-9", "-f", head_tmp])
     else:
         pytest.fail(f"ray start --head failed 3 times:\n{(head.stdout + head.stderr)[-3000:]}")
-    node_cmd = " ".join([ray, "start", "--address", f"127.0.0.1:{gcs}", "--temp-dir", node_tmp, "--block", *common,
+    node_cmd = shlex.join([ray, "start", "--address", f"127.0.0.1:{gcs}", "--temp-dir", node_tmp, "--block", *common,
                          *_ray_node_ports("10500-10999")])
     node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c",
                              f"{mount} && exec {node_cmd}"], env=env, start_new_session=True,
