@@ -21,6 +21,7 @@ import httpx
 
 from e2e_llm.cpu_pinning import descendant_pids
 from e2e_llm.ports import free_tcp_port
+from e2e_llm.ray_address import own_instance_runtime_env
 
 # vLLM's scheduler gauges as Ray exports them (log_engine_metrics): requests in the engine.
 ENGINE_QUEUE_METRICS = ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting")
@@ -198,7 +199,7 @@ def running_app(config, model_dir: Path, s3_endpoint: str, adapters: dict[str, P
         temp_dir = tempfile.mkdtemp(prefix="r-srv-", dir="/tmp")
         http_port, metrics_port = free_tcp_port(), free_tcp_port()
         ray.init(_temp_dir=temp_dir, include_dashboard=False, _metrics_export_port=metrics_port,
-                 num_cpus=os.cpu_count(), log_to_driver=False)
+                 num_cpus=os.cpu_count(), log_to_driver=False, runtime_env=own_instance_runtime_env())
         try:
             serve.start(**serve_start_kwargs(config, "127.0.0.1", http_port))
             serve.run(build_app(app_args(config)), name=config.serve.app_name, route_prefix="/")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from e2e_llm.ray_address import own_instance_runtime_env
+
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 N_PIPELINE = 20
@@ -34,7 +36,8 @@ def ray_instance():
     if ray.is_initialized():
         pytest.fail("a Ray instance is already running in this process")
     temp_dir = tempfile.mkdtemp(prefix="r-bt-", dir="/tmp")
-    ray.init(num_cpus=os.cpu_count() or 2, _temp_dir=temp_dir, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count() or 2, _temp_dir=temp_dir, include_dashboard=False, log_to_driver=False,
+             runtime_env=own_instance_runtime_env())
     yield
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -18,6 +18,8 @@ import tempfile
 
 import pytest
 
+from e2e_llm.ray_address import own_instance_runtime_env
+
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 N_ROWS = 6
@@ -43,7 +45,8 @@ def ray_instance(s3_server, hf_cache):
     patch.setenv("HF_HUB_CACHE", str(hf_cache))
     patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache))  # the driver's copy
     temp_dir = tempfile.mkdtemp(prefix="r-bremote-", dir="/tmp")
-    ray.init(num_cpus=os.cpu_count() or 2, _temp_dir=temp_dir, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count() or 2, _temp_dir=temp_dir, include_dashboard=False, log_to_driver=False,
+             runtime_env=own_instance_runtime_env())
     yield
     ray.shutdown()
     patch.undo()

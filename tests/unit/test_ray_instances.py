@@ -31,9 +31,10 @@ OTHER = textwrap.dedent("""
 
 PROBE = textwrap.dedent("""
     import os, sys, ray
+    from e2e_llm.ray_address import own_instance_runtime_env
     ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1],
              runtime_env={"worker_process_setup_hook": "e2e_llm.train_worker.setup_process",
-                          "env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+                          "env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}, **own_instance_runtime_env()})
 
     @ray.remote(num_cpus=0)
     def state_api_lookups():
