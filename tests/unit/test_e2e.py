@@ -5,6 +5,7 @@ the known-noise log filter."""
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -60,6 +61,14 @@ def test_base_run_is_reused_only_when_everything_that_decides_its_output_matches
     _write(config, "new", _manifest())
     assert find_base_run(config, adapter_run)[0] == "new"
 
+
+
+def write_fake_cli(path: Path, code: str) -> None:
+    """An executable that runs ``code`` with this Python: a shell script, since a ``#!`` line
+    cannot hold a path with a space (a checkout under one)."""
+    path.with_suffix(".py").write_text(code)
+    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(path.with_suffix(".py")))} "$@"\n')
+    path.chmod(0o755)
 
 def test_stage_output_goes_to_the_log_and_the_terminal(tmp_path):
     shown = []
@@ -133,8 +142,7 @@ def test_stages_are_numbered_in_the_order_they_run(config, tmp_path):
     from e2e_llm.e2e import run_e2e
 
     cli = tmp_path / "fake-cli"
-    cli.write_text(f"#!{sys.executable}\n")  # every stage succeeds and writes nothing
-    cli.chmod(0o755)
+    write_fake_cli(cli, "")  # every stage succeeds and writes nothing
     shown = []
     result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=shown.append)
     banners = [line.split()[1:3] for line in shown if line.startswith("\n=== ") and "/6 " in line]
@@ -151,9 +159,7 @@ def test_the_serve_stages_client_command_keeps_paths_with_spaces_whole(config, t
 
     calls = tmp_path / "calls.jsonl"
     cli = tmp_path / "fake-cli"
-    cli.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                   f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
-    cli.chmod(0o755)
+    write_fake_cli(cli, f"import json, sys\nopen({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     python = "/mnt/c/Users/Jane Doe/e2e-llm/.venv/serve/bin/python"
     result = run_e2e(config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=lambda _: None,
                      python=python)
@@ -171,8 +177,7 @@ def test_a_machine_where_the_serve_stage_could_not_start_is_refused_before_the_f
     from e2e_llm.e2e import run_e2e, write_summary
 
     cli = tmp_path / "fake-cli"
-    cli.write_text(f"#!{sys.executable}\nraise SystemExit('a stage ran')\n")
-    cli.chmod(0o755)
+    write_fake_cli(cli, "raise SystemExit('a stage ran')\n")
     monkeypatch.setattr(config.serve.auth, "enabled", True)
     monkeypatch.delenv(config.serve.auth.api_key_env, raising=False)
     with socket.socket() as other:
@@ -201,8 +206,7 @@ def test_a_dev_shm_too_small_for_the_engines_is_refused_once_naming_both_stages_
     from e2e_llm.e2e import run_e2e
 
     cli = tmp_path / "fake-cli"
-    cli.write_text(f"#!{sys.executable}\nraise SystemExit('a stage ran')\n")
-    cli.chmod(0o755)
+    write_fake_cli(cli, "raise SystemExit('a stage ran')\n")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("e2e_llm.memory.shm_problem", lambda: "/dev/shm has 64 MiB free")
     shown = []
@@ -227,8 +231,7 @@ def test_with_object_storage_the_logs_are_written_here_and_kept_there(s3_config,
 
     monkeypatch.chdir(tmp_path)
     cli = tmp_path / "fake-cli"
-    cli.write_text(f"#!{sys.executable}\nprint('stage output')\nraise SystemExit(3)\n")
-    cli.chmod(0o755)
+    write_fake_cli(cli, "print('stage output')\nraise SystemExit(3)\n")
     result = run_e2e(s3_config, train_cli=str(cli), serve_cli=str(cli), rows=10, profile="local", echo=lambda _: None)
     assert [s.returncode for s in result.stages] == [3]  # the first stage failed: the run stops there
     assert result.run_uri == s3_config.storage_uri("e2e", result.run_id) and storage.is_remote(result.run_uri)
@@ -282,9 +285,7 @@ def test_two_pipelines_take_turns_at_the_serve_stage_instead_of_failing_the_seco
 
     log = tmp_path / "served"
     cli = tmp_path / "fake-cli"
-    cli.write_text(f"#!{sys.executable}\nimport sys\n"
-                   f"if sys.argv[1] == 'serve': open({str(log)!r}, 'a').write('second\\n')\n")
-    cli.chmod(0o755)
+    write_fake_cli(cli, f"import sys\nif sys.argv[1] == 'serve': open({str(log)!r}, 'a').write('second\\n')\n")
     shown: list[str] = []
     with socket.socket() as first_app:  # the first pipeline's app on the port, in its serve turn
         first_app.bind((config.serve.host, 0))
@@ -319,8 +320,7 @@ def test_ctrl_c_while_the_serve_stage_waits_its_turn_ends_the_run_with_its_summa
     from e2e_llm.serve_turns import turn_file
 
     cli = tmp_path / "fake-cli"
-    cli.write_text(f"#!{sys.executable}\n")
-    cli.chmod(0o755)
+    write_fake_cli(cli, "")
     monkeypatch.setattr(config.serve, "port", free_tcp_port())
     shown: list[str] = []
 

@@ -6,6 +6,7 @@ torch wheel, pip's configuration replaced by the test's."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -43,7 +44,7 @@ def fake_env(tmp_path):
     target = tmp_path / "site"
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     pip = tmp_path / "venv" / "bin" / "pip"
-    pip.write_text(f'#!/bin/sh\nexec {sys.executable} -m pip "$@" --target {target}\n')
+    pip.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m pip "$@" --target {shlex.quote(str(target))}\n')
     pip.chmod(0o755)
     (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
     lock = tmp_path / "requirements.lock"
