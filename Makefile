@@ -43,7 +43,7 @@ help: ## Show this help.
 .PHONY: host-check
 host-check:
 	@py=$$(command -v $(PYTHON) || command -v python3) || { echo "make env: $(PYTHON) not found: install" \
-	  "Python 3.11 or set PYTHON= to one" >&2; exit 1; }; "$$py" images/check-host.py
+	  "Python 3.11 or set PYTHON= to one" >&2; exit 1; }; "$$py" images/check-host.py "$(VENV)"
 	@command -v $(PYTHON) >/dev/null || { echo "make env: $(PYTHON) not found: install Python 3.11 or set" \
 	  "PYTHON= to one" >&2; exit 1; }
 

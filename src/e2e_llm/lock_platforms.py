@@ -51,6 +51,18 @@ def host_problems(system: str, machine: str, libc: tuple[str, str]) -> list[str]
     return []
 
 
+def environment_folder_problem(folder: str) -> str | None:
+    """Why the environments cannot live in ``folder`` (``make env``'s ``VENV``, absolute), or None.
+    A path with a space: torch's C++ compiler for CPU kernels (inductor, which the engines' sampling
+    uses) passes its include and library folders unquoted, and every compile failed there; the
+    engine died on its first such request. Found from a checkout under a folder with a space."""
+    if any(char.isspace() for char in folder):
+        return (f"the environments' folder {folder!r} has a space, where torch's C++ compiler (inductor, used by "
+                "the engines) fails: set VENV to a folder without one, e.g. make env VENV=$HOME/.venvs/e2e-llm "
+                "(the checkout itself may stay where it is)")
+    return None
+
+
 def marker_for(machines: Iterable[str]) -> str:
     """The environment marker of a pin needed on ``machines`` ('' when on every one)."""
     wanted = set(machines)

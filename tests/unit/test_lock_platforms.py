@@ -11,6 +11,7 @@ from packaging.requirements import Requirement
 from e2e_llm.lock_platforms import (
     MACHINES,
     OLDEST_GLIBC,
+    environment_folder_problem,
     host_problems,
     machine_environment,
     machines_of,
@@ -114,6 +115,23 @@ def test_a_host_the_locks_cannot_install_on_is_named_before_pip_runs(system, mac
         assert problems == []
     else:
         assert len(problems) == 1 and expected in problems[0]
+
+
+def test_make_env_refuses_an_environments_folder_with_a_space_before_it_installs(tmp_path):
+    """torch's inductor compiled nothing from there: an engine died on its first request that
+    needed a compiled kernel (the checkout under "/tmp/s38/ci run"), after `make e2e` had passed."""
+    import subprocess
+
+    assert environment_folder_problem("/work/e2e-llm/.venv") is None
+    assert "has a space" in environment_folder_problem("/mnt/c/Users/Jane Doe/e2e-llm/.venv")
+    refused = subprocess.run(["make", "-s", "host-check", f"VENV={tmp_path}/my envs/.venv"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert f"make env: the environments' folder '{tmp_path}/my envs/.venv' has a space" in refused.stderr
+    assert "make env VENV=$HOME/.venvs/e2e-llm" in refused.stderr
+    assert not (tmp_path / "my envs").exists()  # nothing installed
+    assert subprocess.run(["make", "-s", "host-check", f"VENV={tmp_path}/envs"], cwd=ROOT, capture_output=True,
+                          timeout=60).returncode == 0
 
 
 def test_the_oldest_glibc_is_the_one_lock_py_checks_wheels_for():
