@@ -12,6 +12,7 @@ import pytest
 from e2e_llm.compat import resolve
 from e2e_llm.config import ConfigError, load_profile
 from e2e_llm.host_cpus import usable_cpus
+from e2e_llm.ray_address import own_instance_runtime_env
 from e2e_llm.serve import ENDPOINT_ENV, RAY_WORKER_NICENESS_ENV, _with_runtime_endpoint, app_args, ray_init_kwargs
 
 
@@ -118,7 +119,8 @@ def test_local_ray_is_started_without_dashboard_and_with_the_profiles_metrics_po
     config = load_profile("local", root=project_root)
     kwargs = ray_init_kwargs(config, temp_dir="/tmp/r-x")
     assert kwargs == {"num_cpus": usable_cpus(), "_temp_dir": "/tmp/r-x", "include_dashboard": False,
-                      "_metrics_export_port": config.serve.metrics_export_port, "runtime_env": {}}
+                      "_metrics_export_port": config.serve.metrics_export_port,
+                      "runtime_env": own_instance_runtime_env()}  # {} unless this Python's path has a space
 
 
 def test_stream_pacing_settings_reach_the_engine_replica(project_root):
