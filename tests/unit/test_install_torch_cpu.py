@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, VENV
 
 SCRIPT = ROOT / "images" / "install-torch-cpu.sh"
 
@@ -116,8 +116,10 @@ def test_make_env_installs_the_cpu_torch_before_each_lock():
 def test_make_env_checks_the_host_and_its_python_before_it_starts(python, expected):
     """The host's rules (machine, C library) are e2e_llm.lock_platforms.host_problems' (tested there),
     run by any python3 before $(PYTHON) is asked for."""
-    result = subprocess.run(["make", "-C", str(ROOT), "host-check", f"PYTHON={python}"], capture_output=True, text=True,
-                            env={"PATH": f"/usr/bin:/bin:{Path(sys.executable).parent}"}, timeout=60)
+    result = subprocess.run(["make", "-C", str(ROOT), "host-check", f"PYTHON={python}", f"VENV={VENV}"],
+                            capture_output=True, text=True,
+                            env={"PATH": f"/usr/bin:/bin:{Path(sys.executable).parent}"},
+                            timeout=60)  # the suite's environments' folder: another may not be allowed
     if expected is None:
         assert result.returncode == 0, result.stderr
     else:
