@@ -24,7 +24,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -146,9 +145,6 @@ def _signals_stop_the_stage(stage: str, proc: subprocess.Popen, echo) -> Iterato
     keeps reading its output until it stops, instead of leaving mid-line with the stage still
     running. Not to its whole process group: a SIGTERM there also stopped the stage's Ray daemons
     under its graceful abort. A second one kills the group and leaves at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received = 0
 
     def forward(signum, frame):

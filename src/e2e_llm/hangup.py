@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,10 @@ def leave_terminal(fds: list[int]) -> None:
 
 def on_stop_signals(handler: Handler, signals: tuple[int, ...] = STOP_SIGNALS) -> dict[int, Any]:
     """Install ``handler`` for ``signals``; on a hangup it runs once this process has left its
-    terminal. Returns the previous handlers, for :func:`restore`. Main thread only (Python's rule)."""
+    terminal. Returns the previous handlers, for :func:`restore`. Off the main thread, where Python
+    lets no handler be installed, nothing is (the caller's thread gets no signals anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
     fds = terminal_fds()
 
     def handle(signum: int, frame: Any) -> Any:

@@ -337,14 +337,9 @@ def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
     hangup take Ctrl-C's path, Ray Train's graceful abort that keeps the run's checkpoints. Left to
     Ray, SIGTERM made the driver print a crash dump and die with SIGABRT (status 134); a hangup
     killed it outright. Yields those signals as they come."""
-    import threading
-
     from e2e_llm.hangup import on_stop_signals, restore
 
     seen: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield seen
-        return
 
     def as_ctrl_c(signum, frame):
         seen.append(signum)

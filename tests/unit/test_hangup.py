@@ -109,3 +109,19 @@ def test_a_hangup_of_e2e_stops_its_stage_as_sigterm_does(tmp_path):
     assert log[-1] == "error: terminated (SIGTERM); rerun with --run-id r1 to resume"
     with pytest.raises(ProcessLookupError):
         os.kill(int(stage_pid.read_text()), 0)
+
+
+def test_off_the_main_thread_nothing_is_installed():
+    """e2e's stages and training may run in a thread of a caller (a bench, a test): Python lets
+    only the main thread install handlers, and the caller's own stay."""
+    import threading
+
+    from e2e_llm.hangup import STOP_SIGNALS, on_stop_signals
+
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    got = []
+    thread = threading.Thread(target=lambda: got.append(on_stop_signals(lambda *_: None)))
+    thread.start()
+    thread.join(10)
+    assert got == [{}]
+    assert {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} == before
